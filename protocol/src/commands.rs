@@ -1,0 +1,560 @@
+//! Command types with their typed params and results. The control plane validates params
+//! with [`Command::parse`] before persisting a command; the agent parses them again
+//! before running it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of command an agent can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandType {
+    Ping,
+    Provision,
+    ListTemplates,
+    TerraformApply,
+    /// A type this build does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl CommandType {
+    pub const ALL: [CommandType; 4] = [
+        Self::Ping,
+        Self::Provision,
+        Self::ListTemplates,
+        Self::TerraformApply,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ping => "ping",
+            Self::Provision => "provision",
+            Self::ListTemplates => "list_templates",
+            Self::TerraformApply => "terraform_apply",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// The stages this command reports, in order (empty when it has none).
+    pub fn stages(self) -> &'static [&'static str] {
+        match self {
+            Self::Provision => &PROVISION_STAGES,
+            Self::TerraformApply => &TERRAFORM_STAGES,
+            _ => &[],
+        }
+    }
+}
+
+impl std::fmt::Display for CommandType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub const PROVISION_STAGES: [&str; 6] = [
+    "clone_template",
+    "configure_vm",
+    "start_vm",
+    "wait_network",
+    "post_provision",
+    "register",
+];
+
+pub const TERRAFORM_STAGES: [&str; 4] = ["fetch_template", "init", "apply", "outputs"];
+
+/// A command with its typed params.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Ping(PingParams),
+    Provision(ProvisionParams),
+    ListTemplates(ListTemplatesParams),
+    TerraformApply(TerraformApplyParams),
+}
+
+impl Command {
+    /// Parses and validates params for a command type given as a string.
+    pub fn parse(command_type: &str, params: &serde_json::Value) -> Result<Self, CommandError> {
+        let ty = CommandType::parse(command_type).ok_or_else(|| {
+            CommandError::new(
+                "unsupported_command",
+                format!(
+                    "unknown command type {command_type:?}; expected one of ping, provision, list_templates, terraform_apply"
+                ),
+            )
+        })?;
+        let params = if params.is_null() {
+            &serde_json::Value::Object(Default::default())
+        } else {
+            params
+        };
+        fn typed<T: serde::de::DeserializeOwned>(
+            ty: CommandType,
+            v: &serde_json::Value,
+        ) -> Result<T, CommandError> {
+            T::deserialize(v).map_err(|e| {
+                CommandError::new("invalid_params", format!("invalid {ty} params: {e}"))
+            })
+        }
+        let cmd = match ty {
+            CommandType::Ping => Self::Ping(typed(ty, params)?),
+            CommandType::Provision => Self::Provision(typed(ty, params)?),
+            CommandType::ListTemplates => Self::ListTemplates(typed(ty, params)?),
+            CommandType::TerraformApply => Self::TerraformApply(typed(ty, params)?),
+            CommandType::Unknown => unreachable!("parse never yields Unknown"),
+        };
+        cmd.validate()?;
+        Ok(cmd)
+    }
+
+    pub fn command_type(&self) -> CommandType {
+        match self {
+            Self::Ping(_) => CommandType::Ping,
+            Self::Provision(_) => CommandType::Provision,
+            Self::ListTemplates(_) => CommandType::ListTemplates,
+            Self::TerraformApply(_) => CommandType::TerraformApply,
+        }
+    }
+
+    fn validate(&self) -> Result<(), CommandError> {
+        match self {
+            Self::Ping(p) => p.validate(),
+            Self::Provision(p) => p.validate(),
+            Self::ListTemplates(_) => Ok(()),
+            Self::TerraformApply(p) => p.validate(),
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CommandError {
+    CommandError::new("invalid_params", msg)
+}
+
+/// The error of a failed command, and of params rejected before anything ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandError {
+    /// Stable machine-readable code, e.g. `proxmox_error`, `agent_lost_command`.
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub retryable: bool,
+    /// The stage that failed, when the command has stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl CommandError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            retryable: false,
+            stage: None,
+            details: None,
+        }
+    }
+
+    pub fn retryable(mut self) -> Self {
+        self.retryable = true;
+        self
+    }
+
+    pub fn at_stage(mut self, stage: impl Into<String>) -> Self {
+        self.stage = Some(stage.into());
+        self
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for CommandError {}
+
+// ---------------------------------------------------------------------------------------
+// ping
+
+/// Diagnostic command. `{}` answers at once; the optional fields make it emit progress and
+/// log events over a duration so tests and benchmarks can exercise streaming.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingParams {
+    /// Total time to spend, spread over the events.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Number of progress events to emit.
+    #[serde(default)]
+    pub progress_events: u32,
+    /// Number of log lines to emit.
+    #[serde(default)]
+    pub log_lines: u32,
+    /// Bytes per log line (default 80).
+    #[serde(default)]
+    pub log_line_bytes: Option<u32>,
+    /// End `failed` with this message instead of succeeding.
+    #[serde(default)]
+    pub fail_with: Option<String>,
+}
+
+impl PingParams {
+    fn validate(&self) -> Result<(), CommandError> {
+        if self.duration_ms > 24 * 3600 * 1000 {
+            return Err(invalid("duration_ms must be at most one day"));
+        }
+        if self.progress_events > 100_000 || self.log_lines > 10_000_000 {
+            return Err(invalid(
+                "progress_events must be ≤ 100000 and log_lines ≤ 10000000",
+            ));
+        }
+        if self.log_line_bytes.is_some_and(|b| b == 0 || b > 60_000) {
+            return Err(invalid("log_line_bytes must be between 1 and 60000"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingResult {
+    pub pong: bool,
+    pub hostname: String,
+    pub agent_version: String,
+    pub events_sent: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// provision
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionParams {
+    /// VM name; must be a valid DNS label (Proxmox rejects anything else).
+    pub name: String,
+    pub template: ProvisionTemplate,
+    /// Proxmox node to create the VM on (default: the template's node).
+    #[serde(default)]
+    pub target_node: Option<String>,
+    /// Lowest VMID to allocate (default 100).
+    #[serde(default)]
+    pub min_vm_id: Option<u32>,
+    #[serde(default)]
+    pub skip_post_provision: bool,
+    /// Keep a half-built VM on failure instead of destroying it.
+    #[serde(default)]
+    pub keep_on_failure: bool,
+    /// Seconds to wait for the guest agent to report an IPv4 (default 300).
+    #[serde(default)]
+    pub network_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionTemplate {
+    /// Template kind; `"proxmox"` (the only kind today).
+    #[serde(rename = "type", default = "proxmox_kind")]
+    pub kind: String,
+    /// Proxmox VMID of the template.
+    #[serde(default)]
+    pub template_id: Option<u32>,
+    #[serde(default)]
+    pub template_node: Option<String>,
+    /// Memory in MiB.
+    pub memory: u32,
+    pub cores: u32,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub network_bridge: Option<String>,
+    #[serde(default)]
+    pub pre_provision_commands: Vec<String>,
+    #[serde(default)]
+    pub post_provision_commands: Vec<String>,
+}
+
+fn proxmox_kind() -> String {
+    "proxmox".into()
+}
+
+/// Checks a VM name the way Proxmox does (a DNS name: labels of letters, digits and
+/// hyphens, not starting or ending with a hyphen).
+pub fn validate_vm_name(name: &str) -> Result<(), CommandError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "name {name:?} is not a valid VM name: use letters, digits and hyphens (max 63), not starting or ending with a hyphen"
+        )))
+    }
+}
+
+pub const MIN_MEMORY_MB: u32 = 16;
+pub const MAX_MEMORY_MB: u32 = 4 * 1024 * 1024;
+pub const MAX_CORES: u32 = 512;
+
+impl ProvisionParams {
+    fn validate(&self) -> Result<(), CommandError> {
+        validate_vm_name(&self.name)?;
+        let t = &self.template;
+        if t.kind != "proxmox" {
+            return Err(invalid(format!(
+                "template.type {:?} is not supported; use \"proxmox\"",
+                t.kind
+            )));
+        }
+        let Some(id) = t.template_id else {
+            return Err(invalid(
+                "template.template_id is required: map the template to a Proxmox template VMID first",
+            ));
+        };
+        if !(100..=999_999_999).contains(&id) {
+            return Err(invalid(
+                "template.template_id must be a Proxmox VMID (≥ 100)",
+            ));
+        }
+        if !(MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&t.memory) {
+            return Err(invalid(format!(
+                "template.memory must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB} MiB"
+            )));
+        }
+        if !(1..=MAX_CORES).contains(&t.cores) {
+            return Err(invalid(format!(
+                "template.cores must be between 1 and {MAX_CORES}"
+            )));
+        }
+        if let Some(b) = &t.network_bridge {
+            if b.is_empty() || !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                return Err(invalid(format!(
+                    "network_bridge {b:?} is not a bridge name"
+                )));
+            }
+        }
+        if self.min_vm_id.is_some_and(|v| v < 100) {
+            return Err(invalid("min_vm_id must be ≥ 100"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionStatus {
+    Completed,
+    Partial,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionResult {
+    pub vm_id: u32,
+    pub node: String,
+    pub ip_address: Option<String>,
+    pub name: String,
+    pub status: ProvisionStatus,
+    pub stages_completed: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// list_templates
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListTemplatesParams {
+    /// Only templates on this Proxmox node.
+    #[serde(default)]
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProxmoxTemplate {
+    pub vmid: u32,
+    pub name: String,
+    pub node: String,
+    /// Memory in MiB.
+    pub memory: u64,
+    pub cores: u32,
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListTemplatesResult {
+    pub templates: Vec<ProxmoxTemplate>,
+}
+
+// ---------------------------------------------------------------------------------------
+// terraform_apply
+
+/// The config snapshot the UI builds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TerraformApplyParams {
+    pub template_source: TemplateSource,
+    #[serde(default)]
+    pub terraform_vars: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub meta: Option<serde_json::Value>,
+    /// Variable names whose values must never appear in logs or results (in addition to
+    /// names containing `password`, `secret` or `token`).
+    #[serde(default)]
+    pub sensitive_vars: Vec<String>,
+    /// Commands with the same key never run at the same time on one agent (default: the
+    /// repo and path).
+    #[serde(default)]
+    pub workspace_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateSource {
+    /// Git URL, `file://` URL or local path of a git repository.
+    pub repo: String,
+    /// Tag, branch or commit.
+    pub version: String,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl TerraformApplyParams {
+    fn validate(&self) -> Result<(), CommandError> {
+        let s = &self.template_source;
+        if s.repo.trim().is_empty() {
+            return Err(invalid("template_source.repo is required"));
+        }
+        if s.version.trim().is_empty() {
+            return Err(invalid("template_source.version is required"));
+        }
+        if s.version.starts_with('-') || s.version.contains("..") {
+            return Err(invalid("template_source.version is not a valid git ref"));
+        }
+        if let Some(p) = &s.path {
+            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(invalid(
+                    "template_source.path must be a relative path inside the repository",
+                ));
+            }
+        }
+        for name in self.terraform_vars.keys() {
+            let valid = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && !name.as_bytes()[0].is_ascii_digit();
+            if !valid {
+                return Err(invalid(format!(
+                    "terraform_vars key {name:?} is not a valid Terraform variable name"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a variable's value must be redacted.
+    pub fn is_sensitive(&self, name: &str) -> bool {
+        let lower = name.to_ascii_lowercase();
+        self.sensitive_vars.iter().any(|s| s == name)
+            || ["password", "secret", "token", "private_key", "api_key"]
+                .iter()
+                .any(|p| lower.contains(p))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TerraformApplyResult {
+    /// `terraform output -json`, with sensitive outputs redacted.
+    pub outputs: serde_json::Value,
+    /// The commit the version resolved to.
+    #[serde(default)]
+    pub resolved_commit: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ping_accepts_empty_params_and_null() {
+        assert_eq!(
+            Command::parse("ping", &json!({})).unwrap(),
+            Command::Ping(PingParams::default())
+        );
+        assert!(Command::parse("ping", &serde_json::Value::Null).is_ok());
+        let e = Command::parse("ping", &json!({"bogus": 1})).unwrap_err();
+        assert_eq!(e.code, "invalid_params");
+    }
+
+    #[test]
+    fn unknown_type_is_typed_error() {
+        let e = Command::parse("reboot_everything", &json!({})).unwrap_err();
+        assert_eq!(e.code, "unsupported_command");
+    }
+
+    #[test]
+    fn provision_validation() {
+        let good = json!({"name": "web-1", "template": {"type": "proxmox", "template_id": 9000,
+            "memory": 2048, "cores": 2}});
+        assert!(Command::parse("provision", &good).is_ok());
+        for (field, value, needle) in [
+            ("name", json!("bad name"), "not a valid VM name"),
+            ("name", json!("-x"), "not a valid VM name"),
+        ] {
+            let mut p = good.clone();
+            p[field] = value;
+            let e = Command::parse("provision", &p).unwrap_err();
+            assert!(e.message.contains(needle), "{e}");
+        }
+        let mut p = good.clone();
+        p["template"]["memory"] = json!(1);
+        assert!(Command::parse("provision", &p)
+            .unwrap_err()
+            .message
+            .contains("memory"));
+        let mut p = good.clone();
+        p["template"]["cores"] = json!(0);
+        assert!(Command::parse("provision", &p)
+            .unwrap_err()
+            .message
+            .contains("cores"));
+        let mut p = good;
+        p["template"].as_object_mut().unwrap().remove("template_id");
+        assert!(Command::parse("provision", &p)
+            .unwrap_err()
+            .message
+            .contains("template_id"));
+    }
+
+    #[test]
+    fn terraform_validation_and_sensitivity() {
+        let good = json!({"template_source": {"repo": "/tmp/repo", "version": "v1"},
+            "terraform_vars": {"name": "x", "db_password": "hunter2"}, "sensitive_vars": ["name"]});
+        let Command::TerraformApply(p) = Command::parse("terraform_apply", &good).unwrap() else {
+            panic!()
+        };
+        assert!(p.is_sensitive("db_password"));
+        assert!(p.is_sensitive("name"));
+        assert!(!p.is_sensitive("region"));
+        let bad = json!({"template_source": {"repo": "", "version": "v1"}});
+        assert!(Command::parse("terraform_apply", &bad).is_err());
+        let bad = json!({"template_source": {"repo": "r", "version": "v1", "path": "../etc"}});
+        assert!(Command::parse("terraform_apply", &bad).is_err());
+        let bad = json!({"template_source": {"repo": "r", "version": "--upload-pack=x"}});
+        assert!(Command::parse("terraform_apply", &bad).is_err());
+    }
+}

@@ -1,0 +1,367 @@
+//! Frames on the agent WebSocket: what the agent sends ([`AgentMessage`]) and what the
+//! control plane sends ([`ServerMessage`]).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{CommandError, CommandType, MAX_FRAME_BYTES};
+
+/// Agent → control plane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First message after the upgrade. Nothing else is accepted before it.
+    Hello(Hello),
+    /// The agent accepted a dispatched command and will run it (or is already running it).
+    Accept { command_id: Uuid },
+    /// Progress, stage, log and result events, in per-command `seq` order.
+    Events { events: Vec<Event> },
+    /// Liveness; any frame counts, but an idle agent sends this every heartbeat interval.
+    Heartbeat {
+        #[serde(default)]
+        running: u32,
+    },
+    /// The agent could not understand something the server sent.
+    Error(ProtocolError),
+}
+
+/// Control plane → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to a valid hello.
+    Welcome {
+        protocol_version: u32,
+        agent_id: Uuid,
+        session_id: Uuid,
+        heartbeat_interval_secs: u64,
+    },
+    /// Run a command. Re-sent after a reconnect until the agent accepts it; the agent
+    /// never runs the same `command_id` twice.
+    Dispatch(Dispatch),
+    /// Stop a running command (user cancel or deadline).
+    Cancel {
+        command_id: Uuid,
+        reason: CancelReason,
+    },
+    /// Events up to and including `seq` for this command are durable; drop them from the outbox.
+    Acks { acks: Vec<EventAck> },
+    /// Answer to a heartbeat.
+    HeartbeatAck,
+    /// Something the agent sent was rejected. Fatal errors are followed by a close.
+    Error(ProtocolError),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub agent_version: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub capabilities: Vec<CommandType>,
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: u32,
+    /// Commands the agent knows and has not finished reporting: still running, or
+    /// finished with events not yet acknowledged. A command the server believes is
+    /// running on this agent but which is absent here is lost (`agent_lost_command`).
+    #[serde(default)]
+    pub active_commands: Vec<Uuid>,
+    /// Facts about the hypervisor the agent manages (e.g. Proxmox nodes), free-form.
+    #[serde(default)]
+    pub facts: serde_json::Value,
+}
+
+fn default_concurrency() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dispatch {
+    pub command_id: Uuid,
+    /// The command type as a string so that an agent can reject types it does not know
+    /// with a typed error instead of failing to parse the frame.
+    pub command_type: String,
+    pub params: serde_json::Value,
+    /// Unix milliseconds after which the command is timed out by the server.
+    #[serde(default)]
+    pub deadline_ms: Option<i64>,
+    /// 1 for the first attempt, 2.. for retries.
+    #[serde(default = "one")]
+    pub attempt: u32,
+    /// The first attempt's id; equal to `command_id` for a first attempt. Executors use it
+    /// to make retries idempotent (e.g. a VM tagged with it is found, not created again).
+    #[serde(default)]
+    pub root_command_id: Option<Uuid>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelReason {
+    Cancelled,
+    TimedOut,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventAck {
+    pub command_id: Uuid,
+    pub seq: u64,
+}
+
+/// One event of one command. `seq` starts at 1 and increases by one per event of that
+/// command; the server stores each `(command_id, seq)` once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub command_id: Uuid,
+    pub seq: u64,
+    /// Unix milliseconds when the agent produced the event.
+    pub ts: i64,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventBody {
+    /// A stage started, finished, failed or was skipped.
+    Stage {
+        stage: String,
+        state: StageState,
+        #[serde(default)]
+        percent: Option<f32>,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    /// Overall progress without a stage change.
+    Progress {
+        percent: f32,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    /// A chunk of output.
+    Log { stream: LogStream, data: String },
+    /// The last event of a command.
+    Finished(Outcome),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Skipped,
+}
+
+impl StageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    System,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::System => "system",
+        }
+    }
+}
+
+/// How a command ended, as the agent saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub status: FinalStatus,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<CommandError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl FinalStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A typed protocol-level error (not a command failure).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProtocolError {
+    pub code: ProtocolErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtocolErrorCode {
+    MalformedMessage,
+    UnexpectedMessage,
+    UnsupportedProtocolVersion,
+    FrameTooLarge,
+    Unauthorized,
+    Superseded,
+    Revoked,
+    Internal,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+impl DecodeError {
+    pub fn to_protocol_error(&self) -> ProtocolError {
+        ProtocolError {
+            code: match self {
+                Self::TooLarge(_) => ProtocolErrorCode::FrameTooLarge,
+                Self::Malformed(_) => ProtocolErrorCode::MalformedMessage,
+            },
+            message: self.to_string(),
+        }
+    }
+}
+
+fn decode<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, DecodeError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge(text.len()));
+    }
+    Ok(serde_json::from_str(text)?)
+}
+
+impl AgentMessage {
+    /// Parses one text frame, enforcing the size limit before parsing.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        decode(text)
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("agent messages always serialize")
+    }
+}
+
+impl ServerMessage {
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        decode(text)
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("server messages always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_and_tolerates_unknown_fields() {
+        let text = r#"{"type":"hello","protocol_version":1,"agent_version":"0.1.0",
+            "hostname":"pve1","capabilities":["ping","provision","future_thing"],
+            "max_concurrency":8,"brand_new_field":true}"#;
+        let msg = AgentMessage::decode(text).unwrap();
+        let AgentMessage::Hello(h) = &msg else {
+            panic!("not a hello")
+        };
+        assert_eq!(h.max_concurrency, 8);
+        assert_eq!(
+            h.capabilities,
+            vec![
+                CommandType::Ping,
+                CommandType::Provision,
+                CommandType::Unknown
+            ]
+        );
+        assert!(h.active_commands.is_empty());
+        let again = AgentMessage::decode(&msg.encode()).unwrap();
+        assert_eq!(again, msg);
+    }
+
+    #[test]
+    fn events_flatten_body() {
+        let id = Uuid::nil();
+        let msg = AgentMessage::Events {
+            events: vec![Event {
+                command_id: id,
+                seq: 3,
+                ts: 1,
+                body: EventBody::Log {
+                    stream: LogStream::Stderr,
+                    data: "boom\n".into(),
+                },
+            }],
+        };
+        let text = msg.encode();
+        assert!(text.contains(r#""kind":"log""#), "{text}");
+        assert!(text.contains(r#""stream":"stderr""#), "{text}");
+        assert_eq!(AgentMessage::decode(&text).unwrap(), msg);
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_are_typed_errors() {
+        let err = AgentMessage::decode(r#"{"type":"nope"}"#).unwrap_err();
+        assert_eq!(
+            err.to_protocol_error().code,
+            ProtocolErrorCode::MalformedMessage
+        );
+        let err = AgentMessage::decode("{not json").unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)));
+        let big = "x".repeat(MAX_FRAME_BYTES + 1);
+        let err = AgentMessage::decode(&big).unwrap_err();
+        assert_eq!(
+            err.to_protocol_error().code,
+            ProtocolErrorCode::FrameTooLarge
+        );
+    }
+
+    #[test]
+    fn unknown_error_codes_fall_back() {
+        let msg = ServerMessage::decode(r#"{"type":"error","code":"something_new","message":"x"}"#)
+            .unwrap();
+        assert!(matches!(
+            msg,
+            ServerMessage::Error(ProtocolError {
+                code: ProtocolErrorCode::Unknown,
+                ..
+            })
+        ));
+    }
+}
