@@ -35,3 +35,22 @@ impl std::fmt::Debug for Secret {
         f.write_str("Secret(***)")
     }
 }
+
+/// The TLS connector for `wss://` URLs: the web PKI roots plus an optional extra CA
+/// (`TENDRIL_SERVER_CA_FILE`), for control planes behind a private CA.
+pub fn tls_connector(config: &AgentConfig) -> anyhow::Result<Option<tokio_tungstenite::Connector>> {
+    let Some(ca) = &config.server_ca_file else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let pem = std::fs::read(ca)
+        .map_err(|e| anyhow::anyhow!("cannot read server CA file {}: {e}", ca.display()))?;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert?)?;
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls))))
+}

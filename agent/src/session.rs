@@ -1,1 +1,481 @@
-//! Session (in progress).
+//! The agent's connection loop: dial the control plane, say hello, run dispatched
+//! commands, ship their events with per-command `seq`, keep every unacknowledged event
+//! (journaled) and re-send it after a reconnect, and reconnect forever with exponential
+//! backoff and full jitter.
+//!
+//! One task owns the socket, the journal and the outbox; executors only hold a channel to
+//! it. While disconnected, executors keep running and their events are journaled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::WebSocketConfig};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use trellis_protocol::{
+    AgentMessage, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
+    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS,
+    HEARTBEAT_TIMEOUT_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use uuid::Uuid;
+
+use crate::config::AgentConfig;
+use crate::exec::{self, ExecContext, Report};
+use crate::journal::{Journal, Pending};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Stop reading executor reports when this many bytes are unacknowledged: executors then
+/// wait (backpressure) instead of growing memory without bound while the server is away.
+const OUTBOX_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+/// Largest batch of events in one frame (bytes of event data, roughly).
+const BATCH_BYTES: usize = 256 * 1024;
+const BATCH_EVENTS: usize = 512;
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let (journal, replayed) = Journal::open(&config.work_dir.join("journal"))?;
+    if !replayed.interrupted.is_empty() {
+        tracing::warn!(
+            count = replayed.interrupted.len(),
+            "commands were interrupted by an agent restart; the control plane will mark them lost"
+        );
+    }
+    let (reports_tx, reports_rx) = mpsc::channel(4096);
+    let mut agent = Agent {
+        config,
+        journal,
+        pending: replayed.pending,
+        running: HashMap::new(),
+        reports_tx,
+        reports_rx,
+        unacked_bytes: 0,
+        concurrency: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    agent.unacked_bytes = agent
+        .pending
+        .values()
+        .flat_map(|p| p.unacked.iter())
+        .map(event_size)
+        .sum();
+    agent
+        .concurrency
+        .add_permits(agent.config.max_concurrency.max(1) as usize);
+    agent.run(shutdown).await
+}
+
+struct Agent {
+    config: Arc<AgentConfig>,
+    journal: Journal,
+    pending: HashMap<Uuid, Pending>,
+    running: HashMap<Uuid, ExecContext>,
+    reports_tx: mpsc::Sender<Report>,
+    reports_rx: mpsc::Receiver<Report>,
+    unacked_bytes: usize,
+    concurrency: Arc<tokio::sync::Semaphore>,
+}
+
+enum Disconnect {
+    Shutdown,
+    Lost(String),
+    /// The server refuses us (revoked, bad token, incompatible): wait the maximum backoff.
+    Refused(String),
+}
+
+impl Agent {
+    async fn run(&mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut failures: u32 = 0;
+        loop {
+            match self.connect_once(&shutdown).await {
+                Ok(mut ws) => {
+
+                    let why = self.serve(&mut ws, &shutdown).await;
+                    let _ = ws.close(None).await;
+                    match why {
+                        Disconnect::Shutdown => break,
+                        Disconnect::Lost(reason) => {
+                            tracing::warn!(%reason, "disconnected from control plane");
+                            failures = 1;
+                        }
+                        Disconnect::Refused(reason) => {
+                            tracing::error!(%reason, "control plane refused this agent");
+                            failures = 16;
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(error = %e, attempt = failures, "cannot connect to control plane");
+                }
+            }
+            let delay = backoff(failures);
+            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+            let wake = tokio::time::sleep(delay);
+            tokio::pin!(wake);
+            // Keep journaling executor events while disconnected.
+            loop {
+                tokio::select! {
+                    _ = &mut wake => break,
+                    _ = shutdown.cancelled() => { self.stop_executors().await; return Ok(()); }
+                    Some(r) = self.reports_rx.recv(), if self.unacked_bytes < OUTBOX_LIMIT_BYTES => {
+                        let mut batch = Vec::new();
+                        self.take_report(r, &mut batch)?;
+                        self.journal.flush()?;
+                    }
+                }
+            }
+        }
+        self.stop_executors().await;
+        Ok(())
+    }
+
+    async fn stop_executors(&mut self) {
+        for ctx in self.running.values() {
+            ctx.cancel.cancel();
+        }
+        let _ = self.journal.sync();
+    }
+
+    async fn connect_once(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Ws> {
+        let mut request = self.config.server_url.as_str().into_client_request()?;
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.config.token.expose()).parse()?,
+        );
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connector = crate::config::tls_connector(&self.config)?;
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(ws_config),
+            true,
+            connector,
+        );
+        let (mut ws, _resp) = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(20), connect) => match r {
+                Ok(Ok(ok)) => ok,
+                Ok(Err(tungstenite::Error::Http(resp))) => {
+                    let status = resp.status();
+                    let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                    anyhow::bail!("control plane answered {status}: {body}");
+                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => anyhow::bail!("connect timed out"),
+            },
+            _ = shutdown.cancelled() => anyhow::bail!("shutting down"),
+        };
+        let mut active: Vec<Uuid> = self.running.keys().copied().collect();
+        active.extend(self.pending.keys().filter(|id| !self.running.contains_key(id)));
+        let hello = AgentMessage::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname: self.config.hostname.clone(),
+            capabilities: self.capabilities(),
+            max_concurrency: self.config.max_concurrency,
+            active_commands: active,
+            facts: self.facts(),
+        });
+        ws.send(tungstenite::Message::text(hello.encode())).await?;
+        let welcome = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
+        match welcome {
+            Ok(Some(Ok(tungstenite::Message::Text(t)))) => match ServerMessage::decode(&t)? {
+                ServerMessage::Welcome { agent_id, .. } => {
+                    tracing::info!(%agent_id, "connected to control plane");
+                }
+                ServerMessage::Error(e) => anyhow::bail!("control plane refused hello: {:?}: {}", e.code, e.message),
+                other => anyhow::bail!("expected welcome, got {other:?}"),
+            },
+            Ok(Some(Ok(tungstenite::Message::Close(frame)))) => {
+                anyhow::bail!("control plane closed the connection: {frame:?}")
+            }
+            Ok(other) => anyhow::bail!("no welcome from control plane: {other:?}"),
+            Err(_) => anyhow::bail!("no welcome from control plane within 20 s"),
+        }
+        Ok(ws)
+    }
+
+    fn capabilities(&self) -> Vec<CommandType> {
+        let mut caps = vec![CommandType::Ping, CommandType::TerraformApply];
+        if self.config.proxmox.is_some() {
+            caps.push(CommandType::Provision);
+            caps.push(CommandType::ListTemplates);
+        }
+        caps
+    }
+
+    fn facts(&self) -> serde_json::Value {
+        serde_json::json!({
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+            "proxmox_url": self.config.proxmox.as_ref().map(|p| p.url.clone()),
+        })
+    }
+
+    /// Serves one connection until it ends.
+    async fn serve(&mut self, ws: &mut Ws, shutdown: &CancellationToken) -> Disconnect {
+        // Re-send everything not yet acknowledged, in seq order per command.
+        let resend: Vec<Event> = self
+            .pending
+            .values()
+            .flat_map(|p| p.unacked.iter().cloned())
+            .collect();
+        for chunk in chunk_events(resend) {
+            if let Err(e) = send(ws, &AgentMessage::Events { events: chunk }).await {
+                return Disconnect::Lost(e.to_string());
+            }
+        }
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_heard = Instant::now();
+        let mut batch: Vec<Event> = Vec::with_capacity(BATCH_EVENTS);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Disconnect::Shutdown,
+                msg = ws.next() => {
+                    last_heard = Instant::now();
+                    let text = match msg {
+                        Some(Ok(tungstenite::Message::Text(t))) => t,
+                        Some(Ok(tungstenite::Message::Close(frame))) => {
+                            return Disconnect::Lost(format!("closed by server: {frame:?}"));
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Disconnect::Lost(e.to_string()),
+                        None => return Disconnect::Lost("connection ended".into()),
+                    };
+                    let msg = match ServerMessage::decode(&text) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "undecodable message from server");
+                            let _ = send(ws, &AgentMessage::Error(e.to_protocol_error())).await;
+                            continue;
+                        }
+                    };
+                    if let Err(d) = self.handle(ws, msg).await {
+                        return d;
+                    }
+                }
+                Some(r) = self.reports_rx.recv(), if self.unacked_bytes < OUTBOX_LIMIT_BYTES => {
+                    if let Err(e) = self.collect_batch(r, &mut batch) {
+                        tracing::error!(error = %e, "journal write failed");
+                        return Disconnect::Lost(format!("journal: {e}"));
+                    }
+                    let events = std::mem::take(&mut batch);
+                    if let Err(e) = send(ws, &AgentMessage::Events { events }).await {
+                        return Disconnect::Lost(e.to_string());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > Duration::from_secs(HEARTBEAT_TIMEOUT_SECS) {
+                        return Disconnect::Lost("no traffic from server within the heartbeat timeout".into());
+                    }
+                    let running = self.running.len() as u32;
+                    if let Err(e) = send(ws, &AgentMessage::Heartbeat { running }).await {
+                        return Disconnect::Lost(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes one report and everything already waiting, up to the batch limits.
+    fn collect_batch(&mut self, first: Report, batch: &mut Vec<Event>) -> anyhow::Result<()> {
+        let mut bytes = self.take_report(first, batch)?;
+        while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES && self.unacked_bytes < OUTBOX_LIMIT_BYTES {
+            match self.reports_rx.try_recv() {
+                Ok(r) => bytes += self.take_report(r, batch)?,
+                Err(_) => break,
+            }
+        }
+        let finished = batch
+            .iter()
+            .any(|e| matches!(e.body, EventBody::Finished(_)));
+        if finished {
+            self.journal.sync()?;
+        } else {
+            self.journal.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Assigns the next seq, journals the event and keeps it until acknowledged.
+    fn take_report(&mut self, r: Report, batch: &mut Vec<Event>) -> anyhow::Result<usize> {
+        let p = self.pending.entry(r.command_id).or_default();
+        p.next_seq += 1;
+        if matches!(r.body, EventBody::Finished(_)) {
+            p.finished = true;
+            self.running.remove(&r.command_id);
+        }
+        let ev = Event {
+            command_id: r.command_id,
+            seq: p.next_seq,
+            ts: now_ms(),
+            body: r.body,
+        };
+        let size = event_size(&ev);
+        self.journal.event(&ev)?;
+        p.unacked.push_back(ev.clone());
+        self.unacked_bytes += size;
+        batch.push(ev);
+        Ok(size)
+    }
+
+    async fn handle(&mut self, ws: &mut Ws, msg: ServerMessage) -> Result<(), Disconnect> {
+        match msg {
+            ServerMessage::Dispatch(d) => self.dispatch(ws, d).await?,
+            ServerMessage::Cancel { command_id, reason } => {
+                if let Some(ctx) = self.running.get(&command_id) {
+                    tracing::info!(%command_id, ?reason, "cancelling command");
+                    ctx.request_cancel(reason);
+                }
+            }
+            ServerMessage::Acks { acks } => {
+                for a in acks {
+                    let Some(p) = self.pending.get_mut(&a.command_id) else {
+                        continue;
+                    };
+                    while p.unacked.front().is_some_and(|e| e.seq <= a.seq) {
+                        if let Some(e) = p.unacked.pop_front() {
+                            self.unacked_bytes = self.unacked_bytes.saturating_sub(event_size(&e));
+                        }
+                    }
+                    let _ = self.journal.acked(a.command_id, a.seq);
+                    if p.finished && p.unacked.is_empty() {
+                        self.pending.remove(&a.command_id);
+                        let _ = self.journal.done(a.command_id);
+                    }
+                }
+                let _ = self.journal.flush();
+                if let Err(e) = self.journal.maybe_compact(&self.pending) {
+                    tracing::warn!(error = %e, "journal compaction failed");
+                }
+            }
+            ServerMessage::HeartbeatAck | ServerMessage::Welcome { .. } => {}
+            ServerMessage::Error(e) => {
+                tracing::warn!(code = ?e.code, message = %e.message, "error from control plane");
+                match e.code {
+                    ProtocolErrorCode::Revoked
+                    | ProtocolErrorCode::Unauthorized
+                    | ProtocolErrorCode::UnsupportedProtocolVersion => {
+                        return Err(Disconnect::Refused(e.message))
+                    }
+                    ProtocolErrorCode::Superseded => return Err(Disconnect::Lost(e.message)),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&mut self, ws: &mut Ws, d: Dispatch) -> Result<(), Disconnect> {
+        let id = d.command_id;
+        let accept = AgentMessage::Accept { command_id: id };
+        if self.journal.has_seen(&id) {
+            // Already accepted before (our accept was lost, or we restarted): never run
+            // it twice. Unacked events, if any, were re-sent on connect.
+            return send(ws, &accept).await.map_err(|e| Disconnect::Lost(e.to_string()));
+        }
+        if let Err(e) = self.journal.accept(id) {
+            return Err(Disconnect::Lost(format!("journal: {e}")));
+        }
+        send(ws, &accept).await.map_err(|e| Disconnect::Lost(e.to_string()))?;
+        let ctx = ExecContext::new(
+            id,
+            d.root_command_id.unwrap_or(id),
+            d.attempt,
+            self.config.clone(),
+            self.reports_tx.clone(),
+        );
+        let command = match Command::parse(&d.command_type, &d.params) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(command_id = %id, error = %error, "rejected command");
+                tokio::spawn(async move {
+                    ctx.report(EventBody::Finished(Outcome {
+                        status: FinalStatus::Failed,
+                        result: None,
+                        error: Some(error),
+                    }))
+                    .await
+                });
+                return Ok(());
+            }
+        };
+        tracing::info!(command_id = %id, command_type = %d.command_type, "running command");
+        self.running.insert(id, ctx.clone());
+        let permits = self.concurrency.clone();
+        tokio::spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            exec::run(ctx, command).await;
+        });
+        Ok(())
+    }
+}
+
+fn chunk_events(events: Vec<Event>) -> Vec<Vec<Event>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut bytes = 0;
+    for e in events {
+        bytes += event_size(&e);
+        cur.push(e);
+        if cur.len() >= BATCH_EVENTS || bytes >= BATCH_BYTES {
+            out.push(std::mem::take(&mut cur));
+            bytes = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+async fn send(ws: &mut Ws, msg: &AgentMessage) -> Result<(), tungstenite::Error> {
+    ws.send(tungstenite::Message::text(msg.encode())).await
+}
+
+/// Approximate wire size of an event (for batching and the outbox limit).
+fn event_size(e: &Event) -> usize {
+    96 + match &e.body {
+        EventBody::Log { data, .. } => data.len(),
+        EventBody::Finished(o) => o.result.as_ref().map_or(0, |r| r.to_string().len()) + 256,
+        _ => 64,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Exponential backoff with full jitter, capped.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10));
+    let cap = exp.min(BACKOFF_CAP);
+    let ms = rand::random_range(0..=cap.as_millis() as u64);
+    Duration::from_millis(ms.max(100))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        for f in 0..40 {
+            assert!(backoff(f) <= BACKOFF_CAP);
+        }
+        let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(8)).collect();
+        assert!(samples.len() > 1, "jitter should spread reconnects");
+    }
+}
