@@ -30,7 +30,10 @@ enum Record {
         done: bool,
     },
     Event(Event),
-    Acked { id: Uuid, seq: u64 },
+    Acked {
+        id: Uuid,
+        seq: u64,
+    },
 }
 
 /// Per-command state that outlives a connection.
@@ -148,7 +151,13 @@ impl Journal {
         let mut written = 0u64;
         for id in &self.seen_order {
             let done = self.done.contains(id);
-            written += write_record(&mut out, &Record::Accepted { id: *id, done: false })?;
+            written += write_record(
+                &mut out,
+                &Record::Accepted {
+                    id: *id,
+                    done: false,
+                },
+            )?;
             if done {
                 written += write_record(&mut out, &Record::Accepted { id: *id, done })?;
             }
@@ -303,7 +312,10 @@ mod tests {
         let p = &r.pending[&done];
         assert!(p.finished);
         assert_eq!(p.unacked.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2]);
-        assert!(!r.pending.contains_key(&cut), "all of cut's events were acked");
+        assert!(
+            !r.pending.contains_key(&cut),
+            "all of cut's events were acked"
+        );
         let mut interrupted = r.interrupted.clone();
         interrupted.sort();
         let mut expect = vec![cut, quiet];

@@ -17,9 +17,9 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
-    AgentMessage, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
-    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS,
-    HEARTBEAT_TIMEOUT_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    AgentMessage, Command, CommandType, Dispatch, Event, EventBody, FinalStatus, Hello, Outcome,
+    ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS, HEARTBEAT_TIMEOUT_SECS,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -50,6 +50,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     let (reports_tx, reports_rx) = mpsc::channel(4096);
     let mut agent = Agent {
+        interrupted: replayed.interrupted,
         config,
         journal,
         pending: replayed.pending,
@@ -73,6 +74,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
 struct Agent {
     config: Arc<AgentConfig>,
+    /// Accepted before a restart and never finished; reported in every hello.
+    interrupted: Vec<Uuid>,
     journal: Journal,
     pending: HashMap<Uuid, Pending>,
     running: HashMap<Uuid, ExecContext>,
@@ -95,7 +98,6 @@ impl Agent {
         loop {
             match self.connect_once(&shutdown).await {
                 Ok(mut ws) => {
-
                     let why = self.serve(&mut ws, &shutdown).await;
                     let _ = ws.close(None).await;
                     match why {
@@ -173,7 +175,11 @@ impl Agent {
             _ = shutdown.cancelled() => anyhow::bail!("shutting down"),
         };
         let mut active: Vec<Uuid> = self.running.keys().copied().collect();
-        active.extend(self.pending.keys().filter(|id| !self.running.contains_key(id)));
+        active.extend(
+            self.pending
+                .keys()
+                .filter(|id| !self.running.contains_key(id)),
+        );
         let hello = AgentMessage::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -181,6 +187,7 @@ impl Agent {
             capabilities: self.capabilities(),
             max_concurrency: self.config.max_concurrency,
             active_commands: active,
+            interrupted_commands: self.interrupted.clone(),
             facts: self.facts(),
         });
         ws.send(tungstenite::Message::text(hello.encode())).await?;
@@ -189,8 +196,16 @@ impl Agent {
             Ok(Some(Ok(tungstenite::Message::Text(t)))) => match ServerMessage::decode(&t)? {
                 ServerMessage::Welcome { agent_id, .. } => {
                     tracing::info!(%agent_id, "connected to control plane");
+                    // The server reconciled before welcoming us: interrupted commands
+                    // are now marked lost there, so stop reporting them.
+                    for id in std::mem::take(&mut self.interrupted) {
+                        self.journal.done(id)?;
+                    }
+                    self.journal.flush()?;
                 }
-                ServerMessage::Error(e) => anyhow::bail!("control plane refused hello: {:?}: {}", e.code, e.message),
+                ServerMessage::Error(e) => {
+                    anyhow::bail!("control plane refused hello: {:?}: {}", e.code, e.message)
+                }
                 other => anyhow::bail!("expected welcome, got {other:?}"),
             },
             Ok(Some(Ok(tungstenite::Message::Close(frame)))) => {
@@ -288,7 +303,10 @@ impl Agent {
     /// Takes one report and everything already waiting, up to the batch limits.
     fn collect_batch(&mut self, first: Report, batch: &mut Vec<Event>) -> anyhow::Result<()> {
         let mut bytes = self.take_report(first, batch)?;
-        while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES && self.unacked_bytes < OUTBOX_LIMIT_BYTES {
+        while batch.len() < BATCH_EVENTS
+            && bytes < BATCH_BYTES
+            && self.unacked_bytes < OUTBOX_LIMIT_BYTES
+        {
             match self.reports_rx.try_recv() {
                 Ok(r) => bytes += self.take_report(r, batch)?,
                 Err(_) => break,
@@ -380,12 +398,16 @@ impl Agent {
         if self.journal.has_seen(&id) {
             // Already accepted before (our accept was lost, or we restarted): never run
             // it twice. Unacked events, if any, were re-sent on connect.
-            return send(ws, &accept).await.map_err(|e| Disconnect::Lost(e.to_string()));
+            return send(ws, &accept)
+                .await
+                .map_err(|e| Disconnect::Lost(e.to_string()));
         }
         if let Err(e) = self.journal.accept(id) {
             return Err(Disconnect::Lost(format!("journal: {e}")));
         }
-        send(ws, &accept).await.map_err(|e| Disconnect::Lost(e.to_string()))?;
+        send(ws, &accept)
+            .await
+            .map_err(|e| Disconnect::Lost(e.to_string()))?;
         let ctx = ExecContext::new(
             id,
             d.root_command_id.unwrap_or(id),
@@ -464,7 +486,6 @@ fn backoff(failures: u32) -> Duration {
     let ms = rand::random_range(0..=cap.as_millis() as u64);
     Duration::from_millis(ms.max(100))
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -1,1 +1,172 @@
-fn main() {}
+//! `trellis`: the control plane binary and its admin CLI.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use trellis::{db::Db, ServeConfig};
+
+#[derive(Parser)]
+#[command(name = "trellis", version, about = "Trellis control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct DbArgs {
+    /// `sqlite://FILE` (created if missing) or `postgres://…`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://trellis.db",
+        global = true
+    )]
+    database_url: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane.
+    Serve {
+        #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        db: DbArgs,
+        /// Bootstrap admin bearer token (≥ 16 characters). When unset on first start, one
+        /// is generated and printed once.
+        #[arg(long, env = "TRELLIS_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Directory of the built UI (default: ui/dist if it exists).
+        #[arg(long, env = "TRELLIS_UI_DIR")]
+        ui_dir: Option<PathBuf>,
+        /// PEM certificate chain for HTTPS/WSS.
+        #[arg(long, env = "TRELLIS_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for HTTPS/WSS.
+        #[arg(long, env = "TRELLIS_TLS_KEY")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Manage agents directly in the database.
+    Agents {
+        #[command(subcommand)]
+        command: AgentCmd,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Register an agent and print its id and one-time token.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 4)]
+        max_concurrency: i64,
+    },
+    /// List agents.
+    List,
+    /// Issue a new token (the old one stops working).
+    RotateToken { id: uuid::Uuid },
+    /// Revoke an agent (a running control plane disconnects it within seconds).
+    Revoke { id: uuid::Uuid },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Cmd::Serve {
+            listen,
+            db,
+            admin_token,
+            ui_dir,
+            tls_cert,
+            tls_key,
+        } => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+            let ui_dir = ui_dir.or_else(|| {
+                let d = PathBuf::from("ui/dist");
+                d.join("index.html").exists().then_some(d)
+            });
+            let shutdown = CancellationToken::new();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("shutting down");
+                s.cancel();
+            });
+            trellis::serve(
+                listener,
+                ServeConfig {
+                    database_url: db.database_url,
+                    admin_token,
+                    ui_dir,
+                    tls_cert,
+                    tls_key,
+                },
+                shutdown,
+            )
+            .await
+        }
+        Cmd::Agents { command, db } => {
+            let db = Db::connect(&db.database_url).await?;
+            match command {
+                AgentCmd::Create {
+                    name,
+                    max_concurrency,
+                } => {
+                    trellis::api::agents::validate_agent_name(&name)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let token = trellis::auth::generate("agent");
+                    let a = db
+                        .create_agent(
+                            name.trim(),
+                            &trellis::auth::hash(&token),
+                            max_concurrency.clamp(1, 1024),
+                        )
+                        .await?;
+                    println!(
+                        "agent id: {}\ntoken:    {token}\n(the token is shown only once)",
+                        a.id
+                    );
+                }
+                AgentCmd::List => {
+                    for a in db.list_agents().await? {
+                        println!(
+                            "{}  {:<24} {:<8} {}",
+                            a.id,
+                            a.name,
+                            a.status,
+                            a.hostname.unwrap_or_default()
+                        );
+                    }
+                }
+                AgentCmd::RotateToken { id } => {
+                    let token = trellis::auth::generate("agent");
+                    db.rotate_token(id, &trellis::auth::hash(&token)).await?;
+                    println!("new token: {token}\n(the token is shown only once)");
+                }
+                AgentCmd::Revoke { id } => {
+                    db.revoke_agent(id).await?;
+                    println!("agent {id} revoked");
+                }
+            }
+            Ok(())
+        }
+    }
+}

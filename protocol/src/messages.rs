@@ -66,6 +66,10 @@ pub struct Hello {
     /// running on this agent but which is absent here is lost (`agent_lost_command`).
     #[serde(default)]
     pub active_commands: Vec<Uuid>,
+    /// Commands the agent accepted earlier but can no longer run or report (it restarted
+    /// while they ran). The server marks them `agent_lost_command` instead of re-sending.
+    #[serde(default)]
+    pub interrupted_commands: Vec<Uuid>,
     /// Facts about the hypervisor the agent manages (e.g. Proxmox nodes), free-form.
     #[serde(default)]
     pub facts: serde_json::Value,

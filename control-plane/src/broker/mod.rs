@@ -1,0 +1,156 @@
+//! The command broker: agent sessions, the dispatcher, the event writer, fan-out and the
+//! reaper. Memory here is routing only (which agent is connected to this process, who
+//! listens to which command); command state lives in the database.
+
+pub mod fanout;
+pub mod reaper;
+pub mod session;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use trellis_protocol::{CancelReason, ServerMessage};
+use uuid::Uuid;
+
+use crate::db::Db;
+use crate::metrics::Metrics;
+
+/// Instructions to a session task (the only owner of its socket).
+#[derive(Debug)]
+pub enum ToSession {
+    Send(ServerMessage),
+    /// Claim and dispatch queued commands.
+    Wake,
+    /// Close the connection with a reason (revoked, replaced, storage failure).
+    Close(String),
+    Revoked,
+}
+
+pub type SessionTx = mpsc::UnboundedSender<ToSession>;
+
+struct SessionHandle {
+    epoch: i64,
+    tx: SessionTx,
+    last_heartbeat: i64,
+}
+
+pub struct Broker {
+    pub db: Db,
+    pub fanout: fanout::Fanout,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+    sessions: Mutex<HashMap<Uuid, SessionHandle>>,
+    writer: mpsc::Sender<writer::WriteOp>,
+}
+
+impl Broker {
+    /// Creates the broker and starts its writer. The writer stops when every sender is
+    /// gone (the broker and all sessions dropped).
+    pub fn start(db: Db, shutdown: CancellationToken) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(8192);
+        let broker = Arc::new(Self {
+            db,
+            fanout: Default::default(),
+            metrics: Metrics::default(),
+            shutdown,
+            sessions: Mutex::new(HashMap::new()),
+            writer: tx,
+        });
+        let writer = tokio::spawn(writer::run(broker.clone(), rx));
+        (broker, writer)
+    }
+
+    pub fn writer(&self) -> mpsc::Sender<writer::WriteOp> {
+        self.writer.clone()
+    }
+
+    /// Registers a session, replacing (and closing) an older one for the same agent.
+    fn register(&self, agent_id: Uuid, epoch: i64, tx: SessionTx) {
+        let old = {
+            let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(
+                agent_id,
+                SessionHandle {
+                    epoch,
+                    tx,
+                    last_heartbeat: crate::time::now_ms(),
+                },
+            )
+        };
+        if let Some(old) = old {
+            let _ = old.tx.send(ToSession::Close(
+                "replaced by a newer connection of the same agent".into(),
+            ));
+        }
+        self.metrics.set_online(self.online_count());
+    }
+
+    fn unregister(&self, agent_id: Uuid, epoch: i64) {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&agent_id).is_some_and(|h| h.epoch == epoch) {
+            map.remove(&agent_id);
+        }
+        let n = map.len();
+        drop(map);
+        self.metrics.set_online(n);
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    pub fn is_connected(&self, agent_id: &Uuid) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(agent_id)
+    }
+
+    fn send(&self, agent_id: &Uuid, msg: ToSession) -> bool {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(agent_id).is_some_and(|h| h.tx.send(msg).is_ok())
+    }
+
+    /// Tells the agent's session (if connected here) to dispatch queued commands.
+    pub fn wake(&self, agent_id: Uuid) {
+        self.send(&agent_id, ToSession::Wake);
+    }
+
+    pub fn cancel(&self, agent_id: Uuid, command_id: Uuid, reason: CancelReason) {
+        self.send(
+            &agent_id,
+            ToSession::Send(ServerMessage::Cancel { command_id, reason }),
+        );
+    }
+
+    pub fn revoke(&self, agent_id: Uuid) {
+        self.send(&agent_id, ToSession::Revoked);
+    }
+
+    fn heartbeat(&self, agent_id: Uuid, epoch: i64, ts: i64) {
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get_mut(&agent_id).filter(|h| h.epoch == epoch) {
+            h.last_heartbeat = ts;
+        }
+    }
+
+    /// Last heartbeats of connected agents, for the periodic flush.
+    pub fn heartbeats(&self) -> Vec<(Uuid, i64)> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(id, h)| (*id, h.last_heartbeat)).collect()
+    }
+
+    /// Closes every session (shutdown).
+    pub fn close_all(&self, reason: &str) {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for h in map.values() {
+            let _ = h.tx.send(ToSession::Close(reason.to_string()));
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Periodic housekeeping: deadlines → `timed_out` + cancel on the agent, re-sending
+//! dispatches an agent has not accepted, flushing heartbeats, dropping idle fan-out
+//! channels. Every state it moves a command to is in the database, so a restart loses
+//! nothing; a missed tick is skipped, not replayed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_protocol::{CancelReason, Dispatch, ServerMessage};
+
+use super::{fanout::Published, Broker, ToSession};
+use crate::time::now_ms;
+
+const TICK: Duration = Duration::from_millis(500);
+const HEARTBEAT_FLUSH_EVERY: u32 = 20; // ticks (10 s)
+const REDISPATCH_AFTER_MS: i64 = 30_000;
+
+pub async fn run(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut n: u32 = 0;
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        n = n.wrapping_add(1);
+        if let Err(e) = expire(&broker).await {
+            tracing::warn!(error = %e, "deadline sweep failed");
+        }
+        if n % HEARTBEAT_FLUSH_EVERY == 0 {
+            if let Err(e) = broker.db.record_heartbeats(&broker.heartbeats()).await {
+                tracing::warn!(error = %e, "heartbeat flush failed");
+            }
+            broker.fanout.sweep();
+            if let Err(e) = redispatch(&broker).await {
+                tracing::warn!(error = %e, "re-dispatch sweep failed");
+            }
+        }
+    }
+    // Last heartbeat flush so the UI shows a fresh "last seen" after a restart.
+    let _ = broker.db.record_heartbeats(&broker.heartbeats()).await;
+}
+
+async fn expire(broker: &Broker) -> crate::db::DbResult<()> {
+    for (command_id, agent_id, was_dispatched) in broker.db.expire_deadlines().await? {
+        tracing::info!(%command_id, %agent_id, "command timed out");
+        if was_dispatched {
+            broker.cancel(agent_id, command_id, CancelReason::TimedOut);
+        }
+        broker.fanout.publish(&command_id, Published::Status);
+        if let Ok(c) = broker.db.get_command(command_id).await {
+            crate::api::nodes::sync_node_after_server_end(broker, &c).await;
+        }
+        broker.wake(agent_id);
+    }
+    Ok(())
+}
+
+async fn redispatch(broker: &Broker) -> crate::db::DbResult<()> {
+    for (command_id, agent_id) in broker
+        .db
+        .stale_dispatches(now_ms() - REDISPATCH_AFTER_MS)
+        .await?
+    {
+        if !broker.is_connected(&agent_id) {
+            continue;
+        }
+        let d = broker.db.dispatch_row(command_id).await?;
+        tracing::info!(%command_id, %agent_id, "re-sending unaccepted dispatch");
+        broker.send(
+            &agent_id,
+            ToSession::Send(ServerMessage::Dispatch(Dispatch {
+                command_id: d.id,
+                command_type: d.command_type,
+                params: d.params,
+                deadline_ms: Some(d.deadline_at),
+                attempt: d.attempt.clamp(1, i64::from(u32::MAX)) as u32,
+                root_command_id: Some(d.root_id),
+            })),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! One task per connected agent. It owns the socket: reads the hello, reconciles the
+//! agent's commands, dispatches queued work, forwards events to the writer and acks back,
+//! answers heartbeats, and closes on a protocol violation, an idle timeout, revocation or
+//! replacement by a newer connection of the same agent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use tokio::sync::mpsc;
+use trellis_protocol::{
+    AgentMessage, CancelReason, Dispatch, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
+    HEARTBEAT_INTERVAL_SECS, HEARTBEAT_TIMEOUT_SECS, PROTOCOL_VERSION,
+};
+use uuid::Uuid;
+
+use super::writer::WriteOp;
+use super::{Broker, ToSession};
+use crate::db::{AgentRow, DispatchRow};
+use crate::time::now_ms;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Re-check the queue this often even without a wake-up (a missed wake costs at most this).
+const IDLE_CLAIM_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Close codes (RFC 6455).
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_PROTOCOL: u16 = 1002;
+const CLOSE_GOING_AWAY: u16 = 1001;
+
+pub async fn run(broker: Arc<Broker>, agent: AgentRow, mut socket: WebSocket) {
+    let agent_id = agent.id;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => match AgentMessage::decode(t.as_str()) {
+            Ok(AgentMessage::Hello(h)) => h,
+            Ok(_) => {
+                reject(
+                    &mut socket,
+                    ProtocolErrorCode::UnexpectedMessage,
+                    "the first message must be hello",
+                    CLOSE_PROTOCOL,
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                broker.metrics.protocol_error();
+                reject(
+                    &mut socket,
+                    e.to_protocol_error().code,
+                    &e.to_string(),
+                    CLOSE_PROTOCOL,
+                )
+                .await;
+                return;
+            }
+        },
+        Ok(Some(Err(e))) => {
+            tracing::debug!(%agent_id, error = %e, "socket error before hello");
+            close_for_error(&mut socket, &e.to_string()).await;
+            return;
+        }
+        _ => {
+            reject(
+                &mut socket,
+                ProtocolErrorCode::UnexpectedMessage,
+                "no hello within 10 s",
+                CLOSE_PROTOCOL,
+            )
+            .await;
+            return;
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        reject(
+            &mut socket,
+            ProtocolErrorCode::UnsupportedProtocolVersion,
+            &format!(
+                "protocol version {} is not supported; this control plane speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
+            CLOSE_POLICY,
+        )
+        .await;
+        return;
+    }
+    let epoch = match broker.db.agent_connected(agent_id, &hello).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(%agent_id, error = %e, "cannot record agent connection");
+            reject(
+                &mut socket,
+                ProtocolErrorCode::Internal,
+                "control plane storage unavailable",
+                CLOSE_GOING_AWAY,
+            )
+            .await;
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    broker.register(agent_id, epoch, tx.clone());
+    tracing::info!(%agent_id, name = %agent.name, epoch, version = %hello.agent_version,
+        hostname = %hello.hostname, "agent connected");
+
+    let mut s = Session {
+        broker: broker.clone(),
+        agent_id,
+        epoch,
+        max_concurrency: i64::from(hello.max_concurrency.clamp(1, 1024)),
+        owned: HashSet::new(),
+        inflight: HashMap::new(),
+        tx,
+    };
+    let why = s.serve(&mut socket, rx, &hello).await;
+    tracing::info!(%agent_id, epoch, reason = %why, "agent disconnected");
+    broker.unregister(agent_id, epoch);
+    if let Err(e) = broker
+        .db
+        .agent_disconnected(agent_id, epoch, now_ms())
+        .await
+    {
+        tracing::warn!(%agent_id, error = %e, "cannot record agent disconnect");
+    }
+}
+
+struct Session {
+    broker: Arc<Broker>,
+    agent_id: Uuid,
+    epoch: i64,
+    max_concurrency: i64,
+    /// Command ids known to belong to this agent (an agent touches only its own).
+    owned: HashSet<Uuid>,
+    /// Dispatches sent and not yet accepted, for the latency histogram.
+    inflight: HashMap<Uuid, Instant>,
+    tx: super::SessionTx,
+}
+
+impl Session {
+    async fn serve(
+        &mut self,
+        socket: &mut WebSocket,
+        mut rx: mpsc::UnboundedReceiver<ToSession>,
+        hello: &Hello,
+    ) -> String {
+        // Reconcile before welcoming: the agent forgets interrupted commands on welcome.
+        let rec = match self
+            .broker
+            .db
+            .reconcile_on_connect(
+                self.agent_id,
+                self.epoch,
+                &hello.active_commands,
+                &hello.interrupted_commands,
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                reject(
+                    socket,
+                    ProtocolErrorCode::Internal,
+                    "control plane storage unavailable",
+                    CLOSE_GOING_AWAY,
+                )
+                .await;
+                return format!("reconcile failed: {e}");
+            }
+        };
+        for id in &rec.lost {
+            tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent lost command");
+            self.broker
+                .fanout
+                .publish(id, super::fanout::Published::Status);
+            if let Ok(c) = self.broker.db.get_command(*id).await {
+                self.node_outcome_for_server_end(&c).await;
+            }
+        }
+        let welcome = ServerMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: self.agent_id,
+            session_id: Uuid::new_v4(),
+            heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
+        };
+        if send(socket, &welcome).await.is_err() {
+            return "send failed".into();
+        }
+        self.owned.extend(rec.known.iter().copied());
+        for d in rec.resend {
+            if self.dispatch(socket, d).await.is_err() {
+                return "send failed".into();
+            }
+        }
+        for id in rec.cancel {
+            let msg = ServerMessage::Cancel {
+                command_id: id,
+                reason: CancelReason::Cancelled,
+            };
+            if send(socket, &msg).await.is_err() {
+                return "send failed".into();
+            }
+        }
+        if let Err(e) = self.claim_and_dispatch(socket).await {
+            return e;
+        }
+
+        let mut idle_claim = tokio::time::interval(IDLE_CLAIM_INTERVAL);
+        idle_claim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        idle_claim.reset();
+        let idle_limit = Duration::from_secs(HEARTBEAT_TIMEOUT_SECS);
+        let writer = self.broker.writer();
+        loop {
+            tokio::select! {
+                _ = self.broker.shutdown.cancelled() => {
+                    close(socket, CLOSE_GOING_AWAY, "control plane shutting down").await;
+                    return "shutdown".into();
+                }
+                msg = tokio::time::timeout(idle_limit, socket.recv()) => {
+                    let msg = match msg {
+                        Err(_) => {
+                            close(socket, CLOSE_POLICY, "no heartbeat").await;
+                            return format!("no traffic for {HEARTBEAT_TIMEOUT_SECS} s");
+                        }
+                        Ok(None) => return "connection closed".into(),
+                        Ok(Some(Err(e))) => {
+                            self.broker.metrics.protocol_error();
+                            close_for_error(socket, &e.to_string()).await;
+                            return format!("socket error: {e}");
+                        }
+                        Ok(Some(Ok(m))) => m,
+                    };
+                    let text = match msg {
+                        Message::Text(t) => t,
+                        Message::Close(_) => return "closed by agent".into(),
+                        Message::Binary(_) => {
+                            self.broker.metrics.protocol_error();
+                            reject(socket, ProtocolErrorCode::MalformedMessage, "binary frames are not part of the protocol", CLOSE_PROTOCOL).await;
+                            return "binary frame".into();
+                        }
+                        _ => continue,
+                    };
+                    let msg = match AgentMessage::decode(text.as_str()) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.broker.metrics.protocol_error();
+                            tracing::warn!(agent_id = %self.agent_id, error = %e, "malformed frame from agent");
+                            let code = e.to_protocol_error().code;
+                            let close_code = if code == ProtocolErrorCode::FrameTooLarge { CLOSE_TOO_BIG } else { CLOSE_PROTOCOL };
+                            reject(socket, code, &e.to_string(), close_code).await;
+                            return format!("malformed frame: {e}");
+                        }
+                    };
+                    match msg {
+                        AgentMessage::Hello(_) => {
+                            reject(socket, ProtocolErrorCode::UnexpectedMessage, "hello sent twice", CLOSE_PROTOCOL).await;
+                            return "second hello".into();
+                        }
+                        AgentMessage::Heartbeat { .. } => {
+                            self.broker.heartbeat(self.agent_id, self.epoch, now_ms());
+                            if send(socket, &ServerMessage::HeartbeatAck).await.is_err() {
+                                return "send failed".into();
+                            }
+                        }
+                        AgentMessage::Accept { command_id } => {
+                            if !self.owns(command_id).await {
+                                self.foreign(socket, command_id).await;
+                                continue;
+                            }
+                            if let Some(t) = self.inflight.remove(&command_id) {
+                                self.broker.metrics.dispatch_latency.observe(t.elapsed());
+                            }
+                            if writer.send(WriteOp::Accept { agent_id: self.agent_id, command_id }).await.is_err() {
+                                return "writer stopped".into();
+                            }
+                        }
+                        AgentMessage::Events { mut events } => {
+                            let mut foreign = None;
+                            let mut checked: Option<Uuid> = None;
+                            let mut keep = Vec::with_capacity(events.len());
+                            for e in events.drain(..) {
+                                if checked != Some(e.command_id) {
+                                    if !self.owns(e.command_id).await {
+                                        foreign = Some(e.command_id);
+                                        continue;
+                                    }
+                                    checked = Some(e.command_id);
+                                }
+                                if e.seq == 0 {
+                                    foreign = Some(e.command_id);
+                                    continue;
+                                }
+                                keep.push(e);
+                            }
+                            if let Some(id) = foreign {
+                                self.foreign(socket, id).await;
+                            }
+                            if !keep.is_empty() {
+                                let op = WriteOp::Events { agent_id: self.agent_id, events: keep, acks_to: self.tx.clone() };
+                                if writer.send(op).await.is_err() {
+                                    return "writer stopped".into();
+                                }
+                            }
+                        }
+                        AgentMessage::Error(e) => {
+                            tracing::warn!(agent_id = %self.agent_id, code = ?e.code, message = %e.message, "agent reported a protocol error");
+                        }
+                    }
+                }
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return "session channel closed".into() };
+                    match cmd {
+                        ToSession::Send(m) => {
+                            if send(socket, &m).await.is_err() {
+                                return "send failed".into();
+                            }
+                        }
+                        ToSession::Wake => {
+                            if let Err(e) = self.claim_and_dispatch(socket).await {
+                                return e;
+                            }
+                        }
+                        ToSession::Close(reason) => {
+                            let _ = send(socket, &ServerMessage::Error(ProtocolError { code: ProtocolErrorCode::Superseded, message: reason.clone() })).await;
+                            close(socket, CLOSE_POLICY, &reason).await;
+                            return reason;
+                        }
+                        ToSession::Revoked => {
+                            reject(socket, ProtocolErrorCode::Revoked, "this agent was revoked", CLOSE_POLICY).await;
+                            return "revoked".into();
+                        }
+                    }
+                }
+                _ = idle_claim.tick() => {
+                    if let Err(e) = self.claim_and_dispatch(socket).await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn owns(&mut self, id: Uuid) -> bool {
+        if self.owned.contains(&id) {
+            return true;
+        }
+        match self.broker.db.command_owner(id).await {
+            Ok(Some(owner)) if owner == self.agent_id => {
+                self.owned.insert(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn foreign(&self, socket: &mut WebSocket, id: Uuid) {
+        self.broker.metrics.protocol_error();
+        tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command that is not its own");
+        let _ = send(
+            socket,
+            &ServerMessage::Error(ProtocolError {
+                code: ProtocolErrorCode::UnexpectedMessage,
+                message: format!("command {id} does not belong to this agent; ignored"),
+            }),
+        )
+        .await;
+    }
+
+    async fn claim_and_dispatch(&mut self, socket: &mut WebSocket) -> Result<(), String> {
+        let claimed = self
+            .broker
+            .db
+            .claim_queued(self.agent_id, self.epoch, self.max_concurrency)
+            .await
+            .map_err(|e| format!("claim failed: {e}"))?;
+        for d in claimed {
+            self.broker
+                .fanout
+                .publish(&d.id, super::fanout::Published::Status);
+            self.dispatch(socket, d)
+                .await
+                .map_err(|_| "send failed".to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn dispatch(
+        &mut self,
+        socket: &mut WebSocket,
+        d: DispatchRow,
+    ) -> Result<(), axum::Error> {
+        self.owned.insert(d.id);
+        self.inflight.insert(d.id, Instant::now());
+        let msg = ServerMessage::Dispatch(Dispatch {
+            command_id: d.id,
+            command_type: d.command_type,
+            params: d.params,
+            deadline_ms: Some(d.deadline_at),
+            attempt: d.attempt.clamp(1, i64::from(u32::MAX)) as u32,
+            root_command_id: Some(d.root_id),
+        });
+        send(socket, &msg).await
+    }
+
+    async fn node_outcome_for_server_end(&self, c: &crate::db::CommandRow) {
+        crate::api::nodes::sync_node_after_server_end(&self.broker, c).await;
+    }
+}
+
+async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> Result<(), axum::Error> {
+    socket.send(Message::Text(msg.encode().into())).await
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let mut reason = reason.to_string();
+    reason.truncate(120);
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// Sends a typed error, then closes.
+async fn reject(socket: &mut WebSocket, code: ProtocolErrorCode, message: &str, close_code: u16) {
+    let _ = send(
+        socket,
+        &ServerMessage::Error(ProtocolError {
+            code,
+            message: message.to_string(),
+        }),
+    )
+    .await;
+    close(socket, close_code, message).await;
+}
+
+async fn close_for_error(socket: &mut WebSocket, err: &str) {
+    if err.contains("too long")
+        || err.contains("too big")
+        || err.contains("Space limit")
+        || err.contains("size")
+    {
+        reject(
+            socket,
+            ProtocolErrorCode::FrameTooLarge,
+            "frame exceeds the 1 MiB limit",
+            CLOSE_TOO_BIG,
+        )
+        .await;
+    } else {
+        close(socket, CLOSE_PROTOCOL, "protocol error").await;
+    }
+}

@@ -1,0 +1,368 @@
+//! The event writer: one task per replica that batches events from every agent session
+//! into one transaction (multi-row `INSERT … ON CONFLICT DO NOTHING`, so a re-sent seq is
+//! stored once), updates command status, stage and percent, commits, and only then acks
+//! to the agents and publishes to subscribers. Acking after commit is what makes "nothing
+//! lost" true.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sqlx::Any;
+use tokio::sync::mpsc;
+use trellis_protocol::{Event, EventAck, EventBody, ProvisionResult, ServerMessage};
+use uuid::Uuid;
+
+use super::fanout::Published;
+use super::{Broker, SessionTx, ToSession};
+use crate::db::{error_json, DbResult};
+use crate::time::now_ms;
+
+/// Most events in one transaction.
+const MAX_BATCH_EVENTS: usize = 4000;
+/// Rows per INSERT statement (6 columns each; well below every bind limit).
+const ROWS_PER_INSERT: usize = 500;
+
+pub enum WriteOp {
+    /// The agent accepted a dispatched command.
+    Accept { agent_id: Uuid, command_id: Uuid },
+    /// Events from one agent frame; acks go back to `acks_to`.
+    Events {
+        agent_id: Uuid,
+        events: Vec<Event>,
+        acks_to: SessionTx,
+    },
+}
+
+pub async fn run(broker: Arc<Broker>, mut rx: mpsc::Receiver<WriteOp>) {
+    let mut ops: Vec<WriteOp> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut n = op_events(&first);
+        ops.push(first);
+        while n < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(op) => {
+                    n += op_events(&op);
+                    ops.push(op);
+                }
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        match write_batch(&broker, &ops).await {
+            Ok(done) => {
+                broker.metrics.observe_batch(n, started.elapsed());
+                after_commit(&broker, &mut ops, done);
+            }
+            Err(e) => {
+                // Nothing was acked: make the agents reconnect and re-send.
+                tracing::error!(error = %e, events = n, "event batch failed; closing affected sessions");
+                for op in &ops {
+                    if let WriteOp::Events { acks_to, .. } = op {
+                        let _ = acks_to.send(ToSession::Close("event storage failed".into()));
+                    }
+                }
+            }
+        }
+        ops.clear();
+    }
+    tracing::debug!("event writer stopped");
+}
+
+fn op_events(op: &WriteOp) -> usize {
+    match op {
+        WriteOp::Accept { .. } => 1,
+        WriteOp::Events { events, .. } => events.len(),
+    }
+}
+
+/// Per-command summary of one batch.
+#[derive(Default)]
+struct CmdUpdate {
+    agent_id: Uuid,
+    max_seq: i64,
+    stage: Option<String>,
+    percent: Option<f64>,
+}
+
+struct Finished {
+    command_id: Uuid,
+    agent_id: Uuid,
+}
+
+struct Done {
+    finished: Vec<Finished>,
+    started: Vec<Uuid>,
+}
+
+async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
+    let now = now_ms();
+    let mut tx = broker.db.pool.begin().await?;
+    let mut started = Vec::new();
+    let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
+    let mut all: Vec<&Event> = Vec::new();
+    for op in ops {
+        match op {
+            WriteOp::Accept {
+                agent_id,
+                command_id,
+            } => {
+                let n = sqlx::query(
+                    "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
+                     WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched')",
+                )
+                .bind(now)
+                .bind(command_id.to_string())
+                .bind(agent_id.to_string())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n > 0 {
+                    started.push(*command_id);
+                }
+            }
+            WriteOp::Events {
+                agent_id, events, ..
+            } => {
+                for e in events {
+                    let u = updates.entry(e.command_id).or_default();
+                    u.agent_id = *agent_id;
+                    u.max_seq = u.max_seq.max(e.seq as i64);
+                    match &e.body {
+                        EventBody::Stage { stage, percent, .. } => {
+                            u.stage = Some(stage.clone());
+                            if let Some(p) = percent {
+                                u.percent = Some(f64::from(*p));
+                            }
+                        }
+                        EventBody::Progress { percent, .. } => {
+                            u.percent = Some(f64::from(*percent))
+                        }
+                        _ => {}
+                    }
+                    all.push(e);
+                }
+            }
+        }
+    }
+
+    for chunk in all.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::with_capacity(96 + chunk.len() * 40);
+        sql.push_str(
+            "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 6;
+            if i > 0 {
+                sql.push(',');
+            }
+            use std::fmt::Write;
+            let _ = write!(
+                sql,
+                "(${},${},${},${},${},${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            );
+        }
+        sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING");
+        let mut q = sqlx::query::<Any>(&sql);
+        for e in chunk {
+            let (kind, stream, data) = stored_form(e);
+            q = q
+                .bind(e.command_id.to_string())
+                .bind(e.seq as i64)
+                .bind(e.ts)
+                .bind(kind)
+                .bind(stream)
+                .bind(data);
+        }
+        q.execute(&mut *tx).await?;
+    }
+
+    for e in &all {
+        if let EventBody::Stage {
+            stage,
+            state,
+            message,
+            ..
+        } = &e.body
+        {
+            use trellis_protocol::StageState as S;
+            let finished_at =
+                matches!(state, S::Completed | S::Failed | S::Skipped).then_some(e.ts);
+            sqlx::query(
+                "INSERT INTO command_stages (command_id, idx, name, state, started_at, finished_at, message) \
+                 VALUES ($1, 1000, $2, $3, $4, $5, $6) ON CONFLICT (command_id, name) DO UPDATE SET \
+                 state = excluded.state, \
+                 started_at = COALESCE(command_stages.started_at, excluded.started_at), \
+                 finished_at = excluded.finished_at, \
+                 message = COALESCE(excluded.message, command_stages.message)",
+            )
+            .bind(e.command_id.to_string())
+            .bind(stage.as_str())
+            .bind(state.as_str())
+            .bind(e.ts)
+            .bind(finished_at)
+            .bind(message.clone())
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+
+    for (id, u) in &updates {
+        sqlx::query(
+            "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
+             started_at = COALESCE(started_at, $1), stage = COALESCE($2, stage), percent = COALESCE($3, percent), \
+             last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END \
+             WHERE id = $5 AND agent_id = $6",
+        )
+        .bind(now)
+        .bind(u.stage.clone())
+        .bind(u.percent)
+        .bind(u.max_seq)
+        .bind(id.to_string())
+        .bind(u.agent_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let mut finished = Vec::new();
+    for e in &all {
+        let EventBody::Finished(o) = &e.body else {
+            continue;
+        };
+        let agent_id = updates[&e.command_id].agent_id;
+        let n = sqlx::query(
+            "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
+             percent = CASE WHEN $1 = 'succeeded' THEN 100.0 ELSE percent END \
+             WHERE id = $5 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')",
+        )
+        .bind(o.status.as_str())
+        .bind(o.result.as_ref().map(|r| r.to_string()))
+        .bind(o.error.as_ref().map(error_json))
+        .bind(now)
+        .bind(e.command_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            node_outcome(&mut tx, e.command_id, agent_id, o).await?;
+            finished.push(Finished {
+                command_id: e.command_id,
+                agent_id,
+            });
+        }
+    }
+    tx.commit().await?;
+    Ok(Done { finished, started })
+}
+
+/// Keeps the node record in step with the provision command that last ran for it.
+pub async fn node_outcome(
+    conn: &mut sqlx::AnyConnection,
+    command_id: Uuid,
+    agent_id: Uuid,
+    o: &trellis_protocol::Outcome,
+) -> DbResult<()> {
+    let now = now_ms();
+    let result = o
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::from_value::<ProvisionResult>(r.clone()).ok());
+    match (o.status, result) {
+        (trellis_protocol::FinalStatus::Succeeded, Some(r)) => {
+            sqlx::query(
+                "UPDATE nodes SET status = 'running', vm_id = $1, ip_address = $2, hypervisor_id = $3, \
+                 error = NULL, updated_at = $4 WHERE last_command_id = $5",
+            )
+            .bind(i64::from(r.vm_id))
+            .bind(r.ip_address)
+            .bind(agent_id.to_string())
+            .bind(now)
+            .bind(command_id.to_string())
+            .execute(&mut *conn)
+            .await?;
+        }
+        _ => {
+            let msg = o
+                .error
+                .as_ref()
+                .map(|e| match &e.stage {
+                    Some(s) => format!("{} (stage {s}): {}", e.code, e.message),
+                    None => format!("{}: {}", e.code, e.message),
+                })
+                .unwrap_or_else(|| format!("provision ended {}", o.status.as_str()));
+            sqlx::query(
+                "UPDATE nodes SET status = 'failed', error = $1, updated_at = $2 \
+                 WHERE last_command_id = $3 AND status = 'provisioning'",
+            )
+            .bind(msg)
+            .bind(now)
+            .bind(command_id.to_string())
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The database form of an event: `(kind, stream, data)`.
+fn stored_form(e: &Event) -> (&'static str, Option<&'static str>, String) {
+    match &e.body {
+        EventBody::Log { stream, data } => ("log", Some(stream.as_str()), data.clone()),
+        EventBody::Stage { .. } => ("stage", None, body_json(&e.body)),
+        EventBody::Progress { .. } => ("progress", None, body_json(&e.body)),
+        EventBody::Finished(_) => ("finished", None, body_json(&e.body)),
+    }
+}
+
+fn body_json(b: &EventBody) -> String {
+    serde_json::to_string(b).unwrap_or_else(|_| "{}".into())
+}
+
+fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: Done) {
+    for op in ops.iter() {
+        let WriteOp::Events {
+            events, acks_to, ..
+        } = op
+        else {
+            continue;
+        };
+        let mut acks: Vec<EventAck> = Vec::new();
+        for e in events {
+            match acks.iter_mut().find(|a| a.command_id == e.command_id) {
+                Some(a) => a.seq = a.seq.max(e.seq),
+                None => acks.push(EventAck {
+                    command_id: e.command_id,
+                    seq: e.seq,
+                }),
+            }
+        }
+        let _ = acks_to.send(ToSession::Send(ServerMessage::Acks { acks }));
+        for e in events {
+            if broker.fanout.has_subscribers(&e.command_id) {
+                let (kind, json) = crate::api::sse_json(e);
+                broker.fanout.publish(
+                    &e.command_id,
+                    Published::Event {
+                        seq: e.seq as i64,
+                        kind,
+                        json: json.into(),
+                    },
+                );
+            }
+        }
+    }
+    for id in &done.started {
+        broker.fanout.publish(id, Published::Status);
+    }
+    for f in &done.finished {
+        broker.fanout.publish(&f.command_id, Published::Status);
+        broker.metrics.command_finished();
+        broker.wake(f.agent_id);
+    }
+}
