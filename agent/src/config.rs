@@ -52,5 +52,7 @@ pub fn tls_connector(config: &AgentConfig) -> anyhow::Result<Option<tokio_tungst
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls))))
+    Ok(Some(tokio_tungstenite::Connector::Rustls(
+        std::sync::Arc::new(tls),
+    )))
 }

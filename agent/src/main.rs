@@ -8,7 +8,11 @@ use tendril::{proxmox::ProxmoxSettings, terraform::TerraformSettings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "tendril", version, about = "Trellis agent: dials the control plane and runs Proxmox and Terraform commands")]
+#[command(
+    name = "tendril",
+    version,
+    about = "Trellis agent: dials the control plane and runs Proxmox and Terraform commands"
+)]
 struct Args {
     /// Control plane agent endpoint, `ws://` or `wss://…/api/agents/connect`.
     #[arg(long = "server", env = "TENDRIL_SERVER_URL")]
@@ -34,8 +38,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
