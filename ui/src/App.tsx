@@ -1,0 +1,112 @@
+import { useEffect, useState } from 'react';
+import { getToken, onUnauthorized, setToken } from './lib/api';
+import { match, navigate, useRoute } from './lib/router';
+import { SignIn } from './pages/SignIn';
+import { Hypervisors } from './pages/Hypervisors';
+import { Templates } from './pages/Templates';
+import { Nodes } from './pages/Nodes';
+import { Commands } from './pages/Commands';
+import { CommandPage } from './pages/CommandPage';
+import { Deploy } from './pages/Deploy';
+
+const NAV = [
+  { path: '/hypervisors', label: 'Hypervisors', icon: '▣' },
+  { path: '/nodes', label: 'Nodes', icon: '◫' },
+  { path: '/templates', label: 'Templates', icon: '❏' },
+  { path: '/commands', label: 'Commands', icon: '≡' },
+  { path: '/deploy', label: 'Deploy', icon: '⇪' },
+];
+
+export function App() {
+  const [token, setTok] = useState<string | null>(() => getToken());
+  const [expired, setExpired] = useState(false);
+  const route = useRoute();
+
+  useEffect(
+    () =>
+      onUnauthorized(() => {
+        setToken(null);
+        setTok(null);
+        setExpired(true);
+      }),
+    [],
+  );
+
+  if (!token) {
+    return (
+      <SignIn
+        expired={expired}
+        onSignedIn={(t) => {
+          setToken(t);
+          setTok(t);
+          setExpired(false);
+          if (route.path === '/' || route.path === '') navigate('/hypervisors', { replace: true });
+        }}
+      />
+    );
+  }
+
+  const signOut = () => {
+    setToken(null);
+    setTok(null);
+    setExpired(false);
+  };
+
+  let page;
+  let params: Record<string, string> | null;
+  const p = route.path;
+  if (p === '/' || p === '') page = <Hypervisors />;
+  else if (p === '/hypervisors') page = <Hypervisors />;
+  else if (p === '/templates') page = <Templates />;
+  else if (p === '/nodes') page = <Nodes query={route.query} />;
+  else if (p === '/commands') page = <Commands query={route.query} />;
+  else if ((params = match('/commands/:id', p))) page = <CommandPage id={params.id} />;
+  else if (p === '/deploy') page = <Deploy />;
+  else
+    page = (
+      <div className="page">
+        <h1>Not found</h1>
+        <p>
+          No page at <code>{p}</code>. <a href="#/hypervisors">Go to hypervisors</a>.
+        </p>
+      </div>
+    );
+
+  const active = NAV.find((n) => p === n.path || p.startsWith(`${n.path}/`))?.path ?? (p === '/' ? '/hypervisors' : null);
+
+  return (
+    <div className="shell">
+      <a className="skip-link" href="#main" onClick={(e) => { e.preventDefault(); document.getElementById('main')?.focus(); }}>
+        Skip to content
+      </a>
+      <aside className="sidebar">
+        <div className="brand">
+          <span className="brand-mark" aria-hidden="true">T</span>
+          <span className="brand-name">Trellis</span>
+        </div>
+        <nav aria-label="Main">
+          <ul>
+            {NAV.map((n) => (
+              <li key={n.path}>
+                <a href={`#${n.path}`} className={active === n.path ? 'active' : ''} aria-current={active === n.path ? 'page' : undefined}>
+                  <span className="nav-icon" aria-hidden="true">
+                    {n.icon}
+                  </span>
+                  {n.label}
+                </a>
+              </li>
+            ))}
+          </ul>
+        </nav>
+        <div className="sidebar-foot">
+          <button type="button" className="btn btn-ghost btn-sm" onClick={signOut} data-testid="sign-out">
+            Sign out
+          </button>
+        </div>
+      </aside>
+      <main id="main" tabIndex={-1}>
+        {page}
+      </main>
+    </div>
+  );
+}

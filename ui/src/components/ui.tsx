@@ -1,0 +1,180 @@
+// Small shared presentational pieces.
+import { useEffect, useId, useRef, useState, type ReactNode } from 'react';
+import { formatTimestamp, relativeTime } from '../lib/time';
+import { useNow } from '../lib/hooks';
+
+const PILL_TONE: Record<string, string> = {
+  online: 'ok',
+  running: 'info',
+  succeeded: 'ok',
+  completed: 'ok',
+  offline: 'muted',
+  queued: 'muted',
+  dispatched: 'info',
+  pending: 'muted',
+  pending_provision: 'muted',
+  provisioning: 'info',
+  failed: 'bad',
+  timed_out: 'bad',
+  cancelled: 'warn',
+  stopped: 'warn',
+  skipped: 'muted',
+};
+
+const PILL_LABEL: Record<string, string> = {
+  pending_provision: 'unprovisioned',
+  timed_out: 'timed out',
+};
+
+/** A coloured status pill; the running-ish states get a pulsing dot. */
+export function StatusPill({ status, title }: { status: string; title?: string }) {
+  const tone = PILL_TONE[status] ?? 'muted';
+  const live = ['running', 'dispatched', 'provisioning', 'online'].includes(status);
+  return (
+    <span className={`pill pill-${tone}`} title={title} data-status={status}>
+      <span className={`dot${live ? ' dot-live' : ''}`} aria-hidden="true" />
+      {PILL_LABEL[status] ?? status}
+    </span>
+  );
+}
+
+export function RelTime({ ts, now }: { ts: string | null | undefined; now?: number }) {
+  const tick = useNow(1000);
+  return (
+    <time dateTime={ts ?? undefined} title={formatTimestamp(ts)}>
+      {relativeTime(ts, now ?? tick)}
+    </time>
+  );
+}
+
+export function ErrorBox({ title, children }: { title?: string; children: ReactNode }) {
+  return (
+    <div className="errorbox" role="alert">
+      {title && <strong>{title}</strong>}
+      <div>{children}</div>
+    </div>
+  );
+}
+
+export function Notice({ children, tone = 'info' }: { children: ReactNode; tone?: 'info' | 'warn' }) {
+  return <div className={`notice notice-${tone}`}>{children}</div>;
+}
+
+export function Spinner({ label = 'Loading' }: { label?: string }) {
+  return (
+    <span className="spinner-wrap" role="status">
+      <span className="spinner" aria-hidden="true" />
+      <span className="sr-only">{label}</span>
+    </span>
+  );
+}
+
+export function Empty({ children }: { children: ReactNode }) {
+  return <div className="empty">{children}</div>;
+}
+
+export function ProgressBar({ percent, tone }: { percent: number; tone?: 'ok' | 'bad' | 'info' }) {
+  const p = Math.max(0, Math.min(100, Math.round(percent)));
+  return (
+    <div className={`progress progress-${tone ?? 'info'}`} role="progressbar" aria-valuenow={p} aria-valuemin={0} aria-valuemax={100}>
+      <div className="progress-fill" style={{ width: `${p}%` }} />
+      <span className="progress-label">{p}%</span>
+    </div>
+  );
+}
+
+/** Copies `text` to the clipboard; falls back to selecting a hidden textarea. */
+export async function copyText(text: string): Promise<boolean> {
+  try {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return true;
+    }
+  } catch {
+    /* fall through */
+  }
+  const ta = document.createElement('textarea');
+  ta.value = text;
+  ta.setAttribute('readonly', '');
+  ta.style.position = 'fixed';
+  ta.style.opacity = '0';
+  document.body.appendChild(ta);
+  ta.select();
+  let ok: boolean;
+  try {
+    ok = document.execCommand('copy');
+  } catch {
+    ok = false;
+  }
+  ta.remove();
+  return ok;
+}
+
+export function CopyButton({ text, label = 'Copy', className }: { text: string; label?: string; className?: string }) {
+  const [state, setState] = useState<'idle' | 'ok' | 'fail'>('idle');
+  useEffect(() => {
+    if (state === 'idle') return;
+    const t = setTimeout(() => setState('idle'), 1800);
+    return () => clearTimeout(t);
+  }, [state]);
+  return (
+    <button
+      type="button"
+      className={`btn btn-sm ${className ?? ''}`}
+      onClick={async () => setState((await copyText(text)) ? 'ok' : 'fail')}
+      aria-live="polite"
+    >
+      {state === 'ok' ? 'Copied ✓' : state === 'fail' ? 'Select & copy manually' : label}
+    </button>
+  );
+}
+
+interface FieldProps {
+  label: string;
+  error?: string | null;
+  hint?: ReactNode;
+  children: (props: { id: string; 'aria-invalid': boolean; 'aria-describedby'?: string }) => ReactNode;
+  className?: string;
+}
+
+/** A labelled form field with an inline error message wired up for screen readers. */
+export function Field({ label, error, hint, children, className }: FieldProps) {
+  const id = useId();
+  const errId = `${id}-err`;
+  const hintId = `${id}-hint`;
+  const describedBy = [error ? errId : null, hint ? hintId : null].filter(Boolean).join(' ') || undefined;
+  return (
+    <div className={`field ${error ? 'field-invalid' : ''} ${className ?? ''}`}>
+      <label htmlFor={id}>{label}</label>
+      {children({ id, 'aria-invalid': !!error, 'aria-describedby': describedBy })}
+      {hint && !error && (
+        <div className="field-hint" id={hintId}>
+          {hint}
+        </div>
+      )}
+      {error && (
+        <div className="field-error" id={errId}>
+          {error}
+        </div>
+      )}
+    </div>
+  );
+}
+
+export function JsonView({ value }: { value: unknown }) {
+  return <pre className="json">{JSON.stringify(value, null, 2)}</pre>;
+}
+
+export function shortId(id: string | null | undefined): string {
+  if (!id) return '–';
+  return id.length > 8 ? id.slice(0, 8) : id;
+}
+
+/** Focuses the element once on mount. */
+export function useAutoFocus<T extends HTMLElement>() {
+  const ref = useRef<T>(null);
+  useEffect(() => {
+    ref.current?.focus();
+  }, []);
+  return ref;
+}

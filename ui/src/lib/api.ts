@@ -1,0 +1,179 @@
+// Thin client for the Trellis HTTP API. Every call carries the admin bearer token kept in
+// sessionStorage; a 401 anywhere signs the user out (see `onUnauthorized`).
+import type {
+  Agent,
+  Command,
+  CommandStatus,
+  LogChunk,
+  ProxmoxTemplate,
+  Template,
+  TemplateInput,
+  VmNode,
+} from './types';
+
+const TOKEN_KEY = 'trellis.adminToken';
+
+export function getToken(): string | null {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY);
+  } catch {
+    return null;
+  }
+}
+
+export function setToken(token: string | null): void {
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+type Listener = () => void;
+const unauthorizedListeners = new Set<Listener>();
+
+/** Called whenever the API answers 401 to a request made with the stored token. */
+export function onUnauthorized(fn: Listener): () => void {
+  unauthorizedListeners.add(fn);
+  return () => unauthorizedListeners.delete(fn);
+}
+
+export function notifyUnauthorized(): void {
+  unauthorizedListeners.forEach((fn) => fn());
+}
+
+export class ApiError extends Error {
+  readonly status: number;
+  readonly code: string;
+  constructor(status: number, code: string, message: string) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** Turns any thrown value into a short human message. */
+export function errorMessage(e: unknown): string {
+  if (e instanceof ApiError) return e.code ? `${e.message} (${e.code})` : e.message;
+  if (e instanceof Error) return e.message;
+  return String(e);
+}
+
+export interface RequestOptions {
+  method?: string;
+  body?: unknown;
+  signal?: AbortSignal;
+  /** Use this token instead of the stored one (sign-in check); a 401 then does not sign out. */
+  token?: string;
+}
+
+export async function request<T>(path: string, opts: RequestOptions = {}): Promise<T> {
+  const token = opts.token ?? getToken();
+  const headers: Record<string, string> = { Accept: 'application/json' };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (opts.body !== undefined) headers['Content-Type'] = 'application/json';
+  let res: Response;
+  try {
+    res = await fetch(path, {
+      method: opts.method ?? 'GET',
+      headers,
+      body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
+      signal: opts.signal,
+    });
+  } catch (e) {
+    if (e instanceof DOMException && e.name === 'AbortError') throw e;
+    throw new ApiError(0, 'network_error', 'Cannot reach the Trellis server');
+  }
+  if (res.status === 204) return undefined as T;
+  const text = await res.text();
+  let json: unknown = undefined;
+  if (text) {
+    try {
+      json = JSON.parse(text);
+    } catch {
+      json = undefined;
+    }
+  }
+  if (!res.ok) {
+    const err = (json as { error?: { code?: string; message?: string } } | undefined)?.error;
+    const apiErr = new ApiError(
+      res.status,
+      err?.code ?? `http_${res.status}`,
+      err?.message ?? (text.slice(0, 200) || `${res.status} ${res.statusText}`),
+    );
+    if (res.status === 401 && opts.token === undefined) notifyUnauthorized();
+    throw apiErr;
+  }
+  return json as T;
+}
+
+function qs(params: Record<string, string | number | undefined | null>): string {
+  const u = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== undefined && v !== null && v !== '') u.set(k, String(v));
+  }
+  const s = u.toString();
+  return s ? `?${s}` : '';
+}
+
+const enc = encodeURIComponent;
+
+export const api = {
+  checkToken: (token: string) => request<{ items: Agent[] }>('/api/agents', { token }),
+
+  listAgents: (signal?: AbortSignal) => request<{ items: Agent[] }>('/api/agents', { signal }),
+  getAgent: (id: string) => request<Agent>(`/api/agents/${enc(id)}`),
+  createAgent: (name: string, maxConcurrency?: number) =>
+    request<{ agent: Agent; token: string }>('/api/agents', {
+      method: 'POST',
+      body: maxConcurrency ? { name, maxConcurrency } : { name },
+    }),
+  rotateAgentToken: (id: string) =>
+    request<{ token: string }>(`/api/agents/${enc(id)}/rotate-token`, { method: 'POST' }),
+  deleteAgent: (id: string) => request<void>(`/api/agents/${enc(id)}`, { method: 'DELETE' }),
+  agentTemplates: (id: string, signal?: AbortSignal) =>
+    request<{ templates: ProxmoxTemplate[] }>(`/api/agents/${enc(id)}/templates`, { signal }),
+
+  listCommands: (
+    f: { agentId?: string; status?: CommandStatus | ''; type?: string; limit?: number; before?: string },
+    signal?: AbortSignal,
+  ) => request<{ items: Command[] }>(`/api/commands${qs({ ...f })}`, { signal }),
+  getCommand: (id: string, signal?: AbortSignal) => request<Command>(`/api/commands/${enc(id)}`, { signal }),
+  createCommand: (body: {
+    agentId: string;
+    type: string;
+    params: unknown;
+    idempotencyKey?: string;
+    timeoutSecs?: number;
+  }) => request<{ commandId: string; status: CommandStatus }>('/api/commands', { method: 'POST', body }),
+  commandLogs: (id: string, after: number, limit = 5000, signal?: AbortSignal) =>
+    request<{ items: LogChunk[]; lastSeq: number; done: boolean }>(
+      `/api/commands/${enc(id)}/logs${qs({ after, limit })}`,
+      { signal },
+    ),
+  cancelCommand: (id: string) => request<Command>(`/api/commands/${enc(id)}/cancel`, { method: 'POST' }),
+  retryCommand: (id: string) =>
+    request<{ commandId: string }>(`/api/commands/${enc(id)}/retry`, { method: 'POST' }),
+
+  listTemplates: (signal?: AbortSignal) => request<{ items: Template[] }>('/api/templates', { signal }),
+  createTemplate: (t: TemplateInput) => request<Template>('/api/templates', { method: 'POST', body: t }),
+  updateTemplate: (id: string, t: TemplateInput) =>
+    request<Template>(`/api/templates/${enc(id)}`, { method: 'PUT', body: t }),
+  deleteTemplate: (id: string) => request<void>(`/api/templates/${enc(id)}`, { method: 'DELETE' }),
+
+  listNodes: (signal?: AbortSignal) => request<{ items: VmNode[] }>('/api/nodes', { signal }),
+  getNode: (id: string, signal?: AbortSignal) => request<VmNode>(`/api/nodes/${enc(id)}`, { signal }),
+  createNode: (body: {
+    name: string;
+    templateId: string;
+    memory?: number;
+    cores?: number;
+    application?: string | null;
+    provision?: { agentId: string; targetNode?: string };
+  }) => request<{ node: VmNode; commandId?: string | null }>('/api/nodes', { method: 'POST', body }),
+  updateNode: (
+    id: string,
+    body: { name?: string; application?: string | null; memory?: number; cores?: number; templateId?: string },
+  ) => request<VmNode>(`/api/nodes/${enc(id)}`, { method: 'PUT', body }),
+  deleteNode: (id: string) => request<void>(`/api/nodes/${enc(id)}`, { method: 'DELETE' }),
+  provisionNode: (id: string, body: { agentId: string; targetNode?: string }) =>
+    request<{ node: VmNode; commandId: string }>(`/api/nodes/${enc(id)}/provision`, { method: 'POST', body }),
+};

@@ -1,0 +1,166 @@
+import { useCallback, useEffect, useRef, useState } from 'react';
+import { getToken, notifyUnauthorized } from './api';
+import { CommandStream, type StreamState } from './stream';
+import { LogBuffer } from './logbuffer';
+import { applyEvent, mergeSnapshot } from './stages';
+import type { Command } from './types';
+import { isTerminal } from './types';
+import { api, errorMessage } from './api';
+
+export interface Polled<T> {
+  data: T | undefined;
+  error: string | null;
+  loading: boolean;
+  reload: () => void;
+}
+
+/**
+ * Calls `fn` now and then every `intervalMs` (0 = once) while mounted; skips ticks while the
+ * tab is hidden. Keeps the last good data when a refresh fails.
+ */
+export function usePolling<T>(fn: (signal: AbortSignal) => Promise<T>, intervalMs: number, deps: unknown[]): Polled<T> {
+  const [data, setData] = useState<T | undefined>(undefined);
+  const [error, setError] = useState<string | null>(null);
+  const [loading, setLoading] = useState(true);
+  const [tick, setTick] = useState(0);
+  const fnRef = useRef(fn);
+  fnRef.current = fn;
+
+  useEffect(() => {
+    let alive = true;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    let ctrl: AbortController | undefined;
+    const run = async () => {
+      if (!alive) return;
+      if (typeof document !== 'undefined' && document.hidden && intervalMs > 0) {
+        timer = setTimeout(run, intervalMs);
+        return;
+      }
+      ctrl = new AbortController();
+      try {
+        const d = await fnRef.current(ctrl.signal);
+        if (!alive) return;
+        setData(d);
+        setError(null);
+      } catch (e) {
+        if (!alive || (e instanceof DOMException && e.name === 'AbortError')) return;
+        setError(errorMessage(e));
+      } finally {
+        if (alive) setLoading(false);
+      }
+      if (alive && intervalMs > 0) timer = setTimeout(run, intervalMs);
+    };
+    setLoading(true);
+    void run();
+    return () => {
+      alive = false;
+      ctrl?.abort();
+      if (timer) clearTimeout(timer);
+    };
+    // eslint-disable-next-line react-hooks/exhaustive-deps
+  }, [intervalMs, tick, ...deps]);
+
+  const reload = useCallback(() => setTick((t) => t + 1), []);
+  return { data, error, loading, reload };
+}
+
+/** The current time, updated every `ms` (for "12 s ago" labels). */
+export function useNow(ms = 1000): number {
+  const [now, setNow] = useState(() => Date.now());
+  useEffect(() => {
+    const t = setInterval(() => setNow(Date.now()), ms);
+    return () => clearInterval(t);
+  }, [ms]);
+  return now;
+}
+
+export interface LiveCommand {
+  command: Command | null;
+  error: string | null;
+  streamState: StreamState;
+  logs: LogBuffer;
+  /** Re-reads the command (e.g. after cancel). */
+  refresh: () => void;
+}
+
+/**
+ * Loads a command and follows it live: SSE with resume, polling fallback; log chunks go into
+ * a LogBuffer, stage/progress/finished events update the command snapshot.
+ */
+export function useLiveCommand(id: string | null, opts: { logs?: boolean } = {}): LiveCommand {
+  const [command, setCommand] = useState<Command | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [streamState, setStreamState] = useState<StreamState>('connecting');
+  const [logs, setLogs] = useState(() => new LogBuffer());
+  const [refreshTick, setRefreshTick] = useState(0);
+  const wantLogs = opts.logs !== false;
+
+  useEffect(() => {
+    if (!id) return;
+    let alive = true;
+    const buffer = new LogBuffer();
+    setLogs(buffer);
+    setCommand(null);
+    setError(null);
+    const ctrl = new AbortController();
+    const fetchFull = async () => {
+      try {
+        const c = await api.getCommand(id, ctrl.signal);
+        if (alive) setCommand((prev) => mergeSnapshot(prev, c));
+      } catch (e) {
+        if (alive && !(e instanceof DOMException && e.name === 'AbortError')) setError(errorMessage(e));
+      }
+    };
+    void fetchFull();
+    const stream = new CommandStream(
+      { commandId: id, token: getToken() },
+      {
+        onCommand: (c) => {
+          if (!alive) return;
+          setCommand((prev) => {
+            const next = mergeSnapshot(prev, c);
+            if (prev && !isTerminal(prev.status) && isTerminal(next.status)) void fetchFull();
+            return next;
+          });
+        },
+        onEvent: (kind, ev) => {
+          if (!alive) return;
+          if (kind === 'log') {
+            if (wantLogs && ev.data) buffer.append(ev.stream ?? 'stdout', ev.data, ev.seq);
+            return;
+          }
+          setCommand((prev) => (prev ? applyEvent(prev, kind, ev) : prev));
+          if (kind === 'finished') void fetchFull();
+        },
+        onEnd: () => {
+          if (alive) void fetchFull();
+        },
+        onState: (s, detail) => {
+          if (!alive) return;
+          setStreamState(s);
+          if (s === 'error' && detail) setError(detail);
+        },
+        onUnauthorized: () => notifyUnauthorized(),
+      },
+    );
+    void stream.run();
+    return () => {
+      alive = false;
+      ctrl.abort();
+      stream.stop();
+    };
+  }, [id, wantLogs]);
+
+  useEffect(() => {
+    if (!id || refreshTick === 0) return;
+    const ctrl = new AbortController();
+    api
+      .getCommand(id, ctrl.signal)
+      .then((c) => setCommand((prev) => mergeSnapshot(prev, c)))
+      .catch(() => undefined);
+    return () => ctrl.abort();
+  }, [id, refreshTick]);
+
+  const refresh = useCallback(() => setRefreshTick((t) => t + 1), []);
+  return { command, error, streamState, logs, refresh };
+}

@@ -1,0 +1,154 @@
+// Stage lists per command type, merging server stages with the expected ones, applying live
+// events to a command snapshot, and the percent shown in progress bars.
+import type { Command, CommandEventData, Stage, StageState } from './types';
+
+export const PROVISION_STAGES = [
+  'clone_template',
+  'configure_vm',
+  'start_vm',
+  'wait_network',
+  'post_provision',
+  'register',
+] as const;
+
+export const TERRAFORM_STAGES = ['fetch_template', 'init', 'apply', 'outputs'] as const;
+
+const LABELS: Record<string, string> = {
+  clone_template: 'Clone template',
+  configure_vm: 'Configure VM',
+  start_vm: 'Start VM',
+  wait_network: 'Wait for network',
+  post_provision: 'Post-provision commands',
+  register: 'Register node',
+  fetch_template: 'Fetch template',
+  init: 'terraform init',
+  apply: 'terraform apply',
+  outputs: 'Read outputs',
+};
+
+export function stageLabel(name: string): string {
+  return LABELS[name] ?? name.replace(/_/g, ' ').replace(/^./, (c) => c.toUpperCase());
+}
+
+export function expectedStages(type: string): readonly string[] {
+  if (type === 'provision') return PROVISION_STAGES;
+  if (type === 'terraform_apply') return TERRAFORM_STAGES;
+  return [];
+}
+
+function blank(name: string): Stage {
+  return { name, state: 'pending', startedAt: null, finishedAt: null, message: null };
+}
+
+/**
+ * The stages to display: the expected ones for the type in order (pending when the server
+ * has not reported them yet), then any extra stages the server reported.
+ */
+export function mergeStages(type: string, server: Stage[] | undefined | null): Stage[] {
+  const byName = new Map((server ?? []).map((s) => [s.name, s]));
+  const out: Stage[] = expectedStages(type).map((n) => byName.get(n) ?? blank(n));
+  for (const s of server ?? []) if (!out.some((o) => o.name === s.name)) out.push(s);
+  return out;
+}
+
+/** Applies one live event (stage / progress / finished) to a command snapshot. */
+export function applyEvent(cmd: Command, kind: string, ev: CommandEventData): Command {
+  const ts = ev.ts ?? new Date().toISOString();
+  switch (kind) {
+    case 'stage': {
+      if (!ev.stage) return cmd;
+      const state: StageState = ev.state ?? 'running';
+      const stages = mergeStages(cmd.type, cmd.stages).map((s) => {
+        if (s.name !== ev.stage) return s;
+        return {
+          ...s,
+          state,
+          startedAt: s.startedAt ?? (state === 'pending' ? null : ts),
+          finishedAt: state === 'running' || state === 'pending' ? null : ts,
+          message: ev.message ?? s.message,
+        };
+      });
+      if (!stages.some((s) => s.name === ev.stage)) {
+        stages.push({ ...blank(ev.stage), state, startedAt: ts, message: ev.message ?? null });
+      }
+      const running = state === 'running';
+      return {
+        ...cmd,
+        stages,
+        stage: running ? ev.stage : cmd.stage,
+        percent: ev.percent ?? cmd.percent,
+        status: running && !['succeeded', 'failed', 'cancelled', 'timed_out'].includes(cmd.status) ? 'running' : cmd.status,
+      };
+    }
+    case 'progress':
+      return {
+        ...cmd,
+        percent: ev.percent ?? cmd.percent,
+        stage: ev.stage ?? cmd.stage,
+      };
+    case 'finished': {
+      const status = ev.status ?? cmd.status;
+      let stages = cmd.stages;
+      if (ev.error?.stage && stages) {
+        stages = stages.map((s) => (s.name === ev.error?.stage && s.state === 'running' ? { ...s, state: 'failed', finishedAt: ts } : s));
+      }
+      return {
+        ...cmd,
+        status,
+        result: ev.result !== undefined ? ev.result : cmd.result,
+        error: ev.error !== undefined ? ev.error : cmd.error,
+        percent: status === 'succeeded' ? 100 : cmd.percent,
+        finishedAt: cmd.finishedAt ?? ts,
+        stages,
+      };
+    }
+    default:
+      return cmd;
+  }
+}
+
+/** Merges a snapshot (e.g. an SSE `status` event without stages) into what we have. */
+export function mergeSnapshot(prev: Command | null, next: Command): Command {
+  if (!prev || prev.id !== next.id) return next;
+  return { ...prev, ...next, stages: next.stages ?? prev.stages };
+}
+
+/**
+ * The percent to show (0–100): the command's own percent when reported, else the share of
+ * finished stages (a running stage counts half); 100 once succeeded.
+ */
+export function commandPercent(cmd: Pick<Command, 'status' | 'percent' | 'type' | 'stages'>): number {
+  if (cmd.status === 'succeeded') return 100;
+  if (typeof cmd.percent === 'number' && Number.isFinite(cmd.percent)) {
+    return Math.max(0, Math.min(100, cmd.percent));
+  }
+  const stages = mergeStages(cmd.type, cmd.stages);
+  if (stages.length === 0) return 0;
+  let done = 0;
+  for (const s of stages) {
+    if (s.state === 'completed' || s.state === 'skipped') done += 1;
+    else if (s.state === 'running') done += 0.5;
+  }
+  return Math.round((done / stages.length) * 100);
+}
+
+/** The stage that failed: the error's stage, else the first stage in state failed, else the running one. */
+export function failedStage(cmd: Pick<Command, 'error' | 'stages' | 'stage'>): string | null {
+  if (cmd.error?.stage) return cmd.error.stage;
+  const f = cmd.stages?.find((s) => s.state === 'failed');
+  if (f) return f.name;
+  return cmd.stage ?? null;
+}
+
+/** VM id and IP from a provision result (snake_case from the agent, camelCase tolerated). */
+export function provisionOutcome(result: unknown): { vmId: number | null; ip: string | null; node: string | null } {
+  const r = (result ?? {}) as Record<string, unknown>;
+  const vm = r.vm_id ?? r.vmId ?? r.vmid;
+  const ip = r.ip_address ?? r.ipAddress;
+  const node = r.node;
+  return {
+    vmId: typeof vm === 'number' ? vm : typeof vm === 'string' && vm ? Number(vm) : null,
+    ip: typeof ip === 'string' && ip ? ip : null,
+    node: typeof node === 'string' ? node : null,
+  };
+}

@@ -1,0 +1,179 @@
+import { useState } from 'react';
+import { api, errorMessage } from '../lib/api';
+import { useLiveCommand, useNow, usePolling } from '../lib/hooks';
+import { navigate } from '../lib/router';
+import { commandPercent, failedStage, stageLabel } from '../lib/stages';
+import { isTerminal } from '../lib/types';
+import { durationBetween, formatDuration, formatTimestamp } from '../lib/time';
+import { ConfirmDialog } from '../components/Modal';
+import { ErrorBox, JsonView, Notice, ProgressBar, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
+import { StageList } from '../components/StageList';
+import { LogViewer } from '../components/LogViewer';
+
+const STREAM_LABEL: Record<string, string> = {
+  connecting: 'connecting…',
+  live: 'live',
+  reconnecting: 'reconnecting…',
+  polling: 'polling',
+  ended: 'complete',
+  error: 'stream error',
+};
+
+export function CommandPage({ id }: { id: string }) {
+  const live = useLiveCommand(id);
+  const cmd = live.command;
+  const now = useNow(1000);
+  const agent = usePolling(() => (cmd ? api.getAgent(cmd.agentId) : Promise.resolve(null)), 0, [cmd?.agentId]);
+  const [confirmCancel, setConfirmCancel] = useState(false);
+  const [actionErr, setActionErr] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+
+  if (!cmd) {
+    return (
+      <div className="page">
+        <a href="#/commands" className="back">
+          ← Commands
+        </a>
+        {live.error ? <ErrorBox title="Cannot load command">{live.error}</ErrorBox> : <Spinner />}
+      </div>
+    );
+  }
+
+  const terminal = isTerminal(cmd.status);
+  const failed = ['failed', 'timed_out', 'cancelled'].includes(cmd.status);
+  const fstage = failed ? failedStage(cmd) : null;
+
+  const retry = async () => {
+    setBusy(true);
+    setActionErr(null);
+    try {
+      const r = await api.retryCommand(cmd.id);
+      navigate(`/commands/${r.commandId}`);
+    } catch (e) {
+      setActionErr(errorMessage(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  return (
+    <div className="page" data-testid="command-page" data-status={cmd.status}>
+      <a href="#/commands" className="back">
+        ← Commands
+      </a>
+      <header className="page-head">
+        <div>
+          <h1>
+            {cmd.type} <span className="mono muted h-id">{shortId(cmd.id)}</span> <StatusPill status={cmd.status} />
+          </h1>
+          <p className="muted small">
+            on <a href={`#/commands?agentId=${encodeURIComponent(cmd.agentId)}`}>{agent.data?.name ?? shortId(cmd.agentId)}</a> · attempt {cmd.attempt}
+            {cmd.retryOf && (
+              <>
+                {' '}
+                · retry of <a href={`#/commands/${cmd.retryOf}`}>{shortId(cmd.retryOf)}</a>
+              </>
+            )}
+            {cmd.createdBy && <> · by {cmd.createdBy}</>} · stream <span data-testid="stream-state">{STREAM_LABEL[live.streamState]}</span>
+          </p>
+        </div>
+        <div className="btn-row">
+          {!terminal && (
+            <button type="button" className="btn btn-danger-ghost" onClick={() => setConfirmCancel(true)} disabled={cmd.cancelRequested} data-testid="cancel-command">
+              {cmd.cancelRequested ? 'Cancelling…' : 'Cancel'}
+            </button>
+          )}
+          {terminal && cmd.status !== 'succeeded' && (
+            <button type="button" className="btn btn-primary" onClick={retry} disabled={busy} data-testid="retry-command">
+              {busy ? 'Retrying…' : 'Retry'}
+            </button>
+          )}
+        </div>
+      </header>
+      {actionErr && <ErrorBox>{actionErr}</ErrorBox>}
+      <div className="cmd-grid">
+        <section className="card">
+          <h2>Progress</h2>
+          <ProgressBar percent={commandPercent(cmd)} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
+          {cmd.stage && !terminal && <p className="small">Current stage: {stageLabel(cmd.stage)}</p>}
+          <StageList type={cmd.type} stages={cmd.stages} failed={fstage} />
+        </section>
+        <section className="card">
+          <h2>Details</h2>
+          <dl className="review compact">
+            <dt>Created</dt>
+            <dd title={formatTimestamp(cmd.createdAt)}>
+              <RelTime ts={cmd.createdAt} now={now} />
+            </dd>
+            <dt>Dispatched</dt>
+            <dd>{cmd.dispatchedAt ? <RelTime ts={cmd.dispatchedAt} now={now} /> : '–'}</dd>
+            <dt>Started</dt>
+            <dd>{cmd.startedAt ? <RelTime ts={cmd.startedAt} now={now} /> : '–'}</dd>
+            <dt>Finished</dt>
+            <dd>{cmd.finishedAt ? <RelTime ts={cmd.finishedAt} now={now} /> : '–'}</dd>
+            <dt>Duration</dt>
+            <dd>{cmd.startedAt ? formatDuration(durationBetween(cmd.startedAt, cmd.finishedAt, now)) : '–'}</dd>
+            <dt>Deadline</dt>
+            <dd>{cmd.deadlineAt ? formatTimestamp(cmd.deadlineAt) : '–'}</dd>
+            <dt>Id</dt>
+            <dd className="mono small">{cmd.id}</dd>
+            {cmd.idempotencyKey && (
+              <>
+                <dt>Idempotency key</dt>
+                <dd className="mono small">{cmd.idempotencyKey}</dd>
+              </>
+            )}
+          </dl>
+        </section>
+      </div>
+      {cmd.status === 'queued' && <Notice>Queued: waiting for the agent to be online and have a free slot.</Notice>}
+      {cmd.error && (
+        <div className="errorbox" role="alert" data-testid="command-error">
+          <strong>
+            {cmd.status === 'timed_out' ? 'Timed out' : cmd.status === 'cancelled' ? 'Cancelled' : 'Failed'}
+            {fstage ? ` at “${stageLabel(fstage)}”` : ''}
+          </strong>
+          <div>
+            <code className="err-code">{cmd.error.code}</code> {cmd.error.message}
+            {cmd.error.retryable && <span className="muted small"> (retryable)</span>}
+          </div>
+          {cmd.error.details != null && <JsonView value={cmd.error.details} />}
+        </div>
+      )}
+      {cmd.result != null && (
+        <section className="card">
+          <h2>Result</h2>
+          <JsonView value={cmd.result} />
+        </section>
+      )}
+      <section className="card card-flush">
+        <h2 className="card-pad">Log</h2>
+        <LogViewer buffer={live.logs} height={480} live={!terminal} />
+      </section>
+      <details className="card">
+        <summary>Parameters</summary>
+        <JsonView value={cmd.params} />
+      </details>
+      {confirmCancel && (
+        <ConfirmDialog
+          title="Cancel this command?"
+          confirmLabel="Cancel command"
+          danger
+          error={actionErr}
+          onCancel={() => setConfirmCancel(false)}
+          onConfirm={async () => {
+            try {
+              await api.cancelCommand(cmd.id);
+              setConfirmCancel(false);
+              live.refresh();
+            } catch (e) {
+              setActionErr(errorMessage(e));
+            }
+          }}
+        >
+          <p>The agent is asked to stop (terraform gets SIGINT, then is killed after a grace period).</p>
+        </ConfirmDialog>
+      )}
+    </div>
+  );
+}

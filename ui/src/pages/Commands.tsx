@@ -1,0 +1,136 @@
+import { useState } from 'react';
+import { api } from '../lib/api';
+import { usePolling, useNow } from '../lib/hooks';
+import { navigate, setQuery } from '../lib/router';
+import { COMMAND_STATUSES, COMMAND_TYPES, type Command, type CommandStatus } from '../lib/types';
+import { commandPercent, stageLabel } from '../lib/stages';
+import { durationBetween, formatDuration } from '../lib/time';
+import { Empty, ErrorBox, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
+
+const PAGE = 100;
+
+export function Commands({ query }: { query: URLSearchParams }) {
+  const status = (query.get('status') ?? '') as CommandStatus | '';
+  const type = query.get('type') ?? '';
+  const agentId = query.get('agentId') ?? '';
+  const [auto, setAuto] = useState(true);
+  const [limit, setLimit] = useState(PAGE);
+  const now = useNow(1000);
+  const list = usePolling((s) => api.listCommands({ status, type, agentId, limit }, s), auto ? 2500 : 0, [status, type, agentId, limit, auto]);
+  const agents = usePolling((s) => api.listAgents(s), 15000, []);
+  const agentName = (id: string) => agents.data?.items.find((a) => a.id === id)?.name ?? shortId(id);
+  const items: Command[] = list.data?.items ?? [];
+  const update = (p: Record<string, string>) => setQuery('/commands', { status, type, agentId, ...p });
+
+  return (
+    <div className="page">
+      <header className="page-head">
+        <div>
+          <h1>Commands</h1>
+          <p className="muted">Everything the agents were asked to do, newest first.</p>
+        </div>
+        <label className="toggle">
+          <input type="checkbox" checked={auto} onChange={(e) => setAuto(e.target.checked)} /> Auto-refresh
+        </label>
+      </header>
+      <div className="toolbar toolbar-wrap">
+        <div className="chips" role="group" aria-label="Filter by status">
+          <button type="button" className={`chip ${status === '' ? 'chip-on' : ''}`} aria-pressed={status === ''} onClick={() => update({ status: '' })}>
+            All
+          </button>
+          {COMMAND_STATUSES.map((s) => (
+            <button
+              key={s}
+              type="button"
+              className={`chip chip-${s} ${status === s ? 'chip-on' : ''}`}
+              aria-pressed={status === s}
+              onClick={() => update({ status: status === s ? '' : s })}
+            >
+              {s.replace('_', ' ')}
+            </button>
+          ))}
+        </div>
+        <label className="inline-field">
+          Type{' '}
+          <select value={type} onChange={(e) => update({ type: e.target.value })} data-testid="type-filter">
+            <option value="">all</option>
+            {COMMAND_TYPES.map((t) => (
+              <option key={t} value={t}>
+                {t}
+              </option>
+            ))}
+          </select>
+        </label>
+        <label className="inline-field">
+          Agent{' '}
+          <select value={agentId} onChange={(e) => update({ agentId: e.target.value })}>
+            <option value="">all</option>
+            {(agents.data?.items ?? []).map((a) => (
+              <option key={a.id} value={a.id}>
+                {a.name}
+              </option>
+            ))}
+          </select>
+        </label>
+      </div>
+      {list.error && <ErrorBox title="Could not load commands">{list.error}</ErrorBox>}
+      {list.loading && !list.data ? (
+        <Spinner />
+      ) : items.length === 0 ? (
+        <Empty>No commands match these filters.</Empty>
+      ) : (
+        <div className="table-wrap">
+          <table className="table table-click" data-testid="commands-table">
+            <thead>
+              <tr>
+                <th>Command</th>
+                <th>Type</th>
+                <th>Status</th>
+                <th className="hide-sm">Agent</th>
+                <th className="hide-md">Stage</th>
+                <th className="hide-sm">Progress</th>
+                <th className="hide-md">Attempt</th>
+                <th>Created</th>
+                <th className="hide-sm">Duration</th>
+              </tr>
+            </thead>
+            <tbody>
+              {items.map((c) => (
+                <tr key={c.id} onClick={() => navigate(`/commands/${c.id}`)} data-command-id={c.id} data-status={c.status}>
+                  <td>
+                    <a href={`#/commands/${c.id}`} className="mono" onClick={(e) => e.stopPropagation()}>
+                      {shortId(c.id)}
+                    </a>
+                  </td>
+                  <td>{c.type}</td>
+                  <td>
+                    <StatusPill status={c.status} title={c.error ? `${c.error.code}: ${c.error.message}` : undefined} />
+                  </td>
+                  <td className="hide-sm">{agentName(c.agentId)}</td>
+                  <td className="hide-md">{c.stage ? stageLabel(c.stage) : '–'}</td>
+                  <td className="hide-sm">
+                    <span className="mini-bar" aria-label={`${commandPercent(c)}%`}>
+                      <span style={{ width: `${commandPercent(c)}%` }} className={`mini-fill mini-${c.status}`} />
+                    </span>
+                  </td>
+                  <td className="hide-md">{c.attempt}</td>
+                  <td className="nowrap">
+                    <RelTime ts={c.createdAt} now={now} />
+                  </td>
+                  <td className="hide-sm nowrap">{c.startedAt ? formatDuration(durationBetween(c.startedAt, c.finishedAt, now)) : '–'}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {items.length >= limit && (
+        <div className="center">
+          <button type="button" className="btn" onClick={() => setLimit(limit + PAGE)}>
+            Show more
+          </button>
+        </div>
+      )}
+    </div>
+  );
+}

@@ -1,0 +1,189 @@
+import { useState, type FormEvent } from 'react';
+import { api, errorMessage } from '../lib/api';
+import { usePolling } from '../lib/hooks';
+import { navigate } from '../lib/router';
+import { parseNameList, parseTerraformVars, validateGitRef, validateRepoPath, validateRequired } from '../lib/validation';
+import { ErrorBox, Field, Notice, Spinner } from '../components/ui';
+
+const LAST_KEY = 'trellis.deploy.last';
+
+interface DeployForm {
+  agentId: string;
+  repo: string;
+  version: string;
+  path: string;
+  vars: string;
+  sensitive: string;
+  reason: string;
+  timeout: string;
+}
+
+/** Builds the terraform_apply config snapshot from the form (vars must already be valid). */
+export function buildSnapshot(f: DeployForm, vars: Record<string, unknown>) {
+  return {
+    template_source: {
+      repo: f.repo.trim(),
+      version: f.version.trim(),
+      ...(f.path.trim() ? { path: f.path.trim().replace(/^\.\//, '') } : {}),
+    },
+    terraform_vars: vars,
+    sensitive_vars: parseNameList(f.sensitive),
+    meta: { triggered_by: 'trellis-ui', reason: f.reason.trim() || null },
+  };
+}
+
+export function validateDeploy(f: DeployForm): Partial<Record<keyof DeployForm, string | null>> {
+  const vars = parseTerraformVars(f.vars);
+  const timeout = f.timeout.trim();
+  return {
+    agentId: f.agentId ? null : 'Choose an agent.',
+    repo: validateRequired(f.repo, 'Repository'),
+    version: validateGitRef(f.version),
+    path: validateRepoPath(f.path),
+    vars: vars.ok ? null : vars.error,
+    timeout: timeout === '' || (/^\d+$/.test(timeout) && Number(timeout) >= 10 && Number(timeout) <= 86400) ? null : 'Timeout is 10 – 86400 seconds.',
+  };
+}
+
+function loadLast(): Partial<DeployForm> {
+  try {
+    return JSON.parse(localStorage.getItem(LAST_KEY) ?? '{}') as Partial<DeployForm>;
+  } catch {
+    return {};
+  }
+}
+
+function newKey(): string {
+  return typeof crypto !== 'undefined' && 'randomUUID' in crypto ? crypto.randomUUID() : `ui-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+}
+
+export function Deploy() {
+  const agents = usePolling((s) => api.listAgents(s), 5000, []);
+  const [f, setF] = useState<DeployForm>(() => {
+    const last = loadLast();
+    return {
+      agentId: last.agentId ?? '',
+      repo: last.repo ?? '',
+      version: last.version ?? 'main',
+      path: last.path ?? '',
+      vars: '{\n  \n}',
+      sensitive: '',
+      reason: '',
+      timeout: '',
+    };
+  });
+  const [touched, setTouched] = useState(false);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
+  // One idempotency key per form submission attempt sequence, so a double click does not run twice.
+  const [idemKey, setIdemKey] = useState(newKey);
+
+  const capable = (agents.data?.items ?? []).filter((a) => a.capabilities.includes('terraform_apply'));
+  const selected = capable.find((a) => a.id === f.agentId);
+  const agentId = f.agentId || (capable.length === 1 ? capable[0].id : '');
+  const form = { ...f, agentId };
+  const errs = validateDeploy(form);
+  const varsErr = f.vars.trim() ? errs.vars : null; // shown live, the rest after submit
+  const show = (k: keyof DeployForm) => (k === 'vars' ? varsErr : touched ? errs[k] : null);
+  const set = (k: keyof DeployForm) => (e: { target: { value: string } }) => {
+    setF({ ...f, [k]: e.target.value });
+    setIdemKey(newKey());
+  };
+
+  const submit = async (e: FormEvent) => {
+    e.preventDefault();
+    setTouched(true);
+    if (Object.values(errs).some(Boolean)) return;
+    const vars = parseTerraformVars(form.vars);
+    if (!vars.ok) return;
+    setBusy(true);
+    setError(null);
+    try {
+      const r = await api.createCommand({
+        agentId,
+        type: 'terraform_apply',
+        params: buildSnapshot(form, vars.value),
+        idempotencyKey: idemKey,
+        ...(form.timeout.trim() ? { timeoutSecs: Number(form.timeout) } : {}),
+      });
+      try {
+        localStorage.setItem(LAST_KEY, JSON.stringify({ agentId, repo: form.repo, version: form.version, path: form.path }));
+      } catch {
+        /* storage full or disabled */
+      }
+      navigate(`/commands/${r.commandId}`);
+    } catch (err) {
+      setError(errorMessage(err));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  return (
+    <div className="page page-narrow">
+      <header className="page-head">
+        <div>
+          <h1>Deploy</h1>
+          <p className="muted">Apply a Terraform configuration on an agent. The config snapshot is stored with the command.</p>
+        </div>
+      </header>
+      {agents.error && <ErrorBox>{agents.error}</ErrorBox>}
+      {agents.loading && !agents.data ? (
+        <Spinner />
+      ) : (
+        <form className="card form" onSubmit={submit} noValidate data-testid="deploy-form">
+          {capable.length === 0 && <Notice tone="warn">No agent has the terraform_apply capability.</Notice>}
+          <Field label="Agent" error={show('agentId')}>
+            {(p) => (
+              <select {...p} value={agentId} onChange={set('agentId')} data-testid="deploy-agent">
+                <option value="">Choose…</option>
+                {capable.map((a) => (
+                  <option key={a.id} value={a.id}>
+                    {a.name} — {a.status}
+                  </option>
+                ))}
+              </select>
+            )}
+          </Field>
+          {(selected ?? capable.find((a) => a.id === agentId))?.status === 'offline' && (
+            <Notice tone="warn">This agent is offline: the command will wait in the queue until it connects.</Notice>
+          )}
+          <fieldset className="fieldset">
+            <legend>Template source</legend>
+            <Field label="Repository" error={show('repo')} hint="Git URL, file:// URL or a path on the agent">
+              {(p) => <input {...p} value={f.repo} onChange={set('repo')} placeholder="https://git.example.com/infra/app.git" className="mono" data-testid="deploy-repo" />}
+            </Field>
+            <div className="grid2">
+              <Field label="Version" error={show('version')} hint="Tag, branch or commit">
+                {(p) => <input {...p} value={f.version} onChange={set('version')} className="mono" data-testid="deploy-version" />}
+              </Field>
+              <Field label="Path (optional)" error={show('path')} hint="Sub-directory inside the repository">
+                {(p) => <input {...p} value={f.path} onChange={set('path')} className="mono" data-testid="deploy-path" />}
+              </Field>
+            </div>
+          </fieldset>
+          <Field label="Variables (JSON object)" error={show('vars')} hint="Written to terraform.tfvars.json">
+            {(p) => <textarea {...p} rows={8} value={f.vars} onChange={set('vars')} className="mono" spellCheck={false} data-testid="deploy-vars" />}
+          </Field>
+          <Field label="Sensitive variable names" hint="Comma-separated; their values are redacted from logs and results (names containing password, secret, token are always redacted)">
+            {(p) => <input {...p} value={f.sensitive} onChange={set('sensitive')} className="mono" placeholder="db_password, api_key" data-testid="deploy-sensitive" />}
+          </Field>
+          <div className="grid2">
+            <Field label="Reason" hint="Stored in the snapshot's meta">
+              {(p) => <input {...p} value={f.reason} onChange={set('reason')} placeholder="e.g. release 1.4.2" data-testid="deploy-reason" />}
+            </Field>
+            <Field label="Timeout (seconds, optional)" error={show('timeout')}>
+              {(p) => <input {...p} inputMode="numeric" value={f.timeout} onChange={set('timeout')} placeholder="server default" />}
+            </Field>
+          </div>
+          {error && <ErrorBox title="The server refused the deploy">{error}</ErrorBox>}
+          <div className="btn-row">
+            <button type="submit" className="btn btn-primary" disabled={busy} data-testid="deploy-submit">
+              {busy ? 'Submitting…' : 'Deploy'}
+            </button>
+          </div>
+        </form>
+      )}
+    </div>
+  );
+}

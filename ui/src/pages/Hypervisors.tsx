@@ -1,0 +1,316 @@
+import { Fragment, useState, type FormEvent } from 'react';
+import { api, errorMessage } from '../lib/api';
+import { usePolling } from '../lib/hooks';
+import type { Agent } from '../lib/types';
+import { ConfirmDialog, Modal } from '../components/Modal';
+import { CopyButton, Empty, ErrorBox, Field, JsonView, Notice, RelTime, Spinner, StatusPill } from '../components/ui';
+
+/** The agent connect URL for this control plane, as seen from the browser. */
+export function agentConnectUrl(loc: { protocol: string; host: string } = window.location): string {
+  const scheme = loc.protocol === 'https:' ? 'wss' : 'ws';
+  return `${scheme}://${loc.host}/api/agents/connect`;
+}
+
+function shellQuote(v: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(v) ? v : `'${v.replace(/'/g, `'\\''`)}'`;
+}
+
+export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: string; tokenId?: string }): string {
+  const pve = opts.pveUrl?.trim() || 'https://<pve>:8006';
+  const id = opts.tokenId?.trim() || '…';
+  return [
+    `TENDRIL_SERVER_URL=${shellQuote(opts.serverUrl)}`,
+    `TENDRIL_TOKEN=${shellQuote(opts.token)}`,
+    `PROXMOX_URL=${pve.includes('<') ? pve : shellQuote(pve)}`,
+    `PROXMOX_TOKEN_ID=${id === '…' ? id : shellQuote(id)}`,
+    `PROXMOX_TOKEN_SECRET=…`,
+    'tendril',
+  ].join(' ');
+}
+
+/** Proxmox node names from an agent's facts (several shapes tolerated). */
+export function proxmoxNodes(facts: Record<string, unknown> | null | undefined): string[] {
+  if (!facts) return [];
+  const raw = facts.proxmoxNodes ?? facts.proxmox_nodes ?? facts.nodes ?? (facts.proxmox as Record<string, unknown> | undefined)?.nodes;
+  if (!Array.isArray(raw)) return [];
+  return raw
+    .map((n) => (typeof n === 'string' ? n : typeof n === 'object' && n ? String((n as Record<string, unknown>).node ?? (n as Record<string, unknown>).name ?? '') : ''))
+    .filter(Boolean);
+}
+
+function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
+  const [pveUrl, setPveUrl] = useState('');
+  const [tokenId, setTokenId] = useState('');
+  const cmd = agentCommand({ serverUrl: agentConnectUrl(), token, pveUrl, tokenId });
+  return (
+    <div className="token-reveal" data-testid="token-reveal">
+      <Notice tone="warn">
+        This token for <strong>{agent.name}</strong> is shown <strong>once</strong>. Copy it now; Trellis stores only its hash.
+      </Notice>
+      <div className="kv">
+        <span className="kv-k">Agent id</span>
+        <code>{agent.id}</code>
+        <span className="kv-k">Token</span>
+        <span className="token-line">
+          <code data-testid="agent-token">{token}</code>
+          <CopyButton text={token} label="Copy token" />
+        </span>
+      </div>
+      <h3>Run the agent on the Proxmox host</h3>
+      <div className="grid2">
+        <Field label="Proxmox API URL (optional)" hint="Fills the command below">
+          {(p) => <input {...p} placeholder="https://pve1.example.com:8006" value={pveUrl} onChange={(e) => setPveUrl(e.target.value)} />}
+        </Field>
+        <Field label="Proxmox API token id (optional)" hint="user@realm!tokenid">
+          {(p) => <input {...p} placeholder="root@pam!trellis" value={tokenId} onChange={(e) => setTokenId(e.target.value)} />}
+        </Field>
+      </div>
+      <div className="codeblock">
+        <pre data-testid="agent-command">{cmd}</pre>
+        <CopyButton text={cmd} label="Copy command" />
+      </div>
+      <p className="muted small">
+        Replace <code>…</code> with the Proxmox API token id and secret. For a self-signed Proxmox certificate add{' '}
+        <code>PROXMOX_TLS_FINGERPRINT=…</code> or <code>PROXMOX_CA_FILE=…</code>.
+      </p>
+    </div>
+  );
+}
+
+function RegisterDialog({ onClose, onCreated }: { onClose: () => void; onCreated: () => void }) {
+  const [name, setName] = useState('');
+  const [maxConc, setMaxConc] = useState('');
+  const [error, setError] = useState<string | null>(null);
+  const [busy, setBusy] = useState(false);
+  const [created, setCreated] = useState<{ agent: Agent; token: string } | null>(null);
+  const nameErr = name.trim() === '' ? 'Name is required.' : name.length > 100 ? 'Name is too long.' : null;
+  const concErr = maxConc.trim() === '' ? null : /^\d+$/.test(maxConc.trim()) && Number(maxConc) >= 1 && Number(maxConc) <= 1000 ? null : 'A number from 1 to 1000.';
+  const [touched, setTouched] = useState(false);
+
+  const submit = async (e: FormEvent) => {
+    e.preventDefault();
+    setTouched(true);
+    if (nameErr || concErr) return;
+    setBusy(true);
+    setError(null);
+    try {
+      const r = await api.createAgent(name.trim(), maxConc.trim() ? Number(maxConc) : undefined);
+      setCreated(r);
+      onCreated();
+    } catch (err) {
+      setError(errorMessage(err));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  return (
+    <Modal
+      title={created ? `Hypervisor “${created.agent.name}” registered` : 'Register hypervisor'}
+      onClose={onClose}
+      wide={!!created}
+      testId="register-dialog"
+      footer={
+        created ? (
+          <button type="button" className="btn btn-primary" onClick={onClose}>
+            Done
+          </button>
+        ) : (
+          <>
+            <button type="button" className="btn" onClick={onClose}>
+              Cancel
+            </button>
+            <button type="submit" form="register-form" className="btn btn-primary" disabled={busy} data-testid="register-submit">
+              {busy ? 'Registering…' : 'Register'}
+            </button>
+          </>
+        )
+      }
+    >
+      {created ? (
+        <TokenReveal agent={created.agent} token={created.token} />
+      ) : (
+        <form id="register-form" onSubmit={submit} noValidate>
+          <Field label="Name" error={touched ? nameErr : null} hint="Shown in the UI, e.g. pve-lab-1">
+            {(p) => <input {...p} value={name} onChange={(e) => setName(e.target.value)} data-autofocus data-testid="register-name" />}
+          </Field>
+          <Field label="Max concurrent commands (optional)" error={concErr}>
+            {(p) => <input {...p} inputMode="numeric" value={maxConc} onChange={(e) => setMaxConc(e.target.value)} placeholder="default" />}
+          </Field>
+          {error && <ErrorBox title="Could not register">{error}</ErrorBox>}
+        </form>
+      )}
+    </Modal>
+  );
+}
+
+export function Hypervisors() {
+  const agents = usePolling((s) => api.listAgents(s), 2500, []);
+  const [registering, setRegistering] = useState(false);
+  const [confirm, setConfirm] = useState<{ kind: 'rotate' | 'revoke'; agent: Agent } | null>(null);
+  const [busy, setBusy] = useState(false);
+  const [actionErr, setActionErr] = useState<string | null>(null);
+  const [revealed, setRevealed] = useState<{ agent: Agent; token: string } | null>(null);
+  const [expanded, setExpanded] = useState<string | null>(null);
+
+  const items = agents.data?.items ?? [];
+  const online = items.filter((a) => a.status === 'online').length;
+
+  const doConfirm = async () => {
+    if (!confirm) return;
+    setBusy(true);
+    setActionErr(null);
+    try {
+      if (confirm.kind === 'rotate') {
+        const r = await api.rotateAgentToken(confirm.agent.id);
+        setRevealed({ agent: confirm.agent, token: r.token });
+      } else {
+        await api.deleteAgent(confirm.agent.id);
+      }
+      setConfirm(null);
+      agents.reload();
+    } catch (e) {
+      setActionErr(errorMessage(e));
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  return (
+    <div className="page">
+      <header className="page-head">
+        <div>
+          <h1>Hypervisors</h1>
+          <p className="muted">
+            Tendril agents connected to this control plane.{' '}
+            {agents.data && (
+              <span data-testid="agents-summary">
+                {online} of {items.length} online
+              </span>
+            )}
+          </p>
+        </div>
+        <button type="button" className="btn btn-primary" onClick={() => setRegistering(true)} data-testid="register-hypervisor">
+          Register hypervisor
+        </button>
+      </header>
+      {agents.error && <ErrorBox title="Could not load hypervisors">{agents.error} — retrying every few seconds.</ErrorBox>}
+      {agents.loading && !agents.data ? (
+        <Spinner />
+      ) : items.length === 0 ? (
+        <Empty>
+          No hypervisors yet. <button type="button" className="linkbtn" onClick={() => setRegistering(true)}>Register one</button> and run
+          the agent on the Proxmox host.
+        </Empty>
+      ) : (
+        <div className="table-wrap">
+          <table className="table" data-testid="agents-table">
+            <thead>
+              <tr>
+                <th>Name</th>
+                <th>Status</th>
+                <th>Last heartbeat</th>
+                <th className="hide-sm">Host</th>
+                <th className="hide-sm">Version</th>
+                <th className="hide-md">Capabilities</th>
+                <th className="hide-md">Proxmox nodes</th>
+                <th className="actions-col">Actions</th>
+              </tr>
+            </thead>
+            <tbody>
+              {items.map((a) => (
+                <Fragment key={a.id}>
+                  <tr data-agent-id={a.id} data-agent-name={a.name}>
+                    <td>
+                      <button type="button" className="linkbtn strong" aria-expanded={expanded === a.id} onClick={() => setExpanded(expanded === a.id ? null : a.id)}>
+                        {a.name}
+                      </button>
+                    </td>
+                    <td>
+                      <StatusPill status={a.status} />
+                    </td>
+                    <td className="nowrap">
+                      <RelTime ts={a.lastHeartbeat} />
+                    </td>
+                    <td className="hide-sm">{a.hostname ?? '–'}</td>
+                    <td className="hide-sm">{a.version ?? '–'}</td>
+                    <td className="hide-md">
+                      <span className="tags">
+                        {a.capabilities.map((c) => (
+                          <span key={c} className="tag">
+                            {c}
+                          </span>
+                        ))}
+                      </span>
+                    </td>
+                    <td className="hide-md">{proxmoxNodes(a.facts).join(', ') || '–'}</td>
+                    <td className="actions-col">
+                      <div className="row-actions">
+                        <a className="btn btn-sm" href={`#/commands?agentId=${encodeURIComponent(a.id)}`}>
+                          Commands
+                        </a>
+                        <button type="button" className="btn btn-sm" onClick={() => { setActionErr(null); setConfirm({ kind: 'rotate', agent: a }); }}>
+                          Rotate token
+                        </button>
+                        <button type="button" className="btn btn-sm btn-danger-ghost" onClick={() => { setActionErr(null); setConfirm({ kind: 'revoke', agent: a }); }}>
+                          Revoke
+                        </button>
+                      </div>
+                    </td>
+                  </tr>
+                  {expanded === a.id && (
+                    <tr className="detail-row">
+                      <td colSpan={8}>
+                        <div className="kv">
+                          <span className="kv-k">Id</span>
+                          <code>{a.id}</code>
+                          <span className="kv-k">Connected</span>
+                          <RelTime ts={a.connectedAt} />
+                          <span className="kv-k">Registered</span>
+                          <RelTime ts={a.createdAt} />
+                          <span className="kv-k">Max concurrency</span>
+                          <span>{a.maxConcurrency ?? '–'}</span>
+                          <span className="kv-k">Capabilities</span>
+                          <span>{a.capabilities.join(', ') || '–'}</span>
+                        </div>
+                        <h4>Facts</h4>
+                        <JsonView value={a.facts ?? {}} />
+                      </td>
+                    </tr>
+                  )}
+                </Fragment>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {registering && <RegisterDialog onClose={() => setRegistering(false)} onCreated={agents.reload} />}
+      {confirm && (
+        <ConfirmDialog
+          title={confirm.kind === 'rotate' ? `Rotate token of ${confirm.agent.name}?` : `Revoke ${confirm.agent.name}?`}
+          confirmLabel={confirm.kind === 'rotate' ? 'Rotate token' : 'Revoke hypervisor'}
+          danger
+          busy={busy}
+          error={actionErr}
+          onConfirm={doConfirm}
+          onCancel={() => setConfirm(null)}
+        >
+          {confirm.kind === 'rotate' ? (
+            <p>
+              The current token stops working at once; restart the agent on that host with the new token (shown next).
+            </p>
+          ) : (
+            <p>
+              The agent is disconnected and its token revoked. Commands queued for it will not run. This cannot be undone.
+            </p>
+          )}
+        </ConfirmDialog>
+      )}
+      {revealed && (
+        <Modal title={`New token for ${revealed.agent.name}`} onClose={() => setRevealed(null)} wide footer={<button type="button" className="btn btn-primary" onClick={() => setRevealed(null)}>Done</button>}>
+          <TokenReveal agent={revealed.agent} token={revealed.token} />
+        </Modal>
+      )}
+    </div>
+  );
+}

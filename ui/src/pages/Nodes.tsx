@@ -1,0 +1,329 @@
+import { useMemo, useState, type FormEvent } from 'react';
+import { api, errorMessage } from '../lib/api';
+import { usePolling } from '../lib/hooks';
+import { navigate, setQuery } from '../lib/router';
+import type { VmNode } from '../lib/types';
+import { formatMemory } from '../lib/time';
+import { validateCores, validateMemory, validateVmName } from '../lib/validation';
+import { ConfirmDialog, Modal } from '../components/Modal';
+import { CopyButton, Empty, ErrorBox, Field, Spinner, StatusPill } from '../components/ui';
+import { ProvisionModal } from './ProvisionModal';
+
+function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: () => void; onSaved: () => void }) {
+  const templates = usePolling((s) => api.listTemplates(s), 0, []);
+  const provisioned = node?.vmId != null;
+  const [f, setF] = useState({
+    name: node?.name ?? '',
+    application: node?.application ?? '',
+    templateId: node?.templateId ?? '',
+    memory: node ? String(node.memory) : '',
+    cores: node ? String(node.cores) : '',
+  });
+  const [touched, setTouched] = useState(false);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
+  const tpl = templates.data?.items.find((t) => t.id === f.templateId);
+  const errs = {
+    name: provisioned ? null : validateVmName(f.name),
+    templateId: f.templateId ? null : 'Choose a template.',
+    memory: f.memory === '' && !node ? null : validateMemory(f.memory),
+    cores: f.cores === '' && !node ? null : validateCores(f.cores),
+  };
+  const set = (k: keyof typeof f) => (e: { target: { value: string } }) => setF({ ...f, [k]: e.target.value });
+  const submit = async (e: FormEvent) => {
+    e.preventDefault();
+    setTouched(true);
+    if (Object.values(errs).some(Boolean)) return;
+    setBusy(true);
+    setError(null);
+    try {
+      const memory = f.memory ? Number(f.memory) : tpl?.memory;
+      const cores = f.cores ? Number(f.cores) : tpl?.cores;
+      if (node) {
+        await api.updateNode(node.id, provisioned ? { application: f.application.trim() || null } : {
+          name: f.name.trim(),
+          application: f.application.trim() || null,
+          templateId: f.templateId,
+          memory,
+          cores,
+        });
+      } else {
+        await api.createNode({ name: f.name.trim(), application: f.application.trim() || null, templateId: f.templateId, memory, cores });
+      }
+      onSaved();
+      onClose();
+    } catch (err) {
+      setError(errorMessage(err));
+    } finally {
+      setBusy(false);
+    }
+  };
+  const show = (k: keyof typeof errs) => (touched ? errs[k] : null);
+  return (
+    <Modal
+      title={node ? `Edit ${node.name}` : 'New node'}
+      onClose={onClose}
+      testId="node-dialog"
+      footer={
+        <>
+          <button type="button" className="btn" onClick={onClose}>
+            Cancel
+          </button>
+          <button type="submit" form="node-form" className="btn btn-primary" disabled={busy} data-testid="node-save">
+            {busy ? 'Saving…' : node ? 'Save' : 'Create node'}
+          </button>
+        </>
+      }
+    >
+      <form id="node-form" onSubmit={submit} noValidate>
+        {provisioned && <p className="muted small">This node is provisioned; only its application can change here.</p>}
+        <Field label="Name" error={show('name')} hint="A DNS name: letters, digits, hyphens">
+          {(p) => <input {...p} value={f.name} onChange={set('name')} disabled={provisioned} data-autofocus data-testid="node-name" />}
+        </Field>
+        <Field label="Application (optional)">
+          {(p) => <input {...p} value={f.application} onChange={set('application')} data-testid="node-application" />}
+        </Field>
+        <Field label="Template" error={show('templateId')}>
+          {(p) => (
+            <select {...p} value={f.templateId} onChange={set('templateId')} disabled={provisioned} data-testid="node-template">
+              <option value="">Choose…</option>
+              {(templates.data?.items ?? []).map((t) => (
+                <option key={t.id} value={t.id}>
+                  {t.name}
+                  {t.proxmoxTemplateId == null ? ' (not mapped)' : ''}
+                </option>
+              ))}
+            </select>
+          )}
+        </Field>
+        <div className="grid2">
+          <Field label="Memory (MiB)" error={show('memory')} hint={tpl && !node ? `Template default ${tpl.memory}` : '16 – 4194304'}>
+            {(p) => <input {...p} inputMode="numeric" value={f.memory} onChange={set('memory')} disabled={provisioned} placeholder={tpl ? String(tpl.memory) : ''} />}
+          </Field>
+          <Field label="Cores" error={show('cores')} hint={tpl && !node ? `Template default ${tpl.cores}` : '1 – 512'}>
+            {(p) => <input {...p} inputMode="numeric" value={f.cores} onChange={set('cores')} disabled={provisioned} placeholder={tpl ? String(tpl.cores) : ''} />}
+          </Field>
+        </div>
+        {error && <ErrorBox title="Could not save">{error}</ErrorBox>}
+      </form>
+    </Modal>
+  );
+}
+
+export function Nodes({ query }: { query: URLSearchParams }) {
+  const nodes = usePolling((s) => api.listNodes(s), 3000, []);
+  const agents = usePolling((s) => api.listAgents(s), 10000, []);
+  const templates = usePolling((s) => api.listTemplates(s), 30000, []);
+  const [editing, setEditing] = useState<VmNode | null | 'new'>(null);
+  const [deleting, setDeleting] = useState<VmNode | null>(null);
+  const [delBusy, setDelBusy] = useState(false);
+  const [delErr, setDelErr] = useState<string | null>(null);
+  const [filter, setFilter] = useState('');
+
+  // The open provision wizard lives in the URL (?provision=<nodeId> or ?provision=new), so a
+  // reload reopens it on the live command.
+  const provisionParam = query.get('provision');
+  // A node created by the open "new" wizard keeps that same wizard instance.
+  const [createdId, setCreatedId] = useState<string | null>(null);
+  const wizardNew = provisionParam === 'new' || (provisionParam !== null && provisionParam === createdId);
+  const items = useMemo(() => nodes.data?.items ?? [], [nodes.data]);
+  const provisionNode = provisionParam && provisionParam !== 'new' ? items.find((n) => n.id === provisionParam) : undefined;
+  const agentName = (id: string | null) => (id ? (agents.data?.items.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
+  const templateName = (id: string) => templates.data?.items.find((t) => t.id === id)?.name ?? '–';
+
+  const shown = items.filter((n) => {
+    const q = filter.trim().toLowerCase();
+    if (!q) return true;
+    return [n.name, n.application ?? '', n.ipAddress ?? '', n.status, String(n.vmId ?? '')].some((v) => v.toLowerCase().includes(q));
+  });
+
+  const openProvision = (id: string) => setQuery('/nodes', { provision: id });
+  const closeProvision = () => {
+    setCreatedId(null);
+    setQuery('/nodes', {});
+    nodes.reload();
+  };
+
+  return (
+    <div className="page">
+      <header className="page-head">
+        <div>
+          <h1>Nodes</h1>
+          <p className="muted">VM records. Unprovisioned nodes get a Provision button.</p>
+        </div>
+        <div className="btn-row">
+          <button type="button" className="btn" onClick={() => setEditing('new')} data-testid="new-node">
+            New node
+          </button>
+          <button type="button" className="btn btn-primary" onClick={() => openProvision('new')} data-testid="provision-new">
+            Provision new VM
+          </button>
+        </div>
+      </header>
+      <div className="toolbar">
+        <input
+          type="search"
+          className="search"
+          placeholder="Filter by name, application, IP, status…"
+          aria-label="Filter nodes"
+          value={filter}
+          onChange={(e) => setFilter(e.target.value)}
+        />
+        <span className="muted small">
+          {shown.length} of {items.length}
+        </span>
+      </div>
+      {nodes.error && <ErrorBox title="Could not load nodes">{nodes.error}</ErrorBox>}
+      {nodes.loading && !nodes.data ? (
+        <Spinner />
+      ) : items.length === 0 ? (
+        <Empty>No nodes yet. Create one, or provision a new VM directly.</Empty>
+      ) : (
+        <div className="table-wrap">
+          <table className="table" data-testid="nodes-table">
+            <thead>
+              <tr>
+                <th>Name</th>
+                <th className="hide-sm">Application</th>
+                <th className="hide-md">Template</th>
+                <th className="hide-sm">Memory</th>
+                <th className="hide-sm">Cores</th>
+                <th>Status</th>
+                <th className="hide-md">Hypervisor</th>
+                <th>IP</th>
+                <th className="hide-sm">VM id</th>
+                <th className="actions-col">Actions</th>
+              </tr>
+            </thead>
+            <tbody>
+              {shown.map((n) => {
+                const unprovisioned = n.vmId == null;
+                const provisioning = n.status === 'provisioning';
+                return (
+                  <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status}>
+                    <td>
+                      <strong>{n.name}</strong>
+                      {n.error && n.status === 'failed' && (
+                        <div className="small err-text" title={n.error}>
+                          {n.error.length > 80 ? `${n.error.slice(0, 80)}…` : n.error}
+                        </div>
+                      )}
+                    </td>
+                    <td className="hide-sm">{n.application ?? '–'}</td>
+                    <td className="hide-md">{templateName(n.templateId)}</td>
+                    <td className="hide-sm nowrap">{formatMemory(n.memory)}</td>
+                    <td className="hide-sm">{n.cores}</td>
+                    <td>
+                      <StatusPill status={n.status} />
+                    </td>
+                    <td className="hide-md">{agentName(n.hypervisorId)}</td>
+                    <td className="mono" data-col="ip">
+                      {n.ipAddress ?? '–'}
+                    </td>
+                    <td className="hide-sm" data-col="vmid">
+                      {n.vmId ?? '–'}
+                    </td>
+                    <td className="actions-col">
+                      <div className="row-actions">
+                        {provisioning ? (
+                          <button type="button" className="btn btn-sm btn-primary" onClick={() => openProvision(n.id)} data-testid="node-progress">
+                            Progress
+                          </button>
+                        ) : unprovisioned ? (
+                          <button type="button" className="btn btn-sm btn-primary" onClick={() => openProvision(n.id)} data-testid="node-provision">
+                            {n.status === 'failed' ? 'Provision…' : 'Provision'}
+                          </button>
+                        ) : null}
+                        {n.ipAddress ? (
+                          <CopyButton text={`ssh ${n.ipAddress}`} label="Copy SSH" />
+                        ) : (
+                          <button type="button" className="btn btn-sm" disabled title={unprovisioned ? 'Not provisioned yet' : 'No IP address reported'}>
+                            Copy SSH
+                          </button>
+                        )}
+                        <button
+                          type="button"
+                          className="btn btn-sm"
+                          disabled={!n.lastCommandId}
+                          title={n.lastCommandId ? undefined : 'No command has run for this node'}
+                          onClick={() => n.lastCommandId && navigate(`/commands/${n.lastCommandId}`)}
+                        >
+                          Log
+                        </button>
+                        <button type="button" className="btn btn-sm" onClick={() => setEditing(n)} disabled={provisioning}>
+                          Edit
+                        </button>
+                        <button
+                          type="button"
+                          className="btn btn-sm btn-danger-ghost"
+                          disabled={provisioning}
+                          title={provisioning ? 'Wait for provisioning to finish' : undefined}
+                          onClick={() => {
+                            setDelErr(null);
+                            setDeleting(n);
+                          }}
+                        >
+                          Delete
+                        </button>
+                      </div>
+                    </td>
+                  </tr>
+                );
+              })}
+            </tbody>
+          </table>
+        </div>
+      )}
+      {editing && <NodeDialog node={editing === 'new' ? null : editing} onClose={() => setEditing(null)} onSaved={nodes.reload} />}
+      {wizardNew && (
+        <ProvisionModal
+          key="new"
+          node={null}
+          onClose={closeProvision}
+          onChanged={nodes.reload}
+          onNodeCreated={(nd) => {
+            setCreatedId(nd.id);
+            window.history.replaceState(null, '', `#/nodes?provision=${encodeURIComponent(nd.id)}`);
+          }}
+        />
+      )}
+      {!wizardNew && provisionNode && <ProvisionModal key={provisionNode.id} node={provisionNode} onClose={closeProvision} onChanged={nodes.reload} />}
+      {!wizardNew && provisionParam && !provisionNode && nodes.data && (
+        <Modal title="Node not found" onClose={closeProvision}>
+          <p>The node to provision no longer exists.</p>
+        </Modal>
+      )}
+      {deleting && (
+        <ConfirmDialog
+          title={`Delete node ${deleting.name}?`}
+          confirmLabel="Delete node"
+          danger
+          busy={delBusy}
+          error={delErr}
+          onCancel={() => setDeleting(null)}
+          onConfirm={async () => {
+            setDelBusy(true);
+            try {
+              await api.deleteNode(deleting.id);
+              setDeleting(null);
+              nodes.reload();
+            } catch (e) {
+              setDelErr(errorMessage(e));
+            } finally {
+              setDelBusy(false);
+            }
+          }}
+        >
+          {deleting.vmId != null ? (
+            <p>
+              This removes the Trellis record of VM {deleting.vmId}
+              {deleting.ipAddress ? ` (${deleting.ipAddress})` : ''}. Whether the VM itself is destroyed depends on the server; check Proxmox afterwards.
+            </p>
+          ) : (
+            <p>This removes the unprovisioned node record.</p>
+          )}
+        </ConfirmDialog>
+      )}
+    </div>
+  );
+}
