@@ -1,35 +1,664 @@
-//! `terraform_apply` executor.
-//! (Interface only; the executor lands with the Terraform issue.)
+//! `terraform_apply` executor: fetch a Terraform template from git at an exact version
+//! into a workspace of its own, write `terraform.tfvars.json`, run `terraform init`,
+//! `terraform apply` and `terraform output -json`, and stream what they print.
+//!
+//! * Stages `fetch_template`, `init`, `apply`, `outputs`, each reported running, then
+//!   completed or failed, with the overall percent.
+//! * Output is streamed as it is written, in chunks of at most 500 ms / 10 KB, capped per
+//!   command ([`logs`]). Values of sensitive variables never leave the agent: they are
+//!   masked in every log chunk, error message and output ([`redact`]).
+//! * Cancel sends SIGINT to terraform's process group and SIGKILL after a grace period
+//!   ([`process`]).
+//! * Applies with the same workspace key run one at a time; workspaces past their
+//!   retention are removed at the start of each apply ([`workspace`]).
+//!
+//! Each command gets a fresh workspace, so Terraform's local state lives and dies with
+//! it: templates that manage long-lived resources configure a remote backend.
 
-use trellis_protocol::{CommandError, TerraformApplyParams, TerraformApplyResult};
+pub mod git;
+pub mod logs;
+pub mod process;
+pub mod redact;
+pub mod workspace;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_protocol::{
+    Command, CommandError, StageState, TerraformApplyParams, TerraformApplyResult,
+};
 
 use crate::exec::ExecContext;
+use logs::LogSink;
+use process::{ProcOutput, ProcSpec};
+use redact::Redactor;
+
+/// Default cap on the log output of one command.
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 50 * 1024 * 1024;
+/// Default time a workspace is kept after its command last used it.
+pub const DEFAULT_WORKSPACE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default time terraform gets to stop after SIGINT before it is killed.
+pub const DEFAULT_SIGINT_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct TerraformSettings {
     /// `TENDRIL_TERRAFORM_BIN` (default `terraform` on `PATH`).
-    pub binary: std::path::PathBuf,
-    /// `TENDRIL_TERRAFORM_PLUGIN_DIR`: passed as `-plugin-dir` to `terraform init`.
-    pub plugin_dir: Option<std::path::PathBuf>,
+    pub binary: PathBuf,
+    /// `TENDRIL_TERRAFORM_PLUGIN_DIR`: passed as `-plugin-dir` to `terraform init`, which
+    /// then installs providers from there only (no registry access).
+    pub plugin_dir: Option<PathBuf>,
+    /// `TENDRIL_GIT_BIN` (default `git` on `PATH`).
+    pub git_binary: PathBuf,
+    /// `TENDRIL_TERRAFORM_LOG_CAP_BYTES`: most stdout/stderr shipped per command
+    /// (default 50 MiB); the rest is dropped with a `[output truncated …]` marker.
+    pub log_cap_bytes: u64,
+    /// `TENDRIL_TERRAFORM_RETENTION_SECS`: workspaces unused for longer are removed
+    /// (default 7 days).
+    pub workspace_retention: Duration,
+    /// `TENDRIL_TERRAFORM_SIGINT_GRACE_MS`: time between SIGINT and SIGKILL on cancel
+    /// (default 10 s).
+    pub sigint_grace: Duration,
+}
+
+impl Default for TerraformSettings {
+    fn default() -> Self {
+        Self {
+            binary: "terraform".into(),
+            plugin_dir: None,
+            git_binary: "git".into(),
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+            workspace_retention: DEFAULT_WORKSPACE_RETENTION,
+            sigint_grace: DEFAULT_SIGINT_GRACE,
+        }
+    }
 }
 
 impl TerraformSettings {
     pub fn from_env() -> anyhow::Result<Self> {
+        fn num(name: &str) -> anyhow::Result<Option<u64>> {
+            match std::env::var(name) {
+                Ok(v) if !v.trim().is_empty() => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {v:?}")),
+                _ => Ok(None),
+            }
+        }
+        let d = Self::default();
         Ok(Self {
             binary: std::env::var_os("TENDRIL_TERRAFORM_BIN")
+                .filter(|v| !v.is_empty())
                 .map(Into::into)
-                .unwrap_or_else(|| "terraform".into()),
-            plugin_dir: std::env::var_os("TENDRIL_TERRAFORM_PLUGIN_DIR").map(Into::into),
+                .unwrap_or(d.binary),
+            plugin_dir: std::env::var_os("TENDRIL_TERRAFORM_PLUGIN_DIR")
+                .filter(|v| !v.is_empty())
+                .map(Into::into),
+            git_binary: std::env::var_os("TENDRIL_GIT_BIN")
+                .filter(|v| !v.is_empty())
+                .map(Into::into)
+                .unwrap_or(d.git_binary),
+            log_cap_bytes: num("TENDRIL_TERRAFORM_LOG_CAP_BYTES")?.unwrap_or(d.log_cap_bytes),
+            workspace_retention: num("TENDRIL_TERRAFORM_RETENTION_SECS")?
+                .map(Duration::from_secs)
+                .unwrap_or(d.workspace_retention),
+            sigint_grace: num("TENDRIL_TERRAFORM_SIGINT_GRACE_MS")?
+                .map(Duration::from_millis)
+                .unwrap_or(d.sigint_grace),
         })
     }
 }
 
+/// Overall percent at the start of each stage (and 100 at the end).
+const STAGE_START: [(&str, f32); 4] = [
+    ("fetch_template", 0.0),
+    ("init", 10.0),
+    ("apply", 30.0),
+    ("outputs", 90.0),
+];
+
+fn stage_percent(stage: &str) -> (f32, f32) {
+    let i = STAGE_START
+        .iter()
+        .position(|(s, _)| *s == stage)
+        .unwrap_or(0);
+    let start = STAGE_START[i].1;
+    let end = STAGE_START.get(i + 1).map_or(100.0, |s| s.1);
+    (start, end)
+}
+
 pub async fn apply(
-    _ctx: &ExecContext,
-    _p: TerraformApplyParams,
+    ctx: &ExecContext,
+    p: TerraformApplyParams,
 ) -> Result<TerraformApplyResult, CommandError> {
-    Err(CommandError::new(
-        "unsupported_command",
-        "this agent build has no Terraform executor",
-    ))
+    let req = Request::validate(&p)?;
+    let settings = &ctx.config.terraform;
+    let mut redactor = Redactor::for_params(&p);
+    if let Some(pw) = git::url_password(&p.template_source.repo) {
+        redactor.add(&pw);
+    }
+    let redactor = Arc::new(redactor);
+    let mut sink = LogSink::new(ctx, redactor.clone(), settings.log_cap_bytes);
+
+    let result = run(ctx, &mut sink, settings, &p, &req).await;
+    sink.finish().await;
+    result.map_err(|mut e| {
+        e.message = redactor.redact(&e.message).into_owned();
+        e
+    })
+}
+
+/// The params after the agent's own checks.
+struct Request {
+    repo: String,
+    version: String,
+    path: Option<String>,
+    key: String,
+}
+
+impl Request {
+    fn validate(p: &TerraformApplyParams) -> Result<Self, CommandError> {
+        // The protocol's checks first (the same the control plane ran).
+        let json = serde_json::to_value(p)
+            .map_err(|e| CommandError::new("invalid_params", format!("invalid params: {e}")))?;
+        Command::parse("terraform_apply", &json)?;
+        let invalid = |m: String| Err(CommandError::new("invalid_params", m));
+        let s = &p.template_source;
+        let repo = s.repo.trim().to_string();
+        if repo.starts_with('-') || repo.chars().any(char::is_control) {
+            return invalid(format!(
+                "template_source.repo {repo:?} is not a git URL or path"
+            ));
+        }
+        if let Some((transport, _)) = repo.split_once("::") {
+            if !transport.contains('/') {
+                return invalid(format!(
+                    "template_source.repo: the git transport {transport:?} is not allowed; \
+                     use a path, file://, https://, ssh:// or git:// URL"
+                ));
+            }
+        }
+        let version = s.version.trim().to_string();
+        let ref_ok = version.len() <= 255
+            && version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/-+".contains(&b))
+            && !version.starts_with(['-', '/', '.'])
+            && !version.ends_with(['/', '.'])
+            && !version.contains("//")
+            && !version.contains("..")
+            && !version.ends_with(".lock");
+        if !ref_ok {
+            return invalid(format!(
+                "template_source.version {version:?} is not a tag, branch or commit id"
+            ));
+        }
+        let path = match s.path.as_deref().map(|p| p.trim().trim_matches('/')) {
+            None | Some("") | Some(".") => None,
+            Some(p) if p.contains('\0') || p.split('/').any(|c| c == "..") => {
+                return invalid(
+                    "template_source.path must be a relative path inside the repository".into(),
+                )
+            }
+            Some(p) => Some(p.to_string()),
+        };
+        let key = match p.workspace_key.as_deref().map(str::trim) {
+            Some(k) if !k.is_empty() => k.to_string(),
+            _ => format!("{repo}#{}", path.as_deref().unwrap_or("")),
+        };
+        Ok(Self {
+            repo,
+            version,
+            path,
+            key,
+        })
+    }
+}
+
+async fn run(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    p: &TerraformApplyParams,
+    req: &Request,
+) -> Result<TerraformApplyResult, CommandError> {
+    let root = ctx.config.work_dir.join("terraform");
+    tokio::fs::create_dir_all(&root).await.map_err(|e| {
+        CommandError::new(
+            "workspace_error",
+            format!("cannot create {}: {e}", root.display()),
+        )
+        .retryable()
+    })?;
+    let removed = workspace::remove_expired(&root, settings.workspace_retention).await;
+    if removed > 0 {
+        sink.system(&format!(
+            "removed {removed} terraform workspace(s) unused for more than {}",
+            process::fmt_duration(settings.workspace_retention)
+        ))
+        .await;
+    }
+
+    let _key = workspace::lock_key(ctx, sink, &req.key).await?;
+    let ws = workspace::Workspace::create(&root, ctx.command_id).await?;
+    sink.system(&format!("workspace {}", ws.dir.display()))
+        .await;
+    let result = run_in_workspace(ctx, sink, settings, p, req, &ws).await;
+    ws.touch().await;
+    result
+}
+
+async fn run_in_workspace(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    p: &TerraformApplyParams,
+    req: &Request,
+    ws: &workspace::Workspace,
+) -> Result<TerraformApplyResult, CommandError> {
+    // fetch_template
+    let shown_repo = sink
+        .redactor()
+        .redact(&git::display_repo(&req.repo))
+        .into_owned();
+    begin(
+        ctx,
+        sink,
+        "fetch_template",
+        format!("fetching {shown_repo} at {}", req.version),
+    )
+    .await?;
+    let fetched = git::fetch(
+        ctx,
+        sink,
+        settings,
+        &req.repo,
+        &req.version,
+        req.path.as_deref(),
+        &ws.dir,
+    )
+    .await;
+    let fetched = end(ctx, sink, "fetch_template", fetched, |f| {
+        format!("commit {}", f.commit)
+    })
+    .await?;
+    let dir = fetched.dir.clone();
+
+    // init
+    begin(ctx, sink, "init", "terraform init".into()).await?;
+    let init = async {
+        write_tfvars(&dir, &p.terraform_vars).await?;
+        let mut spec = tf_spec(settings, &dir)
+            .arg("init")
+            .arg("-input=false")
+            .arg("-no-color");
+        if let Some(plugins) = &settings.plugin_dir {
+            if !plugins.is_dir() {
+                return Err(CommandError::new(
+                    "terraform_unavailable",
+                    format!(
+                        "the Terraform plugin directory {} (TENDRIL_TERRAFORM_PLUGIN_DIR) does not exist",
+                        plugins.display()
+                    ),
+                ));
+            }
+            spec = spec.arg("-plugin-dir").arg(plugins);
+        }
+        run_terraform(ctx, sink, settings, "init", spec, &mut |_| None).await
+    }
+    .await;
+    end(ctx, sink, "init", init, |_| "initialized".into()).await?;
+
+    // apply
+    begin(ctx, sink, "apply", "terraform apply".into()).await?;
+    let (start, stop) = stage_percent("apply");
+    let mut progress = ApplyProgress::new(start, stop);
+    let spec = tf_spec(settings, &dir)
+        .arg("apply")
+        .arg("-auto-approve")
+        .arg("-input=false")
+        .arg("-no-color");
+    let applied = run_terraform(ctx, sink, settings, "apply", spec, &mut |l| {
+        progress.observe(l)
+    })
+    .await;
+    // The variables file holds the sensitive values in clear: do not keep it around.
+    let _ = tokio::fs::remove_file(dir.join(TFVARS)).await;
+    end(ctx, sink, "apply", applied, |_| progress.summary()).await?;
+
+    // outputs
+    begin(ctx, sink, "outputs", "terraform output -json".into()).await?;
+    let outputs = async {
+        let mut spec = tf_spec(settings, &dir).arg("output").arg("-json");
+        spec.capture_stdout = true;
+        let out = run_terraform(ctx, sink, settings, "outputs", spec, &mut |_| None).await?;
+        if out.stdout_overflow {
+            return Err(CommandError::new(
+                "terraform_failed",
+                format!(
+                    "terraform output -json printed more than {} bytes",
+                    process::MAX_CAPTURE_BYTES
+                ),
+            ));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let text = if text.trim().is_empty() { "{}" } else { &text };
+        let mut outputs: Value = serde_json::from_str(text).map_err(|e| {
+            CommandError::new(
+                "terraform_failed",
+                format!("terraform output -json printed invalid JSON: {e}"),
+            )
+        })?;
+        redact_outputs(&mut outputs, sink.redactor());
+        Ok(outputs)
+    }
+    .await;
+    let outputs = end(ctx, sink, "outputs", outputs, |o| {
+        format!("{} output(s)", o.as_object().map_or(0, |m| m.len()))
+    })
+    .await?;
+    ctx.progress(100.0, Some("applied".into())).await;
+
+    Ok(TerraformApplyResult {
+        outputs,
+        resolved_commit: Some(fetched.commit),
+    })
+}
+
+const TFVARS: &str = "terraform.tfvars.json";
+
+async fn write_tfvars(
+    dir: &std::path::Path,
+    vars: &std::collections::BTreeMap<String, Value>,
+) -> Result<(), CommandError> {
+    let body = serde_json::to_vec_pretty(vars)
+        .map_err(|e| CommandError::new("internal", format!("cannot encode variables: {e}")))?;
+    let path = dir.join(TFVARS);
+    let write = async {
+        let mut opts = tokio::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true).mode(0o600);
+        let mut f = opts.open(&path).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut f, &body).await?;
+        tokio::io::AsyncWriteExt::flush(&mut f).await
+    };
+    write.await.map_err(|e| {
+        CommandError::new(
+            "workspace_error",
+            format!("cannot write {}: {e}", path.display()),
+        )
+        .retryable()
+    })
+}
+
+fn tf_spec(settings: &TerraformSettings, dir: &std::path::Path) -> ProcSpec {
+    ProcSpec::new(&settings.binary, dir)
+        .env("TF_IN_AUTOMATION", "1")
+        .env("TF_INPUT", "0")
+        .env("CHECKPOINT_DISABLE", "1")
+}
+
+async fn run_terraform(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    stage: &str,
+    spec: ProcSpec,
+    on_line: &mut (dyn FnMut(&str) -> Option<f32> + Send),
+) -> Result<ProcOutput, CommandError> {
+    let binary = spec.program.display().to_string();
+    let subcommand = spec
+        .args
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let out = process::run(ctx, sink, spec, settings.sigint_grace, on_line)
+        .await
+        .map_err(|e| {
+            CommandError::new(
+                "terraform_unavailable",
+                format!(
+                    "cannot run terraform ({binary}): {e}; install it or set TENDRIL_TERRAFORM_BIN"
+                ),
+            )
+        })?;
+    if out.cancelled || ctx.is_cancelled() {
+        return Err(cancelled_error(stage, &out));
+    }
+    if !out.status.success() {
+        let excerpt = out.error_excerpt(3000);
+        let status = out.status.code().map_or_else(
+            || "killed by a signal".to_string(),
+            |c| format!("exit status {c}"),
+        );
+        return Err(CommandError::new(
+            "terraform_failed",
+            if excerpt.is_empty() {
+                format!("terraform {subcommand} failed ({status})")
+            } else {
+                format!("terraform {subcommand} failed ({status}):\n{excerpt}")
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The error for a run stopped by cancel; the runner turns it into `cancelled` or
+/// `timed_out`.
+pub(crate) fn cancelled_error(stage: &str, out: &ProcOutput) -> CommandError {
+    let how = if out.killed {
+        "killed after the SIGINT grace period"
+    } else if out.cancelled {
+        "stopped by SIGINT"
+    } else {
+        "cancelled"
+    };
+    CommandError::new("cancelled", format!("{stage} {how}")).at_stage(stage)
+}
+
+async fn begin(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    stage: &str,
+    message: String,
+) -> Result<(), CommandError> {
+    sink.flush().await;
+    if ctx.is_cancelled() {
+        return Err(
+            CommandError::new("cancelled", format!("cancelled before {stage}")).at_stage(stage),
+        );
+    }
+    let (start, _) = stage_percent(stage);
+    ctx.stage(stage, StageState::Running, Some(start), Some(message))
+        .await;
+    Ok(())
+}
+
+async fn end<T>(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    stage: &str,
+    result: Result<T, CommandError>,
+    ok_message: impl FnOnce(&T) -> String,
+) -> Result<T, CommandError> {
+    sink.flush().await;
+    let (_, stop) = stage_percent(stage);
+    match result {
+        Ok(v) => {
+            let msg = ok_message(&v);
+            ctx.stage(stage, StageState::Completed, Some(stop), Some(msg))
+                .await;
+            Ok(v)
+        }
+        Err(e) => {
+            let e = e.at_stage(stage);
+            let first_line = sink
+                .redactor()
+                .redact(e.message.lines().next().unwrap_or_default())
+                .into_owned();
+            ctx.stage(stage, StageState::Failed, None, Some(first_line))
+                .await;
+            Err(e)
+        }
+    }
+}
+
+/// Sensitive outputs lose their value; every other string is redacted like the logs.
+fn redact_outputs(outputs: &mut Value, redactor: &Redactor) {
+    if let Some(map) = outputs.as_object_mut() {
+        for out in map.values_mut() {
+            let Some(o) = out.as_object_mut() else {
+                continue;
+            };
+            if o.get("sensitive").and_then(Value::as_bool) == Some(true) {
+                o.insert("value".into(), Value::Null);
+                o.insert("redacted".into(), Value::Bool(true));
+            }
+        }
+    }
+    redactor.redact_json(outputs);
+}
+
+/// Overall percent during `apply`, from the plan summary and the resources completed.
+struct ApplyProgress {
+    start: f32,
+    stop: f32,
+    total: Option<u32>,
+    done: u32,
+}
+
+impl ApplyProgress {
+    fn new(start: f32, stop: f32) -> Self {
+        Self {
+            start,
+            stop,
+            total: None,
+            done: 0,
+        }
+    }
+
+    fn observe(&mut self, line: &str) -> Option<f32> {
+        if let Some(rest) = line.strip_prefix("Plan: ") {
+            // "Plan: 2 to add, 1 to change, 0 to destroy."
+            let total = rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().next()?.parse::<u32>().ok())
+                .sum();
+            self.total = Some(total);
+            return None;
+        }
+        let complete = [
+            ": Creation complete after",
+            ": Modifications complete after",
+            ": Destruction complete after",
+        ]
+        .iter()
+        .any(|m| line.contains(m));
+        let total = self.total?;
+        if !complete || total == 0 {
+            return None;
+        }
+        self.done = (self.done + 1).min(total);
+        Some(self.start + (self.stop - self.start) * self.done as f32 / total as f32)
+    }
+
+    fn summary(&self) -> String {
+        match self.total {
+            Some(t) => format!("{} of {t} resource change(s) applied", self.done),
+            None => "applied".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use trellis_protocol::TemplateSource;
+
+    fn params(repo: &str, version: &str, path: Option<&str>) -> TerraformApplyParams {
+        TerraformApplyParams {
+            template_source: TemplateSource {
+                repo: repo.into(),
+                version: version.into(),
+                path: path.map(Into::into),
+            },
+            terraform_vars: Default::default(),
+            meta: None,
+            sensitive_vars: vec![],
+            workspace_key: None,
+        }
+    }
+
+    #[test]
+    fn validation_rejects_bad_sources_before_anything_runs() {
+        for (repo, version, path) in [
+            ("", "v1", None),
+            ("/r", "", None),
+            ("/r", "--upload-pack=x", None),
+            ("/r", "v1 v2", None),
+            ("/r", "HEAD~1", None),
+            ("/r", "a..b", None),
+            ("/r", "v1", Some("../x")),
+            ("/r", "v1", Some("/etc")),
+            ("-oProxyCommand=x", "v1", None),
+            ("ext::sh -c touch% /tmp/x", "v1", None),
+        ] {
+            let e = Request::validate(&params(repo, version, path))
+                .err()
+                .unwrap_or_else(|| panic!("{repo:?} {version:?} {path:?} accepted"));
+            assert_eq!(e.code, "invalid_params", "{e}");
+        }
+        let mut p = params("/r", "v1", None);
+        p.terraform_vars.insert("1bad".into(), json!(1));
+        assert!(Request::validate(&p).is_err());
+    }
+
+    #[test]
+    fn default_workspace_key_is_repo_and_path() {
+        let r = Request::validate(&params("/srv/r", "release/1.2", Some("envs/prod/"))).unwrap();
+        assert_eq!(r.key, "/srv/r#envs/prod");
+        assert_eq!(r.path.as_deref(), Some("envs/prod"));
+        let r = Request::validate(&params("https://h/x.git", "0123abcd", Some("."))).unwrap();
+        assert_eq!(r.key, "https://h/x.git#");
+        let mut p = params("/srv/r", "v1", None);
+        p.workspace_key = Some("prod".into());
+        assert_eq!(Request::validate(&p).unwrap().key, "prod");
+    }
+
+    #[test]
+    fn apply_progress_follows_plan_and_completions() {
+        let mut p = ApplyProgress::new(30.0, 90.0);
+        assert_eq!(p.observe("null_resource.a: Creating..."), None);
+        assert_eq!(
+            p.observe("Plan: 2 to add, 1 to change, 1 to destroy."),
+            None
+        );
+        assert_eq!(
+            p.observe("null_resource.a: Creation complete after 0s [id=1]"),
+            Some(45.0)
+        );
+        assert_eq!(
+            p.observe("null_resource.b: Modifications complete after 1s"),
+            Some(60.0)
+        );
+        assert_eq!(p.summary(), "2 of 4 resource change(s) applied");
+    }
+
+    #[test]
+    fn sensitive_outputs_are_redacted() {
+        let mut r = Redactor::default();
+        r.add("hunter22");
+        let mut o = json!({
+            "pw": {"sensitive": true, "type": "string", "value": "whatever"},
+            "echo": {"sensitive": false, "type": "string", "value": "x hunter22"},
+            "n": {"sensitive": false, "type": "number", "value": 3}
+        });
+        redact_outputs(&mut o, &r);
+        assert_eq!(o["pw"]["value"], Value::Null);
+        assert_eq!(o["pw"]["redacted"], json!(true));
+        assert_eq!(o["echo"]["value"], json!("x ***"));
+        assert_eq!(o["n"]["value"], json!(3));
+    }
 }

@@ -1,0 +1,178 @@
+//! Workspaces: one directory per command under `<work_dir>/terraform/<command_id>`, a
+//! per-key lock so two applies of the same template (or explicit `workspace_key`) never
+//! run at once on this agent, and removal of workspaces past their retention.
+//!
+//! The lock and the set of workspaces in use are process-wide: one agent process is one
+//! agent, and a second agent in the same process (tests) only makes the locking more
+//! conservative.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OwnedMutexGuard;
+use trellis_protocol::CommandError;
+use uuid::Uuid;
+
+use super::logs::LogSink;
+use crate::exec::ExecContext;
+
+type KeyLock = tokio::sync::Mutex<()>;
+
+static KEY_LOCKS: Mutex<BTreeMap<String, Weak<KeyLock>>> = Mutex::new(BTreeMap::new());
+static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Name of the file touched when a workspace is created and when its command ends; its
+/// write keeps the directory's modification time current for the retention check.
+const STAMP: &str = ".trellis-last-used";
+
+/// Holds the workspace key until dropped.
+pub struct KeyGuard {
+    _guard: OwnedMutexGuard<()>,
+}
+
+/// Waits (cancellably) until no other command with `key` runs on this agent.
+pub async fn lock_key(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    key: &str,
+) -> Result<KeyGuard, CommandError> {
+    let lock = {
+        let mut map = KEY_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+        match map.get(key).and_then(Weak::upgrade) {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(KeyLock::new(()));
+                map.insert(key.to_string(), Arc::downgrade(&l));
+                l
+            }
+        }
+    };
+    if let Ok(g) = lock.clone().try_lock_owned() {
+        return Ok(KeyGuard { _guard: g });
+    }
+    sink.system(&format!(
+        "waiting for another terraform_apply with workspace key {key:?} to finish"
+    ))
+    .await;
+    tokio::select! {
+        g = lock.lock_owned() => {
+            sink.system("workspace key acquired").await;
+            Ok(KeyGuard { _guard: g })
+        }
+        _ = ctx.cancel.cancelled() => Err(CommandError::new(
+            "cancelled",
+            "cancelled while waiting for another apply with the same workspace key",
+        )),
+    }
+}
+
+/// A command's workspace directory, marked in use until dropped.
+pub struct Workspace {
+    pub dir: PathBuf,
+}
+
+impl Workspace {
+    pub async fn create(root: &Path, command_id: Uuid) -> Result<Self, CommandError> {
+        let dir = root.join(command_id.to_string());
+        let io = |what: &str, e: std::io::Error| {
+            CommandError::new(
+                "workspace_error",
+                format!("cannot {what} workspace {}: {e}", dir.display()),
+            )
+            .retryable()
+        };
+        IN_USE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir.clone());
+        let ws = Self { dir: dir.clone() };
+        if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
+            tokio::fs::remove_dir_all(&dir)
+                .await
+                .map_err(|e| io("clean", e))?;
+        }
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| io("create", e))?;
+        ws.touch().await;
+        Ok(ws)
+    }
+
+    /// Marks the workspace as used now (for the retention).
+    pub async fn touch(&self) {
+        let stamp = self.dir.join(STAMP);
+        let _ = tokio::fs::remove_file(&stamp).await;
+        let now = humantime_now();
+        let _ = tokio::fs::write(&stamp, now).await;
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        IN_USE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.dir);
+    }
+}
+
+fn humantime_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{secs}\n")
+}
+
+/// Removes command workspaces under `root` not used for longer than `retention`
+/// (directories named by a command id only; never one in use). Returns how many went.
+pub async fn remove_expired(root: &Path, retention: Duration) -> usize {
+    let root = root.to_path_buf();
+    let r = tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| Uuid::parse_str(n).is_ok());
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !is_ours || !meta.is_dir() {
+                continue;
+            }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if age <= retention {
+                continue;
+            }
+            if IN_USE
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&path)
+            {
+                continue;
+            }
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove old terraform workspace")
+                }
+            }
+        }
+        removed
+    })
+    .await;
+    r.unwrap_or(0)
+}
