@@ -82,6 +82,13 @@ export function backoffMs(failures: number, retryHint: number | null): number {
   return Math.min(base * 2 ** Math.max(0, failures - 1), 15000);
 }
 
+/** Event timestamps arrive as Unix milliseconds or RFC 3339; the UI uses RFC 3339. */
+export function normalizeTs(ts: unknown): string | undefined {
+  if (typeof ts === 'number' && Number.isFinite(ts)) return new Date(ts).toISOString();
+  if (typeof ts === 'string' && /^\d+$/.test(ts)) return new Date(Number(ts)).toISOString();
+  return typeof ts === 'string' ? ts : undefined;
+}
+
 const EVENT_KINDS = new Set<string>(['log', 'stage', 'progress', 'finished']);
 
 export class CommandStream {
@@ -230,7 +237,7 @@ export class CommandStream {
         ? ((parsed as CommandEventData).kind as EventKind)
         : null;
     if (!kind) return;
-    const ev = parsed as CommandEventData;
+    const ev = { ...(parsed as CommandEventData), ts: normalizeTs((parsed as { ts?: unknown }).ts) };
     if (typeof ev.seq === 'number' && !this.seqs.accept(ev.seq)) return;
     this.h.onEvent?.(kind, ev);
   }
@@ -272,7 +279,7 @@ export class CommandStream {
           if (logs === 'unauthorized' || logs === null) break;
           for (const c of logs.items) {
             if (!this.seqs.accept(c.seq)) continue;
-            this.h.onEvent?.('log', { seq: c.seq, ts: c.ts, kind: 'log', stream: c.stream, data: c.data });
+            this.h.onEvent?.('log', { seq: c.seq, ts: normalizeTs(c.ts), kind: 'log', stream: c.stream, data: c.data });
           }
           if (logs.items.length === 0) {
             // Nothing after our last seq: once the command is terminal, that is all of it.

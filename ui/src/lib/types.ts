@@ -86,7 +86,8 @@ export type LogStream = 'stdout' | 'stderr' | 'system';
 
 export interface LogChunk {
   seq: number;
-  ts: string;
+  /** RFC 3339, or Unix milliseconds from some servers. */
+  ts: string | number;
   stream: LogStream;
   data: string;
 }

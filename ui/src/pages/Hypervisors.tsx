@@ -38,6 +38,17 @@ export function proxmoxNodes(facts: Record<string, unknown> | null | undefined):
     .filter(Boolean);
 }
 
+/** The Proxmox API host the agent talks to, from facts.proxmox_url. */
+export function proxmoxHost(facts: Record<string, unknown> | null | undefined): string | null {
+  const u = facts?.proxmox_url ?? facts?.proxmoxUrl;
+  if (typeof u !== 'string' || !u) return null;
+  try {
+    return new URL(u).host;
+  } catch {
+    return u;
+  }
+}
+
 function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
   const [pveUrl, setPveUrl] = useState('');
   const [tokenId, setTokenId] = useState('');
@@ -213,7 +224,7 @@ export function Hypervisors() {
                 <th className="hide-sm">Host</th>
                 <th className="hide-sm">Version</th>
                 <th className="hide-md">Capabilities</th>
-                <th className="hide-md">Proxmox nodes</th>
+                <th className="hide-md">Proxmox</th>
                 <th className="actions-col">Actions</th>
               </tr>
             </thead>
@@ -243,7 +254,7 @@ export function Hypervisors() {
                         ))}
                       </span>
                     </td>
-                    <td className="hide-md">{proxmoxNodes(a.facts).join(', ') || '–'}</td>
+                    <td className="hide-md small">{proxmoxNodes(a.facts).join(', ') || proxmoxHost(a.facts) || '–'}</td>
                     <td className="actions-col">
                       <div className="row-actions">
                         <a className="btn btn-sm" href={`#/commands?agentId=${encodeURIComponent(a.id)}`}>

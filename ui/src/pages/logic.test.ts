@@ -1,0 +1,116 @@
+import { describe, expect, it } from 'vitest';
+import { agentCommand, agentConnectUrl, proxmoxHost, proxmoxNodes } from './Hypervisors';
+import { configErrors, hypervisorUnavailable, initialStep } from './ProvisionModal';
+import { buildSnapshot, validateDeploy } from './Deploy';
+import type { Agent, VmNode } from '../lib/types';
+
+const agent = (over: Partial<Agent> = {}): Agent => ({
+  id: 'a1',
+  name: 'pve-1',
+  status: 'online',
+  lastHeartbeat: null,
+  connectedAt: null,
+  version: '0.1.0',
+  hostname: 'pve-1',
+  capabilities: ['ping', 'provision', 'list_templates'],
+  facts: {},
+  maxConcurrency: 4,
+  createdAt: '2026-11-25T09:00:00Z',
+  ...over,
+});
+
+const node = (over: Partial<VmNode> = {}): VmNode => ({
+  id: 'n1',
+  application: null,
+  name: 'web-1',
+  templateId: 't1',
+  memory: 2048,
+  cores: 2,
+  vmId: null,
+  hypervisorId: null,
+  ipAddress: null,
+  status: 'pending_provision',
+  lastCommandId: null,
+  error: null,
+  createdAt: '',
+  updatedAt: '',
+  ...over,
+});
+
+describe('hypervisor selection', () => {
+  it('only online hypervisors with the provision capability are selectable', () => {
+    expect(hypervisorUnavailable(agent())).toBeNull();
+    expect(hypervisorUnavailable(agent({ status: 'offline' }))).toMatch(/Offline/);
+    expect(hypervisorUnavailable(agent({ capabilities: ['terraform_apply'] }))).toMatch(/provision capability/);
+  });
+});
+
+describe('initialStep', () => {
+  it('reopens the live command of a provisioning or failed node', () => {
+    expect(initialStep(node({ status: 'provisioning', lastCommandId: 'c9' }))).toEqual({ step: 'provisioning', commandId: 'c9' });
+    expect(initialStep(node({ status: 'failed', lastCommandId: 'c8' }))).toEqual({ step: 'provisioning', commandId: 'c8' });
+    expect(initialStep(node())).toEqual({ step: 'hypervisor', commandId: null });
+    expect(initialStep(null)).toEqual({ step: 'hypervisor', commandId: null });
+  });
+});
+
+describe('configure step validation', () => {
+  it('reports each field', () => {
+    const e = configErrors({ name: 'bad name', memory: '8', cores: '0', application: '' }, true);
+    expect(e.name).toMatch(/letters/);
+    expect(e.memory).toMatch(/at least 16/);
+    expect(e.cores).toMatch(/at least 1/);
+    expect(Object.values(configErrors({ name: 'ok-1', memory: '1024', cores: '1', application: '' }, true)).every((v) => !v)).toBe(true);
+    expect(configErrors({ name: '', memory: '1024', cores: '1', application: '' }, false).name).toBeNull();
+  });
+});
+
+describe('agent registration command', () => {
+  it('derives ws/wss from the page', () => {
+    expect(agentConnectUrl({ protocol: 'https:', host: 'trellis.example.com' })).toBe('wss://trellis.example.com/api/agents/connect');
+    expect(agentConnectUrl({ protocol: 'http:', host: '127.0.0.1:8080' })).toBe('ws://127.0.0.1:8080/api/agents/connect');
+  });
+  it('builds the exact tendril command, quoting where the shell needs it', () => {
+    expect(agentCommand({ serverUrl: 'ws://h:8080/api/agents/connect', token: 'tok123' })).toBe(
+      'TENDRIL_SERVER_URL=ws://h:8080/api/agents/connect TENDRIL_TOKEN=tok123 PROXMOX_URL=https://<pve>:8006 PROXMOX_TOKEN_ID=… PROXMOX_TOKEN_SECRET=… tendril',
+    );
+    expect(agentCommand({ serverUrl: 'wss://x/api/agents/connect', token: 't', pveUrl: 'https://pve1:8006', tokenId: 'root@pam!trellis' })).toContain(
+      "PROXMOX_URL=https://pve1:8006 PROXMOX_TOKEN_ID='root@pam!trellis'",
+    );
+  });
+  it('reads proxmox facts', () => {
+    expect(proxmoxNodes({ proxmox_nodes: ['pve1', { node: 'pve2' }] })).toEqual(['pve1', 'pve2']);
+    expect(proxmoxNodes(null)).toEqual([]);
+    expect(proxmoxHost({ proxmox_url: 'https://10.0.0.2:8006/' })).toBe('10.0.0.2:8006');
+  });
+});
+
+describe('deploy snapshot', () => {
+  const f = {
+    agentId: 'a1',
+    repo: ' /srv/tf/app ',
+    version: 'v1.0.0',
+    path: './envs/prod',
+    vars: '{"region":"eu"}',
+    sensitive: 'db_password, api_key',
+    reason: 'release',
+    timeout: '',
+  };
+  it('builds the config snapshot of the contract', () => {
+    expect(buildSnapshot(f, { region: 'eu' })).toEqual({
+      template_source: { repo: '/srv/tf/app', version: 'v1.0.0', path: 'envs/prod' },
+      terraform_vars: { region: 'eu' },
+      sensitive_vars: ['db_password', 'api_key'],
+      meta: { triggered_by: 'trellis-ui', reason: 'release' },
+    });
+    expect(buildSnapshot({ ...f, path: '' }, {}).template_source).toEqual({ repo: '/srv/tf/app', version: 'v1.0.0' });
+  });
+  it('validates the form', () => {
+    expect(Object.values(validateDeploy(f)).every((v) => !v)).toBe(true);
+    const e = validateDeploy({ ...f, agentId: '', repo: '', vars: '{oops', timeout: '5' });
+    expect(e.agentId).toMatch(/agent/);
+    expect(e.repo).toMatch(/required/);
+    expect(e.vars).toMatch(/not valid JSON/);
+    expect(e.timeout).toMatch(/10/);
+  });
+});
