@@ -9,11 +9,7 @@ use super::ExecContext;
 
 pub async fn run(ctx: &ExecContext, p: PingParams) -> Result<PingResult, CommandError> {
     let steps = p.progress_events.max(p.log_lines) as u64;
-    let pause = if steps > 0 {
-        Duration::from_millis(p.duration_ms / steps)
-    } else {
-        Duration::from_millis(p.duration_ms)
-    };
+    let pause = Duration::from_millis(p.duration_ms.checked_div(steps).unwrap_or(p.duration_ms));
     let line_bytes = p.log_line_bytes.unwrap_or(80) as usize;
     let mut sent = 0u64;
     let mut line = String::with_capacity(line_bytes + 1);

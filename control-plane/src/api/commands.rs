@@ -393,24 +393,13 @@ pub async fn events(
             tracing::debug!(command_id = %id, error = %e, "event stream ended");
         }
     });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map_ok();
+    let stream = futures_util::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, Infallible>,
+    );
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
-}
-
-trait MapOk: Sized {
-    fn map_ok(
-        self,
-    ) -> futures_util::stream::Map<Self, fn(SseEvent) -> Result<SseEvent, Infallible>>;
-}
-
-impl<S: futures_util::Stream<Item = SseEvent>> MapOk for S {
-    fn map_ok(
-        self,
-    ) -> futures_util::stream::Map<Self, fn(SseEvent) -> Result<SseEvent, Infallible>> {
-        futures_util::StreamExt::map(self, Ok)
-    }
 }
 
 async fn stream_events(

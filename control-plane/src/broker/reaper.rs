@@ -28,7 +28,7 @@ pub async fn run(broker: Arc<Broker>) {
         if let Err(e) = expire(&broker).await {
             tracing::warn!(error = %e, "deadline sweep failed");
         }
-        if n % HEARTBEAT_FLUSH_EVERY == 0 {
+        if n.is_multiple_of(HEARTBEAT_FLUSH_EVERY) {
             if let Err(e) = broker.db.record_heartbeats(&broker.heartbeats()).await {
                 tracing::warn!(error = %e, "heartbeat flush failed");
             }
