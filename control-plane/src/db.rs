@@ -92,6 +92,15 @@ impl Db {
         Ok(Self { pool, backend })
     }
 
+    /// Starts a write transaction. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`) so that it waits for another writer instead of failing.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+
     pub async fn ping(&self) -> DbResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -372,7 +381,7 @@ impl Db {
     /// Revokes an agent: its token stops working; queued commands are cancelled.
     pub async fn revoke_agent(&self, id: Uuid) -> DbResult<()> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE agents SET revoked_at = $1, status = 'offline', token_hash = $2 WHERE id = $3 AND revoked_at IS NULL",
         )
@@ -462,7 +471,7 @@ impl Db {
         if beats.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (id, ts) in beats {
             sqlx::query("UPDATE agents SET last_heartbeat = $1 WHERE id = $2")
                 .bind(ts)
@@ -485,7 +494,7 @@ pub fn error_json(e: &CommandError) -> String {
 impl Db {
     /// Persists a command and its pending stages in one transaction.
     pub async fn insert_command(&self, c: &NewCommand) -> DbResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let res = sqlx::query(
             "INSERT INTO commands (id, agent_id, type, params, status, attempt, root_id, retry_of, \
              idempotency_key, created_by, created_at, deadline_at) \
@@ -623,37 +632,22 @@ impl Db {
         epoch: i64,
         max_concurrency: i64,
     ) -> DbResult<Vec<DispatchRow>> {
-        let mut tx = self.pool.begin().await?;
-        let active: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM commands WHERE agent_id = $1 AND status IN ('dispatched', 'running')",
-        )
-        .bind(agent_id.to_string())
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
-        let free = max_concurrency - active;
-        if free <= 0 {
-            return Ok(Vec::new());
-        }
+        // One statement (not read-then-write in a transaction): on SQLite a deferred
+        // transaction that reads first cannot wait for the write lock and fails "locked".
         let rows = sqlx::query(
             "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
              WHERE id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
-             ORDER BY created_at LIMIT $4) \
+             ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
+             FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
              RETURNING id, type, params, deadline_at, attempt, root_id",
         )
         .bind(now_ms())
         .bind(epoch)
         .bind(agent_id.to_string())
-        .bind(free)
-        .fetch_all(&mut *tx)
+        .bind(max_concurrency)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
-        let mut out: Vec<DispatchRow> = rows
-            .iter()
-            .map(DispatchRow::from_row)
-            .collect::<DbResult<_>>()?;
-        out.sort_by_key(|d| d.id); // deterministic; order among a claim does not matter
-        Ok(out)
+        rows.iter().map(DispatchRow::from_row).collect()
     }
 
     /// Reconciles an agent's commands at connect time (see `Hello`):
@@ -707,7 +701,7 @@ impl Db {
             )
             .retryable(),
         );
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for id in &lost {
             let n = sqlx::query(&format!(
                 "UPDATE commands SET status = 'failed', error = $1, finished_at = $2 \

@@ -97,7 +97,7 @@ struct Done {
 
 async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
     let now = now_ms();
-    let mut tx = broker.db.pool.begin().await?;
+    let mut tx = broker.db.begin_write().await?;
     let mut started = Vec::new();
     let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
     let mut all: Vec<&Event> = Vec::new();

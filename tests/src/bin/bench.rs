@@ -1,1 +1,269 @@
-fn main() {}
+//! `trellis-bench`: starts the real control plane, connects N simulated agents and
+//! prints ping round-trip latency (API request → result durable and visible), commands
+//! per second, control-plane RSS per connected agent, log streaming throughput through a
+//! real `tendril`, and — as the floor — a raw WebSocket echo round trip on loopback.
+//!
+//! Run: `cargo build --release --workspace --bins && target/release/trellis-bench`
+//! (`--agents 1,100,1000`, `--backend sqlite|postgres`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use trellis_protocol::{
+    AgentMessage, CommandType, Event, EventBody, FinalStatus, Hello, Outcome, ServerMessage,
+};
+use trellis_tests::harness::{self, Agent, Api, Backend, ControlPlane};
+
+#[derive(Parser)]
+struct Args {
+    /// Agent counts to measure, comma-separated.
+    #[arg(long, default_value = "1,100,1000", value_delimiter = ',')]
+    agents: Vec<usize>,
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Sequential pings for the latency measurement.
+    #[arg(long, default_value_t = 300)]
+    samples: usize,
+    /// Seconds of the throughput run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent API clients in the throughput run.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// MB of log output for the streaming measurement (0 to skip).
+    #[arg(long, default_value_t = 40)]
+    log_mb: usize,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Raw WebSocket echo round trip on loopback: the floor a command round trip stands on.
+async fn ws_echo_floor(samples: usize) -> Vec<Duration> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_text() && ws.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(format!("ws://{addr}/"), None, true, None)
+            .await
+            .unwrap();
+    let msg = r#"{"type":"events","events":[{"command_id":"00000000-0000-0000-0000-000000000000","seq":1,"ts":0,"kind":"finished","status":"succeeded"}]}"#;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 50 {
+        let t = Instant::now();
+        ws.send(Message::text(msg)).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        if i >= 50 {
+            out.push(t.elapsed());
+        }
+    }
+    out
+}
+
+/// A minimal agent speaking the real protocol: accepts every dispatch and answers `ping`
+/// with a result at once.
+async fn sim_agent(ws_url: String, token: String, ready: Arc<AtomicU64>) {
+    let mut req = ws_url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) =
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, None).await {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("sim agent connect failed: {e}");
+                return;
+            }
+        };
+    let (mut tx, mut rx) = ws.split();
+    let hello = AgentMessage::Hello(Hello {
+        protocol_version: trellis_protocol::PROTOCOL_VERSION,
+        agent_version: "bench".into(),
+        hostname: "sim".into(),
+        capabilities: vec![CommandType::Ping],
+        max_concurrency: 64,
+        active_commands: vec![],
+        interrupted_commands: vec![],
+        facts: json!({}),
+    });
+    tx.send(Message::text(hello.encode())).await.unwrap();
+    let mut beat = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            m = rx.next() => {
+                let Some(Ok(Message::Text(t))) = m else { return };
+                match ServerMessage::decode(&t) {
+                    Ok(ServerMessage::Welcome { .. }) => { ready.fetch_add(1, Ordering::Relaxed); }
+                    Ok(ServerMessage::Dispatch(d)) => {
+                        let accept = AgentMessage::Accept { command_id: d.command_id };
+                        let done = AgentMessage::Events { events: vec![Event {
+                            command_id: d.command_id, seq: 1, ts: 0,
+                            body: EventBody::Finished(Outcome { status: FinalStatus::Succeeded, result: Some(json!({"pong": true, "hostname": "sim", "agent_version": "bench", "events_sent": 0})), error: None }),
+                        }]};
+                        if tx.send(Message::text(accept.encode())).await.is_err() || tx.send(Message::text(done.encode())).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ = beat.tick() => {
+                if tx.send(Message::text(AgentMessage::Heartbeat { running: 0 }.encode())).await.is_err() { return; }
+            }
+        }
+    }
+}
+
+async fn round_trip(api: &Api, agent: &str) -> Duration {
+    let t = Instant::now();
+    let id = api.command(agent, "ping", json!({})).await;
+    let c = api.get(&format!("/api/commands/{id}?wait=10")).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    t.elapsed()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let backend = match args.backend.as_str() {
+        "postgres" => Backend::Postgres,
+        _ => Backend::Sqlite,
+    };
+    println!(
+        "# trellis-bench ({:?}, {} cores)",
+        backend,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    let mut floor = ws_echo_floor(2000).await;
+    floor.sort();
+    println!(
+        "raw websocket echo round trip (loopback): p50 {:.3} ms  p99 {:.3} ms",
+        pct(&floor, 0.5),
+        pct(&floor, 0.99)
+    );
+
+    for &n in &args.agents {
+        let dir = harness::scratch("bench");
+        let db = harness::database(backend, &dir).await;
+        let cp = ControlPlane::start(&db, &dir).await;
+        let pid = cp.pid();
+        let api = cp.api();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let base_rss = rss_kib(pid);
+        let ready = Arc::new(AtomicU64::new(0));
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let (id, token) = api.create_agent(&format!("sim-{i}")).await;
+            tokio::spawn(sim_agent(cp.ws_url(), token, ready.clone()));
+            ids.push(id);
+        }
+        let t = Instant::now();
+        while (ready.load(Ordering::Relaxed) as usize) < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "agents did not connect"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss = rss_kib(pid);
+        // warm-up
+        for id in ids.iter().take(20) {
+            round_trip(&api, id).await;
+        }
+        let mut lat = Vec::with_capacity(args.samples);
+        for i in 0..args.samples {
+            lat.push(round_trip(&api, &ids[i % ids.len()]).await);
+        }
+        lat.sort();
+        // throughput: concurrent clients, each submitting and waiting
+        let done = Arc::new(AtomicU64::new(0));
+        let until = Instant::now() + Duration::from_secs(args.seconds);
+        let mut tasks = Vec::new();
+        for c in 0..args.clients {
+            let api = api.clone();
+            let ids = ids.clone();
+            let done = done.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = c;
+                while Instant::now() < until {
+                    round_trip(&api, &ids[i % ids.len()]).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += args.clients;
+                }
+            }));
+        }
+        let t = Instant::now();
+        for t in tasks {
+            t.await?;
+        }
+        let cps = done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+        println!(
+            "agents {n:>5}: ping round trip p50 {:.2} ms  p99 {:.2} ms | {cps:.0} commands/s ({} clients) | RSS {} KiB base, {:.1} KiB per agent",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            args.clients,
+            base_rss,
+            (rss.saturating_sub(base_rss)) as f64 / n as f64,
+        );
+    }
+
+    if args.log_mb > 0 {
+        let dir = harness::scratch("bench-logs");
+        let db = harness::database(backend, &dir).await;
+        let cp = ControlPlane::start(&db, &dir).await;
+        let api = cp.api();
+        let (id, token) = api.create_agent("logger").await;
+        let _agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+        api.wait_agent_online(&id).await;
+        let line = 1000u32;
+        let lines = (args.log_mb * 1_000_000 / line as usize) as u32;
+        let t = Instant::now();
+        let cid = api
+            .command_with(json!({"agentId": id, "type": "ping", "timeoutSecs": 600,
+            "params": {"log_lines": lines, "log_line_bytes": line}}))
+            .await;
+        let c = api.wait_done(&cid, Duration::from_secs(600)).await;
+        let secs = t.elapsed().as_secs_f64();
+        assert_eq!(c["status"], "succeeded");
+        let stored = c["lastSeq"].as_i64().unwrap_or(0) - 1;
+        println!(
+            "log streaming via real tendril: {:.0} MB in {secs:.2} s = {:.1} MB/s ({stored} chunks stored)",
+            (lines as f64 * line as f64) / 1e6,
+            (lines as f64 * line as f64) / 1e6 / secs
+        );
+    }
+    Ok(())
+}
