@@ -1,0 +1,64 @@
+//! pve-sim: a Proxmox VE API simulator for tests and demos.
+//!
+//! It serves the `/api2/json` subset the agent uses with Proxmox's envelope, error shapes
+//! and timing: UPIDs that run for a while, `lock: clone` until a clone ends, a guest agent
+//! that answers only some time after boot, VMID collisions, and fault injection. The
+//! non-Proxmox control API under `/_sim` lets tests inspect VMs and inject faults at
+//! runtime:
+//!
+//! * `GET /_sim/vms`, `GET /_sim/tasks`, `GET /_sim/stats`
+//! * `GET /_sim/faults`, `POST /_sim/faults` with a [`Faults`] object (replaces all faults)
+//!
+//! The binary is `pve-sim` (`tests/src/bin/pve-sim.rs`); [`process::SimProcess`] starts
+//! it from tests.
+
+mod api;
+mod control;
+pub mod process;
+mod state;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+pub use api::PveError;
+pub use state::{
+    default_seeds, Burst, Faults, SeedVm, Sim, SimConfig, TaskView, VmView, DEFAULT_TOKEN_ID,
+    DEFAULT_TOKEN_SECRET,
+};
+pub use tls::TlsMaterial;
+
+/// The whole app: `/api2/json/…`, `/_sim/…`, and 501 for everything else.
+pub fn app(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .nest("/api2/json", api::router(sim.clone()))
+        .nest("/_sim", control::router(sim))
+        .fallback(api::not_implemented)
+}
+
+/// Serves the simulator on an already bound listener until `shutdown` resolves. With
+/// `tls`, connections are HTTPS.
+pub async fn serve(
+    listener: TcpListener,
+    sim: Arc<Sim>,
+    tls: Option<&TlsMaterial>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app(sim);
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(t) => {
+            let listener = tls::TlsListener::new(listener, t.server_config.clone())?;
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
