@@ -41,7 +41,6 @@ fn git_spec(settings: &TerraformSettings, cwd: &Path) -> ProcSpec {
     let mut spec = ProcSpec::new(&settings.git_binary, cwd)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_ALLOW_PROTOCOL", "file:git:http:https:ssh")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GCM_INTERACTIVE", "never");
     if std::env::var_os("GIT_SSH_COMMAND").is_none() {
         spec = spec.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes");
@@ -235,13 +234,19 @@ pub fn display_repo(repo: &str) -> String {
     repo.to_string()
 }
 
-/// The password of a URL with user info, to be redacted wherever git echoes it.
-pub fn url_password(repo: &str) -> Option<String> {
-    let (_, rest) = repo.split_once("://")?;
+/// The user info of a URL (`user:password@` or `token@`), to be redacted wherever git
+/// echoes it.
+pub fn url_credentials(repo: &str) -> Vec<String> {
+    let Some((_, rest)) = repo.split_once("://") else {
+        return Vec::new();
+    };
     let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    Some(password.to_string())
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return Vec::new();
+    };
+    let mut parts: Vec<String> = userinfo.split(':').map(str::to_string).collect();
+    parts.push(userinfo.to_string());
+    parts
 }
 
 #[cfg(test)]
@@ -256,9 +261,14 @@ mod tests {
         );
         assert_eq!(display_repo("/srv/repo"), "/srv/repo");
         assert_eq!(
-            url_password("https://bob:s3cret@git.example/x").as_deref(),
-            Some("s3cret")
+            url_credentials("https://bob:s3cret@git.example/x"),
+            ["bob", "s3cret", "bob:s3cret"]
         );
-        assert_eq!(url_password("https://git.example/x"), None);
+        assert_eq!(
+            url_credentials("https://ghp_abc123@git.example/x"),
+            ["ghp_abc123", "ghp_abc123"]
+        );
+        assert!(url_credentials("https://git.example/x").is_empty());
+        assert!(url_credentials("/srv/x").is_empty());
     }
 }

@@ -9,7 +9,6 @@
 //! of a command: past the cap, output is counted and dropped (the process keeps running,
 //! its pipes keep being drained) and a `[output truncated …]` marker says so.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +23,10 @@ pub const LOG_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 /// …or as soon as it holds this many bytes.
 pub const LOG_FLUSH_BYTES: usize = 10 * 1024;
 
-/// Lines kept per stream for error messages.
+/// Lines kept per stream for error messages…
 const TAIL_LINES: usize = 40;
+/// …out of at least this many bytes of the stream's end.
+const TAIL_BYTES: usize = 16 * 1024;
 /// Longest line kept in a tail.
 const TAIL_LINE_CHARS: usize = 1000;
 
@@ -41,6 +42,7 @@ pub struct LogSink<'a> {
     cap: u64,
     /// Bytes dropped after the cap was reached.
     dropped: u64,
+    truncated: bool,
 }
 
 impl<'a> LogSink<'a> {
@@ -54,6 +56,7 @@ impl<'a> LogSink<'a> {
             accepted: 0,
             cap: cap_bytes,
             dropped: 0,
+            truncated: false,
         }
     }
 
@@ -72,7 +75,7 @@ impl<'a> LogSink<'a> {
             return;
         }
         if self.accepted >= self.cap {
-            self.dropped += text.len() as u64;
+            self.drop_output(text.len()).await;
             return;
         }
         let room = (self.cap - self.accepted).min(usize::MAX as u64) as usize;
@@ -107,7 +110,14 @@ impl<'a> LogSink<'a> {
             self.flush().await;
         }
         if !over.is_empty() {
-            self.dropped += over.len() as u64;
+            self.drop_output(over.len()).await;
+        }
+    }
+
+    /// Counts output past the cap; the first time, says so in the log.
+    async fn drop_output(&mut self, bytes: usize) {
+        if !self.truncated {
+            self.truncated = true;
             self.flush().await;
             let cap = human_bytes(self.cap);
             self.system(&format!(
@@ -116,6 +126,7 @@ impl<'a> LogSink<'a> {
             ))
             .await;
         }
+        self.dropped += bytes as u64;
     }
 
     /// Ships the pending chunk now.
@@ -161,9 +172,10 @@ pub struct StreamDecoder {
     utf8_carry: Vec<u8>,
     /// Decoded text held back because it may be the start of a secret.
     held: String,
-    /// The current incomplete line (redacted), for the tail and line observers.
+    /// The current incomplete line (redacted, bounded), for the line observer.
     line: String,
-    tail: VecDeque<String>,
+    /// The last [`TAIL_BYTES`] to twice that of the stream (redacted), for error messages.
+    tail: String,
 }
 
 impl StreamDecoder {
@@ -173,7 +185,7 @@ impl StreamDecoder {
             utf8_carry: Vec::new(),
             held: String::new(),
             line: String::new(),
-            tail: VecDeque::new(),
+            tail: String::new(),
         }
     }
 
@@ -187,10 +199,12 @@ impl StreamDecoder {
     ) -> String {
         let mut text = std::mem::take(&mut self.held);
         decode_utf8(&mut self.utf8_carry, bytes, &mut text, false);
-        let redacted = redactor.redact(&text).into_owned();
-        let safe = redactor.safe_prefix_len(&redacted);
-        self.held = redacted[safe..].to_string();
-        let mut out = redacted;
+        let mut out = match redactor.redact(&text) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(r) => r,
+        };
+        let safe = redactor.safe_prefix_len(&out);
+        self.held = out[safe..].to_string();
         out.truncate(safe);
         self.observe(&out, on_line);
         out
@@ -209,50 +223,49 @@ impl StreamDecoder {
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             on_line(&line);
-            self.keep(line);
         }
         out
     }
 
-    /// The last lines of the stream (redacted), oldest first.
+    /// The last lines of the stream (redacted, long lines shortened), oldest first.
     pub fn tail(&self) -> Vec<String> {
-        let mut lines: Vec<String> = self.tail.iter().cloned().collect();
-        if !self.line.is_empty() {
-            lines.push(self.line.clone());
+        let mut lines: Vec<&str> = self.tail.lines().collect();
+        if lines.len() > TAIL_LINES {
+            lines.drain(..lines.len() - TAIL_LINES);
         }
         lines
+            .into_iter()
+            .map(|l| {
+                if l.len() > TAIL_LINE_CHARS {
+                    format!("{}…", &l[..floor_char_boundary(l, TAIL_LINE_CHARS)])
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect()
     }
 
     fn observe(&mut self, text: &str, on_line: &mut dyn FnMut(&str)) {
+        self.tail.push_str(text);
+        if self.tail.len() > 2 * TAIL_BYTES {
+            let cut = floor_char_boundary(&self.tail, self.tail.len() - TAIL_BYTES);
+            self.tail.drain(..cut);
+        }
         let mut rest = text;
         while let Some(nl) = rest.find('\n') {
             let piece = &rest[..nl];
             rest = &rest[nl + 1..];
-            let line = if self.line.is_empty() {
-                piece.to_string()
+            if self.line.is_empty() {
+                on_line(piece.strip_suffix('\r').unwrap_or(piece));
             } else {
-                let mut l = std::mem::take(&mut self.line);
-                l.push_str(piece);
-                l
-            };
-            let line = line.strip_suffix('\r').map(str::to_string).unwrap_or(line);
-            on_line(&line);
-            self.keep(line);
+                let mut line = std::mem::take(&mut self.line);
+                line.push_str(piece);
+                on_line(line.strip_suffix('\r').unwrap_or(&line));
+            }
         }
         if self.line.len() < TAIL_LINE_CHARS * 4 {
             self.line.push_str(rest);
         }
-    }
-
-    fn keep(&mut self, mut line: String) {
-        if line.len() > TAIL_LINE_CHARS {
-            line.truncate(floor_char_boundary(&line, TAIL_LINE_CHARS));
-            line.push('…');
-        }
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line);
     }
 }
 
@@ -320,6 +333,103 @@ pub fn human_bytes(n: u64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn ctx() -> (
+        ExecContext,
+        tokio::sync::mpsc::Receiver<crate::exec::Report>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1000);
+        let config = crate::AgentConfig {
+            server_url: "ws://127.0.0.1:9/api/agents/connect".into(),
+            token: Default::default(),
+            work_dir: std::env::temp_dir(),
+            max_concurrency: 1,
+            hostname: "t".into(),
+            server_ca_file: None,
+            proxmox: None,
+            terraform: Default::default(),
+        };
+        let id = uuid::Uuid::new_v4();
+        (ExecContext::new(id, id, 1, Arc::new(config), tx), rx)
+    }
+
+    fn drain(
+        rx: &mut tokio::sync::mpsc::Receiver<crate::exec::Report>,
+    ) -> Vec<(LogStream, String)> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let trellis_protocol::EventBody::Log { stream, data } = r.body {
+                out.push((stream, data));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn sink_batches_by_size_and_time_in_stream_order() {
+        let (ctx, mut rx) = ctx();
+        let mut sink = LogSink::new(&ctx, Arc::new(Redactor::default()), 1 << 30);
+        sink.push(LogStream::Stdout, &"a".repeat(25 * 1024)).await;
+        let sent = drain(&mut rx);
+        assert_eq!(sent.len(), 2);
+        assert!(sent
+            .iter()
+            .all(|(s, d)| *s == LogStream::Stdout && d.len() == LOG_FLUSH_BYTES));
+        let deadline = sink.deadline().expect("5 KiB pending");
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            left <= LOG_FLUSH_INTERVAL && left > LOG_FLUSH_INTERVAL / 2,
+            "{left:?}"
+        );
+        sink.push(LogStream::Stdout, "b").await;
+        assert_eq!(
+            sink.deadline(),
+            Some(deadline),
+            "the first byte sets the deadline"
+        );
+        sink.push(LogStream::Stderr, "err").await;
+        sink.push(LogStream::Stdout, "out").await;
+        sink.system("note").await;
+        let sent = drain(&mut rx);
+        let kinds: Vec<_> = sent.iter().map(|(s, d)| (*s, d.len())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (LogStream::Stdout, 5 * 1024 + 1),
+                (LogStream::Stderr, 3),
+                (LogStream::Stdout, 3),
+                (LogStream::System, 5)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn sink_caps_output_with_a_marker() {
+        let (ctx, mut rx) = ctx();
+        let mut sink = LogSink::new(&ctx, Arc::new(Redactor::default()), 100);
+        sink.push(LogStream::Stdout, &"x".repeat(60)).await;
+        sink.push(LogStream::Stderr, &"y".repeat(60)).await;
+        sink.push(LogStream::Stdout, &"z".repeat(1000)).await;
+        sink.finish().await;
+        let sent = drain(&mut rx);
+        let shipped: usize = sent
+            .iter()
+            .filter(|(s, _)| *s != LogStream::System)
+            .map(|(_, d)| d.len())
+            .sum();
+        assert_eq!(shipped, 100);
+        let system: Vec<&str> = sent
+            .iter()
+            .filter(|(s, _)| *s == LogStream::System)
+            .map(|(_, d)| d.as_str())
+            .collect();
+        assert_eq!(system.len(), 2, "{system:?}");
+        assert!(system[0].starts_with("[output truncated: the log limit of 100 B"));
+        assert!(
+            system[1].starts_with("[output truncated: 1020 bytes"),
+            "{system:?}"
+        );
+    }
 
     #[test]
     fn utf8_split_across_reads() {

@@ -136,8 +136,8 @@ pub async fn apply(
     let req = Request::validate(&p)?;
     let settings = &ctx.config.terraform;
     let mut redactor = Redactor::for_params(&p);
-    if let Some(pw) = git::url_password(&p.template_source.repo) {
-        redactor.add(&pw);
+    for credential in git::url_credentials(&p.template_source.repo) {
+        redactor.add(&credential);
     }
     let redactor = Arc::new(redactor);
     let mut sink = LogSink::new(ctx, redactor.clone(), settings.log_cap_bytes);
@@ -284,13 +284,28 @@ async fn run_in_workspace(
         format!("commit {}", f.commit)
     })
     .await?;
-    let dir = fetched.dir.clone();
+    let result = init_apply_outputs(ctx, sink, settings, p, &fetched.dir).await;
+    // The variables file holds the sensitive values in clear: do not keep it around.
+    let _ = tokio::fs::remove_file(fetched.dir.join(TFVARS)).await;
+    Ok(TerraformApplyResult {
+        outputs: result?,
+        resolved_commit: Some(fetched.commit),
+    })
+}
 
+/// The stages after `fetch_template`, in the checked-out template directory.
+async fn init_apply_outputs(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    p: &TerraformApplyParams,
+    dir: &std::path::Path,
+) -> Result<Value, CommandError> {
     // init
     begin(ctx, sink, "init", "terraform init".into()).await?;
     let init = async {
-        write_tfvars(&dir, &p.terraform_vars).await?;
-        let mut spec = tf_spec(settings, &dir)
+        write_tfvars(dir, &p.terraform_vars).await?;
+        let mut spec = tf_spec(settings, dir)
             .arg("init")
             .arg("-input=false")
             .arg("-no-color");
@@ -315,7 +330,7 @@ async fn run_in_workspace(
     begin(ctx, sink, "apply", "terraform apply".into()).await?;
     let (start, stop) = stage_percent("apply");
     let mut progress = ApplyProgress::new(start, stop);
-    let spec = tf_spec(settings, &dir)
+    let spec = tf_spec(settings, dir)
         .arg("apply")
         .arg("-auto-approve")
         .arg("-input=false")
@@ -324,14 +339,12 @@ async fn run_in_workspace(
         progress.observe(l)
     })
     .await;
-    // The variables file holds the sensitive values in clear: do not keep it around.
-    let _ = tokio::fs::remove_file(dir.join(TFVARS)).await;
     end(ctx, sink, "apply", applied, |_| progress.summary()).await?;
 
     // outputs
     begin(ctx, sink, "outputs", "terraform output -json".into()).await?;
     let outputs = async {
-        let mut spec = tf_spec(settings, &dir).arg("output").arg("-json");
+        let mut spec = tf_spec(settings, dir).arg("output").arg("-json");
         spec.capture_stdout = true;
         let out = run_terraform(ctx, sink, settings, "outputs", spec, &mut |_| None).await?;
         if out.stdout_overflow {
@@ -360,11 +373,7 @@ async fn run_in_workspace(
     })
     .await?;
     ctx.progress(100.0, Some("applied".into())).await;
-
-    Ok(TerraformApplyResult {
-        outputs,
-        resolved_commit: Some(fetched.commit),
-    })
+    Ok(outputs)
 }
 
 const TFVARS: &str = "terraform.tfvars.json";

@@ -180,6 +180,7 @@ pub async fn run(
                     fmt_duration(grace),
                 )).await;
                 group.signal("KILL").await;
+                let _ = child.start_kill();
             }
             r = stdout.read(&mut out_buf), if !out_done => {
                 let text = match r {
