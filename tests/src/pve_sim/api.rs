@@ -933,67 +933,68 @@ async fn power(
         check_unlocked(&vm)?;
         let id = vmid.to_string();
         let user = cfg.token_id.as_str();
-        let upid =
-            match action.as_str() {
-                "start" => {
-                    if vm.template {
-                        return Err(PveError::runtime("you can't start a vm if it's a template"));
-                    }
-                    if vm.running {
-                        return Err(PveError::runtime(format!("VM {vmid} already running")));
-                    }
-                    let mut outcome = match g.faults.fail_next_start.take() {
-                        Some(m) => Err(m),
-                        None => Ok(()),
-                    };
-                    if let Some(b) = vm.net0_bridge() {
-                        if !bridges.contains(&b) {
-                            outcome = Err(format!("bridge '{b}' does not exist"));
-                        }
-                    }
-                    g.spawn_task(
-                        &node,
-                        "qmstart",
-                        &id,
-                        user,
-                        Duration::from_millis(cfg.start_ms),
-                        outcome,
-                        Effect::Started { vmid },
-                        vec![format!("generating cloud-init ISO")],
-                    )
+        let upid = match action.as_str() {
+            "start" => {
+                if vm.template {
+                    return Err(PveError::runtime("you can't start a vm if it's a template"));
                 }
-                "stop" => g.spawn_task(
+                if vm.running {
+                    return Err(PveError::runtime(format!("VM {vmid} already running")));
+                }
+                let mut outcome = match g.faults.fail_next_start.take() {
+                    Some(m) => Err(m),
+                    None => Ok(()),
+                };
+                if let Some(b) = vm.net0_bridge() {
+                    if !bridges.contains(&b) {
+                        outcome = Err(format!("bridge '{b}' does not exist"));
+                    }
+                }
+                g.spawn_task(
                     &node,
-                    "qmstop",
+                    "qmstart",
                     &id,
                     user,
-                    Duration::from_millis(cfg.stop_ms),
+                    Duration::from_millis(cfg.start_ms),
+                    outcome,
+                    Effect::Started { vmid },
+                    vec![format!("generating cloud-init ISO")],
+                )
+            }
+            "stop" => g.spawn_task(
+                &node,
+                "qmstop",
+                &id,
+                user,
+                Duration::from_millis(cfg.stop_ms),
+                Ok(()),
+                Effect::Stopped { vmid },
+                vec![],
+            ),
+            "shutdown" => {
+                if !vm.running {
+                    return Err(PveError::runtime(format!("VM {vmid} not running")));
+                }
+                g.spawn_task(
+                    &node,
+                    "qmshutdown",
+                    &id,
+                    user,
+                    Duration::from_millis(cfg.stop_ms * 2),
                     Ok(()),
                     Effect::Stopped { vmid },
                     vec![],
-                ),
-                "shutdown" => {
-                    if !vm.running {
-                        return Err(PveError::runtime(format!("VM {vmid} not running")));
-                    }
-                    g.spawn_task(
-                        &node,
-                        "qmshutdown",
-                        &id,
-                        user,
-                        Duration::from_millis(cfg.stop_ms * 2),
-                        Ok(()),
-                        Effect::Stopped { vmid },
-                        vec![],
-                    )
-                }
-                _ => return Err(PveError::new(
+                )
+            }
+            _ => {
+                return Err(PveError::new(
                     501,
                     format!(
                         "Method 'POST /nodes/{node}/qemu/{vmid}/status/{action}' not implemented"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         Ok(data(upid))
     })
     .map_err(IntoResponse::into_response)

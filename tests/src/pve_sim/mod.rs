@@ -14,6 +14,7 @@
 
 mod api;
 mod control;
+pub mod exec_harness;
 pub mod process;
 mod state;
 pub mod tls;
