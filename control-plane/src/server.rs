@@ -82,6 +82,11 @@ pub async fn serve(
         }
         (None, None) => {
             tracing::info!(%addr, "trellis listening (http, ws)");
+            use axum::serve::ListenerExt;
+            // Small frames both ways: Nagle plus delayed ACK would add ~40 ms per round trip.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(graceful)
                 .await?;

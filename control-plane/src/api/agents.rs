@@ -151,7 +151,11 @@ pub async fn connect(
         Err(e) => return AppError::from(e).into_response(),
     };
     let broker = s.broker.clone();
-    ws.max_message_size(MAX_FRAME_BYTES)
+    // Small per-connection buffers: 10 000 idle agents must fit in tens of KiB each; a
+    // busy agent's buffers grow on demand.
+    ws.read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| crate::broker::session::run(broker, agent, socket))
 }
