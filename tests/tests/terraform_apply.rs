@@ -599,6 +599,55 @@ async fn unknown_version_or_repository_is_a_clear_error() {
 }
 
 #[tokio::test]
+async fn missing_terraform_binary_is_a_clear_error() {
+    let repo = template_repo();
+    let mut agent = Agent::new();
+    agent.settings.binary = "/nonexistent/bin/terraform".into();
+    let run = agent
+        .apply(params(&repo, "v1.0.0", "basic", json!({})))
+        .await;
+    let e = run.err();
+    assert_eq!(e.code, "terraform_unavailable", "{e:?}");
+    assert_eq!(e.stage.as_deref(), Some("init"));
+    assert!(e.message.contains("/nonexistent/bin/terraform"), "{e:?}");
+}
+
+#[tokio::test]
+async fn workspaces_past_their_retention_are_removed() {
+    let repo = template_repo();
+    let agent = Agent::new();
+    let root = agent.work.0.join("terraform");
+    let old = root.join(Uuid::new_v4().to_string());
+    let recent = root.join(Uuid::new_v4().to_string());
+    let foreign = root.join("not-a-workspace");
+    for d in [&old, &recent, &foreign] {
+        std::fs::create_dir_all(d.join("src")).expect("mkdir");
+    }
+    for d in [&old, &foreign] {
+        let status = std::process::Command::new("touch")
+            .args(["-d", "8 days ago"])
+            .arg(d)
+            .status()
+            .expect("touch");
+        assert!(status.success());
+    }
+    // Any apply cleans up first, even one that then fails.
+    let run = agent
+        .apply(params(&repo, "v9.9.9", "basic", json!({})))
+        .await;
+    assert_eq!(run.err().code, "template_version_not_found");
+    assert!(!old.exists(), "expired workspace kept");
+    assert!(recent.exists(), "recent workspace removed");
+    assert!(
+        foreign.exists(),
+        "a directory the agent did not make was removed"
+    );
+    assert!(run
+        .logs(Some(LogStream::System))
+        .contains("removed 1 terraform workspace"));
+}
+
+#[tokio::test]
 async fn applies_with_the_same_workspace_key_run_one_at_a_time() {
     let repo = template_repo();
     let agent = Agent::new();

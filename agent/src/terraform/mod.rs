@@ -506,7 +506,8 @@ async fn end<T>(
                 .redactor()
                 .redact(e.message.lines().next().unwrap_or_default())
                 .into_owned();
-            ctx.stage(stage, StageState::Failed, None, Some(first_line))
+            let (start, _) = stage_percent(stage);
+            ctx.stage(stage, StageState::Failed, Some(start), Some(first_line))
                 .await;
             Err(e)
         }
