@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
             fail_next_clone: a.fault_fail_next_clone,
             fail_next_start: a.fault_fail_next_start,
             agent_never_up: a.fault_agent_never_up,
-            burst: (a.fault_burst > 0).then(|| Burst {
+            burst: (a.fault_burst > 0).then_some(Burst {
                 count: a.fault_burst,
                 status: a.fault_burst_status,
                 path_contains: a.fault_burst_path,

@@ -192,7 +192,7 @@ fn parse_vmid(s: &str) -> Result<u32, PveError> {
         Ok(v) if (100..=999_999_999).contains(&v) => Ok(v),
         Ok(_) => Err(PveError::param(
             "vmid",
-            format!("value must have a minimum value of 100"),
+            "value must have a minimum value of 100",
         )),
         Err(_) => Err(PveError::param(
             "vmid",
@@ -518,7 +518,7 @@ async fn clone_vm(
         if !valid_dns_name(n) {
             return Err(PveError::param(
                 "name",
-                format!("value does not look like a valid DNS name"),
+                "value does not look like a valid DNS name",
             ));
         }
     }
@@ -958,7 +958,7 @@ async fn power(
                     Duration::from_millis(cfg.start_ms),
                     outcome,
                     Effect::Started { vmid },
-                    vec![format!("generating cloud-init ISO")],
+                    vec!["generating cloud-init ISO".to_string()],
                 )
             }
             "stop" => g.spawn_task(
