@@ -459,6 +459,16 @@ impl Db {
         Ok(())
     }
 
+    /// Agents revoked since `since` (e.g. by the CLI, which cannot reach live sessions).
+    pub async fn revoked_since(&self, since: i64) -> DbResult<Vec<Uuid>> {
+        let rows =
+            sqlx::query("SELECT id FROM agents WHERE revoked_at IS NOT NULL AND revoked_at >= $1")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| uuid(r, "id")).collect()
+    }
+
     /// At start-up no session of this process exists yet.
     pub async fn mark_all_offline(&self) -> DbResult<()> {
         sqlx::query("UPDATE agents SET status = 'offline' WHERE status <> 'offline'")

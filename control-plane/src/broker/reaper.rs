@@ -33,6 +33,13 @@ pub async fn run(broker: Arc<Broker>) {
                 tracing::warn!(error = %e, "heartbeat flush failed");
             }
             broker.fanout.sweep();
+            match broker.db.revoked_since(now_ms() - 30_000).await {
+                Ok(ids) => ids
+                    .into_iter()
+                    .filter(|id| broker.is_connected(id))
+                    .for_each(|id| broker.revoke(id)),
+                Err(e) => tracing::warn!(error = %e, "revocation sweep failed"),
+            }
             if let Err(e) = redispatch(&broker).await {
                 tracing::warn!(error = %e, "re-dispatch sweep failed");
             }
