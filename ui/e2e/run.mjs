@@ -225,8 +225,11 @@ async function main() {
 
     /** Walks the wizard from the node row up to and including submit; returns the command id. */
     async function provisionThroughWizard(row, { checkValidation = false, screenshots = false } = {}) {
-      const copySsh = row.getByRole('button', { name: 'Copy SSH' });
-      assert(await copySsh.isDisabled(), 'Copy SSH should be disabled on an unprovisioned node');
+      // Actions that need a VM are disabled on an unprovisioned node.
+      await row.getByRole('button', { name: /^More actions for/ }).click();
+      const copySsh = page.getByRole('menuitem', { name: /Copy SSH command/ });
+      assert((await copySsh.getAttribute('aria-disabled')) === 'true', 'Copy SSH command should be disabled on an unprovisioned node');
+      await page.keyboard.press('Escape');
       await row.getByTestId('node-provision').click();
       const modal = page.getByTestId('provision-modal');
       await modal.waitFor();

@@ -6,7 +6,8 @@ import type { VmNode } from '../lib/types';
 import { formatMemory } from '../lib/time';
 import { validateCores, validateMemory, validateVmName } from '../lib/validation';
 import { ConfirmDialog, Modal } from '../components/Modal';
-import { CopyButton, Empty, ErrorBox, Field, Spinner, StatusPill } from '../components/ui';
+import { Empty, ErrorBox, Field, Spinner, StatusPill, copyText } from '../components/ui';
+import { Menu } from '../components/Menu';
 import { ProvisionModal } from './ProvisionModal';
 
 function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: () => void; onSaved: () => void }) {
@@ -186,8 +187,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                 <th>Name</th>
                 <th className="hide-sm">Application</th>
                 <th className="hide-md">Template</th>
-                <th className="hide-sm">Memory</th>
-                <th className="hide-sm">Cores</th>
+                <th className="hide-sm">Size</th>
                 <th>Status</th>
                 <th className="hide-md">Hypervisor</th>
                 <th>IP</th>
@@ -204,19 +204,20 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                     <td>
                       <strong>{n.name}</strong>
                       {n.error && n.status === 'failed' && (
-                        <div className="small err-text" title={n.error}>
+                        <div className="small err-text clamp" title={n.error}>
                           {n.error.length > 80 ? `${n.error.slice(0, 80)}…` : n.error}
                         </div>
                       )}
                     </td>
                     <td className="hide-sm">{n.application ?? '–'}</td>
-                    <td className="hide-md">{templateName(n.templateId)}</td>
-                    <td className="hide-sm nowrap">{formatMemory(n.memory)}</td>
-                    <td className="hide-sm">{n.cores}</td>
-                    <td>
-                      <StatusPill status={n.status} />
+                    <td className="hide-md nowrap">{templateName(n.templateId)}</td>
+                    <td className="hide-sm nowrap" data-col="size">
+                      {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
                     </td>
-                    <td className="hide-md">{agentName(n.hypervisorId)}</td>
+                    <td>
+                      <StatusPill status={n.status} title={n.error ?? undefined} />
+                    </td>
+                    <td className="hide-md nowrap">{agentName(n.hypervisorId)}</td>
                     <td className="mono" data-col="ip">
                       {n.ipAddress ?? '–'}
                     </td>
@@ -234,37 +235,49 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                             {n.status === 'failed' ? 'Provision…' : 'Provision'}
                           </button>
                         ) : null}
-                        {n.ipAddress ? (
-                          <CopyButton text={`ssh ${n.ipAddress}`} label="Copy SSH" />
-                        ) : (
-                          <button type="button" className="btn btn-sm" disabled title={unprovisioned ? 'Not provisioned yet' : 'No IP address reported'}>
-                            Copy SSH
-                          </button>
-                        )}
                         <button
                           type="button"
                           className="btn btn-sm"
                           disabled={!n.lastCommandId}
-                          title={n.lastCommandId ? undefined : 'No command has run for this node'}
+                          title={n.lastCommandId ? 'Open the last command of this node' : 'No command has run for this node'}
                           onClick={() => n.lastCommandId && navigate(`/commands/${n.lastCommandId}`)}
                         >
                           Log
                         </button>
-                        <button type="button" className="btn btn-sm" onClick={() => setEditing(n)} disabled={provisioning}>
-                          Edit
-                        </button>
-                        <button
-                          type="button"
-                          className="btn btn-sm btn-danger-ghost"
-                          disabled={provisioning}
-                          title={provisioning ? 'Wait for provisioning to finish' : undefined}
-                          onClick={() => {
-                            setDelErr(null);
-                            setDeleting(n);
-                          }}
-                        >
-                          Delete
-                        </button>
+                        <Menu
+                          label={`More actions for ${n.name}`}
+                          items={[
+                            {
+                              label: 'Copy SSH command',
+                              disabled: !n.ipAddress,
+                              reason: unprovisioned ? 'Not provisioned yet' : 'No IP address reported',
+                              onSelect: () => void copyText(`ssh ${n.ipAddress}`),
+                            },
+                            {
+                              label: 'Copy IP address',
+                              disabled: !n.ipAddress,
+                              reason: unprovisioned ? 'Not provisioned yet' : 'No IP address reported',
+                              onSelect: () => void copyText(n.ipAddress ?? ''),
+                            },
+                            {
+                              label: 'Hypervisor commands',
+                              disabled: !n.hypervisorId,
+                              reason: 'Not provisioned yet',
+                              onSelect: () => navigate(`/commands?agentId=${encodeURIComponent(n.hypervisorId ?? '')}`),
+                            },
+                            { label: 'Edit', disabled: provisioning, reason: 'Wait for provisioning to finish', onSelect: () => setEditing(n) },
+                            {
+                              label: 'Delete',
+                              danger: true,
+                              disabled: provisioning,
+                              reason: 'Wait for provisioning to finish',
+                              onSelect: () => {
+                                setDelErr(null);
+                                setDeleting(n);
+                              },
+                            },
+                          ]}
+                        />
                       </div>
                     </td>
                   </tr>
