@@ -27,8 +27,8 @@ const PILL_LABEL: Record<string, string> = {
 };
 
 /** A coloured status pill; the running-ish states get a pulsing dot. */
-export function StatusPill({ status, title }: { status: string; title?: string }) {
-  const tone = PILL_TONE[status] ?? 'muted';
+export function StatusPill({ status, title, tone: toneOverride }: { status: string; title?: string; tone?: string }) {
+  const tone = toneOverride ?? PILL_TONE[status] ?? 'muted';
   const live = ['running', 'dispatched', 'provisioning', 'online'].includes(status);
   return (
     <span className={`pill pill-${tone}`} title={title} data-status={status}>
@@ -36,6 +36,11 @@ export function StatusPill({ status, title }: { status: string; title?: string }
       {PILL_LABEL[status] ?? status}
     </span>
   );
+}
+
+/** Node statuses: a running VM is good news (green), unlike a running command. */
+export function NodeStatusPill({ status, title }: { status: string; title?: string }) {
+  return <StatusPill status={status} title={title} tone={status === 'running' ? 'ok' : undefined} />;
 }
 
 export function RelTime({ ts, now }: { ts: string | null | undefined; now?: number }) {

@@ -102,6 +102,11 @@ describe('commandPercent', () => {
     const stages = [st('clone_template', 'completed'), st('configure_vm', 'completed'), st('start_vm', 'running')];
     expect(commandPercent({ ...base, stages })).toBe(42); // 2.5 of 6
   });
+  it('never shows less than the stages say', () => {
+    const stages = [st('clone_template', 'completed'), st('configure_vm', 'running')];
+    expect(commandPercent({ ...base, percent: 0, stages })).toBe(25); // 1.5 of 6
+    expect(commandPercent({ ...base, percent: 60, stages })).toBe(60);
+  });
   it('is 100 when succeeded and 0 with nothing known', () => {
     expect(commandPercent({ ...base, status: 'succeeded' })).toBe(100);
     expect(commandPercent({ ...base, type: 'ping' })).toBe(0);

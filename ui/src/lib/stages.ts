@@ -114,22 +114,25 @@ export function mergeSnapshot(prev: Command | null, next: Command): Command {
 }
 
 /**
- * The percent to show (0–100): the command's own percent when reported, else the share of
+ * The percent to show (0–100): the larger of the command's own percent and the share of
  * finished stages (a running stage counts half); 100 once succeeded.
  */
 export function commandPercent(cmd: Pick<Command, 'status' | 'percent' | 'type' | 'stages'>): number {
   if (cmd.status === 'succeeded') return 100;
-  if (typeof cmd.percent === 'number' && Number.isFinite(cmd.percent)) {
-    return Math.max(0, Math.min(100, cmd.percent));
-  }
+  const reported =
+    typeof cmd.percent === 'number' && Number.isFinite(cmd.percent) ? Math.max(0, Math.min(100, cmd.percent)) : null;
   const stages = mergeStages(cmd.type, cmd.stages);
-  if (stages.length === 0) return 0;
-  let done = 0;
-  for (const s of stages) {
-    if (s.state === 'completed' || s.state === 'skipped') done += 1;
-    else if (s.state === 'running') done += 0.5;
+  let derived = 0;
+  if (stages.length > 0) {
+    let done = 0;
+    for (const s of stages) {
+      if (s.state === 'completed' || s.state === 'skipped') done += 1;
+      else if (s.state === 'running') done += 0.5;
+    }
+    derived = Math.round((done / stages.length) * 100);
   }
-  return Math.round((done / stages.length) * 100);
+  // An agent may report 0 % while a stage runs; never show less than the stages say.
+  return reported === null ? derived : Math.max(reported, derived);
 }
 
 /** The stage that failed: the error's stage, else the first stage in state failed, else the running one. */

@@ -6,7 +6,7 @@ import type { VmNode } from '../lib/types';
 import { formatMemory } from '../lib/time';
 import { validateCores, validateMemory, validateVmName } from '../lib/validation';
 import { ConfirmDialog, Modal } from '../components/Modal';
-import { Empty, ErrorBox, Field, Spinner, StatusPill, copyText } from '../components/ui';
+import { Empty, ErrorBox, Field, NodeStatusPill, Spinner, copyText } from '../components/ui';
 import { Menu } from '../components/Menu';
 import { ProvisionModal } from './ProvisionModal';
 
@@ -215,7 +215,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                       {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
                     </td>
                     <td>
-                      <StatusPill status={n.status} title={n.error ?? undefined} />
+                      <NodeStatusPill status={n.status} title={n.error ?? undefined} />
                     </td>
                     <td className="hide-md nowrap">{agentName(n.hypervisorId)}</td>
                     <td className="mono" data-col="ip">

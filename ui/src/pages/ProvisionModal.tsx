@@ -10,7 +10,7 @@ import { isTerminal } from '../lib/types';
 import { formatMemory } from '../lib/time';
 import { validateCores, validateMemory, validateVmName } from '../lib/validation';
 import { ConfirmDialog, Modal } from '../components/Modal';
-import { CopyButton, ErrorBox, Field, Notice, ProgressBar, RelTime, Spinner, StatusPill } from '../components/ui';
+import { CopyButton, ErrorBox, Field, NodeStatusPill, Notice, ProgressBar, RelTime, Spinner, StatusPill } from '../components/ui';
 import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
 import { ProxmoxPicker } from '../components/ProxmoxPicker';
@@ -288,6 +288,7 @@ function ConfigureStep({
 function ProvisioningStep({
   commandId,
   nodeId,
+  onNodeSettled,
   onRetry,
   onChangeSettings,
   retrying,
@@ -295,6 +296,8 @@ function ProvisioningStep({
 }: {
   commandId: string;
   nodeId: string | null;
+  /** The node record reached its post-command state (refresh lists). */
+  onNodeSettled: () => void;
   onRetry: (cmd: Command) => void;
   onChangeSettings: () => void;
   retrying: boolean;
@@ -309,6 +312,8 @@ function ProvisioningStep({
   const agent = usePolling(() => (cmd ? api.getAgent(cmd.agentId) : Promise.resolve(null)), 0, [cmd?.agentId]);
   const status = cmd?.status;
 
+  const settledRef = useRef(onNodeSettled);
+  settledRef.current = onNodeSettled;
   // After the command ends, the control plane updates the node; follow it until it settles.
   useEffect(() => {
     if (!nodeId || !status || !isTerminal(status)) return;
@@ -320,6 +325,7 @@ function ProvisioningStep({
         if (!alive) return;
         setNode(nd);
         if (nd.status === 'provisioning' && n++ < 20) setTimeout(tick, 1000);
+        else settledRef.current();
       } catch {
         /* the node may have been deleted */
       }
@@ -375,7 +381,7 @@ function ProvisioningStep({
             {node && (
               <>
                 <span className="kv-k">Node status</span>
-                <StatusPill status={node.status} />
+                <NodeStatusPill status={node.status} />
               </>
             )}
           </div>
@@ -742,6 +748,7 @@ export function ProvisionModal({
             key={commandId}
             commandId={commandId}
             nodeId={nodeId}
+            onNodeSettled={onChanged}
             onRetry={retry}
             retrying={retrying}
             retryError={retryErr}
