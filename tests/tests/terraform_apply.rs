@@ -550,6 +550,68 @@ async fn cancel_stops_terraform_and_everything_it_started() {
     assert!(left.is_empty(), "still running: {left:?}");
 }
 
+/// Terraform stops its provisioners itself on SIGINT; a `terraform` that ignores SIGINT
+/// (a stand-in script here) is killed with its whole process group after the grace period.
+#[tokio::test]
+async fn cancel_kills_after_the_grace_period_when_sigint_is_ignored() {
+    let repo = template_repo();
+    let mut agent = Agent::new();
+    let marker = format!("{}.{}", 600 + rand_u16() % 300, rand_u16());
+    agent.settings.binary = fake_terraform(
+        &agent,
+        &format!("trap '' INT; echo started; sleep {marker}; echo finished"),
+    );
+    agent.settings.sigint_grace = Duration::from_millis(1500);
+    let mut cancelled_at = None;
+    let run = agent
+        .apply_with(params(&repo, "v1.0.0", "basic", json!({})), |seen, ctx| {
+            if let EventBody::Log { data, .. } = &seen.body {
+                if data.contains("started\n") && cancelled_at.is_none() {
+                    cancelled_at = Some(Instant::now());
+                    ctx.request_cancel(CancelReason::TimedOut);
+                }
+            }
+        })
+        .await;
+    let cancelled_at = cancelled_at.expect("the stand-in never started");
+    let e = run.err();
+    assert_eq!(e.code, "cancelled", "{e:?}");
+    assert_eq!(e.stage.as_deref(), Some("apply"), "{e:?}");
+    assert!(e.message.contains("killed"), "{e:?}");
+    let took = run.finished - cancelled_at;
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(8),
+        "stopping took {took:?}"
+    );
+    assert!(run
+        .logs(Some(LogStream::System))
+        .contains("sending SIGKILL"));
+    assert!(!run.logs(Some(LogStream::Stdout)).contains("finished"));
+    let left = processes_matching(&marker, &agent.work.0);
+    assert!(left.is_empty(), "still running: {left:?}");
+}
+
+/// A stand-in `terraform`: `apply` runs `apply_script`, `output` prints `{}`, the rest
+/// only say what they are.
+fn fake_terraform(agent: &Agent, apply_script: &str) -> PathBuf {
+    let path = agent.work.0.join("fake-terraform");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  apply) {apply_script} ;;\n  output) echo '{{}}' ;;\n  \
+             *) echo \"fake terraform $1\" ;;\nesac\n"
+        ),
+    )
+    .expect("write fake terraform");
+    let status = std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&path)
+        .status()
+        .expect("chmod");
+    assert!(status.success());
+    path
+}
+
 #[tokio::test]
 async fn unknown_version_or_repository_is_a_clear_error() {
     let repo = template_repo();
@@ -737,21 +799,10 @@ async fn log_throughput_agent_pipeline() {
     let repo = template_repo();
     let mut agent = Agent::new();
     let bytes = 50_000_000u64;
-    let fake = agent.work.0.join("fake-terraform");
-    std::fs::write(
-        &fake,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in\n  apply) head -c {bytes} /dev/zero | tr '\\000' a | fold -w 99 ;;\n  \
-             output) echo '{{}}' ;;\n  *) echo \"fake terraform $1\" ;;\nesac\n"
-        ),
-    )
-    .expect("write fake terraform");
-    std::process::Command::new("chmod")
-        .args(["+x"])
-        .arg(&fake)
-        .status()
-        .expect("chmod");
-    agent.settings.binary = fake;
+    agent.settings.binary = fake_terraform(
+        &agent,
+        &format!("head -c {bytes} /dev/zero | tr '\\000' a | fold -w 99"),
+    );
     agent.settings.log_cap_bytes = 1 << 40;
     // A sensitive value, so redaction is part of the measured path.
     let run = agent
