@@ -282,3 +282,27 @@ async fn sim_listens_on_https_and_reports_its_fingerprint_format() {
     let st = sim.stats().await.unwrap();
     assert_eq!(st["vms"], 4);
 }
+
+#[tokio::test]
+async fn slow_server_hits_the_request_timeout_and_is_retryable() {
+    let sim = sim(&[]).await;
+    sim.set_faults(&Faults {
+        slow_ms: 1500,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut s = settings_for(&sim);
+    s.request_timeout = std::time::Duration::from_millis(300);
+    let mut c = ProxmoxClient::new(&s).unwrap();
+    c.retry.attempts = 2;
+    let e = c.cluster_vms().await.unwrap_err();
+    let ce = c.command_error(&e);
+    assert_eq!(ce.code, "proxmox_timeout", "{ce:?}");
+    assert!(ce.retryable);
+    assert_eq!(
+        sim.stats().await.unwrap()["requests"],
+        2,
+        "a GET is retried"
+    );
+}

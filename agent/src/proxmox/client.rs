@@ -255,7 +255,7 @@ pub fn seg(s: &str) -> String {
 /// of a 401.
 pub fn validate_token_id(id: &str) -> Result<(), String> {
     let hint = "PROXMOX_TOKEN_ID must be USER@REALM!TOKENID, e.g. root@pam!trellis";
-    if id.contains('=') || id.contains(':') && !id.contains('!') {
+    if id.contains('=') || (id.contains(':') && !id.contains('!')) {
         return Err(format!(
             "{hint}; it contains '=' or ':' — put only the token id there and the secret in PROXMOX_TOKEN_SECRET"
         ));

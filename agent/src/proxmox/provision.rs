@@ -147,9 +147,23 @@ pub async fn run(ctx: &ExecContext, p: ProvisionParams) -> Result<ProvisionResul
         .proxmox
         .clone()
         .ok_or_else(super::not_configured)?;
+    let client = match super::client_for(ctx) {
+        Ok(c) => c,
+        Err(e) => {
+            // Unusable settings: say so on the first stage.
+            ctx.stage(
+                "clone_template",
+                StageState::Failed,
+                Some(0.0),
+                Some(e.message.clone()),
+            )
+            .await;
+            return Err(e.at_stage("clone_template"));
+        }
+    };
     let mut run = Run {
         ctx,
-        client: None,
+        client,
         settings,
         p,
         node: String::new(),
@@ -177,7 +191,7 @@ pub async fn run(ctx: &ExecContext, p: ProvisionParams) -> Result<ProvisionResul
 
 struct Run<'a> {
     ctx: &'a ExecContext,
-    client: Option<ProxmoxClient>,
+    client: ProxmoxClient,
     settings: ProxmoxSettings,
     p: ProvisionParams,
     /// Node the new VM lives on.
@@ -194,17 +208,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn client(&self) -> &ProxmoxClient {
-        // Set at the start of `steps`; `fail` only uses it when a VM exists.
-        self.client
-            .as_ref()
-            .expect("client is set before any API call")
+        &self.client
     }
 
     fn api(&self, e: ApiError) -> CommandError {
-        match &self.client {
-            Some(c) => c.command_error(&e),
-            None => CommandError::new("proxmox_error", e.to_string()),
-        }
+        self.client.command_error(&e)
     }
 
     async fn log(&self, msg: impl AsRef<str>) {
@@ -260,7 +268,6 @@ impl Run<'_> {
             ),
         )
         .await?;
-        self.client = Some(super::client_for(self.ctx)?);
         self.clone_stage(template_id).await?;
 
         self.begin(
@@ -353,7 +360,9 @@ impl Run<'_> {
         let target = self.p.target_node.clone().filter(|t| *t != template_node);
         self.node = target.clone().unwrap_or_else(|| template_node.clone());
 
-        if let Some(vmid) = self.find_existing(&resources).await? {
+        if let Some((vmid, node)) = self.find_existing(&resources).await? {
+            // Follow the VM if it was migrated meanwhile.
+            self.node = node;
             self.vm = Some(vmid);
             self.log(format!(
                 "VM {vmid} on {} was made by an earlier attempt of this command; continuing with it",
@@ -475,7 +484,7 @@ impl Run<'_> {
     async fn find_existing(
         &self,
         resources: &[ClusterResource],
-    ) -> Result<Option<u32>, CommandError> {
+    ) -> Result<Option<(u32, String)>, CommandError> {
         let root = self.ctx.root_command_id;
         let mut found: Vec<(u32, String)> = Vec::new();
         for r in resources.iter().filter(|r| r.is_qemu() && !r.template) {
@@ -514,11 +523,7 @@ impl Run<'_> {
             ))
             .await;
         }
-        Ok(found.into_iter().next().map(|(vmid, node)| {
-            // The VM may have been migrated: follow it.
-            let _ = node;
-            vmid
-        }))
+        Ok(found.into_iter().next())
     }
 
     /// Picks a VMID that is free now and not recently handed out by this agent. Called
@@ -743,7 +748,7 @@ impl Run<'_> {
                 .retryable());
             }
             sleep_or_cancel(delay.min(deadline - now), &self.ctx.cancel).await?;
-            delay = (delay.mul_f32(1.5)).min(Duration::from_secs(3));
+            delay = delay.mul_f32(1.5).min(Duration::from_secs(2));
         }
     }
 
@@ -927,7 +932,7 @@ impl Run<'_> {
                 .retryable());
             }
             sleep_or_cancel(delay, cancel).await?;
-            delay = delay.mul_f32(1.5).min(Duration::from_secs(2));
+            delay = delay.mul_f32(1.5).min(Duration::from_secs(1));
         }
     }
 
@@ -965,7 +970,7 @@ impl Run<'_> {
                 .retryable());
             }
             sleep_or_cancel(delay, cancel).await?;
-            delay = delay.mul_f32(1.5).min(Duration::from_secs(2));
+            delay = delay.mul_f32(1.5).min(Duration::from_secs(1));
         }
     }
 
@@ -1000,7 +1005,6 @@ impl Run<'_> {
     /// Destroys the half-built VM (or keeps it when asked); returns what is left.
     async fn cleanup(&mut self) -> Option<serde_json::Value> {
         let vmid = self.vm?;
-        self.client.as_ref()?;
         let node = self.node.clone();
         if self.p.keep_on_failure {
             self.log(format!(
