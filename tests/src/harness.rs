@@ -409,3 +409,52 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// Environment for a tendril that runs Terraform: `TENDRIL_TERRAFORM_BIN` and
+/// `TENDRIL_TERRAFORM_PLUGIN_DIR` from `.tools/terraform.env` (written by
+/// `scripts/install-terraform.sh`, which is run here when the file is missing).
+pub fn terraform_env() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf();
+    let file = root.join(".tools/terraform.env");
+    if !file.exists() {
+        let status = Command::new("bash")
+            .arg(root.join("scripts/install-terraform.sh"))
+            .status()
+            .expect("run scripts/install-terraform.sh");
+        assert!(
+            status.success(),
+            "scripts/install-terraform.sh failed: Terraform 1.0.3 is required"
+        );
+    }
+    std::fs::read_to_string(&file)
+        .expect("terraform.env")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// Runs git in `dir` with a fixed identity, panicking on failure.
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.email=test@trellis",
+            "-c",
+            "user.name=test",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
