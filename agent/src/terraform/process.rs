@@ -267,10 +267,15 @@ fn capture(buf: &mut Vec<u8>, data: &[u8], overflow: &mut bool) {
 }
 
 pub fn fmt_duration(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
+    let secs = d.as_secs();
+    if d.subsec_millis() != 0 || secs == 0 {
         format!("{}ms", d.as_millis())
+    } else if (secs / 86_400) * 86_400 == secs {
+        format!("{}d", secs / 86_400)
+    } else if (secs / 3600) * 3600 == secs {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{secs}s")
     }
 }
 
@@ -304,5 +309,18 @@ impl Drop for GroupGuard {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(fmt_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(fmt_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
     }
 }
