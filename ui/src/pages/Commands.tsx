@@ -80,7 +80,7 @@ export function Commands({ query }: { query: URLSearchParams }) {
         <Empty>No commands match these filters.</Empty>
       ) : (
         <div className="table-wrap">
-          <table className="table table-click" data-testid="commands-table">
+          <table className="table table-click table-stack" data-testid="commands-table">
             <thead>
               <tr>
                 <th>Command</th>
@@ -97,27 +97,27 @@ export function Commands({ query }: { query: URLSearchParams }) {
             <tbody>
               {items.map((c) => (
                 <tr key={c.id} onClick={() => navigate(`/commands/${c.id}`)} data-command-id={c.id} data-status={c.status}>
-                  <td>
+                  <td data-label="Command">
                     <a href={`#/commands/${c.id}`} className="mono" onClick={(e) => e.stopPropagation()}>
                       {shortId(c.id)}
                     </a>
                   </td>
-                  <td>{c.type}</td>
-                  <td>
+                  <td data-label="Type">{c.type}</td>
+                  <td data-label="Status">
                     <StatusPill status={c.status} title={c.error ? `${c.error.code}: ${c.error.message}` : undefined} />
                   </td>
-                  <td className="hide-sm">{agentName(c.agentId)}</td>
-                  <td className="hide-md">{c.stage ? stageLabel(c.stage) : '–'}</td>
-                  <td className="hide-sm">
+                  <td data-label="Agent" className="hide-sm">{agentName(c.agentId)}</td>
+                  <td data-label="Stage" className="hide-md">{c.stage ? stageLabel(c.stage) : '–'}</td>
+                  <td data-label="Progress" className="hide-sm">
                     <span className="mini-bar" aria-label={`${commandPercent(c)}%`}>
                       <span style={{ width: `${commandPercent(c)}%` }} className={`mini-fill mini-${c.status}`} />
                     </span>
                   </td>
-                  <td className="hide-md">{c.attempt}</td>
-                  <td className="nowrap">
+                  <td data-label="Attempt" className="hide-md">{c.attempt}</td>
+                  <td data-label="Created" className="nowrap">
                     <RelTime ts={c.createdAt} now={now} />
                   </td>
-                  <td className="hide-sm nowrap">{c.startedAt ? formatDuration(durationBetween(c.startedAt, c.finishedAt, now)) : '–'}</td>
+                  <td data-label="Duration" className="hide-sm nowrap">{c.startedAt ? formatDuration(durationBetween(c.startedAt, c.finishedAt, now)) : '–'}</td>
                 </tr>
               ))}
             </tbody>

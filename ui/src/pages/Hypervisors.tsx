@@ -215,7 +215,7 @@ export function Hypervisors() {
         </Empty>
       ) : (
         <div className="table-wrap">
-          <table className="table" data-testid="agents-table">
+          <table className="table table-stack" data-testid="agents-table">
             <thead>
               <tr>
                 <th>Name</th>
@@ -232,20 +232,20 @@ export function Hypervisors() {
               {items.map((a) => (
                 <Fragment key={a.id}>
                   <tr data-agent-id={a.id} data-agent-name={a.name}>
-                    <td>
+                    <td data-label="Name" className="nowrap cell-title">
                       <button type="button" className="linkbtn strong" aria-expanded={expanded === a.id} onClick={() => setExpanded(expanded === a.id ? null : a.id)}>
                         {a.name}
                       </button>
                     </td>
-                    <td>
+                    <td data-label="Status">
                       <StatusPill status={a.status} />
                     </td>
-                    <td className="nowrap">
+                    <td data-label="Heartbeat" className="nowrap">
                       <RelTime ts={a.lastHeartbeat} />
                     </td>
-                    <td className="hide-sm">{a.hostname ?? '–'}</td>
-                    <td className="hide-sm">{a.version ?? '–'}</td>
-                    <td className="hide-md">
+                    <td data-label="Host" className="hide-sm">{a.hostname ?? '–'}</td>
+                    <td data-label="Version" className="hide-sm">{a.version ?? '–'}</td>
+                    <td data-label="Capabilities" className="hide-md">
                       <span className="tags">
                         {a.capabilities.map((c) => (
                           <span key={c} className="tag">
@@ -254,7 +254,7 @@ export function Hypervisors() {
                         ))}
                       </span>
                     </td>
-                    <td className="hide-md small">{proxmoxNodes(a.facts).join(', ') || proxmoxHost(a.facts) || '–'}</td>
+                    <td data-label="Proxmox" className="hide-md small">{proxmoxNodes(a.facts).join(', ') || proxmoxHost(a.facts) || '–'}</td>
                     <td className="actions-col">
                       <div className="row-actions">
                         <a className="btn btn-sm" href={`#/commands?agentId=${encodeURIComponent(a.id)}`}>

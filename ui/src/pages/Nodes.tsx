@@ -181,7 +181,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
         <Empty>No nodes yet. Create one, or provision a new VM directly.</Empty>
       ) : (
         <div className="table-wrap">
-          <table className="table" data-testid="nodes-table">
+          <table className="table table-stack" data-testid="nodes-table">
             <thead>
               <tr>
                 <th>Name</th>
@@ -201,27 +201,27 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                 const provisioning = n.status === 'provisioning';
                 return (
                   <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status}>
-                    <td>
-                      <strong>{n.name}</strong>
+                    <td data-label="Name" className="cell-title">
+                      <strong className="nowrap">{n.name}</strong>
                       {n.error && n.status === 'failed' && (
                         <div className="small err-text clamp" title={n.error}>
                           {n.error.length > 80 ? `${n.error.slice(0, 80)}…` : n.error}
                         </div>
                       )}
                     </td>
-                    <td className="hide-sm">{n.application ?? '–'}</td>
-                    <td className="hide-md nowrap">{templateName(n.templateId)}</td>
-                    <td className="hide-sm nowrap" data-col="size">
+                    <td data-label="Application" className="hide-sm">{n.application ?? '–'}</td>
+                    <td data-label="Template" className="hide-md nowrap">{templateName(n.templateId)}</td>
+                    <td data-label="Size" className="hide-sm nowrap" data-col="size">
                       {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
                     </td>
-                    <td>
+                    <td data-label="Status">
                       <NodeStatusPill status={n.status} title={n.error ?? undefined} />
                     </td>
-                    <td className="hide-md nowrap">{agentName(n.hypervisorId)}</td>
-                    <td className="mono" data-col="ip">
+                    <td data-label="Hypervisor" className="hide-md nowrap">{agentName(n.hypervisorId)}</td>
+                    <td data-label="IP" className="mono" data-col="ip">
                       {n.ipAddress ?? '–'}
                     </td>
-                    <td className="hide-sm" data-col="vmid">
+                    <td data-label="VM id" className="hide-sm" data-col="vmid">
                       {n.vmId ?? '–'}
                     </td>
                     <td className="actions-col">

@@ -211,7 +211,7 @@ export function Templates() {
         <Empty>No templates yet. Create one and map it to a Proxmox template VMID.</Empty>
       ) : (
         <div className="table-wrap">
-          <table className="table" data-testid="templates-table">
+          <table className="table table-stack" data-testid="templates-table">
             <thead>
               <tr>
                 <th>Name</th>
@@ -227,17 +227,17 @@ export function Templates() {
             <tbody>
               {items.map((t) => (
                 <tr key={t.id} data-template-name={t.name}>
-                  <td>
+                  <td data-label="Name" className="cell-title">
                     <strong>{t.name}</strong>
                     {t.system && <span className="tag tag-muted">system</span>}
                     {t.description && <div className="muted small">{t.description}</div>}
                   </td>
-                  <td>{t.proxmoxTemplateId ?? <span className="tag tag-warn" title="Cannot be provisioned until mapped">not mapped</span>}</td>
-                  <td className="hide-sm">{t.proxmoxNode ?? '–'}</td>
-                  <td className="nowrap">{formatMemory(t.memory)}</td>
-                  <td>{t.cores}</td>
-                  <td className="hide-md">{t.networkBridge ?? '–'}</td>
-                  <td className="hide-md small">
+                  <td data-label="Proxmox VMID">{t.proxmoxTemplateId ?? <span className="tag tag-warn" title="Cannot be provisioned until mapped">not mapped</span>}</td>
+                  <td data-label="Node" className="hide-sm">{t.proxmoxNode ?? '–'}</td>
+                  <td data-label="Memory" className="nowrap">{formatMemory(t.memory)}</td>
+                  <td data-label="Cores">{t.cores}</td>
+                  <td data-label="Bridge" className="hide-md">{t.networkBridge ?? '–'}</td>
+                  <td data-label="Post-provision" className="hide-md small">
                     {t.postProvisionCommands.length ? `${t.postProvisionCommands.length} command${t.postProvisionCommands.length > 1 ? 's' : ''}` : '–'}
                   </td>
                   <td className="actions-col">
