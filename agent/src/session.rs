@@ -17,9 +17,9 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, protocol::
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
-    AgentMessage, Command, CommandType, Dispatch, Event, EventBody, FinalStatus, Hello, Outcome,
-    ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS, HEARTBEAT_TIMEOUT_SECS,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    AgentMessage, CancelReason, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
+    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS,
+    HEARTBEAT_TIMEOUT_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -37,6 +37,8 @@ const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_EVENTS: usize = 512;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// How long a stopping agent waits for its executors to wind down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -99,9 +101,14 @@ impl Agent {
             match self.connect_once(&shutdown).await {
                 Ok(mut ws) => {
                     let why = self.serve(&mut ws, &shutdown).await;
+                    if matches!(why, Disconnect::Shutdown) {
+                        self.stop_executors(Some(&mut ws)).await;
+                        let _ = ws.close(None).await;
+                        return Ok(());
+                    }
                     let _ = ws.close(None).await;
                     match why {
-                        Disconnect::Shutdown => break,
+                        Disconnect::Shutdown => unreachable!("handled above"),
                         Disconnect::Lost(reason) => {
                             tracing::warn!(%reason, "disconnected from control plane");
                             failures = 1;
@@ -125,7 +132,7 @@ impl Agent {
             loop {
                 tokio::select! {
                     _ = &mut wake => break,
-                    _ = shutdown.cancelled() => { self.stop_executors().await; return Ok(()); }
+                    _ = shutdown.cancelled() => { self.stop_executors(None).await; return Ok(()); }
                     Some(r) = self.reports_rx.recv(), if self.unacked_bytes < OUTBOX_LIMIT_BYTES => {
                         let mut batch = Vec::new();
                         self.take_report(r, &mut batch)?;
@@ -134,13 +141,34 @@ impl Agent {
                 }
             }
         }
-        self.stop_executors().await;
-        Ok(())
     }
 
-    async fn stop_executors(&mut self) {
+    /// Stops running commands on shutdown: asks each executor to stop (terraform gets
+    /// SIGINT, provisions clean up), waits a bounded time for their final events, sends
+    /// them when still connected, and journals them for the next start either way.
+    async fn stop_executors(&mut self, mut ws: Option<&mut Ws>) {
         for ctx in self.running.values() {
-            ctx.cancel.cancel();
+            ctx.request_cancel(CancelReason::AgentShutdown);
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        while !self.running.is_empty() {
+            let Ok(Some(r)) = tokio::time::timeout_at(deadline, self.reports_rx.recv()).await
+            else {
+                break;
+            };
+            let mut batch = Vec::new();
+            if self.collect_batch(r, &mut batch).is_err() {
+                break;
+            }
+            if let Some(ws) = ws.as_deref_mut() {
+                let _ = send(ws, &AgentMessage::Events { events: batch }).await;
+            }
+        }
+        if !self.running.is_empty() {
+            tracing::warn!(
+                count = self.running.len(),
+                "commands still running at shutdown"
+            );
         }
         let _ = self.journal.sync();
     }

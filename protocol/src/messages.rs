@@ -107,6 +107,9 @@ fn one() -> u32 {
 pub enum CancelReason {
     Cancelled,
     TimedOut,
+    /// Used by the agent itself when it stops: running commands end `failed` with
+    /// `agent_shutdown` (retryable) instead of being left to be found lost.
+    AgentShutdown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -574,3 +574,27 @@ async fn second_connection_replaces_first_and_sse_resumes() {
     .status();
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigterm_ends_running_commands_cleanly() {
+    let (dir, cp, api) = setup(Backend::Sqlite, "sigterm").await;
+    let (id, token) = api.create_agent("polite").await;
+    let mut agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+    api.wait_agent_online(&id).await;
+    let cid = api
+        .command(&id, "ping", json!({"log_lines": 100, "duration_ms": 20000}))
+        .await;
+    api.wait_until(Duration::from_secs(10), || async {
+        api.get(&format!("/api/commands/{cid}")).await["lastSeq"]
+            .as_i64()
+            .unwrap_or(0)
+            >= 2
+    })
+    .await;
+    let status = agent.terminate();
+    assert!(status.success(), "tendril exits 0 on SIGTERM: {status:?}");
+    let c = api.wait_done(&cid, Duration::from_secs(10)).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["error"]["code"], "agent_shutdown");
+    assert_eq!(c["error"]["retryable"], true);
+}

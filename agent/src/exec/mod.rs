@@ -156,9 +156,15 @@ fn cancelled_outcome(ctx: &ExecContext, err: Option<CommandError>) -> Outcome {
             "timed_out",
             "deadline exceeded; command stopped",
         ),
+        Some(CancelReason::AgentShutdown) => (
+            FinalStatus::Failed,
+            "agent_shutdown",
+            "the agent was shut down while the command ran",
+        ),
         _ => (FinalStatus::Cancelled, "cancelled", "cancelled by request"),
     };
     let mut error = CommandError::new(code, message);
+    error.retryable = status != FinalStatus::Cancelled;
     if let Some(e) = err {
         error.stage = e.stage.clone();
         error.message = format!("{message}: {}", e.message);
