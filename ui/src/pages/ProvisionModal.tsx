@@ -35,7 +35,9 @@ export function hypervisorUnavailable(a: Agent): string | null {
 
 /** The step the wizard opens on for a node. */
 export function initialStep(node: VmNode | null): { step: Step; commandId: string | null } {
-  if (node?.lastCommandId && (node.status === 'provisioning' || node.status === 'failed')) {
+  // A provisioning node follows its live command; a failed one shows the error with Retry;
+  // an already provisioned one shows how it went (e.g. after a reload on the success screen).
+  if (node?.lastCommandId && (node.status === 'provisioning' || node.status === 'failed' || node.vmId != null)) {
     return { step: 'provisioning', commandId: node.lastCommandId };
   }
   return { step: 'hypervisor', commandId: null };

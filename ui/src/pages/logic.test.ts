@@ -49,6 +49,7 @@ describe('initialStep', () => {
   it('reopens the live command of a provisioning or failed node', () => {
     expect(initialStep(node({ status: 'provisioning', lastCommandId: 'c9' }))).toEqual({ step: 'provisioning', commandId: 'c9' });
     expect(initialStep(node({ status: 'failed', lastCommandId: 'c8' }))).toEqual({ step: 'provisioning', commandId: 'c8' });
+    expect(initialStep(node({ status: 'running', vmId: 101, lastCommandId: 'c7' }))).toEqual({ step: 'provisioning', commandId: 'c7' });
     expect(initialStep(node())).toEqual({ step: 'hypervisor', commandId: null });
     expect(initialStep(null)).toEqual({ step: 'hypervisor', commandId: null });
   });
