@@ -306,3 +306,46 @@ async fn slow_server_hits_the_request_timeout_and_is_retryable() {
         "a GET is retried"
     );
 }
+
+#[tokio::test]
+async fn sim_checks_the_token_header_layout_like_pve() {
+    let sim = sim(&[]).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/api2/json/version", sim.url);
+    let id = trellis_tests::pve_sim::DEFAULT_TOKEN_ID;
+    let secret = trellis_tests::pve_sim::DEFAULT_TOKEN_SECRET;
+    for (header, status) in [
+        (format!("PVEAPIToken={id}={secret}"), 200),
+        (format!("PVEAPIToken={id}:{secret}"), 401), // the PBS/PDM separator
+        (format!("PVEAPIToken {id}={secret}"), 401),
+        (format!("PVEAPIToken={id}=wrong"), 401),
+        (format!("Bearer {secret}"), 401),
+    ] {
+        let r = http
+            .get(&url)
+            .header("Authorization", &header)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{header}");
+        if status == 401 {
+            assert_eq!(r.text().await.unwrap(), "", "401 has an empty body");
+        }
+    }
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Unknown paths are 501, inside and outside /api2/json.
+    let r = http
+        .get(format!("{}/api2/json/nodes/pve1/lxc", sim.url))
+        .header("Authorization", format!("PVEAPIToken={id}={secret}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 501);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["data"], serde_json::Value::Null);
+    assert_eq!(
+        body["message"],
+        "Method 'GET /nodes/pve1/lxc' not implemented\n"
+    );
+}

@@ -14,7 +14,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::state::{run_guest_command, Effect, GuestExec, Inner, Sim, Vm, NIC_MODELS};
+use super::state::{
+    run_guest_command, Effect, GuestExec, Inner, Sim, Vm, MAX_SIM_WAIT, NIC_MODELS,
+};
 
 type SimState = State<Arc<Sim>>;
 
@@ -221,6 +223,14 @@ fn valid_dns_name(name: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn check_unlocked(vm: &Vm) -> Result<(), PveError> {
@@ -620,7 +630,11 @@ async fn clone_vm(
             if full { "full" } else { "linked" }
         )];
         log.push(format!("  Logical volume \"vm-{newid}-disk-0\" created."));
-        let ms = if full { cfg.clone_ms * 3 } else { cfg.clone_ms };
+        let ms = if full {
+            cfg.clone_ms.saturating_mul(3)
+        } else {
+            cfg.clone_ms
+        };
         let upid = g.spawn_task(
             &node,
             "qmclone",
@@ -756,7 +770,11 @@ fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), Pv
         let first = n.split(',').next().unwrap_or("");
         let model = first.split('=').next().unwrap_or("");
         let model_ok = NIC_MODELS.contains(&model) || first.starts_with("model=");
-        if !model_ok || !n.split(',').any(|kv| kv.starts_with("bridge=")) {
+        let mac_ok = first
+            .split_once('=')
+            .filter(|(k, _)| NIC_MODELS.contains(k))
+            .is_none_or(|(_, mac)| valid_mac(mac));
+        if !model_ok || !mac_ok || !n.split(',').any(|kv| kv.starts_with("bridge=")) {
             errors.insert(
                 "net0".into(),
                 format!("unable to parse network options '{n}'"),
@@ -1031,7 +1049,12 @@ async fn guest_interfaces(
             .to_ascii_lowercase();
         let stats = json!({"rx-bytes": 52311, "rx-dropped": 0, "rx-errs": 0, "rx-packets": 612,
             "tx-bytes": 40321, "tx-dropped": 0, "tx-errs": 0, "tx-packets": 411});
-        let suffix = mac.replace(':', "");
+        // EUI-64 link-local from the MAC's last three bytes (hex digits only, so slicing
+        // stays on char boundaries whatever the config holds).
+        let digits: String = mac.chars().filter(char::is_ascii_hexdigit).collect();
+        let padded = format!("{digits:0>12}");
+        let tail = &padded[padded.len() - 6..];
+        let link_local = format!("fe80::be24:11ff:fe{}:{}", &tail[..2], &tail[2..]);
         let result = json!([
             {"name": "lo", "hardware-address": "00:00:00:00:00:00",
              "ip-addresses": [
@@ -1044,7 +1067,7 @@ async fn guest_interfaces(
              "statistics": stats},
             {"name": "ens18", "hardware-address": mac,
              "ip-addresses": [
-                {"ip-address": format!("fe80::be24:11ff:fe{}:{}", &suffix[6..8], &suffix[8..12]),
+                {"ip-address": link_local,
                  "ip-address-type": "ipv6", "prefix": 64},
                 {"ip-address": vm.guest_ipv4(), "ip-address-type": "ipv4", "prefix": 16}],
              "statistics": stats}
@@ -1070,7 +1093,8 @@ async fn guest_exec(
         let vm = guest_ready(&sim, g, &node, vmid)?;
         let (code, out, err, extra) = run_guest_command(&argv, &vm.name);
         let pid = g.next_exec_pid();
-        let ends_at = std::time::Instant::now() + Duration::from_millis(sim.config.exec_ms) + extra;
+        let ends_at = std::time::Instant::now()
+            + (Duration::from_millis(sim.config.exec_ms) + extra).min(MAX_SIM_WAIT);
         if let Ok(vm) = g.vm_on_mut(&node, vmid) {
             vm.execs.insert(
                 pid,

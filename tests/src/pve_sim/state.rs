@@ -82,6 +82,9 @@ pub struct SimConfig {
     pub faults: Faults,
 }
 
+/// Longest a simulated task or guest command runs, whatever the flags say.
+pub const MAX_SIM_WAIT: Duration = Duration::from_secs(86_400);
+
 pub const DEFAULT_TOKEN_ID: &str = "root@pam!trellis";
 pub const DEFAULT_TOKEN_SECRET: &str = "5e1f5b3c-7d0a-4a43-9f3e-2b8c1d0e6a77";
 
@@ -344,7 +347,9 @@ impl Sim {
                     description: None,
                     lock: None,
                     running: s.running,
-                    booted_at: s.running.then(|| now - Duration::from_secs(3600)),
+                    booted_at: s
+                        .running
+                        .then(|| now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)),
                     extra: BTreeMap::from([
                         ("ostype".into(), "l26".into()),
                         ("ipconfig0".into(), "ip=dhcp".into()),
@@ -477,7 +482,7 @@ impl Inner {
                 pid,
                 pstart,
                 starttime,
-                ends_at: Instant::now() + duration,
+                ends_at: Instant::now() + duration.min(MAX_SIM_WAIT),
                 outcome,
                 effect,
                 log,
@@ -549,8 +554,10 @@ pub fn run_guest_command(argv: &[String], hostname: &str) -> (i32, String, Strin
         } else if let Some(n) = part.strip_prefix("exit") {
             return (n.trim().parse().unwrap_or(0), out, err, extra);
         } else if let Some(s) = part.strip_prefix("sleep ") {
-            extra +=
-                Duration::from_secs_f64(s.trim().parse::<f64>().unwrap_or(0.0).clamp(0.0, 3600.0));
+            let secs = s.trim().parse::<f64>().unwrap_or(0.0);
+            if secs.is_finite() {
+                extra += Duration::from_secs_f64(secs.clamp(0.0, 3600.0));
+            }
             0
         } else if let Some(text) = part.strip_prefix("echo ") {
             let (text, to_err) = match text
