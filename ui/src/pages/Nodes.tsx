@@ -185,9 +185,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
             <thead>
               <tr>
                 <th>Name</th>
-                <th className="hide-sm">Application</th>
-                <th className="hide-md">Template</th>
-                <th className="hide-sm">Size</th>
+                <th className="hide-lg">Application</th>
+                <th className="hide-md">Template / size</th>
                 <th>Status</th>
                 <th className="hide-md">Hypervisor</th>
                 <th>IP</th>
@@ -203,16 +202,19 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                   <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status}>
                     <td data-label="Name" className="cell-title">
                       <strong className="nowrap">{n.name}</strong>
+                      {n.application && <div className="small muted show-lg">{n.application}</div>}
                       {n.error && n.status === 'failed' && (
                         <div className="small err-text clamp" title={n.error}>
                           {n.error.length > 80 ? `${n.error.slice(0, 80)}…` : n.error}
                         </div>
                       )}
                     </td>
-                    <td data-label="Application" className="hide-sm">{n.application ?? '–'}</td>
-                    <td data-label="Template" className="hide-md nowrap">{templateName(n.templateId)}</td>
-                    <td data-label="Size" className="hide-sm nowrap" data-col="size">
-                      {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
+                    <td data-label="Application" className="hide-lg">{n.application ?? '–'}</td>
+                    <td data-label="Template" className="hide-md nowrap">
+                      {templateName(n.templateId)}
+                      <div className="small muted" data-col="size">
+                        {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
+                      </div>
                     </td>
                     <td data-label="Status">
                       <NodeStatusPill status={n.status} title={n.error ?? undefined} />
