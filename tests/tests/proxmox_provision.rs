@@ -486,3 +486,32 @@ async fn failing_start_task_and_unknown_bridge() {
     );
     assert!(sim.created_vms().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn storage_lock_timeout_in_clone_task_is_retried() {
+    let sim = sim(&[]).await;
+    sim.set_faults(&Faults {
+        fail_next_clone: Some(
+            "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout".into(),
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let r = rec
+        .provision(params("lock-retry"))
+        .await
+        .expect("second clone works");
+    assert_eq!(r.vm_id, 102, "a fresh id after the failed clone of 101");
+    assert!(rec.log(LogStream::System).contains("lock timeout"));
+    assert_eq!(sim.created_vms().await.unwrap().len(), 1);
+    let failed = sim
+        .tasks()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.kind == "qmclone" && t.exitstatus.as_deref() != Some("OK"))
+        .count();
+    assert_eq!(failed, 1);
+}

@@ -385,13 +385,14 @@ impl Run<'_> {
             self.ctx.root_command_id,
             false,
         );
+        let cancel = self.ctx.cancel.clone();
         let mut attempt = 0;
-        let upid = loop {
+        loop {
             attempt += 1;
             if attempt > MAX_CLONE_ATTEMPTS {
                 return Err(CommandError::new(
                     "vmid_allocation_failed",
-                    format!("no free VMID could be claimed after {MAX_CLONE_ATTEMPTS} attempts"),
+                    format!("no clone succeeded after {MAX_CLONE_ATTEMPTS} attempts (VMID races or lock timeouts)"),
                 )
                 .retryable());
             }
@@ -425,7 +426,26 @@ impl Run<'_> {
             match res {
                 Ok(upid) => {
                     self.vm = Some(vmid);
-                    break Some(upid);
+                    match self.wait_task(&upid, "clone", &cancel).await {
+                        Ok(()) => break,
+                        // Parallel clones on one storage time out on its lock; Proxmox
+                        // drops the half-made VM. Try again a little later.
+                        Err(e)
+                            if e.code == "proxmox_task_failed"
+                                && e.message.contains("got timeout")
+                                && attempt < MAX_CLONE_ATTEMPTS =>
+                        {
+                            self.log(format!(
+                                "clone to VM {vmid} hit a lock timeout; trying again ({})",
+                                e.message
+                            ))
+                            .await;
+                            self.destroy(vmid, &cancel).await?;
+                            self.vm = None;
+                            sleep_or_cancel(self.client().retry.delay(attempt), &cancel).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) if e.is_vmid_taken() => {
                     self.log(format!(
@@ -440,13 +460,13 @@ impl Run<'_> {
                         "clone request for VM {vmid} failed: {e}; checking whether it happened"
                     ))
                     .await;
-                    sleep_or_cancel(self.client().retry.delay(attempt), &self.ctx.cancel).await?;
+                    sleep_or_cancel(self.client().retry.delay(attempt), &cancel).await?;
                     match self.client().vm_config(&self.node, vmid).await {
                         Ok(cfg) if self.is_ours(&cfg) => {
                             self.vm = Some(vmid);
                             self.log(format!("VM {vmid} exists and is ours; following it"))
                                 .await;
-                            break None;
+                            break;
                         }
                         Ok(_) => {}
                         Err(e2) if e2.is_missing() => {}
@@ -455,13 +475,9 @@ impl Run<'_> {
                 }
                 Err(e) => return Err(self.api(e)),
             }
-        };
-        let vmid = self.vm.unwrap_or_default();
-        if let Some(upid) = upid {
-            self.wait_task(&upid, "clone", &self.ctx.cancel.clone())
-                .await?;
         }
-        self.wait_unlocked(vmid, &self.ctx.cancel.clone()).await?;
+        let vmid = self.vm.unwrap_or_default();
+        self.wait_unlocked(vmid, &cancel).await?;
         self.complete(
             20.0,
             format!(
