@@ -515,3 +515,23 @@ async fn storage_lock_timeout_in_clone_task_is_retried() {
         .count();
     assert_eq!(failed, 1);
 }
+
+#[tokio::test]
+async fn target_node_gets_a_full_clone_there() {
+    let sim = sim(&[]).await;
+    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut p = params("on-pve2");
+    p.target_node = Some("pve2".into());
+    p.skip_post_provision = true;
+    let r = rec.provision(p).await.unwrap();
+    assert_eq!(r.node, "pve2");
+    let vms = sim.created_vms().await.unwrap();
+    assert_eq!((vms[0].vmid, vms[0].node.as_str()), (r.vm_id, "pve2"));
+    assert_eq!(
+        rec.stages()
+            .iter()
+            .filter(|(st, _)| st == "post_provision")
+            .collect::<Vec<_>>(),
+        vec![&s("post_provision", Skipped)]
+    );
+}

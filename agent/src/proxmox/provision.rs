@@ -406,7 +406,9 @@ impl Run<'_> {
                 name: self.p.name.clone(),
                 description: description.clone(),
                 target: target.clone(),
-                full: false,
+                // A linked clone can only live where the template's disks are; to
+                // put the VM on another node, copy the disks.
+                full: target.is_some(),
             };
             self.log(format!(
                 "cloning template {template_id} ({}) on {template_node} to VM {vmid}{}",
