@@ -766,7 +766,7 @@ impl Run<'_> {
                 .retryable());
             }
             sleep_or_cancel(delay.min(deadline - now), &self.ctx.cancel).await?;
-            delay = delay.mul_f32(1.5).min(Duration::from_secs(2));
+            delay = delay.mul_f32(1.5).min(Duration::from_secs(1));
         }
     }
 
