@@ -31,7 +31,7 @@ start_stack() {
         --database-url "sqlite://$dir/trellis.db" --ui-dir "$PWD/ui/dist" >"$dir/trellis.log" 2>&1 &
     STACK_PIDS+=($!)
     wait_http "http://127.0.0.1:$http/readyz" 60
-    wait_http "http://127.0.0.1:$pve/api2/json/version" 30 || true
+    wait_http "http://127.0.0.1:$pve/_sim/stats" 30
 
     local token_file="$dir/agent.token"
     if [ ! -s "$token_file" ]; then
