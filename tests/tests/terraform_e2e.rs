@@ -153,7 +153,10 @@ async fn deploy_streams_logs_live_and_stores_outputs() {
     assert!(!logs.is_empty());
     let all = serde_json::to_string(&logs).unwrap() + &c.to_string();
     assert!(!all.contains(secret), "secret leaked");
-    assert!(all.contains("token="), "the line with the secret was logged, redacted: {all}");
+    assert!(
+        all.contains("token="),
+        "the line with the secret was logged, redacted: {all}"
+    );
     assert_eq!(c["params"]["terraform_vars"]["api_token"], "***");
     assert_eq!(c["params"]["terraform_vars"]["greeting"], "hello");
 }
