@@ -440,8 +440,15 @@ async function main() {
       await shot(page, '19-commands');
       if (!SKIP.has('fault') && !SKIP.has('provision') && PVE_SIM_URL) {
         await page.getByRole('button', { name: 'failed', exact: true }).click();
-        await page.locator('tr[data-status="failed"]').first().waitFor();
-        assert((await page.locator('tbody tr:not([data-status="failed"])').count()) === 0, 'status filter shows other statuses');
+        await waitFor(
+          'the status filter to show only failed commands',
+          async () =>
+            (await page.locator('[data-testid="commands-table"] tbody tr[data-status="failed"]').count()) > 0 &&
+            (await page.locator('[data-testid="commands-table"] tbody tr:not([data-status="failed"])').count()) === 0,
+          15_000,
+          200,
+        );
+        await shot(page, '19b-commands-failed-filter');
       }
       if (provisionedCommand) {
         await page.goto(`${BASE}/#/commands/${provisionedCommand}`);
