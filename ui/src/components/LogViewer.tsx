@@ -21,7 +21,30 @@ export function visibleRange(
   return [start, Math.max(start, end)];
 }
 
-export function LogViewer({ buffer, height = 420, live }: { buffer: LogBuffer; height?: number; live?: boolean }) {
+/** Saves the buffered log as a text file (stderr lines prefixed, system lines marked). */
+function downloadLog(buffer: LogBuffer, name: string) {
+  const text = buffer.lines.map((l) => (l.stream === 'stdout' ? l.text : `[${l.stream}] ${l.text}`)).join('\n');
+  const url = URL.createObjectURL(new Blob([text + '\n'], { type: 'text/plain' }));
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = name;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
+export function LogViewer({
+  buffer,
+  height = 420,
+  live,
+  fileName = 'command.log',
+}: {
+  buffer: LogBuffer;
+  height?: number;
+  live?: boolean;
+  fileName?: string;
+}) {
   const scrollRef = useRef<HTMLDivElement>(null);
   const [version, setVersion] = useState(buffer.version);
   const [scrollTop, setScrollTop] = useState(0);
@@ -97,6 +120,9 @@ export function LogViewer({ buffer, height = 420, live }: { buffer: LogBuffer; h
           <span className="lg lg-system">system</span>
         </span>
         {live && <span className={`small ${follow ? 'live-on' : 'muted'}`}>{follow ? '● following' : 'paused'}</span>}
+        <button type="button" className="btn btn-sm btn-log" onClick={() => downloadLog(buffer, fileName)} disabled={total === 0}>
+          Download
+        </button>
       </div>
       <div
         className="logviewer-scroll"
