@@ -40,7 +40,9 @@ export function App() {
           setToken(t);
           setTok(t);
           setExpired(false);
-          if (route.path === '/' || route.path === '') navigate('/hypervisors', { replace: true });
+          // Stay on the page the user asked for (e.g. a shared #/commands/<id> link).
+          const current = window.location.hash.replace(/^#/, '');
+          if (current === '' || current === '/') navigate('/hypervisors', { replace: true });
         }}
       />
     );

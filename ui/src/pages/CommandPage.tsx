@@ -128,7 +128,7 @@ export function CommandPage({ id }: { id: string }) {
       </div>
       {cmd.status === 'queued' && <Notice>Queued: waiting for the agent to be online and have a free slot.</Notice>}
       {cmd.error && (
-        <div className="errorbox" role="alert" data-testid="command-error">
+        <div className={`errorbox ${cmd.status === 'cancelled' ? 'errorbox-warn' : ''}`} role="alert" data-testid="command-error">
           <strong>
             {cmd.status === 'timed_out' ? 'Timed out' : cmd.status === 'cancelled' ? 'Cancelled' : 'Failed'}
             {fstage ? ` at “${stageLabel(fstage)}”` : ''}
