@@ -96,6 +96,18 @@ async function waitFor(what, fn, timeoutMs = 30_000, everyMs = 500) {
   throw new StepError(`timed out after ${timeoutMs / 1000} s waiting for ${what}${last instanceof Error ? `: ${last.message}` : ''}`);
 }
 
+/** Replaces the simulator's faults with none (the fault API replaces the whole object). */
+async function clearFaults() {
+  const res = await fetch(`${PVE_SIM_URL}/_sim/faults`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: '{}',
+  }).catch((e) => {
+    throw new StepError(`cannot reach the simulator at ${PVE_SIM_URL}: ${e.message}`);
+  });
+  assert(res.ok, `POST ${PVE_SIM_URL}/_sim/faults {} → ${res.status} ${await res.text()}`);
+}
+
 async function shot(page, name) {
   const file = path.join(SHOTS, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
@@ -116,6 +128,12 @@ async function main() {
     const html = await ui.text();
     assert(ui.ok && html.includes('id="root"'), `${BASE}/ does not serve the UI (status ${ui.status}); run "npm run build" and start trellis with the ui/dist directory`);
   });
+
+  if (PVE_SIM_URL) {
+    await step('simulator reachable; no fault left armed by an earlier run', async () => {
+      await clearFaults();
+    });
+  }
 
   let provisioner;
   await step('a hypervisor with the provision capability is online', async () => {
@@ -371,7 +389,13 @@ async function main() {
           body: JSON.stringify(FAULT_BODY),
         });
         assert(res.ok, `POST ${PVE_SIM_URL}/_sim/faults ${JSON.stringify(FAULT_BODY)} → ${res.status} ${await res.text()}`);
-        const first = await provisionThroughWizard(row);
+        let first;
+        try {
+          first = await provisionThroughWizard(row);
+        } catch (e) {
+          await clearFaults().catch(() => undefined); // do not leave the fault for the next run
+          throw e;
+        }
         const { status } = await watchStages(PROVISION_TIMEOUT);
         assert(status === 'failed', `expected the provision to fail, it ended ${status}`);
         const err = page.getByTestId('provision-error');

@@ -17,6 +17,14 @@ export function Menu({ label, items }: { label: string; items: MenuItem[] }) {
   const menu = useRef<HTMLDivElement>(null);
   const id = useId();
 
+  function place() {
+    const r = btn.current?.getBoundingClientRect();
+    if (!r) return;
+    const width = 230;
+    const left = Math.max(8, Math.min(r.right - width, window.innerWidth - width - 8));
+    setPos({ top: r.bottom + 4, left });
+  }
+
   useEffect(() => {
     if (!open) return;
     const first = menu.current?.querySelector<HTMLElement>('[role=menuitem]');
@@ -24,15 +32,16 @@ export function Menu({ label, items }: { label: string; items: MenuItem[] }) {
     const onDown = (e: MouseEvent) => {
       if (!menu.current?.contains(e.target as Node) && !btn.current?.contains(e.target as Node)) setOpen(false);
     };
-    // Fixed positioning escapes the table's overflow clipping; close when the page moves.
-    const close = () => setOpen(false);
+    // Fixed positioning escapes the table's overflow clipping; follow the button when the
+    // page scrolls or resizes.
+    const follow = () => place();
     document.addEventListener('mousedown', onDown);
-    window.addEventListener('resize', close);
-    window.addEventListener('scroll', close, true);
+    window.addEventListener('resize', follow);
+    window.addEventListener('scroll', follow, true);
     return () => {
       document.removeEventListener('mousedown', onDown);
-      window.removeEventListener('resize', close);
-      window.removeEventListener('scroll', close, true);
+      window.removeEventListener('resize', follow);
+      window.removeEventListener('scroll', follow, true);
     };
   }, [open]);
 
@@ -66,12 +75,7 @@ export function Menu({ label, items }: { label: string; items: MenuItem[] }) {
         aria-label={label}
         title={label}
         onClick={() => {
-          const r = btn.current?.getBoundingClientRect();
-          if (r) {
-            const width = 230;
-            const left = Math.max(8, Math.min(r.right - width, window.innerWidth - width - 8));
-            setPos({ top: r.bottom + 4, left });
-          }
+          place();
           setOpen(!open);
         }}
       >

@@ -103,6 +103,7 @@ export function useLiveCommand(id: string | null, opts: { logs?: boolean } = {})
     setCommand(null);
     setError(null);
     const ctrl = new AbortController();
+    let sawTerminal = false;
     const fetchFull = async () => {
       try {
         const c = await api.getCommand(id, ctrl.signal);
@@ -117,11 +118,12 @@ export function useLiveCommand(id: string | null, opts: { logs?: boolean } = {})
       {
         onCommand: (c) => {
           if (!alive) return;
-          setCommand((prev) => {
-            const next = mergeSnapshot(prev, c);
-            if (prev && !isTerminal(prev.status) && isTerminal(next.status)) void fetchFull();
-            return next;
-          });
+          setCommand((prev) => mergeSnapshot(prev, c));
+          // Terminal now: read the full command (stages, result) once.
+          if (isTerminal(c.status) && !sawTerminal) {
+            sawTerminal = true;
+            void fetchFull();
+          }
         },
         onEvent: (kind, ev) => {
           if (!alive) return;

@@ -84,6 +84,23 @@ describe('applyEvent', () => {
 });
 
 describe('mergeSnapshot', () => {
+  it('does not move stages or status backwards for a snapshot older than applied events', () => {
+    let live = applyEvent({ ...base, lastSeq: 0 }, 'stage', { seq: 4, stage: 'clone_template', state: 'completed' });
+    live = applyEvent(live, 'stage', { seq: 5, stage: 'configure_vm', state: 'running' });
+    expect(live.lastSeq).toBe(5);
+    const old = { ...base, status: 'running' as const, lastSeq: 3, stages: [st('clone_template', 'running')] };
+    const merged = mergeSnapshot(live, old);
+    expect(merged.stages?.find((x) => x.name === 'clone_template')?.state).toBe('completed');
+    expect(merged.stages?.find((x) => x.name === 'configure_vm')?.state).toBe('running');
+    expect(merged.lastSeq).toBe(5);
+    const done = applyEvent(live, 'finished', { seq: 9, status: 'succeeded', result: { vm_id: 1 } });
+    expect(mergeSnapshot(done, { ...old, lastSeq: 6 }).status).toBe('succeeded');
+    // A newer snapshot wins.
+    const fresh = mergeSnapshot(live, { ...base, status: 'failed', lastSeq: 12, stages: [st('clone_template', 'failed')] });
+    expect(fresh.status).toBe('failed');
+    expect(fresh.stages?.[0].state).toBe('failed');
+  });
+
   it('keeps stages when the snapshot has none', () => {
     const prev = { ...base, stages: [st('clone_template', 'completed')] };
     const next = mergeSnapshot(prev, { ...base, status: 'running' });

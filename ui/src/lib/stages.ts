@@ -1,6 +1,7 @@
 // Stage lists per command type, merging server stages with the expected ones, applying live
 // events to a command snapshot, and the percent shown in progress bars.
 import type { Command, CommandEventData, Stage, StageState } from './types';
+import { isTerminal } from './types';
 
 export const PROVISION_STAGES = [
   'clone_template',
@@ -53,6 +54,12 @@ export function mergeStages(type: string, server: Stage[] | undefined | null): S
 
 /** Applies one live event (stage / progress / finished) to a command snapshot. */
 export function applyEvent(cmd: Command, kind: string, ev: CommandEventData): Command {
+  const applied = applyEventInner(cmd, kind, ev);
+  if (applied === cmd || typeof ev.seq !== 'number') return applied;
+  return { ...applied, lastSeq: Math.max(applied.lastSeq ?? 0, ev.seq) };
+}
+
+function applyEventInner(cmd: Command, kind: string, ev: CommandEventData): Command {
   const ts = ev.ts ?? new Date().toISOString();
   switch (kind) {
     case 'stage': {
@@ -107,10 +114,39 @@ export function applyEvent(cmd: Command, kind: string, ev: CommandEventData): Co
   }
 }
 
-/** Merges a snapshot (e.g. an SSE `status` event without stages) into what we have. */
+const STATE_RANK: Record<string, number> = { pending: 0, running: 1, completed: 2, failed: 2, skipped: 2 };
+
+/**
+ * Merges a snapshot (a poll, or an SSE `status` event without stages) into what we have.
+ * A snapshot taken before events we already applied (its `lastSeq` is lower) must not move
+ * anything backwards: stages keep the more advanced state, a terminal status stays.
+ */
 export function mergeSnapshot(prev: Command | null, next: Command): Command {
   if (!prev || prev.id !== next.id) return next;
-  return { ...prev, ...next, stages: next.stages ?? prev.stages };
+  const stale = typeof next.lastSeq === 'number' && typeof prev.lastSeq === 'number' && next.lastSeq < prev.lastSeq;
+  if (!stale) return { ...prev, ...next, stages: next.stages ?? prev.stages };
+  let stages = prev.stages;
+  if (next.stages) {
+    const mine = new Map((prev.stages ?? []).map((st) => [st.name, st]));
+    stages = next.stages.map((st) => {
+      const m = mine.get(st.name);
+      return m && (STATE_RANK[m.state] ?? 0) > (STATE_RANK[st.state] ?? 0) ? m : st;
+    });
+    for (const m of prev.stages ?? []) if (!stages.some((st) => st.name === m.name)) stages.push(m);
+  }
+  const keepPrevStatus = isTerminal(prev.status) && !isTerminal(next.status);
+  return {
+    ...prev,
+    ...next,
+    lastSeq: prev.lastSeq,
+    status: keepPrevStatus ? prev.status : next.status,
+    stage: keepPrevStatus ? prev.stage : (prev.stage ?? next.stage),
+    percent: Math.max(prev.percent ?? 0, next.percent ?? 0) || (next.percent ?? prev.percent),
+    result: next.result ?? prev.result,
+    error: next.error ?? prev.error,
+    finishedAt: next.finishedAt ?? prev.finishedAt,
+    stages,
+  };
 }
 
 /**
