@@ -216,7 +216,7 @@ impl Agent {
             max_concurrency: self.config.max_concurrency,
             active_commands: active,
             interrupted_commands: self.interrupted.clone(),
-            facts: self.facts(),
+            facts: self.facts().await,
         });
         ws.send(tungstenite::Message::text(hello.encode())).await?;
         let welcome = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
@@ -246,7 +246,10 @@ impl Agent {
     }
 
     fn capabilities(&self) -> Vec<CommandType> {
-        let mut caps = vec![CommandType::Ping, CommandType::TerraformApply];
+        let mut caps = vec![CommandType::Ping];
+        if terraform_available(&self.config.terraform.binary) {
+            caps.push(CommandType::TerraformApply);
+        }
         if self.config.proxmox.is_some() {
             caps.push(CommandType::Provision);
             caps.push(CommandType::ListTemplates);
@@ -254,12 +257,34 @@ impl Agent {
         caps
     }
 
-    fn facts(&self) -> serde_json::Value {
-        serde_json::json!({
+    /// Facts shown to admins: the platform, and the Proxmox nodes this agent reaches (or
+    /// why it reaches none), asked afresh on every connect.
+    async fn facts(&self) -> serde_json::Value {
+        let mut facts = serde_json::json!({
             "os": std::env::consts::OS,
             "arch": std::env::consts::ARCH,
-            "proxmox_url": self.config.proxmox.as_ref().map(|p| p.url.clone()),
-        })
+        });
+        if let Some(p) = &self.config.proxmox {
+            facts["proxmox_url"] = p.url.clone().into();
+            let nodes = match crate::proxmox::client::ProxmoxClient::new(p) {
+                Ok(client) => {
+                    match tokio::time::timeout(Duration::from_secs(5), client.nodes()).await {
+                        Ok(Ok(nodes)) => Ok(nodes),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("Proxmox did not answer within 5 s".to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match nodes {
+                Ok(n) => facts["proxmox_nodes"] = n.into(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach Proxmox");
+                    facts["proxmox_error"] = e.into();
+                }
+            }
+        }
+        facts
     }
 
     /// Serves one connection until it ends.
@@ -331,6 +356,7 @@ impl Agent {
     /// Takes one report and everything already waiting, up to the batch limits.
     fn collect_batch(&mut self, first: Report, batch: &mut Vec<Event>) -> anyhow::Result<()> {
         let mut bytes = self.take_report(first, batch)?;
+        // Stop well before the frame limit: the next event may be up to ~600 KiB.
         while batch.len() < BATCH_EVENTS
             && bytes < BATCH_BYTES
             && self.unacked_bytes < OUTBOX_LIMIT_BYTES
@@ -359,13 +385,24 @@ impl Agent {
             p.finished = true;
             self.running.remove(&r.command_id);
         }
-        let ev = Event {
+        let mut ev = Event {
             command_id: r.command_id,
             seq: p.next_seq,
             ts: now_ms(),
             body: r.body,
         };
-        let size = event_size(&ev);
+        let mut size = event_size(&ev);
+        if size > MAX_FINISHED_BYTES && matches!(ev.body, EventBody::Finished(_)) {
+            ev.body = EventBody::Finished(Outcome {
+                status: FinalStatus::Failed,
+                result: None,
+                error: Some(trellis_protocol::CommandError::new(
+                    "result_too_large",
+                    format!("the command's result is {size} bytes; at most {MAX_FINISHED_BYTES} can be reported"),
+                )),
+            });
+            size = event_size(&ev);
+        }
         self.journal.event(&ev)?;
         p.unacked.push_back(ev.clone());
         self.unacked_bytes += size;
@@ -393,7 +430,9 @@ impl Agent {
                         }
                     }
                     let _ = self.journal.acked(a.command_id, a.seq);
-                    if p.finished && p.unacked.is_empty() {
+                    if p.unacked.is_empty()
+                        && (p.finished || !self.running.contains_key(&a.command_id))
+                    {
                         self.pending.remove(&a.command_id);
                         let _ = self.journal.done(a.command_id);
                     }
@@ -426,6 +465,9 @@ impl Agent {
         if self.journal.has_seen(&id) {
             // Already accepted before (our accept was lost, or we restarted): never run
             // it twice. Unacked events, if any, were re-sent on connect.
+            if !self.running.contains_key(&id) && !self.pending.contains_key(&id) {
+                tracing::warn!(command_id = %id, "dispatch of a command this agent accepted before and no longer runs");
+            }
             return send(ws, &accept)
                 .await
                 .map_err(|e| Disconnect::Lost(e.to_string()));
@@ -433,9 +475,8 @@ impl Agent {
         if let Err(e) = self.journal.accept(id) {
             return Err(Disconnect::Lost(format!("journal: {e}")));
         }
-        send(ws, &accept)
-            .await
-            .map_err(|e| Disconnect::Lost(e.to_string()))?;
+        // Start it before answering: once journaled as accepted it must run even if the
+        // connection drops before the accept goes out.
         let ctx = ExecContext::new(
             id,
             d.root_command_id.unwrap_or(id),
@@ -443,8 +484,43 @@ impl Agent {
             self.config.clone(),
             self.reports_tx.clone(),
         );
-        let command = match Command::parse(&d.command_type, &d.params) {
-            Ok(c) => c,
+        self.running.insert(id, ctx.clone());
+        match Command::parse(&d.command_type, &d.params) {
+            Ok(command) => {
+                tracing::info!(command_id = %id, command_type = %d.command_type, "running command");
+                if let Some(deadline) = d.deadline_ms {
+                    // The server times commands out too; this stops the work even when
+                    // the server cannot reach us.
+                    let ctx = ctx.clone();
+                    let wait =
+                        Duration::from_millis(deadline.saturating_sub(now_ms()).max(0) as u64);
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => ctx.request_cancel(CancelReason::TimedOut),
+                            _ = ctx.cancel.cancelled() => {}
+                        }
+                    });
+                }
+                let permits = self.concurrency.clone();
+                tokio::spawn(async move {
+                    let _permit = permits.acquire_owned().await;
+                    let reporter = ctx.clone();
+                    // A panicking executor must still end its command.
+                    if let Err(e) = tokio::spawn(exec::run(ctx, command)).await {
+                        tracing::error!(command_id = %id, error = %e, "executor crashed");
+                        reporter
+                            .report(EventBody::Finished(Outcome {
+                                status: FinalStatus::Failed,
+                                result: None,
+                                error: Some(trellis_protocol::CommandError::new(
+                                    "agent_internal_error",
+                                    format!("the executor crashed: {e}"),
+                                )),
+                            }))
+                            .await;
+                    }
+                });
+            }
             Err(error) => {
                 tracing::warn!(command_id = %id, error = %error, "rejected command");
                 tokio::spawn(async move {
@@ -455,17 +531,11 @@ impl Agent {
                     }))
                     .await
                 });
-                return Ok(());
             }
-        };
-        tracing::info!(command_id = %id, command_type = %d.command_type, "running command");
-        self.running.insert(id, ctx.clone());
-        let permits = self.concurrency.clone();
-        tokio::spawn(async move {
-            let _permit = permits.acquire_owned().await;
-            exec::run(ctx, command).await;
-        });
-        Ok(())
+        }
+        send(ws, &accept)
+            .await
+            .map_err(|e| Disconnect::Lost(e.to_string()))
     }
 }
 
@@ -474,12 +544,13 @@ fn chunk_events(events: Vec<Event>) -> Vec<Vec<Event>> {
     let mut cur = Vec::new();
     let mut bytes = 0;
     for e in events {
-        bytes += event_size(&e);
-        cur.push(e);
-        if cur.len() >= BATCH_EVENTS || bytes >= BATCH_BYTES {
+        let size = event_size(&e);
+        if !cur.is_empty() && (cur.len() >= BATCH_EVENTS || bytes + size > BATCH_BYTES) {
             out.push(std::mem::take(&mut cur));
             bytes = 0;
         }
+        bytes += size;
+        cur.push(e);
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -491,20 +562,29 @@ async fn send(ws: &mut Ws, msg: &AgentMessage) -> Result<(), tungstenite::Error>
     ws.send(tungstenite::Message::text(msg.encode())).await
 }
 
-/// Approximate wire size of an event (for batching and the outbox limit).
+/// Wire size of an event (JSON-escaped, as sent): batches must stay under the frame limit.
 fn event_size(e: &Event) -> usize {
-    96 + match &e.body {
-        EventBody::Log { data, .. } => data.len(),
-        EventBody::Finished(o) => o.result.as_ref().map_or(0, |r| r.to_string().len()) + 256,
-        _ => 64,
-    }
+    serde_json::to_vec(e).map_or(0, |v| v.len()) + 1
 }
+
+/// The largest final event sent; a bigger result is replaced by an error so that it can
+/// never jam the connection (frames are limited to 1 MiB).
+const MAX_FINISHED_BYTES: usize = 600 * 1024;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Whether the configured terraform binary exists (a path, or a name on `PATH`).
+fn terraform_available(bin: &std::path::Path) -> bool {
+    if bin.components().count() > 1 {
+        return bin.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()))
 }
 
 /// Exponential backoff with full jitter, capped.

@@ -407,6 +407,13 @@ impl Db {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "UPDATE nodes SET status = 'failed', error = 'agent_revoked: the hypervisor was revoked',              updated_at = $1 WHERE hypervisor_id = $2 AND status = 'provisioning'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -492,6 +499,25 @@ impl Db {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Marks the node a provision command was building as failed, in the caller's
+/// transaction, so a reader never sees the command ended but its node still provisioning.
+async fn fail_node_of(
+    conn: &mut sqlx::AnyConnection,
+    command_id: Uuid,
+    message: &str,
+    now: i64,
+) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE nodes SET status = 'failed', error = $1, updated_at = $2          WHERE last_command_id = $3 AND status = 'provisioning'",
+    )
+    .bind(message)
+    .bind(now)
+    .bind(command_id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 pub fn error_json(e: &CommandError) -> String {
@@ -644,9 +670,11 @@ impl Db {
     ) -> DbResult<Vec<DispatchRow>> {
         // One statement (not read-then-write in a transaction): on SQLite a deferred
         // transaction that reads first cannot wait for the write lock and fails "locked".
+        // The outer `status = 'queued'` makes a concurrent claim (another replica) skip
+        // rows already taken under PostgreSQL's READ COMMITTED re-check.
         let rows = sqlx::query(
             "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
-             WHERE id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
+             WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
              ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
              FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
              RETURNING id, type, params, deadline_at, attempt, root_id",
@@ -662,8 +690,9 @@ impl Db {
 
     /// Reconciles an agent's commands at connect time (see `Hello`):
     /// running-but-unknown and interrupted commands are marked lost; dispatched commands
-    /// the agent never saw are returned to be sent again; running commands with a pending
-    /// cancel are returned to be cancelled again.
+    /// the agent never saw are sent again, unless they were cancelled meanwhile; commands
+    /// the agent still runs but that ended here (or have a pending cancel) are cancelled
+    /// on the agent.
     pub async fn reconcile_on_connect(
         &self,
         agent_id: Uuid,
@@ -692,8 +721,26 @@ impl Db {
                     out.cancel.push(d.id);
                 }
                 out.known.push(d.id);
+            } else if cancel != 0 {
+                // Cancelled while the agent was away and never accepted: it never runs.
+                out.cancelled.push(d.id);
             } else {
                 out.resend.push(d);
+            }
+        }
+        // Commands the agent still runs but that ended here (cancelled or timed out while
+        // it was away) must be stopped there. Ids are UUIDs we format ourselves.
+        for chunk in active.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
+            let rows = sqlx::query(&format!(
+                "SELECT id FROM commands WHERE agent_id = $1 AND status IN ('cancelled', 'timed_out') AND id IN ({})",
+                list.join(",")
+            ))
+            .bind(agent_id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                out.cancel.push(uuid(r, "id")?);
             }
         }
         // Interrupted commands may not be in dispatched/running (already terminal); the
@@ -725,51 +772,83 @@ impl Db {
             .await?
             .rows_affected();
             if n > 0 {
+                fail_node_of(
+                    &mut tx,
+                    *id,
+                    "agent_lost_command: the agent restarted and no longer knows this command",
+                    now,
+                )
+                .await?;
                 out.lost.push(*id);
             }
         }
+        for id in &out.cancelled {
+            sqlx::query(
+                "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 \
+                 WHERE id = $3 AND status = 'dispatched'",
+            )
+            .bind(now)
+            .bind(error_json(&CommandError::new(
+                "cancelled",
+                "cancelled by request",
+            )))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            fail_node_of(&mut tx, *id, "cancelled: provisioning was cancelled", now).await?;
+        }
         for d in &out.resend {
-            sqlx::query("UPDATE commands SET session_epoch = $1, dispatched_at = $2 WHERE id = $3")
-                .bind(epoch)
-                .bind(now)
-                .bind(d.id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE commands SET session_epoch = $1, dispatched_at = $2 WHERE id = $3 AND status = 'dispatched'",
+            )
+            .bind(epoch)
+            .bind(now)
+            .bind(d.id.to_string())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(out)
     }
 
     /// Cancels a command. Queued ones end at once; dispatched and running ones get
-    /// `cancel_requested` and the agent is told. Returns the new row and whether the agent
-    /// must be told.
-    pub async fn request_cancel(&self, id: Uuid) -> DbResult<(CommandRow, bool)> {
+    /// `cancel_requested` and the agent is told. Returns the new row and what happened.
+    pub async fn request_cancel(&self, id: Uuid) -> DbResult<(CommandRow, CancelOutcome)> {
         let now = now_ms();
         let err = error_json(&CommandError::new("cancelled", "cancelled by request"));
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 WHERE id = $3 AND status = 'queued'",
         )
         .bind(now)
         .bind(&err)
         .bind(id.to_string())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-        if n > 0 {
-            return Ok((self.get_command(id).await?, false));
-        }
-        let n = sqlx::query(
-            "UPDATE commands SET cancel_requested = 1 WHERE id = $1 AND status IN ('dispatched', 'running')",
-        )
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok((self.get_command(id).await?, n > 0))
+        let outcome = if n > 0 {
+            fail_node_of(&mut tx, id, "cancelled: provisioning was cancelled", now).await?;
+            CancelOutcome::Cancelled
+        } else {
+            let n = sqlx::query(
+                "UPDATE commands SET cancel_requested = 1 WHERE id = $1 AND status IN ('dispatched', 'running')",
+            )
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                CancelOutcome::Requested
+            } else {
+                CancelOutcome::AlreadyFinished
+            }
+        };
+        tx.commit().await?;
+        Ok((self.get_command(id).await?, outcome))
     }
 
-    /// Moves commands past their deadline to `timed_out`; returns `(id, agent_id)` of those
-    /// that were dispatched or running, whose agents must be told to cancel.
+    /// Moves commands past their deadline to `timed_out` (and their nodes to `failed`);
+    /// returns `(id, agent_id, was_dispatched)`: dispatched ones must be cancelled on the agent.
     pub async fn expire_deadlines(&self) -> DbResult<Vec<(Uuid, Uuid, bool)>> {
         let now = now_ms();
         let err = error_json(
@@ -779,20 +858,41 @@ impl Db {
             )
             .retryable(),
         );
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(&format!(
             "UPDATE commands SET status = 'timed_out', finished_at = $1, error = $2 \
              WHERE status NOT IN {TERMINAL_SQL} AND deadline_at < $1 RETURNING id, agent_id, dispatched_at"
         ))
         .bind(now)
         .bind(&err)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let dispatched: Option<i64> = r.try_get("dispatched_at")?;
-                Ok((uuid(r, "id")?, uuid(r, "agent_id")?, dispatched.is_some()))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let dispatched: Option<i64> = r.try_get("dispatched_at")?;
+            let id = uuid(r, "id")?;
+            fail_node_of(
+                &mut tx,
+                id,
+                "timed_out: provisioning did not finish before its deadline",
+                now,
+            )
+            .await?;
+            out.push((id, uuid(r, "agent_id")?, dispatched.is_some()));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Agents shown online whose heartbeat stopped (e.g. their replica died): offline.
+    pub async fn expire_stale_agents(&self, older_than: i64) -> DbResult<u64> {
+        Ok(sqlx::query(
+            "UPDATE agents SET status = 'offline' WHERE status = 'online' AND last_heartbeat < $1",
+        )
+        .bind(older_than)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
     /// Dispatched commands not accepted for a while on a live session: sent again.
@@ -865,9 +965,21 @@ impl Db {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was queued and is now cancelled.
+    Cancelled,
+    /// The agent must stop it; it ends when the agent reports.
+    Requested,
+    /// It had already ended.
+    AlreadyFinished,
+}
+
 #[derive(Debug, Default)]
 pub struct Reconciled {
     pub lost: Vec<Uuid>,
+    /// Dispatched, never accepted, cancelled meanwhile: ended here, never sent.
+    pub cancelled: Vec<Uuid>,
     pub resend: Vec<DispatchRow>,
     pub cancel: Vec<Uuid>,
     pub known: Vec<Uuid>,

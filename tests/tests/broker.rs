@@ -190,11 +190,22 @@ async fn deadline_times_out(backend: Backend) {
             >= 1
     })
     .await;
-    assert!(
-        agent.log().contains("cancelling command"),
-        "{}",
-        agent.log()
-    );
+    // ...and it says the command was stopped for its deadline (told by the server, or by
+    // its own copy of the deadline, whichever came first)
+    let sse = reqwest::Client::new()
+        .get(cp.url(&format!("/api/commands/{cid}/events")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let finished = sse
+        .split("\n\n")
+        .find(|b| b.contains("event: finished"))
+        .unwrap_or_else(|| panic!("no finished event: {sse}\n{}", agent.log()));
+    assert!(finished.contains(r#""status":"timed_out""#), "{finished}");
     let c = api.get(&format!("/api/commands/{cid}")).await;
     assert_eq!(c["status"], "timed_out");
     // a queued command for an offline agent also times out
@@ -266,6 +277,28 @@ async fn cancel_retry_idempotency(backend: Backend) {
     let a = api.command_with(body.clone()).await;
     let b = api.command_with(body).await;
     assert_eq!(a, b);
+    // ...but the same key for a different request is a conflict, not a silent match
+    let (s, e) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/commands",
+            Some(json!({"agentId": id, "type": "ping", "params": {"log_lines": 1}, "idempotencyKey": "deploy-42"})),
+        )
+        .await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "idempotency_conflict");
+    // params that could not fit in a protocol frame are refused up front
+    let (s, e) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/commands",
+            Some(json!({"agentId": id, "type": "terraform_apply", "params": {
+                "template_source": {"repo": "/x", "version": "v1"},
+                "terraform_vars": {"blob": "x".repeat(600 * 1024)}}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error"]["code"], "params_too_large");
     // invalid params are a 400 with the reason, and nothing is stored
     let (s, e) = api
         .call(
@@ -598,3 +631,59 @@ async fn agent_sigterm_ends_running_commands_cleanly() {
     assert_eq!(c["error"]["code"], "agent_shutdown");
     assert_eq!(c["error"]["retryable"], true);
 }
+
+async fn cancel_while_agent_away(backend: Backend) {
+    let (dir, cp, api) = setup(backend, "awaycancel").await;
+    let (id, token) = api.create_agent("flaky").await;
+    // A session receives the dispatch but drops before accepting it.
+    let mut ws = raw_agent(&cp, &token).await;
+    let cid = api.command(&id, "ping", json!({"log_lines": 3})).await;
+    let d = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(d.to_text().unwrap().contains("dispatch"), "{d:?}");
+    drop(ws);
+    api.wait_until(Duration::from_secs(10), || async {
+        api.get(&format!("/api/agents/{id}")).await["status"] == "offline"
+    })
+    .await;
+    assert_eq!(
+        api.get(&format!("/api/commands/{cid}")).await["status"],
+        "dispatched"
+    );
+    let (s, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/commands/{cid}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202);
+    // The real agent connects: the command is cancelled, never sent, never run.
+    let agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+    let c = api.wait_done(&cid, Duration::from_secs(20)).await;
+    assert_eq!(c["status"], "cancelled", "{c}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c = api.get(&format!("/api/commands/{cid}")).await;
+    assert_eq!(c["lastSeq"], 0, "it never ran: {c}");
+    assert!(
+        !agent
+            .log()
+            .contains(&format!("running command command_id={cid}")),
+        "{}",
+        agent.log()
+    );
+    // cancelling it again is a clear 409
+    let (s, e) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/commands/{cid}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 409);
+    assert_eq!(e["error"]["code"], "already_finished");
+}
+on_both_backends!(away_cancel, cancel_while_agent_away);

@@ -151,10 +151,41 @@ async fn provision_node(backend: Backend) {
         ]
     );
     assert!(stages.iter().all(|(_, st)| st == "completed"), "{stages:?}");
-    assert!(
-        seen_running.len() >= 2,
-        "stages were observed running one by one: {seen_running:?}"
-    );
+    // Every stage was reported as it started and as it ended, in order (from the stored
+    // event stream, which is what the UI follows).
+    let sse = reqwest::Client::new()
+        .get(format!("{}/api/commands/{cid}/events", api.base))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut transitions: Vec<(String, String)> = sse
+        .split("\n\n")
+        .filter(|b| b.contains("event: stage"))
+        .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            (
+                v["stage"].as_str().unwrap().to_string(),
+                v["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    transitions.dedup();
+    let expected: Vec<(String, String)> = names
+        .iter()
+        .flat_map(|n| {
+            [
+                (n.to_string(), "running".to_string()),
+                (n.to_string(), "completed".to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(transitions, expected, "{sse}");
+    let _ = seen_running;
     let r = &c["result"];
     assert_eq!(r["status"], "completed");
     let vm_id = r["vm_id"].as_i64().unwrap();
@@ -404,6 +435,17 @@ async fn clear_errors_for_bad_provision_requests() {
             "{e}"
         );
     }
+    // a double-clicked Provision starts one provisioning, not two
+    let dbl = new_node(api, "dbl-1").await;
+    let path = format!("/api/nodes/{dbl}/provision");
+    let body = json!({"agentId": s.agent_id});
+    let (a, b) = tokio::join!(
+        api.call(reqwest::Method::POST, &path, Some(body.clone())),
+        api.call(reqwest::Method::POST, &path, Some(body.clone()))
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [202, 409], "{a:?} {b:?}");
     // a Proxmox template id that the host does not have
     let cid = api
         .command(&s.agent_id, "provision", json!({"name": "ghost-1", "template": {"type": "proxmox", "template_id": 4242, "memory": 512, "cores": 1}}))

@@ -19,10 +19,12 @@ use uuid::Uuid;
 use super::{parse_id, ApiResult, AppError, AppState, Json};
 use crate::broker::fanout::Published;
 use crate::broker::Broker;
-use crate::db::{CommandRow, DbError, EventRow, NewCommand, StageRow};
+use crate::db::{CancelOutcome, CommandRow, DbError, EventRow, NewCommand, StageRow};
 use crate::time::{now_ms, opt_rfc3339, rfc3339};
 
 const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Largest params accepted (the dispatch frame limit is 1 MiB).
+const MAX_PARAMS_BYTES: usize = 512 * 1024;
 
 fn default_timeout(t: CommandType) -> u64 {
     match t {
@@ -107,6 +109,14 @@ pub struct CreateCommand {
 /// Validates and persists a command, then wakes the agent's session. The command is
 /// committed before this returns.
 pub async fn create_command(broker: &Broker, c: CreateCommand) -> ApiResult<CommandRow> {
+    // The dispatch must fit in one protocol frame with room to spare.
+    let size = c.params.to_string().len();
+    if size > MAX_PARAMS_BYTES {
+        return Err(AppError::Invalid(
+            "params_too_large",
+            format!("params are {size} bytes; at most {MAX_PARAMS_BYTES} are accepted"),
+        ));
+    }
     let cmd = Command::parse(&c.command_type, &c.params)?;
     let agent = broker.db.get_agent(c.agent_id).await.map_err(|e| match e {
         DbError::NotFound => AppError::NotFound(format!("agent {} not found", c.agent_id)),
@@ -128,7 +138,7 @@ pub async fn create_command(broker: &Broker, c: CreateCommand) -> ApiResult<Comm
             ));
         }
         if let Some(existing) = broker.db.command_by_idempotency_key(key).await? {
-            return Ok(existing);
+            return same_request(existing, &c);
         }
     }
     let timeout = c.timeout_secs.unwrap_or_else(|| default_timeout(ty));
@@ -143,9 +153,9 @@ pub async fn create_command(broker: &Broker, c: CreateCommand) -> ApiResult<Comm
         id,
         agent_id: c.agent_id,
         command_type: ty,
-        params: c.params,
+        params: c.params.clone(),
         idempotency_key: c.idempotency_key.clone(),
-        created_by: c.created_by,
+        created_by: c.created_by.clone(),
         deadline_at: now_ms() + (timeout as i64) * 1000,
         attempt: c.retry_of.as_ref().map_or(1, |r| r.attempt + 1),
         root_id: c.retry_of.as_ref().map_or(id, |r| r.root_id),
@@ -160,13 +170,31 @@ pub async fn create_command(broker: &Broker, c: CreateCommand) -> ApiResult<Comm
                 .command_by_idempotency_key(c.idempotency_key.as_deref().unwrap_or_default())
                 .await?
             {
-                return Ok(existing);
+                return same_request(existing, &c);
             }
         }
         Err(e) => return Err(e.into()),
     }
     broker.wake(c.agent_id);
     Ok(broker.db.get_command(id).await?)
+}
+
+/// A reused idempotency key must name the same request; anything else is a client bug.
+fn same_request(existing: CommandRow, c: &CreateCommand) -> ApiResult<CommandRow> {
+    if existing.agent_id == c.agent_id
+        && existing.command_type == c.command_type
+        && existing.params == c.params
+    {
+        Ok(existing)
+    } else {
+        Err(AppError::Conflict(
+            "idempotency_conflict",
+            format!(
+                "idempotency key already used for a different request (command {})",
+                existing.id
+            ),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -445,6 +473,8 @@ async fn stream_events(
             let msg = tokio::select! {
                 m = sub.recv() => m,
                 _ = tx.closed() => return Ok(()),
+                // Open streams must not hold up a graceful shutdown; clients resume.
+                _ = broker.shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_secs(5)) => Ok(Published::Status),
             };
             match msg {
@@ -491,17 +521,16 @@ async fn stream_events(
 pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = parse_id(&id, "command")?;
     load(&s.broker, id).await?;
-    let (c, tell_agent) = s.broker.db.request_cancel(id).await?;
-    if tell_agent {
-        s.broker.cancel(c.agent_id, id, CancelReason::Cancelled);
-    } else if c.status == "cancelled" {
-        crate::api::nodes::sync_node_after_server_end(&s.broker, &c).await;
-        s.broker.wake(c.agent_id);
-    } else if c.is_terminal() {
-        return Err(AppError::Conflict(
-            "already_finished",
-            format!("command already {}", c.status),
-        ));
+    let (c, outcome) = s.broker.db.request_cancel(id).await?;
+    match outcome {
+        CancelOutcome::Requested => s.broker.cancel(c.agent_id, id, CancelReason::Cancelled),
+        CancelOutcome::Cancelled => s.broker.wake(c.agent_id),
+        CancelOutcome::AlreadyFinished => {
+            return Err(AppError::Conflict(
+                "already_finished",
+                format!("command already {}", c.status),
+            ))
+        }
     }
     s.broker.fanout.publish(&id, Published::Status);
     let stages = s.broker.db.get_stages(id).await?;
@@ -526,7 +555,8 @@ pub async fn retry(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
             agent_id: old.agent_id,
             command_type: old.command_type.clone(),
             params: old.params.clone(),
-            idempotency_key: None,
+            // A double-clicked Retry makes one new attempt, not two.
+            idempotency_key: Some(format!("retry:{}", old.id)),
             timeout_secs: None,
             created_by: "admin:retry".into(),
             retry_of: Some(old.clone()),

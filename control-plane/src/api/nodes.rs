@@ -342,7 +342,25 @@ async fn start_provision(
         },
         "target_node": b.target_node.filter(|s| !s.is_empty()),
     });
-    let cmd = create_command(
+    // Claim the node first, atomically: two clicks on Provision must not make two VMs.
+    let claimed = sqlx::query(
+        "UPDATE nodes SET status = 'provisioning', hypervisor_id = $1, error = NULL, updated_at = $2 \
+         WHERE id = $3 AND status <> 'provisioning' AND vm_id IS NULL",
+    )
+    .bind(agent_id.to_string())
+    .bind(now_ms())
+    .bind(id.to_string())
+    .execute(&broker.db.pool)
+    .await
+    .map_err(DbError::from)?
+    .rows_affected();
+    if claimed == 0 {
+        return Err(AppError::Conflict(
+            "already_provisioning",
+            format!("node {:?} is already being provisioned", n.name),
+        ));
+    }
+    let created = create_command(
         broker,
         CreateCommand {
             agent_id,
@@ -354,17 +372,30 @@ async fn start_provision(
             retry_of: None,
         },
     )
-    .await?;
-    sqlx::query(
-        "UPDATE nodes SET status = 'provisioning', last_command_id = $1, hypervisor_id = $2, error = NULL, updated_at = $3 WHERE id = $4",
-    )
-    .bind(cmd.id.to_string())
-    .bind(agent_id.to_string())
-    .bind(now_ms())
-    .bind(id.to_string())
-    .execute(&broker.db.pool)
-    .await
-    .map_err(DbError::from)?;
+    .await;
+    let cmd = match created {
+        Ok(c) => c,
+        Err(e) => {
+            // Give the node back as it was.
+            let _ = sqlx::query(
+                "UPDATE nodes SET status = $1, hypervisor_id = $2, error = $3 WHERE id = $4 AND status = 'provisioning'",
+            )
+            .bind(&n.status)
+            .bind(n.hypervisor_id.clone())
+            .bind(n.error.clone())
+            .bind(id.to_string())
+            .execute(&broker.db.pool)
+            .await;
+            return Err(e);
+        }
+    };
+    sqlx::query("UPDATE nodes SET last_command_id = $1, updated_at = $2 WHERE id = $3")
+        .bind(cmd.id.to_string())
+        .bind(now_ms())
+        .bind(id.to_string())
+        .execute(&broker.db.pool)
+        .await
+        .map_err(DbError::from)?;
     // A command that ended before the node pointed at it would otherwise be missed.
     if let Ok(c) = broker.db.get_command(cmd.id).await {
         if c.is_terminal() {

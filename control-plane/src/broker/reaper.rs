@@ -33,6 +33,12 @@ pub async fn run(broker: Arc<Broker>) {
                 tracing::warn!(error = %e, "heartbeat flush failed");
             }
             broker.fanout.sweep();
+            let stale = now_ms() - 2 * 1000 * trellis_protocol::HEARTBEAT_TIMEOUT_SECS as i64;
+            match broker.db.expire_stale_agents(stale).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(agents = n, "marked agents with stale heartbeats offline"),
+                Err(e) => tracing::warn!(error = %e, "stale agent sweep failed"),
+            }
             match broker.db.revoked_since(now_ms() - 30_000).await {
                 Ok(ids) => ids
                     .into_iter()
@@ -56,9 +62,6 @@ async fn expire(broker: &Broker) -> crate::db::DbResult<()> {
             broker.cancel(agent_id, command_id, CancelReason::TimedOut);
         }
         broker.fanout.publish(&command_id, Published::Status);
-        if let Ok(c) = broker.db.get_command(command_id).await {
-            crate::api::nodes::sync_node_after_server_end(broker, &c).await;
-        }
         broker.wake(agent_id);
     }
     Ok(())

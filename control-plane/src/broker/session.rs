@@ -174,9 +174,11 @@ impl Session {
             self.broker
                 .fanout
                 .publish(id, super::fanout::Published::Status);
-            if let Ok(c) = self.broker.db.get_command(*id).await {
-                self.node_outcome_for_server_end(&c).await;
-            }
+        }
+        for id in &rec.cancelled {
+            self.broker
+                .fanout
+                .publish(id, super::fanout::Published::Status);
         }
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -210,6 +212,9 @@ impl Session {
         idle_claim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         idle_claim.reset();
         let idle_limit = Duration::from_secs(HEARTBEAT_TIMEOUT_SECS);
+        // Dead-connection detection: any frame counts; checked on the periodic tick (a
+        // per-recv timeout would be reset by every other select branch).
+        let mut last_rx = Instant::now();
         let writer = self.broker.writer();
         loop {
             tokio::select! {
@@ -217,19 +222,16 @@ impl Session {
                     close(socket, CLOSE_GOING_AWAY, "control plane shutting down").await;
                     return "shutdown".into();
                 }
-                msg = tokio::time::timeout(idle_limit, socket.recv()) => {
+                msg = socket.recv() => {
+                    last_rx = Instant::now();
                     let msg = match msg {
-                        Err(_) => {
-                            close(socket, CLOSE_POLICY, "no heartbeat").await;
-                            return format!("no traffic for {HEARTBEAT_TIMEOUT_SECS} s");
-                        }
-                        Ok(None) => return "connection closed".into(),
-                        Ok(Some(Err(e))) => {
+                        None => return "connection closed".into(),
+                        Some(Err(e)) => {
                             self.broker.metrics.protocol_error();
                             close_for_error(socket, &e.to_string()).await;
                             return format!("socket error: {e}");
                         }
-                        Ok(Some(Ok(m))) => m,
+                        Some(Ok(m)) => m,
                     };
                     let text = match msg {
                         Message::Text(t) => t,
@@ -264,9 +266,16 @@ impl Session {
                             }
                         }
                         AgentMessage::Accept { command_id } => {
-                            if !self.owns(command_id).await {
-                                self.foreign(socket, command_id).await;
-                                continue;
+                            match self.owns(command_id).await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    self.foreign(socket, command_id).await;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
+                                    return e;
+                                }
                             }
                             if let Some(t) = self.inflight.remove(&command_id) {
                                 self.broker.metrics.dispatch_latency.observe(t.elapsed());
@@ -280,12 +289,21 @@ impl Session {
                             let mut checked: Option<Uuid> = None;
                             let mut keep = Vec::with_capacity(events.len());
                             for e in events.drain(..) {
+                                if foreign == Some(e.command_id) {
+                                    continue;
+                                }
                                 if checked != Some(e.command_id) {
-                                    if !self.owns(e.command_id).await {
-                                        foreign = Some(e.command_id);
-                                        continue;
+                                    match self.owns(e.command_id).await {
+                                        Ok(true) => checked = Some(e.command_id),
+                                        Ok(false) => {
+                                            foreign = Some(e.command_id);
+                                            continue;
+                                        }
+                                        Err(err) => {
+                                            close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
+                                            return err;
+                                        }
                                     }
-                                    checked = Some(e.command_id);
                                 }
                                 if e.seq == 0 {
                                     foreign = Some(e.command_id);
@@ -333,6 +351,10 @@ impl Session {
                     }
                 }
                 _ = idle_claim.tick() => {
+                    if last_rx.elapsed() > idle_limit {
+                        close(socket, CLOSE_POLICY, "no heartbeat").await;
+                        return format!("no traffic for {HEARTBEAT_TIMEOUT_SECS} s");
+                    }
                     if let Err(e) = self.claim_and_dispatch(socket).await {
                         return e;
                     }
@@ -341,16 +363,21 @@ impl Session {
         }
     }
 
-    async fn owns(&mut self, id: Uuid) -> bool {
+    /// Whether the command belongs to this agent. A storage error is an `Err`: the caller
+    /// closes the session (the agent re-sends) rather than dropping events.
+    async fn owns(&mut self, id: Uuid) -> Result<bool, String> {
         if self.owned.contains(&id) {
-            return true;
+            return Ok(true);
         }
         match self.broker.db.command_owner(id).await {
             Ok(Some(owner)) if owner == self.agent_id => {
                 self.owned.insert(id);
-                true
+                Ok(true)
             }
-            _ => false,
+            Ok(_) => Ok(false),
+            Err(e) => Err(format!(
+                "storage error while checking command ownership: {e}"
+            )),
         }
     }
 
@@ -402,10 +429,6 @@ impl Session {
         });
         send(socket, &msg).await
     }
-
-    async fn node_outcome_for_server_end(&self, c: &crate::db::CommandRow) {
-        crate::api::nodes::sync_node_after_server_end(&self.broker, c).await;
-    }
 }
 
 async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> Result<(), axum::Error> {
@@ -413,8 +436,13 @@ async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> Result<(), axum::E
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
-    let mut reason = reason.to_string();
-    reason.truncate(120);
+    // Close reasons are limited to 123 bytes; cut on a character boundary (the reason
+    // may echo network input).
+    let mut cut = reason.len().min(120);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let reason = reason[..cut].to_string();
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code,

@@ -207,7 +207,7 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
             .bind(state.as_str())
             .bind(e.ts)
             .bind(finished_at)
-            .bind(message.clone())
+            .bind(message.as_deref().map(no_nul))
             .execute(&mut *tx)
             .await?;
         }
@@ -313,7 +313,7 @@ pub async fn node_outcome(
 /// The database form of an event: `(kind, stream, data)`.
 fn stored_form(e: &Event) -> (&'static str, Option<&'static str>, String) {
     match &e.body {
-        EventBody::Log { stream, data } => ("log", Some(stream.as_str()), data.clone()),
+        EventBody::Log { stream, data } => ("log", Some(stream.as_str()), no_nul(data)),
         EventBody::Stage { .. } => ("stage", None, body_json(&e.body)),
         EventBody::Progress { .. } => ("progress", None, body_json(&e.body)),
         EventBody::Finished(_) => ("finished", None, body_json(&e.body)),
@@ -321,7 +321,17 @@ fn stored_form(e: &Event) -> (&'static str, Option<&'static str>, String) {
 }
 
 fn body_json(b: &EventBody) -> String {
+    // JSON escapes NUL as \u0000, which PostgreSQL TEXT accepts.
     serde_json::to_string(b).unwrap_or_else(|_| "{}".into())
+}
+
+/// PostgreSQL TEXT cannot hold NUL; program output sometimes does.
+fn no_nul(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
 }
 
 fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: Done) {

@@ -248,7 +248,8 @@ async fn main() -> anyhow::Result<()> {
         let (id, token) = api.create_agent("logger").await;
         let _agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
         api.wait_agent_online(&id).await;
-        let line = 1000u32;
+        // 10 KB chunks: what the terraform executor ships (flush at 500 ms or 10 KB).
+        let line = 10_000u32;
         let lines = (args.log_mb * 1_000_000 / line as usize) as u32;
         let t = Instant::now();
         let cid = api
