@@ -225,7 +225,12 @@ pub async fn update(
     .bind(template_id)
     .bind(memory)
     .bind(cores)
-    .bind(b.application.or(n.application))
+    // `""` clears the application; absent keeps it.
+    .bind(match b.application {
+        Some(a) if a.trim().is_empty() => None,
+        Some(a) => Some(a),
+        None => n.application,
+    })
     .bind(status)
     .bind(now_ms())
     .bind(id.to_string())
