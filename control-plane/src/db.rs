@@ -276,6 +276,18 @@ pub struct DispatchRow {
 }
 
 impl DispatchRow {
+    /// The `dispatch` frame for this command.
+    pub fn into_message(self) -> trellis_protocol::ServerMessage {
+        trellis_protocol::ServerMessage::Dispatch(trellis_protocol::Dispatch {
+            command_id: self.id,
+            command_type: self.command_type,
+            params: self.params,
+            deadline_ms: Some(self.deadline_at),
+            attempt: self.attempt.clamp(1, i64::from(u32::MAX)) as u32,
+            root_command_id: Some(self.root_id),
+        })
+    }
+
     fn from_row(r: &AnyRow) -> DbResult<Self> {
         Ok(Self {
             id: uuid(r, "id")?,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use trellis_protocol::{CancelReason, Dispatch, ServerMessage};
+use trellis_protocol::CancelReason;
 
 use super::{fanout::Published, Broker, ToSession};
 use crate::time::now_ms;
@@ -78,17 +78,7 @@ async fn redispatch(broker: &Broker) -> crate::db::DbResult<()> {
         }
         let d = broker.db.dispatch_row(command_id).await?;
         tracing::info!(%command_id, %agent_id, "re-sending unaccepted dispatch");
-        broker.send(
-            &agent_id,
-            ToSession::Send(ServerMessage::Dispatch(Dispatch {
-                command_id: d.id,
-                command_type: d.command_type,
-                params: d.params,
-                deadline_ms: Some(d.deadline_at),
-                attempt: d.attempt.clamp(1, i64::from(u32::MAX)) as u32,
-                root_command_id: Some(d.root_id),
-            })),
-        );
+        broker.send(&agent_id, ToSession::Send(d.into_message()));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::sync::mpsc;
 use trellis_protocol::{
-    AgentMessage, CancelReason, Dispatch, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
+    AgentMessage, CancelReason, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
     HEARTBEAT_INTERVAL_SECS, HEARTBEAT_TIMEOUT_SECS, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
@@ -419,15 +419,7 @@ impl Session {
     ) -> Result<(), axum::Error> {
         self.owned.insert(d.id);
         self.inflight.insert(d.id, Instant::now());
-        let msg = ServerMessage::Dispatch(Dispatch {
-            command_id: d.id,
-            command_type: d.command_type,
-            params: d.params,
-            deadline_ms: Some(d.deadline_at),
-            attempt: d.attempt.clamp(1, i64::from(u32::MAX)) as u32,
-            root_command_id: Some(d.root_id),
-        });
-        send(socket, &msg).await
+        send(socket, &d.into_message()).await
     }
 }
 
