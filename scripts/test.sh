@@ -31,6 +31,9 @@ fi
 step "ui: typecheck, lint, unit tests, build"
 (cd ui && npm run --silent typecheck && npm run --silent lint && npm test --silent && npm run --silent build)
 
+step "trellis with the UI embedded (release form)"
+bash scripts/check-embedded-ui.sh
+
 step "browser end-to-end (headless chromium)"
 bash scripts/e2e-browser.sh
 

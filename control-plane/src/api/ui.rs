@@ -9,7 +9,41 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_ui.rs"));
+}
+
+/// Whether this binary carries the UI (built with the `embed-ui` feature).
+pub fn embedded() -> bool {
+    !embedded::FILES.is_empty()
+}
+
+fn serve_embedded(path: &str) -> Response {
+    let find = |p: &str| embedded::FILES.iter().find(|(name, _)| *name == p);
+    let (name, bytes, cache) = match find(path).filter(|_| !path.is_empty()) {
+        Some((name, bytes)) if name.starts_with("assets/") => {
+            (*name, *bytes, "public, max-age=31536000, immutable")
+        }
+        Some((name, bytes)) => (*name, *bytes, "no-cache"),
+        None => match find("index.html") {
+            Some((name, bytes)) => (*name, *bytes, "no-cache"),
+            None => return (StatusCode::NOT_FOUND, "UI index.html not embedded").into_response(),
+        },
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type(name)),
+            (header::CACHE_CONTROL, cache),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
 pub async fn serve(State(s): State<AppState>, uri: Uri) -> Response {
+    if s.ui_dir.is_none() && embedded() {
+        return serve_embedded(uri.path().trim_start_matches('/'));
+    }
     let Some(dir) = s.ui_dir.as_deref() else {
         return (
             StatusCode::NOT_FOUND,
