@@ -107,10 +107,20 @@ impl Db {
     }
 }
 
+/// `TRELLIS_SQLITE_SYNCHRONOUS`: `FULL` (default) fsyncs every commit, so what was
+/// acknowledged survives a power loss; `NORMAL` survives a crash of trellis but may lose
+/// the last commits on power loss, for more throughput.
+fn sqlite_synchronous() -> &'static str {
+    match std::env::var("TRELLIS_SQLITE_SYNCHRONOUS").map(|v| v.to_ascii_uppercase()) {
+        Ok(v) if v == "NORMAL" => "PRAGMA synchronous=NORMAL",
+        _ => "PRAGMA synchronous=FULL",
+    }
+}
+
 async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
     for pragma in [
         "PRAGMA journal_mode=WAL",
-        "PRAGMA synchronous=NORMAL",
+        sqlite_synchronous(),
         "PRAGMA busy_timeout=10000",
         "PRAGMA foreign_keys=ON",
     ] {
