@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f ui/dist/index.html ] || (cd ui && npm run --silent build)
-cargo build -p trellis --features embed-ui --locked
+# --workspace keeps feature unification the same as the main build: only trellis rebuilds
+cargo build --workspace --bins --features trellis/embed-ui --locked
 bin=$PWD/target/debug/trellis
 tmp=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

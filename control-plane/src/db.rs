@@ -644,7 +644,7 @@ impl Db {
         agent_id: Option<Uuid>,
         status: Option<&str>,
         command_type: Option<&str>,
-        before: Option<i64>,
+        before: Option<(i64, Option<Uuid>)>,
         limit: i64,
     ) -> DbResult<Vec<CommandRow>> {
         let mut sql = format!("SELECT {COMMAND_COLS} FROM commands WHERE 1 = 1");
@@ -662,10 +662,17 @@ impl Db {
         if command_type.is_some() {
             sql += &format!(" AND type = {}", next());
         }
-        if before.is_some() {
-            sql += &format!(" AND created_at < {}", next());
+        // Keyset paging on (created_at, id): rows created in the same millisecond are
+        // neither skipped nor repeated across pages.
+        match before {
+            Some((_, Some(_))) => {
+                let (a, b, c) = (next(), next(), next());
+                sql += &format!(" AND (created_at < {a} OR (created_at = {b} AND id < {c}))");
+            }
+            Some((_, None)) => sql += &format!(" AND created_at < {}", next()),
+            None => {}
         }
-        sql += &format!(" ORDER BY created_at DESC LIMIT {}", next());
+        sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT {}", next());
         let mut q = sqlx::query(&sql);
         if let Some(a) = agent_id {
             q = q.bind(a.to_string());
@@ -676,8 +683,10 @@ impl Db {
         if let Some(t) = command_type {
             q = q.bind(t.to_string());
         }
-        if let Some(b) = before {
-            q = q.bind(b);
+        match before {
+            Some((at, Some(id))) => q = q.bind(at).bind(at).bind(id.to_string()),
+            Some((at, None)) => q = q.bind(at),
+            None => {}
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(CommandRow::from_row).collect()

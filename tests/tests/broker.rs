@@ -687,3 +687,51 @@ async fn cancel_while_agent_away(backend: Backend) {
     assert_eq!(e["error"]["code"], "already_finished");
 }
 on_both_backends!(away_cancel, cancel_while_agent_away);
+
+async fn command_list_paging(backend: Backend) {
+    let (_dir, _cp, api) = setup(backend, "paging").await;
+    let (id, _token) = api.create_agent("pager").await;
+    // Created back to back: many share a millisecond, which paging must not skip or repeat.
+    let mut created = Vec::new();
+    for _ in 0..23 {
+        created.push(api.command(&id, "ping", json!({})).await);
+    }
+    let mut seen = Vec::new();
+    let mut created_at = Vec::new();
+    let mut before: Option<String> = None;
+    for _ in 0..20 {
+        let mut path = format!("/api/commands?agentId={id}&limit=4");
+        if let Some(b) = &before {
+            path += &format!("&before={b}");
+        }
+        let page = api.get(&path).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 4, "{page}");
+        seen.extend(items.iter().map(|c| c["id"].as_str().unwrap().to_string()));
+        created_at.extend(
+            items
+                .iter()
+                .map(|c| c["createdAt"].as_str().unwrap().to_string()),
+        );
+        match page["nextBefore"].as_str() {
+            Some(b) => before = Some(b.to_string()),
+            None => break,
+        }
+    }
+    let mut want = created.clone();
+    want.sort();
+    let mut got = seen.clone();
+    got.sort();
+    assert_eq!(got, want, "every command exactly once across pages");
+    // newest first (same-format RFC 3339 in UTC sorts as text)
+    assert!(
+        created_at.windows(2).all(|w| w[0] >= w[1]),
+        "{created_at:?}"
+    );
+    let (s, e) = api
+        .call(reqwest::Method::GET, "/api/commands?before=yesterday", None)
+        .await;
+    assert_eq!(s, 400, "{e}");
+    assert_eq!(e["error"]["code"], "bad_request", "{e}");
+}
+on_both_backends!(paging, command_list_paging);

@@ -244,7 +244,16 @@ pub struct ListQuery {
     #[serde(rename = "type")]
     command_type: Option<String>,
     limit: Option<i64>,
-    before: Option<i64>,
+    before: Option<String>,
+}
+
+/// A page cursor: `nextBefore` from the previous page (`"<createdAt ms>.<id>"`), or a
+/// bare Unix-milliseconds timestamp.
+fn parse_before(raw: &str) -> Option<(i64, Option<Uuid>)> {
+    match raw.split_once('.') {
+        Some((at, id)) => Some((at.parse().ok()?, Some(id.parse().ok()?))),
+        None => Some((raw.parse().ok()?, None)),
+    }
 }
 
 const STATUSES: [&str; 7] = [
@@ -277,14 +286,20 @@ pub async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiR
             return Err(AppError::BadRequest(format!("unknown command type {t:?}")));
         }
     }
+    let before = match q.before.as_deref().filter(|b| !b.is_empty()) {
+        Some(b) => Some(parse_before(b).ok_or_else(|| {
+            AppError::BadRequest("before must be a nextBefore cursor or Unix milliseconds".into())
+        })?),
+        None => None,
+    };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let rows = s
         .broker
         .db
-        .list_commands(agent, status, ty, q.before, limit)
+        .list_commands(agent, status, ty, before, limit)
         .await?;
     let next_before = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.created_at))
+        .then(|| rows.last().map(|r| format!("{}.{}", r.created_at, r.id)))
         .flatten();
     let items: Vec<Value> = rows.iter().map(|c| command_json(c, None)).collect();
     Ok(Json(json!({ "items": items, "nextBefore": next_before })))
