@@ -20,17 +20,62 @@ pub enum Published {
     Status,
 }
 
+/// Events a subscriber may fall behind by before it is told it lagged (and re-reads).
+const CAPACITY: usize = 256;
+
 #[derive(Default)]
 pub struct Fanout {
     channels: Mutex<HashMap<Uuid, broadcast::Sender<Published>>>,
 }
 
+/// A live subscription to one command. Dropping the last one for a command frees its
+/// channel at once, so memory follows the number of watchers, not the command rate.
+pub struct Subscription<'a> {
+    rx: broadcast::Receiver<Published>,
+    tx: broadcast::Sender<Published>,
+    fanout: &'a Fanout,
+    id: Uuid,
+}
+
+impl Subscription<'_> {
+    pub async fn recv(&mut self) -> Result<Published, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        let mut map = self.fanout.channels.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock nobody can subscribe meanwhile. Only our own channel is freed
+        // (a resubscription may already have replaced it), and only when `self.rx` is
+        // its last receiver.
+        if map
+            .get(&self.id)
+            .is_some_and(|tx| tx.same_channel(&self.tx) && tx.receiver_count() <= 1)
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
 impl Fanout {
-    pub fn subscribe(&self, id: Uuid) -> broadcast::Receiver<Published> {
+    pub fn subscribe(&self, id: Uuid) -> Subscription<'_> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(id)
-            .or_insert_with(|| broadcast::channel(1024).0)
-            .subscribe()
+        let tx = map
+            .entry(id)
+            .or_insert_with(|| broadcast::channel(CAPACITY).0)
+            .clone();
+        Subscription {
+            rx: tx.subscribe(),
+            tx,
+            fanout: self,
+            id,
+        }
+    }
+
+    /// Channels open now (for tests and metrics).
+    pub fn open_channels(&self) -> usize {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn has_subscribers(&self, id: &Uuid) -> bool {
@@ -51,5 +96,36 @@ impl Fanout {
     pub fn sweep(&self) {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, tx| tx.receiver_count() > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn channels_live_exactly_as_long_as_their_subscribers() {
+        let f = Fanout::default();
+        let id = Uuid::new_v4();
+        let mut a = f.subscribe(id);
+        let b = f.subscribe(id);
+        assert_eq!(f.open_channels(), 1);
+        f.publish(&id, Published::Status);
+        assert!(matches!(a.recv().await, Ok(Published::Status)));
+        drop(b);
+        assert_eq!(f.open_channels(), 1, "a still listens");
+        drop(a);
+        assert_eq!(f.open_channels(), 0, "the last subscriber frees the channel");
+        // an old subscription dropped after a new one was made leaves the new one alone
+        let old = f.subscribe(id);
+        f.channels.lock().unwrap().remove(&id);
+        let mut new = f.subscribe(id);
+        drop(old);
+        assert_eq!(f.open_channels(), 1);
+        f.publish(&id, Published::Status);
+        assert!(matches!(new.recv().await, Ok(Published::Status)));
+        drop(new);
+        f.publish(&id, Published::Status);
+        assert_eq!(f.open_channels(), 0, "publishing to nobody creates nothing");
     }
 }
