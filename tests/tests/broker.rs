@@ -735,3 +735,43 @@ async fn command_list_paging(backend: Backend) {
     assert_eq!(e["error"]["code"], "bad_request", "{e}");
 }
 on_both_backends!(paging, command_list_paging);
+
+/// A burst of submissions is stored in shared transactions; an idempotency key submitted
+/// twice in the same burst still yields one command, and no other submission is harmed.
+async fn burst_with_repeated_idempotency_keys(backend: Backend) {
+    let (dir, cp, api) = setup(backend, "burst").await;
+    let (id, token) = api.create_agent("bursty").await;
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        let api = api.clone();
+        // keys k0..k19 are each sent twice; the other 20 submissions have none
+        let body = if i < 40 {
+            json!({"agentId": id, "type": "ping", "params": {}, "idempotencyKey": format!("k{}", i % 20)})
+        } else {
+            json!({"agentId": id, "type": "ping", "params": {}})
+        };
+        calls.push(tokio::spawn(async move {
+            api.call(reqwest::Method::POST, "/api/commands", Some(body))
+                .await
+        }));
+    }
+    let mut ids = Vec::new();
+    for c in calls {
+        let (s, v) = c.await.unwrap();
+        assert_eq!(s, 202, "{v}");
+        ids.push(v["commandId"].as_str().unwrap().to_string());
+    }
+    for k in 0..20 {
+        assert_eq!(ids[k], ids[k + 20], "key k{k} gave two commands");
+    }
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 40);
+    let _agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+    for cid in &distinct {
+        let c = api.wait_done(cid, Duration::from_secs(30)).await;
+        assert_eq!(c["status"], "succeeded", "{c}");
+    }
+}
+on_both_backends!(burst, burst_with_repeated_idempotency_keys);

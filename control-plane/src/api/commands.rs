@@ -161,22 +161,21 @@ pub async fn create_command(broker: &Broker, c: CreateCommand) -> ApiResult<Comm
         root_id: c.retry_of.as_ref().map_or(id, |r| r.root_id),
         retry_of: c.retry_of.as_ref().map(|r| r.id),
     };
-    match broker.db.insert_command(&new).await {
-        Ok(()) => {}
+    let mut row = CommandRow::queued(&new, 0);
+    row.created_at = match broker.insert_command(new).await {
+        Ok(at) => at,
         // Lost a race on the idempotency key: answer with the winner.
-        Err(DbError::Conflict(_)) if c.idempotency_key.is_some() => {
-            if let Some(existing) = broker
-                .db
-                .command_by_idempotency_key(c.idempotency_key.as_deref().unwrap_or_default())
-                .await?
-            {
-                return same_request(existing, &c);
-            }
+        Err(DbError::Conflict(msg)) => {
+            let key = c.idempotency_key.as_deref().unwrap_or_default();
+            return match broker.db.command_by_idempotency_key(key).await? {
+                Some(existing) => same_request(existing, &c),
+                None => Err(DbError::Conflict(msg).into()),
+            };
         }
         Err(e) => return Err(e.into()),
-    }
+    };
     broker.wake(c.agent_id);
-    Ok(broker.db.get_command(id).await?)
+    Ok(row)
 }
 
 /// A reused idempotency key must name the same request; anything else is a client bug.

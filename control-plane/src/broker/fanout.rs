@@ -45,7 +45,11 @@ impl Subscription<'_> {
 
 impl Drop for Subscription<'_> {
     fn drop(&mut self) {
-        let mut map = self.fanout.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .fanout
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // Under the lock nobody can subscribe meanwhile. Only our own channel is freed
         // (a resubscription may already have replaced it), and only when `self.rx` is
         // its last receiver.
@@ -75,7 +79,10 @@ impl Fanout {
 
     /// Channels open now (for tests and metrics).
     pub fn open_channels(&self) -> usize {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub fn has_subscribers(&self, id: &Uuid) -> bool {
@@ -115,7 +122,11 @@ mod tests {
         drop(b);
         assert_eq!(f.open_channels(), 1, "a still listens");
         drop(a);
-        assert_eq!(f.open_channels(), 0, "the last subscriber frees the channel");
+        assert_eq!(
+            f.open_channels(),
+            0,
+            "the last subscriber frees the channel"
+        );
         // an old subscription dropped after a new one was made leaves the new one alone
         let old = f.subscribe(id);
         f.channels.lock().unwrap().remove(&id);

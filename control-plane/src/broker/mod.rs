@@ -3,6 +3,7 @@
 //! listens to which command); command state lives in the database.
 
 pub mod fanout;
+pub mod inserter;
 pub mod reaper;
 pub mod session;
 pub mod writer;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_protocol::{CancelReason, ServerMessage};
 use uuid::Uuid;
 
-use crate::db::Db;
+use crate::db::{Db, DbError, DbResult, NewCommand};
 use crate::metrics::Metrics;
 
 /// Instructions to a session task (the only owner of its socket).
@@ -44,6 +45,7 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     sessions: Mutex<HashMap<Uuid, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
+    inserter: mpsc::Sender<inserter::InsertRequest>,
 }
 
 impl Broker {
@@ -51,6 +53,9 @@ impl Broker {
     /// gone (the broker and all sessions dropped).
     pub fn start(db: Db, shutdown: CancellationToken) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
+        // The inserter holds only the database: it stops when the broker is dropped.
+        let (itx, irx) = mpsc::channel(4096);
+        tokio::spawn(inserter::run(db.clone(), irx));
         let broker = Arc::new(Self {
             db,
             fanout: Default::default(),
@@ -58,6 +63,7 @@ impl Broker {
             shutdown,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
+            inserter: itx,
         });
         let writer = tokio::spawn(writer::run(broker.clone(), rx));
         (broker, writer)
@@ -65,6 +71,18 @@ impl Broker {
 
     pub fn writer(&self) -> mpsc::Sender<writer::WriteOp> {
         self.writer.clone()
+    }
+
+    /// Stores a new command (batched with concurrent ones) and returns its `created_at`.
+    pub async fn insert_command(&self, command: NewCommand) -> DbResult<i64> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        // The inserter only goes away with the database pool at shutdown.
+        let stopped = || DbError::Sqlx(sqlx::Error::PoolClosed);
+        self.inserter
+            .send(inserter::InsertRequest { command, done })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Registers a session, replacing (and closing) an older one for the same agent.

@@ -8,14 +8,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sqlx::Any;
+use sqlx::{Any, Row};
 use tokio::sync::mpsc;
-use trellis_protocol::{Event, EventAck, EventBody, ProvisionResult, ServerMessage};
+use trellis_protocol::{CommandType, Event, EventAck, EventBody, ProvisionResult, ServerMessage};
 use uuid::Uuid;
 
 use super::fanout::Published;
 use super::{Broker, SessionTx, ToSession};
-use crate::db::{error_json, DbResult};
+use crate::db::{error_json, multi_row_insert, DbResult};
 use crate::time::now_ms;
 
 /// Most events in one transaction.
@@ -147,27 +147,11 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
     }
 
     for chunk in all.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::with_capacity(96 + chunk.len() * 40);
-        sql.push_str(
+        let mut sql = multi_row_insert(
             "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
+            6,
+            chunk.len(),
         );
-        for i in 0..chunk.len() {
-            let b = i * 6;
-            if i > 0 {
-                sql.push(',');
-            }
-            use std::fmt::Write;
-            let _ = write!(
-                sql,
-                "(${},${},${},${},${},${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6
-            );
-        }
         sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING");
         let mut q = sqlx::query::<Any>(&sql);
         for e in chunk {
@@ -213,7 +197,51 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         }
     }
 
+    // The first `finished` event of each command in this batch.
+    let mut outcomes: HashMap<Uuid, &trellis_protocol::Outcome> = HashMap::new();
+    for e in &all {
+        if let EventBody::Finished(o) = &e.body {
+            outcomes.entry(e.command_id).or_insert(o);
+        }
+    }
+
+    let mut finished = Vec::new();
     for (id, u) in &updates {
+        if let Some(o) = outcomes.get(id) {
+            // Progress and the final state in one statement; `RETURNING type` tells
+            // whether a node follows this command.
+            let row = sqlx::query(
+                "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
+                 started_at = COALESCE(started_at, $4), stage = COALESCE($5, stage), \
+                 percent = CASE WHEN $1 = 'succeeded' THEN 100.0 ELSE COALESCE($6, percent) END, \
+                 last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END \
+                 WHERE id = $8 AND agent_id = $9 \
+                 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type",
+            )
+            .bind(o.status.as_str())
+            .bind(o.result.as_ref().map(|r| r.to_string()))
+            .bind(o.error.as_ref().map(error_json))
+            .bind(now)
+            .bind(u.stage.clone())
+            .bind(u.percent)
+            .bind(u.max_seq)
+            .bind(id.to_string())
+            .bind(u.agent_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = row {
+                let ty: String = row.try_get("type")?;
+                if ty == CommandType::Provision.as_str() {
+                    node_outcome(&mut tx, *id, u.agent_id, o).await?;
+                }
+                finished.push(Finished {
+                    command_id: *id,
+                    agent_id: u.agent_id,
+                });
+                continue;
+            }
+            // Already ended (cancelled, timed out): still record how far it got.
+        }
         sqlx::query(
             "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
              started_at = COALESCE(started_at, $1), stage = COALESCE($2, stage), percent = COALESCE($3, percent), \
@@ -228,34 +256,6 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         .bind(u.agent_id.to_string())
         .execute(&mut *tx)
         .await?;
-    }
-
-    let mut finished = Vec::new();
-    for e in &all {
-        let EventBody::Finished(o) = &e.body else {
-            continue;
-        };
-        let agent_id = updates[&e.command_id].agent_id;
-        let n = sqlx::query(
-            "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
-             percent = CASE WHEN $1 = 'succeeded' THEN 100.0 ELSE percent END \
-             WHERE id = $5 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')",
-        )
-        .bind(o.status.as_str())
-        .bind(o.result.as_ref().map(|r| r.to_string()))
-        .bind(o.error.as_ref().map(error_json))
-        .bind(now)
-        .bind(e.command_id.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n > 0 {
-            node_outcome(&mut tx, e.command_id, agent_id, o).await?;
-            finished.push(Finished {
-                command_id: e.command_id,
-                agent_id,
-            });
-        }
     }
     tx.commit().await?;
     Ok(Done { finished, started })
