@@ -9,7 +9,8 @@ cargo build --workspace --bins --features trellis/embed-ui --locked
 bin=$PWD/target/debug/trellis
 tmp=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-(cd "$tmp" && TRELLIS_ADMIN_TOKEN=embedded-check-token-123 "$bin" serve --listen "127.0.0.1:$port" \
+# `exec`: $! is trellis itself, so the trap below stops it (not just a subshell).
+(cd "$tmp" && TRELLIS_ADMIN_TOKEN=embedded-check-token-123 exec "$bin" serve --listen "127.0.0.1:$port" \
     --database-url "sqlite://$tmp/t.db" >"$tmp/log" 2>&1) &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT

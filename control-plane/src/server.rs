@@ -97,8 +97,18 @@ pub async fn serve(
     broker.close_all("control plane shutting down");
     broker.shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), reaper).await;
+    // A session hands its last events to the writer before it unregisters; once all are
+    // gone, a stop behind them in the writer's queue drains everything they sent.
+    let closing = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.online_count() > 0 && tokio::time::Instant::now() < closing {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.stop_writer().await;
+    let db = broker.db.clone();
     drop(broker);
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    // Close connections now (SQLite checkpoints its WAL) instead of at runtime teardown.
+    db.pool.close().await;
     tracing::info!("trellis stopped");
     Ok(())
 }

@@ -154,6 +154,17 @@ impl ControlPlane {
         }
     }
 
+    /// SIGTERM (graceful shutdown); returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().expect("trellis running");
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let status = c.wait().expect("wait for trellis");
+        (status, started.elapsed())
+    }
+
     /// Starts again on the same address and database.
     pub async fn restart(&mut self) {
         self.kill();

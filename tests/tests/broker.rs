@@ -145,6 +145,19 @@ async fn agent_killed_mid_command(backend: Backend) {
 on_both_backends!(agent_sigkill, agent_killed_mid_command);
 
 async fn control_plane_restart_loses_nothing(backend: Backend) {
+    restart_mid_stream(backend, false).await;
+}
+on_both_backends!(trellis_restart, control_plane_restart_loses_nothing);
+
+async fn control_plane_sigterm_is_prompt_and_loses_nothing(backend: Backend) {
+    restart_mid_stream(backend, true).await;
+}
+on_both_backends!(
+    trellis_sigterm,
+    control_plane_sigterm_is_prompt_and_loses_nothing
+);
+
+async fn restart_mid_stream(backend: Backend, graceful: bool) {
     let (dir, mut cp, api) = setup(backend, "cprestart").await;
     let (id, token) = api.create_agent("steady").await;
     let _agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
@@ -159,7 +172,14 @@ async fn control_plane_restart_loses_nothing(backend: Backend) {
             >= 20
     })
     .await;
-    cp.kill();
+    if graceful {
+        // SIGTERM: sessions close, the writer drains what they sent, and it is quick
+        let (status, took) = cp.terminate();
+        assert!(status.success(), "trellis exits 0 on SIGTERM: {status:?}");
+        assert!(took < Duration::from_secs(5), "graceful stop took {took:?}");
+    } else {
+        cp.kill();
+    }
     // events keep being produced (and journaled) while the control plane is down
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cp.restart().await;
@@ -169,7 +189,6 @@ async fn control_plane_restart_loses_nothing(backend: Backend) {
     assert_lines_once(&api.all_logs(&cid).await, 150);
     assert_eq!(c["lastSeq"], 151, "150 logs + finished");
 }
-on_both_backends!(trellis_restart, control_plane_restart_loses_nothing);
 
 async fn deadline_times_out(backend: Backend) {
     let (dir, cp, api) = setup(backend, "deadline").await;

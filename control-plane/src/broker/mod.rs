@@ -73,6 +73,11 @@ impl Broker {
         self.writer.clone()
     }
 
+    /// Stops the writer once it has written everything sent before this call.
+    pub async fn stop_writer(&self) {
+        let _ = self.writer.send(writer::WriteOp::Stop).await;
+    }
+
     /// Stores a new command (batched with concurrent ones) and returns its `created_at`.
     pub async fn insert_command(&self, command: NewCommand) -> DbResult<i64> {
         let (done, rx) = tokio::sync::oneshot::channel();

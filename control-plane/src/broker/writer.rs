@@ -32,21 +32,30 @@ pub enum WriteOp {
         events: Vec<Event>,
         acks_to: SessionTx,
     },
+    /// Shutdown: write what came before, then stop.
+    Stop,
 }
 
 pub async fn run(broker: Arc<Broker>, mut rx: mpsc::Receiver<WriteOp>) {
     let mut ops: Vec<WriteOp> = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut n = op_events(&first);
-        ops.push(first);
-        while n < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(op) => {
-                    n += op_events(&op);
-                    ops.push(op);
-                }
-                Err(_) => break,
+    let mut stop = false;
+    while !stop {
+        let Some(first) = rx.recv().await else { break };
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(op) = next.take() {
+            if matches!(op, WriteOp::Stop) {
+                stop = true;
+                break;
             }
+            n += op_events(&op);
+            ops.push(op);
+            if n < MAX_BATCH_EVENTS {
+                next = rx.try_recv().ok();
+            }
+        }
+        if ops.is_empty() {
+            continue;
         }
         let started = Instant::now();
         match write_batch(&broker, &ops).await {
@@ -73,6 +82,7 @@ fn op_events(op: &WriteOp) -> usize {
     match op {
         WriteOp::Accept { .. } => 1,
         WriteOp::Events { events, .. } => events.len(),
+        WriteOp::Stop => 0,
     }
 }
 
@@ -121,6 +131,7 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
                     started.push(*command_id);
                 }
             }
+            WriteOp::Stop => {}
             WriteOp::Events {
                 agent_id, events, ..
             } => {
