@@ -40,7 +40,12 @@ pub enum Backend {
 
 #[derive(Clone)]
 pub struct Db {
+    /// Reads (and, on PostgreSQL, everything).
     pub pool: AnyPool,
+    /// Writes. On SQLite one connection: SQLite has a single writer, and waiting for it
+    /// in this pool's queue is fair and asynchronous, where several connections contending
+    /// for the lock would back off in SQLite's sleeping busy handler.
+    writer: AnyPool,
     pub backend: Backend,
 }
 
@@ -72,32 +77,64 @@ impl Db {
         } else {
             url.to_string()
         };
-        let mut opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
-        opts = match backend {
-            // SQLite has one writer; a few connections serve concurrent readers (WAL).
-            Backend::Sqlite => opts
-                .max_connections(4)
-                .min_connections(1)
-                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn))),
-            Backend::Postgres => opts.max_connections(16),
+        let opts = || AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let open = |e: sqlx::Error| anyhow::anyhow!("cannot open database: {e}");
+        let (pool, writer) = match backend {
+            Backend::Sqlite => {
+                let writer = opts()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+                    .connect(&url)
+                    .await
+                    .map_err(open)?;
+                MIGRATOR
+                    .run(&writer)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
+                // WAL: readers run beside the writer.
+                let pool = opts()
+                    .max_connections(4)
+                    .min_connections(1)
+                    .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+                    .connect(&url)
+                    .await
+                    .map_err(open)?;
+                (pool, writer)
+            }
+            Backend::Postgres => {
+                let pool = opts().max_connections(16).connect(&url).await.map_err(open)?;
+                MIGRATOR
+                    .run(&pool)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
+                (pool.clone(), pool)
+            }
         };
-        let pool = opts
-            .connect(&url)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open database: {e}"))?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            writer,
+            backend,
+        })
+    }
+
+    /// The pool for statements that write (see `writer`).
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    /// Closes every connection (SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// Starts a write transaction. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`) so that it waits for another writer instead of failing.
     pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.writer.begin().await,
         }
     }
 
@@ -387,7 +424,7 @@ impl Db {
         .bind(token_hash)
         .bind(max_concurrency)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(self.writer())
         .await;
         match res {
             Err(e) if is_unique_violation(&e) => {
@@ -436,7 +473,7 @@ impl Db {
             sqlx::query("UPDATE agents SET token_hash = $1 WHERE id = $2 AND revoked_at IS NULL")
                 .bind(hash)
                 .bind(id.to_string())
-                .execute(&self.pool)
+                .execute(self.writer())
                 .await?
                 .rows_affected();
         if n == 0 {
@@ -510,7 +547,7 @@ impl Db {
         .bind(hello.facts.to_string())
         .bind(i64::from(hello.max_concurrency.clamp(1, 1024)))
         .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.writer())
         .await?
         .ok_or(DbError::NotFound)?;
         Ok(row.try_get(0)?)
@@ -528,7 +565,7 @@ impl Db {
         .bind(last_heartbeat)
         .bind(id.to_string())
         .bind(epoch)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -546,7 +583,7 @@ impl Db {
     /// At start-up no session of this process exists yet.
     pub async fn mark_all_offline(&self) -> DbResult<()> {
         sqlx::query("UPDATE agents SET status = 'offline' WHERE status <> 'offline'")
-            .execute(&self.pool)
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -785,7 +822,7 @@ impl Db {
         .bind(epoch)
         .bind(agent_id.to_string())
         .bind(max_concurrency)
-        .fetch_all(&self.pool)
+        .fetch_all(self.writer())
         .await?;
         rows.iter().map(DispatchRow::from_row).collect()
     }
@@ -992,7 +1029,7 @@ impl Db {
             "UPDATE agents SET status = 'offline' WHERE status = 'online' AND last_heartbeat < $1",
         )
         .bind(older_than)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?
         .rows_affected())
     }

@@ -41,7 +41,7 @@ async fn admin_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<S
     let hash = crate::auth::hash(&token);
     sqlx::query("INSERT INTO settings (key, value) VALUES ('admin_token_hash', $1)")
         .bind(&hash)
-        .execute(&db.pool)
+        .execute(db.writer())
         .await?;
     println!("Generated admin token (shown once; store it now): {token}");
     Ok(hash)
@@ -108,7 +108,7 @@ pub async fn serve(
     drop(broker);
     let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
     // Close connections now (SQLite checkpoints its WAL) instead of at runtime teardown.
-    db.pool.close().await;
+    db.close().await;
     tracing::info!("trellis stopped");
     Ok(())
 }

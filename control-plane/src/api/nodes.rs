@@ -147,7 +147,7 @@ pub async fn create(State(s): State<AppState>, Json(b): Json<NodeBody>) -> ApiRe
     .bind(memory)
     .bind(cores)
     .bind(now)
-    .execute(&s.broker.db.pool)
+    .execute(s.broker.db.writer())
     .await
     .map_err(DbError::from)?;
     let mut command_id = None;
@@ -234,7 +234,7 @@ pub async fn update(
     .bind(status)
     .bind(now_ms())
     .bind(id.to_string())
-    .execute(&s.broker.db.pool)
+    .execute(s.broker.db.writer())
     .await
     .map_err(DbError::from)?;
     Ok(Json(node_json(&load(&s.broker, id).await?)))
@@ -251,7 +251,7 @@ pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     }
     sqlx::query("DELETE FROM nodes WHERE id = $1")
         .bind(id.to_string())
-        .execute(&s.broker.db.pool)
+        .execute(s.broker.db.writer())
         .await
         .map_err(DbError::from)?;
     Ok(StatusCode::NO_CONTENT)
@@ -355,7 +355,7 @@ async fn start_provision(
     .bind(agent_id.to_string())
     .bind(now_ms())
     .bind(id.to_string())
-    .execute(&broker.db.pool)
+    .execute(broker.db.writer())
     .await
     .map_err(DbError::from)?
     .rows_affected();
@@ -389,7 +389,7 @@ async fn start_provision(
             .bind(n.hypervisor_id.clone())
             .bind(n.error.clone())
             .bind(id.to_string())
-            .execute(&broker.db.pool)
+            .execute(broker.db.writer())
             .await;
             return Err(e);
         }
@@ -398,7 +398,7 @@ async fn start_provision(
         .bind(cmd.id.to_string())
         .bind(now_ms())
         .bind(id.to_string())
-        .execute(&broker.db.pool)
+        .execute(broker.db.writer())
         .await
         .map_err(DbError::from)?;
     // A command that ended before the node pointed at it would otherwise be missed.
@@ -428,7 +428,7 @@ pub async fn sync_node_after_server_end(broker: &Broker, c: &CommandRow) {
         error: c.error.clone().and_then(|e| serde_json::from_value(e).ok()),
     };
     let res = async {
-        let mut conn = broker.db.pool.acquire().await?;
+        let mut conn = broker.db.writer().acquire().await?;
         crate::broker::writer::node_outcome(&mut conn, c.id, c.agent_id, &outcome).await
     }
     .await;
@@ -446,7 +446,7 @@ pub async fn retarget_node(broker: &Broker, old: Uuid, new: Uuid) -> ApiResult<(
     .bind(new.to_string())
     .bind(now_ms())
     .bind(old.to_string())
-    .execute(&broker.db.pool)
+    .execute(broker.db.writer())
     .await
     .map_err(DbError::from)?;
     Ok(())

@@ -122,7 +122,7 @@ pub async fn seed(db: &Db) -> anyhow::Result<()> {
         .bind((vmid > 0).then_some(vmid as i64))
         .bind(r#"["hostname"]"#)
         .bind(now)
-        .execute(&db.pool)
+        .execute(db.writer())
         .await?;
     }
     Ok(())
@@ -235,7 +235,7 @@ pub async fn create(State(s): State<AppState>, Json(b): Json<TemplateBody>) -> A
     .bind(serde_json::to_string(&b.pre_provision_commands).unwrap_or_default())
     .bind(serde_json::to_string(&b.post_provision_commands).unwrap_or_default())
     .bind(now)
-    .execute(&s.broker.db.pool)
+    .execute(s.broker.db.writer())
     .await
     .map_err(crate::db::DbError::from)?;
     Ok((
@@ -269,7 +269,7 @@ pub async fn update(
     .bind(serde_json::to_string(&b.post_provision_commands).unwrap_or_default())
     .bind(now_ms())
     .bind(id.to_string())
-    .execute(&s.broker.db.pool)
+    .execute(s.broker.db.writer())
     .await
     .map_err(crate::db::DbError::from)?;
     Ok(Json(template_json(&load(&s.broker.db, id).await?)))
@@ -293,7 +293,7 @@ pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     }
     sqlx::query("DELETE FROM templates WHERE id = $1")
         .bind(id.to_string())
-        .execute(&s.broker.db.pool)
+        .execute(s.broker.db.writer())
         .await
         .map_err(crate::db::DbError::from)?;
     Ok(StatusCode::NO_CONTENT)
