@@ -103,7 +103,11 @@ impl Db {
                 (pool, writer)
             }
             Backend::Postgres => {
-                let pool = opts().max_connections(16).connect(&url).await.map_err(open)?;
+                let pool = opts()
+                    .max_connections(16)
+                    .connect(&url)
+                    .await
+                    .map_err(open)?;
                 MIGRATOR
                     .run(&pool)
                     .await
@@ -318,6 +322,30 @@ impl CommandRow {
             cancel_requested: false,
         }
     }
+}
+
+/// Claims queued commands for an agent up to its free concurrency, returning them.
+///
+/// One statement (not read-then-write), so it is atomic on its own. The outer
+/// `status = 'queued'` makes a concurrent claim (another replica) skip rows already taken
+/// under PostgreSQL's READ COMMITTED re-check.
+fn claim_query(
+    agent_id: Uuid,
+    epoch: i64,
+    max_concurrency: i64,
+    now: i64,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
+    sqlx::query(
+        "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
+         WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
+         ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
+         FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
+         RETURNING id, type, params, deadline_at, attempt, root_id",
+    )
+    .bind(now)
+    .bind(epoch)
+    .bind(agent_id.to_string())
+    .bind(max_concurrency)
 }
 
 /// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
@@ -807,24 +835,42 @@ impl Db {
         epoch: i64,
         max_concurrency: i64,
     ) -> DbResult<Vec<DispatchRow>> {
-        // One statement (not read-then-write in a transaction): on SQLite a deferred
-        // transaction that reads first cannot wait for the write lock and fails "locked".
-        // The outer `status = 'queued'` makes a concurrent claim (another replica) skip
-        // rows already taken under PostgreSQL's READ COMMITTED re-check.
-        let rows = sqlx::query(
-            "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
-             WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
-             ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
-             FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
-             RETURNING id, type, params, deadline_at, attempt, root_id",
-        )
-        .bind(now_ms())
-        .bind(epoch)
-        .bind(agent_id.to_string())
-        .bind(max_concurrency)
-        .fetch_all(self.writer())
-        .await?;
+        let rows = claim_query(agent_id, epoch, max_concurrency, now_ms())
+            .fetch_all(self.writer())
+            .await?;
         rows.iter().map(DispatchRow::from_row).collect()
+    }
+
+    /// Claims for several agents in one transaction: `(agent, epoch, max_concurrency)`.
+    pub async fn claim_queued_many(
+        &self,
+        targets: &[(Uuid, i64, i64)],
+    ) -> DbResult<Vec<(Uuid, Vec<DispatchRow>)>> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let mut out = Vec::with_capacity(targets.len());
+        for &(agent_id, epoch, max_concurrency) in targets {
+            let rows = claim_query(agent_id, epoch, max_concurrency, now)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rows = rows
+                .iter()
+                .map(DispatchRow::from_row)
+                .collect::<DbResult<Vec<_>>>()?;
+            out.push((agent_id, rows));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Whether the agent has queued commands (a read: no write lock).
+    pub async fn has_queued(&self, agent_id: Uuid) -> DbResult<bool> {
+        let row =
+            sqlx::query("SELECT 1 FROM commands WHERE agent_id = $1 AND status = 'queued' LIMIT 1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
     }
 
     /// Reconciles an agent's commands at connect time (see `Hello`):

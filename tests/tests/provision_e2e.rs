@@ -150,7 +150,12 @@ async fn provision_node(backend: Backend) {
             "register"
         ]
     );
-    assert!(stages.iter().all(|(_, st)| st == "completed"), "{stages:?}");
+    assert!(
+        stages.iter().all(|(_, st)| st == "completed"),
+        "a finished command must show every stage completed: {stages:?}\n{c}\nagent log:\n{}\ncontrol plane log:\n{}",
+        s.agent.log(),
+        s._cp.log()
+    );
     // Every stage was reported as it started and as it ended, in order (from the stored
     // event stream, which is what the UI follows).
     let sse = reqwest::Client::new()

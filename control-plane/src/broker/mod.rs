@@ -2,6 +2,7 @@
 //! reaper. Memory here is routing only (which agent is connected to this process, who
 //! listens to which command); command state lives in the database.
 
+pub mod dispatcher;
 pub mod fanout;
 pub mod inserter;
 pub mod reaper;
@@ -23,8 +24,8 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub enum ToSession {
     Send(ServerMessage),
-    /// Claim and dispatch queued commands.
-    Wake,
+    /// Commands the dispatcher claimed for this agent: send them.
+    Dispatch(Vec<crate::db::DispatchRow>),
     /// Close the connection with a reason (revoked, replaced, storage failure).
     Close(String),
     Revoked,
@@ -34,6 +35,7 @@ pub type SessionTx = mpsc::UnboundedSender<ToSession>;
 
 struct SessionHandle {
     epoch: i64,
+    max_concurrency: i64,
     tx: SessionTx,
     last_heartbeat: i64,
 }
@@ -46,6 +48,7 @@ pub struct Broker {
     sessions: Mutex<HashMap<Uuid, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
+    dispatcher: mpsc::UnboundedSender<Uuid>,
 }
 
 impl Broker {
@@ -56,6 +59,8 @@ impl Broker {
         // The inserter holds only the database: it stops when the broker is dropped.
         let (itx, irx) = mpsc::channel(4096);
         tokio::spawn(inserter::run(db.clone(), irx));
+        // The dispatcher stops with the shutdown token.
+        let (dtx, drx) = mpsc::unbounded_channel();
         let broker = Arc::new(Self {
             db,
             fanout: Default::default(),
@@ -64,7 +69,9 @@ impl Broker {
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,
+            dispatcher: dtx,
         });
+        tokio::spawn(dispatcher::run(broker.clone(), drx));
         let writer = tokio::spawn(writer::run(broker.clone(), rx));
         (broker, writer)
     }
@@ -91,13 +98,14 @@ impl Broker {
     }
 
     /// Registers a session, replacing (and closing) an older one for the same agent.
-    fn register(&self, agent_id: Uuid, epoch: i64, tx: SessionTx) {
+    fn register(&self, agent_id: Uuid, epoch: i64, max_concurrency: i64, tx: SessionTx) {
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(
                 agent_id,
                 SessionHandle {
                     epoch,
+                    max_concurrency,
                     tx,
                     last_heartbeat: crate::time::now_ms(),
                 },
@@ -140,9 +148,20 @@ impl Broker {
         map.get(agent_id).is_some_and(|h| h.tx.send(msg).is_ok())
     }
 
-    /// Tells the agent's session (if connected here) to dispatch queued commands.
+    /// Has the dispatcher claim queued commands for the agent (if connected here).
     pub fn wake(&self, agent_id: Uuid) {
-        self.send(&agent_id, ToSession::Wake);
+        if self.is_connected(&agent_id) {
+            let _ = self.dispatcher.send(agent_id);
+        }
+    }
+
+    /// `(agent, epoch, max_concurrency)` of those agents connected here.
+    fn claim_targets(&self, agents: &[Uuid]) -> Vec<(Uuid, i64, i64)> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .iter()
+            .filter_map(|id| map.get(id).map(|h| (*id, h.epoch, h.max_concurrency)))
+            .collect()
     }
 
     pub fn cancel(&self, agent_id: Uuid, command_id: Uuid, reason: CancelReason) {

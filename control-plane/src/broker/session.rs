@@ -101,7 +101,8 @@ pub async fn run(broker: Arc<Broker>, agent: AgentRow, mut socket: WebSocket) {
         }
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    broker.register(agent_id, epoch, tx.clone());
+    let max_concurrency = i64::from(hello.max_concurrency.clamp(1, 1024));
+    broker.register(agent_id, epoch, max_concurrency, tx.clone());
     tracing::info!(%agent_id, name = %agent.name, epoch, version = %hello.agent_version,
         hostname = %hello.hostname, "agent connected");
 
@@ -109,7 +110,7 @@ pub async fn run(broker: Arc<Broker>, agent: AgentRow, mut socket: WebSocket) {
         broker: broker.clone(),
         agent_id,
         epoch,
-        max_concurrency: i64::from(hello.max_concurrency.clamp(1, 1024)),
+        max_concurrency,
         owned: HashSet::new(),
         inflight: HashMap::new(),
         tx,
@@ -334,9 +335,12 @@ impl Session {
                                 return "send failed".into();
                             }
                         }
-                        ToSession::Wake => {
-                            if let Err(e) = self.claim_and_dispatch(socket).await {
-                                return e;
+                        ToSession::Dispatch(rows) => {
+                            for d in rows {
+                                self.broker.fanout.publish(&d.id, super::fanout::Published::Status);
+                                if self.dispatch(socket, d).await.is_err() {
+                                    return "send failed".into();
+                                }
                             }
                         }
                         ToSession::Close(reason) => {
@@ -355,8 +359,12 @@ impl Session {
                         close(socket, CLOSE_POLICY, "no heartbeat").await;
                         return format!("no traffic for {HEARTBEAT_TIMEOUT_SECS} s");
                     }
-                    if let Err(e) = self.claim_and_dispatch(socket).await {
-                        return e;
+                    // A backup for a missed wake-up: a read first, so an idle agent
+                    // costs no write.
+                    match self.broker.db.has_queued(self.agent_id).await {
+                        Ok(true) => self.broker.wake(self.agent_id),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "queued check failed"),
                     }
                 }
             }
