@@ -794,3 +794,57 @@ async fn burst_with_repeated_idempotency_keys(backend: Backend) {
     }
 }
 on_both_backends!(burst, burst_with_repeated_idempotency_keys);
+
+/// Reads frames until one contains `needle`.
+async fn read_until(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    needle: &str,
+) -> String {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame in time")
+            .expect("open")
+            .expect("frame");
+        if let Ok(t) = m.to_text() {
+            if t.contains(needle) {
+                return t.to_string();
+            }
+        }
+    }
+}
+
+/// An agent that re-sends events it already sent (as after a reconnect) must not move a
+/// stage back: the duplicate is ignored, not re-applied.
+async fn resent_stage_event_does_not_regress(backend: Backend) {
+    let (_dir, cp, api) = setup(backend, "resend").await;
+    let (id, token) = api.create_agent("resender").await;
+    let mut ws = raw_agent(&cp, &token).await;
+    let cid = api.command(&id, "ping", json!({})).await;
+    read_until(&mut ws, "dispatch").await;
+    let stage = |seq: u64, state: &str| json!({"command_id": cid, "seq": seq, "ts": 0, "kind": "stage", "stage": "warm_up", "state": state});
+    for frame in [
+        json!({"type": "accept", "command_id": cid}),
+        json!({"type": "events", "events": [stage(1, "running")]}),
+        json!({"type": "events", "events": [stage(2, "completed")]}),
+        // the duplicate of seq 1, as a reconnecting agent would re-send it
+        json!({"type": "events", "events": [stage(1, "running")]}),
+    ] {
+        ws.send(Message::text(frame.to_string())).await.unwrap();
+    }
+    // wait until the duplicate has been processed (its ack comes after the others)
+    let mut acked = 0;
+    while acked < 3 {
+        read_until(&mut ws, "acks").await;
+        acked += 1;
+    }
+    let c = api.get(&format!("/api/commands/{cid}")).await;
+    let stages = c["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 1, "{c}");
+    assert_eq!(stages[0]["name"], "warm_up");
+    assert_eq!(stages[0]["state"], "completed", "{c}");
+    assert_eq!(c["lastSeq"], 2, "{c}");
+}
+on_both_backends!(resend_stage, resent_stage_event_does_not_regress);

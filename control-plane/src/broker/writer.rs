@@ -157,6 +157,7 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         }
     }
 
+    let mut new_stage_events: std::collections::HashSet<(Uuid, i64)> = Default::default();
     for chunk in all.chunks(ROWS_PER_INSERT) {
         let mut sql = multi_row_insert(
             "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
@@ -164,6 +165,14 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
             chunk.len(),
         );
         sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING");
+        // Which stage events are new: a re-sent one (after a reconnect) must not move
+        // its stage back. Only chunks with stage events pay for RETURNING.
+        let has_stage = chunk
+            .iter()
+            .any(|e| matches!(e.body, EventBody::Stage { .. }));
+        if has_stage {
+            sql.push_str(" RETURNING command_id, seq");
+        }
         let mut q = sqlx::query::<Any>(&sql);
         for e in chunk {
             let (kind, stream, data) = stored_form(e);
@@ -175,10 +184,24 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
                 .bind(stream)
                 .bind(data);
         }
-        q.execute(&mut *tx).await?;
+        if has_stage {
+            for row in q.fetch_all(&mut *tx).await? {
+                let id: String = row.try_get("command_id")?;
+                let seq: i64 = row.try_get("seq")?;
+                if let Ok(id) = id.parse::<Uuid>() {
+                    new_stage_events.insert((id, seq));
+                }
+            }
+        } else {
+            q.execute(&mut *tx).await?;
+        }
     }
 
     for e in &all {
+        // `remove`: a duplicate later in this same batch is skipped too.
+        if !new_stage_events.remove(&(e.command_id, e.seq as i64)) {
+            continue;
+        }
         if let EventBody::Stage {
             stage,
             state,
