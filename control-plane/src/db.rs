@@ -78,29 +78,26 @@ impl Db {
             url.to_string()
         };
         let opts = || AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let sqlite_pool = |max: u32| {
+            opts()
+                .max_connections(max)
+                .min_connections(1)
+                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+                .connect(&url)
+        };
+        let migrate = |pool: AnyPool| async move {
+            MIGRATOR
+                .run(&pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))
+        };
         let open = |e: sqlx::Error| anyhow::anyhow!("cannot open database: {e}");
         let (pool, writer) = match backend {
             Backend::Sqlite => {
-                let writer = opts()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
-                    .connect(&url)
-                    .await
-                    .map_err(open)?;
-                MIGRATOR
-                    .run(&writer)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
+                let writer = sqlite_pool(1).await.map_err(open)?;
+                migrate(writer.clone()).await?;
                 // WAL: readers run beside the writer.
-                let pool = opts()
-                    .max_connections(4)
-                    .min_connections(1)
-                    .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
-                    .connect(&url)
-                    .await
-                    .map_err(open)?;
-                (pool, writer)
+                (sqlite_pool(4).await.map_err(open)?, writer)
             }
             Backend::Postgres => {
                 let pool = opts()
@@ -108,10 +105,7 @@ impl Db {
                     .connect(&url)
                     .await
                     .map_err(open)?;
-                MIGRATOR
-                    .run(&pool)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))?;
+                migrate(pool.clone()).await?;
                 (pool.clone(), pool)
             }
         };
