@@ -28,6 +28,9 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A failure shared by every request of a batch (the first one gets the original).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type DbResult<T> = Result<T, DbError>;

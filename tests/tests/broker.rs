@@ -846,5 +846,95 @@ async fn resent_stage_event_does_not_regress(backend: Backend) {
     assert_eq!(stages[0]["name"], "warm_up");
     assert_eq!(stages[0]["state"], "completed", "{c}");
     assert_eq!(c["lastSeq"], 2, "{c}");
+
+    // Older events stored after newer ones (a failed batch re-sent after a later one
+    // committed): neither the stage nor the percent goes back.
+    let progress = |seq: u64, percent: f64| json!({"command_id": cid, "seq": seq, "ts": 0, "kind": "progress", "percent": percent});
+    let cool = |seq: u64, state: &str| json!({"command_id": cid, "seq": seq, "ts": seq, "kind": "stage", "stage": "cool_down", "state": state, "message": state});
+    for frame in [
+        json!({"type": "events", "events": [cool(5, "completed"), progress(6, 90.0)]}),
+        json!({"type": "events", "events": [cool(3, "running"), progress(4, 10.0)]}),
+    ] {
+        ws.send(Message::text(frame.to_string())).await.unwrap();
+        read_until(&mut ws, "acks").await;
+    }
+    let c = api.get(&format!("/api/commands/{cid}")).await;
+    let cool_down = c["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "cool_down")
+        .cloned()
+        .unwrap_or_else(|| panic!("{c}"));
+    assert_eq!(cool_down["state"], "completed", "{c}");
+    assert_eq!(cool_down["message"], "completed", "{c}");
+    assert!(!cool_down["finishedAt"].is_null(), "{c}");
+    assert_eq!(c["percent"], 90.0, "{c}");
+    assert_eq!(c["stage"], "cool_down", "{c}");
+    assert_eq!(c["lastSeq"], 6, "{c}");
 }
 on_both_backends!(resend_stage, resent_stage_event_does_not_regress);
+
+/// A cancel, or a deadline, that reaches the agent before the dispatch it belongs to
+/// (they travel separately) is dropped by the agent, which does not know the command
+/// yet; when the agent then accepts the command it is told again.
+async fn cancel_that_overtook_its_dispatch_is_repeated_on_accept(backend: Backend) {
+    let (_dir, cp, api) = setup(backend, "overtake").await;
+    let (id, token) = api.create_agent("overtaken").await;
+    let mut ws = raw_agent(&cp, &token).await;
+    let finish = |cid: &str| {
+        json!({"type": "events", "events": [{"command_id": cid, "seq": 1, "ts": 0,
+               "kind": "finished", "status": "cancelled", "result": null,
+               "error": {"code": "cancelled", "message": "cancelled", "retryable": false}}]})
+    };
+
+    // Cancelled by request.
+    let cid = api.command(&id, "ping", json!({})).await;
+    read_until(&mut ws, "dispatch").await;
+    api.post(&format!("/api/commands/{cid}/cancel"), json!({}))
+        .await;
+    // This first cancel is the one the agent "did not understand" (it came first).
+    let first = read_until(&mut ws, "cancel").await;
+    assert!(first.contains(&cid), "{first}");
+    ws.send(Message::text(
+        json!({"type": "accept", "command_id": cid}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let again = read_until(&mut ws, "cancel").await;
+    assert!(
+        again.contains(&cid) && again.contains("cancelled"),
+        "{again}"
+    );
+    ws.send(Message::text(finish(&cid).to_string()))
+        .await
+        .unwrap();
+    let c = api.wait_done(&cid, Duration::from_secs(10)).await;
+    assert_eq!(c["status"], "cancelled", "{c}");
+
+    // Timed out between the dispatch and the accept.
+    let cid = api
+        .command_with(json!({"agentId": id, "type": "ping", "params": {}, "timeoutSecs": 1}))
+        .await;
+    read_until(&mut ws, "dispatch").await;
+    let c = api.wait_done(&cid, Duration::from_secs(15)).await;
+    assert_eq!(c["status"], "timed_out", "{c}");
+    ws.send(Message::text(
+        json!({"type": "accept", "command_id": cid}).to_string(),
+    ))
+    .await
+    .unwrap();
+    // (a cancel sent when the deadline passed may come first; the one after the accept
+    // must follow)
+    let mut seen = 0;
+    while seen < 2 {
+        let m = read_until(&mut ws, "cancel").await;
+        if m.contains(&cid) && m.contains("timed_out") {
+            seen += 1;
+        }
+    }
+}
+on_both_backends!(
+    overtaken_cancel,
+    cancel_that_overtook_its_dispatch_is_repeated_on_accept
+);

@@ -14,6 +14,8 @@ use super::{Broker, ToSession};
 
 /// Most agents claimed for in one transaction.
 const MAX_AGENTS: usize = 256;
+/// Pause before claiming again after a failed claim.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 pub async fn run(broker: Arc<Broker>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
     let mut due: Vec<Uuid> = Vec::with_capacity(MAX_AGENTS);
@@ -40,6 +42,8 @@ pub async fn run(broker: Arc<Broker>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
                 Err(_) => break,
             }
         }
+        // One lock order for every claim transaction (PostgreSQL row locks).
+        due.sort_unstable();
         let targets = broker.claim_targets(&due);
         if targets.is_empty() {
             continue;
@@ -55,9 +59,16 @@ pub async fn run(broker: Arc<Broker>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
                 }
             }
             Err(e) => {
-                // Nothing was claimed; the sessions' periodic check claims later.
-                tracing::warn!(error = %e, agents = targets.len(), "claim failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Nothing was claimed: try these agents again shortly (the wake-ups are
+                // not lost; a database that stays down costs one attempt per pause).
+                tracing::warn!(error = %e, agents = targets.len(), "claim failed; retrying");
+                tokio::select! {
+                    _ = broker.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                }
+                for (agent_id, _, _) in &targets {
+                    broker.wake(*agent_id);
+                }
             }
         }
     }

@@ -31,7 +31,8 @@ pub struct Fanout {
 /// A live subscription to one command. Dropping the last one for a command frees its
 /// channel at once, so memory follows the number of watchers, not the command rate.
 pub struct Subscription<'a> {
-    rx: broadcast::Receiver<Published>,
+    /// Always `Some` until dropped (taken in `drop`, under the map's lock).
+    rx: Option<broadcast::Receiver<Published>>,
     tx: broadcast::Sender<Published>,
     fanout: &'a Fanout,
     id: Uuid,
@@ -39,7 +40,10 @@ pub struct Subscription<'a> {
 
 impl Subscription<'_> {
     pub async fn recv(&mut self) -> Result<Published, broadcast::error::RecvError> {
-        self.rx.recv().await
+        match self.rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
     }
 }
 
@@ -50,12 +54,13 @@ impl Drop for Subscription<'_> {
             .channels
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        // Under the lock nobody can subscribe meanwhile. Only our own channel is freed
-        // (a resubscription may already have replaced it), and only when `self.rx` is
-        // its last receiver.
+        // Under the lock nobody can subscribe meanwhile, and our receiver goes first, so
+        // of two last subscriptions dropped at once the second sees zero. Only our own
+        // channel is freed (a resubscription may already have replaced it).
+        drop(self.rx.take());
         if map
             .get(&self.id)
-            .is_some_and(|tx| tx.same_channel(&self.tx) && tx.receiver_count() <= 1)
+            .is_some_and(|tx| tx.same_channel(&self.tx) && tx.receiver_count() == 0)
         {
             map.remove(&self.id);
         }
@@ -70,7 +75,7 @@ impl Fanout {
             .or_insert_with(|| broadcast::channel(CAPACITY).0)
             .clone();
         Subscription {
-            rx: tx.subscribe(),
+            rx: Some(tx.subscribe()),
             tx,
             fanout: self,
             id,

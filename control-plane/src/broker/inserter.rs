@@ -2,11 +2,11 @@
 //! moment (every API request that is waiting) and writes them in one transaction — a group
 //! commit, so a burst of submissions costs one commit instead of one each. A batch that
 //! fails on a taken idempotency key is retried one command at a time, so one client's
-//! conflict never fails another client's command.
+//! conflict never fails another client's command; any other failure fails the whole batch.
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Db, DbResult, NewCommand};
+use crate::db::{Db, DbError, DbResult, NewCommand};
 
 /// Most commands in one transaction.
 const MAX_BATCH: usize = 256;
@@ -27,6 +27,12 @@ pub async fn run(db: Db, mut rx: mpsc::Receiver<InsertRequest>) {
                 Err(_) => break,
             }
         }
+        // A request whose client went away (timed out, disconnected) is not stored: the
+        // client never learnt its id and would submit it again.
+        batch.retain(|r| !r.done.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let all: Vec<&NewCommand> = batch.iter().map(|r| &r.command).collect();
         match db.insert_commands(&all).await {
             Ok(created_at) => {
@@ -34,16 +40,29 @@ pub async fn run(db: Db, mut rx: mpsc::Receiver<InsertRequest>) {
                     let _ = r.done.send(Ok(created_at));
                 }
             }
-            Err(e) if batch.len() == 1 => {
-                if let Some(r) = batch.pop() {
-                    let _ = r.done.send(Err(e));
+            Err(DbError::Conflict(_)) if batch.len() > 1 => {
+                tracing::debug!(
+                    n = batch.len(),
+                    "idempotency conflict in a batch; inserting one by one"
+                );
+                for r in batch.drain(..) {
+                    if r.done.is_closed() {
+                        continue;
+                    }
+                    let res = db.insert_commands(&[&r.command]).await;
+                    let _ = r.done.send(res);
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, n = batch.len(), "command batch failed; inserting one by one");
+                // Not about one command (the database is unreachable, say): every
+                // command of the batch gets the error at once rather than one retry each.
+                let msg = e.to_string();
+                let mut first = Some(e);
                 for r in batch.drain(..) {
-                    let res = db.insert_commands(&[&r.command]).await;
-                    let _ = r.done.send(res);
+                    let err = first
+                        .take()
+                        .unwrap_or_else(|| DbError::Unavailable(msg.clone()));
+                    let _ = r.done.send(Err(err));
                 }
             }
         }

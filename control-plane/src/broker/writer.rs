@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use sqlx::{Any, Row};
 use tokio::sync::mpsc;
-use trellis_protocol::{CommandType, Event, EventAck, EventBody, ProvisionResult, ServerMessage};
+use trellis_protocol::{
+    CancelReason, CommandType, Event, EventAck, EventBody, ProvisionResult, ServerMessage,
+};
 use uuid::Uuid;
 
 use super::fanout::Published;
@@ -20,6 +22,10 @@ use crate::time::now_ms;
 
 /// Most events in one transaction.
 const MAX_BATCH_EVENTS: usize = 4000;
+/// "No percent in this batch". Bound instead of a NULL: sqlx 0.8's `Any` driver binds a
+/// NULL `f64` as PostgreSQL `float4`, and a statement first prepared that way then rejects
+/// every real `f64` ("incorrect binary data format").
+const NO_PERCENT: f64 = -1.0;
 /// Rows per INSERT statement (6 columns each; well below every bind limit).
 const ROWS_PER_INSERT: usize = 500;
 
@@ -103,12 +109,15 @@ struct Finished {
 struct Done {
     finished: Vec<Finished>,
     started: Vec<Uuid>,
+    /// Accepted commands whose cancel the agent must be told (again).
+    cancels: Vec<(Uuid, Uuid, CancelReason)>,
 }
 
 async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
     let now = now_ms();
     let mut tx = broker.db.begin_write().await?;
     let mut started = Vec::new();
+    let mut cancels = Vec::new();
     let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
     let mut all: Vec<&Event> = Vec::new();
     for op in ops {
@@ -117,18 +126,42 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
                 agent_id,
                 command_id,
             } => {
-                let n = sqlx::query(
+                let row = sqlx::query(
                     "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
-                     WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched')",
+                     WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched') \
+                     RETURNING cancel_requested",
                 )
                 .bind(now)
                 .bind(command_id.to_string())
                 .bind(agent_id.to_string())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n > 0 {
-                    started.push(*command_id);
+                .fetch_optional(&mut *tx)
+                .await?;
+                // A cancel (or a deadline) that came between the claim and the agent
+                // receiving the dispatch reached an agent that did not know the command
+                // yet and was dropped there: tell it again now that it does.
+                let reason = match row {
+                    Some(r) => {
+                        started.push(*command_id);
+                        (r.try_get::<i64, _>("cancel_requested")? != 0)
+                            .then_some(CancelReason::Cancelled)
+                    }
+                    None => {
+                        sqlx::query("SELECT status FROM commands WHERE id = $1 AND agent_id = $2")
+                            .bind(command_id.to_string())
+                            .bind(agent_id.to_string())
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .map(|r| r.try_get::<String, _>("status"))
+                            .transpose()?
+                            .and_then(|s| match s.as_str() {
+                                "cancelled" => Some(CancelReason::Cancelled),
+                                "timed_out" => Some(CancelReason::TimedOut),
+                                _ => None,
+                            })
+                    }
+                };
+                if let Some(reason) = reason {
+                    cancels.push((*agent_id, *command_id, reason));
                 }
             }
             WriteOp::Stop => {}
@@ -197,6 +230,9 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         }
     }
 
+    // A finished stage never goes back to running: an older event can arrive after a newer
+    // one was stored (a batch failed, a later one from the same session committed, and the
+    // agent re-sent the failed one after reconnecting).
     for e in &all {
         // `remove`: a duplicate later in this same batch is skipped too.
         if !new_stage_events.remove(&(e.command_id, e.seq as i64)) {
@@ -218,7 +254,9 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
                  state = excluded.state, \
                  started_at = COALESCE(command_stages.started_at, excluded.started_at), \
                  finished_at = excluded.finished_at, \
-                 message = COALESCE(excluded.message, command_stages.message)",
+                 message = COALESCE(excluded.message, command_stages.message) \
+                 WHERE command_stages.state NOT IN ('completed', 'failed', 'skipped') \
+                 OR excluded.state NOT IN ('pending', 'running')",
             )
             .bind(e.command_id.to_string())
             .bind(stage.as_str())
@@ -246,8 +284,9 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
             // whether a node follows this command.
             let row = sqlx::query(
                 "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
-                 started_at = COALESCE(started_at, $4), stage = COALESCE($5, stage), \
-                 percent = CASE WHEN $1 = 'succeeded' THEN 100.0 ELSE COALESCE($6, percent) END, \
+                 started_at = COALESCE(started_at, $4), \
+                 stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
+                 percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
                  last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END \
                  WHERE id = $8 AND agent_id = $9 \
                  AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type",
@@ -257,7 +296,7 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
             .bind(o.error.as_ref().map(error_json))
             .bind(now)
             .bind(u.stage.clone())
-            .bind(u.percent)
+            .bind(u.percent.unwrap_or(NO_PERCENT))
             .bind(u.max_seq)
             .bind(id.to_string())
             .bind(u.agent_id.to_string())
@@ -278,13 +317,15 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         }
         sqlx::query(
             "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
-             started_at = COALESCE(started_at, $1), stage = COALESCE($2, stage), percent = COALESCE($3, percent), \
+             started_at = COALESCE(started_at, $1), \
+             stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
+             percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
              last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END \
              WHERE id = $5 AND agent_id = $6",
         )
         .bind(now)
         .bind(u.stage.clone())
-        .bind(u.percent)
+        .bind(u.percent.unwrap_or(NO_PERCENT))
         .bind(u.max_seq)
         .bind(id.to_string())
         .bind(u.agent_id.to_string())
@@ -292,7 +333,11 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         .await?;
     }
     tx.commit().await?;
-    Ok(Done { finished, started })
+    Ok(Done {
+        finished,
+        started,
+        cancels,
+    })
 }
 
 /// Keeps the node record in step with the provision command that last ran for it.
@@ -403,6 +448,9 @@ fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: Done) {
     }
     for id in &done.started {
         broker.fanout.publish(id, Published::Status);
+    }
+    for &(agent_id, command_id, reason) in &done.cancels {
+        broker.cancel(agent_id, command_id, reason);
     }
     for f in &done.finished {
         broker.fanout.publish(&f.command_id, Published::Status);
