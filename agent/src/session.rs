@@ -18,8 +18,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
     AgentMessage, CancelReason, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
-    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS,
-    HEARTBEAT_TIMEOUT_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -60,6 +60,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         reports_tx,
         reports_rx,
         unacked_bytes: 0,
+        heartbeat_interval: Duration::from_secs(HEARTBEAT_INTERVAL_SECS),
         concurrency: Arc::new(tokio::sync::Semaphore::new(0)),
     };
     agent.unacked_bytes = agent
@@ -84,6 +85,9 @@ struct Agent {
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     unacked_bytes: usize,
+    /// As the control plane asked in `welcome`; the server is presumed gone after three
+    /// intervals without a frame.
+    heartbeat_interval: Duration,
     concurrency: Arc<tokio::sync::Semaphore>,
 }
 
@@ -222,8 +226,14 @@ impl Agent {
         let welcome = tokio::time::timeout(Duration::from_secs(20), ws.next()).await;
         match welcome {
             Ok(Some(Ok(tungstenite::Message::Text(t)))) => match ServerMessage::decode(&t)? {
-                ServerMessage::Welcome { agent_id, .. } => {
-                    tracing::info!(%agent_id, "connected to control plane");
+                ServerMessage::Welcome {
+                    agent_id,
+                    heartbeat_interval_secs,
+                    ..
+                } => {
+                    tracing::info!(%agent_id, heartbeat_interval_secs, "connected to control plane");
+                    self.heartbeat_interval =
+                        Duration::from_secs(heartbeat_interval_secs.clamp(1, 300));
                     // The server reconciled before welcoming us: interrupted commands
                     // are now marked lost there, so stop reporting them.
                     for id in std::mem::take(&mut self.interrupted) {
@@ -300,7 +310,8 @@ impl Agent {
                 return Disconnect::Lost(e.to_string());
             }
         }
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_INTERVAL_SECS));
+        let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
+        let server_timeout = self.heartbeat_interval * 3;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_heard = Instant::now();
         let mut batch: Vec<Event> = Vec::with_capacity(BATCH_EVENTS);
@@ -341,7 +352,7 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > Duration::from_secs(HEARTBEAT_TIMEOUT_SECS) {
+                    if last_heard.elapsed() > server_timeout {
                         return Disconnect::Lost("no traffic from server within the heartbeat timeout".into());
                     }
                     let running = self.running.len() as u32;

@@ -46,6 +46,12 @@ enum Cmd {
         /// PEM private key for HTTPS/WSS.
         #[arg(long, env = "TRELLIS_TLS_KEY")]
         tls_key: Option<PathBuf>,
+        /// Seconds without any frame from an agent before its connection is considered dead
+        /// and closed; agents are told to heartbeat every third of it. Lower it behind load
+        /// balancers or NATs that drop idle connections sooner.
+        #[arg(long, env = "TRELLIS_HEARTBEAT_TIMEOUT_SECS", default_value_t = trellis_protocol::HEARTBEAT_TIMEOUT_SECS,
+              value_parser = clap::value_parser!(u64).range(3..=3600))]
+        heartbeat_timeout_secs: u64,
     },
     /// Manage agents directly in the database.
     Agents {
@@ -89,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             ui_dir,
             tls_cert,
             tls_key,
+            heartbeat_timeout_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -118,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
                     ui_dir,
                     tls_cert,
                     tls_key,
+                    heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
                 },
                 shutdown,
             )

@@ -20,6 +20,8 @@ pub struct ServeConfig {
     pub ui_dir: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// An agent silent for this long is considered dead and its session closed.
+    pub heartbeat_timeout: std::time::Duration,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -57,7 +59,7 @@ pub async fn serve(
     db.mark_all_offline().await?;
     api::templates::seed(&db).await?;
     let admin_token_hash = admin_token_hash(&db, config.admin_token.as_deref()).await?;
-    let (broker, writer) = Broker::start(db, shutdown.child_token());
+    let (broker, writer) = Broker::start(db, shutdown.child_token(), config.heartbeat_timeout);
     let reaper = tokio::spawn(reaper::run(broker.clone()));
     let state = AppState {
         broker: broker.clone(),

@@ -23,7 +23,8 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest `data` in a single log event. Executors split longer output.
 pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
 
-/// How often an agent sends a heartbeat, and how long the server waits for any traffic
-/// before it considers the connection dead.
+/// Defaults: how often an agent sends a heartbeat, and how long either side waits for any
+/// traffic before it considers the connection dead. The server's `welcome` carries the
+/// interval it wants (a third of its timeout).
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 15;
 pub const HEARTBEAT_TIMEOUT_SECS: u64 = 45;

@@ -81,9 +81,15 @@ impl ControlPlane {
     }
 
     pub async fn start_on(db_url: &str, dir: &Path, listen: &str) -> Self {
+        Self::start_with(db_url, dir, listen, &[]).await
+    }
+
+    /// Starts `trellis serve` with extra environment variables.
+    pub async fn start_with(db_url: &str, dir: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("trellis-{}.log", uuid::Uuid::new_v4().simple()));
         let child = Command::new(bin("trellis"))
             .args(["serve", "--listen", listen, "--database-url", db_url])
+            .envs(env.iter().copied())
             .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
             // TRELLIS_TEST_LOG overrides the control plane's log filter (e.g. `sqlx=debug`).
             .env(

@@ -938,3 +938,48 @@ on_both_backends!(
     overtaken_cancel,
     cancel_that_overtook_its_dispatch_is_repeated_on_accept
 );
+
+/// A connection whose agent went silent (a dead peer: no frame at all, not even a close)
+/// is closed and the agent shown offline within the heartbeat timeout, while a live
+/// tendril — told the shorter heartbeat interval in its welcome — stays online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_is_detected_dead_and_live_agent_stays_online() {
+    let dir = scratch("deadconn");
+    let db = database(Backend::Sqlite, &dir).await;
+    let cp = ControlPlane::start_with(
+        &db,
+        &dir,
+        "127.0.0.1:0",
+        &[("TRELLIS_HEARTBEAT_TIMEOUT_SECS", "3")],
+    )
+    .await;
+    let api = cp.api();
+    let (silent_id, silent_token) = api.create_agent("silent").await;
+    let (live_id, live_token) = api.create_agent("live").await;
+    let _live = Agent::start(&cp.ws_url(), &live_token, &dir.join("live"));
+    api.wait_agent_online(&live_id).await;
+
+    // Connects, says hello, then never sends or reads another frame.
+    let ws = raw_agent(&cp, &silent_token).await;
+    api.wait_agent_online(&silent_id).await;
+    let since = Instant::now();
+    api.wait_until(Duration::from_secs(15), || async {
+        api.get(&format!("/api/agents/{silent_id}")).await["status"] == "offline"
+    })
+    .await;
+    let took = since.elapsed();
+    assert!(took >= Duration::from_secs(2), "closed too early: {took:?}");
+    assert!(cp.log().contains("no traffic for 3 s"), "{}", cp.log());
+    // The live agent, heartbeating every second, was never dropped.
+    let live = api.get(&format!("/api/agents/{live_id}")).await;
+    assert_eq!(live["status"], "online", "{live}");
+    assert_eq!(
+        cp.log()
+            .matches(&format!("agent connected agent_id={live_id}"))
+            .count(),
+        1,
+        "{}",
+        cp.log()
+    );
+    drop(ws);
+}

@@ -11,6 +11,7 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,8 @@ pub struct Broker {
     pub fanout: fanout::Fanout,
     pub metrics: Metrics,
     pub shutdown: CancellationToken,
+    /// A session with no frame from its agent for this long is closed as dead.
+    pub heartbeat_timeout: Duration,
     sessions: Mutex<HashMap<Uuid, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
@@ -54,7 +57,11 @@ pub struct Broker {
 impl Broker {
     /// Creates the broker and starts its writer. The writer stops when every sender is
     /// gone (the broker and all sessions dropped).
-    pub fn start(db: Db, shutdown: CancellationToken) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        db: Db,
+        shutdown: CancellationToken,
+        heartbeat_timeout: Duration,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         // The inserter holds only the database: it stops when the broker is dropped.
         let (itx, irx) = mpsc::channel(4096);
@@ -66,6 +73,7 @@ impl Broker {
             fanout: Default::default(),
             metrics: Metrics::default(),
             shutdown,
+            heartbeat_timeout,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,
@@ -74,6 +82,12 @@ impl Broker {
         tokio::spawn(dispatcher::run(broker.clone(), drx));
         let writer = tokio::spawn(writer::run(broker.clone(), rx));
         (broker, writer)
+    }
+
+    /// The heartbeat interval agents are told in `welcome`: three heartbeats fit in the
+    /// timeout.
+    pub fn heartbeat_interval_secs(&self) -> u64 {
+        (self.heartbeat_timeout.as_secs() / 3).max(1)
     }
 
     pub fn writer(&self) -> mpsc::Sender<writer::WriteOp> {

@@ -33,7 +33,7 @@ pub async fn run(broker: Arc<Broker>) {
                 tracing::warn!(error = %e, "heartbeat flush failed");
             }
             broker.fanout.sweep();
-            let stale = now_ms() - 2 * 1000 * trellis_protocol::HEARTBEAT_TIMEOUT_SECS as i64;
+            let stale = now_ms() - 2 * broker.heartbeat_timeout.as_millis() as i64;
             match broker.db.expire_stale_agents(stale).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(agents = n, "marked agents with stale heartbeats offline"),

@@ -11,7 +11,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::sync::mpsc;
 use trellis_protocol::{
     AgentMessage, CancelReason, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
-    HEARTBEAT_INTERVAL_SECS, HEARTBEAT_TIMEOUT_SECS, PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -21,12 +21,12 @@ use crate::db::{AgentRow, DispatchRow};
 use crate::time::now_ms;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Re-check the queue this often even without a wake-up (a missed wake costs at most this).
-/// How often a session checks that its peer is alive.
-const IDLE_CLAIM_INTERVAL: Duration = Duration::from_secs(5);
-/// Every how many of those ticks it also looks for queued commands a wake-up missed
-/// (a read; at 10 000 agents that is ~330 reads/s).
-const QUEUED_CHECK_EVERY: u32 = 6;
+/// How often a session checks that its peer is alive (at most; a third of the heartbeat
+/// timeout when that is shorter).
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
+/// How often it also looks for queued commands a wake-up missed (a read; at 10 000
+/// agents that is ~330 reads/s).
+const QUEUED_CHECK: Duration = Duration::from_secs(30);
 
 /// Close codes (RFC 6455).
 const CLOSE_POLICY: u16 = 1008;
@@ -189,7 +189,7 @@ impl Session {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.agent_id,
             session_id: Uuid::new_v4(),
-            heartbeat_interval_secs: HEARTBEAT_INTERVAL_SECS,
+            heartbeat_interval_secs: self.broker.heartbeat_interval_secs(),
         };
         if send(socket, &welcome).await.is_err() {
             return "send failed".into();
@@ -213,11 +213,11 @@ impl Session {
             return e;
         }
 
-        let mut idle_claim = tokio::time::interval(IDLE_CLAIM_INTERVAL);
+        let idle_limit = self.broker.heartbeat_timeout;
+        let mut idle_claim = tokio::time::interval(LIVENESS_CHECK.min(idle_limit / 3));
         idle_claim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         idle_claim.reset();
-        let mut ticks: u32 = 0;
-        let idle_limit = Duration::from_secs(HEARTBEAT_TIMEOUT_SECS);
+        let mut last_queued_check = Instant::now();
         // Dead-connection detection: any frame counts; checked on the periodic tick (a
         // per-recv timeout would be reset by every other select branch).
         let mut last_rx = Instant::now();
@@ -362,12 +362,12 @@ impl Session {
                 _ = idle_claim.tick() => {
                     if last_rx.elapsed() > idle_limit {
                         close(socket, CLOSE_POLICY, "no heartbeat").await;
-                        return format!("no traffic for {HEARTBEAT_TIMEOUT_SECS} s");
+                        return format!("no traffic for {} s", idle_limit.as_secs());
                     }
-                    ticks = ticks.wrapping_add(1);
-                    if !ticks.is_multiple_of(QUEUED_CHECK_EVERY) {
+                    if last_queued_check.elapsed() < QUEUED_CHECK {
                         continue;
                     }
+                    last_queued_check = Instant::now();
                     // A backup for a missed wake-up: a read first, so an idle agent
                     // costs no write.
                     match self.broker.db.has_queued(self.agent_id).await {
