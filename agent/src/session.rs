@@ -18,8 +18,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
     AgentMessage, CancelReason, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
-    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
+    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEATS_PER_TIMEOUT,
+    HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -85,8 +85,8 @@ struct Agent {
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     unacked_bytes: usize,
-    /// As the control plane asked in `welcome`; the server is presumed gone after three
-    /// intervals without a frame.
+    /// As the control plane asked in `welcome`; the server is presumed gone after
+    /// `HEARTBEATS_PER_TIMEOUT` intervals without a frame.
     heartbeat_interval: Duration,
     concurrency: Arc<tokio::sync::Semaphore>,
 }
@@ -311,7 +311,7 @@ impl Agent {
             }
         }
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
-        let server_timeout = self.heartbeat_interval * 3;
+        let server_timeout = self.heartbeat_interval * HEARTBEATS_PER_TIMEOUT;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_heard = Instant::now();
         let mut batch: Vec<Event> = Vec::with_capacity(BATCH_EVENTS);

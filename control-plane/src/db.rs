@@ -28,7 +28,7 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
-    /// A failure shared by every request of a batch (the first one gets the original).
+    /// A failure shared by every request of a batch (the original error is logged).
     #[error("database unavailable: {0}")]
     Unavailable(String),
 }

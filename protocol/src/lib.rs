@@ -25,6 +25,7 @@ pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Defaults: how often an agent sends a heartbeat, and how long either side waits for any
 /// traffic before it considers the connection dead. The server's `welcome` carries the
-/// interval it wants (a third of its timeout).
+/// interval it wants; the timeout is always this many intervals.
 pub const HEARTBEAT_INTERVAL_SECS: u64 = 15;
-pub const HEARTBEAT_TIMEOUT_SECS: u64 = 45;
+pub const HEARTBEATS_PER_TIMEOUT: u32 = 3;
+pub const HEARTBEAT_TIMEOUT_SECS: u64 = HEARTBEAT_INTERVAL_SECS * HEARTBEATS_PER_TIMEOUT as u64;

@@ -53,16 +53,18 @@ pub async fn run(db: Db, mut rx: mpsc::Receiver<InsertRequest>) {
                     let _ = r.done.send(res);
                 }
             }
+            Err(DbError::Conflict(m)) => {
+                if let Some(r) = batch.pop() {
+                    let _ = r.done.send(Err(DbError::Conflict(m)));
+                }
+            }
             Err(e) => {
                 // Not about one command (the database is unreachable, say): every
                 // command of the batch gets the error at once rather than one retry each.
+                tracing::warn!(error = %e, n = batch.len(), "command batch failed");
                 let msg = e.to_string();
-                let mut first = Some(e);
                 for r in batch.drain(..) {
-                    let err = first
-                        .take()
-                        .unwrap_or_else(|| DbError::Unavailable(msg.clone()));
-                    let _ = r.done.send(Err(err));
+                    let _ = r.done.send(Err(DbError::Unavailable(msg.clone())));
                 }
             }
         }

@@ -84,10 +84,10 @@ impl Broker {
         (broker, writer)
     }
 
-    /// The heartbeat interval agents are told in `welcome`: three heartbeats fit in the
-    /// timeout.
+    /// The heartbeat interval agents are told in `welcome`.
     pub fn heartbeat_interval_secs(&self) -> u64 {
-        (self.heartbeat_timeout.as_secs() / 3).max(1)
+        (self.heartbeat_timeout.as_secs() / u64::from(trellis_protocol::HEARTBEATS_PER_TIMEOUT))
+            .max(1)
     }
 
     pub fn writer(&self) -> mpsc::Sender<writer::WriteOp> {

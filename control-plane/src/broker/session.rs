@@ -214,9 +214,9 @@ impl Session {
         }
 
         let idle_limit = self.broker.heartbeat_timeout;
-        let mut idle_claim = tokio::time::interval(LIVENESS_CHECK.min(idle_limit / 3));
-        idle_claim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        idle_claim.reset();
+        let mut liveness = tokio::time::interval(LIVENESS_CHECK.min(idle_limit / 3));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        liveness.reset();
         let mut last_queued_check = Instant::now();
         // Dead-connection detection: any frame counts; checked on the periodic tick (a
         // per-recv timeout would be reset by every other select branch).
@@ -359,7 +359,7 @@ impl Session {
                         }
                     }
                 }
-                _ = idle_claim.tick() => {
+                _ = liveness.tick() => {
                     if last_rx.elapsed() > idle_limit {
                         close(socket, CLOSE_POLICY, "no heartbeat").await;
                         return format!("no traffic for {} s", idle_limit.as_secs());

@@ -126,41 +126,11 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
                 agent_id,
                 command_id,
             } => {
-                let row = sqlx::query(
-                    "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
-                     WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched') \
-                     RETURNING cancel_requested",
-                )
-                .bind(now)
-                .bind(command_id.to_string())
-                .bind(agent_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-                // A cancel (or a deadline) that came between the claim and the agent
-                // receiving the dispatch reached an agent that did not know the command
-                // yet and was dropped there: tell it again now that it does.
-                let reason = match row {
-                    Some(r) => {
-                        started.push(*command_id);
-                        (r.try_get::<i64, _>("cancel_requested")? != 0)
-                            .then_some(CancelReason::Cancelled)
-                    }
-                    None => {
-                        sqlx::query("SELECT status FROM commands WHERE id = $1 AND agent_id = $2")
-                            .bind(command_id.to_string())
-                            .bind(agent_id.to_string())
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .map(|r| r.try_get::<String, _>("status"))
-                            .transpose()?
-                            .and_then(|s| match s.as_str() {
-                                "cancelled" => Some(CancelReason::Cancelled),
-                                "timed_out" => Some(CancelReason::TimedOut),
-                                _ => None,
-                            })
-                    }
-                };
-                if let Some(reason) = reason {
+                let (is_new, cancel) = accept(&mut tx, *agent_id, *command_id, now).await?;
+                if is_new {
+                    started.push(*command_id);
+                }
+                if let Some(reason) = cancel {
                     cancels.push((*agent_id, *command_id, reason));
                 }
             }
@@ -230,9 +200,6 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         }
     }
 
-    // A finished stage never goes back to running: an older event can arrive after a newer
-    // one was stored (a batch failed, a later one from the same session committed, and the
-    // agent re-sent the failed one after reconnecting).
     for e in &all {
         // `remove`: a duplicate later in this same batch is skipped too.
         if !new_stage_events.remove(&(e.command_id, e.seq as i64)) {
@@ -248,6 +215,9 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
             use trellis_protocol::StageState as S;
             let finished_at =
                 matches!(state, S::Completed | S::Failed | S::Skipped).then_some(e.ts);
+            // A finished stage never goes back to running (the `WHERE`): an older event can
+            // be stored after a newer one (a batch failed, a later one of the same session
+            // committed, and the agent re-sent the failed one after reconnecting).
             sqlx::query(
                 "INSERT INTO command_stages (command_id, idx, name, state, started_at, finished_at, message) \
                  VALUES ($1, 1000, $2, $3, $4, $5, $6) ON CONFLICT (command_id, name) DO UPDATE SET \
@@ -338,6 +308,45 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<Done> {
         started,
         cancels,
     })
+}
+
+/// Marks an accepted command running. Returns whether it started now, and the cancel the
+/// agent must be told: a cancel (or a deadline) that came between the claim and the agent
+/// receiving the dispatch reached an agent that did not know the command yet and was
+/// dropped there, so it is repeated now that the agent knows it.
+async fn accept(
+    conn: &mut sqlx::AnyConnection,
+    agent_id: Uuid,
+    command_id: Uuid,
+    now: i64,
+) -> DbResult<(bool, Option<CancelReason>)> {
+    let row = sqlx::query(
+        "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
+         WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched') \
+         RETURNING cancel_requested",
+    )
+    .bind(now)
+    .bind(command_id.to_string())
+    .bind(agent_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(r) = row {
+        let cancel = r.try_get::<i64, _>("cancel_requested")? != 0;
+        return Ok((true, cancel.then_some(CancelReason::Cancelled)));
+    }
+    // Not started now: already running (a repeated accept) or already ended here.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM commands WHERE id = $1 AND agent_id = $2")
+            .bind(command_id.to_string())
+            .bind(agent_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let cancel = match status.as_deref() {
+        Some("cancelled") => Some(CancelReason::Cancelled),
+        Some("timed_out") => Some(CancelReason::TimedOut),
+        _ => None,
+    };
+    Ok((false, cancel))
 }
 
 /// Keeps the node record in step with the provision command that last ran for it.
