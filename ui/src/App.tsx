@@ -1,4 +1,5 @@
 import { useEffect, useState } from 'react';
+import { useQueryClient } from '@tanstack/react-query';
 import { getToken, onUnauthorized, setToken } from './lib/api';
 import { match, navigate, useRoute } from './lib/router';
 import { SignIn } from './pages/SignIn';
@@ -21,6 +22,7 @@ export function App() {
   const [token, setTok] = useState<string | null>(() => getToken());
   const [expired, setExpired] = useState(false);
   const route = useRoute();
+  const queryClient = useQueryClient();
 
   useEffect(
     () =>
@@ -28,8 +30,10 @@ export function App() {
         setToken(null);
         setTok(null);
         setExpired(true);
+        // Nothing read with the old token survives into the next session.
+        queryClient.clear();
       }),
-    [],
+    [queryClient],
   );
 
   if (!token) {
@@ -52,6 +56,7 @@ export function App() {
     setToken(null);
     setTok(null);
     setExpired(false);
+    queryClient.clear();
   };
 
   let page;

@@ -1,4 +1,4 @@
-import { useCallback, useEffect, useRef, useState } from 'react';
+import { useCallback, useEffect, useState } from 'react';
 import { getToken, notifyUnauthorized } from './api';
 import { CommandStream, type StreamState } from './stream';
 import { LogBuffer } from './logbuffer';
@@ -6,63 +6,6 @@ import { applyEvent, mergeSnapshot } from './stages';
 import type { Command } from './types';
 import { isTerminal } from './types';
 import { api, errorMessage } from './api';
-
-export interface Polled<T> {
-  data: T | undefined;
-  error: string | null;
-  loading: boolean;
-  reload: () => void;
-}
-
-/**
- * Calls `fn` now and then every `intervalMs` (0 = once) while mounted; skips ticks while the
- * tab is hidden. Keeps the last good data when a refresh fails.
- */
-export function usePolling<T>(fn: (signal: AbortSignal) => Promise<T>, intervalMs: number, deps: unknown[]): Polled<T> {
-  const [data, setData] = useState<T | undefined>(undefined);
-  const [error, setError] = useState<string | null>(null);
-  const [loading, setLoading] = useState(true);
-  const [tick, setTick] = useState(0);
-  const fnRef = useRef(fn);
-  fnRef.current = fn;
-
-  useEffect(() => {
-    let alive = true;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    let ctrl: AbortController | undefined;
-    const run = async () => {
-      if (!alive) return;
-      if (typeof document !== 'undefined' && document.hidden && intervalMs > 0) {
-        timer = setTimeout(run, intervalMs);
-        return;
-      }
-      ctrl = new AbortController();
-      try {
-        const d = await fnRef.current(ctrl.signal);
-        if (!alive) return;
-        setData(d);
-        setError(null);
-      } catch (e) {
-        if (!alive || (e instanceof DOMException && e.name === 'AbortError')) return;
-        setError(errorMessage(e));
-      } finally {
-        if (alive) setLoading(false);
-      }
-      if (alive && intervalMs > 0) timer = setTimeout(run, intervalMs);
-    };
-    setLoading(true);
-    void run();
-    return () => {
-      alive = false;
-      ctrl?.abort();
-      if (timer) clearTimeout(timer);
-    };
-    // eslint-disable-next-line react-hooks/exhaustive-deps
-  }, [intervalMs, tick, ...deps]);
-
-  const reload = useCallback(() => setTick((t) => t + 1), []);
-  return { data, error, loading, reload };
-}
 
 /** The current time, updated every `ms` (for "12 s ago" labels). */
 export function useNow(ms = 1000): number {

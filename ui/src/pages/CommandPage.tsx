@@ -1,6 +1,7 @@
 import { useState } from 'react';
-import { api, errorMessage } from '../lib/api';
-import { useLiveCommand, useNow, usePolling } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useLiveCommand, useNow } from '../lib/hooks';
+import { useAgent, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { commandPercent, failedStage, stageLabel } from '../lib/stages';
 import { isTerminal } from '../lib/types';
@@ -23,7 +24,8 @@ export function CommandPage({ id }: { id: string }) {
   const live = useLiveCommand(id);
   const cmd = live.command;
   const now = useNow(1000);
-  const agent = usePolling(() => (cmd ? api.getAgent(cmd.agentId) : Promise.resolve(null)), 0, [cmd?.agentId]);
+  const agent = useAgent(cmd?.agentId);
+  const m = useMutations();
   const [confirmCancel, setConfirmCancel] = useState(false);
   const [actionErr, setActionErr] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
@@ -47,7 +49,7 @@ export function CommandPage({ id }: { id: string }) {
     setBusy(true);
     setActionErr(null);
     try {
-      const r = await api.retryCommand(cmd.id);
+      const r = await m.retryCommand(cmd.id);
       navigate(`/commands/${r.commandId}`);
     } catch (e) {
       setActionErr(errorMessage(e));
@@ -67,7 +69,7 @@ export function CommandPage({ id }: { id: string }) {
             {cmd.type} <span className="mono muted h-id">{shortId(cmd.id)}</span> <StatusPill status={cmd.status} />
           </h1>
           <p className="muted small">
-            on <a href={`#/commands?agentId=${encodeURIComponent(cmd.agentId)}`}>{agent.data?.name ?? shortId(cmd.agentId)}</a> · attempt {cmd.attempt}
+            on <a href={`#/commands?agentId=${encodeURIComponent(cmd.agentId)}`}>{agent?.name ?? shortId(cmd.agentId)}</a> · attempt {cmd.attempt}
             {cmd.retryOf && (
               <>
                 {' '}
@@ -163,7 +165,7 @@ export function CommandPage({ id }: { id: string }) {
           onCancel={() => setConfirmCancel(false)}
           onConfirm={async () => {
             try {
-              await api.cancelCommand(cmd.id);
+              await m.cancelCommand(cmd.id);
               setConfirmCancel(false);
               live.refresh();
             } catch (e) {

@@ -1,6 +1,7 @@
 import { useState } from 'react';
-import { api } from '../lib/api';
-import { usePolling, useNow } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useNow } from '../lib/hooks';
+import { useAgents, useCommands } from '../lib/queries';
 import { navigate, setQuery } from '../lib/router';
 import { COMMAND_STATUSES, COMMAND_TYPES, type Command, type CommandStatus } from '../lib/types';
 import { commandPercent, stageLabel } from '../lib/stages';
@@ -16,10 +17,10 @@ export function Commands({ query }: { query: URLSearchParams }) {
   const [auto, setAuto] = useState(true);
   const [limit, setLimit] = useState(PAGE);
   const now = useNow(1000);
-  const list = usePolling((s) => api.listCommands({ status, type, agentId, limit }, s), auto ? 2500 : 0, [status, type, agentId, limit, auto]);
-  const agents = usePolling((s) => api.listAgents(s), 15000, []);
-  const agentName = (id: string) => agents.data?.items.find((a) => a.id === id)?.name ?? shortId(id);
-  const items: Command[] = list.data?.items ?? [];
+  const list = useCommands({ status, type, agentId, limit }, auto);
+  const agents = useAgents();
+  const agentName = (id: string) => agents.data?.find((a) => a.id === id)?.name ?? shortId(id);
+  const items: Command[] = list.data ?? [];
   const update = (p: Record<string, string>) => setQuery('/commands', { status, type, agentId, ...p });
 
   return (
@@ -65,7 +66,7 @@ export function Commands({ query }: { query: URLSearchParams }) {
           Agent{' '}
           <select value={agentId} onChange={(e) => update({ agentId: e.target.value })}>
             <option value="">all</option>
-            {(agents.data?.items ?? []).map((a) => (
+            {(agents.data ?? []).map((a) => (
               <option key={a.id} value={a.id}>
                 {a.name}
               </option>
@@ -73,8 +74,8 @@ export function Commands({ query }: { query: URLSearchParams }) {
           </select>
         </label>
       </div>
-      {list.error && <ErrorBox title="Could not load commands">{list.error}</ErrorBox>}
-      {list.loading && !list.data ? (
+      {list.error && <ErrorBox title="Could not load commands">{errorMessage(list.error)}</ErrorBox>}
+      {list.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
         <Empty>No commands match these filters.</Empty>

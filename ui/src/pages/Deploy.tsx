@@ -1,6 +1,6 @@
 import { useState, type FormEvent } from 'react';
-import { api, errorMessage } from '../lib/api';
-import { usePolling } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useAgents, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { parseNameList, parseTerraformVars, validateGitRef, validateRepoPath, validateRequired } from '../lib/validation';
 import { ErrorBox, Field, Notice, Spinner } from '../components/ui';
@@ -58,7 +58,8 @@ function newKey(): string {
 }
 
 export function Deploy() {
-  const agents = usePolling((s) => api.listAgents(s), 5000, []);
+  const agents = useAgents();
+  const m = useMutations();
   const [f, setF] = useState<DeployForm>(() => {
     const last = loadLast();
     return {
@@ -78,7 +79,7 @@ export function Deploy() {
   // One idempotency key per form submission attempt sequence, so a double click does not run twice.
   const [idemKey, setIdemKey] = useState(newKey);
 
-  const capable = (agents.data?.items ?? []).filter((a) => a.capabilities.includes('terraform_apply'));
+  const capable = (agents.data ?? []).filter((a) => a.capabilities.includes('terraform_apply'));
   const selected = capable.find((a) => a.id === f.agentId);
   const agentId = f.agentId || (capable.length === 1 ? capable[0].id : '');
   const form = { ...f, agentId };
@@ -99,7 +100,7 @@ export function Deploy() {
     setBusy(true);
     setError(null);
     try {
-      const r = await api.createCommand({
+      const r = await m.createCommand({
         agentId,
         type: 'terraform_apply',
         params: buildSnapshot(form, vars.value),
@@ -127,8 +128,8 @@ export function Deploy() {
           <p className="muted">Apply a Terraform configuration on an agent. The config snapshot is stored with the command.</p>
         </div>
       </header>
-      {agents.error && <ErrorBox>{agents.error}</ErrorBox>}
-      {agents.loading && !agents.data ? (
+      {agents.error && <ErrorBox>{errorMessage(agents.error)}</ErrorBox>}
+      {agents.isPending ? (
         <Spinner />
       ) : (
         <form className="card form" onSubmit={submit} noValidate data-testid="deploy-form">

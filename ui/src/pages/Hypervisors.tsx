@@ -1,6 +1,6 @@
 import { Fragment, useState, type FormEvent } from 'react';
-import { api, errorMessage } from '../lib/api';
-import { usePolling } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useAgents, useMutations } from '../lib/queries';
 import type { Agent } from '../lib/types';
 import { ConfirmDialog, Modal } from '../components/Modal';
 import { CopyButton, Empty, ErrorBox, Field, JsonView, Notice, RelTime, Spinner, StatusPill } from '../components/ui';
@@ -88,7 +88,8 @@ function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
   );
 }
 
-function RegisterDialog({ onClose, onCreated }: { onClose: () => void; onCreated: () => void }) {
+function RegisterDialog({ onClose }: { onClose: () => void }) {
+  const m = useMutations();
   const [name, setName] = useState('');
   const [maxConc, setMaxConc] = useState('');
   const [error, setError] = useState<string | null>(null);
@@ -105,9 +106,8 @@ function RegisterDialog({ onClose, onCreated }: { onClose: () => void; onCreated
     setBusy(true);
     setError(null);
     try {
-      const r = await api.createAgent(name.trim(), maxConc.trim() ? Number(maxConc) : undefined);
+      const r = await m.createAgent(name.trim(), maxConc.trim() ? Number(maxConc) : undefined);
       setCreated(r);
-      onCreated();
     } catch (err) {
       setError(errorMessage(err));
     } finally {
@@ -156,7 +156,8 @@ function RegisterDialog({ onClose, onCreated }: { onClose: () => void; onCreated
 }
 
 export function Hypervisors() {
-  const agents = usePolling((s) => api.listAgents(s), 2500, []);
+  const agents = useAgents();
+  const m = useMutations();
   const [registering, setRegistering] = useState(false);
   const [confirm, setConfirm] = useState<{ kind: 'rotate' | 'revoke'; agent: Agent } | null>(null);
   const [busy, setBusy] = useState(false);
@@ -164,7 +165,7 @@ export function Hypervisors() {
   const [revealed, setRevealed] = useState<{ agent: Agent; token: string } | null>(null);
   const [expanded, setExpanded] = useState<string | null>(null);
 
-  const items = agents.data?.items ?? [];
+  const items = agents.data ?? [];
   const online = items.filter((a) => a.status === 'online').length;
 
   const doConfirm = async () => {
@@ -173,13 +174,12 @@ export function Hypervisors() {
     setActionErr(null);
     try {
       if (confirm.kind === 'rotate') {
-        const r = await api.rotateAgentToken(confirm.agent.id);
+        const r = await m.rotateAgentToken(confirm.agent.id);
         setRevealed({ agent: confirm.agent, token: r.token });
       } else {
-        await api.deleteAgent(confirm.agent.id);
+        await m.deleteAgent(confirm.agent.id);
       }
       setConfirm(null);
-      agents.reload();
     } catch (e) {
       setActionErr(errorMessage(e));
     } finally {
@@ -205,8 +205,8 @@ export function Hypervisors() {
           Register hypervisor
         </button>
       </header>
-      {agents.error && <ErrorBox title="Could not load hypervisors">{agents.error} — retrying every few seconds.</ErrorBox>}
-      {agents.loading && !agents.data ? (
+      {agents.error && <ErrorBox title="Could not load hypervisors">{errorMessage(agents.error)} — retrying every few seconds.</ErrorBox>}
+      {agents.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
         <Empty>
@@ -295,7 +295,7 @@ export function Hypervisors() {
           </table>
         </div>
       )}
-      {registering && <RegisterDialog onClose={() => setRegistering(false)} onCreated={agents.reload} />}
+      {registering && <RegisterDialog onClose={() => setRegistering(false)} />}
       {confirm && (
         <ConfirmDialog
           title={confirm.kind === 'rotate' ? `Rotate token of ${confirm.agent.name}?` : `Revoke ${confirm.agent.name}?`}

@@ -1,6 +1,6 @@
 import { useMemo, useState, type FormEvent } from 'react';
-import { api, errorMessage } from '../lib/api';
-import { usePolling } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useAgents, useMutations, useNodes, useTemplates } from '../lib/queries';
 import { navigate, setQuery } from '../lib/router';
 import type { VmNode } from '../lib/types';
 import { formatMemory } from '../lib/time';
@@ -8,10 +8,11 @@ import { validateCores, validateMemory, validateVmName } from '../lib/validation
 import { ConfirmDialog, Modal } from '../components/Modal';
 import { Empty, ErrorBox, Field, NodeStatusPill, Spinner, copyText } from '../components/ui';
 import { Menu } from '../components/Menu';
-import { ProvisionModal } from './ProvisionModal';
+import { ProvisionModal } from './provision/ProvisionModal';
 
-function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: () => void; onSaved: () => void }) {
-  const templates = usePolling((s) => api.listTemplates(s), 0, []);
+function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
+  const templates = useTemplates();
+  const m = useMutations();
   const provisioned = node?.vmId != null;
   const [f, setF] = useState({
     name: node?.name ?? '',
@@ -23,7 +24,7 @@ function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: 
   const [touched, setTouched] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
-  const tpl = templates.data?.items.find((t) => t.id === f.templateId);
+  const tpl = templates.data?.find((t) => t.id === f.templateId);
   const errs = {
     name: provisioned ? null : validateVmName(f.name),
     templateId: f.templateId ? null : 'Choose a template.',
@@ -41,7 +42,7 @@ function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: 
       const memory = f.memory ? Number(f.memory) : tpl?.memory;
       const cores = f.cores ? Number(f.cores) : tpl?.cores;
       if (node) {
-        await api.updateNode(node.id, provisioned ? { application: f.application.trim() || null } : {
+        await m.updateNode(node.id, provisioned ? { application: f.application.trim() || null } : {
           name: f.name.trim(),
           application: f.application.trim() || null,
           templateId: f.templateId,
@@ -49,9 +50,8 @@ function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: 
           cores,
         });
       } else {
-        await api.createNode({ name: f.name.trim(), application: f.application.trim() || null, templateId: f.templateId, memory, cores });
+        await m.createNode({ name: f.name.trim(), application: f.application.trim() || null, templateId: f.templateId, memory, cores });
       }
-      onSaved();
       onClose();
     } catch (err) {
       setError(errorMessage(err));
@@ -88,7 +88,7 @@ function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: 
           {(p) => (
             <select {...p} value={f.templateId} onChange={set('templateId')} disabled={provisioned} data-testid="node-template">
               <option value="">Choose…</option>
-              {(templates.data?.items ?? []).map((t) => (
+              {(templates.data ?? []).map((t) => (
                 <option key={t.id} value={t.id}>
                   {t.name}
                   {t.proxmoxTemplateId == null ? ' (not mapped)' : ''}
@@ -112,9 +112,10 @@ function NodeDialog({ node, onClose, onSaved }: { node: VmNode | null; onClose: 
 }
 
 export function Nodes({ query }: { query: URLSearchParams }) {
-  const nodes = usePolling((s) => api.listNodes(s), 3000, []);
-  const agents = usePolling((s) => api.listAgents(s), 10000, []);
-  const templates = usePolling((s) => api.listTemplates(s), 30000, []);
+  const nodes = useNodes();
+  const agents = useAgents();
+  const templates = useTemplates();
+  const m = useMutations();
   const [editing, setEditing] = useState<VmNode | null | 'new'>(null);
   const [deleting, setDeleting] = useState<VmNode | null>(null);
   const [delBusy, setDelBusy] = useState(false);
@@ -127,10 +128,10 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   // A node created by the open "new" wizard keeps that same wizard instance.
   const [createdId, setCreatedId] = useState<string | null>(null);
   const wizardNew = provisionParam === 'new' || (provisionParam !== null && provisionParam === createdId);
-  const items = useMemo(() => nodes.data?.items ?? [], [nodes.data]);
+  const items = useMemo(() => nodes.data ?? [], [nodes.data]);
   const provisionNode = provisionParam && provisionParam !== 'new' ? items.find((n) => n.id === provisionParam) : undefined;
-  const agentName = (id: string | null) => (id ? (agents.data?.items.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
-  const templateName = (id: string) => templates.data?.items.find((t) => t.id === id)?.name ?? '–';
+  const agentName = (id: string | null) => (id ? (agents.data?.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
+  const templateName = (id: string) => templates.data?.find((t) => t.id === id)?.name ?? '–';
 
   const shown = items.filter((n) => {
     const q = filter.trim().toLowerCase();
@@ -142,7 +143,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const closeProvision = () => {
     setCreatedId(null);
     setQuery('/nodes', {});
-    nodes.reload();
+    void nodes.refetch();
   };
 
   return (
@@ -174,8 +175,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           {shown.length} of {items.length}
         </span>
       </div>
-      {nodes.error && <ErrorBox title="Could not load nodes">{nodes.error}</ErrorBox>}
-      {nodes.loading && !nodes.data ? (
+      {nodes.error && <ErrorBox title="Could not load nodes">{errorMessage(nodes.error)}</ErrorBox>}
+      {nodes.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
         <Empty>No nodes yet. Create one, or provision a new VM directly.</Empty>
@@ -289,20 +290,19 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           </table>
         </div>
       )}
-      {editing && <NodeDialog node={editing === 'new' ? null : editing} onClose={() => setEditing(null)} onSaved={nodes.reload} />}
+      {editing && <NodeDialog node={editing === 'new' ? null : editing} onClose={() => setEditing(null)} />}
       {wizardNew && (
         <ProvisionModal
           key="new"
           node={null}
           onClose={closeProvision}
-          onChanged={nodes.reload}
           onNodeCreated={(nd) => {
             setCreatedId(nd.id);
             window.history.replaceState(null, '', `#/nodes?provision=${encodeURIComponent(nd.id)}`);
           }}
         />
       )}
-      {!wizardNew && provisionNode && <ProvisionModal key={provisionNode.id} node={provisionNode} onClose={closeProvision} onChanged={nodes.reload} />}
+      {!wizardNew && provisionNode && <ProvisionModal key={provisionNode.id} node={provisionNode} onClose={closeProvision} />}
       {!wizardNew && provisionParam && !provisionNode && nodes.data && (
         <Modal title="Node not found" onClose={closeProvision}>
           <p>The node to provision no longer exists.</p>
@@ -319,9 +319,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           onConfirm={async () => {
             setDelBusy(true);
             try {
-              await api.deleteNode(deleting.id);
+              await m.deleteNode(deleting.id);
               setDeleting(null);
-              nodes.reload();
             } catch (e) {
               setDelErr(errorMessage(e));
             } finally {

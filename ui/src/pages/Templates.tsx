@@ -1,6 +1,6 @@
 import { useState, type FormEvent } from 'react';
-import { api, errorMessage } from '../lib/api';
-import { usePolling } from '../lib/hooks';
+import { errorMessage } from '../lib/api';
+import { useAgents, useMutations, useTemplates } from '../lib/queries';
 import type { Template, TemplateInput } from '../lib/types';
 import { formatMemory } from '../lib/time';
 import {
@@ -56,13 +56,14 @@ export function validateTemplateForm(f: FormState): Partial<Record<keyof FormSta
   };
 }
 
-function TemplateDialog({ template, onClose, onSaved }: { template: Template | null; onClose: () => void; onSaved: () => void }) {
+function TemplateDialog({ template, onClose }: { template: Template | null; onClose: () => void }) {
+  const m = useMutations();
   const [f, setF] = useState<FormState>(() => toForm(template));
   const [touched, setTouched] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const [picker, setPicker] = useState(false);
-  const agents = usePolling((s) => api.listAgents(s), picker ? 5000 : 0, [picker]);
+  const agents = useAgents();
   const errs = validateTemplateForm(f);
   const show = (k: keyof FormState) => (touched ? errs[k] : null);
   const set = (k: keyof FormState) => (e: { target: { value: string } }) => setF({ ...f, [k]: e.target.value });
@@ -85,9 +86,8 @@ function TemplateDialog({ template, onClose, onSaved }: { template: Template | n
     setBusy(true);
     setError(null);
     try {
-      if (template) await api.updateTemplate(template.id, body);
-      else await api.createTemplate(body);
-      onSaved();
+      if (template) await m.updateTemplate(template.id, body);
+      else await m.createTemplate(body);
       onClose();
     } catch (err) {
       setError(errorMessage(err));
@@ -148,13 +148,13 @@ function TemplateDialog({ template, onClose, onSaved }: { template: Template | n
           </button>
           {picker && (
             <div className="picker-box">
-              {agents.loading && !agents.data ? (
+              {agents.isPending ? (
                 <Spinner />
               ) : agents.error ? (
-                <ErrorBox>{agents.error}</ErrorBox>
+                <ErrorBox>{errorMessage(agents.error)}</ErrorBox>
               ) : (
                 <ProxmoxPicker
-                  agents={agents.data?.items ?? []}
+                  agents={agents.data ?? []}
                   selectedVmid={f.proxmoxTemplateId ? Number(f.proxmoxTemplateId) : null}
                   onPick={(t) =>
                     setF((cur) => ({
@@ -186,12 +186,13 @@ function TemplateDialog({ template, onClose, onSaved }: { template: Template | n
 }
 
 export function Templates() {
-  const list = usePolling((s) => api.listTemplates(s), 10000, []);
+  const list = useTemplates();
+  const m = useMutations();
   const [editing, setEditing] = useState<Template | null | 'new'>(null);
   const [deleting, setDeleting] = useState<Template | null>(null);
   const [busy, setBusy] = useState(false);
   const [delErr, setDelErr] = useState<string | null>(null);
-  const items = list.data?.items ?? [];
+  const items = list.data ?? [];
 
   return (
     <div className="page">
@@ -204,8 +205,8 @@ export function Templates() {
           New template
         </button>
       </header>
-      {list.error && <ErrorBox title="Could not load templates">{list.error}</ErrorBox>}
-      {list.loading && !list.data ? (
+      {list.error && <ErrorBox title="Could not load templates">{errorMessage(list.error)}</ErrorBox>}
+      {list.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
         <Empty>No templates yet. Create one and map it to a Proxmox template VMID.</Empty>
@@ -265,7 +266,7 @@ export function Templates() {
           </table>
         </div>
       )}
-      {editing && <TemplateDialog template={editing === 'new' ? null : editing} onClose={() => setEditing(null)} onSaved={list.reload} />}
+      {editing && <TemplateDialog template={editing === 'new' ? null : editing} onClose={() => setEditing(null)} />}
       {deleting && (
         <ConfirmDialog
           title={`Delete template ${deleting.name}?`}
@@ -277,9 +278,8 @@ export function Templates() {
           onConfirm={async () => {
             setBusy(true);
             try {
-              await api.deleteTemplate(deleting.id);
+              await m.deleteTemplate(deleting.id);
               setDeleting(null);
-              list.reload();
             } catch (e) {
               setDelErr(errorMessage(e));
             } finally {

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { agentCommand, agentConnectUrl, proxmoxHost, proxmoxNodes } from './Hypervisors';
-import { configErrors, hypervisorUnavailable, initialStep } from './ProvisionModal';
+import { configErrors, hypervisorUnavailable, initialStep } from './provision/provisionReducer';
 import { buildSnapshot, validateDeploy } from './Deploy';
 import type { Agent, VmNode } from '../lib/types';
 

@@ -1,0 +1,68 @@
+import type { Agent, Template } from '../../lib/types';
+import { formatMemory } from '../../lib/time';
+import { ErrorBox, Notice, StatusPill } from '../../components/ui';
+import type { Config } from './provisionReducer';
+
+/** Step 4: everything the provision command will use, before it is sent. */
+export function StepReview({
+  agent,
+  template,
+  targetNode,
+  config,
+  isNew,
+  submitError,
+}: {
+  agent: Agent;
+  template: Template;
+  targetNode: string;
+  config: Config;
+  isNew: boolean;
+  submitError: string | null;
+}) {
+  return (
+    <div data-testid="review-step">
+      <dl className="review">
+        <dt>Hypervisor</dt>
+        <dd>
+          {agent.name} <StatusPill status={agent.status} />
+        </dd>
+        <dt>Proxmox node</dt>
+        <dd>{targetNode || template.proxmoxNode || 'template’s node'}</dd>
+        <dt>Template</dt>
+        <dd>
+          {template.name} <span className="muted">(Proxmox VMID {template.proxmoxTemplateId})</span>
+        </dd>
+        <dt>VM name</dt>
+        <dd data-testid="review-name">{config.name}</dd>
+        {isNew && config.application.trim() && (
+          <>
+            <dt>Application</dt>
+            <dd>{config.application}</dd>
+          </>
+        )}
+        <dt>Memory</dt>
+        <dd>
+          {config.memory} MiB <span className="muted">({formatMemory(Number(config.memory))})</span>
+        </dd>
+        <dt>Cores</dt>
+        <dd>{config.cores}</dd>
+        {template.networkBridge && (
+          <>
+            <dt>Network bridge</dt>
+            <dd>{template.networkBridge}</dd>
+          </>
+        )}
+        {template.postProvisionCommands.length > 0 && (
+          <>
+            <dt>Post-provision</dt>
+            <dd>
+              <pre className="mini-pre">{template.postProvisionCommands.join('\n')}</pre>
+            </dd>
+          </>
+        )}
+      </dl>
+      {agent.status !== 'online' && <Notice tone="warn">{agent.name} is offline right now.</Notice>}
+      {submitError && <ErrorBox title="Could not start provisioning">{submitError}</ErrorBox>}
+    </div>
+  );
+}

@@ -1,0 +1,253 @@
+// State of the Provision Node wizard as a pure reducer: hypervisor → template → configure →
+// review → provisioning. The lists it validates against (agents, templates) come from the
+// query cache and are passed in with the actions that need them (`Catalog`).
+import type { Agent, Template, VmNode } from '../../lib/types';
+import { validateCores, validateMemory, validateVmName } from '../../lib/validation';
+
+export const STEPS = ['hypervisor', 'template', 'configure', 'review', 'provisioning'] as const;
+export type Step = (typeof STEPS)[number];
+export const STEP_LABEL: Record<Step, string> = {
+  hypervisor: 'Hypervisor',
+  template: 'Template',
+  configure: 'Configure',
+  review: 'Review',
+  provisioning: 'Provisioning',
+};
+
+export interface Config {
+  name: string;
+  memory: string;
+  cores: string;
+  application: string;
+}
+
+export type ConfigErrors = Partial<Record<keyof Config, string | null>>;
+
+/** The server lists the wizard validates against. */
+export interface Catalog {
+  agents: Agent[];
+  templates: Template[];
+}
+
+export interface ProvisionState {
+  step: Step;
+  /** The provision command the last step follows. */
+  commandId: string | null;
+  /** The node being provisioned; null until the wizard creates one (new-node mode). */
+  node: VmNode | null;
+  agentId: string;
+  /** Proxmox node for the VM; '' = the template's node. */
+  targetNode: string;
+  templateId: string;
+  config: Config;
+  /** Show every configure error (after a Next on that step), not only the edited fields'. */
+  showAllErrors: boolean;
+  stepError: string | null;
+  /** The only usable hypervisor was selected once; not again after the user cleared it. */
+  autoPicked: boolean;
+  submitting: boolean;
+  submitError: string | null;
+  retrying: boolean;
+  retryError: string | null;
+}
+
+export type ProvisionAction =
+  | { type: 'selectAgent'; agentId: string }
+  /** The agent list arrived: select the only usable hypervisor if none is selected. */
+  | { type: 'agentsLoaded'; agents: Agent[] }
+  | { type: 'setTargetNode'; targetNode: string }
+  | { type: 'selectTemplate'; templateId: string }
+  /** The selected template is known: fill memory/cores the user has not set. */
+  | { type: 'templateDefaults'; template: Template }
+  | { type: 'setConfig'; config: Config }
+  | { type: 'next'; catalog: Catalog }
+  | { type: 'back' }
+  | { type: 'goTo'; step: Step; catalog: Catalog }
+  | { type: 'submitStart' }
+  | { type: 'submitFailed'; error: string }
+  | { type: 'nodeSaved'; node: VmNode }
+  | { type: 'provisionStarted'; commandId: string }
+  | { type: 'retryStart' }
+  | { type: 'retryFailed'; error: string }
+  | { type: 'retryStarted'; commandId: string }
+  /** From a failed provisioning: back to the first step with the same settings. */
+  | { type: 'changeSettings' };
+
+/** Why a hypervisor cannot take a provision command, or null when it can. */
+export function hypervisorUnavailable(a: Agent): string | null {
+  if (a.status !== 'online') return 'Offline — start its tendril agent to use it';
+  if (!a.capabilities.includes('provision')) return 'Its agent cannot provision VMs (no provision capability)';
+  return null;
+}
+
+/** The step the wizard opens on for a node. */
+export function initialStep(node: VmNode | null): { step: Step; commandId: string | null } {
+  // A provisioning node follows its live command; a failed one shows the error with Retry;
+  // an already provisioned one shows how it went (e.g. after a reload on the success screen).
+  if (node?.lastCommandId && (node.status === 'provisioning' || node.status === 'failed' || node.vmId != null)) {
+    return { step: 'provisioning', commandId: node.lastCommandId };
+  }
+  return { step: 'hypervisor', commandId: null };
+}
+
+export function configErrors(c: Config, needName: boolean): ConfigErrors {
+  return {
+    name: needName ? validateVmName(c.name) : null,
+    memory: validateMemory(c.memory),
+    cores: validateCores(c.cores),
+  };
+}
+
+export function initProvisionState(node: VmNode | null): ProvisionState {
+  const init = initialStep(node);
+  return {
+    step: init.step,
+    commandId: init.commandId,
+    node,
+    agentId: node?.hypervisorId ?? '',
+    targetNode: '',
+    templateId: node?.templateId ?? '',
+    config: {
+      name: node?.name ?? '',
+      memory: node ? String(node.memory) : '',
+      cores: node ? String(node.cores) : '',
+      application: node?.application ?? '',
+    },
+    showAllErrors: false,
+    stepError: null,
+    autoPicked: false,
+    submitting: false,
+    submitError: null,
+    retrying: false,
+    retryError: null,
+  };
+}
+
+/** What the state means against the current lists. */
+export interface Derived {
+  agent: Agent | undefined;
+  template: Template | undefined;
+  /** The wizard creates the node (no record yet). */
+  isNew: boolean;
+  /** A provisioned VM keeps its name. */
+  nameEditable: boolean;
+  configErrors: ConfigErrors;
+  configValid: boolean;
+  agentOk: boolean;
+  templateOk: boolean;
+}
+
+export function derive(s: ProvisionState, c: Catalog): Derived {
+  const agent = c.agents.find((a) => a.id === s.agentId);
+  const template = c.templates.find((t) => t.id === s.templateId);
+  const nameEditable = !s.node || s.node.vmId === null;
+  const errs = configErrors(s.config, nameEditable);
+  return {
+    agent,
+    template,
+    isNew: s.node === null,
+    nameEditable,
+    configErrors: errs,
+    configValid: !Object.values(errs).some(Boolean),
+    agentOk: !!agent && !hypervisorUnavailable(agent),
+    templateOk: !!template && template.proxmoxTemplateId != null,
+  };
+}
+
+/** Whether the stepper may jump to `target` now. Nothing is reachable while provisioning. */
+export function reachable(s: ProvisionState, c: Catalog, target: Step): boolean {
+  if (s.step === 'provisioning') return false;
+  const d = derive(s, c);
+  switch (target) {
+    case 'hypervisor':
+      return true;
+    case 'template':
+      return d.agentOk;
+    case 'configure':
+      return d.agentOk && d.templateOk;
+    case 'review':
+      return d.agentOk && d.templateOk && d.configValid;
+    default:
+      return false;
+  }
+}
+
+/** Why Next cannot leave the current step, or null when it can. */
+export function nextBlocker(s: ProvisionState, c: Catalog): string | null {
+  const d = derive(s, c);
+  switch (s.step) {
+    case 'hypervisor': {
+      if (!d.agent) return 'Choose a hypervisor.';
+      const why = hypervisorUnavailable(d.agent);
+      return why ? `${d.agent.name}: ${why}.` : null;
+    }
+    case 'template':
+      if (!d.template) return 'Choose a template.';
+      return d.template.proxmoxTemplateId == null ? `${d.template.name} is not mapped to a Proxmox template.` : null;
+    case 'configure':
+      return d.configValid ? null : 'Fix the highlighted fields.';
+    default:
+      return null;
+  }
+}
+
+const NEXT: Partial<Record<Step, Step>> = { hypervisor: 'template', template: 'configure', configure: 'review' };
+
+export function provisionReducer(s: ProvisionState, a: ProvisionAction): ProvisionState {
+  switch (a.type) {
+    case 'selectAgent':
+      return { ...s, agentId: a.agentId };
+    case 'agentsLoaded': {
+      if (s.step !== 'hypervisor' || s.agentId || s.autoPicked) return s;
+      const usable = a.agents.filter((ag) => !hypervisorUnavailable(ag));
+      if (usable.length !== 1) return s;
+      return { ...s, agentId: usable[0].id, autoPicked: true };
+    }
+    case 'setTargetNode':
+      return { ...s, targetNode: a.targetNode };
+    case 'selectTemplate':
+      return { ...s, templateId: a.templateId };
+    case 'templateDefaults': {
+      if (a.template.id !== s.templateId) return s;
+      const memory = s.config.memory || String(a.template.memory);
+      const cores = s.config.cores || String(a.template.cores);
+      if (memory === s.config.memory && cores === s.config.cores) return s;
+      return { ...s, config: { ...s.config, memory, cores } };
+    }
+    case 'setConfig':
+      return { ...s, config: a.config };
+    case 'next': {
+      const to = NEXT[s.step];
+      if (!to) return s;
+      const base = s.step === 'configure' ? { ...s, showAllErrors: true } : s;
+      const blocker = nextBlocker(s, a.catalog);
+      if (blocker) return { ...base, stepError: blocker };
+      return { ...base, step: to, stepError: null };
+    }
+    case 'back': {
+      const i = STEPS.indexOf(s.step);
+      if (i <= 0 || s.step === 'provisioning') return s.stepError ? { ...s, stepError: null } : s;
+      return { ...s, step: STEPS[i - 1], stepError: null };
+    }
+    case 'goTo':
+      if (a.step === s.step || !reachable(s, a.catalog, a.step)) return s;
+      return { ...s, step: a.step, stepError: null };
+    case 'submitStart':
+      return { ...s, submitting: true, submitError: null };
+    case 'submitFailed':
+      return { ...s, submitting: false, submitError: a.error };
+    case 'nodeSaved':
+      return { ...s, node: a.node };
+    case 'provisionStarted':
+      return { ...s, submitting: false, commandId: a.commandId, step: 'provisioning' };
+    case 'retryStart':
+      return { ...s, retrying: true, retryError: null };
+    case 'retryFailed':
+      return { ...s, retrying: false, retryError: a.error };
+    case 'retryStarted':
+      return { ...s, retrying: false, commandId: a.commandId };
+    case 'changeSettings':
+      if (s.step !== 'provisioning') return s;
+      return { ...s, commandId: null, retryError: null, step: 'hypervisor' };
+  }
+}
