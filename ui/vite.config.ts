@@ -13,6 +13,16 @@ export default defineConfig({
       '/api': { target: process.env.TRELLIS_DEV_API ?? 'http://127.0.0.1:8080', changeOrigin: false, ws: false },
     },
   },
-  build: { outDir: 'dist', sourcemap: true },
+  build: {
+    outDir: 'dist',
+    sourcemap: true,
+    rolldownOptions: {
+      onwarn(warning, warn) {
+        // TanStack Query marks its hooks "use client" for server-component bundlers; meaningless here.
+        if (warning.code === 'MODULE_LEVEL_DIRECTIVE' && /"use client"/.test(warning.message)) return;
+        warn(warning);
+      },
+    },
+  },
   test: { environment: 'node', include: ['src/**/*.test.ts'] },
 });

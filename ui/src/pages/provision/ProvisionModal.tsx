@@ -4,116 +4,19 @@
 // node.lastCommandId while the node is `provisioning` (or `failed`).
 import { useEffect, useMemo, useReducer } from 'react';
 import { useQueryClient } from '@tanstack/react-query';
-import { ApiError, errorMessage } from '../../lib/api';
-import { queryKeys, useAgents, useMutations, useTemplates, type Mutations } from '../../lib/queries';
+import { errorMessage } from '../../lib/api';
+import { queryKeys, useAgents, useMutations, useTemplates } from '../../lib/queries';
 import type { Command, VmNode } from '../../lib/types';
 import { Modal } from '../../components/Modal';
 import { Notice } from '../../components/ui';
-import {
-  derive,
-  hypervisorUnavailable,
-  initProvisionState,
-  provisionReducer,
-  reachable,
-  type Catalog,
-  type ProvisionAction,
-  type ProvisionState,
-} from './provisionReducer';
+import { derive, initProvisionState, provisionReducer, reachable, type Catalog } from './provisionReducer';
+import { retryProvision, submitProvision } from './provisionActions';
 import { Stepper } from './Stepper';
 import { StepHypervisor } from './StepHypervisor';
 import { StepTemplate } from './StepTemplate';
 import { StepConfigure } from './StepConfigure';
 import { StepReview } from './StepReview';
 import { StepProvisioning } from './StepProvisioning';
-
-/**
- * Sends the reviewed settings: creates the node (new-node mode) or saves changed settings,
- * then starts the provision command. Reports progress through `dispatch`.
- */
-export async function submitProvision(
-  s: ProvisionState,
-  catalog: Catalog,
-  m: Pick<Mutations, 'createNode' | 'updateNode' | 'provisionNode'>,
-  dispatch: (a: ProvisionAction) => void,
-  onNodeCreated?: (node: VmNode) => void,
-): Promise<void> {
-  const { agent, template } = derive(s, catalog);
-  if (!agent || !template) return;
-  if (hypervisorUnavailable(agent)) {
-    dispatch({ type: 'submitFailed', error: `${agent.name} went offline. Choose another hypervisor or wait for it to reconnect.` });
-    return;
-  }
-  dispatch({ type: 'submitStart' });
-  const { config, targetNode } = s;
-  const provision = { agentId: agent.id, ...(targetNode ? { targetNode } : {}) };
-  try {
-    let cmdId: string | null | undefined;
-    const cur = s.node;
-    if (!cur) {
-      const r = await m.createNode({
-        name: config.name.trim(),
-        templateId: template.id,
-        memory: Number(config.memory),
-        cores: Number(config.cores),
-        application: config.application.trim() || null,
-        provision,
-      });
-      dispatch({ type: 'nodeSaved', node: r.node });
-      onNodeCreated?.(r.node);
-      cmdId = r.commandId;
-      if (!cmdId) cmdId = (await m.provisionNode(r.node.id, provision)).commandId;
-    } else {
-      const changed =
-        cur.name !== config.name.trim() ||
-        cur.memory !== Number(config.memory) ||
-        cur.cores !== Number(config.cores) ||
-        cur.templateId !== template.id;
-      if (changed) {
-        const updated = await m.updateNode(cur.id, {
-          name: config.name.trim(),
-          memory: Number(config.memory),
-          cores: Number(config.cores),
-          templateId: template.id,
-        });
-        // PUT answers the Node (tolerate a {node} wrapper).
-        const u = updated as VmNode | { node: VmNode } | undefined;
-        dispatch({ type: 'nodeSaved', node: u && 'node' in u ? u.node : (u ?? cur) });
-      }
-      cmdId = (await m.provisionNode(cur.id, provision)).commandId;
-    }
-    dispatch({ type: 'provisionStarted', commandId: cmdId });
-  } catch (e) {
-    dispatch({ type: 'submitFailed', error: errorMessage(e) });
-  }
-}
-
-/** Starts a new attempt after a failed provision command. */
-export async function retryProvision(
-  s: ProvisionState,
-  cmd: Command,
-  m: Pick<Mutations, 'provisionNode' | 'retryCommand'>,
-  dispatch: (a: ProvisionAction) => void,
-): Promise<void> {
-  dispatch({ type: 'retryStart' });
-  const nodeId = s.node?.id ?? null;
-  try {
-    let newId: string;
-    if (nodeId) {
-      try {
-        newId = (await m.provisionNode(nodeId, { agentId: cmd.agentId, ...(s.targetNode ? { targetNode: s.targetNode } : {}) })).commandId;
-      } catch (e) {
-        // Older servers without re-provision of failed nodes: retry the command itself.
-        if (e instanceof ApiError && (e.status === 404 || e.status === 405)) newId = (await m.retryCommand(cmd.id)).commandId;
-        else throw e;
-      }
-    } else {
-      newId = (await m.retryCommand(cmd.id)).commandId;
-    }
-    dispatch({ type: 'retryStarted', commandId: newId });
-  } catch (e) {
-    dispatch({ type: 'retryFailed', error: errorMessage(e) });
-  }
-}
 
 export function ProvisionModal({
   node,

@@ -1,0 +1,95 @@
+// The wizard's two server round trips (submit, retry), as plain async functions over the
+// mutations and the reducer's dispatch, so they can be tested without rendering.
+import { ApiError, errorMessage } from '../../lib/api';
+import type { Mutations } from '../../lib/queries';
+import type { Command, VmNode } from '../../lib/types';
+import { derive, hypervisorUnavailable, type Catalog, type ProvisionAction, type ProvisionState } from './provisionReducer';
+
+/**
+ * Sends the reviewed settings: creates the node (new-node mode) or saves changed settings,
+ * then starts the provision command. Reports progress through `dispatch`.
+ */
+export async function submitProvision(
+  s: ProvisionState,
+  catalog: Catalog,
+  m: Pick<Mutations, 'createNode' | 'updateNode' | 'provisionNode'>,
+  dispatch: (a: ProvisionAction) => void,
+  onNodeCreated?: (node: VmNode) => void,
+): Promise<void> {
+  const { agent, template } = derive(s, catalog);
+  if (!agent || !template) return;
+  if (hypervisorUnavailable(agent)) {
+    dispatch({ type: 'submitFailed', error: `${agent.name} went offline. Choose another hypervisor or wait for it to reconnect.` });
+    return;
+  }
+  dispatch({ type: 'submitStart' });
+  const { config, targetNode } = s;
+  const provision = { agentId: agent.id, ...(targetNode ? { targetNode } : {}) };
+  try {
+    let cmdId: string | null | undefined;
+    const cur = s.node;
+    if (!cur) {
+      const r = await m.createNode({
+        name: config.name.trim(),
+        templateId: template.id,
+        memory: Number(config.memory),
+        cores: Number(config.cores),
+        application: config.application.trim() || null,
+        provision,
+      });
+      dispatch({ type: 'nodeSaved', node: r.node });
+      onNodeCreated?.(r.node);
+      cmdId = r.commandId;
+      if (!cmdId) cmdId = (await m.provisionNode(r.node.id, provision)).commandId;
+    } else {
+      const changed =
+        cur.name !== config.name.trim() ||
+        cur.memory !== Number(config.memory) ||
+        cur.cores !== Number(config.cores) ||
+        cur.templateId !== template.id;
+      if (changed) {
+        const updated = await m.updateNode(cur.id, {
+          name: config.name.trim(),
+          memory: Number(config.memory),
+          cores: Number(config.cores),
+          templateId: template.id,
+        });
+        // PUT answers the Node (tolerate a {node} wrapper).
+        const u = updated as VmNode | { node: VmNode } | undefined;
+        dispatch({ type: 'nodeSaved', node: u && 'node' in u ? u.node : (u ?? cur) });
+      }
+      cmdId = (await m.provisionNode(cur.id, provision)).commandId;
+    }
+    dispatch({ type: 'provisionStarted', commandId: cmdId });
+  } catch (e) {
+    dispatch({ type: 'submitFailed', error: errorMessage(e) });
+  }
+}
+
+/** Starts a new attempt after a failed provision command. */
+export async function retryProvision(
+  s: ProvisionState,
+  cmd: Command,
+  m: Pick<Mutations, 'provisionNode' | 'retryCommand'>,
+  dispatch: (a: ProvisionAction) => void,
+): Promise<void> {
+  dispatch({ type: 'retryStart' });
+  const nodeId = s.node?.id ?? null;
+  try {
+    let newId: string;
+    if (nodeId) {
+      try {
+        newId = (await m.provisionNode(nodeId, { agentId: cmd.agentId, ...(s.targetNode ? { targetNode: s.targetNode } : {}) })).commandId;
+      } catch (e) {
+        // Older servers without re-provision of failed nodes: retry the command itself.
+        if (e instanceof ApiError && (e.status === 404 || e.status === 405)) newId = (await m.retryCommand(cmd.id)).commandId;
+        else throw e;
+      }
+    } else {
+      newId = (await m.retryCommand(cmd.id)).commandId;
+    }
+    dispatch({ type: 'retryStarted', commandId: newId });
+  } catch (e) {
+    dispatch({ type: 'retryFailed', error: errorMessage(e) });
+  }
+}
