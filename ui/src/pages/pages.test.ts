@@ -1,0 +1,58 @@
+// The pages read their lists from the shared query cache: rendered (server-side, no DOM) with a
+// pre-filled cache, they show its entries without fetching anything.
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { createElement, type ReactElement } from 'react';
+import { renderToString } from 'react-dom/server';
+import { QueryClientProvider, type QueryClient } from '@tanstack/react-query';
+import { api } from '../lib/api';
+import { createQueryClient, queryKeys } from '../lib/queries';
+import type { Agent, Command, Template, VmNode } from '../lib/types';
+import { Hypervisors } from './Hypervisors';
+import { Nodes } from './Nodes';
+import { Templates } from './Templates';
+import { Commands } from './Commands';
+import { Deploy } from './Deploy';
+
+const agent = { id: 'a1', name: 'pve-cache', status: 'online', capabilities: ['provision', 'terraform_apply'], facts: {}, lastHeartbeat: null, hostname: 'h', version: null } as unknown as Agent;
+const template = { id: 't1', name: 'tpl-cache', memory: 1024, cores: 1, proxmoxTemplateId: 9000, proxmoxNode: null, networkBridge: null, postProvisionCommands: [], system: false } as unknown as Template;
+const node = { id: 'n1', name: 'node-cache', templateId: 't1', memory: 1024, cores: 1, vmId: 101, hypervisorId: 'a1', ipAddress: '10.0.0.5', status: 'running', lastCommandId: 'c1', error: null, application: null } as unknown as VmNode;
+const command = { id: 'c1234567-0000', agentId: 'a1', type: 'provision', status: 'succeeded', stage: null, percent: 100, attempt: 1, createdAt: '2026-01-01T00:00:00Z', startedAt: null, finishedAt: null, error: null, stages: [] } as unknown as Command;
+
+function render(qc: QueryClient, el: ReactElement): string {
+  return renderToString(createElement(QueryClientProvider, { client: qc }, el));
+}
+
+function filledClient(): QueryClient {
+  const qc = createQueryClient();
+  qc.setQueryData(queryKeys.agents, [agent]);
+  qc.setQueryData(queryKeys.templates, [template]);
+  qc.setQueryData(queryKeys.nodes, [node]);
+  qc.setQueryData(queryKeys.commands({ limit: 100 }), [command]);
+  return qc;
+}
+
+afterEach(() => vi.restoreAllMocks());
+
+describe('pages read the shared cache', () => {
+  it('every page shows the cached entries of its keys', () => {
+    const qc = filledClient();
+    const hv = render(qc, createElement(Hypervisors));
+    expect(hv).toContain('data-agent-name="pve-cache"');
+    const nodes = render(qc, createElement(Nodes, { query: new URLSearchParams() }));
+    expect(nodes).toContain('data-node-name="node-cache"');
+    expect(nodes).toContain('tpl-cache'); // template name from ['templates']
+    expect(nodes).toContain('pve-cache'); // hypervisor name from ['agents']
+    expect(render(qc, createElement(Templates))).toContain('data-template-name="tpl-cache"');
+    const cmds = render(qc, createElement(Commands, { query: new URLSearchParams() }));
+    expect(cmds).toContain('data-command-id="c1234567-0000"');
+    expect(cmds).toContain('pve-cache');
+    expect(render(qc, createElement(Deploy))).toMatch(/<option value="a1"[^>]*>pve-cache/);
+  });
+
+  it('with an empty cache the pages wait for data (spinner), not an empty list', () => {
+    vi.spyOn(api, 'listAgents').mockReturnValue(new Promise(() => undefined));
+    const html = render(createQueryClient(), createElement(Hypervisors));
+    expect(html).not.toContain('No hypervisors yet');
+    expect(html).not.toContain('agents-table');
+  });
+});
