@@ -37,10 +37,11 @@ export function ProvisionModal({
   const d = derive(s, catalog);
   const { agent, template } = d;
 
-  // Pick the only usable hypervisor automatically (the reducer decides whether it applies).
+  // Pick the only usable hypervisor automatically (the reducer decides whether it applies,
+  // e.g. only on the hypervisor step, also when "Change settings" returns there).
   useEffect(() => {
     if (catalog.agents.length > 0) dispatch({ type: 'agentsLoaded', agents: catalog.agents });
-  }, [catalog.agents]);
+  }, [catalog.agents, s.step]);
 
   // Fill memory/cores from the template when the user has not set them.
   useEffect(() => {
