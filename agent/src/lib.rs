@@ -7,10 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dispatch;
 pub mod exec;
 pub mod journal;
 pub mod proxmox;
+pub mod secret;
 pub mod session;
 pub mod terraform;
 
 pub use config::AgentConfig;
+pub use secret::Secret;

@@ -24,7 +24,8 @@ use trellis_protocol::{
 use uuid::Uuid;
 
 use crate::config::AgentConfig;
-use crate::exec::{self, ExecContext, Report};
+use crate::dispatch::Executors;
+use crate::exec::{ExecContext, Report};
 use crate::journal::{Journal, Pending};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -53,6 +54,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let (reports_tx, reports_rx) = mpsc::channel(4096);
     let mut agent = Agent {
         interrupted: replayed.interrupted,
+        executors: Arc::new(Executors::from_config(&config)),
         config,
         journal,
         pending: replayed.pending,
@@ -77,6 +79,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
 struct Agent {
     config: Arc<AgentConfig>,
+    /// Every executor with its settings and state, shared by the commands' tasks.
+    executors: Arc<Executors>,
     /// Accepted before a restart and never finished; reported in every hello.
     interrupted: Vec<Uuid>,
     journal: Journal,
@@ -256,15 +260,7 @@ impl Agent {
     }
 
     fn capabilities(&self) -> Vec<CommandType> {
-        let mut caps = vec![CommandType::Ping];
-        if terraform_available(&self.config.terraform.binary) {
-            caps.push(CommandType::TerraformApply);
-        }
-        if self.config.proxmox.is_some() {
-            caps.push(CommandType::Provision);
-            caps.push(CommandType::ListTemplates);
-        }
-        caps
+        self.executors.capabilities()
     }
 
     /// Facts shown to admins: the platform, and the Proxmox nodes this agent reaches (or
@@ -492,7 +488,6 @@ impl Agent {
             id,
             d.root_command_id.unwrap_or(id),
             d.attempt,
-            self.config.clone(),
             self.reports_tx.clone(),
         );
         self.running.insert(id, ctx.clone());
@@ -513,11 +508,13 @@ impl Agent {
                     });
                 }
                 let permits = self.concurrency.clone();
+                let executors = self.executors.clone();
                 tokio::spawn(async move {
                     let _permit = permits.acquire_owned().await;
                     let reporter = ctx.clone();
                     // A panicking executor must still end its command.
-                    if let Err(e) = tokio::spawn(exec::run(ctx, command)).await {
+                    let run = async move { executors.run(ctx, command).await };
+                    if let Err(e) = tokio::spawn(run).await {
                         tracing::error!(command_id = %id, error = %e, "executor crashed");
                         reporter
                             .report(EventBody::Finished(Outcome {
@@ -587,15 +584,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Whether the configured terraform binary exists (a path, or a name on `PATH`).
-fn terraform_available(bin: &std::path::Path) -> bool {
-    if bin.components().count() > 1 {
-        return bin.is_file();
-    }
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()))
 }
 
 /// Exponential backoff with full jitter, capped.

@@ -4,7 +4,7 @@
 
 use reqwest::Method;
 use tendril::proxmox::client::{ApiError, ProxmoxClient, Repeat};
-use tendril::proxmox::ProxmoxSettings;
+use tendril::proxmox::{ProxmoxExecutor, ProxmoxSettings};
 use trellis_protocol::{ListTemplatesParams, ProxmoxTemplate};
 use trellis_tests::pve_sim::exec_harness::{settings_for, Recorded};
 use trellis_tests::pve_sim::process::SimProcess;
@@ -22,11 +22,13 @@ async fn templates(
     settings: ProxmoxSettings,
     node: Option<&str>,
 ) -> Result<Vec<ProxmoxTemplate>, trellis_protocol::CommandError> {
-    let rec = Recorded::new(settings, None).unwrap();
+    let executor = ProxmoxExecutor::new(settings);
+    let rec = Recorded::new(&executor, None).unwrap();
     let p = ListTemplatesParams {
         node: node.map(Into::into),
     };
-    tendril::proxmox::list_templates(&rec.ctx, p)
+    executor
+        .list_templates(&rec.ctx, p)
         .await
         .map(|r| r.templates)
 }
@@ -60,7 +62,7 @@ async fn list_templates_returns_the_seeded_templates() {
 async fn wrong_token_gives_a_clear_401_message() {
     let sim = sim(&[]).await;
     let mut s = settings_for(&sim);
-    s.token_secret = tendril::config::Secret("00000000-0000-0000-0000-000000000000".into());
+    s.token_secret = tendril::secret::Secret::new("00000000-0000-0000-0000-000000000000");
     let e = templates(s, None).await.unwrap_err();
     assert_eq!(e.code, "proxmox_auth_failed");
     assert!(

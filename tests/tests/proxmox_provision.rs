@@ -8,7 +8,7 @@ use serde_json::json;
 use trellis_protocol::{
     LogStream, ProvisionParams, ProvisionStatus, ProvisionTemplate, StageState,
 };
-use trellis_tests::pve_sim::exec_harness::{settings_for, Recorded};
+use trellis_tests::pve_sim::exec_harness::{executor_for, Recorded};
 use trellis_tests::pve_sim::process::SimProcess;
 use trellis_tests::pve_sim::{Burst, Faults};
 use uuid::Uuid;
@@ -68,7 +68,7 @@ fn s(stage: &str, state: StageState) -> (String, StageState) {
 #[tokio::test]
 async fn provision_succeeds_with_stages_in_order() {
     let sim = sim(&[]).await;
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let mut p = params("web-1");
     p.template.pre_provision_commands = vec!["echo preparing".into()];
     p.template.post_provision_commands = vec![
@@ -159,10 +159,10 @@ async fn provision_succeeds_with_stages_in_order() {
 #[tokio::test]
 async fn three_parallel_provisions_get_distinct_vmids() {
     let sim = sim(&[]).await;
-    let settings = settings_for(&sim);
-    let mut a = Recorded::new(settings.clone(), None).unwrap();
-    let mut b = Recorded::new(settings.clone(), None).unwrap();
-    let mut c = Recorded::new(settings, None).unwrap();
+    let executor = executor_for(&sim);
+    let mut a = Recorded::new(&executor, None).unwrap();
+    let mut b = Recorded::new(&executor, None).unwrap();
+    let mut c = Recorded::new(&executor, None).unwrap();
     let (ra, rb, rc) = tokio::join!(
         a.provision(params("par-a")),
         b.provision(params("par-b")),
@@ -187,7 +187,7 @@ async fn taken_vmid_means_take_another() {
     })
     .await
     .unwrap();
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let mut p = params("race-1");
     p.min_vm_id = Some(500);
     let r = rec
@@ -219,7 +219,7 @@ async fn failing_clone_task_names_the_stage_and_leaves_nothing() {
     })
     .await
     .unwrap();
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let e = rec.provision(params("doomed")).await.unwrap_err();
     assert_eq!(e.stage.as_deref(), Some("clone_template"));
     assert_eq!(e.code, "proxmox_task_failed");
@@ -243,7 +243,7 @@ async fn failing_clone_task_names_the_stage_and_leaves_nothing() {
 #[tokio::test]
 async fn silent_guest_agent_times_out_and_cleans_up() {
     let sim = sim(&["--fault-agent-never-up"]).await;
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let mut p = params("no-ip");
     p.network_timeout_secs = Some(1);
     let e = rec.provision(p).await.unwrap_err();
@@ -272,7 +272,7 @@ async fn burst_of_596_on_start_fails_start_vm_and_cleans_up() {
     })
     .await
     .unwrap();
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let e = rec.provision(params("bursty")).await.unwrap_err();
     assert_eq!(e.stage.as_deref(), Some("start_vm"));
     assert!(
@@ -301,7 +301,7 @@ async fn short_5xx_burst_is_retried_transparently() {
     })
     .await
     .unwrap();
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let r = rec
         .provision(params("retried"))
         .await
@@ -317,7 +317,7 @@ async fn short_5xx_burst_is_retried_transparently() {
 #[tokio::test]
 async fn failed_command_with_keep_on_failure_reports_partial_vm() {
     let sim = sim(&[]).await;
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let mut p = params("keep-me");
     p.keep_on_failure = true;
     p.template.post_provision_commands =
@@ -345,15 +345,15 @@ async fn failed_command_with_keep_on_failure_reports_partial_vm() {
 #[tokio::test]
 async fn same_root_command_makes_one_vm() {
     let sim = sim(&[]).await;
-    let settings = settings_for(&sim);
+    let executor = executor_for(&sim);
     let root = Uuid::new_v4();
     let mut p = params("idem-1");
     p.template.post_provision_commands = vec!["echo once".into()];
 
-    let mut first = Recorded::new(settings.clone(), Some(root)).unwrap();
+    let mut first = Recorded::new(&executor, Some(root)).unwrap();
     let r1 = first.provision(p.clone()).await.unwrap();
     // A retry (new command id, same root) continues with the same VM.
-    let mut second = Recorded::new(settings.clone(), Some(root)).unwrap();
+    let mut second = Recorded::new(&executor, Some(root)).unwrap();
     let r2 = second.provision(p.clone()).await.unwrap();
     assert_eq!(r1.vm_id, r2.vm_id);
     assert_eq!(r2.ip_address, r1.ip_address);
@@ -368,8 +368,8 @@ async fn same_root_command_makes_one_vm() {
 
     // Two at once with another root id: still one VM between them.
     let root2 = Uuid::new_v4();
-    let mut a = Recorded::new(settings.clone(), Some(root2)).unwrap();
-    let mut b = Recorded::new(settings, Some(root2)).unwrap();
+    let mut a = Recorded::new(&executor, Some(root2)).unwrap();
+    let mut b = Recorded::new(&executor, Some(root2)).unwrap();
     let mut p2 = params("idem-2");
     p2.skip_post_provision = true;
     let (ra, rb) = tokio::join!(a.provision(p2.clone()), b.provision(p2));
@@ -380,7 +380,7 @@ async fn same_root_command_makes_one_vm() {
 #[tokio::test]
 async fn resumes_a_half_built_vm_from_an_earlier_attempt() {
     let sim = sim(&[]).await;
-    let settings = settings_for(&sim);
+    let executor = executor_for(&sim);
     let root = Uuid::new_v4();
     // First attempt dies at the network stage, keeping the VM.
     sim.set_faults(&Faults {
@@ -392,14 +392,14 @@ async fn resumes_a_half_built_vm_from_an_earlier_attempt() {
     let mut p = params("resume-1");
     p.keep_on_failure = true;
     p.network_timeout_secs = Some(1);
-    let mut first = Recorded::new(settings.clone(), Some(root)).unwrap();
+    let mut first = Recorded::new(&executor, Some(root)).unwrap();
     let e = first.provision(p.clone()).await.unwrap_err();
     assert_eq!(e.details.as_ref().unwrap()["status"], "partial");
     let vmid = e.details.as_ref().unwrap()["vm_id"].as_u64().unwrap() as u32;
     // The retry picks it up and finishes.
     sim.set_faults(&Faults::default()).await.unwrap();
     p.network_timeout_secs = Some(20);
-    let mut second = Recorded::new(settings, Some(root)).unwrap();
+    let mut second = Recorded::new(&executor, Some(root)).unwrap();
     let r = second.provision(p).await.unwrap();
     assert_eq!(r.vm_id, vmid);
     assert!(second
@@ -414,7 +414,7 @@ async fn resumes_a_half_built_vm_from_an_earlier_attempt() {
 #[tokio::test]
 async fn cancel_while_waiting_for_network_cleans_up() {
     let sim = sim(&["--fault-agent-never-up"]).await;
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let ctx = rec.ctx.clone();
     let mut p = params("cancel-me");
     p.network_timeout_secs = Some(60);
@@ -448,7 +448,7 @@ async fn unknown_template_and_non_template_are_clear_errors() {
     let sim = sim(&[]).await;
     let mut p = params("bad-template");
     p.template.template_id = Some(4242);
-    let e = Recorded::new(settings_for(&sim), None)
+    let e = Recorded::new(&executor_for(&sim), None)
         .unwrap()
         .provision(p.clone())
         .await
@@ -459,7 +459,7 @@ async fn unknown_template_and_non_template_are_clear_errors() {
     );
     assert!(e.details.is_none(), "nothing was created");
     p.template.template_id = Some(100);
-    let e = Recorded::new(settings_for(&sim), None)
+    let e = Recorded::new(&executor_for(&sim), None)
         .unwrap()
         .provision(p)
         .await
@@ -473,7 +473,7 @@ async fn failing_start_task_and_unknown_bridge() {
     let sim = sim(&[]).await;
     let mut p = params("nobridge");
     p.template.network_bridge = Some("vmbr9".into());
-    let e = Recorded::new(settings_for(&sim), None)
+    let e = Recorded::new(&executor_for(&sim), None)
         .unwrap()
         .provision(p)
         .await
@@ -498,7 +498,7 @@ async fn storage_lock_timeout_in_clone_task_is_retried() {
     })
     .await
     .unwrap();
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let r = rec
         .provision(params("lock-retry"))
         .await
@@ -519,7 +519,7 @@ async fn storage_lock_timeout_in_clone_task_is_retried() {
 #[tokio::test]
 async fn target_node_gets_a_full_clone_there() {
     let sim = sim(&[]).await;
-    let mut rec = Recorded::new(settings_for(&sim), None).unwrap();
+    let mut rec = Recorded::new(&executor_for(&sim), None).unwrap();
     let mut p = params("on-pve2");
     p.target_node = Some("pve2".into());
     p.skip_post_provision = true;

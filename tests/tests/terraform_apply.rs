@@ -10,13 +10,12 @@
 //! the installed tools. Without Terraform these tests fail (they never skip).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tendril::config::{AgentConfig, Secret};
 use tendril::exec::ExecContext;
-use tendril::terraform::{self, TerraformSettings};
+use tendril::terraform::{TerraformExecutor, TerraformSettings};
 use tokio::sync::mpsc;
 use trellis_protocol::{
     CancelReason, CommandError, EventBody, LogStream, StageState, TemplateSource,
@@ -182,7 +181,9 @@ fn params(repo: &TemplateRepo, version: &str, path: &str, vars: Value) -> Terraf
 
 struct Agent {
     work: TempDir,
+    /// Tests adjust these before the first apply; the executor is made from them then.
     settings: TerraformSettings,
+    executor: OnceLock<TerraformExecutor>,
 }
 
 impl Agent {
@@ -196,20 +197,15 @@ impl Agent {
                 sigint_grace: Duration::from_secs(3),
                 ..TerraformSettings::default()
             },
+            executor: OnceLock::new(),
         }
     }
 
-    fn config(&self) -> Arc<AgentConfig> {
-        Arc::new(AgentConfig {
-            server_url: "ws://127.0.0.1:9/api/agents/connect".into(),
-            token: Secret("unused".into()),
-            work_dir: self.work.0.clone(),
-            max_concurrency: 4,
-            hostname: "test-agent".into(),
-            server_ca_file: None,
-            proxmox: None,
-            terraform: self.settings.clone(),
-        })
+    /// One executor for all applies of this agent, so they share the workspace locks.
+    fn executor(&self) -> TerraformExecutor {
+        self.executor
+            .get_or_init(|| TerraformExecutor::new(self.settings.clone(), &self.work.0))
+            .clone()
     }
 
     /// Runs one apply; `on_event` sees each event as it arrives (and may cancel).
@@ -220,10 +216,11 @@ impl Agent {
     ) -> Run {
         let (tx, mut rx) = mpsc::channel(1024);
         let id = Uuid::new_v4();
-        let ctx = ExecContext::new(id, id, 1, self.config(), tx);
+        let ctx = ExecContext::new(id, id, 1, tx);
         let task_ctx = ctx.clone();
+        let executor = self.executor();
         let started = Instant::now();
-        let mut task = tokio::spawn(async move { terraform::apply(&task_ctx, p).await });
+        let mut task = tokio::spawn(async move { executor.apply(&task_ctx, p).await });
         let mut events = Vec::new();
         let result = loop {
             tokio::select! {

@@ -1,10 +1,15 @@
-//! Command executors and the context they report through.
+//! The context executors report through, and the end of every command.
 //!
 //! Every command runs in its own task with an [`ExecContext`]. An executor reports stages,
 //! progress and logs through the context (which hands them to the session, where they get
 //! their `seq`, are journaled and sent), watches `ctx.cancel` and returns its result or a
-//! [`CommandError`]. The runner turns that into the final `finished` event; an executor
+//! [`CommandError`]. [`finish`] turns that into the final `finished` event; an executor
 //! never sends it itself.
+//!
+//! The context carries only what identifies and steers one command: its settings and
+//! long-lived state (VMID allocation, workspace locks) belong to the executor struct, so
+//! no executor sees the agent's own config or its server token. Which executor runs which
+//! command is decided in [`crate::dispatch`].
 
 pub mod ping;
 
@@ -13,12 +18,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
-    CancelReason, Command, CommandError, EventBody, FinalStatus, LogStream, Outcome, StageState,
+    CancelReason, CommandError, EventBody, FinalStatus, LogStream, Outcome, StageState,
     MAX_LOG_CHUNK_BYTES,
 };
 use uuid::Uuid;
 
-use crate::config::AgentConfig;
+pub use ping::PingExecutor;
 
 /// What an executor hands to the session: one event body for one command.
 #[derive(Debug)]
@@ -27,7 +32,7 @@ pub struct Report {
     pub body: EventBody,
 }
 
-/// Everything an executor may use while it runs.
+/// What one running command gives its executor: who it is, how to stop, where to report.
 #[derive(Clone)]
 pub struct ExecContext {
     pub command_id: Uuid,
@@ -38,7 +43,6 @@ pub struct ExecContext {
     /// Cancelled on a user cancel, a deadline, or agent shutdown. Check it between steps;
     /// clean up before returning.
     pub cancel: CancellationToken,
-    pub config: Arc<AgentConfig>,
     reports: mpsc::Sender<Report>,
     cancel_reason: Arc<std::sync::Mutex<Option<CancelReason>>>,
 }
@@ -48,7 +52,6 @@ impl ExecContext {
         command_id: Uuid,
         root_command_id: Uuid,
         attempt: u32,
-        config: Arc<AgentConfig>,
         reports: mpsc::Sender<Report>,
     ) -> Self {
         Self {
@@ -56,7 +59,6 @@ impl ExecContext {
             root_command_id,
             attempt,
             cancel: CancellationToken::new(),
-            config,
             reports,
             cancel_reason: Default::default(),
         }
@@ -130,16 +132,17 @@ impl ExecContext {
     }
 }
 
-/// Runs one parsed command to its end and reports the `finished` event.
-pub async fn run(ctx: ExecContext, command: Command) {
-    let outcome = match execute(&ctx, command).await {
+/// Reports the `finished` event for an executor's result: cancelled, timed out or
+/// stopped by shutdown when the context was cancelled, else succeeded or failed.
+pub async fn finish(ctx: &ExecContext, result: Result<serde_json::Value, CommandError>) {
+    let outcome = match result {
         Ok(result) if !ctx.is_cancelled() => Outcome {
             status: FinalStatus::Succeeded,
             result: Some(result),
             error: None,
         },
-        Ok(_) => cancelled_outcome(&ctx, None),
-        Err(e) if ctx.is_cancelled() => cancelled_outcome(&ctx, Some(e)),
+        Ok(_) => cancelled_outcome(ctx, None),
+        Err(e) if ctx.is_cancelled() => cancelled_outcome(ctx, Some(e)),
         Err(e) => Outcome {
             status: FinalStatus::Failed,
             result: None,
@@ -174,17 +177,5 @@ fn cancelled_outcome(ctx: &ExecContext, err: Option<CommandError>) -> Outcome {
         status,
         result: None,
         error: Some(error),
-    }
-}
-
-async fn execute(ctx: &ExecContext, command: Command) -> Result<serde_json::Value, CommandError> {
-    fn json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, CommandError> {
-        serde_json::to_value(v).map_err(|e| CommandError::new("internal", e.to_string()))
-    }
-    match command {
-        Command::Ping(p) => json(ping::run(ctx, p).await?),
-        Command::ListTemplates(p) => json(crate::proxmox::list_templates(ctx, p).await?),
-        Command::Provision(p) => json(crate::proxmox::provision(ctx, p).await?),
-        Command::TerraformApply(p) => json(crate::terraform::apply(ctx, p).await?),
     }
 }

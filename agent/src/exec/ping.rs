@@ -7,7 +7,25 @@ use trellis_protocol::{CommandError, LogStream, PingParams, PingResult};
 
 use super::ExecContext;
 
-pub async fn run(ctx: &ExecContext, p: PingParams) -> Result<PingResult, CommandError> {
+/// Runs `ping`; owns the one setting it reports (the agent's hostname).
+#[derive(Debug, Clone)]
+pub struct PingExecutor {
+    hostname: String,
+}
+
+impl PingExecutor {
+    pub fn new(hostname: impl Into<String>) -> Self {
+        Self {
+            hostname: hostname.into(),
+        }
+    }
+
+    pub async fn run(&self, ctx: &ExecContext, p: PingParams) -> Result<PingResult, CommandError> {
+        run(ctx, &self.hostname, p).await
+    }
+}
+
+async fn run(ctx: &ExecContext, hostname: &str, p: PingParams) -> Result<PingResult, CommandError> {
     let steps = p.progress_events.max(p.log_lines) as u64;
     let pause = Duration::from_millis(p.duration_ms.checked_div(steps).unwrap_or(p.duration_ms));
     let line_bytes = p.log_line_bytes.unwrap_or(80) as usize;
@@ -62,7 +80,7 @@ pub async fn run(ctx: &ExecContext, p: PingParams) -> Result<PingResult, Command
     }
     Ok(PingResult {
         pong: true,
-        hostname: ctx.config.hostname.clone(),
+        hostname: hostname.to_string(),
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         events_sent: sent,
     })

@@ -339,18 +339,8 @@ mod tests {
         tokio::sync::mpsc::Receiver<crate::exec::Report>,
     ) {
         let (tx, rx) = tokio::sync::mpsc::channel(1000);
-        let config = crate::AgentConfig {
-            server_url: "ws://127.0.0.1:9/api/agents/connect".into(),
-            token: Default::default(),
-            work_dir: std::env::temp_dir(),
-            max_concurrency: 1,
-            hostname: "t".into(),
-            server_ca_file: None,
-            proxmox: None,
-            terraform: Default::default(),
-        };
         let id = uuid::Uuid::new_v4();
-        (ExecContext::new(id, id, 1, Arc::new(config), tx), rx)
+        (ExecContext::new(id, id, 1, tx), rx)
     }
 
     fn drain(

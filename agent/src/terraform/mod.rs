@@ -19,11 +19,11 @@ pub mod git;
 pub mod logs;
 pub mod process;
 pub mod redact;
+pub mod settings;
 pub mod workspace;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::Value;
 use trellis_protocol::{
@@ -34,80 +34,42 @@ use crate::exec::ExecContext;
 use logs::LogSink;
 use process::{ProcOutput, ProcSpec};
 use redact::Redactor;
+pub use settings::{
+    TerraformArgs, TerraformSettings, DEFAULT_LOG_CAP_BYTES, DEFAULT_SIGINT_GRACE,
+    DEFAULT_WORKSPACE_RETENTION,
+};
+use workspace::Workspaces;
 
-/// Default cap on the log output of one command.
-pub const DEFAULT_LOG_CAP_BYTES: u64 = 50 * 1024 * 1024;
-/// Default time a workspace is kept after its command last used it.
-pub const DEFAULT_WORKSPACE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default time terraform gets to stop after SIGINT before it is killed.
-pub const DEFAULT_SIGINT_GRACE: Duration = Duration::from_secs(10);
-
+/// Runs `terraform_apply`: owns the Terraform settings, the directory its workspaces live
+/// in, and which workspace keys and directories are in use. Clones share that state.
 #[derive(Debug, Clone)]
-pub struct TerraformSettings {
-    /// `TENDRIL_TERRAFORM_BIN` (default `terraform` on `PATH`).
-    pub binary: PathBuf,
-    /// `TENDRIL_TERRAFORM_PLUGIN_DIR`: passed as `-plugin-dir` to `terraform init`, which
-    /// then installs providers from there only (no registry access).
-    pub plugin_dir: Option<PathBuf>,
-    /// `TENDRIL_GIT_BIN` (default `git` on `PATH`).
-    pub git_binary: PathBuf,
-    /// `TENDRIL_TERRAFORM_LOG_CAP_BYTES`: most stdout/stderr shipped per command
-    /// (default 50 MiB); the rest is dropped with a `[output truncated …]` marker.
-    pub log_cap_bytes: u64,
-    /// `TENDRIL_TERRAFORM_RETENTION_SECS`: workspaces unused for longer are removed
-    /// (default 7 days).
-    pub workspace_retention: Duration,
-    /// `TENDRIL_TERRAFORM_SIGINT_GRACE_MS`: time between SIGINT and SIGKILL on cancel
-    /// (default 10 s).
-    pub sigint_grace: Duration,
+pub struct TerraformExecutor {
+    settings: Arc<TerraformSettings>,
+    /// `<work_dir>/terraform`: one workspace per command below it.
+    root: PathBuf,
+    workspaces: Arc<Workspaces>,
 }
 
-impl Default for TerraformSettings {
-    fn default() -> Self {
+impl TerraformExecutor {
+    /// An executor keeping its workspaces under `<work_dir>/terraform`.
+    pub fn new(settings: TerraformSettings, work_dir: &Path) -> Self {
         Self {
-            binary: "terraform".into(),
-            plugin_dir: None,
-            git_binary: "git".into(),
-            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
-            workspace_retention: DEFAULT_WORKSPACE_RETENTION,
-            sigint_grace: DEFAULT_SIGINT_GRACE,
+            settings: Arc::new(settings),
+            root: work_dir.join("terraform"),
+            workspaces: Default::default(),
         }
     }
-}
 
-impl TerraformSettings {
-    pub fn from_env() -> anyhow::Result<Self> {
-        fn num(name: &str) -> anyhow::Result<Option<u64>> {
-            match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => v
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| anyhow::anyhow!("{name} must be a whole number, got {v:?}")),
-                _ => Ok(None),
-            }
-        }
-        let d = Self::default();
-        Ok(Self {
-            binary: std::env::var_os("TENDRIL_TERRAFORM_BIN")
-                .filter(|v| !v.is_empty())
-                .map(Into::into)
-                .unwrap_or(d.binary),
-            plugin_dir: std::env::var_os("TENDRIL_TERRAFORM_PLUGIN_DIR")
-                .filter(|v| !v.is_empty())
-                .map(Into::into),
-            git_binary: std::env::var_os("TENDRIL_GIT_BIN")
-                .filter(|v| !v.is_empty())
-                .map(Into::into)
-                .unwrap_or(d.git_binary),
-            log_cap_bytes: num("TENDRIL_TERRAFORM_LOG_CAP_BYTES")?.unwrap_or(d.log_cap_bytes),
-            workspace_retention: num("TENDRIL_TERRAFORM_RETENTION_SECS")?
-                .map(Duration::from_secs)
-                .unwrap_or(d.workspace_retention),
-            sigint_grace: num("TENDRIL_TERRAFORM_SIGINT_GRACE_MS")?
-                .map(Duration::from_millis)
-                .unwrap_or(d.sigint_grace),
-        })
+    pub fn settings(&self) -> &TerraformSettings {
+        &self.settings
+    }
+
+    pub async fn apply(
+        &self,
+        ctx: &ExecContext,
+        p: TerraformApplyParams,
+    ) -> Result<TerraformApplyResult, CommandError> {
+        apply(self, ctx, p).await
     }
 }
 
@@ -129,12 +91,13 @@ fn stage_percent(stage: &str) -> (f32, f32) {
     (start, end)
 }
 
-pub async fn apply(
+async fn apply(
+    exec: &TerraformExecutor,
     ctx: &ExecContext,
     p: TerraformApplyParams,
 ) -> Result<TerraformApplyResult, CommandError> {
     let req = Request::validate(&p)?;
-    let settings = &ctx.config.terraform;
+    let settings = exec.settings();
     let mut redactor = Redactor::for_params(&p);
     for credential in git::url_credentials(&p.template_source.repo) {
         redactor.add(&credential);
@@ -142,7 +105,7 @@ pub async fn apply(
     let redactor = Arc::new(redactor);
     let mut sink = LogSink::new(ctx, redactor.clone(), settings.log_cap_bytes);
 
-    let result = run(ctx, &mut sink, settings, &p, &req).await;
+    let result = run(exec, ctx, &mut sink, &p, &req).await;
     sink.finish().await;
     result.map_err(|mut e| {
         e.message = redactor.redact(&e.message).into_owned();
@@ -218,21 +181,25 @@ impl Request {
 }
 
 async fn run(
+    exec: &TerraformExecutor,
     ctx: &ExecContext,
     sink: &mut LogSink<'_>,
-    settings: &TerraformSettings,
     p: &TerraformApplyParams,
     req: &Request,
 ) -> Result<TerraformApplyResult, CommandError> {
-    let root = ctx.config.work_dir.join("terraform");
-    tokio::fs::create_dir_all(&root).await.map_err(|e| {
+    let settings = exec.settings();
+    let root = &exec.root;
+    tokio::fs::create_dir_all(root).await.map_err(|e| {
         CommandError::new(
             "workspace_error",
             format!("cannot create {}: {e}", root.display()),
         )
         .retryable()
     })?;
-    let removed = workspace::remove_expired(&root, settings.workspace_retention).await;
+    let removed = exec
+        .workspaces
+        .remove_expired(root, settings.workspace_retention)
+        .await;
     if removed > 0 {
         sink.system(&format!(
             "removed {removed} terraform workspace(s) unused for more than {}",
@@ -241,8 +208,8 @@ async fn run(
         .await;
     }
 
-    let _key = workspace::lock_key(ctx, sink, &req.key).await?;
-    let ws = workspace::Workspace::create(&root, ctx.command_id).await?;
+    let _key = exec.workspaces.lock_key(ctx, sink, &req.key).await?;
+    let ws = exec.workspaces.create(root, ctx.command_id).await?;
     sink.system(&format!("workspace {}", ws.dir.display()))
         .await;
     let result = run_in_workspace(ctx, sink, settings, p, req, &ws).await;

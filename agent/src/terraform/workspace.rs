@@ -2,9 +2,9 @@
 //! per-key lock so two applies of the same template (or explicit `workspace_key`) never
 //! run at once on this agent, and removal of workspaces past their retention.
 //!
-//! The lock and the set of workspaces in use are process-wide: one agent process is one
-//! agent, and a second agent in the same process (tests) only makes the locking more
-//! conservative.
+//! The key locks and the set of workspaces in use belong to the [`Workspaces`] of one
+//! [`TerraformExecutor`](super::TerraformExecutor): two agents in one process (tests)
+//! share nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -19,9 +19,16 @@ use super::logs::LogSink;
 use crate::exec::ExecContext;
 
 type KeyLock = tokio::sync::Mutex<()>;
+type InUse = Arc<Mutex<BTreeSet<PathBuf>>>;
 
-static KEY_LOCKS: Mutex<BTreeMap<String, Weak<KeyLock>>> = Mutex::new(BTreeMap::new());
-static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// One executor's workspace bookkeeping.
+#[derive(Debug, Default)]
+pub struct Workspaces {
+    /// One lock per workspace key, alive while some command holds or waits for it.
+    key_locks: Mutex<BTreeMap<String, Weak<KeyLock>>>,
+    /// Workspace directories of running commands: never removed as expired.
+    in_use: InUse,
+}
 
 /// Name of the file touched when a workspace is created and when its command ends; its
 /// write keeps the directory's modification time current for the retention check.
@@ -32,50 +39,47 @@ pub struct KeyGuard {
     _guard: OwnedMutexGuard<()>,
 }
 
-/// Waits (cancellably) until no other command with `key` runs on this agent.
-pub async fn lock_key(
-    ctx: &ExecContext,
-    sink: &mut LogSink<'_>,
-    key: &str,
-) -> Result<KeyGuard, CommandError> {
-    let lock = {
-        let mut map = KEY_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, w| w.strong_count() > 0);
-        match map.get(key).and_then(Weak::upgrade) {
-            Some(l) => l,
-            None => {
-                let l = Arc::new(KeyLock::new(()));
-                map.insert(key.to_string(), Arc::downgrade(&l));
-                l
+impl Workspaces {
+    /// Waits (cancellably) until no other command with `key` runs on this agent.
+    pub async fn lock_key(
+        &self,
+        ctx: &ExecContext,
+        sink: &mut LogSink<'_>,
+        key: &str,
+    ) -> Result<KeyGuard, CommandError> {
+        let lock = {
+            let mut map = self.key_locks.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, w| w.strong_count() > 0);
+            match map.get(key).and_then(Weak::upgrade) {
+                Some(l) => l,
+                None => {
+                    let l = Arc::new(KeyLock::new(()));
+                    map.insert(key.to_string(), Arc::downgrade(&l));
+                    l
+                }
             }
+        };
+        if let Ok(g) = lock.clone().try_lock_owned() {
+            return Ok(KeyGuard { _guard: g });
         }
-    };
-    if let Ok(g) = lock.clone().try_lock_owned() {
-        return Ok(KeyGuard { _guard: g });
-    }
-    sink.system(&format!(
-        "waiting for another terraform_apply with workspace key {key:?} to finish"
-    ))
-    .await;
-    tokio::select! {
-        g = lock.lock_owned() => {
-            sink.system("workspace key acquired").await;
-            Ok(KeyGuard { _guard: g })
+        sink.system(&format!(
+            "waiting for another terraform_apply with workspace key {key:?} to finish"
+        ))
+        .await;
+        tokio::select! {
+            g = lock.lock_owned() => {
+                sink.system("workspace key acquired").await;
+                Ok(KeyGuard { _guard: g })
+            }
+            _ = ctx.cancel.cancelled() => Err(CommandError::new(
+                "cancelled",
+                "cancelled while waiting for another apply with the same workspace key",
+            )),
         }
-        _ = ctx.cancel.cancelled() => Err(CommandError::new(
-            "cancelled",
-            "cancelled while waiting for another apply with the same workspace key",
-        )),
     }
-}
 
-/// A command's workspace directory, marked in use until dropped.
-pub struct Workspace {
-    pub dir: PathBuf,
-}
-
-impl Workspace {
-    pub async fn create(root: &Path, command_id: Uuid) -> Result<Self, CommandError> {
+    /// Creates (afresh) the workspace of `command_id` under `root`, marked in use.
+    pub async fn create(&self, root: &Path, command_id: Uuid) -> Result<Workspace, CommandError> {
         let dir = root.join(command_id.to_string());
         let io = |what: &str, e: std::io::Error| {
             CommandError::new(
@@ -84,11 +88,14 @@ impl Workspace {
             )
             .retryable()
         };
-        IN_USE
+        self.in_use
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(dir.clone());
-        let ws = Self { dir: dir.clone() };
+        let ws = Workspace {
+            dir: dir.clone(),
+            in_use: self.in_use.clone(),
+        };
         if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
             tokio::fs::remove_dir_all(&dir)
                 .await
@@ -101,6 +108,20 @@ impl Workspace {
         Ok(ws)
     }
 
+    /// Removes command workspaces under `root` not used for longer than `retention`
+    /// (directories named by a command id only; never one in use). Returns how many went.
+    pub async fn remove_expired(&self, root: &Path, retention: Duration) -> usize {
+        remove_expired(root, retention, self.in_use.clone()).await
+    }
+}
+
+/// A command's workspace directory, marked in use until dropped.
+pub struct Workspace {
+    pub dir: PathBuf,
+    in_use: InUse,
+}
+
+impl Workspace {
     /// Marks the workspace as used now (for the retention).
     pub async fn touch(&self) {
         let stamp = self.dir.join(STAMP);
@@ -112,7 +133,7 @@ impl Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        IN_USE
+        self.in_use
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.dir);
@@ -127,9 +148,7 @@ fn humantime_now() -> String {
     format!("{secs}\n")
 }
 
-/// Removes command workspaces under `root` not used for longer than `retention`
-/// (directories named by a command id only; never one in use). Returns how many went.
-pub async fn remove_expired(root: &Path, retention: Duration) -> usize {
+async fn remove_expired(root: &Path, retention: Duration, in_use: InUse) -> usize {
     let root = root.to_path_buf();
     let r = tokio::task::spawn_blocking(move || {
         let Ok(entries) = std::fs::read_dir(&root) else {
@@ -157,7 +176,7 @@ pub async fn remove_expired(root: &Path, retention: Duration) -> usize {
             if age <= retention {
                 continue;
             }
-            if IN_USE
+            if in_use
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&path)

@@ -1,13 +1,10 @@
 //! Drives the agent's Proxmox executors directly (no control plane): builds an
 //! [`ExecContext`] whose reports land in a channel the test inspects.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use tendril::config::{AgentConfig, Secret};
 use tendril::exec::{ExecContext, Report};
-use tendril::proxmox::ProxmoxSettings;
-use tendril::terraform::TerraformSettings;
+use tendril::proxmox::{ProxmoxExecutor, ProxmoxSettings};
 use tokio::sync::mpsc;
 use trellis_protocol::{
     CommandError, EventBody, LogStream, ProvisionParams, ProvisionResult, StageState,
@@ -24,32 +21,30 @@ pub fn settings_for(sim: &SimProcess) -> ProxmoxSettings {
     s
 }
 
+/// A Proxmox executor for `sim` with the default token. Commands that must share VMID
+/// allocation and per-command locks (as on one agent) use the same executor.
+pub fn executor_for(sim: &SimProcess) -> ProxmoxExecutor {
+    ProxmoxExecutor::new(settings_for(sim))
+}
+
 /// An executor context plus the receiving end of its reports, each stamped with the time
 /// it arrived.
 pub struct Recorded {
     pub ctx: ExecContext,
+    executor: ProxmoxExecutor,
     rx: mpsc::Receiver<Report>,
     events: Vec<(Instant, EventBody)>,
 }
 
 impl Recorded {
-    /// A fresh command (`root` = its own id unless given).
-    pub fn new(settings: ProxmoxSettings, root: Option<Uuid>) -> anyhow::Result<Self> {
+    /// A fresh command on `executor` (`root` = its own id unless given).
+    pub fn new(executor: &ProxmoxExecutor, root: Option<Uuid>) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel(100_000);
-        let config = AgentConfig {
-            server_url: "ws://127.0.0.1:9/api/agents/connect".into(),
-            token: Secret("unused".into()),
-            work_dir: std::env::temp_dir(),
-            max_concurrency: 8,
-            hostname: "pve-sim-test".into(),
-            server_ca_file: None,
-            proxmox: Some(settings),
-            terraform: TerraformSettings::from_env()?,
-        };
         let id = Uuid::new_v4();
-        let ctx = ExecContext::new(id, root.unwrap_or(id), 1, Arc::new(config), tx);
+        let ctx = ExecContext::new(id, root.unwrap_or(id), 1, tx);
         Ok(Self {
             ctx,
+            executor: executor.clone(),
             rx,
             events: Vec::new(),
         })
@@ -58,7 +53,8 @@ impl Recorded {
     /// Runs the `provision` executor, recording reports as they arrive.
     pub async fn provision(&mut self, p: ProvisionParams) -> Result<ProvisionResult, CommandError> {
         let ctx = self.ctx.clone();
-        let fut = tendril::proxmox::provision(&ctx, p);
+        let executor = self.executor.clone();
+        let fut = executor.provision(&ctx, p);
         tokio::pin!(fut);
         loop {
             tokio::select! {

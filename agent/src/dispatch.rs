@@ -1,0 +1,76 @@
+//! Which executor runs which command. [`Executors`] is built once per agent from its
+//! config and owns every executor with its settings and state; the session hands it each
+//! parsed command with that command's [`ExecContext`].
+//!
+//! Kept out of [`crate::exec`] so that the executors depend on the context module and this
+//! module depends on the executors, with no cycle between them.
+
+use trellis_protocol::{Command, CommandError, CommandType};
+
+use crate::config::AgentConfig;
+use crate::exec::{self, ExecContext, PingExecutor};
+use crate::proxmox::{self, ProxmoxExecutor};
+use crate::terraform::TerraformExecutor;
+
+#[derive(Debug, Clone)]
+pub struct Executors {
+    pub ping: PingExecutor,
+    /// `None` when Proxmox is not configured.
+    pub proxmox: Option<ProxmoxExecutor>,
+    pub terraform: TerraformExecutor,
+}
+
+impl Executors {
+    pub fn from_config(config: &AgentConfig) -> Self {
+        Self {
+            ping: PingExecutor::new(config.hostname.clone()),
+            proxmox: config.proxmox.clone().map(ProxmoxExecutor::new),
+            terraform: TerraformExecutor::new(config.terraform.clone(), &config.work_dir),
+        }
+    }
+
+    /// The command types this agent can run now.
+    pub fn capabilities(&self) -> Vec<CommandType> {
+        let mut caps = vec![CommandType::Ping];
+        if terraform_available(&self.terraform.settings().binary) {
+            caps.push(CommandType::TerraformApply);
+        }
+        if self.proxmox.is_some() {
+            caps.push(CommandType::Provision);
+            caps.push(CommandType::ListTemplates);
+        }
+        caps
+    }
+
+    /// Runs one parsed command to its end and reports the `finished` event.
+    pub async fn run(&self, ctx: ExecContext, command: Command) {
+        let result = self.execute(&ctx, command).await;
+        exec::finish(&ctx, result).await;
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExecContext,
+        command: Command,
+    ) -> Result<serde_json::Value, CommandError> {
+        fn json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, CommandError> {
+            serde_json::to_value(v).map_err(|e| CommandError::new("internal", e.to_string()))
+        }
+        let proxmox = || self.proxmox.as_ref().ok_or_else(proxmox::not_configured);
+        match command {
+            Command::Ping(p) => json(self.ping.run(ctx, p).await?),
+            Command::ListTemplates(p) => json(proxmox()?.list_templates(ctx, p).await?),
+            Command::Provision(p) => json(proxmox()?.provision(ctx, p).await?),
+            Command::TerraformApply(p) => json(self.terraform.apply(ctx, p).await?),
+        }
+    }
+}
+
+/// Whether the configured terraform binary exists (a path, or a name on `PATH`).
+fn terraform_available(bin: &std::path::Path) -> bool {
+    if bin.components().count() > 1 {
+        return bin.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()))
+}
