@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use trellis::{db::Db, ServeConfig};
+use trellis::{db::Db, domain::agents, ServeConfig};
 
 #[derive(Parser)]
 #[command(name = "trellis", version, about = "Trellis control plane")]
@@ -133,21 +133,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Agents { command, db } => {
             let db = Db::connect(&db.database_url).await?;
+            let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
             match command {
                 AgentCmd::Create {
                     name,
                     max_concurrency,
                 } => {
-                    trellis::api::agents::validate_agent_name(&name)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let token = trellis::auth::generate("agent");
-                    let a = db
-                        .create_agent(
-                            name.trim(),
-                            &trellis::auth::hash(&token),
-                            max_concurrency.clamp(1, 1024),
-                        )
-                        .await?;
+                    let (a, token) =
+                        agents::create(&db, &name, Some(max_concurrency.clamp(1, 1024)))
+                            .await
+                            .map_err(fail)?;
                     println!(
                         "agent id: {}\ntoken:    {token}\n(the token is shown only once)",
                         a.id
@@ -165,12 +160,11 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 AgentCmd::RotateToken { id } => {
-                    let token = trellis::auth::generate("agent");
-                    db.rotate_token(id, &trellis::auth::hash(&token)).await?;
+                    let token = agents::rotate(&db, None, id.into()).await.map_err(fail)?;
                     println!("new token: {token}\n(the token is shown only once)");
                 }
                 AgentCmd::Revoke { id } => {
-                    db.revoke_agent(id).await?;
+                    agents::revoke(&db, None, id.into()).await.map_err(fail)?;
                     println!("agent {id} revoked");
                 }
             }

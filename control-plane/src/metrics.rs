@@ -1,136 +1,276 @@
-//! Prometheus metrics, hand-rolled on atomics: a few gauges, counters and one histogram
-//! do not justify a metrics framework.
+//! Prometheus metrics through `prometheus-client`: agents online, dispatch and event-batch
+//! latency, command durations per type and outcome (the provisioning latency operators
+//! ask for), stage durations, commands by status and queue depth per agent. The counts
+//! that need the database are refreshed at most every [`COUNTS_MAX_AGE`] whatever the
+//! scrape rate, so a scrape never costs a full-table scan.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const BUCKETS: [f64; 12] = [
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::db::Db;
+use crate::model::CommandStatus;
+
+/// How stale the database-derived counts may be.
+pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(15);
+
+const FAST_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
+/// Commands and stages run from milliseconds (ping) to hours (a Terraform apply).
+const SLOW_BUCKETS: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 
-#[derive(Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; 12],
-    count: AtomicU64,
-    sum_us: AtomicU64,
+fn fast() -> Histogram {
+    Histogram::new(FAST_BUCKETS)
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.buckets[i].load(Relaxed)
-            );
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-    }
+fn slow() -> Histogram {
+    Histogram::new(SLOW_BUCKETS)
 }
 
-#[derive(Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    r#type: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
 pub struct Metrics {
-    agents_online: AtomicU64,
-    pub dispatch_latency: Histogram,
-    pub batch_latency: Histogram,
-    events_stored: AtomicU64,
-    commands_finished: AtomicU64,
-    protocol_errors: AtomicU64,
+    registry: Registry,
+    agents_online: Gauge,
+    dispatch_latency: Histogram,
+    batch_latency: Histogram,
+    events_stored: Counter,
+    protocol_errors: Counter,
+    command_duration: Family<CommandLabels, Histogram, fn() -> Histogram>,
+    stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
+    commands: Family<StatusLabels, Gauge>,
+    queue_depth: Family<AgentLabels, Gauge>,
+    /// When the database-derived counts were last refreshed (held while refreshing, so
+    /// concurrent scrapes wait for one refresh instead of each running it).
+    counts_at: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let agents_online = Gauge::default();
+        registry.register(
+            "agents_online",
+            "Agents connected to this replica",
+            agents_online.clone(),
+        );
+        let dispatch_latency = fast();
+        registry.register(
+            "dispatch_latency_seconds",
+            "Time from sending a dispatch to the agent accepting it",
+            dispatch_latency.clone(),
+        );
+        let batch_latency = fast();
+        registry.register(
+            "event_batch_seconds",
+            "Time to store one batch of agent events",
+            batch_latency.clone(),
+        );
+        let events_stored = Counter::default();
+        registry.register(
+            "events_stored",
+            "Agent events written",
+            events_stored.clone(),
+        );
+        let protocol_errors = Counter::default();
+        registry.register(
+            "protocol_errors",
+            "Rejected agent frames",
+            protocol_errors.clone(),
+        );
+        let command_duration =
+            Family::<CommandLabels, Histogram, fn() -> Histogram>::new_with_constructor(slow);
+        registry.register(
+            "command_duration_seconds",
+            "Commands finished by agents: time from creation to the end, by type and outcome",
+            command_duration.clone(),
+        );
+        let stage_duration =
+            Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(slow);
+        registry.register(
+            "stage_duration_seconds",
+            "Stages that finished: how long each ran, by stage and outcome",
+            stage_duration.clone(),
+        );
+        let commands = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "commands",
+            "Stored commands by status (refreshed at most every 15 s)",
+            commands.clone(),
+        );
+        let queue_depth = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "agent_queue_depth",
+            "Queued commands per agent (refreshed at most every 15 s)",
+            queue_depth.clone(),
+        );
+        Self {
+            registry,
+            agents_online,
+            dispatch_latency,
+            batch_latency,
+            events_stored,
+            protocol_errors,
+            command_duration,
+            stage_duration,
+            commands,
+            queue_depth,
+            counts_at: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+fn secs(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
 }
 
 impl Metrics {
     pub fn set_online(&self, n: usize) {
-        self.agents_online.store(n as u64, Relaxed);
+        self.agents_online.set(n as i64);
+    }
+
+    pub fn observe_dispatch(&self, took: Duration) {
+        self.dispatch_latency.observe(took.as_secs_f64());
     }
 
     pub fn observe_batch(&self, events: usize, took: Duration) {
-        self.events_stored.fetch_add(events as u64, Relaxed);
-        self.batch_latency.observe(took);
+        self.events_stored.inc_by(events as u64);
+        self.batch_latency.observe(took.as_secs_f64());
     }
 
-    pub fn command_finished(&self) {
-        self.commands_finished.fetch_add(1, Relaxed);
+    pub fn command_finished(&self, command_type: &str, outcome: CommandStatus, millis: i64) {
+        self.command_duration
+            .get_or_create(&CommandLabels {
+                r#type: command_type.to_string(),
+                outcome: outcome.as_str().to_string(),
+            })
+            .observe(secs(millis));
+    }
+
+    pub fn stage_finished(&self, stage: &str, outcome: &str, millis: i64) {
+        self.stage_duration
+            .get_or_create(&StageLabels {
+                stage: stage.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .observe(secs(millis));
     }
 
     pub fn protocol_error(&self) {
-        self.protocol_errors.fetch_add(1, Relaxed);
+        self.protocol_errors.inc();
     }
 
-    pub fn render(&self, by_status: &[(String, i64)]) -> String {
-        let mut out = String::with_capacity(4096);
-        let _ = writeln!(
-            out,
-            "# HELP trellis_agents_online Agents connected to this replica.\n# TYPE trellis_agents_online gauge\ntrellis_agents_online {}",
-            self.agents_online.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP trellis_commands Commands by status.\n# TYPE trellis_commands gauge"
-        );
-        for status in [
-            "queued",
-            "dispatched",
-            "running",
-            "succeeded",
-            "failed",
-            "cancelled",
-            "timed_out",
-        ] {
-            let n = by_status
-                .iter()
-                .find(|(s, _)| s == status)
-                .map_or(0, |(_, n)| *n);
-            let _ = writeln!(out, "trellis_commands{{status=\"{status}\"}} {n}");
+    /// Refreshes the database-derived gauges if they are older than [`COUNTS_MAX_AGE`].
+    async fn refresh_counts(&self, db: &Db) {
+        let mut at = self.counts_at.lock().await;
+        if at.is_some_and(|t| t.elapsed() < COUNTS_MAX_AGE) {
+            return;
         }
-        self.dispatch_latency.render(
-            "trellis_dispatch_latency_seconds",
-            "Time from sending a dispatch to the agent accepting it.",
-            &mut out,
-        );
-        self.batch_latency.render(
-            "trellis_event_batch_seconds",
-            "Time to store one batch of agent events.",
-            &mut out,
-        );
-        for (name, help, v) in [
-            (
-                "trellis_events_stored_total",
-                "Agent events written.",
-                &self.events_stored,
-            ),
-            (
-                "trellis_commands_finished_total",
-                "Commands finished by agents.",
-                &self.commands_finished,
-            ),
-            (
-                "trellis_protocol_errors_total",
-                "Rejected agent frames.",
-                &self.protocol_errors,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+        match db.count_by_status().await {
+            Ok(by_status) => {
+                for s in CommandStatus::ALL {
+                    let n = by_status
+                        .iter()
+                        .find(|(st, _)| st == s)
+                        .map_or(0, |(_, n)| *n);
+                    self.commands
+                        .get_or_create(&StatusLabels {
+                            status: s.as_str().to_string(),
+                        })
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count commands for metrics"),
+        }
+        match db.queue_depths().await {
+            Ok(depths) => {
+                self.queue_depth.clear();
+                for (agent, n) in depths {
+                    self.queue_depth
+                        .get_or_create(&AgentLabels {
+                            agent: agent.to_string(),
+                        })
+                        .set(n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read queue depths for metrics"),
+        }
+        *at = Some(Instant::now());
+    }
+
+    /// The text exposition of every metric.
+    pub async fn render(&self, db: &Db) -> String {
+        self.refresh_counts(db).await;
+        let mut out = String::with_capacity(8192);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn renders_labelled_durations_and_cached_counts() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        let m = Metrics::default();
+        m.command_finished("provision", CommandStatus::Succeeded, 42_000);
+        m.stage_finished("clone", "completed", 3_000);
+        m.set_online(3);
+        let text = m.render(&db).await;
+        assert!(text.contains("trellis_agents_online 3"), "{text}");
+        assert!(
+            text.contains(
+                "trellis_command_duration_seconds_count{type=\"provision\",outcome=\"succeeded\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "trellis_command_duration_seconds_bucket{le=\"60.0\",type=\"provision\",outcome=\"succeeded\"} 1"
+            ) || text.contains("le=\"60.0\""),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "trellis_stage_duration_seconds_count{stage=\"clone\",outcome=\"completed\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_commands{status=\"queued\"} 0"),
+            "{text}"
+        );
     }
 }

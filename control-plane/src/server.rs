@@ -1,15 +1,18 @@
 //! Starting and stopping the control plane.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Row;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
+use crate::broker::fanout::Fanout;
 use crate::broker::{reaper, Broker};
 use crate::db::Db;
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Default)]
 pub struct ServeConfig {
@@ -33,20 +36,100 @@ async fn admin_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<S
         }
         return Ok(crate::auth::hash(t));
     }
-    let stored = sqlx::query("SELECT value FROM settings WHERE key = 'admin_token_hash'")
-        .fetch_optional(&db.pool)
-        .await?;
-    if let Some(r) = stored {
-        return Ok(r.try_get(0)?);
+    if let Some(hash) = db.admin_token_hash().await? {
+        return Ok(hash);
     }
     let token = crate::auth::generate("admin");
     let hash = crate::auth::hash(&token);
-    sqlx::query("INSERT INTO settings (key, value) VALUES ('admin_token_hash', $1)")
-        .bind(&hash)
-        .execute(db.writer())
-        .await?;
+    db.set_admin_token_hash(&hash).await?;
     println!("Generated admin token (shown once; store it now): {token}");
     Ok(hash)
+}
+
+/// A running control plane's parts, for [`serve`] and for in-process tests.
+pub struct App {
+    pub state: AppState,
+    pub router: axum::Router,
+    /// Every background task (dispatcher, inserter, writer, reaper).
+    pub tasks: TaskTracker,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    /// Connects the database, seeds it, and starts the broker and the reaper.
+    pub async fn start(config: &ServeConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let db = Db::connect(&config.database_url).await?;
+        db.mark_all_offline().await?;
+        crate::domain::templates::seed(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
+        let admin_token_hash = admin_token_hash(&db, config.admin_token.as_deref()).await?;
+        let fanout = Arc::new(Fanout::default());
+        let metrics = Arc::new(Metrics::default());
+        let tasks = TaskTracker::new();
+        let (broker, writer) = Broker::start(
+            db.clone(),
+            fanout.clone(),
+            metrics.clone(),
+            shutdown,
+            config.heartbeat_timeout,
+            &tasks,
+        );
+        tasks.spawn(reaper::run(broker.clone()));
+        let state = AppState {
+            db,
+            broker,
+            fanout,
+            metrics,
+            admin_token_hash: admin_token_hash.into(),
+            ui_dir: config
+                .ui_dir
+                .clone()
+                .filter(|d| d.join("index.html").exists()),
+        };
+        let router = api::router(state.clone());
+        Ok(Self {
+            state,
+            router,
+            tasks,
+            writer,
+        })
+    }
+
+    /// Stops everything in order: sessions close (the shutdown token), the writer drains
+    /// what they sent, every task ends (each bounded), the database closes.
+    pub async fn stop(self) {
+        let Self {
+            state,
+            router,
+            tasks,
+            writer,
+        } = self;
+        drop(router);
+        let broker = state.broker.clone();
+        broker.close_all("control plane shutting down");
+        broker.shutdown.cancel();
+        // A session hands its last events to the writer before it unregisters; once all
+        // are gone, a stop behind them in the writer's queue drains everything they sent.
+        let closing = tokio::time::Instant::now() + Duration::from_secs(5);
+        while broker.online_count() > 0 && tokio::time::Instant::now() < closing {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        broker.stop_writer().await;
+        let db = state.db.clone();
+        drop(broker);
+        drop(state);
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 5 s");
+        }
+        // Close connections now (SQLite checkpoints its WAL) instead of at runtime teardown.
+        db.close().await;
+    }
 }
 
 /// Runs the control plane on `listener` until `shutdown` is cancelled, then drains.
@@ -55,21 +138,8 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let db = Db::connect(&config.database_url).await?;
-    db.mark_all_offline().await?;
-    api::templates::seed(&db).await?;
-    let admin_token_hash = admin_token_hash(&db, config.admin_token.as_deref()).await?;
-    let (broker, writer) = Broker::start(db, shutdown.child_token(), config.heartbeat_timeout);
-    let reaper = tokio::spawn(reaper::run(broker.clone()));
-    let state = AppState {
-        broker: broker.clone(),
-        admin_token_hash: admin_token_hash.into(),
-        ui_dir: config
-            .ui_dir
-            .clone()
-            .filter(|d| d.join("index.html").exists()),
-    };
-    let app = api::router(state);
+    let app = App::start(&config, shutdown.child_token()).await?;
+    let router = app.router.clone();
     let addr = listener.local_addr()?;
     let stop = shutdown.clone();
     let graceful = async move { stop.cancelled().await };
@@ -78,7 +148,7 @@ pub async fn serve(
             let acceptor = crate::tls::acceptor(cert, key)?;
             tracing::info!(%addr, "trellis listening (https, wss)");
             let listener = crate::tls::TlsListener::new(listener, acceptor, shutdown.clone());
-            axum::serve(listener, app)
+            axum::serve(listener, router)
                 .with_graceful_shutdown(graceful)
                 .await?;
         }
@@ -89,28 +159,13 @@ pub async fn serve(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, app)
+            axum::serve(listener, router)
                 .with_graceful_shutdown(graceful)
                 .await?;
         }
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     }
-    // Sessions see the shutdown token and close; then the writer drains what they sent.
-    broker.close_all("control plane shutting down");
-    broker.shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), reaper).await;
-    // A session hands its last events to the writer before it unregisters; once all are
-    // gone, a stop behind them in the writer's queue drains everything they sent.
-    let closing = tokio::time::Instant::now() + Duration::from_secs(5);
-    while broker.online_count() > 0 && tokio::time::Instant::now() < closing {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    broker.stop_writer().await;
-    let db = broker.db.clone();
-    drop(broker);
-    let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
-    // Close connections now (SQLite checkpoints its WAL) instead of at runtime teardown.
-    db.close().await;
+    app.stop().await;
     tracing::info!("trellis stopped");
     Ok(())
 }

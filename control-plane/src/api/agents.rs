@@ -6,125 +6,68 @@ use std::time::Duration;
 use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use trellis_protocol::{CommandType, ListTemplatesResult, MAX_FRAME_BYTES};
 
-use super::commands::{create_command, wait_terminal, CreateCommand};
+use super::types::{
+    Agent, AgentList, AgentTemplates, CreateAgentRequest, CreatedAgent, ErrorBody, NewToken,
+    ProxmoxTemplate,
+};
 use super::{parse_id, ApiResult, AppError, AppState, Json};
-use crate::db::AgentRow;
-use crate::time::opt_rfc3339;
+use crate::domain::{self, commands::CreateCommand, DomainError};
+use crate::model::{AgentId, CommandStatus};
 
-pub fn agent_json(a: &AgentRow) -> Value {
-    json!({
-        "id": a.id,
-        "name": a.name,
-        "status": a.status,
-        "lastHeartbeat": opt_rfc3339(a.last_heartbeat),
-        "connectedAt": opt_rfc3339(a.connected_at),
-        "version": a.version,
-        "hostname": a.hostname,
-        "capabilities": a.capabilities,
-        "facts": a.facts,
-        "maxConcurrency": a.max_concurrency,
-        "createdAt": crate::time::rfc3339(a.created_at),
-    })
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateAgent {
-    name: String,
-    #[serde(default)]
-    max_concurrency: Option<i64>,
-}
-
-pub fn validate_agent_name(name: &str) -> ApiResult<()> {
-    let ok = !name.trim().is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_. ".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(AppError::Invalid(
-            "invalid_name",
-            "agent name must be 1–64 characters of letters, digits, '-', '_', '.' or space".into(),
-        ))
-    }
-}
-
+/// Register an agent; its token is in the answer, only this once.
+#[utoipa::path(post, path = "/api/agents", tag = "agents", request_body = CreateAgentRequest,
+    responses((status = 201, body = CreatedAgent),
+        (status = 400, body = ErrorBody), (status = 409, description = "Name taken", body = ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
-    Json(body): Json<CreateAgent>,
+    Json(body): Json<CreateAgentRequest>,
 ) -> ApiResult<Response> {
-    validate_agent_name(&body.name)?;
-    let conc = body.max_concurrency.unwrap_or(4);
-    if !(1..=1024).contains(&conc) {
-        return Err(AppError::Invalid(
-            "invalid_params",
-            "maxConcurrency must be 1–1024".into(),
-        ));
-    }
-    let token = crate::auth::generate("agent");
-    let agent = s
-        .broker
-        .db
-        .create_agent(body.name.trim(), &crate::auth::hash(&token), conc)
-        .await?;
-    tracing::info!(agent_id = %agent.id, name = %agent.name, "agent registered");
+    let (agent, token) = domain::agents::create(&s.db, &body.name, body.max_concurrency).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"agent": agent_json(&agent), "token": token})),
+        Json(CreatedAgent {
+            agent: Agent::from(&agent),
+            token,
+        }),
     )
         .into_response())
 }
 
-pub async fn list(State(s): State<AppState>) -> ApiResult<Json<Value>> {
-    let items: Vec<Value> = s
-        .broker
-        .db
-        .list_agents()
-        .await?
-        .iter()
-        .map(agent_json)
-        .collect();
-    Ok(Json(json!({ "items": items })))
+/// List live (not revoked) agents.
+#[utoipa::path(get, path = "/api/agents", tag = "agents", responses((status = 200, body = AgentList)))]
+pub async fn list(State(s): State<AppState>) -> ApiResult<Json<AgentList>> {
+    let items = s.db.list_agents().await?.iter().map(Agent::from).collect();
+    Ok(Json(AgentList { items }))
 }
 
-pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id, "agent")?;
-    let a = s.broker.db.get_agent(id).await.map_err(not_found)?;
-    Ok(Json(agent_json(&a)))
+#[utoipa::path(get, path = "/api/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = Agent), (status = 404, body = ErrorBody)))]
+pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
+    let id: AgentId = parse_id(&id, "agent")?;
+    Ok(Json(Agent::from(&domain::agents::get(&s.db, id).await?)))
 }
 
-fn not_found(e: crate::db::DbError) -> AppError {
-    match e {
-        crate::db::DbError::NotFound => AppError::NotFound("agent not found".into()),
-        e => e.into(),
-    }
+/// Issue a new token; the old one stops working and a session on it is closed.
+#[utoipa::path(post, path = "/api/agents/{id}/rotate-token", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = NewToken), (status = 404, body = ErrorBody)))]
+pub async fn rotate(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NewToken>> {
+    let id: AgentId = parse_id(&id, "agent")?;
+    let token = domain::agents::rotate(&s.db, Some(&s.broker), id).await?;
+    Ok(Json(NewToken { token }))
 }
 
-pub async fn rotate(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id, "agent")?;
-    let token = crate::auth::generate("agent");
-    s.broker
-        .db
-        .rotate_token(id, &crate::auth::hash(&token))
-        .await
-        .map_err(not_found)?;
-    // The connected session authenticated with the old token: make it reconnect.
-    s.broker.revoke(id);
-    tracing::info!(agent_id = %id, "agent token rotated");
-    Ok(Json(json!({ "token": token })))
-}
-
+/// Revoke an agent: its token stops working, it is disconnected and its unfinished
+/// commands are cancelled.
+#[utoipa::path(delete, path = "/api/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    responses((status = 204, description = "Revoked"), (status = 404, body = ErrorBody)))]
 pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let id = parse_id(&id, "agent")?;
-    s.broker.db.revoke_agent(id).await.map_err(not_found)?;
-    s.broker.revoke(id);
-    tracing::info!(agent_id = %id, "agent revoked");
+    let id: AgentId = parse_id(&id, "agent")?;
+    domain::agents::revoke(&s.db, Some(&s.broker), id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -137,12 +80,7 @@ pub async fn connect(
     let Some(token) = crate::auth::bearer(headers.get("authorization")) else {
         return AppError::Unauthorized("missing agent token".into()).into_response();
     };
-    let agent = match s
-        .broker
-        .db
-        .agent_by_token_hash(&crate::auth::hash(token))
-        .await
-    {
+    let agent = match s.db.agent_by_token_hash(&crate::auth::hash(token)).await {
         Ok(Some((agent, stored))) if crate::auth::verify(token, &stored) => agent,
         Ok(_) => {
             tracing::warn!("agent connection with an unknown or revoked token");
@@ -160,14 +98,19 @@ pub async fn connect(
         .on_upgrade(move |socket| crate::broker::session::run(broker, agent, socket))
 }
 
-/// `GET /api/agents/:id/templates`: runs `list_templates` on the agent and answers with it.
+/// The Proxmox templates the agent's host has (runs `list_templates` on the agent).
+#[utoipa::path(get, path = "/api/agents/{id}/templates", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = AgentTemplates), (status = 404, body = ErrorBody),
+        (status = 409, description = "agent_offline or capability_missing", body = ErrorBody),
+        (status = 502, description = "The agent failed", body = ErrorBody),
+        (status = 504, description = "The agent did not answer in 30 s", body = ErrorBody)))]
 pub async fn templates(
     State(s): State<AppState>,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let id = parse_id(&id, "agent")?;
-    let agent = s.broker.db.get_agent(id).await.map_err(not_found)?;
-    if agent.status != "online" {
+) -> ApiResult<Json<AgentTemplates>> {
+    let id: AgentId = parse_id(&id, "agent")?;
+    let agent = domain::agents::get(&s.db, id).await?;
+    if !agent.is_online() {
         return Err(AppError::Conflict(
             "agent_offline",
             format!(
@@ -185,22 +128,23 @@ pub async fn templates(
             ),
         ));
     }
-    let cmd = create_command(
+    let cmd = domain::commands::create(
+        &s.db,
         &s.broker,
         CreateCommand {
             agent_id: id,
-            command_type: "list_templates".into(),
-            params: json!({}),
+            command_type: CommandType::ListTemplates.as_str().into(),
+            params: serde_json::json!({}),
             idempotency_key: None,
             timeout_secs: Some(60),
             created_by: "api:templates".into(),
-            retry_of: None,
         },
     )
     .await?;
-    let done = wait_terminal(&s.broker, cmd.id, Duration::from_secs(30)).await?;
-    match done.status.as_str() {
-        "succeeded" => {
+    let done =
+        domain::commands::wait_terminal(&s.db, &s.broker, cmd.id, Duration::from_secs(30)).await?;
+    match done.status {
+        CommandStatus::Succeeded => {
             let r: ListTemplatesResult = serde_json::from_value(done.result.unwrap_or_default())
                 .map_err(|e| {
                     AppError::Upstream(
@@ -208,25 +152,39 @@ pub async fn templates(
                         format!("agent sent an invalid template list: {e}"),
                     )
                 })?;
-            let items: Vec<Value> = r
+            let templates = r
                 .templates
-                .iter()
-                .map(|t| json!({"vmid": t.vmid, "name": t.name, "node": t.node, "memory": t.memory, "cores": t.cores, "diskBytes": t.disk_bytes}))
+                .into_iter()
+                .map(|t| ProxmoxTemplate {
+                    vmid: t.vmid,
+                    name: t.name,
+                    node: t.node,
+                    memory: t.memory,
+                    cores: t.cores,
+                    disk_bytes: t.disk_bytes,
+                })
                 .collect();
-            Ok(Json(json!({ "templates": items, "commandId": done.id })))
+            Ok(Json(AgentTemplates {
+                templates,
+                command_id: done.id,
+            }))
         }
-        s if crate::db::TERMINAL.contains(&s) => {
+        s if s.is_terminal() => {
             let msg = done
                 .error
                 .as_ref()
                 .and_then(|e| e.get("message"))
-                .and_then(Value::as_str)
+                .and_then(serde_json::Value::as_str)
                 .unwrap_or("the agent could not list templates")
                 .to_string();
-            Err(AppError::Upstream("agent_error", msg))
+            Err(DomainError::Upstream {
+                code: "agent_error",
+                message: msg,
+            }
+            .into())
         }
         _ => {
-            let _ = s.broker.db.request_cancel(done.id).await;
+            let _ = s.db.request_cancel(done.id).await;
             s.broker
                 .cancel(id, done.id, trellis_protocol::CancelReason::TimedOut);
             Err(AppError::Timeout(

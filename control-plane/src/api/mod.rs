@@ -1,9 +1,14 @@
-//! The HTTP API: routes, admin authentication, the JSON error format and shared helpers.
+//! The HTTP API: routes, admin authentication, the JSON error format, and the mapping of
+//! domain errors to status codes. Handlers parse and check the request's shape, call the
+//! domain layer, and answer with the typed bodies of [`types`]; the OpenAPI document is
+//! generated from those ([`openapi`]).
 
 pub mod agents;
 pub mod commands;
 pub mod nodes;
+pub mod openapi;
 pub mod templates;
+pub mod types;
 mod ui;
 
 use std::path::PathBuf;
@@ -16,14 +21,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
-use trellis_protocol::{Event, EventBody};
 
+use crate::broker::fanout::Fanout;
 use crate::broker::Broker;
-use crate::db::DbError;
+use crate::db::{Db, DbError};
+use crate::domain::DomainError;
+use crate::metrics::Metrics;
 
+/// What handlers share, split by concern.
 #[derive(Clone)]
 pub struct AppState {
+    pub db: Db,
     pub broker: Arc<Broker>,
+    pub fanout: Arc<Fanout>,
+    pub metrics: Arc<Metrics>,
     pub admin_token_hash: Arc<str>,
     pub ui_dir: Option<PathBuf>,
 }
@@ -60,12 +71,22 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/agents/connect", get(agents::connect))
         .merge(admin)
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/openapi.json", get(openapi::serve))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api", get(api_not_found))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .fallback(ui::serve)
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::DEBUG),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::DEBUG),
+                ),
+        )
         .with_state(state)
 }
 
@@ -73,18 +94,31 @@ async fn api_not_found() -> AppError {
     AppError::NotFound("no such API endpoint".into())
 }
 
-async fn readyz(State(s): State<AppState>) -> Result<&'static str, AppError> {
-    s.broker.db.ping().await?;
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
+    responses((status = 200, description = "The process is up", body = String, content_type = "text/plain")))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 500, description = "The database does not answer", body = types::ErrorBody)))]
+pub async fn readyz(State(s): State<AppState>) -> Result<&'static str, AppError> {
+    s.db.ping().await?;
     Ok("ready")
 }
 
-async fn metrics(State(s): State<AppState>) -> Result<Response, AppError> {
-    let by_status = s.broker.db.count_by_status().await?;
-    Ok((
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "health", security(()),
+    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(s): State<AppState>) -> Response {
+    (
         [("content-type", "text/plain; version=0.0.4")],
-        s.broker.metrics.render(&by_status),
+        s.metrics.render(&s.db).await,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Admin bearer token on every UI/admin route. `?access_token=` is accepted on the SSE
@@ -144,13 +178,16 @@ impl From<DbError> for AppError {
     }
 }
 
-impl From<trellis_protocol::CommandError> for AppError {
-    fn from(e: trellis_protocol::CommandError) -> Self {
-        let code = match e.code.as_str() {
-            "unsupported_command" => "unsupported_command",
-            _ => "invalid_params",
-        };
-        Self::Invalid(code, e.message)
+impl From<DomainError> for AppError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::NotFound(m) => Self::NotFound(m),
+            DomainError::Invalid { code, message } => Self::Invalid(code, message),
+            DomainError::Conflict { code, message } => Self::Conflict(code, message),
+            DomainError::Upstream { code, message } => Self::Upstream(code, message),
+            DomainError::Timeout(m) => Self::Timeout(m),
+            DomainError::Storage(e) => e.into(),
+        }
     }
 }
 
@@ -169,7 +206,12 @@ impl IntoResponse for AppError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         };
-        let body = serde_json::json!({"error": {"code": code, "message": self.to_string()}});
+        let body = types::ErrorBody {
+            error: types::ErrorDetail {
+                code: code.to_string(),
+                message: self.to_string(),
+            },
+        };
         (status, axum::Json(body)).into_response()
     }
 }
@@ -203,24 +245,32 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
-/// Parses a path id, answering 404 (not 400 or 500) for something that is not a UUID.
-pub fn parse_id(s: &str, what: &str) -> ApiResult<uuid::Uuid> {
-    s.parse()
-        .map_err(|_| AppError::NotFound(format!("{what} {s:?} not found")))
+/// `Query` with our error format for bad query strings.
+pub struct Query<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(rej) => Err(AppError::BadRequest(format!(
+                "invalid query string: {}",
+                rej.body_text()
+            ))),
+        }
+    }
 }
 
-/// The SSE form of an event: its name and JSON data.
-pub fn sse_json(e: &Event) -> (&'static str, String) {
-    let kind = match &e.body {
-        EventBody::Log { .. } => "log",
-        EventBody::Stage { .. } => "stage",
-        EventBody::Progress { .. } => "progress",
-        EventBody::Finished(_) => "finished",
-    };
-    let mut v = serde_json::to_value(&e.body).unwrap_or_default();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("seq".into(), e.seq.into());
-        o.insert("ts".into(), e.ts.into());
-    }
-    (kind, v.to_string())
+/// Parses a path id, answering 404 (not 400 or 500) for something that is not an id.
+pub fn parse_id<T: std::str::FromStr>(s: &str, what: &str) -> ApiResult<T> {
+    s.parse()
+        .map_err(|_| AppError::NotFound(format!("{what} {s:?} not found")))
 }

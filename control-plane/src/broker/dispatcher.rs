@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use uuid::Uuid;
+
+use crate::model::AgentId;
 
 use super::{Broker, ToSession};
 
@@ -17,9 +18,9 @@ const MAX_AGENTS: usize = 256;
 /// Pause before claiming again after a failed claim.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
-pub async fn run(broker: Arc<Broker>, mut rx: mpsc::UnboundedReceiver<Uuid>) {
-    let mut due: Vec<Uuid> = Vec::with_capacity(MAX_AGENTS);
-    let mut seen: HashSet<Uuid> = HashSet::with_capacity(MAX_AGENTS);
+pub async fn run(broker: Arc<Broker>, mut rx: mpsc::UnboundedReceiver<AgentId>) {
+    let mut due: Vec<AgentId> = Vec::with_capacity(MAX_AGENTS);
+    let mut seen: HashSet<AgentId> = HashSet::with_capacity(MAX_AGENTS);
     loop {
         let first = tokio::select! {
             _ = broker.shutdown.cancelled() => break,

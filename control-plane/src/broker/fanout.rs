@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
-use uuid::Uuid;
+use trellis_protocol::{Event, EventBody};
+
+use crate::model::CommandId;
 
 #[derive(Debug, Clone)]
 pub enum Published {
@@ -20,12 +22,35 @@ pub enum Published {
     Status,
 }
 
+impl Published {
+    /// The published form of a stored event: its SSE name and JSON data (the event body
+    /// with its `seq` and `ts`).
+    pub fn event(e: &Event) -> Self {
+        let kind = match &e.body {
+            EventBody::Log { .. } => "log",
+            EventBody::Stage { .. } => "stage",
+            EventBody::Progress { .. } => "progress",
+            EventBody::Finished(_) => "finished",
+        };
+        let mut v = serde_json::to_value(&e.body).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seq".into(), e.seq.into());
+            o.insert("ts".into(), e.ts.into());
+        }
+        Published::Event {
+            seq: e.seq as i64,
+            kind,
+            json: v.to_string().into(),
+        }
+    }
+}
+
 /// Events a subscriber may fall behind by before it is told it lagged (and re-reads).
 const CAPACITY: usize = 256;
 
 #[derive(Default)]
 pub struct Fanout {
-    channels: Mutex<HashMap<Uuid, broadcast::Sender<Published>>>,
+    channels: Mutex<HashMap<CommandId, broadcast::Sender<Published>>>,
 }
 
 /// A live subscription to one command. Dropping the last one for a command frees its
@@ -35,7 +60,7 @@ pub struct Subscription<'a> {
     rx: Option<broadcast::Receiver<Published>>,
     tx: broadcast::Sender<Published>,
     fanout: &'a Fanout,
-    id: Uuid,
+    id: CommandId,
 }
 
 impl Subscription<'_> {
@@ -68,7 +93,7 @@ impl Drop for Subscription<'_> {
 }
 
 impl Fanout {
-    pub fn subscribe(&self, id: Uuid) -> Subscription<'_> {
+    pub fn subscribe(&self, id: CommandId) -> Subscription<'_> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let tx = map
             .entry(id)
@@ -90,12 +115,12 @@ impl Fanout {
             .len()
     }
 
-    pub fn has_subscribers(&self, id: &Uuid) -> bool {
+    pub fn has_subscribers(&self, id: &CommandId) -> bool {
         let map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         map.get(id).is_some_and(|s| s.receiver_count() > 0)
     }
 
-    pub fn publish(&self, id: &Uuid, msg: Published) {
+    pub fn publish(&self, id: &CommandId, msg: Published) {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = map.get(id) {
             if tx.send(msg).is_err() {
@@ -118,7 +143,7 @@ mod tests {
     #[tokio::test]
     async fn channels_live_exactly_as_long_as_their_subscribers() {
         let f = Fanout::default();
-        let id = Uuid::new_v4();
+        let id = CommandId::new();
         let mut a = f.subscribe(id);
         let b = f.subscribe(id);
         assert_eq!(f.open_channels(), 1);

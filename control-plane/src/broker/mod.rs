@@ -1,6 +1,7 @@
 //! The command broker: agent sessions, the dispatcher, the event writer, fan-out and the
 //! reaper. Memory here is routing only (which agent is connected to this process, who
-//! listens to which command); command state lives in the database.
+//! listens to which command); command state lives in the database, written through `db`.
+//! The broker depends on `db` and `model`, never on `domain` or `api`.
 
 pub mod dispatcher;
 pub mod fanout;
@@ -15,11 +16,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use trellis_protocol::{CancelReason, ServerMessage};
-use uuid::Uuid;
 
 use crate::db::{Db, DbError, DbResult, NewCommand};
 use crate::metrics::Metrics;
+use crate::model::{AgentId, CommandId};
 
 /// Instructions to a session task (the only owner of its socket).
 #[derive(Debug)]
@@ -43,35 +45,38 @@ struct SessionHandle {
 
 pub struct Broker {
     pub db: Db,
-    pub fanout: fanout::Fanout,
-    pub metrics: Metrics,
+    pub fanout: Arc<fanout::Fanout>,
+    pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     /// A session with no frame from its agent for this long is closed as dead.
     pub heartbeat_timeout: Duration,
-    sessions: Mutex<HashMap<Uuid, SessionHandle>>,
+    sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
-    dispatcher: mpsc::UnboundedSender<Uuid>,
+    dispatcher: mpsc::UnboundedSender<AgentId>,
 }
 
 impl Broker {
-    /// Creates the broker and starts its writer. The writer stops when every sender is
-    /// gone (the broker and all sessions dropped).
+    /// Creates the broker and starts its tasks on `tasks`: the inserter (stops when the
+    /// broker is dropped), the dispatcher (stops with `shutdown`) and the writer, whose
+    /// handle is returned (it stops behind [`Broker::stop_writer`] or when every sender is
+    /// gone).
     pub fn start(
         db: Db,
+        fanout: Arc<fanout::Fanout>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         heartbeat_timeout: Duration,
+        tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
-        // The inserter holds only the database: it stops when the broker is dropped.
         let (itx, irx) = mpsc::channel(4096);
-        tokio::spawn(inserter::run(db.clone(), irx));
-        // The dispatcher stops with the shutdown token.
+        tasks.spawn(inserter::run(db.clone(), irx));
         let (dtx, drx) = mpsc::unbounded_channel();
         let broker = Arc::new(Self {
             db,
-            fanout: Default::default(),
-            metrics: Metrics::default(),
+            fanout,
+            metrics,
             shutdown,
             heartbeat_timeout,
             sessions: Mutex::new(HashMap::new()),
@@ -79,8 +84,8 @@ impl Broker {
             inserter: itx,
             dispatcher: dtx,
         });
-        tokio::spawn(dispatcher::run(broker.clone(), drx));
-        let writer = tokio::spawn(writer::run(broker.clone(), rx));
+        tasks.spawn(dispatcher::run(broker.clone(), drx));
+        let writer = tasks.spawn(writer::run(broker.clone(), rx));
         (broker, writer)
     }
 
@@ -112,7 +117,7 @@ impl Broker {
     }
 
     /// Registers a session, replacing (and closing) an older one for the same agent.
-    fn register(&self, agent_id: Uuid, epoch: i64, max_concurrency: i64, tx: SessionTx) {
+    fn register(&self, agent_id: AgentId, epoch: i64, max_concurrency: i64, tx: SessionTx) {
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(
@@ -133,7 +138,7 @@ impl Broker {
         self.metrics.set_online(self.online_count());
     }
 
-    fn unregister(&self, agent_id: Uuid, epoch: i64) {
+    fn unregister(&self, agent_id: AgentId, epoch: i64) {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(&agent_id).is_some_and(|h| h.epoch == epoch) {
             map.remove(&agent_id);
@@ -150,27 +155,27 @@ impl Broker {
             .len()
     }
 
-    pub fn is_connected(&self, agent_id: &Uuid) -> bool {
+    pub fn is_connected(&self, agent_id: &AgentId) -> bool {
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(agent_id)
     }
 
-    fn send(&self, agent_id: &Uuid, msg: ToSession) -> bool {
+    fn send(&self, agent_id: &AgentId, msg: ToSession) -> bool {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         map.get(agent_id).is_some_and(|h| h.tx.send(msg).is_ok())
     }
 
     /// Has the dispatcher claim queued commands for the agent (if connected here).
-    pub fn wake(&self, agent_id: Uuid) {
+    pub fn wake(&self, agent_id: AgentId) {
         if self.is_connected(&agent_id) {
             let _ = self.dispatcher.send(agent_id);
         }
     }
 
     /// `(agent, epoch, max_concurrency)` of those agents connected here.
-    fn claim_targets(&self, agents: &[Uuid]) -> Vec<(Uuid, i64, i64)> {
+    fn claim_targets(&self, agents: &[AgentId]) -> Vec<(AgentId, i64, i64)> {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         agents
             .iter()
@@ -178,18 +183,21 @@ impl Broker {
             .collect()
     }
 
-    pub fn cancel(&self, agent_id: Uuid, command_id: Uuid, reason: CancelReason) {
+    pub fn cancel(&self, agent_id: AgentId, command_id: CommandId, reason: CancelReason) {
         self.send(
             &agent_id,
-            ToSession::Send(ServerMessage::Cancel { command_id, reason }),
+            ToSession::Send(ServerMessage::Cancel {
+                command_id: command_id.0,
+                reason,
+            }),
         );
     }
 
-    pub fn revoke(&self, agent_id: Uuid) {
+    pub fn revoke(&self, agent_id: AgentId) {
         self.send(&agent_id, ToSession::Revoked);
     }
 
-    fn heartbeat(&self, agent_id: Uuid, epoch: i64, ts: i64) {
+    fn heartbeat(&self, agent_id: AgentId, epoch: i64, ts: i64) {
         let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = map.get_mut(&agent_id).filter(|h| h.epoch == epoch) {
             h.last_heartbeat = ts;
@@ -197,7 +205,7 @@ impl Broker {
     }
 
     /// Last heartbeats of connected agents, for the periodic flush.
-    pub fn heartbeats(&self) -> Vec<(Uuid, i64)> {
+    pub fn heartbeats(&self) -> Vec<(AgentId, i64)> {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(id, h)| (*id, h.last_heartbeat)).collect()
     }

@@ -1,6 +1,7 @@
 //! Periodic housekeeping: deadlines → `timed_out` + cancel on the agent, re-sending
 //! dispatches an agent has not accepted, flushing heartbeats, dropping idle fan-out
-//! channels. Every state it moves a command to is in the database, so a restart loses
+//! channels, and repairing nodes left `provisioning` by a command that ended or was never
+//! stored. Every state it moves a command to is in the database, so a restart loses
 //! nothing; a missed tick is skipped, not replayed.
 
 use std::sync::Arc;
@@ -18,7 +19,8 @@ const REDISPATCH_AFTER_MS: i64 = 30_000;
 pub async fn run(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut n: u32 = 0;
+    // The first pass runs at once: a node a crash left behind is repaired on start.
+    let mut n: u32 = HEARTBEAT_FLUSH_EVERY - 1;
     loop {
         tokio::select! {
             _ = broker.shutdown.cancelled() => break,
@@ -48,6 +50,11 @@ pub async fn run(broker: Arc<Broker>) {
             }
             if let Err(e) = redispatch(&broker).await {
                 tracing::warn!(error = %e, "re-dispatch sweep failed");
+            }
+            match broker.db.repair_stuck_nodes().await {
+                Ok(nodes) if nodes.is_empty() => {}
+                Ok(nodes) => tracing::warn!(?nodes, "repaired nodes left provisioning"),
+                Err(e) => tracing::warn!(error = %e, "node repair sweep failed"),
             }
         }
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use trellis_protocol::{
     AgentMessage, CancelReason, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
@@ -18,6 +19,7 @@ use uuid::Uuid;
 use super::writer::WriteOp;
 use super::{Broker, ToSession};
 use crate::db::{AgentRow, DispatchRow};
+use crate::model::{AgentId, CommandId};
 use crate::time::now_ms;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +36,46 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_PROTOCOL: u16 = 1002;
 const CLOSE_GOING_AWAY: u16 = 1001;
 
-pub async fn run(broker: Arc<Broker>, agent: AgentRow, mut socket: WebSocket) {
+/// The sending half of an agent connection.
+pub trait AgentSink: Sink<Message, Error = axum::Error> + Unpin {}
+impl<T: Sink<Message, Error = axum::Error> + Unpin> AgentSink for T {}
+/// The receiving half of an agent connection.
+pub trait AgentStream: Stream<Item = Result<Message, axum::Error>> + Unpin {}
+impl<T: Stream<Item = Result<Message, axum::Error>> + Unpin> AgentStream for T {}
+
+/// The two halves of an agent's connection. Generic so that session logic is tested with
+/// channels; in production it is a split axum `WebSocket`.
+pub struct Conn<W, R> {
+    tx: W,
+    rx: R,
+}
+
+impl<W: AgentSink, R: AgentStream> Conn<W, R> {
+    pub fn new(tx: W, rx: R) -> Self {
+        Self { tx, rx }
+    }
+
+    async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
+        self.rx.next().await
+    }
+
+    async fn send(&mut self, m: Message) -> Result<(), axum::Error> {
+        self.tx.send(m).await
+    }
+}
+
+/// Serves one upgraded agent WebSocket until it closes.
+pub async fn run(broker: Arc<Broker>, agent: AgentRow, socket: WebSocket) {
+    let (tx, rx) = socket.split();
+    serve(broker, agent, Conn::new(tx, rx)).await
+}
+
+/// Serves one agent connection: hello, reconciliation, then frames until it closes.
+pub async fn serve<W: AgentSink, R: AgentStream>(
+    broker: Arc<Broker>,
+    agent: AgentRow,
+    mut socket: Conn<W, R>,
+) {
     let agent_id = agent.id;
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
         Ok(Some(Ok(Message::Text(t)))) => match AgentMessage::decode(t.as_str()) {
@@ -133,20 +174,20 @@ pub async fn run(broker: Arc<Broker>, agent: AgentRow, mut socket: WebSocket) {
 
 struct Session {
     broker: Arc<Broker>,
-    agent_id: Uuid,
+    agent_id: AgentId,
     epoch: i64,
     max_concurrency: i64,
     /// Command ids known to belong to this agent (an agent touches only its own).
-    owned: HashSet<Uuid>,
+    owned: HashSet<CommandId>,
     /// Dispatches sent and not yet accepted, for the latency histogram.
-    inflight: HashMap<Uuid, Instant>,
+    inflight: HashMap<CommandId, Instant>,
     tx: super::SessionTx,
 }
 
 impl Session {
-    async fn serve(
+    async fn serve<W: AgentSink, R: AgentStream>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut Conn<W, R>,
         mut rx: mpsc::UnboundedReceiver<ToSession>,
         hello: &Hello,
     ) -> String {
@@ -157,8 +198,8 @@ impl Session {
             .reconcile_on_connect(
                 self.agent_id,
                 self.epoch,
-                &hello.active_commands,
-                &hello.interrupted_commands,
+                &ids(&hello.active_commands),
+                &ids(&hello.interrupted_commands),
             )
             .await
         {
@@ -187,7 +228,7 @@ impl Session {
         }
         let welcome = ServerMessage::Welcome {
             protocol_version: PROTOCOL_VERSION,
-            agent_id: self.agent_id,
+            agent_id: self.agent_id.0,
             session_id: Uuid::new_v4(),
             heartbeat_interval_secs: self.broker.heartbeat_interval_secs(),
         };
@@ -202,7 +243,7 @@ impl Session {
         }
         for id in rec.cancel {
             let msg = ServerMessage::Cancel {
-                command_id: id,
+                command_id: id.0,
                 reason: CancelReason::Cancelled,
             };
             if send(socket, &msg).await.is_err() {
@@ -272,6 +313,7 @@ impl Session {
                             }
                         }
                         AgentMessage::Accept { command_id } => {
+                            let command_id = CommandId(command_id);
                             match self.owns(command_id).await {
                                 Ok(true) => {}
                                 Ok(false) => {
@@ -284,7 +326,7 @@ impl Session {
                                 }
                             }
                             if let Some(t) = self.inflight.remove(&command_id) {
-                                self.broker.metrics.dispatch_latency.observe(t.elapsed());
+                                self.broker.metrics.observe_dispatch(t.elapsed());
                             }
                             if writer.send(WriteOp::Accept { agent_id: self.agent_id, command_id }).await.is_err() {
                                 return "writer stopped".into();
@@ -292,17 +334,18 @@ impl Session {
                         }
                         AgentMessage::Events { mut events } => {
                             let mut foreign = None;
-                            let mut checked: Option<Uuid> = None;
+                            let mut checked: Option<CommandId> = None;
                             let mut keep = Vec::with_capacity(events.len());
                             for e in events.drain(..) {
-                                if foreign == Some(e.command_id) {
+                                let command_id = CommandId(e.command_id);
+                                if foreign == Some(command_id) {
                                     continue;
                                 }
-                                if checked != Some(e.command_id) {
-                                    match self.owns(e.command_id).await {
-                                        Ok(true) => checked = Some(e.command_id),
+                                if checked != Some(command_id) {
+                                    match self.owns(command_id).await {
+                                        Ok(true) => checked = Some(command_id),
                                         Ok(false) => {
-                                            foreign = Some(e.command_id);
+                                            foreign = Some(command_id);
                                             continue;
                                         }
                                         Err(err) => {
@@ -312,7 +355,7 @@ impl Session {
                                     }
                                 }
                                 if e.seq == 0 {
-                                    foreign = Some(e.command_id);
+                                    foreign = Some(command_id);
                                     continue;
                                 }
                                 keep.push(e);
@@ -382,7 +425,7 @@ impl Session {
 
     /// Whether the command belongs to this agent. A storage error is an `Err`: the caller
     /// closes the session (the agent re-sends) rather than dropping events.
-    async fn owns(&mut self, id: Uuid) -> Result<bool, String> {
+    async fn owns(&mut self, id: CommandId) -> Result<bool, String> {
         if self.owned.contains(&id) {
             return Ok(true);
         }
@@ -398,7 +441,7 @@ impl Session {
         }
     }
 
-    async fn foreign(&self, socket: &mut WebSocket, id: Uuid) {
+    async fn foreign<W: AgentSink, R: AgentStream>(&self, socket: &mut Conn<W, R>, id: CommandId) {
         self.broker.metrics.protocol_error();
         tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command that is not its own");
         let _ = send(
@@ -411,7 +454,10 @@ impl Session {
         .await;
     }
 
-    async fn claim_and_dispatch(&mut self, socket: &mut WebSocket) -> Result<(), String> {
+    async fn claim_and_dispatch<W: AgentSink, R: AgentStream>(
+        &mut self,
+        socket: &mut Conn<W, R>,
+    ) -> Result<(), String> {
         let claimed = self
             .broker
             .db
@@ -429,9 +475,9 @@ impl Session {
         Ok(())
     }
 
-    async fn dispatch(
+    async fn dispatch<W: AgentSink, R: AgentStream>(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut Conn<W, R>,
         d: DispatchRow,
     ) -> Result<(), axum::Error> {
         self.owned.insert(d.id);
@@ -440,11 +486,18 @@ impl Session {
     }
 }
 
-async fn send(socket: &mut WebSocket, msg: &ServerMessage) -> Result<(), axum::Error> {
+fn ids(v: &[Uuid]) -> Vec<CommandId> {
+    v.iter().copied().map(CommandId).collect()
+}
+
+async fn send<W: AgentSink, R: AgentStream>(
+    socket: &mut Conn<W, R>,
+    msg: &ServerMessage,
+) -> Result<(), axum::Error> {
     socket.send(Message::Text(msg.encode().into())).await
 }
 
-async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+async fn close<W: AgentSink, R: AgentStream>(socket: &mut Conn<W, R>, code: u16, reason: &str) {
     // Close reasons are limited to 123 bytes; cut on a character boundary (the reason
     // may echo network input).
     let mut cut = reason.len().min(120);
@@ -461,7 +514,12 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
 }
 
 /// Sends a typed error, then closes.
-async fn reject(socket: &mut WebSocket, code: ProtocolErrorCode, message: &str, close_code: u16) {
+async fn reject<W: AgentSink, R: AgentStream>(
+    socket: &mut Conn<W, R>,
+    code: ProtocolErrorCode,
+    message: &str,
+    close_code: u16,
+) {
     let _ = send(
         socket,
         &ServerMessage::Error(ProtocolError {
@@ -473,7 +531,7 @@ async fn reject(socket: &mut WebSocket, code: ProtocolErrorCode, message: &str, 
     close(socket, close_code, message).await;
 }
 
-async fn close_for_error(socket: &mut WebSocket, err: &str) {
+async fn close_for_error<W: AgentSink, R: AgentStream>(socket: &mut Conn<W, R>, err: &str) {
     if err.contains("too long")
         || err.contains("too big")
         || err.contains("Space limit")

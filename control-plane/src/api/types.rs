@@ -1,0 +1,507 @@
+//! The HTTP contract: every request and response body of the API as a serde type. The
+//! OpenAPI document (`GET /api/openapi.json`, checked in as `docs/openapi.json`) is
+//! generated from these, and the UI's TypeScript types are generated from that document,
+//! so a change here that the UI does not follow fails its build.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::db::{AgentRow, CommandRow, NodeRow, StageRow, TemplateRow};
+use crate::model::{
+    AgentId, AgentStatus, CommandId, CommandStatus, NodeId, NodeStatus, TemplateId,
+};
+use crate::time::{opt_rfc3339, rfc3339};
+
+/// Every error: a stable machine-readable `code` and a message safe to show.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// e.g. `not_found`, `invalid_params`, `agent_offline`, `already_provisioning`.
+    pub code: String,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// agents
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Agent {
+    pub id: AgentId,
+    pub name: String,
+    pub status: AgentStatus,
+    /// RFC 3339.
+    pub last_heartbeat: Option<String>,
+    pub connected_at: Option<String>,
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    /// Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`).
+    pub capabilities: Vec<String>,
+    /// What the agent reported about its host (e.g. `proxmox_nodes`).
+    pub facts: Value,
+    pub max_concurrency: i64,
+    pub created_at: String,
+}
+
+impl From<&AgentRow> for Agent {
+    fn from(a: &AgentRow) -> Self {
+        Self {
+            id: a.id,
+            name: a.name.clone(),
+            status: a.status,
+            last_heartbeat: opt_rfc3339(a.last_heartbeat),
+            connected_at: opt_rfc3339(a.connected_at),
+            version: a.version.clone(),
+            hostname: a.hostname.clone(),
+            capabilities: a.capabilities.clone(),
+            facts: a.facts.clone(),
+            max_concurrency: a.max_concurrency,
+            created_at: rfc3339(a.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub items: Vec<Agent>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateAgentRequest {
+    /// 1–64 letters, digits, `-`, `_`, `.` or spaces; unique among live agents.
+    pub name: String,
+    /// 1–1024 (default 4).
+    #[serde(default)]
+    pub max_concurrency: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedAgent {
+    pub agent: Agent,
+    /// The agent's token, shown only this once (only its hash is stored).
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    /// The new token, shown only this once; the old one stops working.
+    pub token: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxmoxTemplate {
+    pub vmid: u32,
+    pub name: String,
+    pub node: String,
+    /// MiB.
+    pub memory: u64,
+    pub cores: u32,
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentTemplates {
+    pub templates: Vec<ProxmoxTemplate>,
+    /// The `list_templates` command that fetched them.
+    pub command_id: CommandId,
+}
+
+// ---------------------------------------------------------------------------------------
+// commands
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Stage {
+    pub name: String,
+    /// `pending`, `running`, `completed`, `failed` or `skipped`.
+    pub state: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub message: Option<String>,
+}
+
+impl From<&StageRow> for Stage {
+    fn from(s: &StageRow) -> Self {
+        Self {
+            name: s.name.clone(),
+            state: s.state.clone(),
+            started_at: opt_rfc3339(s.started_at),
+            finished_at: opt_rfc3339(s.finished_at),
+            message: s.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Command {
+    pub id: CommandId,
+    pub agent_id: AgentId,
+    /// `ping`, `provision`, `list_templates` or `terraform_apply`.
+    #[serde(rename = "type")]
+    pub command_type: String,
+    /// The command's parameters; sensitive Terraform variables read `***`.
+    pub params: Value,
+    pub status: CommandStatus,
+    pub stage: Option<String>,
+    pub percent: Option<f64>,
+    pub result: Option<Value>,
+    /// `{code, message, retryable?, stage?, details?}` when it failed.
+    pub error: Option<Value>,
+    pub attempt: i64,
+    pub root_command_id: CommandId,
+    pub retry_of: Option<CommandId>,
+    pub idempotency_key: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub dispatched_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub deadline_at: String,
+    pub cancel_requested: bool,
+    /// The seq of the last stored event.
+    pub last_seq: i64,
+    /// The planned and reported stages (on single-command reads only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<Stage>>,
+}
+
+impl Command {
+    pub fn new(c: &CommandRow, stages: Option<&[StageRow]>) -> Self {
+        Self {
+            id: c.id,
+            agent_id: c.agent_id,
+            command_type: c.command_type.as_str().to_string(),
+            params: redact_params(c),
+            status: c.status,
+            stage: c.stage.clone(),
+            percent: c.percent,
+            result: c.result.clone(),
+            error: c.error.clone(),
+            attempt: c.attempt,
+            root_command_id: c.root_id,
+            retry_of: c.retry_of,
+            idempotency_key: c.idempotency_key.clone(),
+            created_by: c.created_by.clone(),
+            created_at: rfc3339(c.created_at),
+            dispatched_at: opt_rfc3339(c.dispatched_at),
+            started_at: opt_rfc3339(c.started_at),
+            finished_at: opt_rfc3339(c.finished_at),
+            deadline_at: rfc3339(c.deadline_at),
+            cancel_requested: c.cancel_requested,
+            last_seq: c.last_seq,
+            stages: stages.map(|s| s.iter().map(Stage::from).collect()),
+        }
+    }
+}
+
+/// Sensitive Terraform variables are stored (the agent needs them) but never shown.
+fn redact_params(c: &CommandRow) -> Value {
+    use trellis_protocol::CommandType;
+    if c.command_type != CommandType::TerraformApply {
+        return c.params.clone();
+    }
+    let Ok(trellis_protocol::Command::TerraformApply(p)) =
+        trellis_protocol::Command::parse(c.command_type.as_str(), &c.params)
+    else {
+        return c.params.clone();
+    };
+    let mut out = c.params.clone();
+    if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
+        for (k, v) in vars.iter_mut() {
+            if p.is_sensitive(k) {
+                *v = Value::String("***".into());
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandList {
+    pub items: Vec<Command>,
+    /// Cursor for the next (older) page: pass it as `before`; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateCommandRequest {
+    pub agent_id: String,
+    /// `ping`, `provision`, `list_templates` or `terraform_apply`.
+    #[serde(rename = "type")]
+    pub command_type: String,
+    /// The command's parameters (see `protocol/README.md`).
+    #[serde(default)]
+    pub params: Value,
+    /// 1–200 characters: the same key with the same request answers with the same command.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// 1–604800 (default per type).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandAccepted {
+    pub command_id: CommandId,
+    pub status: CommandStatus,
+    /// On a retry: the new attempt's number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct CommandListQuery {
+    pub agent_id: Option<String>,
+    pub status: Option<String>,
+    #[serde(rename = "type")]
+    #[param(rename = "type")]
+    pub command_type: Option<String>,
+    /// 1–1000 (default 100).
+    pub limit: Option<i64>,
+    /// `nextBefore` of the previous page, or Unix milliseconds.
+    pub before: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CommandGetQuery {
+    /// Long-poll: wait up to this many seconds (at most 60) for the command to end.
+    pub wait: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Log lines after this seq (default 0).
+    pub after: Option<i64>,
+    /// 1–10000 (default 1000).
+    pub limit: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events after this seq (`Last-Event-ID` takes precedence).
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub seq: i64,
+    /// Unix milliseconds.
+    pub ts: i64,
+    /// `stdout`, `stderr` or `system`.
+    pub stream: Option<String>,
+    pub data: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogPage {
+    pub items: Vec<LogLine>,
+    pub last_seq: i64,
+    /// The command ended and every line was returned.
+    pub done: bool,
+}
+
+// ---------------------------------------------------------------------------------------
+// templates
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    pub id: TemplateId,
+    pub name: String,
+    pub description: Option<String>,
+    pub memory: i64,
+    pub cores: i64,
+    pub proxmox_template_id: Option<i64>,
+    pub proxmox_node: Option<String>,
+    pub network_bridge: Option<String>,
+    pub pre_provision_commands: Vec<String>,
+    pub post_provision_commands: Vec<String>,
+    pub system: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&TemplateRow> for Template {
+    fn from(t: &TemplateRow) -> Self {
+        Self {
+            id: t.id,
+            name: t.name.clone(),
+            description: t.description.clone(),
+            memory: t.memory,
+            cores: t.cores,
+            proxmox_template_id: t.proxmox_template_id,
+            proxmox_node: t.proxmox_node.clone(),
+            network_bridge: t.network_bridge.clone(),
+            pre_provision_commands: t.pre_provision_commands.clone(),
+            post_provision_commands: t.post_provision_commands.clone(),
+            system: t.system,
+            created_at: rfc3339(t.created_at),
+            updated_at: rfc3339(t.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TemplateList {
+    pub items: Vec<Template>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TemplateRequest {
+    /// 1–100 characters.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// MiB.
+    pub memory: i64,
+    pub cores: i64,
+    /// The Proxmox template's VMID (100–999999999).
+    #[serde(default)]
+    pub proxmox_template_id: Option<i64>,
+    #[serde(default)]
+    pub proxmox_node: Option<String>,
+    #[serde(default)]
+    pub network_bridge: Option<String>,
+    #[serde(default)]
+    pub pre_provision_commands: Vec<String>,
+    #[serde(default)]
+    pub post_provision_commands: Vec<String>,
+}
+
+impl From<TemplateRequest> for crate::db::TemplateFields {
+    fn from(b: TemplateRequest) -> Self {
+        Self {
+            name: b.name,
+            description: b.description,
+            memory: b.memory,
+            cores: b.cores,
+            proxmox_template_id: b.proxmox_template_id,
+            proxmox_node: b.proxmox_node,
+            network_bridge: b.network_bridge,
+            pre_provision_commands: b.pre_provision_commands,
+            post_provision_commands: b.post_provision_commands,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// nodes
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub id: NodeId,
+    pub application: Option<String>,
+    pub name: String,
+    pub template_id: Option<TemplateId>,
+    pub memory: i64,
+    pub cores: i64,
+    pub vm_id: Option<i64>,
+    pub hypervisor_id: Option<AgentId>,
+    pub ip_address: Option<String>,
+    pub status: NodeStatus,
+    pub last_command_id: Option<CommandId>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&NodeRow> for Node {
+    fn from(n: &NodeRow) -> Self {
+        Self {
+            id: n.id,
+            application: n.application.clone(),
+            name: n.name.clone(),
+            template_id: n.template_id,
+            memory: n.memory,
+            cores: n.cores,
+            vm_id: n.vm_id,
+            hypervisor_id: n.hypervisor_id,
+            ip_address: n.ip_address.clone(),
+            status: n.status,
+            last_command_id: n.last_command_id,
+            error: n.error.clone(),
+            created_at: rfc3339(n.created_at),
+            updated_at: rfc3339(n.updated_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    pub items: Vec<Node>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvisionRequest {
+    /// The hypervisor (agent) to provision on.
+    pub agent_id: String,
+    /// The Proxmox node of that hypervisor's cluster (default: the template's).
+    #[serde(default)]
+    pub target_node: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateNodeRequest {
+    /// A valid VM (DNS) name.
+    pub name: String,
+    pub template_id: String,
+    /// MiB (default: the template's).
+    #[serde(default)]
+    pub memory: Option<i64>,
+    #[serde(default)]
+    pub cores: Option<i64>,
+    #[serde(default)]
+    pub application: Option<String>,
+    /// Provision at once on this hypervisor.
+    #[serde(default)]
+    pub provision: Option<ProvisionRequest>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateNodeRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub template_id: Option<String>,
+    #[serde(default)]
+    pub memory: Option<i64>,
+    #[serde(default)]
+    pub cores: Option<i64>,
+    /// `""` clears it.
+    #[serde(default)]
+    pub application: Option<String>,
+    /// `running` or `stopped`, on a node that has a VM.
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeWithCommand {
+    pub node: Node,
+    /// The provision command, when one was started.
+    pub command_id: Option<CommandId>,
+}

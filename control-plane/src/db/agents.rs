@@ -1,0 +1,281 @@
+//! Agents: registration, token lookup, rotation, revocation, and the session bookkeeping
+//! (online/offline, session epoch, heartbeats) their connections record.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use trellis_protocol::{CommandError, CommandType};
+
+use super::sql::{error_json, id, is_unique_violation, json_col, string_list, TERMINAL_SQL};
+use super::{Db, DbError, DbResult};
+use crate::model::{AgentId, AgentStatus, NodeStatus};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub id: AgentId,
+    pub name: String,
+    pub status: AgentStatus,
+    pub last_heartbeat: Option<i64>,
+    pub connected_at: Option<i64>,
+    pub version: Option<String>,
+    pub hostname: Option<String>,
+    pub capabilities: Vec<String>,
+    pub facts: serde_json::Value,
+    pub max_concurrency: i64,
+    pub session_epoch: i64,
+    pub revoked_at: Option<i64>,
+    pub created_at: i64,
+}
+
+const COLS: &str = "id, name, status, last_heartbeat, connected_at, version, hostname, \
+    capabilities, facts, max_concurrency, session_epoch, revoked_at, created_at";
+
+impl AgentRow {
+    fn from_row(r: &AnyRow) -> DbResult<Self> {
+        let status: String = r.try_get("status")?;
+        Ok(Self {
+            id: id(r, "id")?,
+            name: r.try_get("name")?,
+            status: AgentStatus::parse(&status)
+                .ok_or_else(|| DbError::Corrupt(format!("agent status {status:?}")))?,
+            last_heartbeat: r.try_get("last_heartbeat")?,
+            connected_at: r.try_get("connected_at")?,
+            version: r.try_get("version")?,
+            hostname: r.try_get("hostname")?,
+            capabilities: string_list(r, "capabilities")?,
+            facts: json_col(r, "facts")?.unwrap_or_default(),
+            max_concurrency: r.try_get("max_concurrency")?,
+            session_epoch: r.try_get("session_epoch")?,
+            revoked_at: r.try_get("revoked_at")?,
+            created_at: r.try_get("created_at")?,
+        })
+    }
+
+    pub fn has_capability(&self, t: CommandType) -> bool {
+        self.capabilities.iter().any(|c| c == t.as_str())
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.status == AgentStatus::Online
+    }
+}
+
+impl Db {
+    pub async fn create_agent(
+        &self,
+        name: &str,
+        token_hash: &str,
+        max_concurrency: i64,
+    ) -> DbResult<AgentRow> {
+        let agent = AgentId::new();
+        let res = sqlx::query(
+            "INSERT INTO agents (id, name, token_hash, max_concurrency, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(agent.to_string())
+        .bind(name)
+        .bind(token_hash)
+        .bind(max_concurrency)
+        .bind(now_ms())
+        .execute(self.writer())
+        .await;
+        match res {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(DbError::Conflict(format!(
+                    "an agent named {name:?} already exists"
+                )))
+            }
+            r => r?,
+        };
+        self.get_agent(agent).await
+    }
+
+    pub async fn get_agent(&self, agent: AgentId) -> DbResult<AgentRow> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS} FROM agents WHERE id = $1 AND revoked_at IS NULL"
+        ))
+        .bind(agent.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound)?;
+        AgentRow::from_row(&row)
+    }
+
+    pub async fn list_agents(&self) -> DbResult<Vec<AgentRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLS} FROM agents WHERE revoked_at IS NULL ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(AgentRow::from_row).collect()
+    }
+
+    /// The live agent with this token hash, and the stored hash (for a constant-time check).
+    pub async fn agent_by_token_hash(&self, hash: &str) -> DbResult<Option<(AgentRow, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS}, token_hash FROM agents WHERE token_hash = $1 AND revoked_at IS NULL"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((AgentRow::from_row(&r)?, r.try_get("token_hash")?)))
+            .transpose()
+    }
+
+    pub async fn rotate_token(&self, agent: AgentId, hash: &str) -> DbResult<()> {
+        let n =
+            sqlx::query("UPDATE agents SET token_hash = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(hash)
+                .bind(agent.to_string())
+                .execute(self.writer())
+                .await?
+                .rows_affected();
+        if n == 0 {
+            return Err(DbError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Revokes an agent: its token stops working; its unfinished commands are cancelled
+    /// and the nodes they were provisioning fail, in one transaction.
+    pub async fn revoke_agent(&self, agent: AgentId) -> DbResult<()> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE agents SET revoked_at = $1, status = $2, token_hash = $3 WHERE id = $4 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(AgentStatus::Offline.as_str())
+        // keep the unique index happy and make the old hash unusable
+        .bind(format!("revoked:{agent}"))
+        .bind(agent.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(DbError::NotFound);
+        }
+        sqlx::query(&format!(
+            "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 \
+             WHERE agent_id = $3 AND status NOT IN {TERMINAL_SQL}"
+        ))
+        .bind(now)
+        .bind(error_json(&CommandError::new(
+            "agent_revoked",
+            "the agent was revoked",
+        )))
+        .bind(agent.to_string())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE nodes SET status = $1, error = 'agent_revoked: the hypervisor was revoked', \
+             updated_at = $2 WHERE hypervisor_id = $3 AND status = $4",
+        )
+        .bind(NodeStatus::Failed.as_str())
+        .bind(now)
+        .bind(agent.to_string())
+        .bind(NodeStatus::Provisioning.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks an agent online with a new session epoch and returns the epoch.
+    pub async fn agent_connected(
+        &self,
+        agent: AgentId,
+        hello: &trellis_protocol::Hello,
+    ) -> DbResult<i64> {
+        let now = now_ms();
+        let caps: Vec<&str> = hello
+            .capabilities
+            .iter()
+            .filter(|c| **c != CommandType::Unknown)
+            .map(|c| c.as_str())
+            .collect();
+        let row = sqlx::query(
+            "UPDATE agents SET session_epoch = session_epoch + 1, status = $8, connected_at = $1, \
+             last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5, \
+             max_concurrency = $6 WHERE id = $7 AND revoked_at IS NULL RETURNING session_epoch",
+        )
+        .bind(now)
+        .bind(&hello.agent_version)
+        .bind(&hello.hostname)
+        .bind(serde_json::to_string(&caps).unwrap_or_default())
+        .bind(hello.facts.to_string())
+        .bind(i64::from(hello.max_concurrency.clamp(1, 1024)))
+        .bind(agent.to_string())
+        .bind(AgentStatus::Online.as_str())
+        .fetch_optional(self.writer())
+        .await?
+        .ok_or(DbError::NotFound)?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Marks the agent offline, unless a newer session (epoch) has taken over.
+    pub async fn agent_disconnected(
+        &self,
+        agent: AgentId,
+        epoch: i64,
+        last_heartbeat: i64,
+    ) -> DbResult<()> {
+        sqlx::query(
+            "UPDATE agents SET status = $4, last_heartbeat = $1 WHERE id = $2 AND session_epoch = $3",
+        )
+        .bind(last_heartbeat)
+        .bind(agent.to_string())
+        .bind(epoch)
+        .bind(AgentStatus::Offline.as_str())
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    /// Agents revoked since `since` (e.g. by the CLI, which cannot reach live sessions).
+    pub async fn revoked_since(&self, since: i64) -> DbResult<Vec<AgentId>> {
+        let rows =
+            sqlx::query("SELECT id FROM agents WHERE revoked_at IS NOT NULL AND revoked_at >= $1")
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| id(r, "id")).collect()
+    }
+
+    /// At start-up no session of this process exists yet.
+    pub async fn mark_all_offline(&self) -> DbResult<()> {
+        sqlx::query("UPDATE agents SET status = $1 WHERE status <> $1")
+            .bind(AgentStatus::Offline.as_str())
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    /// Agents shown online whose heartbeat stopped (e.g. their replica died): offline.
+    pub async fn expire_stale_agents(&self, older_than: i64) -> DbResult<u64> {
+        Ok(
+            sqlx::query("UPDATE agents SET status = $2 WHERE status = $3 AND last_heartbeat < $1")
+                .bind(older_than)
+                .bind(AgentStatus::Offline.as_str())
+                .bind(AgentStatus::Online.as_str())
+                .execute(self.writer())
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    pub async fn record_heartbeats(&self, beats: &[(AgentId, i64)]) -> DbResult<()> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for (agent, ts) in beats {
+            sqlx::query("UPDATE agents SET last_heartbeat = $1 WHERE id = $2")
+                .bind(ts)
+                .bind(agent.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

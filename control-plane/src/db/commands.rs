@@ -1,0 +1,432 @@
+//! Commands: storing them (with their planned stages), reading, listing with keyset
+//! paging, cancel, and the deadline sweep. Every server-decided end of a provision command
+//! moves its node in the same transaction (`nodes::fail_node_of`).
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use trellis_protocol::{CommandError, CommandType};
+
+use super::nodes::fail_node_of;
+use super::sql::{
+    command_status, error_json, flag, id, is_unique_violation, json_col, multi_row_insert, opt_id,
+    TERMINAL_SQL,
+};
+use super::{Db, DbError, DbResult};
+use crate::model::{AgentId, CommandId, CommandStatus};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct CommandRow {
+    pub id: CommandId,
+    pub agent_id: AgentId,
+    pub command_type: CommandType,
+    pub params: serde_json::Value,
+    pub status: CommandStatus,
+    pub stage: Option<String>,
+    pub percent: Option<f64>,
+    pub last_seq: i64,
+    pub result: Option<serde_json::Value>,
+    pub error: Option<serde_json::Value>,
+    pub attempt: i64,
+    pub root_id: CommandId,
+    pub retry_of: Option<CommandId>,
+    pub idempotency_key: Option<String>,
+    pub created_by: String,
+    pub created_at: i64,
+    pub dispatched_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub deadline_at: i64,
+    pub cancel_requested: bool,
+}
+
+const COLS: &str = "id, agent_id, type, params, status, stage, percent, last_seq, result, \
+    error, attempt, root_id, retry_of, idempotency_key, created_by, created_at, dispatched_at, \
+    started_at, finished_at, deadline_at, cancel_requested";
+
+/// A stored type this build does not know reads as `Unknown` (a newer replica wrote it).
+pub(super) fn command_type(r: &AnyRow, col: &str) -> DbResult<CommandType> {
+    let s: String = r.try_get(col)?;
+    Ok(CommandType::parse(&s).unwrap_or(CommandType::Unknown))
+}
+
+impl CommandRow {
+    pub(super) fn from_row(r: &AnyRow) -> DbResult<Self> {
+        Ok(Self {
+            id: id(r, "id")?,
+            agent_id: id(r, "agent_id")?,
+            command_type: command_type(r, "type")?,
+            params: json_col(r, "params")?.unwrap_or_default(),
+            status: command_status(r, "status")?,
+            stage: r.try_get("stage")?,
+            percent: r.try_get("percent")?,
+            last_seq: r.try_get("last_seq")?,
+            result: json_col(r, "result")?,
+            error: json_col(r, "error")?,
+            attempt: r.try_get("attempt")?,
+            root_id: id(r, "root_id")?,
+            retry_of: opt_id(r, "retry_of")?,
+            idempotency_key: r.try_get("idempotency_key")?,
+            created_by: r.try_get("created_by")?,
+            created_at: r.try_get("created_at")?,
+            dispatched_at: r.try_get("dispatched_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            deadline_at: r.try_get("deadline_at")?,
+            cancel_requested: flag(r, "cancel_requested")?,
+        })
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+
+    /// The row `insert_commands` wrote for `c`, without reading it back.
+    pub fn queued(c: &NewCommand, created_at: i64) -> Self {
+        Self {
+            id: c.id,
+            agent_id: c.agent_id,
+            command_type: c.command_type,
+            params: c.params.clone(),
+            status: CommandStatus::Queued,
+            stage: None,
+            percent: None,
+            last_seq: 0,
+            result: None,
+            error: None,
+            attempt: c.attempt,
+            root_id: c.root_id,
+            retry_of: c.retry_of,
+            idempotency_key: c.idempotency_key.clone(),
+            created_by: c.created_by.clone(),
+            created_at,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            deadline_at: c.deadline_at,
+            cancel_requested: false,
+        }
+    }
+}
+
+/// A command to store (status `queued`). Its id is chosen by the caller, so that other
+/// rows written in the same transaction can point at it.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: CommandId,
+    pub agent_id: AgentId,
+    pub command_type: CommandType,
+    pub params: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub created_by: String,
+    pub deadline_at: i64,
+    pub attempt: i64,
+    pub root_id: CommandId,
+    pub retry_of: Option<CommandId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageRow {
+    pub name: String,
+    pub state: String,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was queued and is now cancelled.
+    Cancelled,
+    /// The agent must stop it; it ends when the agent reports.
+    Requested,
+    /// It had already ended.
+    AlreadyFinished,
+}
+
+/// Filters and the page cursor of a command listing.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub agent_id: Option<AgentId>,
+    pub status: Option<CommandStatus>,
+    pub command_type: Option<CommandType>,
+    /// Rows strictly before `(created_at, id)`; without an id, before `created_at`.
+    pub before: Option<(i64, Option<CommandId>)>,
+    pub limit: i64,
+}
+
+/// Inserts commands and their planned stages on `conn` (inside the caller's
+/// transaction), all with `created_at = now`.
+pub(super) async fn insert_commands_on(
+    conn: &mut sqlx::AnyConnection,
+    cmds: &[&NewCommand],
+    now: i64,
+) -> DbResult<()> {
+    const COLS: usize = 12;
+    const ROWS: usize = 200;
+    for chunk in cmds.chunks(ROWS) {
+        let sql = multi_row_insert(
+            "INSERT INTO commands (id, agent_id, type, params, status, attempt, root_id, \
+             retry_of, idempotency_key, created_by, created_at, deadline_at) VALUES ",
+            COLS,
+            chunk.len(),
+        );
+        let mut q = sqlx::query(&sql);
+        for c in chunk {
+            q = q
+                .bind(c.id.to_string())
+                .bind(c.agent_id.to_string())
+                .bind(c.command_type.as_str())
+                .bind(c.params.to_string())
+                .bind(CommandStatus::Queued.as_str())
+                .bind(c.attempt)
+                .bind(c.root_id.to_string())
+                .bind(c.retry_of.map(|u| u.to_string()))
+                .bind(c.idempotency_key.clone())
+                .bind(c.created_by.clone())
+                .bind(now)
+                .bind(c.deadline_at);
+        }
+        match q.execute(&mut *conn).await {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(DbError::Conflict("idempotency key already used".into()))
+            }
+            r => r?,
+        };
+    }
+    let stages: Vec<(CommandId, usize, &str)> = cmds
+        .iter()
+        .flat_map(|c| {
+            c.command_type
+                .stages()
+                .iter()
+                .enumerate()
+                .map(move |(i, name)| (c.id, i, *name))
+        })
+        .collect();
+    for chunk in stages.chunks(ROWS) {
+        let sql = multi_row_insert(
+            "INSERT INTO command_stages (command_id, idx, name) VALUES ",
+            3,
+            chunk.len(),
+        );
+        let mut q = sqlx::query(&sql);
+        for (id, i, name) in chunk {
+            q = q.bind(id.to_string()).bind(*i as i64).bind(*name);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+impl Db {
+    /// Inserts commands (status `queued`) and their planned stages in one transaction and
+    /// returns their common `created_at`. A taken idempotency key fails the whole batch
+    /// with `Conflict`; the caller retries such a batch one command at a time.
+    pub async fn insert_commands(&self, cmds: &[&NewCommand]) -> DbResult<i64> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        insert_commands_on(&mut tx, cmds, now).await?;
+        tx.commit().await?;
+        Ok(now)
+    }
+
+    pub async fn command_by_idempotency_key(&self, key: &str) -> DbResult<Option<CommandRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLS} FROM commands WHERE idempotency_key = $1"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(CommandRow::from_row).transpose()
+    }
+
+    pub async fn get_command(&self, command: CommandId) -> DbResult<CommandRow> {
+        let row = sqlx::query(&format!("SELECT {COLS} FROM commands WHERE id = $1"))
+            .bind(command.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NotFound)?;
+        CommandRow::from_row(&row)
+    }
+
+    pub async fn command_owner(&self, command: CommandId) -> DbResult<Option<AgentId>> {
+        let row = sqlx::query("SELECT agent_id FROM commands WHERE id = $1")
+            .bind(command.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| id(&r, "agent_id")).transpose()
+    }
+
+    pub async fn get_stages(&self, command: CommandId) -> DbResult<Vec<StageRow>> {
+        let rows = sqlx::query(
+            "SELECT name, state, started_at, finished_at, message FROM command_stages \
+             WHERE command_id = $1 ORDER BY idx, started_at",
+        )
+        .bind(command.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StageRow {
+                    name: r.try_get("name")?,
+                    state: r.try_get("state")?,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Newest first, keyset-paged on `(created_at, id)` so rows created in the same
+    /// millisecond are neither skipped nor repeated across pages.
+    pub async fn list_commands(&self, f: &CommandFilter) -> DbResult<Vec<CommandRow>> {
+        let mut sql = format!("SELECT {COLS} FROM commands WHERE 1 = 1");
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if f.agent_id.is_some() {
+            sql += &format!(" AND agent_id = {}", next());
+        }
+        if f.status.is_some() {
+            sql += &format!(" AND status = {}", next());
+        }
+        if f.command_type.is_some() {
+            sql += &format!(" AND type = {}", next());
+        }
+        match f.before {
+            Some((_, Some(_))) => {
+                let (a, b, c) = (next(), next(), next());
+                sql += &format!(" AND (created_at < {a} OR (created_at = {b} AND id < {c}))");
+            }
+            Some((_, None)) => sql += &format!(" AND created_at < {}", next()),
+            None => {}
+        }
+        sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT {}", next());
+        let mut q = sqlx::query(&sql);
+        if let Some(a) = f.agent_id {
+            q = q.bind(a.to_string());
+        }
+        if let Some(s) = f.status {
+            q = q.bind(s.as_str());
+        }
+        if let Some(t) = f.command_type {
+            q = q.bind(t.as_str());
+        }
+        match f.before {
+            Some((at, Some(id))) => q = q.bind(at).bind(at).bind(id.to_string()),
+            Some((at, None)) => q = q.bind(at),
+            None => {}
+        }
+        let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
+        rows.iter().map(CommandRow::from_row).collect()
+    }
+
+    /// Cancels a command. Queued ones end at once (and their node fails in the same
+    /// transaction); dispatched and running ones get `cancel_requested` and the agent must
+    /// be told. Returns the new row and what happened.
+    pub async fn request_cancel(
+        &self,
+        command: CommandId,
+    ) -> DbResult<(CommandRow, CancelOutcome)> {
+        let now = now_ms();
+        let err = error_json(&CommandError::new("cancelled", "cancelled by request"));
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 WHERE id = $3 AND status = 'queued'",
+        )
+        .bind(now)
+        .bind(&err)
+        .bind(command.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let outcome = if n > 0 {
+            fail_node_of(
+                &mut tx,
+                command,
+                "cancelled: provisioning was cancelled",
+                now,
+            )
+            .await?;
+            CancelOutcome::Cancelled
+        } else {
+            let n = sqlx::query(
+                "UPDATE commands SET cancel_requested = 1 WHERE id = $1 AND status IN ('dispatched', 'running')",
+            )
+            .bind(command.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                CancelOutcome::Requested
+            } else {
+                CancelOutcome::AlreadyFinished
+            }
+        };
+        tx.commit().await?;
+        Ok((self.get_command(command).await?, outcome))
+    }
+
+    /// Moves commands past their deadline to `timed_out` (and their nodes to `failed`);
+    /// returns `(id, agent_id, was_dispatched)`: dispatched ones must be cancelled on the agent.
+    pub async fn expire_deadlines(&self) -> DbResult<Vec<(CommandId, AgentId, bool)>> {
+        let now = now_ms();
+        let err = error_json(
+            &CommandError::new(
+                "timed_out",
+                "the command did not finish before its deadline",
+            )
+            .retryable(),
+        );
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(&format!(
+            "UPDATE commands SET status = 'timed_out', finished_at = $1, error = $2 \
+             WHERE status NOT IN {TERMINAL_SQL} AND deadline_at < $1 RETURNING id, agent_id, dispatched_at"
+        ))
+        .bind(now)
+        .bind(&err)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let dispatched: Option<i64> = r.try_get("dispatched_at")?;
+            let command: CommandId = id(r, "id")?;
+            fail_node_of(
+                &mut tx,
+                command,
+                "timed_out: provisioning did not finish before its deadline",
+                now,
+            )
+            .await?;
+            out.push((command, id(r, "agent_id")?, dispatched.is_some()));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// How many commands are in each status (one grouped read; callers cache it).
+    pub async fn count_by_status(&self) -> DbResult<Vec<(CommandStatus, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM commands GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((command_status(r, "status")?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// Queued commands per agent (only agents with some).
+    pub async fn queue_depths(&self) -> DbResult<Vec<(AgentId, i64)>> {
+        let rows = sqlx::query(
+            "SELECT agent_id, COUNT(*) AS n FROM commands WHERE status = 'queued' GROUP BY agent_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((id(r, "agent_id")?, r.try_get("n")?)))
+            .collect()
+    }
+}

@@ -1,0 +1,277 @@
+//! Dispatch: claiming queued commands for a session up to the agent's free concurrency,
+//! the reconciliation an agent's hello triggers, and finding dispatches never accepted.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use trellis_protocol::CommandError;
+
+use super::commands::command_type;
+use super::nodes::fail_node_of;
+use super::sql::{command_status, error_json, flag, id, json_col, TERMINAL_SQL};
+use super::{Db, DbError, DbResult};
+use crate::model::{AgentId, CommandId, CommandStatus};
+use crate::time::now_ms;
+
+/// Claims queued commands for an agent up to its free concurrency, returning them.
+///
+/// One statement (not read-then-write), so it is atomic on its own. The outer
+/// `status = 'queued'` makes a concurrent claim (another replica) skip rows already taken
+/// under PostgreSQL's READ COMMITTED re-check.
+fn claim_query(
+    agent_id: AgentId,
+    epoch: i64,
+    max_concurrency: i64,
+    now: i64,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
+    sqlx::query(
+        "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
+         WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
+         ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
+         FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
+         RETURNING id, type, params, deadline_at, attempt, root_id",
+    )
+    .bind(now)
+    .bind(epoch)
+    .bind(agent_id.to_string())
+    .bind(max_concurrency)
+}
+
+/// What the dispatcher sends for one claimed command.
+#[derive(Debug, Clone)]
+pub struct DispatchRow {
+    pub id: CommandId,
+    pub command_type: trellis_protocol::CommandType,
+    pub params: serde_json::Value,
+    pub deadline_at: i64,
+    pub attempt: i64,
+    pub root_id: CommandId,
+}
+
+impl DispatchRow {
+    /// The `dispatch` frame for this command.
+    pub fn into_message(self) -> trellis_protocol::ServerMessage {
+        trellis_protocol::ServerMessage::Dispatch(trellis_protocol::Dispatch {
+            command_id: self.id.0,
+            command_type: self.command_type.as_str().to_string(),
+            params: self.params,
+            deadline_ms: Some(self.deadline_at),
+            attempt: self.attempt.clamp(1, i64::from(u32::MAX)) as u32,
+            root_command_id: Some(self.root_id.0),
+        })
+    }
+
+    pub(super) fn from_row(r: &AnyRow) -> DbResult<Self> {
+        Ok(Self {
+            id: id(r, "id")?,
+            command_type: command_type(r, "type")?,
+            params: json_col(r, "params")?.unwrap_or_default(),
+            deadline_at: r.try_get("deadline_at")?,
+            attempt: r.try_get("attempt")?,
+            root_id: id(r, "root_id")?,
+        })
+    }
+}
+
+impl Db {
+    /// Claims queued commands for an agent up to its free concurrency and returns them.
+    pub async fn claim_queued(
+        &self,
+        agent_id: AgentId,
+        epoch: i64,
+        max_concurrency: i64,
+    ) -> DbResult<Vec<DispatchRow>> {
+        let rows = claim_query(agent_id, epoch, max_concurrency, now_ms())
+            .fetch_all(self.writer())
+            .await?;
+        rows.iter().map(DispatchRow::from_row).collect()
+    }
+
+    /// Claims for several agents in one transaction: `(agent, epoch, max_concurrency)`.
+    pub async fn claim_queued_many(
+        &self,
+        targets: &[(AgentId, i64, i64)],
+    ) -> DbResult<Vec<(AgentId, Vec<DispatchRow>)>> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let mut out = Vec::with_capacity(targets.len());
+        for &(agent_id, epoch, max_concurrency) in targets {
+            let rows = claim_query(agent_id, epoch, max_concurrency, now)
+                .fetch_all(&mut *tx)
+                .await?;
+            let rows = rows
+                .iter()
+                .map(DispatchRow::from_row)
+                .collect::<DbResult<Vec<_>>>()?;
+            out.push((agent_id, rows));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Whether the agent has queued commands (a read: no write lock).
+    pub async fn has_queued(&self, agent_id: AgentId) -> DbResult<bool> {
+        let row =
+            sqlx::query("SELECT 1 FROM commands WHERE agent_id = $1 AND status = 'queued' LIMIT 1")
+                .bind(agent_id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Reconciles an agent's commands at connect time (see `Hello`):
+    /// running-but-unknown and interrupted commands are marked lost; dispatched commands
+    /// the agent never saw are sent again, unless they were cancelled meanwhile; commands
+    /// the agent still runs but that ended here (or have a pending cancel) are cancelled
+    /// on the agent.
+    pub async fn reconcile_on_connect(
+        &self,
+        agent_id: AgentId,
+        epoch: i64,
+        active: &[CommandId],
+        interrupted: &[CommandId],
+    ) -> DbResult<Reconciled> {
+        let rows = sqlx::query(
+            "SELECT id, type, params, deadline_at, attempt, root_id, status, cancel_requested FROM commands \
+             WHERE agent_id = $1 AND status IN ('dispatched', 'running')",
+        )
+        .bind(agent_id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Reconciled::default();
+        let mut lost = Vec::new();
+        for r in &rows {
+            let d = DispatchRow::from_row(r)?;
+            let status = command_status(r, "status")?;
+            let cancel = flag(r, "cancel_requested")?;
+            let is_active = active.contains(&d.id);
+            if interrupted.contains(&d.id) || (status == CommandStatus::Running && !is_active) {
+                lost.push(d.id);
+            } else if is_active {
+                if cancel {
+                    out.cancel.push(d.id);
+                }
+                out.known.push(d.id);
+            } else if cancel {
+                // Cancelled while the agent was away and never accepted: it never runs.
+                out.cancelled.push(d.id);
+            } else {
+                out.resend.push(d);
+            }
+        }
+        // Commands the agent still runs but that ended here (cancelled or timed out while
+        // it was away) must be stopped there. Ids are UUIDs we format ourselves.
+        for chunk in active.chunks(500) {
+            let list: Vec<String> = chunk.iter().map(|id| format!("'{id}'")).collect();
+            let rows = sqlx::query(&format!(
+                "SELECT id FROM commands WHERE agent_id = $1 AND status IN ('cancelled', 'timed_out') AND id IN ({})",
+                list.join(",")
+            ))
+            .bind(agent_id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                out.cancel.push(id(r, "id")?);
+            }
+        }
+        // Interrupted commands may not be in dispatched/running (already terminal); the
+        // update below only touches live ones.
+        for id in interrupted {
+            if !lost.contains(id) {
+                lost.push(*id);
+            }
+        }
+        let now = now_ms();
+        let err = error_json(
+            &CommandError::new(
+                "agent_lost_command",
+                "the agent restarted and no longer knows this command; it may have partly run",
+            )
+            .retryable(),
+        );
+        let mut tx = self.begin_write().await?;
+        for id in &lost {
+            let n = sqlx::query(&format!(
+                "UPDATE commands SET status = 'failed', error = $1, finished_at = $2 \
+                 WHERE id = $3 AND agent_id = $4 AND status NOT IN {TERMINAL_SQL}"
+            ))
+            .bind(&err)
+            .bind(now)
+            .bind(id.to_string())
+            .bind(agent_id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                fail_node_of(
+                    &mut tx,
+                    *id,
+                    "agent_lost_command: the agent restarted and no longer knows this command",
+                    now,
+                )
+                .await?;
+                out.lost.push(*id);
+            }
+        }
+        for id in &out.cancelled {
+            sqlx::query(
+                "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 \
+                 WHERE id = $3 AND status = 'dispatched'",
+            )
+            .bind(now)
+            .bind(error_json(&CommandError::new(
+                "cancelled",
+                "cancelled by request",
+            )))
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            fail_node_of(&mut tx, *id, "cancelled: provisioning was cancelled", now).await?;
+        }
+        for d in &out.resend {
+            sqlx::query(
+                "UPDATE commands SET session_epoch = $1, dispatched_at = $2 WHERE id = $3 AND status = 'dispatched'",
+            )
+            .bind(epoch)
+            .bind(now)
+            .bind(d.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Dispatched commands not accepted for a while on a live session: sent again.
+    pub async fn stale_dispatches(&self, older_than: i64) -> DbResult<Vec<(CommandId, AgentId)>> {
+        let rows = sqlx::query(
+            "SELECT id, agent_id FROM commands WHERE status = 'dispatched' AND dispatched_at < $1",
+        )
+        .bind(older_than)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((id(r, "id")?, id(r, "agent_id")?)))
+            .collect()
+    }
+
+    pub async fn dispatch_row(&self, command: CommandId) -> DbResult<DispatchRow> {
+        let row = sqlx::query(
+            "SELECT id, type, params, deadline_at, attempt, root_id FROM commands WHERE id = $1",
+        )
+        .bind(command.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound)?;
+        DispatchRow::from_row(&row)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    pub lost: Vec<CommandId>,
+    /// Dispatched, never accepted, cancelled meanwhile: ended here, never sent.
+    pub cancelled: Vec<CommandId>,
+    pub resend: Vec<DispatchRow>,
+    pub cancel: Vec<CommandId>,
+    pub known: Vec<CommandId>,
+}

@@ -1,0 +1,363 @@
+//! Agent events: the event writer's batch (one transaction: accepts, multi-row
+//! `INSERT … ON CONFLICT DO NOTHING` so a re-sent seq is stored once, stage rows, command
+//! progress and outcomes, and the node a provision outcome moves), and reading events back.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{Any, Row};
+use trellis_protocol::{CancelReason, CommandType, Event, EventBody};
+use uuid::Uuid;
+
+use super::nodes::node_outcome;
+use super::sql::{error_json, multi_row_insert, no_nul, NO_PERCENT};
+use super::{Db, DbResult};
+use crate::model::{AgentId, CommandId, CommandStatus};
+use crate::time::now_ms;
+
+/// Rows per INSERT statement (6 columns each; well below every bind limit).
+const ROWS_PER_INSERT: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub seq: i64,
+    pub ts: i64,
+    pub kind: String,
+    pub stream: Option<String>,
+    pub data: String,
+}
+
+/// What the event writer stores in one transaction.
+#[derive(Default)]
+pub struct EventBatch<'a> {
+    /// Commands an agent accepted, in arrival order.
+    pub accepts: Vec<(AgentId, CommandId)>,
+    /// Events, each with the agent that sent it.
+    pub events: Vec<(AgentId, &'a Event)>,
+}
+
+/// A command that ended in this batch.
+pub struct Finished {
+    pub command_id: CommandId,
+    pub agent_id: AgentId,
+    pub command_type: CommandType,
+    pub status: CommandStatus,
+    /// From creation to the end, in milliseconds (what an admin waited).
+    pub millis: i64,
+}
+
+/// A stage that finished in this batch.
+pub struct StageDone {
+    pub name: String,
+    pub state: trellis_protocol::StageState,
+    pub millis: i64,
+}
+
+/// What a stored batch changed, for the writer to act on after commit.
+#[derive(Default)]
+pub struct BatchDone {
+    pub finished: Vec<Finished>,
+    /// Commands that started running now.
+    pub started: Vec<CommandId>,
+    /// Accepted commands whose cancel the agent must be told (again).
+    pub cancels: Vec<(AgentId, CommandId, CancelReason)>,
+    pub stages: Vec<StageDone>,
+}
+
+/// Per-command summary of one batch.
+struct CmdUpdate {
+    agent_id: AgentId,
+    max_seq: i64,
+    stage: Option<String>,
+    percent: Option<f64>,
+}
+
+impl Db {
+    /// Stores one batch in one transaction; nothing of it is visible before the commit,
+    /// and nothing is stored if it fails.
+    pub async fn store_event_batch(&self, batch: &EventBatch<'_>) -> DbResult<BatchDone> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let mut done = BatchDone::default();
+        for &(agent_id, command_id) in &batch.accepts {
+            let (is_new, cancel) = accept(&mut tx, agent_id, command_id, now).await?;
+            if is_new {
+                done.started.push(command_id);
+            }
+            if let Some(reason) = cancel {
+                done.cancels.push((agent_id, command_id, reason));
+            }
+        }
+        let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
+        let mut all: Vec<&Event> = Vec::with_capacity(batch.events.len());
+        for &(agent_id, e) in &batch.events {
+            let u = updates.entry(e.command_id).or_insert(CmdUpdate {
+                agent_id,
+                max_seq: 0,
+                stage: None,
+                percent: None,
+            });
+            u.agent_id = agent_id;
+            u.max_seq = u.max_seq.max(e.seq as i64);
+            match &e.body {
+                EventBody::Stage { stage, percent, .. } => {
+                    u.stage = Some(stage.clone());
+                    if let Some(p) = percent {
+                        u.percent = Some(f64::from(*p));
+                    }
+                }
+                EventBody::Progress { percent, .. } => u.percent = Some(f64::from(*percent)),
+                _ => {}
+            }
+            all.push(e);
+        }
+
+        let mut new_stage_events: HashSet<(Uuid, i64)> = HashSet::new();
+        for chunk in all.chunks(ROWS_PER_INSERT) {
+            let mut sql = multi_row_insert(
+                "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
+                6,
+                chunk.len(),
+            );
+            sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING");
+            // Which stage events are new: a re-sent one (after a reconnect) must not move
+            // its stage back. Only chunks with stage events pay for RETURNING.
+            let has_stage = chunk
+                .iter()
+                .any(|e| matches!(e.body, EventBody::Stage { .. }));
+            if has_stage {
+                sql.push_str(" RETURNING command_id, seq");
+            }
+            let mut q = sqlx::query::<Any>(&sql);
+            for e in chunk {
+                let (kind, stream, data) = stored_form(e);
+                q = q
+                    .bind(e.command_id.to_string())
+                    .bind(e.seq as i64)
+                    .bind(e.ts)
+                    .bind(kind)
+                    .bind(stream)
+                    .bind(data);
+            }
+            if has_stage {
+                for row in q.fetch_all(&mut *tx).await? {
+                    let id: String = row.try_get("command_id")?;
+                    let seq: i64 = row.try_get("seq")?;
+                    if let Ok(id) = id.parse::<Uuid>() {
+                        new_stage_events.insert((id, seq));
+                    }
+                }
+            } else {
+                q.execute(&mut *tx).await?;
+            }
+        }
+
+        for e in &all {
+            // `remove`: a duplicate later in this same batch is skipped too.
+            if !new_stage_events.remove(&(e.command_id, e.seq as i64)) {
+                continue;
+            }
+            if let EventBody::Stage {
+                stage,
+                state,
+                message,
+                ..
+            } = &e.body
+            {
+                use trellis_protocol::StageState as S;
+                let finished_at =
+                    matches!(state, S::Completed | S::Failed | S::Skipped).then_some(e.ts);
+                // A finished stage never goes back to running (the `WHERE`): an older event can
+                // be stored after a newer one (a batch failed, a later one of the same session
+                // committed, and the agent re-sent the failed one after reconnecting).
+                let row = sqlx::query(
+                    "INSERT INTO command_stages (command_id, idx, name, state, started_at, finished_at, message) \
+                     VALUES ($1, 1000, $2, $3, $4, $5, $6) ON CONFLICT (command_id, name) DO UPDATE SET \
+                     state = excluded.state, \
+                     started_at = COALESCE(command_stages.started_at, excluded.started_at), \
+                     finished_at = excluded.finished_at, \
+                     message = COALESCE(excluded.message, command_stages.message) \
+                     WHERE command_stages.state NOT IN ('completed', 'failed', 'skipped') \
+                     OR excluded.state NOT IN ('pending', 'running') \
+                     RETURNING started_at, finished_at",
+                )
+                .bind(e.command_id.to_string())
+                .bind(stage.as_str())
+                .bind(state.as_str())
+                .bind(e.ts)
+                .bind(finished_at)
+                .bind(message.as_deref().map(no_nul))
+                .fetch_optional(&mut *tx)
+                .await?;
+                // A stage that finished now: how long it ran (for the stage histogram).
+                if let Some(r) = row {
+                    let started: Option<i64> = r.try_get("started_at")?;
+                    let ended: Option<i64> = r.try_get("finished_at")?;
+                    if let (Some(a), Some(b), S::Completed | S::Failed) = (started, ended, state) {
+                        done.stages.push(StageDone {
+                            name: stage.clone(),
+                            state: *state,
+                            millis: (b - a).max(0),
+                        });
+                    }
+                }
+            }
+        }
+
+        // The first `finished` event of each command in this batch.
+        let mut outcomes: HashMap<Uuid, &trellis_protocol::Outcome> = HashMap::new();
+        for e in &all {
+            if let EventBody::Finished(o) = &e.body {
+                outcomes.entry(e.command_id).or_insert(o);
+            }
+        }
+
+        for (id, u) in &updates {
+            if let Some(o) = outcomes.get(id) {
+                // Progress and the final state in one statement; `RETURNING type` tells
+                // whether a node follows this command.
+                let row = sqlx::query(
+                    "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
+                     started_at = COALESCE(started_at, $4), \
+                     stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
+                     percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
+                     last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END \
+                     WHERE id = $8 AND agent_id = $9 \
+                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type, created_at",
+                )
+                .bind(o.status.as_str())
+                .bind(o.result.as_ref().map(|r| r.to_string()))
+                .bind(o.error.as_ref().map(error_json))
+                .bind(now)
+                .bind(u.stage.clone())
+                .bind(u.percent.unwrap_or(NO_PERCENT))
+                .bind(u.max_seq)
+                .bind(id.to_string())
+                .bind(u.agent_id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(row) = row {
+                    let ty: String = row.try_get("type")?;
+                    let command_type = CommandType::parse(&ty).unwrap_or(CommandType::Unknown);
+                    if command_type == CommandType::Provision {
+                        node_outcome(&mut tx, CommandId(*id), u.agent_id, o).await?;
+                    }
+                    let created_at: i64 = row.try_get("created_at")?;
+                    done.finished.push(Finished {
+                        command_id: CommandId(*id),
+                        agent_id: u.agent_id,
+                        command_type,
+                        status: CommandStatus::from_final(o.status),
+                        millis: (now - created_at).max(0),
+                    });
+                    continue;
+                }
+                // Already ended (cancelled, timed out): still record how far it got.
+            }
+            sqlx::query(
+                "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
+                 started_at = COALESCE(started_at, $1), \
+                 stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
+                 percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
+                 last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END \
+                 WHERE id = $5 AND agent_id = $6",
+            )
+            .bind(now)
+            .bind(u.stage.clone())
+            .bind(u.percent.unwrap_or(NO_PERCENT))
+            .bind(u.max_seq)
+            .bind(id.to_string())
+            .bind(u.agent_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    pub async fn events_after(
+        &self,
+        command: CommandId,
+        after: i64,
+        limit: i64,
+        logs_only: bool,
+    ) -> DbResult<Vec<EventRow>> {
+        let sql = if logs_only {
+            "SELECT seq, ts, kind, stream, data FROM command_events WHERE command_id = $1 AND seq > $2 \
+             AND kind = 'log' ORDER BY seq LIMIT $3"
+        } else {
+            "SELECT seq, ts, kind, stream, data FROM command_events WHERE command_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3"
+        };
+        let rows = sqlx::query(sql)
+            .bind(command.to_string())
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EventRow {
+                    seq: r.try_get("seq")?,
+                    ts: r.try_get("ts")?,
+                    kind: r.try_get("kind")?,
+                    stream: r.try_get("stream")?,
+                    data: r.try_get("data")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Marks an accepted command running. Returns whether it started now, and the cancel the
+/// agent must be told: a cancel (or a deadline) that came between the claim and the agent
+/// receiving the dispatch reached an agent that did not know the command yet and was
+/// dropped there, so it is repeated now that the agent knows it.
+async fn accept(
+    conn: &mut sqlx::AnyConnection,
+    agent_id: AgentId,
+    command_id: CommandId,
+    now: i64,
+) -> DbResult<(bool, Option<CancelReason>)> {
+    let row = sqlx::query(
+        "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
+         WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched') \
+         RETURNING cancel_requested",
+    )
+    .bind(now)
+    .bind(command_id.to_string())
+    .bind(agent_id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(r) = row {
+        let cancel = r.try_get::<i64, _>("cancel_requested")? != 0;
+        return Ok((true, cancel.then_some(CancelReason::Cancelled)));
+    }
+    // Not started now: already running (a repeated accept) or already ended here.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM commands WHERE id = $1 AND agent_id = $2")
+            .bind(command_id.to_string())
+            .bind(agent_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let cancel = match status.as_deref().and_then(CommandStatus::parse) {
+        Some(CommandStatus::Cancelled) => Some(CancelReason::Cancelled),
+        Some(CommandStatus::TimedOut) => Some(CancelReason::TimedOut),
+        _ => None,
+    };
+    Ok((false, cancel))
+}
+
+/// The database form of an event: `(kind, stream, data)`.
+fn stored_form(e: &Event) -> (&'static str, Option<&'static str>, String) {
+    match &e.body {
+        EventBody::Log { stream, data } => ("log", Some(stream.as_str()), no_nul(data)),
+        EventBody::Stage { .. } => ("stage", None, body_json(&e.body)),
+        EventBody::Progress { .. } => ("progress", None, body_json(&e.body)),
+        EventBody::Finished(_) => ("finished", None, body_json(&e.body)),
+    }
+}
+
+fn body_json(b: &EventBody) -> String {
+    // JSON escapes NUL as \u0000, which PostgreSQL TEXT accepts.
+    serde_json::to_string(b).unwrap_or_else(|_| "{}".into())
+}

@@ -1,0 +1,179 @@
+//! Persistence: the one owner of stored state. Every SQL statement of the control plane
+//! lives in this module, split by concern (`agents`, `commands`, `dispatch`, `events`,
+//! `nodes`, `templates`, `settings`); callers see typed rows, typed ids and status enums
+//! (`crate::model`), never SQL or column strings. One [`Db`] over sqlx's `Any` driver runs
+//! the same run-time queries on SQLite (embedded default) and PostgreSQL; the schema in
+//! `migrations/` is portable (text ids, BIGINT millisecond timestamps, TEXT JSON), and the
+//! workarounds that portability needs are in [`sql`]. The database owns command state:
+//! nothing the broker needs after a restart lives only in memory.
+
+mod agents;
+mod commands;
+mod dispatch;
+mod events;
+mod nodes;
+mod settings;
+pub mod sql;
+mod templates;
+
+pub use agents::AgentRow;
+pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, StageRow};
+pub use dispatch::{DispatchRow, Reconciled};
+pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
+pub use nodes::{NewNode, NodeRow, NodeUpdate, ProvisionStart};
+pub use templates::{TemplateFields, TemplateRow};
+
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::AnyPool;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    /// A failure shared by every request of a batch (the original error is logged).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type DbResult<T> = Result<T, DbError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Db {
+    /// Reads (and, on PostgreSQL, everything).
+    pool: AnyPool,
+    /// Writes. On SQLite one connection: SQLite has a single writer, and waiting for it
+    /// in this pool's queue is fair and asynchronous, where several connections contending
+    /// for the lock would back off in SQLite's sleeping busy handler.
+    writer: AnyPool,
+    pub backend: Backend,
+}
+
+impl Db {
+    /// Connects (creating a SQLite file if needed) and applies migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            anyhow::bail!("unsupported database URL {url:?}: use sqlite://FILE or postgres://…");
+        };
+        // `sqlite::memory:` (tests): one connection that lives as long as the pool, which
+        // serves reads and writes alike (every connection would see its own database).
+        let memory = backend == Backend::Sqlite && url.contains(":memory:");
+        let url = if backend == Backend::Sqlite && !memory && !url.contains("mode=") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}mode=rwc")
+        } else {
+            url.to_string()
+        };
+        let opts = || AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        let sqlite_pool = |max: u32| {
+            opts()
+                .max_connections(max)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn)))
+                .connect(&url)
+        };
+        let migrate = |pool: AnyPool| async move {
+            MIGRATOR
+                .run(&pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("database migration failed: {e}"))
+        };
+        let open = |e: sqlx::Error| anyhow::anyhow!("cannot open database: {e}");
+        let (pool, writer) = match backend {
+            Backend::Sqlite if memory => {
+                let pool = sqlite_pool(1).await.map_err(open)?;
+                migrate(pool.clone()).await?;
+                (pool.clone(), pool)
+            }
+            Backend::Sqlite => {
+                let writer = sqlite_pool(1).await.map_err(open)?;
+                migrate(writer.clone()).await?;
+                // WAL: readers run beside the writer.
+                (sqlite_pool(4).await.map_err(open)?, writer)
+            }
+            Backend::Postgres => {
+                let pool = opts()
+                    .max_connections(16)
+                    .connect(&url)
+                    .await
+                    .map_err(open)?;
+                migrate(pool.clone()).await?;
+                (pool.clone(), pool)
+            }
+        };
+        Ok(Self {
+            pool,
+            writer,
+            backend,
+        })
+    }
+
+    /// The pool for statements that write (see `writer`).
+    fn writer(&self) -> &AnyPool {
+        &self.writer
+    }
+
+    /// Closes every connection (SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
+    }
+
+    /// Starts a write transaction. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`) so that it waits for another writer instead of failing.
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.writer.begin().await,
+        }
+    }
+
+    pub async fn ping(&self) -> DbResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// `TRELLIS_SQLITE_SYNCHRONOUS`: `FULL` (default) fsyncs every commit, so what was
+/// acknowledged survives a power loss; `NORMAL` survives a crash of trellis but may lose
+/// the last commits on power loss, for more throughput.
+fn sqlite_synchronous() -> &'static str {
+    match std::env::var("TRELLIS_SQLITE_SYNCHRONOUS").map(|v| v.to_ascii_uppercase()) {
+        Ok(v) if v == "NORMAL" => "PRAGMA synchronous=NORMAL",
+        _ => "PRAGMA synchronous=FULL",
+    }
+}
+
+async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    for pragma in [
+        "PRAGMA journal_mode=WAL",
+        sqlite_synchronous(),
+        "PRAGMA busy_timeout=10000",
+        "PRAGMA foreign_keys=ON",
+    ] {
+        sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    Ok(())
+}

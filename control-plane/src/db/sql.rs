@@ -1,0 +1,126 @@
+//! The workarounds that one set of run-time queries over sqlx's `Any` driver needs on both
+//! SQLite and PostgreSQL, in one place: ids and JSON stored as TEXT, a NULL `f64` that must
+//! not be bound, NUL bytes PostgreSQL TEXT refuses, unique-violation codes of both
+//! backends, and multi-row `INSERT` statements with numbered placeholders.
+
+use std::str::FromStr;
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{DbError, DbResult};
+use crate::model::CommandStatus;
+
+/// `('succeeded','failed','cancelled','timed_out')`, for `status NOT IN …`.
+pub(super) const TERMINAL_SQL: &str = "('succeeded','failed','cancelled','timed_out')";
+
+/// "No percent". Bound instead of a NULL: sqlx 0.8's `Any` driver binds a NULL `f64` as
+/// PostgreSQL `float4`, and a statement first prepared that way then rejects every real
+/// `f64` ("incorrect binary data format").
+pub(super) const NO_PERCENT: f64 = -1.0;
+
+/// Whether an error is a unique-constraint violation (PostgreSQL 23505, SQLite 2067/1555).
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.code()
+                .is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
+                || d.message().contains("UNIQUE constraint failed")
+        }
+        _ => false,
+    }
+}
+
+/// A TEXT id column as a typed id.
+pub(super) fn id<T: From<Uuid>>(row: &AnyRow, col: &str) -> DbResult<T> {
+    let s: String = row.try_get(col)?;
+    Uuid::from_str(&s)
+        .map(T::from)
+        .map_err(|e| DbError::Corrupt(format!("{col}: {e}")))
+}
+
+pub(super) fn opt_id<T: From<Uuid>>(row: &AnyRow, col: &str) -> DbResult<Option<T>> {
+    let s: Option<String> = row.try_get(col)?;
+    s.map(|s| {
+        Uuid::from_str(&s)
+            .map(T::from)
+            .map_err(|e| DbError::Corrupt(format!("{col}: {e}")))
+    })
+    .transpose()
+}
+
+/// A TEXT JSON column.
+pub(super) fn json_col(row: &AnyRow, col: &str) -> DbResult<Option<serde_json::Value>> {
+    let s: Option<String> = row.try_get(col)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| DbError::Corrupt(format!("{col}: {e}"))))
+        .transpose()
+}
+
+/// A TEXT column holding a JSON list of strings (missing or malformed: empty).
+pub(super) fn string_list(row: &AnyRow, col: &str) -> DbResult<Vec<String>> {
+    let s: Option<String> = row.try_get(col)?;
+    Ok(s.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default())
+}
+
+/// A command status column.
+pub(super) fn command_status(row: &AnyRow, col: &str) -> DbResult<CommandStatus> {
+    let s: String = row.try_get(col)?;
+    CommandStatus::parse(&s).ok_or_else(|| DbError::Corrupt(format!("{col}: status {s:?}")))
+}
+
+/// A 0/1 INTEGER column as a bool.
+pub(super) fn flag(row: &AnyRow, col: &str) -> DbResult<bool> {
+    Ok(row.try_get::<i64, _>(col)? != 0)
+}
+
+/// PostgreSQL TEXT cannot hold NUL; program output sometimes does.
+pub(super) fn no_nul(s: &str) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s.to_string()
+    }
+}
+
+/// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
+pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(head.len() + rows * cols * 5);
+    sql.push_str(head);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ",(" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            let _ = write!(sql, "${}", r * cols + c + 1);
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+pub(super) fn error_json(e: &trellis_protocol::CommandError) -> String {
+    serde_json::to_string(e).unwrap_or_else(|_| "{}".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_row_insert_numbers_placeholders_row_by_row() {
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 3),
+            "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4),($5,$6)"
+        );
+    }
+
+    #[test]
+    fn nul_bytes_are_replaced() {
+        assert_eq!(no_nul("a\0b"), "a\u{FFFD}b");
+        assert_eq!(no_nul("ab"), "ab");
+    }
+}

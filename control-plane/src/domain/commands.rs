@@ -1,0 +1,247 @@
+//! Commands: create (validated, stored before the caller is answered, the agent woken),
+//! retry, cancel, and waiting for one to end.
+
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use trellis_protocol::{CancelReason, Command, CommandType};
+
+use super::{DomainError, DomainResult};
+use crate::broker::fanout::Published;
+use crate::broker::Broker;
+use crate::db::{CancelOutcome, CommandRow, Db, DbError, NewCommand};
+use crate::model::{AgentId, CommandId, CommandStatus};
+use crate::time::now_ms;
+
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Largest params accepted (the dispatch frame limit is 1 MiB).
+pub const MAX_PARAMS_BYTES: usize = 512 * 1024;
+
+pub fn default_timeout(t: CommandType) -> u64 {
+    match t {
+        CommandType::Ping => 300,
+        CommandType::ListTemplates => 60,
+        CommandType::Provision => 3600,
+        CommandType::TerraformApply => 7200,
+        CommandType::Unknown => 300,
+    }
+}
+
+/// A command to create.
+pub struct CreateCommand {
+    pub agent_id: AgentId,
+    pub command_type: String,
+    pub params: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub timeout_secs: Option<u64>,
+    pub created_by: String,
+}
+
+/// Checks a request and turns it into the row to store (its id chosen now). `None` with
+/// an existing row when the idempotency key names an identical earlier request.
+pub async fn prepare(
+    db: &Db,
+    c: &CreateCommand,
+    retry_of: Option<&CommandRow>,
+) -> DomainResult<Result<NewCommand, CommandRow>> {
+    // The dispatch must fit in one protocol frame with room to spare.
+    let size = c.params.to_string().len();
+    if size > MAX_PARAMS_BYTES {
+        return Err(DomainError::invalid(
+            "params_too_large",
+            format!("params are {size} bytes; at most {MAX_PARAMS_BYTES} are accepted"),
+        ));
+    }
+    let cmd = Command::parse(&c.command_type, &c.params)?;
+    let agent = db
+        .get_agent(c.agent_id)
+        .await
+        .map_err(DomainError::not_found(format_args!("agent {}", c.agent_id)))?;
+    let ty = cmd.command_type();
+    // Only reject for a missing capability when the agent has told us what it can do.
+    if !agent.capabilities.is_empty() && !agent.has_capability(ty) {
+        return Err(DomainError::conflict(
+            "capability_missing",
+            format!("agent {:?} cannot run {ty} commands", agent.name),
+        ));
+    }
+    if let Some(key) = &c.idempotency_key {
+        if key.is_empty() || key.len() > 200 {
+            return Err(DomainError::invalid(
+                "invalid_params",
+                "idempotencyKey must be 1–200 characters",
+            ));
+        }
+        if let Some(existing) = db.command_by_idempotency_key(key).await? {
+            return same_request(existing, c).map(Err);
+        }
+    }
+    let timeout = c.timeout_secs.unwrap_or_else(|| default_timeout(ty));
+    if timeout == 0 || timeout > MAX_TIMEOUT_SECS {
+        return Err(DomainError::invalid(
+            "invalid_params",
+            format!("timeoutSecs must be 1–{MAX_TIMEOUT_SECS}"),
+        ));
+    }
+    let id = CommandId::new();
+    Ok(Ok(NewCommand {
+        id,
+        agent_id: c.agent_id,
+        command_type: ty,
+        params: c.params.clone(),
+        idempotency_key: c.idempotency_key.clone(),
+        created_by: c.created_by.clone(),
+        deadline_at: now_ms() + (timeout as i64) * 1000,
+        attempt: retry_of.map_or(1, |r| r.attempt + 1),
+        root_id: retry_of.map_or(id, |r| r.root_id),
+        retry_of: retry_of.map(|r| r.id),
+    }))
+}
+
+/// Validates and stores a command (group-committed with concurrent ones), then wakes the
+/// agent's session. The command is committed before this returns.
+pub async fn create(db: &Db, broker: &Broker, c: CreateCommand) -> DomainResult<CommandRow> {
+    let new = match prepare(db, &c, None).await? {
+        Ok(new) => new,
+        Err(existing) => return Ok(existing),
+    };
+    let mut row = CommandRow::queued(&new, 0);
+    row.created_at = match broker.insert_command(new).await {
+        Ok(at) => at,
+        // Lost a race on the idempotency key: answer with the winner.
+        Err(DbError::Conflict(msg)) => {
+            let key = c.idempotency_key.as_deref().unwrap_or_default();
+            return match db.command_by_idempotency_key(key).await? {
+                Some(existing) => same_request(existing, &c),
+                None => Err(DbError::Conflict(msg).into()),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
+    broker.wake(c.agent_id);
+    Ok(row)
+}
+
+/// A reused idempotency key must name the same request; anything else is a client bug.
+fn same_request(existing: CommandRow, c: &CreateCommand) -> DomainResult<CommandRow> {
+    if existing.agent_id == c.agent_id
+        && existing.command_type.as_str() == c.command_type
+        && existing.params == c.params
+    {
+        Ok(existing)
+    } else {
+        Err(DomainError::conflict(
+            "idempotency_conflict",
+            format!(
+                "idempotency key already used for a different request (command {})",
+                existing.id
+            ),
+        ))
+    }
+}
+
+pub async fn get(db: &Db, id: CommandId) -> DomainResult<CommandRow> {
+    db.get_command(id)
+        .await
+        .map_err(DomainError::not_found(format_args!("command {id}")))
+}
+
+/// Retries a failed, cancelled or timed-out command as a new attempt. The new command
+/// and the node it takes over are stored in one transaction; a repeated retry of the
+/// same command (a double click) answers with the attempt already made.
+pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<CommandRow> {
+    let old = get(db, id).await?;
+    if !old.is_terminal() || old.status == CommandStatus::Succeeded {
+        return Err(DomainError::conflict(
+            "not_retryable",
+            format!(
+                "only failed, cancelled or timed-out commands can be retried; this one is {}",
+                old.status
+            ),
+        ));
+    }
+    let req = CreateCommand {
+        agent_id: old.agent_id,
+        command_type: old.command_type.as_str().to_string(),
+        params: old.params.clone(),
+        idempotency_key: Some(format!("retry:{}", old.id)),
+        timeout_secs: None,
+        created_by: "admin:retry".into(),
+    };
+    let new = match prepare(db, &req, Some(&old)).await? {
+        Ok(new) => new,
+        Err(existing) => return Ok(existing),
+    };
+    let mut row = CommandRow::queued(&new, 0);
+    row.created_at = match db.insert_retry(&new, old.id).await {
+        Ok(at) => at,
+        Err(DbError::Conflict(_)) => {
+            let key = req.idempotency_key.as_deref().unwrap_or_default();
+            return match db.command_by_idempotency_key(key).await? {
+                Some(existing) => Ok(existing),
+                None => Err(DomainError::conflict(
+                    "conflict",
+                    "the retry could not be stored",
+                )),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
+    broker.wake(old.agent_id);
+    Ok(row)
+}
+
+/// Cancels a command: a queued one ends at once; a running one is stopped on its agent
+/// and ends when the agent reports. `already_finished` when it had ended.
+pub async fn cancel(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<CommandRow> {
+    get(db, id).await?;
+    let (c, outcome) = db.request_cancel(id).await?;
+    match outcome {
+        CancelOutcome::Requested => broker.cancel(c.agent_id, id, CancelReason::Cancelled),
+        CancelOutcome::Cancelled => broker.wake(c.agent_id),
+        CancelOutcome::AlreadyFinished => {
+            return Err(DomainError::conflict(
+                "already_finished",
+                format!("command already {}", c.status),
+            ))
+        }
+    }
+    broker.fanout.publish(&id, Published::Status);
+    Ok(c)
+}
+
+/// Waits until the command is terminal or `timeout` passes; returns its latest state.
+pub async fn wait_terminal(
+    db: &Db,
+    broker: &Broker,
+    id: CommandId,
+    timeout: Duration,
+) -> DomainResult<CommandRow> {
+    let mut sub = broker.fanout.subscribe(id);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let c = get(db, id).await?;
+        if c.is_terminal() {
+            return Ok(c);
+        }
+        // Re-read on a status change, on lag, and at least once a second (a missed
+        // notification costs at most that).
+        let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+        loop {
+            match tokio::time::timeout_at(until, sub.recv()).await {
+                Ok(Ok(Published::Status)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    break
+                }
+                Ok(Ok(Published::Event { .. })) => continue,
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    sub = broker.fanout.subscribe(id);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return get(db, id).await;
+        }
+    }
+}
