@@ -74,3 +74,38 @@ fn terraform_available(bin: &std::path::Path) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(bin).is_file()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terraform::TerraformSettings;
+    use trellis_protocol::{EventBody, FinalStatus};
+    use uuid::Uuid;
+
+    #[tokio::test]
+    async fn without_proxmox_only_ping_is_offered_and_proxmox_commands_fail_clearly() {
+        let executors = Executors {
+            ping: PingExecutor::new("h"),
+            proxmox: None,
+            terraform: TerraformExecutor::new(
+                TerraformSettings {
+                    binary: "/nonexistent/terraform".into(),
+                    ..Default::default()
+                },
+                &std::env::temp_dir(),
+            ),
+        };
+        assert_eq!(executors.capabilities(), vec![CommandType::Ping]);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(10);
+        let id = Uuid::new_v4();
+        let command = Command::parse("list_templates", &serde_json::json!({})).unwrap();
+        executors
+            .run(ExecContext::new(id, id, 1, tx), command)
+            .await;
+        let Some(EventBody::Finished(outcome)) = rx.recv().await.map(|r| r.body) else {
+            panic!("expected the finished event");
+        };
+        assert_eq!(outcome.status, FinalStatus::Failed);
+        assert_eq!(outcome.error.unwrap().code, "proxmox_not_configured");
+    }
+}

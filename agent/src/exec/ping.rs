@@ -85,3 +85,21 @@ async fn run(ctx: &ExecContext, hostname: &str, p: PingParams) -> Result<PingRes
         events_sent: sent,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[tokio::test]
+    async fn ping_reports_the_executors_hostname() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(100);
+        let id = Uuid::new_v4();
+        let ctx = ExecContext::new(id, id, 1, tx);
+        let p: PingParams = serde_json::from_value(serde_json::json!({"log_lines": 2})).unwrap();
+        let r = PingExecutor::new("host-a").run(&ctx, p).await.unwrap();
+        assert_eq!(r.hostname, "host-a");
+        assert_eq!(r.events_sent, 2);
+        assert!(rx.try_recv().is_ok());
+    }
+}

@@ -195,3 +195,30 @@ async fn remove_expired(root: &Path, retention: Duration, in_use: InUse) -> usiz
     .await;
     r.unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::terraform::redact::Redactor;
+
+    #[tokio::test]
+    async fn key_locks_belong_to_one_executor() {
+        let (tx, _rx) = tokio::sync::mpsc::channel(100);
+        let id = Uuid::new_v4();
+        let ctx = ExecContext::new(id, id, 1, tx);
+        let mut sink = LogSink::new(&ctx, Arc::new(Redactor::default()), 1 << 20);
+        let mine = Workspaces::default();
+        let held = mine.lock_key(&ctx, &mut sink, "k").await.unwrap();
+        let second = tokio::time::timeout(
+            Duration::from_millis(50),
+            mine.lock_key(&ctx, &mut sink, "k"),
+        )
+        .await;
+        assert!(second.is_err(), "the same key ran twice on one executor");
+        // Another executor (another agent in this process) is not held up.
+        let other = Workspaces::default();
+        let _other_guard = other.lock_key(&ctx, &mut sink, "k").await.unwrap();
+        drop(held);
+        let _again = mine.lock_key(&ctx, &mut sink, "k").await.unwrap();
+    }
+}

@@ -4,20 +4,20 @@
 //! What makes it safe to run many at once and to run again:
 //! * **VMIDs** are picked under the executor's allocation lock (Proxmox's `nextid`
 //!   reserves nothing), skipping ids this executor handed out recently; "already exists"
-//!   from a clone means someone else won the race, and another id is taken ([`vmid`]).
+//!   from a clone means someone else won the race, and another id is taken (`vmid.rs`).
 //! * **Idempotency**: the VM's description carries `trellis-command=<root command id>`.
 //!   Before cloning, the executor looks for a VM with that tag and continues with it, so
-//!   a retry or a resumed command never makes a second VM ([`clone`]). Commands with the
+//!   a retry or a resumed command never makes a second VM (`clone.rs`). Commands with the
 //!   same root id are also serialised inside the executor. Finished guest commands leave
-//!   `trellis-post-provision=done` so they are not run twice ([`guest_agent`]).
+//!   `trellis-post-provision=done` so they are not run twice (`guest_agent.rs`).
 //! * **Locks**: every task is followed to its end by UPID, and the VM's `lock` must be
-//!   gone before the next step ([`tasks`]).
+//!   gone before the next step (`tasks.rs`).
 //! * **Failure or cancel**: the stage is reported `failed`, and the VM this command made is
 //!   stopped and destroyed unless `keep_on_failure`; the error's details say what is left
-//!   ([`cleanup`]).
+//!   (`cleanup.rs`).
 //!
 //! This file holds the stage sequence and the bookkeeping every stage uses; each stage's
-//! work lives in the file named after it, as more methods on [`Run`].
+//! work lives in the file named after it, as more methods on `Run`.
 
 mod cleanup;
 mod clone;

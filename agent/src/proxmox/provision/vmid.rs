@@ -40,7 +40,7 @@ pub struct Allocation<'a> {
 }
 
 impl Allocation<'_> {
-    /// Ids handed out within the last [`RECENT_ID_TTL`].
+    /// Ids handed out within the last two minutes (`RECENT_ID_TTL`).
     pub fn recent(&mut self) -> HashSet<u32> {
         self.recent.retain(|(_, t)| t.elapsed() < RECENT_ID_TTL);
         self.recent.iter().map(|(id, _)| *id).collect()
