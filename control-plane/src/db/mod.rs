@@ -177,3 +177,6 @@ async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Erro
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
