@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, lints, Rust unit and end-to-end tests (real
-# binaries, SQLite and PostgreSQL, the Proxmox simulator, real Terraform), the UI's
+# Runs every check and test: formatting, lints, Rust unit, in-process and end-to-end tests
+# (real binaries, SQLite and PostgreSQL, the Proxmox simulator, real Terraform), the API
+# contract (schemathesis against a live trellis; docs/openapi.json drift), the UI's
 # type-check, lint, unit tests and build, and the headless-browser end-to-end test.
 # PostgreSQL must listen on 127.0.0.1:5432 (override with TRELLIS_TEST_POSTGRES).
 set -euo pipefail
@@ -27,6 +28,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+step "API contract: schemathesis against a live trellis"
+bash scripts/api-contract.sh
 
 step "ui: typecheck, lint, unit tests, build"
 (cd ui && npm run --silent typecheck && npm run --silent lint && npm test --silent && npm run --silent build)

@@ -15,7 +15,7 @@ use trellis_protocol::CommandType;
 
 use super::types::{
     Command, CommandAccepted, CommandGetQuery, CommandList, CommandListQuery, CreateCommandRequest,
-    ErrorBody, EventsQuery, LogLine, LogPage, LogsQuery,
+    ErrorBody, EventsQuery, LogLine, LogPage, LogsQuery, SseFrame,
 };
 use super::{parse_id, ApiResult, AppError, AppState, Json, Query};
 use crate::broker::fanout::{Fanout, Published};
@@ -202,7 +202,7 @@ fn row_sse(r: &EventRow) -> (String, String) {
 #[utoipa::path(get, path = "/api/commands/{id}/events", tag = "commands",
     params(("id" = String, Path), EventsQuery,
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this seq")),
-    responses((status = 200, description = "`text/event-stream`: `status`, `log`, `stage`, `progress`, `finished` and `end` events", body = String, content_type = "text/event-stream"),
+    responses((status = 200, description = "`text/event-stream` of `status`, `log`, `stage`, `progress`, `finished` and `end` events", body = SseFrame, content_type = "text/event-stream"),
         (status = 404, body = ErrorBody)))]
 pub async fn events(
     State(s): State<AppState>,

@@ -5,6 +5,7 @@
 
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{agents, commands, nodes, templates};
@@ -25,7 +26,7 @@ use super::{agents, commands, nodes, templates};
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
         super::healthz, super::readyz, super::metrics,
     ),
-    modifiers(&AdminToken),
+    modifiers(&Contract),
     security(("admin_token" = [])),
     tags(
         (name = "agents", description = "Agents (hypervisors) and their tokens"),
@@ -37,15 +38,46 @@ use super::{agents, commands, nodes, templates};
 )]
 pub struct ApiDoc;
 
-struct AdminToken;
+/// What every operation shares: the admin bearer token scheme, and a `default` response
+/// with the error body, so that any error status (401, 400 for a malformed query, …) is
+/// part of the contract and has the `{error: {code, message}}` shape.
+struct Contract;
 
-impl Modify for AdminToken {
+impl Modify for Contract {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        let error = ResponseBuilder::new()
+            .description("An error: `{\"error\": {\"code\", \"message\"}}`")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
+                        "ErrorBody",
+                    ))))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("default".into())
+                    .or_insert_with(|| RefOr::T(error.clone()));
+            }
+        }
     }
 }
 

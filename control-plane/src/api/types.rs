@@ -75,9 +75,11 @@ pub struct AgentList {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateAgentRequest {
     /// 1–64 letters, digits, `-`, `_`, `.` or spaces; unique among live agents.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._ -]+$")]
     pub name: String,
     /// 1–1024 (default 4).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1024)]
     pub max_concurrency: Option<i64>,
 }
 
@@ -245,9 +247,11 @@ pub struct CreateCommandRequest {
     pub params: Value,
     /// 1–200 characters: the same key with the same request answers with the same command.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
     pub idempotency_key: Option<String>,
     /// 1–604800 (default per type).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub timeout_secs: Option<u64>,
 }
 
@@ -297,6 +301,21 @@ pub struct LogsQuery {
 pub struct EventsQuery {
     /// Events after this seq (`Last-Event-ID` takes precedence).
     pub after: Option<i64>,
+}
+
+/// One Server-Sent Event of `GET /api/commands/{id}/events`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SseFrame {
+    /// `status` (data: the Command without stages; sent first and on every status change),
+    /// `log`, `stage`, `progress`, `finished` (data: the event with `seq`, `ts`, `kind`),
+    /// or `end` (the command is terminal and everything was sent).
+    #[schema(pattern = "^(status|log|stage|progress|finished|end)$")]
+    pub event: String,
+    /// JSON text.
+    pub data: String,
+    /// The event's seq (absent on `status` and `end`): resume with `Last-Event-ID`.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -368,18 +387,24 @@ pub struct TemplateList {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TemplateRequest {
     /// 1–100 characters.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     pub name: String,
     #[serde(default)]
     pub description: Option<String>,
     /// MiB.
+    #[schema(minimum = 16, maximum = 4194304)]
     pub memory: i64,
+    #[schema(minimum = 1, maximum = 512)]
     pub cores: i64,
     /// The Proxmox template's VMID (100–999999999).
     #[serde(default)]
+    #[schema(minimum = 100, maximum = 999999999)]
     pub proxmox_template_id: Option<i64>,
     #[serde(default)]
     pub proxmox_node: Option<String>,
+    /// A bridge name: letters, digits and `_`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_]*$")]
     pub network_bridge: Option<String>,
     #[serde(default)]
     pub pre_provision_commands: Vec<String>,
@@ -465,12 +490,16 @@ pub struct ProvisionRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateNodeRequest {
     /// A valid VM (DNS) name.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")]
     pub name: String,
+    #[schema(format = Uuid)]
     pub template_id: String,
     /// MiB (default: the template's).
     #[serde(default)]
+    #[schema(minimum = 16, maximum = 4194304)]
     pub memory: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 512)]
     pub cores: Option<i64>,
     #[serde(default)]
     pub application: Option<String>,
