@@ -2,45 +2,71 @@
 import { useEffect, useId, useRef, useState, type ReactNode } from 'react';
 import { formatTimestamp, relativeTime } from '../lib/time';
 import { useNow } from '../lib/hooks';
+import { NODE_STATUS_LABEL, type AgentStatus, type CommandStatus, type NodeStatus, type StageState } from '../lib/types';
 
-const PILL_TONE: Record<string, string> = {
-  online: 'ok',
-  running: 'info',
-  succeeded: 'ok',
-  completed: 'ok',
-  offline: 'muted',
+type Tone = 'ok' | 'info' | 'muted' | 'bad' | 'warn';
+
+// Exhaustive over the API's enums (generated types): a new status fails the typecheck here.
+const COMMAND_TONE = {
   queued: 'muted',
   dispatched: 'info',
-  pending: 'muted',
+  running: 'info',
+  succeeded: 'ok',
+  failed: 'bad',
+  cancelled: 'warn',
+  timed_out: 'bad',
+} as const satisfies Record<CommandStatus, Tone>;
+
+/** Node statuses: a running VM is good news (green), unlike a running command. */
+const NODE_TONE = {
   pending_provision: 'muted',
   provisioning: 'info',
-  failed: 'bad',
-  timed_out: 'bad',
-  cancelled: 'warn',
+  running: 'ok',
   stopped: 'warn',
+  failed: 'bad',
+} as const satisfies Record<NodeStatus, Tone>;
+
+const AGENT_TONE = { online: 'ok', offline: 'muted' } as const satisfies Record<AgentStatus, Tone>;
+
+const STAGE_TONE = {
+  pending: 'muted',
+  running: 'info',
+  completed: 'ok',
+  failed: 'bad',
   skipped: 'muted',
-};
+} as const satisfies Record<StageState, Tone>;
+
+const PILL_TONE: Record<string, Tone> = { ...STAGE_TONE, ...AGENT_TONE, ...COMMAND_TONE };
 
 const PILL_LABEL: Record<string, string> = {
-  pending_provision: 'unprovisioned',
   timed_out: 'timed out',
 };
 
-/** A coloured status pill; the running-ish states get a pulsing dot. */
-export function StatusPill({ status, title, tone: toneOverride }: { status: string; title?: string; tone?: string }) {
+const LIVE = new Set<string>(['running', 'dispatched', 'provisioning', 'online']);
+
+/** A coloured status pill (command, agent or stage); the running-ish states get a pulsing dot. */
+export function StatusPill({
+  status,
+  title,
+  tone: toneOverride,
+  label,
+}: {
+  status: CommandStatus | AgentStatus | StageState | NodeStatus;
+  title?: string;
+  tone?: Tone;
+  label?: string;
+}) {
   const tone = toneOverride ?? PILL_TONE[status] ?? 'muted';
-  const live = ['running', 'dispatched', 'provisioning', 'online'].includes(status);
   return (
     <span className={`pill pill-${tone}`} title={title} data-status={status}>
-      <span className={`dot${live ? ' dot-live' : ''}`} aria-hidden="true" />
-      {PILL_LABEL[status] ?? status}
+      <span className={`dot${LIVE.has(status) ? ' dot-live' : ''}`} aria-hidden="true" />
+      {label ?? PILL_LABEL[status] ?? status}
     </span>
   );
 }
 
-/** Node statuses: a running VM is good news (green), unlike a running command. */
-export function NodeStatusPill({ status, title }: { status: string; title?: string }) {
-  return <StatusPill status={status} title={title} tone={status === 'running' ? 'ok' : undefined} />;
+export function NodeStatusPill({ status, title }: { status: NodeStatus; title?: string }) {
+  return <StatusPill status={status} title={title} tone={NODE_TONE[status]} label={NODE_STATUS_LABEL[status]} />;
 }
 
 export function RelTime({ ts, now }: { ts: string | null | undefined; now?: number }) {

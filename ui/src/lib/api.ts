@@ -2,12 +2,26 @@
 // sessionStorage; a 401 anywhere signs the user out (see `onUnauthorized`).
 import type {
   Agent,
+  AgentList,
+  AgentTemplates,
   Command,
+  CommandAccepted,
+  CommandList,
   CommandStatus,
-  LogChunk,
-  ProxmoxTemplate,
+  CreateAgentRequest,
+  CreateCommandRequest,
+  CreateNodeRequest,
+  CreatedAgent,
+  ErrorBody,
+  LogPage,
+  NewToken,
+  NodeList,
+  NodeWithCommand,
+  ProvisionRequest,
   Template,
   TemplateInput,
+  TemplateList,
+  UpdateNodeRequest,
   VmNode,
 } from './types';
 
@@ -93,7 +107,7 @@ export async function request<T>(path: string, opts: RequestOptions = {}): Promi
     }
   }
   if (!res.ok) {
-    const err = (json as { error?: { code?: string; message?: string } } | undefined)?.error;
+    const err = (json as Partial<ErrorBody> | undefined)?.error as Partial<ErrorBody['error']> | undefined;
     const apiErr = new ApiError(
       res.status,
       err?.code ?? `http_${res.status}`,
@@ -117,63 +131,44 @@ function qs(params: Record<string, string | number | undefined | null>): string 
 const enc = encodeURIComponent;
 
 export const api = {
-  checkToken: (token: string) => request<{ items: Agent[] }>('/api/agents', { token }),
+  checkToken: (token: string) => request<AgentList>('/api/agents', { token }),
 
-  listAgents: (signal?: AbortSignal) => request<{ items: Agent[] }>('/api/agents', { signal }),
+  listAgents: (signal?: AbortSignal) => request<AgentList>('/api/agents', { signal }),
   getAgent: (id: string) => request<Agent>(`/api/agents/${enc(id)}`),
   createAgent: (name: string, maxConcurrency?: number) =>
-    request<{ agent: Agent; token: string }>('/api/agents', {
+    request<CreatedAgent>('/api/agents', {
       method: 'POST',
-      body: maxConcurrency ? { name, maxConcurrency } : { name },
+      body: (maxConcurrency ? { name, maxConcurrency } : { name }) satisfies CreateAgentRequest,
     }),
-  rotateAgentToken: (id: string) =>
-    request<{ token: string }>(`/api/agents/${enc(id)}/rotate-token`, { method: 'POST' }),
+  rotateAgentToken: (id: string) => request<NewToken>(`/api/agents/${enc(id)}/rotate-token`, { method: 'POST' }),
   deleteAgent: (id: string) => request<void>(`/api/agents/${enc(id)}`, { method: 'DELETE' }),
   agentTemplates: (id: string, signal?: AbortSignal) =>
-    request<{ templates: ProxmoxTemplate[] }>(`/api/agents/${enc(id)}/templates`, { signal }),
+    request<AgentTemplates>(`/api/agents/${enc(id)}/templates`, { signal }),
 
   listCommands: (
     f: { agentId?: string; status?: CommandStatus | ''; type?: string; limit?: number; before?: string },
     signal?: AbortSignal,
-  ) => request<{ items: Command[] }>(`/api/commands${qs({ ...f })}`, { signal }),
+  ) => request<CommandList>(`/api/commands${qs({ ...f })}`, { signal }),
   getCommand: (id: string, signal?: AbortSignal) => request<Command>(`/api/commands/${enc(id)}`, { signal }),
-  createCommand: (body: {
-    agentId: string;
-    type: string;
-    params: unknown;
-    idempotencyKey?: string;
-    timeoutSecs?: number;
-  }) => request<{ commandId: string; status: CommandStatus }>('/api/commands', { method: 'POST', body }),
+  createCommand: (body: CreateCommandRequest) =>
+    request<CommandAccepted>('/api/commands', { method: 'POST', body }),
   commandLogs: (id: string, after: number, limit = 5000, signal?: AbortSignal) =>
-    request<{ items: LogChunk[]; lastSeq: number; done: boolean }>(
-      `/api/commands/${enc(id)}/logs${qs({ after, limit })}`,
-      { signal },
-    ),
+    request<LogPage>(`/api/commands/${enc(id)}/logs${qs({ after, limit })}`, { signal }),
   cancelCommand: (id: string) => request<Command>(`/api/commands/${enc(id)}/cancel`, { method: 'POST' }),
-  retryCommand: (id: string) =>
-    request<{ commandId: string }>(`/api/commands/${enc(id)}/retry`, { method: 'POST' }),
+  retryCommand: (id: string) => request<CommandAccepted>(`/api/commands/${enc(id)}/retry`, { method: 'POST' }),
 
-  listTemplates: (signal?: AbortSignal) => request<{ items: Template[] }>('/api/templates', { signal }),
+  listTemplates: (signal?: AbortSignal) => request<TemplateList>('/api/templates', { signal }),
   createTemplate: (t: TemplateInput) => request<Template>('/api/templates', { method: 'POST', body: t }),
   updateTemplate: (id: string, t: TemplateInput) =>
     request<Template>(`/api/templates/${enc(id)}`, { method: 'PUT', body: t }),
   deleteTemplate: (id: string) => request<void>(`/api/templates/${enc(id)}`, { method: 'DELETE' }),
 
-  listNodes: (signal?: AbortSignal) => request<{ items: VmNode[] }>('/api/nodes', { signal }),
+  listNodes: (signal?: AbortSignal) => request<NodeList>('/api/nodes', { signal }),
   getNode: (id: string, signal?: AbortSignal) => request<VmNode>(`/api/nodes/${enc(id)}`, { signal }),
-  createNode: (body: {
-    name: string;
-    templateId: string;
-    memory?: number;
-    cores?: number;
-    application?: string | null;
-    provision?: { agentId: string; targetNode?: string };
-  }) => request<{ node: VmNode; commandId?: string | null }>('/api/nodes', { method: 'POST', body }),
-  updateNode: (
-    id: string,
-    body: { name?: string; application?: string | null; memory?: number; cores?: number; templateId?: string },
-  ) => request<VmNode>(`/api/nodes/${enc(id)}`, { method: 'PUT', body }),
+  createNode: (body: CreateNodeRequest) => request<NodeWithCommand>('/api/nodes', { method: 'POST', body }),
+  updateNode: (id: string, body: UpdateNodeRequest) =>
+    request<VmNode>(`/api/nodes/${enc(id)}`, { method: 'PUT', body }),
   deleteNode: (id: string) => request<void>(`/api/nodes/${enc(id)}`, { method: 'DELETE' }),
-  provisionNode: (id: string, body: { agentId: string; targetNode?: string }) =>
-    request<{ node: VmNode; commandId: string }>(`/api/nodes/${enc(id)}/provision`, { method: 'POST', body }),
+  provisionNode: (id: string, body: ProvisionRequest) =>
+    request<NodeWithCommand>(`/api/nodes/${enc(id)}/provision`, { method: 'POST', body }),
 };

@@ -145,7 +145,7 @@ describe('mutations invalidate what they change', () => {
 
   it('commands', async () => {
     const keys = spyInvalidate();
-    vi.spyOn(api, 'retryCommand').mockResolvedValue({ commandId: 'c2' });
+    vi.spyOn(api, 'retryCommand').mockResolvedValue({ commandId: 'c2', status: 'queued', attempt: 2 });
     vi.spyOn(api, 'cancelCommand').mockResolvedValue({} as never);
     vi.spyOn(api, 'createCommand').mockResolvedValue({ commandId: 'c3', status: 'queued' });
     const m = mutations(qc);

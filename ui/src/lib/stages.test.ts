@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { applyEvent, commandPercent, failedStage, mergeSnapshot, mergeStages, provisionOutcome, stageLabel } from './stages';
-import type { Command, Stage } from './types';
+import { commandError, type Command, type Stage } from './types';
 
 const base: Command = {
   id: 'c1',
@@ -13,15 +13,15 @@ const base: Command = {
   result: null,
   error: null,
   attempt: 1,
-  rootCommandId: null,
+  rootCommandId: 'c1',
   retryOf: null,
   idempotencyKey: null,
-  createdBy: null,
+  createdBy: 'admin',
   createdAt: '2026-11-25T09:00:00Z',
   dispatchedAt: null,
   startedAt: null,
   finishedAt: null,
-  deadlineAt: null,
+  deadlineAt: '2026-11-25T10:00:00Z',
   cancelRequested: false,
   lastSeq: 0,
 };
@@ -69,7 +69,7 @@ describe('applyEvent', () => {
       error: { code: 'proxmox_error', message: 'boom', retryable: true, stage: 'start_vm' },
     });
     expect(c.status).toBe('failed');
-    expect(c.error?.code).toBe('proxmox_error');
+    expect(commandError(c)?.code).toBe('proxmox_error');
     expect(c.stages?.find((s) => s.name === 'start_vm')?.state).toBe('failed');
     expect(c.finishedAt).toBe('2026-11-25T09:01:00Z');
     const ok = applyEvent(base, 'finished', { seq: 9, status: 'succeeded', result: { vm_id: 101 } });

@@ -1,7 +1,7 @@
 // Stage lists per command type, merging server stages with the expected ones, applying live
 // events to a command snapshot, and the percent shown in progress bars.
 import type { Command, CommandEventData, Stage, StageState } from './types';
-import { isTerminal } from './types';
+import { commandError, isTerminal } from './types';
 
 export const PROVISION_STAGES = [
   'clone_template',
@@ -84,7 +84,7 @@ function applyEventInner(cmd: Command, kind: string, ev: CommandEventData): Comm
         stages,
         stage: running ? ev.stage : cmd.stage,
         percent: ev.percent ?? cmd.percent,
-        status: running && !['succeeded', 'failed', 'cancelled', 'timed_out'].includes(cmd.status) ? 'running' : cmd.status,
+        status: running && !isTerminal(cmd.status) ? 'running' : cmd.status,
       };
     }
     case 'progress':
@@ -173,7 +173,8 @@ export function commandPercent(cmd: Pick<Command, 'status' | 'percent' | 'type' 
 
 /** The stage that failed: the error's stage, else the first stage in state failed, else the running one. */
 export function failedStage(cmd: Pick<Command, 'error' | 'stages' | 'stage'>): string | null {
-  if (cmd.error?.stage) return cmd.error.stage;
+  const errStage = commandError(cmd)?.stage;
+  if (errStage) return errStage;
   const f = cmd.stages?.find((s) => s.state === 'failed');
   if (f) return f.name;
   return cmd.stage ?? null;

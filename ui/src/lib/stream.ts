@@ -2,8 +2,8 @@
 // be sent), resumed with `Last-Event-ID` after a drop, de-duplicated by `seq`, and falling back
 // to polling `GET /api/commands/:id` + `/logs?after=SEQ` when SSE does not work.
 import { SseParser } from './sse';
-import type { Command, CommandEventData, LogChunk } from './types';
-import { isTerminal } from './types';
+import type { Command, CommandEventData, LogPage } from './types';
+import { isTerminal, logStream } from './types';
 
 /** Remembers which per-command `seq` numbers were already delivered. */
 export class SeqTracker {
@@ -273,13 +273,13 @@ export class CommandStream {
         let logsDone = false;
         // Drain logs page by page.
         for (let page = 0; page < 50 && !this.stopped; page++) {
-          const logs = await get<{ items: LogChunk[]; lastSeq: number; done: boolean }>(
+          const logs = await get<LogPage>(
             `${base}/logs?after=${this.seqs.last}&limit=5000`,
           );
           if (logs === 'unauthorized' || logs === null) break;
           for (const c of logs.items) {
             if (!this.seqs.accept(c.seq)) continue;
-            this.h.onEvent?.('log', { seq: c.seq, ts: normalizeTs(c.ts), kind: 'log', stream: c.stream, data: c.data });
+            this.h.onEvent?.('log', { seq: c.seq, ts: normalizeTs(c.ts), kind: 'log', stream: logStream(c.stream), data: c.data });
           }
           if (logs.items.length === 0) {
             // Nothing after our last seq: once the command is terminal, that is all of it.

@@ -4,7 +4,7 @@ import { useLiveCommand, useNow } from '../lib/hooks';
 import { useAgent, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { commandPercent, failedStage, stageLabel } from '../lib/stages';
-import { isTerminal } from '../lib/types';
+import { commandError, isTerminal } from '../lib/types';
 import { durationBetween, formatDuration, formatTimestamp } from '../lib/time';
 import { ConfirmDialog } from '../components/Modal';
 import { ErrorBox, JsonView, Notice, ProgressBar, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
@@ -42,7 +42,8 @@ export function CommandPage({ id }: { id: string }) {
   }
 
   const terminal = isTerminal(cmd.status);
-  const failed = ['failed', 'timed_out', 'cancelled'].includes(cmd.status);
+  const failed = isTerminal(cmd.status) && cmd.status !== 'succeeded';
+  const cmdErr = commandError(cmd);
   const fstage = failed ? failedStage(cmd) : null;
 
   const retry = async () => {
@@ -98,7 +99,7 @@ export function CommandPage({ id }: { id: string }) {
           <h2>Progress</h2>
           <ProgressBar percent={commandPercent(cmd)} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
           {cmd.stage && !terminal && <p className="small">Current stage: {stageLabel(cmd.stage)}</p>}
-          <StageList type={cmd.type} stages={cmd.stages} failed={fstage} />
+          <StageList type={cmd.type} stages={cmd.stages ?? undefined} failed={fstage} />
         </section>
         <section className="card">
           <h2>Details</h2>
@@ -129,17 +130,17 @@ export function CommandPage({ id }: { id: string }) {
         </section>
       </div>
       {cmd.status === 'queued' && <Notice>Queued: waiting for the agent to be online and have a free slot.</Notice>}
-      {cmd.error && (
+      {cmdErr && (
         <div className={`errorbox ${cmd.status === 'cancelled' ? 'errorbox-warn' : ''}`} role="alert" data-testid="command-error">
           <strong>
             {cmd.status === 'timed_out' ? 'Timed out' : cmd.status === 'cancelled' ? 'Cancelled' : 'Failed'}
             {fstage ? ` at “${stageLabel(fstage)}”` : ''}
           </strong>
           <div>
-            <code className="err-code">{cmd.error.code}</code> {cmd.error.message}
-            {cmd.error.retryable && <span className="muted small"> (retryable)</span>}
+            <code className="err-code">{cmdErr.code}</code> {cmdErr.message}
+            {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
           </div>
-          {cmd.error.details != null && <JsonView value={cmd.error.details} />}
+          {cmdErr.details != null && <JsonView value={cmdErr.details} />}
         </div>
       )}
       {cmd.result != null && (

@@ -3,15 +3,21 @@ import { errorMessage } from '../lib/api';
 import { useNow } from '../lib/hooks';
 import { useAgents, useCommands } from '../lib/queries';
 import { navigate, setQuery } from '../lib/router';
-import { COMMAND_STATUSES, COMMAND_TYPES, type Command, type CommandStatus } from '../lib/types';
+import { COMMAND_STATUSES, COMMAND_TYPES, commandError, isCommandStatus, type Command } from '../lib/types';
 import { commandPercent, stageLabel } from '../lib/stages';
 import { durationBetween, formatDuration } from '../lib/time';
 import { Empty, ErrorBox, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
 
 const PAGE = 100;
 
+function errorTitle(c: Command): string | undefined {
+  const e = commandError(c);
+  return e ? `${e.code}: ${e.message}` : undefined;
+}
+
 export function Commands({ query }: { query: URLSearchParams }) {
-  const status = (query.get('status') ?? '') as CommandStatus | '';
+  const rawStatus = query.get('status');
+  const status = isCommandStatus(rawStatus) ? rawStatus : '';
   const type = query.get('type') ?? '';
   const agentId = query.get('agentId') ?? '';
   const [auto, setAuto] = useState(true);
@@ -105,7 +111,7 @@ export function Commands({ query }: { query: URLSearchParams }) {
                   </td>
                   <td data-label="Type">{c.type}</td>
                   <td data-label="Status">
-                    <StatusPill status={c.status} title={c.error ? `${c.error.code}: ${c.error.message}` : undefined} />
+                    <StatusPill status={c.status} title={errorTitle(c)} />
                   </td>
                   <td data-label="Agent" className="hide-sm">{agentName(c.agentId)}</td>
                   <td data-label="Stage" className="hide-md">{c.stage ? stageLabel(c.stage) : '–'}</td>

@@ -28,8 +28,13 @@ export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: 
   ].join(' ');
 }
 
+function asRecord(v: unknown): Record<string, unknown> | null {
+  return v && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : null;
+}
+
 /** Proxmox node names from an agent's facts (several shapes tolerated). */
-export function proxmoxNodes(facts: Record<string, unknown> | null | undefined): string[] {
+export function proxmoxNodes(agentFacts: unknown): string[] {
+  const facts = asRecord(agentFacts);
   if (!facts) return [];
   const raw = facts.proxmoxNodes ?? facts.proxmox_nodes ?? facts.nodes ?? (facts.proxmox as Record<string, unknown> | undefined)?.nodes;
   if (!Array.isArray(raw)) return [];
@@ -39,7 +44,8 @@ export function proxmoxNodes(facts: Record<string, unknown> | null | undefined):
 }
 
 /** The Proxmox API host the agent talks to, from facts.proxmox_url. */
-export function proxmoxHost(facts: Record<string, unknown> | null | undefined): string | null {
+export function proxmoxHost(agentFacts: unknown): string | null {
+  const facts = asRecord(agentFacts);
   const u = facts?.proxmox_url ?? facts?.proxmoxUrl;
   if (typeof u !== 'string' || !u) return null;
   try {

@@ -130,8 +130,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const wizardNew = provisionParam === 'new' || (provisionParam !== null && provisionParam === createdId);
   const items = useMemo(() => nodes.data ?? [], [nodes.data]);
   const provisionNode = provisionParam && provisionParam !== 'new' ? items.find((n) => n.id === provisionParam) : undefined;
-  const agentName = (id: string | null) => (id ? (agents.data?.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
-  const templateName = (id: string) => templates.data?.find((t) => t.id === id)?.name ?? '–';
+  const agentName = (id: string | null | undefined) => (id ? (agents.data?.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
+  const templateName = (id: string | null | undefined) => templates.data?.find((t) => t.id === id)?.name ?? '–';
 
   const shown = items.filter((n) => {
     const q = filter.trim().toLowerCase();

@@ -5,7 +5,7 @@ import { useLiveCommand } from '../../lib/hooks';
 import { nodeAfterCommandQuery, nodeSettled, useAgent, useMutations } from '../../lib/queries';
 import { commandPercent, failedStage, provisionOutcome, stageLabel } from '../../lib/stages';
 import type { Command } from '../../lib/types';
-import { isTerminal } from '../../lib/types';
+import { commandError, isTerminal } from '../../lib/types';
 import { ConfirmDialog } from '../../components/Modal';
 import { CopyButton, ErrorBox, NodeStatusPill, Notice, ProgressBar, Spinner, StatusPill } from '../../components/ui';
 import { StageList } from '../../components/StageList';
@@ -61,7 +61,8 @@ export function StepProvisioning({
   const out = provisionOutcome(cmd.result);
   const vmId = node?.vmId ?? out.vmId;
   const ip = node?.ipAddress ?? out.ip;
-  const failed = ['failed', 'timed_out', 'cancelled'].includes(cmd.status);
+  const failed = isTerminal(cmd.status) && cmd.status !== 'succeeded';
+  const cmdErr = commandError(cmd);
   const fstage = failed ? failedStage(cmd) : null;
   const percent = commandPercent(cmd);
 
@@ -79,7 +80,7 @@ export function StepProvisioning({
         </span>
       </div>
       <ProgressBar percent={percent} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
-      <StageList type="provision" stages={cmd.stages} failed={fstage} />
+      <StageList type="provision" stages={cmd.stages ?? undefined} failed={fstage} />
       {cmd.status === 'queued' && <Notice>Waiting for the hypervisor to pick up the command…</Notice>}
       {cmd.status === 'succeeded' && (
         <div className="success-box" role="status" data-testid="provision-success">
@@ -112,10 +113,10 @@ export function StepProvisioning({
             Provisioning {cmd.status === 'cancelled' ? 'was cancelled' : cmd.status === 'timed_out' ? 'timed out' : 'failed'}
             {fstage ? ` at “${stageLabel(fstage)}”` : ''}
           </strong>
-          {cmd.error && (
+          {cmdErr && (
             <div>
-              <code className="err-code" data-testid="error-code">{cmd.error.code}</code> <span data-testid="error-message">{cmd.error.message}</span>
-              {cmd.error.retryable && <span className="muted small"> (retryable)</span>}
+              <code className="err-code" data-testid="error-code">{cmdErr.code}</code> <span data-testid="error-message">{cmdErr.message}</span>
+              {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
             </div>
           )}
           <div className="btn-row">

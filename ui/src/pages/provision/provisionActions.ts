@@ -2,8 +2,14 @@
 // mutations and the reducer's dispatch, so they can be tested without rendering.
 import { ApiError, errorMessage } from '../../lib/api';
 import type { Mutations } from '../../lib/queries';
-import type { Command, VmNode } from '../../lib/types';
+import type { Command, NodeWithCommand, VmNode } from '../../lib/types';
 import { derive, hypervisorUnavailable, type Catalog, type ProvisionAction, type ProvisionState } from './provisionReducer';
+
+/** The provision command a node request started (the API marks it optional). */
+function startedCommand(r: NodeWithCommand): string {
+  if (!r.commandId) throw new Error('The server did not start a provision command.');
+  return r.commandId;
+}
 
 /**
  * Sends the reviewed settings: creates the node (new-node mode) or saves changed settings,
@@ -40,7 +46,7 @@ export async function submitProvision(
       dispatch({ type: 'nodeSaved', node: r.node });
       onNodeCreated?.(r.node);
       cmdId = r.commandId;
-      if (!cmdId) cmdId = (await m.provisionNode(r.node.id, provision)).commandId;
+      if (!cmdId) cmdId = startedCommand(await m.provisionNode(r.node.id, provision));
     } else {
       const changed =
         cur.name !== config.name.trim() ||
@@ -58,7 +64,7 @@ export async function submitProvision(
         const u = updated as VmNode | { node: VmNode } | undefined;
         dispatch({ type: 'nodeSaved', node: u && 'node' in u ? u.node : (u ?? cur) });
       }
-      cmdId = (await m.provisionNode(cur.id, provision)).commandId;
+      cmdId = startedCommand(await m.provisionNode(cur.id, provision));
     }
     dispatch({ type: 'provisionStarted', commandId: cmdId });
   } catch (e) {
@@ -79,7 +85,7 @@ export async function retryProvision(
     let newId: string;
     if (nodeId) {
       try {
-        newId = (await m.provisionNode(nodeId, { agentId: cmd.agentId, ...(s.targetNode ? { targetNode: s.targetNode } : {}) })).commandId;
+        newId = startedCommand(await m.provisionNode(nodeId, { agentId: cmd.agentId, ...(s.targetNode ? { targetNode: s.targetNode } : {}) }));
       } catch (e) {
         // Older servers without re-provision of failed nodes: retry the command itself.
         if (e instanceof ApiError && (e.status === 404 || e.status === 405)) newId = (await m.retryCommand(cmd.id)).commandId;

@@ -277,7 +277,7 @@ describe('submitProvision / retryProvision', () => {
       createNode: vi.fn(async () => ({ node: vmNode({ id: 'n9', name: 'web-2' }), commandId: 'c1' as string | null })),
       updateNode: vi.fn(async () => vmNode()),
       provisionNode: vi.fn(async () => ({ node: vmNode(), commandId: 'c2' })),
-      retryCommand: vi.fn(async () => ({ commandId: 'c3' })),
+      retryCommand: vi.fn(async () => ({ commandId: 'c3', status: 'queued' as const, attempt: 2 })),
     };
   }
 
