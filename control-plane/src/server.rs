@@ -50,7 +50,7 @@ async fn admin_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<S
 pub struct App {
     pub state: AppState,
     pub router: axum::Router,
-    /// Every background task (dispatcher, inserter, writer, reaper).
+    /// Every background task (dispatcher, inserter, writer, reaper, SSE streams).
     pub tasks: TaskTracker,
     writer: tokio::task::JoinHandle<()>,
 }
@@ -86,6 +86,7 @@ impl App {
                 .ui_dir
                 .clone()
                 .filter(|d| d.join("index.html").exists()),
+            tasks: tasks.clone(),
         };
         let router = api::router(state.clone());
         Ok(Self {

@@ -221,7 +221,7 @@ pub async fn events(
         .max(0);
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     let (db, fanout, shutdown) = (s.db.clone(), s.fanout.clone(), s.broker.shutdown.clone());
-    tokio::spawn(async move {
+    s.tasks.spawn(async move {
         if let Err(e) = stream_events(&db, &fanout, &shutdown, id, after, tx).await {
             tracing::debug!(command_id = %id, error = %e, "event stream ended");
         }

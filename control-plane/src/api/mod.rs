@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub admin_token_hash: Arc<str>,
     pub ui_dir: Option<PathBuf>,
+    /// Where request-spawned tasks (SSE streams) run, so shutdown waits for them.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 pub fn router(state: AppState) -> Router {

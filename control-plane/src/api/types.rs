@@ -490,7 +490,11 @@ pub struct ProvisionRequest {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateNodeRequest {
     /// A valid VM (DNS) name.
-    #[schema(min_length = 1, max_length = 63, pattern = "^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 63,
+        pattern = "^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+    )]
     pub name: String,
     #[schema(format = Uuid)]
     pub template_id: String,

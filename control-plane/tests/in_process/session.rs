@@ -272,3 +272,38 @@ async fn a_silent_agent_is_closed_after_the_heartbeat_timeout() {
     tokio::time::resume();
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_command_past_its_deadline_times_out_and_its_agent_is_told_to_stop() {
+    let t = TestApp::start().await;
+    let agent = t.agent("pve-f").await;
+    let mut a = FakeAgent::connect(&t, &agent, &["ping"]).await;
+    let (_, v) = t
+        .call(
+            "POST",
+            "/api/commands",
+            Some(json!({"agentId": agent, "type": "ping", "params": {}, "timeoutSecs": 1})),
+        )
+        .await;
+    let id = v["commandId"].as_str().unwrap().to_string();
+    dispatched(&mut a).await;
+    a.send(json!({"type": "accept", "command_id": id}));
+    // The reaper sweeps every 500 ms; the deadline is a second away.
+    let (_, c) = t
+        .call("GET", &format!("/api/commands/{id}?wait=5"), None)
+        .await;
+    assert_eq!(c["status"], "timed_out", "{c}");
+    assert_eq!(c["error"]["code"], "timed_out");
+    loop {
+        match a.recv().await {
+            ServerMessage::Cancel { command_id, reason } => {
+                assert_eq!(command_id.to_string(), id);
+                assert_eq!(reason, trellis_protocol::CancelReason::TimedOut);
+                break;
+            }
+            ServerMessage::Acks { .. } | ServerMessage::HeartbeatAck => continue,
+            other => panic!("expected a cancel, got {other:?}"),
+        }
+    }
+    t.stop().await;
+}
