@@ -10,9 +10,12 @@
 // and at least one connected tendril agent with the `provision` capability talking to the
 // Proxmox simulator at PVE_SIM_URL (and `terraform_apply` for the deploy step).
 // Screenshots go to ../test-output/screenshots (relative to ui/), or E2E_SCREENSHOT_DIR.
+// Every page and every dialog step it opens is checked with axe-core (WCAG 2 A and AA rules);
+// any violation fails the run, listed with rule id, impact and target nodes.
 // Exits non-zero with a message naming the failed step.
 
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -108,6 +111,51 @@ async function clearFaults() {
   assert(res.ok, `POST ${PVE_SIM_URL}/_sim/faults {} → ${res.status} ${await res.text()}`);
 }
 
+// ---- Accessibility: axe-core injected into the page ----
+const AXE_SOURCE = await readFile(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+const A11Y_TAGS = ['wcag2a', 'wcag2aa'];
+/** Violations found so far: one entry per checked view and rule. */
+const a11yViolations = [];
+const a11yChecked = [];
+
+/**
+ * Runs axe-core (WCAG 2 A/AA) on the page as it is now and records any violation under `label`.
+ * Waits for finite animations (dialog fade-ins) so colours are final.
+ */
+async function a11y(page, label) {
+  await page.evaluate(async () => {
+    const anims = document.getAnimations().filter((a) => a.effect?.getTiming().iterations !== Infinity);
+    await Promise.race([Promise.all(anims.map((a) => a.finished.catch(() => undefined))), new Promise((r) => setTimeout(r, 1000))]);
+  });
+  if (!(await page.evaluate(() => typeof window.axe === 'object'))) await page.evaluate(AXE_SOURCE);
+  const violations = await page.evaluate(async (tags) => {
+    const r = await window.axe.run(document, { runOnly: { type: 'tag', values: tags }, resultTypes: ['violations'] });
+    return r.violations.map((v) => ({
+      id: v.id,
+      impact: v.impact,
+      help: v.help,
+      nodes: v.nodes.map((n) => ({ target: n.target.join(' '), summary: (n.failureSummary ?? '').split('\n').slice(1, 2).join('').trim() })),
+    }));
+  }, A11Y_TAGS);
+  a11yChecked.push(label);
+  for (const v of violations) a11yViolations.push({ label, ...v });
+  log(`  axe ${label}: ${violations.length === 0 ? 'no violations' : `${violations.length} violation(s): ${violations.map((v) => v.id).join(', ')}`}`);
+}
+
+function a11yReport() {
+  return a11yViolations
+    .map(
+      (v) =>
+        `[${v.label}] ${v.id} (${v.impact}): ${v.help}\n` +
+        v.nodes
+          .slice(0, 8)
+          .map((n) => `      ${n.target}${n.summary ? ` — ${n.summary}` : ''}`)
+          .join('\n') +
+        (v.nodes.length > 8 ? `\n      … and ${v.nodes.length - 8} more` : ''),
+    )
+    .join('\n  ');
+}
+
 async function shot(page, name) {
   const file = path.join(SHOTS, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
@@ -163,12 +211,14 @@ async function main() {
     await step('sign in: missing and wrong token are explained, right token works', async () => {
       await page.goto(`${BASE}/#/hypervisors`);
       await page.getByTestId('signin-form').waitFor();
+      await a11y(page, 'sign-in');
       await page.getByTestId('signin-submit').click();
       await page.getByText('Enter the admin token.').waitFor();
       await page.getByTestId('token-input').fill(`wrong-${TOKEN}`);
       await page.getByTestId('signin-submit').click();
       await page.getByText(/rejected \(401\)/).waitFor();
       await shot(page, '01-signin-wrong-token');
+      await a11y(page, 'sign-in with error');
       await page.getByTestId('token-input').fill(TOKEN);
       await page.getByTestId('signin-submit').click();
       await page.getByRole('heading', { name: 'Hypervisors' }).waitFor();
@@ -182,20 +232,26 @@ async function main() {
       // The heartbeat label updates without a reload.
       await waitFor('the heartbeat label to update', async () => (await row.locator('time').first().textContent()) !== first, 15_000);
       await shot(page, '02-hypervisors');
+      await a11y(page, 'hypervisors');
     });
 
     await step('register hypervisor shows a one-time token and the agent command', async () => {
       await page.getByTestId('register-hypervisor').click();
+      await page.getByTestId('register-name').waitFor();
+      await a11y(page, 'register hypervisor dialog');
       await page.getByTestId('register-name').fill(`e2e-extra-${RUN}`);
       await page.getByTestId('register-submit').click();
       const cmd = await page.getByTestId('agent-command').textContent();
       assert(/^TENDRIL_SERVER_URL=wss?:\/\/.+\/api\/agents\/connect TENDRIL_TOKEN=\S+ PROXMOX_URL=/.test(cmd ?? ''), `unexpected agent command: ${cmd}`);
       await shot(page, '03-register-hypervisor');
+      await a11y(page, 'register hypervisor dialog: token');
       await page.keyboard.press('Escape');
       const row = page.locator(`tr[data-agent-name="e2e-extra-${RUN}"]`);
       await row.locator('[data-status="offline"]').waitFor();
       // Revoke it again, through the confirmation.
       await row.getByRole('button', { name: 'Revoke' }).click();
+      await page.getByRole('button', { name: 'Revoke hypervisor' }).waitFor();
+      await a11y(page, 'revoke hypervisor confirm');
       await page.getByRole('button', { name: 'Revoke hypervisor' }).click();
       await row.waitFor({ state: 'detached' });
     });
@@ -204,7 +260,10 @@ async function main() {
     await step('templates: create one with the Proxmox template picker', async () => {
       await page.goto(`${BASE}/#/templates`);
       await page.getByRole('heading', { name: 'Templates' }).waitFor();
+      await a11y(page, 'templates');
       await page.getByTestId('new-template').click();
+      await page.getByTestId('template-name').waitFor();
+      await a11y(page, 'template editor');
       await page.getByTestId('template-name').fill(tplName);
       if (SKIP.has('picker')) {
         await page.getByTestId('template-vmid').fill(env.E2E_TEMPLATE_VMID ?? '9000');
@@ -217,6 +276,7 @@ async function main() {
         await useBtn.or(errBox).first().waitFor({ timeout: 60_000 });
         if (await errBox.count()) throw new StepError(`the picker could not list the hypervisor's Proxmox templates: ${await errBox.innerText()}`);
         await shot(page, '04-template-picker');
+        await a11y(page, 'template editor: Proxmox picker');
         await useBtn.click();
       }
       const vmid = await page.getByTestId('template-vmid').inputValue();
@@ -226,12 +286,16 @@ async function main() {
       await page.getByTestId('template-save').click();
       await page.locator(`tr[data-template-name="${tplName}"]`).waitFor();
       await shot(page, '05-templates');
+      await a11y(page, 'templates with a template');
     });
 
-    async function createNode(name) {
+    async function createNode(name, { check = false } = {}) {
       await page.goto(`${BASE}/#/nodes`);
       await page.getByRole('heading', { name: 'Nodes' }).waitFor();
+      if (check) await a11y(page, 'nodes');
       await page.getByTestId('new-node').click();
+      await page.getByTestId('node-name').waitFor();
+      if (check) await a11y(page, 'node editor');
       await page.getByTestId('node-name').fill(name);
       await page.getByTestId('node-template').selectOption({ label: tplName });
       await page.getByTestId('node-save').click();
@@ -242,11 +306,12 @@ async function main() {
     }
 
     /** Walks the wizard from the node row up to and including submit; returns the command id. */
-    async function provisionThroughWizard(row, { checkValidation = false, screenshots = false } = {}) {
+    async function provisionThroughWizard(row, { checkValidation = false, screenshots = false, check = false } = {}) {
       // Actions that need a VM are disabled on an unprovisioned node.
       await row.getByRole('button', { name: /^More actions for/ }).click();
       const copySsh = page.getByRole('menuitem', { name: /Copy SSH command/ });
       assert((await copySsh.getAttribute('aria-disabled')) === 'true', 'Copy SSH command should be disabled on an unprovisioned node');
+      if (check) await a11y(page, 'node actions menu');
       await page.keyboard.press('Escape');
       await row.getByTestId('node-provision').click();
       const modal = page.getByTestId('provision-modal');
@@ -254,6 +319,7 @@ async function main() {
       // hypervisor
       await modal.locator('[data-current-step="hypervisor"]').waitFor();
       const radio = modal.locator(`label[data-agent-name="${provisioner.name}"] input[type=radio]`);
+      if (check) await a11y(page, 'provision wizard: hypervisor');
       await radio.check();
       if (screenshots) await shot(page, '06-provision-hypervisor');
       await page.getByTestId('wizard-next').click();
@@ -261,9 +327,11 @@ async function main() {
       await modal.locator('[data-current-step="template"]').waitFor();
       await modal.locator(`label[data-template-name="${tplName}"] input[type=radio]`).check();
       if (screenshots) await shot(page, '07-provision-template');
+      if (check) await a11y(page, 'provision wizard: template');
       await page.getByTestId('wizard-next').click();
       // configure
       await modal.locator('[data-current-step="configure"]').waitFor();
+      if (check) await a11y(page, 'provision wizard: configure');
       if (checkValidation) {
         await page.getByTestId('cfg-memory').fill('8');
         await modal.getByText('Memory must be at least 16 MiB.').waitFor();
@@ -272,6 +340,7 @@ async function main() {
         await page.getByTestId('wizard-next').click();
         await modal.locator('[data-current-step="configure"]').waitFor();
         if (screenshots) await shot(page, '08-provision-configure-invalid');
+        if (check) await a11y(page, 'provision wizard: configure with errors');
       }
       await page.getByTestId('cfg-memory').fill('1024');
       await page.getByTestId('cfg-cores').fill('1');
@@ -279,9 +348,11 @@ async function main() {
       // review
       await modal.locator('[data-current-step="review"]').waitFor();
       if (screenshots) await shot(page, '09-provision-review');
+      if (check) await a11y(page, 'provision wizard: review');
       await page.getByTestId('wizard-submit').click();
       const prov = page.getByTestId('provisioning-step');
       await prov.waitFor({ timeout: 30_000 });
+      if (check) await a11y(page, 'provision wizard: provisioning');
       const id = await prov.getAttribute('data-command-id');
       assert(id, 'provisioning step has no command id');
       return id;
@@ -319,9 +390,10 @@ async function main() {
     let provisionedCommand;
     if (SKIP.has('provision')) skipped('provision a node through the wizard', 'E2E_SKIP has provision');
     else await step('provision a node through every wizard step; reopen and reload pick the command up', async () => {
-      const row = await createNode(nodeName);
+      const row = await createNode(nodeName, { check: true });
       await shot(page, '10-nodes-unprovisioned');
-      provisionedCommand = await provisionThroughWizard(row, { checkValidation: true, screenshots: true });
+      await a11y(page, 'nodes with an unprovisioned node');
+      provisionedCommand = await provisionThroughWizard(row, { checkValidation: true, screenshots: true, check: true });
       log(`  provision command ${provisionedCommand}`);
       // Close while it runs: the row shows provisioning with a Progress button.
       await page.keyboard.press('Escape');
@@ -343,6 +415,7 @@ async function main() {
         const afterReload = await page.getByTestId('provisioning-step').getAttribute('data-command-id');
         assert(afterReload === provisionedCommand, `after reload the wizard follows ${afterReload}, expected ${provisionedCommand}`);
         await shot(page, '11-provisioning-running');
+        await a11y(page, 'provision wizard: provisioning after reload');
         const { status, seen, final } = await watchStages(PROVISION_TIMEOUT);
         assert(status === 'succeeded', `provisioning ended ${status}: ${await page.getByTestId('provisioning-step').innerText()}`);
         const sawRunning = [...seen.values()].some((s) => s.has('running'));
@@ -365,6 +438,7 @@ async function main() {
         assert(/^\d+$/.test(vmid ?? ''), `success shows VM id ${JSON.stringify(vmid)}`);
         assert(/^\d+\.\d+\.\d+\.\d+$/.test(ip ?? ''), `success shows IP ${JSON.stringify(ip)}`);
         await shot(page, '12-provision-success');
+        await a11y(page, 'provision wizard: success');
         await page.getByTestId('provision-close').click();
       }
       const row = page.locator(`tr[data-node-name="${nodeName}"]`);
@@ -375,6 +449,7 @@ async function main() {
       assert(/^\d+\.\d+\.\d+\.\d+$/.test(ip ?? ''), `node row IP is ${JSON.stringify(ip)}`);
       assert((await row.getByTestId('node-provision').count()) === 0, 'provisioned node still offers Provision');
       await shot(page, '13-nodes-provisioned');
+      await a11y(page, 'nodes with a running node');
     });
 
     if (SKIP.has('fault') || SKIP.has('provision')) skipped('failing provision shows the error and Retry works', 'E2E_SKIP has fault');
@@ -405,6 +480,7 @@ async function main() {
         assert((await page.getByTestId('error-code').textContent())?.trim(), 'error box shows no error code');
         assert(/Clone template/.test(text), `error box does not name the failed stage: ${text}`);
         await shot(page, '14-provision-failed');
+        await a11y(page, 'provision wizard: failed');
         await page.getByTestId('provision-retry').click();
         await waitFor('a new command after Retry', async () => (await page.getByTestId('provisioning-step').getAttribute('data-command-id')) !== first, 20_000, 200);
         const retry = await watchStages(PROVISION_TIMEOUT);
@@ -424,12 +500,14 @@ async function main() {
         assert(tf, 'no online agent has the terraform_apply capability');
         await page.goto(`${BASE}/#/deploy`);
         await page.getByTestId('deploy-form').waitFor();
+        await a11y(page, 'deploy');
         await page.getByTestId('deploy-agent').selectOption(tf.id);
         await page.getByTestId('deploy-repo').fill(TF_REPO);
         await page.getByTestId('deploy-version').fill(TF_VERSION);
         await page.getByTestId('deploy-path').fill(TF_PATH);
         await page.getByTestId('deploy-vars').fill('{"broken": ');
         await page.getByText(/Variables are not valid JSON/).waitFor();
+        await a11y(page, 'deploy with invalid variables');
         await page.getByTestId('deploy-vars').fill(TF_VARS);
         await page.getByTestId('deploy-reason').fill(`e2e ${RUN}`);
         await shot(page, '16-deploy-form');
@@ -443,7 +521,10 @@ async function main() {
           status = await page.getByTestId('command-page').getAttribute('data-status');
           const lines = parseInt((await counter.textContent()) ?? '0', 10);
           if (!['succeeded', 'failed', 'cancelled', 'timed_out'].includes(status) && lines > 0) {
-            if (!sawLinesWhileRunning) await shot(page, '17-deploy-running');
+            if (!sawLinesWhileRunning) {
+              await shot(page, '17-deploy-running');
+              await a11y(page, 'command page (running)');
+            }
             sawLinesWhileRunning = true;
           }
           if (['succeeded', 'failed', 'cancelled', 'timed_out'].includes(status)) break;
@@ -451,6 +532,7 @@ async function main() {
           await new Promise((r) => setTimeout(r, 200));
         }
         await shot(page, '18-deploy-finished');
+        await a11y(page, 'command page (finished)');
         const lines = parseInt((await counter.textContent()) ?? '0', 10);
         assert(status === 'succeeded', `deploy ended ${status}: ${(await page.getByTestId('command-page').innerText()).slice(0, 800)}`);
         assert(lines > 0, 'deploy finished without any log lines in the viewer');
@@ -462,6 +544,7 @@ async function main() {
       await page.getByTestId('commands-table').waitFor();
       if (provisionedCommand) await page.locator(`tr[data-command-id="${provisionedCommand}"]`).waitFor();
       await shot(page, '19-commands');
+      await a11y(page, 'commands');
       if (!SKIP.has('fault') && !SKIP.has('provision') && PVE_SIM_URL) {
         await page.getByRole('button', { name: 'failed', exact: true }).click();
         await waitFor(
@@ -473,12 +556,14 @@ async function main() {
           200,
         );
         await shot(page, '19b-commands-failed-filter');
+        await a11y(page, 'commands filtered by status');
       }
       if (provisionedCommand) {
         await page.goto(`${BASE}/#/commands/${provisionedCommand}`);
         await page.getByTestId('command-page').waitFor();
         await page.locator('[data-testid="command-page"] li[data-stage="register"][data-state="completed"]').waitFor();
         await shot(page, '20-command-provision');
+        await a11y(page, 'command page (provision)');
       }
     });
 
@@ -488,6 +573,7 @@ async function main() {
       await page.getByRole('heading', { name: 'Nodes' }).waitFor();
       await page.waitForLoadState('networkidle').catch(() => undefined);
       await shot(page, '21-nodes-narrow');
+      await a11y(page, 'nodes (narrow)');
       const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
       assert(overflow <= 1, `the page scrolls sideways by ${overflow}px at 400 px width`);
       await page.goto(`${BASE}/#/hypervisors`);
@@ -501,8 +587,19 @@ async function main() {
       await page.getByTestId('signin-form').waitFor();
     });
 
+    await step('accessibility: every page and dialog passes axe-core WCAG 2 A/AA', async () => {
+      assert(
+        a11yViolations.length === 0,
+        `${a11yViolations.length} axe-core violation(s) in ${new Set(a11yViolations.map((v) => v.label)).size} of ${a11yChecked.length} checked views:\n  ${a11yReport()}`,
+      );
+      log(`  ${a11yChecked.length} views checked, no violations`);
+    });
+
     assert(pageErrors.length === 0, `the page reported errors:\n  ${pageErrors.join('\n  ')}`);
   } catch (e) {
+    if (a11yViolations.length && currentStep !== 'accessibility: every page and dialog passes axe-core WCAG 2 A/AA') {
+      console.error(`axe-core violations found before the failure:\n  ${a11yReport()}`);
+    }
     try {
       await shot(page, `zz-failure-${currentStep.replace(/[^a-z0-9]+/gi, '-').slice(0, 60)}`);
     } catch {

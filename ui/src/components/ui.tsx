@@ -104,12 +104,21 @@ export function Empty({ children }: { children: ReactNode }) {
   return <div className="empty">{children}</div>;
 }
 
-export function ProgressBar({ percent, tone }: { percent: number; tone?: 'ok' | 'bad' | 'info' }) {
+export function ProgressBar({ percent, tone, label = 'Progress' }: { percent: number; tone?: 'ok' | 'bad' | 'info'; label?: string }) {
   const p = Math.max(0, Math.min(100, Math.round(percent)));
   return (
-    <div className={`progress progress-${tone ?? 'info'}`} role="progressbar" aria-valuenow={p} aria-valuemin={0} aria-valuemax={100}>
+    <div
+      className={`progress progress-${tone ?? 'info'}`}
+      role="progressbar"
+      aria-label={label}
+      aria-valuenow={p}
+      aria-valuemin={0}
+      aria-valuemax={100}
+    >
       <div className="progress-fill" style={{ width: `${p}%` }} />
-      <span className="progress-label">{p}%</span>
+      <span className="progress-label" aria-hidden="true">
+        <span>{p}%</span>
+      </span>
     </div>
   );
 }

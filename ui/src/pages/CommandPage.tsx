@@ -97,7 +97,7 @@ export function CommandPage({ id }: { id: string }) {
       <div className="cmd-grid">
         <section className="card">
           <h2>Progress</h2>
-          <ProgressBar percent={commandPercent(cmd)} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
+          <ProgressBar label="Command progress" percent={commandPercent(cmd)} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
           {cmd.stage && !terminal && <p className="small">Current stage: {stageLabel(cmd.stage)}</p>}
           <StageList type={cmd.type} stages={cmd.stages ?? undefined} failed={fstage} />
         </section>

@@ -116,7 +116,14 @@ export function Commands({ query }: { query: URLSearchParams }) {
                   <td data-label="Agent" className="hide-sm">{agentName(c.agentId)}</td>
                   <td data-label="Stage" className="hide-md">{c.stage ? stageLabel(c.stage) : '–'}</td>
                   <td data-label="Progress" className="hide-sm">
-                    <span className="mini-bar" aria-label={`${commandPercent(c)}%`}>
+                    <span
+                      className="mini-bar"
+                      role="progressbar"
+                      aria-label="Progress"
+                      aria-valuenow={commandPercent(c)}
+                      aria-valuemin={0}
+                      aria-valuemax={100}
+                    >
                       <span style={{ width: `${commandPercent(c)}%` }} className={`mini-fill mini-${c.status}`} />
                     </span>
                   </td>

@@ -79,7 +79,7 @@ export function StepProvisioning({
           {live.streamState === 'reconnecting' && ' · reconnecting…'}
         </span>
       </div>
-      <ProgressBar percent={percent} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
+      <ProgressBar label="Provisioning progress" percent={percent} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
       <StageList type="provision" stages={cmd.stages ?? undefined} failed={fstage} />
       {cmd.status === 'queued' && <Notice>Waiting for the hypervisor to pick up the command…</Notice>}
       {cmd.status === 'succeeded' && (
