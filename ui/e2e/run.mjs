@@ -248,6 +248,13 @@ async function main() {
       await page.keyboard.press('Escape');
       const row = page.locator(`tr[data-agent-name="e2e-extra-${RUN}"]`);
       await row.locator('[data-status="offline"]').waitFor();
+      // Rotate token: the confirmation, left with Cancel.
+      await row.getByRole('button', { name: 'Rotate token' }).click();
+      const dialog = page.getByRole('dialog');
+      await dialog.getByRole('button', { name: 'Rotate token' }).waitFor();
+      await a11y(page, 'rotate token confirm');
+      await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+      await dialog.waitFor({ state: 'detached' });
       // Revoke it again, through the confirmation.
       await row.getByRole('button', { name: 'Revoke' }).click();
       await page.getByRole('button', { name: 'Revoke hypervisor' }).waitFor();
@@ -450,6 +457,23 @@ async function main() {
       assert((await row.getByTestId('node-provision').count()) === 0, 'provisioned node still offers Provision');
       await shot(page, '13-nodes-provisioned');
       await a11y(page, 'nodes with a running node');
+      // The edit dialog and the delete confirmation of a provisioned node, both left unchanged.
+      const dialog = page.getByRole('dialog');
+      await row.getByRole('button', { name: /^More actions for/ }).click();
+      await page.getByRole('menuitem', { name: 'Edit' }).waitFor();
+      await a11y(page, 'node actions menu (running node)');
+      await page.getByRole('menuitem', { name: 'Edit' }).click();
+      await page.getByTestId('node-name').waitFor();
+      await a11y(page, 'node editor (edit)');
+      await page.keyboard.press('Escape');
+      await dialog.waitFor({ state: 'detached' });
+      await row.getByRole('button', { name: /^More actions for/ }).click();
+      await page.getByRole('menuitem', { name: 'Delete' }).click();
+      await dialog.getByRole('button', { name: 'Cancel', exact: true }).waitFor();
+      await a11y(page, 'delete node confirm');
+      await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+      await dialog.waitFor({ state: 'detached' });
+      assert((await row.getAttribute('data-status')) === 'running', 'the node changed after the dialogs were cancelled');
     });
 
     if (SKIP.has('fault') || SKIP.has('provision')) skipped('failing provision shows the error and Retry works', 'E2E_SKIP has fault');
@@ -524,6 +548,18 @@ async function main() {
             if (!sawLinesWhileRunning) {
               await shot(page, '17-deploy-running');
               await a11y(page, 'command page (running)');
+              // The cancel confirmation, left with Cancel (skipped if the deploy just finished).
+              const opened = await page
+                .getByTestId('cancel-command')
+                .click({ timeout: 2000 })
+                .then(() => true, () => false);
+              if (opened) {
+                const dialog = page.getByRole('dialog');
+                await dialog.getByRole('button', { name: 'Cancel command' }).waitFor();
+                await a11y(page, 'cancel command confirm');
+                await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+                await dialog.waitFor({ state: 'detached' });
+              }
             }
             sawLinesWhileRunning = true;
           }
@@ -579,6 +615,10 @@ async function main() {
       await page.goto(`${BASE}/#/hypervisors`);
       await page.getByTestId('agents-table').waitFor();
       await shot(page, '22-hypervisors-narrow');
+      await a11y(page, 'hypervisors (narrow)');
+      await page.goto(`${BASE}/#/commands`);
+      await page.getByTestId('commands-table').waitFor();
+      await a11y(page, 'commands (narrow)');
       await page.setViewportSize({ width: 1360, height: 900 });
     });
 
