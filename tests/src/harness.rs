@@ -1,5 +1,6 @@
 //! Starting the real `trellis` and `tendril` binaries for end-to-end tests, on
-//! 127.0.0.1, against a fresh SQLite file or a fresh PostgreSQL database.
+//! 127.0.0.1, against a fresh SQLite file or a fresh PostgreSQL database ([`TestDb`]) in
+//! a fresh directory ([`TempDir`]), and a small client for the admin API.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,46 +30,33 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A fresh scratch directory.
-pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("trellis-{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+pub use crate::db::{postgres_base, Backend, TestDb};
+pub use crate::tempdir::TempDir;
+
+/// The repository root (the parent of `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
+/// A fresh directory and database (`tag` names the directory) with a control plane on
+/// them, and its admin API client. The control plane owns the database; the directory
+/// outlives both, as the caller drops the tuple's parts in reverse order.
+pub async fn control_plane(backend: Backend, tag: &str) -> (TempDir, ControlPlane, Api) {
+    let dir = TempDir::new(tag);
+    let db = TestDb::create(backend, &dir).await;
+    let cp = ControlPlane::start(db, &dir).await;
+    let api = cp.api();
+    (dir, cp, api)
 }
 
-/// The base URL of the PostgreSQL server tests create databases on.
-pub fn postgres_base() -> String {
-    std::env::var("TRELLIS_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-/// A database URL for one test: a new SQLite file, or a new PostgreSQL database.
-pub async fn database(backend: Backend, dir: &Path) -> String {
-    match backend {
-        Backend::Sqlite => format!("sqlite://{}", dir.join("trellis.db").display()),
-        Backend::Postgres => {
-            use sqlx::Connection;
-            let name = format!("trellis_t_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&format!("{}/postgres", postgres_base()))
-                .await
-                .expect("PostgreSQL on 127.0.0.1:5432 must be reachable for the PostgreSQL tests");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut conn)
-                .await
-                .expect("create test database");
-            format!("{}/{name}", postgres_base())
-        }
-    }
-}
-
+/// A running `trellis serve`, killed on drop. It owns its [`TestDb`], which is dropped
+/// after the process is gone (and kept across [`ControlPlane::restart`]).
 pub struct ControlPlane {
     child: Option<Child>,
+    db: Option<TestDb>,
     pub addr: String,
     pub db_url: String,
     pub dir: PathBuf,
@@ -76,16 +64,18 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub async fn start(db_url: &str, dir: &Path) -> Self {
-        Self::start_on(db_url, dir, "127.0.0.1:0").await
-    }
-
-    pub async fn start_on(db_url: &str, dir: &Path, listen: &str) -> Self {
-        Self::start_with(db_url, dir, listen, &[]).await
+    pub async fn start(db: TestDb, dir: &Path) -> Self {
+        Self::start_with(db, dir, "127.0.0.1:0", &[]).await
     }
 
     /// Starts `trellis serve` with extra environment variables.
-    pub async fn start_with(db_url: &str, dir: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
+    pub async fn start_with(db: TestDb, dir: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
+        let mut cp = Self::launch(db.url(), dir, listen, env).await;
+        cp.db = Some(db);
+        cp
+    }
+
+    async fn launch(db_url: &str, dir: &Path, listen: &str, env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("trellis-{}.log", uuid::Uuid::new_v4().simple()));
         let child = Command::new(bin("trellis"))
             .args(["serve", "--listen", listen, "--database-url", db_url])
@@ -121,6 +111,7 @@ impl ControlPlane {
         };
         Self {
             child: Some(child),
+            db: None,
             addr,
             db_url: db_url.to_string(),
             dir: dir.to_path_buf(),
@@ -178,7 +169,8 @@ impl ControlPlane {
         let started = Instant::now();
         loop {
             let next = Self::try_start_on(&self.db_url, &self.dir, &addr).await;
-            if let Some(next) = next {
+            if let Some(mut next) = next {
+                next.db = self.db.take();
                 *self = next;
                 return;
             }
@@ -193,7 +185,7 @@ impl ControlPlane {
     async fn try_start_on(db_url: &str, dir: &Path, listen: &str) -> Option<Self> {
         // The port may linger briefly after a kill; probe it first.
         std::net::TcpListener::bind(listen).ok()?;
-        Some(Self::start_on(db_url, dir, listen).await)
+        Some(Self::launch(db_url, dir, listen, &[]).await)
     }
 }
 
@@ -430,61 +422,38 @@ macro_rules! on_both_backends {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                $body($crate::harness::Backend::Sqlite).await
+                $body($crate::db::Backend::Sqlite).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                $body($crate::harness::Backend::Postgres).await
+                $body($crate::db::Backend::Postgres).await
             }
         }
     };
 }
 
-/// Environment for a tendril that runs Terraform: `TENDRIL_TERRAFORM_BIN` and
-/// `TENDRIL_TERRAFORM_PLUGIN_DIR` from `.tools/terraform.env` (written by
-/// `scripts/install-terraform.sh`, which is run here when the file is missing).
-pub fn terraform_env() -> Vec<(String, String)> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf();
-    let file = root.join(".tools/terraform.env");
-    if !file.exists() {
-        let status = Command::new("bash")
-            .arg(root.join("scripts/install-terraform.sh"))
-            .status()
-            .expect("run scripts/install-terraform.sh");
+/// The log lines of a streaming `ping` (`line 00000001 …`) must be present exactly once,
+/// in order, with strictly increasing seqs.
+pub fn assert_lines_once(logs: &[Value], expected: usize) {
+    let seqs: Vec<i64> = logs.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs not increasing: {seqs:?}"
+    );
+    let lines: Vec<String> = logs
+        .iter()
+        .map(|l| l["data"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        expected,
+        "expected {expected} log lines, got {}",
+        lines.len()
+    );
+    for (i, l) in lines.iter().enumerate() {
         assert!(
-            status.success(),
-            "scripts/install-terraform.sh failed: Terraform 1.0.3 is required"
+            l.starts_with(&format!("line {:08} ", i + 1)),
+            "line {i} out of order or doubled: {l:?}"
         );
     }
-    std::fs::read_to_string(&file)
-        .expect("terraform.env")
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
-        .collect()
-}
-
-/// Runs git in `dir` with a fixed identity, panicking on failure.
-pub fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.email=test@trellis",
-            "-c",
-            "user.name=test",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -1,4 +1,20 @@
-//! Test support: process harness for end-to-end tests, and the Proxmox VE API simulator.
+//! Test support: the process harness for end-to-end tests, one copy of each test helper,
+//! and the Proxmox VE API simulator.
+//!
+//! * [`harness`]: the real `trellis` and `tendril` binaries, and an admin API client
+//! * [`tempdir`], [`db`]: scratch directories and databases that remove themselves
+//! * [`sse`]: a command's server-sent event stream
+//! * [`raw_agent`]: the agent protocol spoken by hand
+//! * [`recorder`]: an executor driven directly, its reports recorded
+//! * [`git`], [`terraform`]: template repositories and Terraform
+//! * [`pve_sim`]: the Proxmox VE API simulator
 
+pub mod db;
+pub mod git;
 pub mod harness;
 pub mod pve_sim;
+pub mod raw_agent;
+pub mod recorder;
+pub mod sse;
+pub mod tempdir;
+pub mod terraform;

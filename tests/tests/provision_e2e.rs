@@ -9,21 +9,20 @@ use trellis_tests::harness::*;
 use trellis_tests::on_both_backends;
 use trellis_tests::pve_sim::process::SimProcess;
 use trellis_tests::pve_sim::{Faults, DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET};
+use trellis_tests::sse;
 
+/// Fields drop in order: the processes stop before their directory is removed.
 struct Stack {
-    _dir: std::path::PathBuf,
-    _cp: ControlPlane,
     agent: Agent,
+    _cp: ControlPlane,
     sim: SimProcess,
     api: Api,
     agent_id: String,
+    _dir: TempDir,
 }
 
 async fn stack(backend: Backend, name: &str, sim_args: &[&str]) -> Stack {
-    let dir = scratch(name);
-    let db = database(backend, &dir).await;
-    let cp = ControlPlane::start(&db, &dir).await;
-    let api = cp.api();
+    let (dir, cp, api) = control_plane(backend, name).await;
     let sim = SimProcess::start(bin("pve-sim").to_str().unwrap(), sim_args)
         .await
         .expect("pve-sim");
@@ -40,12 +39,12 @@ async fn stack(backend: Backend, name: &str, sim_args: &[&str]) -> Stack {
     );
     api.wait_agent_online(&agent_id).await;
     Stack {
-        _dir: dir,
-        _cp: cp,
         agent,
+        _cp: cp,
         sim,
         api,
         agent_id,
+        _dir: dir,
     }
 }
 
@@ -158,21 +157,12 @@ async fn provision_node(backend: Backend) {
     );
     // Every stage was reported as it started and as it ended, in order (from the stored
     // event stream, which is what the UI follows).
-    let sse = reqwest::Client::new()
-        .get(format!("{}/api/commands/{cid}/events", api.base))
-        .bearer_auth(&api.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mut transitions: Vec<(String, String)> = sse
-        .split("\n\n")
-        .filter(|b| b.contains("event: stage"))
-        .filter_map(|b| b.lines().find_map(|l| l.strip_prefix("data: ")))
-        .map(|d| {
-            let v: Value = serde_json::from_str(d).unwrap();
+    let text = sse::fetch_text(api, &cid, None).await;
+    let mut transitions: Vec<(String, String)> = sse::parse(&text)
+        .iter()
+        .filter(|e| e.event == "stage")
+        .map(|e| {
+            let v: Value = serde_json::from_str(&e.data).unwrap();
             (
                 v["stage"].as_str().unwrap().to_string(),
                 v["state"].as_str().unwrap().to_string(),
@@ -189,7 +179,7 @@ async fn provision_node(backend: Backend) {
             ]
         })
         .collect();
-    assert_eq!(transitions, expected, "{sse}");
+    assert_eq!(transitions, expected, "{text}");
     let _ = seen_running;
     let r = &c["result"];
     assert_eq!(r["status"], "completed");

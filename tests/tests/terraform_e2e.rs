@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
+use trellis_tests::git::GitRepo;
 use trellis_tests::harness::*;
+use trellis_tests::sse::SseStream;
+use trellis_tests::terraform::terraform_env;
 
 const MAIN_TF: &str = r#"
 variable "greeting" {
@@ -34,18 +36,12 @@ output "greeting" {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_streams_logs_live_and_stores_outputs() {
-    let dir = scratch("tf-e2e");
-    let repo = dir.join("template");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("main.tf"), MAIN_TF).unwrap();
-    git(&repo, &["init", "-q"]);
-    git(&repo, &["add", "."]);
-    git(&repo, &["commit", "-qm", "template"]);
-    git(&repo, &["tag", "v1.0.0"]);
+    let (dir, cp, api) = control_plane(Backend::Sqlite, "tf-e2e").await;
+    let repo = GitRepo::init(&dir.join("template"));
+    repo.write("main.tf", MAIN_TF);
+    repo.commit_all("template");
+    repo.tag("v1.0.0");
 
-    let db = database(Backend::Sqlite, &dir).await;
-    let cp = ControlPlane::start(&db, &dir).await;
-    let api = cp.api();
     let (agent_id, token) = api.create_agent("tf-host").await;
     let env = terraform_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -57,7 +53,7 @@ async fn deploy_streams_logs_live_and_stores_outputs() {
         .command(
             &agent_id,
             "terraform_apply",
-            json!({"template_source": {"repo": repo.to_str().unwrap(), "version": "v1.0.0"},
+            json!({"template_source": {"repo": repo.path.to_str().unwrap(), "version": "v1.0.0"},
                    "terraform_vars": {"greeting": "hello", "api_token": secret},
                    "meta": {"triggered_by": "test", "reason": "e2e"}}),
         )
@@ -65,54 +61,35 @@ async fn deploy_streams_logs_live_and_stores_outputs() {
 
     // Follow the live SSE stream and note when each "step" line arrives.
     let started = Instant::now();
-    let resp = reqwest::Client::new()
-        .get(cp.url(&format!("/api/commands/{cid}/events")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
-    let mut buf = String::new();
+    let mut events = SseStream::subscribe(&api, &cid).await;
     let mut arrivals: Vec<(String, Duration)> = Vec::new();
     let mut stages = Vec::new();
     let mut finished_at = None;
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), body.next())
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(120), events.next())
         .await
         .expect("stream stalled")
     {
-        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let event = block
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or("");
-            let data = block
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or("{}");
-            let v: Value = serde_json::from_str(data).unwrap_or_default();
-            match event {
-                "log" => {
-                    for line in v["data"]
-                        .as_str()
-                        .unwrap_or("")
-                        .lines()
-                        .filter(|l| l.contains("step "))
-                    {
-                        arrivals.push((line.to_string(), started.elapsed()));
-                    }
+        let v = ev.json();
+        match ev.event.as_str() {
+            "log" => {
+                for line in v["data"]
+                    .as_str()
+                    .unwrap_or("")
+                    .lines()
+                    .filter(|l| l.contains("step "))
+                {
+                    arrivals.push((line.to_string(), started.elapsed()));
                 }
-                "stage" => stages.push((
-                    v["stage"].as_str().unwrap().to_string(),
-                    v["state"].as_str().unwrap().to_string(),
-                )),
-                "finished" => finished_at = Some(started.elapsed()),
-                _ => {}
             }
-        }
-        if buf.is_empty() && finished_at.is_some() {
-            break;
+            "stage" => stages.push((
+                v["stage"].as_str().unwrap().to_string(),
+                v["state"].as_str().unwrap().to_string(),
+            )),
+            "finished" => {
+                finished_at = Some(started.elapsed());
+                break;
+            }
+            _ => {}
         }
     }
     let finished_at = finished_at.expect("finished event");

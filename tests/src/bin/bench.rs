@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+use tokio_tungstenite::tungstenite::Message;
 use trellis_protocol::{
     AgentMessage, CommandType, Event, EventBody, FinalStatus, Hello, Outcome, ServerMessage,
 };
-use trellis_tests::harness::{self, Agent, Api, Backend, ControlPlane};
+use trellis_tests::harness::{Agent, Api, Backend, ControlPlane, TempDir, TestDb};
+use trellis_tests::raw_agent;
 
 #[derive(Parser)]
 struct Args {
@@ -93,17 +94,13 @@ async fn ws_echo_floor(samples: usize) -> Vec<Duration> {
 /// A minimal agent speaking the real protocol: accepts every dispatch and answers `ping`
 /// with a result at once.
 async fn sim_agent(ws_url: String, token: String, ready: Arc<AtomicU64>) {
-    let mut req = ws_url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) =
-        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, None).await {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("sim agent connect failed: {e}");
-                return;
-            }
-        };
+    let ws = match raw_agent::connect(&ws_url, &token).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("sim agent connect failed: {e}");
+            return;
+        }
+    };
     let (mut tx, mut rx) = ws.split();
     let hello = AgentMessage::Hello(Hello {
         protocol_version: trellis_protocol::PROTOCOL_VERSION,
@@ -175,9 +172,9 @@ async fn main() -> anyhow::Result<()> {
     );
 
     for &n in &args.agents {
-        let dir = harness::scratch("bench");
-        let db = harness::database(backend, &dir).await;
-        let cp = ControlPlane::start(&db, &dir).await;
+        let dir = TempDir::new("bench");
+        let db = TestDb::create(backend, &dir).await;
+        let cp = ControlPlane::start(db, &dir).await;
         let pid = cp.pid();
         let api = cp.api();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -241,9 +238,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.log_mb > 0 {
-        let dir = harness::scratch("bench-logs");
-        let db = harness::database(backend, &dir).await;
-        let cp = ControlPlane::start(&db, &dir).await;
+        let dir = TempDir::new("bench-logs");
+        let db = TestDb::create(backend, &dir).await;
+        let cp = ControlPlane::start(db, &dir).await;
         let api = cp.api();
         let (id, token) = api.create_agent("logger").await;
         let _agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));

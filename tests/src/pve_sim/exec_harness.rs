@@ -1,18 +1,15 @@
-//! Drives the agent's Proxmox executors directly (no control plane): builds an
-//! [`ExecContext`] whose reports land in a channel the test inspects.
+//! Drives the agent's Proxmox executors directly (no control plane) against a running
+//! `pve-sim`: a [`Recorded`] command's reports land in a [`Recorder`] the test inspects.
 
-use std::time::Instant;
-
-use tendril::exec::{ExecContext, Report};
 use tendril::proxmox::{ProxmoxExecutor, ProxmoxSettings};
-use tokio::sync::mpsc;
 use trellis_protocol::{
-    CommandError, EventBody, LogStream, ProvisionParams, ProvisionResult, StageState,
+    CommandError, ProvisionParams, ProvisionResult, ProvisionTemplate, StageState,
 };
 use uuid::Uuid;
 
 use super::process::SimProcess;
 use super::state::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET};
+use crate::recorder::Recorder;
 
 /// Settings that reach `sim` with the default token.
 pub fn settings_for(sim: &SimProcess) -> ProxmoxSettings {
@@ -27,96 +24,92 @@ pub fn executor_for(sim: &SimProcess) -> ProxmoxExecutor {
     ProxmoxExecutor::new(settings_for(sim))
 }
 
-/// An executor context plus the receiving end of its reports, each stamped with the time
-/// it arrived.
+/// Starts `pve-sim` (the binary `bin`) with short task durations, then `extra`.
+pub async fn fast_sim(bin: &str, extra: &[&str]) -> SimProcess {
+    let mut args = vec![
+        "--clone-ms",
+        "300",
+        "--start-ms",
+        "150",
+        "--stop-ms",
+        "80",
+        "--destroy-ms",
+        "80",
+        "--agent-boot-ms",
+        "400",
+        "--exec-ms",
+        "30",
+        "--auth-fail-delay-ms",
+        "50",
+    ];
+    args.extend_from_slice(extra);
+    SimProcess::start(bin, &args).await.expect("pve-sim starts")
+}
+
+/// One command on a Proxmox executor, its reports recorded. Derefs to its [`Recorder`]
+/// (`ctx`, `stages()`, `log(…)`, …).
 pub struct Recorded {
-    pub ctx: ExecContext,
     executor: ProxmoxExecutor,
-    rx: mpsc::Receiver<Report>,
-    events: Vec<(Instant, EventBody)>,
+    rec: Recorder,
 }
 
 impl Recorded {
     /// A fresh command on `executor` (`root` = its own id unless given).
     pub fn new(executor: &ProxmoxExecutor, root: Option<Uuid>) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel(100_000);
-        let id = Uuid::new_v4();
-        let ctx = ExecContext::new(id, root.unwrap_or(id), 1, tx);
         Ok(Self {
-            ctx,
             executor: executor.clone(),
-            rx,
-            events: Vec::new(),
+            rec: Recorder::new(root),
         })
     }
 
     /// Runs the `provision` executor, recording reports as they arrive.
     pub async fn provision(&mut self, p: ProvisionParams) -> Result<ProvisionResult, CommandError> {
-        let ctx = self.ctx.clone();
         let executor = self.executor.clone();
-        let fut = executor.provision(&ctx, p);
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                r = &mut fut => {
-                    self.drain();
-                    return r;
-                }
-                Some(rep) = self.rx.recv() => self.events.push((Instant::now(), rep.body)),
-            }
-        }
+        self.rec
+            .run(|ctx| async move { executor.provision(&ctx, p).await })
+            .await
     }
+}
 
-    /// Moves every report received so far into `events`.
-    pub fn drain(&mut self) -> &[(Instant, EventBody)] {
-        while let Ok(r) = self.rx.try_recv() {
-            self.events.push((Instant::now(), r.body));
-        }
-        &self.events
-    }
+impl std::ops::Deref for Recorded {
+    type Target = Recorder;
 
-    /// Waits for the next report (for tests that act mid-run).
-    pub async fn next(&mut self) -> Option<EventBody> {
-        let r = self.rx.recv().await?;
-        self.events.push((Instant::now(), r.body.clone()));
-        Some(r.body)
+    fn deref(&self) -> &Recorder {
+        &self.rec
     }
+}
 
-    /// `(stage, state)` in the order reported.
-    pub fn stages(&mut self) -> Vec<(String, StageState)> {
-        self.drain()
-            .iter()
-            .filter_map(|(_, e)| match e {
-                EventBody::Stage { stage, state, .. } => Some((stage.clone(), *state)),
-                _ => None,
-            })
-            .collect()
+impl std::ops::DerefMut for Recorded {
+    fn deref_mut(&mut self) -> &mut Recorder {
+        &mut self.rec
     }
+}
 
-    /// Stage events with their message and arrival time.
-    pub fn stage_events(&mut self) -> Vec<(Instant, String, StageState, Option<String>)> {
-        self.drain()
-            .iter()
-            .filter_map(|(t, e)| match e {
-                EventBody::Stage {
-                    stage,
-                    state,
-                    message,
-                    ..
-                } => Some((*t, stage.clone(), *state, message.clone())),
-                _ => None,
-            })
-            .collect()
+/// Provision params for `name` from template 9000 (1 GiB, 2 cores, bridge `vmbr1`,
+/// 20 s network timeout, no guest commands).
+pub fn provision_params(name: &str) -> ProvisionParams {
+    ProvisionParams {
+        name: name.into(),
+        template: ProvisionTemplate {
+            kind: "proxmox".into(),
+            template_id: Some(9000),
+            template_node: None,
+            memory: 1024,
+            cores: 2,
+            description: Some("made by a test".into()),
+            network_bridge: Some("vmbr1".into()),
+            pre_provision_commands: vec![],
+            post_provision_commands: vec![],
+        },
+        target_node: None,
+        min_vm_id: None,
+        skip_post_provision: false,
+        keep_on_failure: false,
+        network_timeout_secs: Some(20),
     }
+}
 
-    /// All log text of one stream.
-    pub fn log(&mut self, stream: LogStream) -> String {
-        self.drain()
-            .iter()
-            .filter_map(|(_, e)| match e {
-                EventBody::Log { stream: s, data } if *s == stream => Some(data.as_str()),
-                _ => None,
-            })
-            .collect()
-    }
+/// `(stage, state)` as [`Recorder::stages`] lists them.
+pub fn stage(name: &str, state: StageState) -> (String, StageState) {
+    (name.to_string(), state)
 }
