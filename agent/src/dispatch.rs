@@ -62,6 +62,11 @@ impl Executors {
             Command::ListTemplates(p) => json(proxmox()?.list_templates(ctx, p).await?),
             Command::Provision(p) => json(proxmox()?.provision(ctx, p).await?),
             Command::TerraformApply(p) => json(self.terraform.apply(ctx, p).await?),
+            // Not offered in this agent's capabilities yet, so the server never sends them.
+            Command::VmPower(_) | Command::Destroy(_) => Err(CommandError::new(
+                "unsupported_command",
+                "this agent cannot run vm_power or destroy commands",
+            )),
         }
     }
 }

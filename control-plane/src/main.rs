@@ -52,6 +52,10 @@ enum Cmd {
         #[arg(long, env = "TRELLIS_HEARTBEAT_TIMEOUT_SECS", default_value_t = trellis_protocol::HEARTBEAT_TIMEOUT_SECS,
               value_parser = clap::value_parser!(u64).range(3..=3600))]
         heartbeat_timeout_secs: u64,
+        /// Seconds between the VM inventory reports agents send (drift shows within one).
+        #[arg(long, env = "TRELLIS_INVENTORY_INTERVAL_SECS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        inventory_interval_secs: u64,
     },
     /// Manage agents directly in the database.
     Agents {
@@ -96,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             heartbeat_timeout_secs,
+            inventory_interval_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -126,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
                     tls_cert,
                     tls_key,
                     heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
+                    inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
                 },
                 shutdown,
             )

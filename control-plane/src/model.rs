@@ -169,8 +169,11 @@ status_enum!(
 );
 
 status_enum!(
-    /// The life of a node. Owned by [`NodeStatus::after_provision`] and the transitions in
-    /// `db::nodes`, each committed with the command outcome that causes it.
+    /// The life of a node: `pending_provision → provisioning → running ⇄ stopped`, then
+    /// `→ destroying → destroyed`; `failed` when a provision or destroy did not succeed;
+    /// `missing` when the agent's inventory no longer shows its VM. The transitions are
+    /// the functions below; `db::nodes` commits each with the command outcome (or the
+    /// inventory) that causes it.
     NodeStatus {
         /// Created; no VM yet.
         PendingProvision = "pending_provision",
@@ -178,14 +181,71 @@ status_enum!(
         Provisioning = "provisioning",
         Running = "running",
         Stopped = "stopped",
-        /// The last provision failed, was cancelled or timed out (no VM, or none kept).
+        /// The last provision or destroy failed, was cancelled or timed out.
         Failed = "failed",
+        /// A destroy command is deleting its VM.
+        Destroying = "destroying",
+        /// Its VM was deleted by Trellis; the record is kept with its history.
+        Destroyed = "destroyed",
+        /// Its VM is gone from the hypervisor (deleted outside Trellis).
+        Missing = "missing",
     }
 );
 
 impl NodeStatus {
     /// Statuses an admin may set by hand (and only on a node that has a VM).
     pub const SETTABLE: [NodeStatus; 2] = [Self::Running, Self::Stopped];
+
+    /// A command is changing the node (nothing else may start on it).
+    pub fn is_transitional(self) -> bool {
+        matches!(self, Self::Provisioning | Self::Destroying)
+    }
+
+    /// Power actions are possible (on a node that has a VM).
+    pub fn can_power(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped | Self::Failed)
+    }
+
+    /// Destroy is possible (on a node that has a VM; a `missing` one ends `destroyed`).
+    pub fn can_destroy(self) -> bool {
+        matches!(
+            self,
+            Self::Running | Self::Stopped | Self::Failed | Self::Missing
+        )
+    }
+
+    /// The inventory decides the status only in these (never during a command, never
+    /// for a record whose VM Trellis deleted).
+    pub fn follows_inventory(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped | Self::Missing)
+    }
+
+    /// Where the inventory moves a node: its VM's reported status, or `missing`.
+    pub fn from_inventory(vm_status: Option<&str>) -> NodeStatus {
+        match vm_status {
+            Some("running") => Self::Running,
+            Some(_) => Self::Stopped,
+            None => Self::Missing,
+        }
+    }
+
+    /// Where a destroy's end moves a node that was `destroying`.
+    pub fn after_destroy(outcome: CommandStatus) -> NodeStatus {
+        match outcome {
+            CommandStatus::Succeeded => Self::Destroyed,
+            _ => Self::Failed,
+        }
+    }
+
+    /// Where a power command's end moves a node: the state Proxmox reported, or where it
+    /// was when the command did not succeed.
+    pub fn after_power(self, outcome: CommandStatus, reported_running: Option<bool>) -> NodeStatus {
+        match (outcome, reported_running) {
+            (CommandStatus::Succeeded, Some(true)) => Self::Running,
+            (CommandStatus::Succeeded, Some(false)) => Self::Stopped,
+            _ => self,
+        }
+    }
 
     /// Where a node that was `provisioning` goes when its provision command ends.
     pub fn after_provision(outcome: CommandStatus, has_result: bool) -> NodeStatus {
@@ -241,6 +301,34 @@ mod tests {
         for c in [C::Failed, C::Cancelled, C::TimedOut] {
             assert_eq!(NodeStatus::after_provision(c, true), NodeStatus::Failed);
         }
+    }
+
+    #[test]
+    fn the_lifecycle_moves_only_where_it_may() {
+        use CommandStatus as C;
+        use NodeStatus as N;
+        assert_eq!(N::after_destroy(C::Succeeded), N::Destroyed);
+        assert_eq!(N::after_destroy(C::Failed), N::Failed);
+        assert_eq!(N::after_destroy(C::TimedOut), N::Failed);
+        assert_eq!(
+            N::Running.after_power(C::Succeeded, Some(false)),
+            N::Stopped
+        );
+        assert_eq!(N::Stopped.after_power(C::Succeeded, Some(true)), N::Running);
+        assert_eq!(N::Running.after_power(C::Failed, None), N::Running);
+        assert_eq!(N::from_inventory(Some("running")), N::Running);
+        assert_eq!(N::from_inventory(Some("stopped")), N::Stopped);
+        assert_eq!(N::from_inventory(None), N::Missing);
+        for s in NodeStatus::ALL {
+            // Nothing starts on a node a command is changing; a destroyed record stays so.
+            if s.is_transitional() || *s == N::Destroyed || *s == N::PendingProvision {
+                assert!(!s.can_power() && !s.can_destroy(), "{s}");
+            }
+            if s.follows_inventory() {
+                assert!(!s.is_transitional());
+            }
+        }
+        assert!(N::Missing.can_destroy() && !N::Missing.can_power());
     }
 
     #[test]

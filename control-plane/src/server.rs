@@ -25,6 +25,8 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// An agent silent for this long is considered dead and its session closed.
     pub heartbeat_timeout: std::time::Duration,
+    /// How often agents report their VM inventory (zero: the default, 30 s).
+    pub inventory_interval: std::time::Duration,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -72,7 +74,14 @@ impl App {
             fanout.clone(),
             metrics.clone(),
             shutdown,
-            config.heartbeat_timeout,
+            crate::broker::Timing {
+                heartbeat_timeout: config.heartbeat_timeout,
+                inventory_interval: if config.inventory_interval.is_zero() {
+                    Duration::from_secs(30)
+                } else {
+                    config.inventory_interval
+                },
+            },
             &tasks,
         );
         tasks.spawn(reaper::run(broker.clone()));

@@ -14,17 +14,23 @@ pub enum CommandType {
     Provision,
     ListTemplates,
     TerraformApply,
+    /// Start, shut down, stop or reboot a VM Trellis made.
+    VmPower,
+    /// Stop and delete a VM Trellis made (refused for a VM without the expected tag).
+    Destroy,
     /// A type this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
 }
 
 impl CommandType {
-    pub const ALL: [CommandType; 4] = [
+    pub const ALL: [CommandType; 6] = [
         Self::Ping,
         Self::Provision,
         Self::ListTemplates,
         Self::TerraformApply,
+        Self::VmPower,
+        Self::Destroy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -33,6 +39,8 @@ impl CommandType {
             Self::Provision => "provision",
             Self::ListTemplates => "list_templates",
             Self::TerraformApply => "terraform_apply",
+            Self::VmPower => "vm_power",
+            Self::Destroy => "destroy",
             Self::Unknown => "unknown",
         }
     }
@@ -46,6 +54,8 @@ impl CommandType {
         match self {
             Self::Provision => &PROVISION_STAGES,
             Self::TerraformApply => &TERRAFORM_STAGES,
+            Self::VmPower => &VM_POWER_STAGES,
+            Self::Destroy => &DESTROY_STAGES,
             _ => &[],
         }
     }
@@ -68,6 +78,39 @@ pub const PROVISION_STAGES: [&str; 6] = [
 
 pub const TERRAFORM_STAGES: [&str; 4] = ["fetch_template", "init", "apply", "outputs"];
 
+/// `request`: the power task is accepted by Proxmox; `wait_state`: the VM reached the new
+/// state (a task that was accepted is not a state that was reached).
+pub const VM_POWER_STAGES: [&str; 2] = ["request", "wait_state"];
+
+/// `check_tag`: the VM carries the expected tag (or is already gone); `stop_vm`: stopped
+/// if it ran; `delete_vm`: deleted with its disks and job/HA references; `confirm_gone`:
+/// the inventory no longer lists it.
+pub const DESTROY_STAGES: [&str; 4] = ["check_tag", "stop_vm", "delete_vm", "confirm_gone"];
+
+/// The line Trellis writes into the description of every VM it makes:
+/// `trellis-command=<root command id of the provision>`. Destroy refuses a VM without it.
+pub const VM_TAG_PREFIX: &str = "trellis-command=";
+
+/// The tag of the VM a provision with this root command id made.
+pub fn vm_tag(root_command_id: uuid::Uuid) -> String {
+    format!("{VM_TAG_PREFIX}{root_command_id}")
+}
+
+/// The Proxmox `tags` entry (letters, digits, `-` only, so it shows in
+/// `/cluster/resources` without a per-VM call) of the VM a provision made.
+pub fn proxmox_tag(root_command_id: uuid::Uuid) -> String {
+    format!("trellis-{root_command_id}")
+}
+
+/// The Trellis tag (`trellis-command=<id>`) for a Proxmox `tags` list (`a;b` or `a,b`),
+/// if one of its entries is a Trellis tag.
+pub fn tag_from_proxmox_tags(tags: &str) -> Option<String> {
+    tags.split([';', ',', ' '])
+        .filter_map(|t| t.trim().strip_prefix("trellis-"))
+        .find_map(|id| id.parse::<uuid::Uuid>().ok())
+        .map(vm_tag)
+}
+
 /// A command with its typed params.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -75,6 +118,8 @@ pub enum Command {
     Provision(ProvisionParams),
     ListTemplates(ListTemplatesParams),
     TerraformApply(TerraformApplyParams),
+    VmPower(VmPowerParams),
+    Destroy(DestroyParams),
 }
 
 impl Command {
@@ -84,7 +129,7 @@ impl Command {
             CommandError::new(
                 "unsupported_command",
                 format!(
-                    "unknown command type {command_type:?}; expected one of ping, provision, list_templates, terraform_apply"
+                    "unknown command type {command_type:?}; expected one of ping, provision, list_templates, terraform_apply, vm_power, destroy"
                 ),
             )
         })?;
@@ -106,6 +151,8 @@ impl Command {
             CommandType::Provision => Self::Provision(typed(ty, params)?),
             CommandType::ListTemplates => Self::ListTemplates(typed(ty, params)?),
             CommandType::TerraformApply => Self::TerraformApply(typed(ty, params)?),
+            CommandType::VmPower => Self::VmPower(typed(ty, params)?),
+            CommandType::Destroy => Self::Destroy(typed(ty, params)?),
             CommandType::Unknown => unreachable!("parse never yields Unknown"),
         };
         cmd.validate()?;
@@ -118,6 +165,8 @@ impl Command {
             Self::Provision(_) => CommandType::Provision,
             Self::ListTemplates(_) => CommandType::ListTemplates,
             Self::TerraformApply(_) => CommandType::TerraformApply,
+            Self::VmPower(_) => CommandType::VmPower,
+            Self::Destroy(_) => CommandType::Destroy,
         }
     }
 
@@ -127,6 +176,8 @@ impl Command {
             Self::Provision(p) => p.validate(),
             Self::ListTemplates(_) => Ok(()),
             Self::TerraformApply(p) => p.validate(),
+            Self::VmPower(p) => p.validate(),
+            Self::Destroy(p) => p.validate(),
         }
     }
 }
@@ -261,8 +312,9 @@ pub struct ProvisionParams {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProvisionTemplate {
-    /// Template kind; `"proxmox"` (the only kind today).
-    #[serde(rename = "type", default = "proxmox_kind")]
+    /// Template kind: `"clone"` (clone a Proxmox template; what the UI sends, and the
+    /// original design's name) or its older spelling `"proxmox"`.
+    #[serde(rename = "type", default = "clone_kind")]
     pub kind: String,
     /// Proxmox VMID of the template.
     #[serde(default)]
@@ -282,9 +334,12 @@ pub struct ProvisionTemplate {
     pub post_provision_commands: Vec<String>,
 }
 
-fn proxmox_kind() -> String {
-    "proxmox".into()
+fn clone_kind() -> String {
+    "clone".into()
 }
+
+/// The template kinds `provision` accepts (the same thing: clone a Proxmox template).
+pub const PROVISION_TEMPLATE_KINDS: [&str; 2] = ["clone", "proxmox"];
 
 /// Checks a VM name the way Proxmox does (a DNS name: labels of letters, digits and
 /// hyphens, not starting or ending with a hyphen).
@@ -316,9 +371,9 @@ impl ProvisionParams {
     fn validate(&self) -> Result<(), CommandError> {
         validate_vm_name(&self.name)?;
         let t = &self.template;
-        if t.kind != "proxmox" {
+        if !PROVISION_TEMPLATE_KINDS.contains(&t.kind.as_str()) {
             return Err(invalid(format!(
-                "template.type {:?} is not supported; use \"proxmox\"",
+                "template.type {:?} is not supported; use \"clone\"",
                 t.kind
             )));
         }
@@ -371,6 +426,136 @@ pub struct ProvisionResult {
     pub name: String,
     pub status: ProvisionStatus,
     pub stages_completed: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// vm_power and destroy
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerAction {
+    Start,
+    /// ACPI / guest-agent shutdown; falls back to `stop` only with `force_after_s`.
+    Shutdown,
+    /// Hard power-off.
+    Stop,
+    Reboot,
+}
+
+impl PowerAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Shutdown => "shutdown",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+        }
+    }
+
+    /// The state the VM is in when the action is done.
+    pub fn target(self) -> VmState {
+        match self {
+            Self::Start | Self::Reboot => VmState::Running,
+            Self::Shutdown | Self::Stop => VmState::Stopped,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Stopped,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmPowerParams {
+    pub vm_id: u32,
+    /// The Proxmox node the VM is on (looked up again if it moved).
+    pub node: String,
+    pub action: PowerAction,
+    /// Seconds to wait for the new state (default 120).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    /// `shutdown` only: after this many seconds without the guest stopping, power it off.
+    #[serde(default)]
+    pub force_after_s: Option<u32>,
+}
+
+impl VmPowerParams {
+    fn validate(&self) -> Result<(), CommandError> {
+        if !(100..=999_999_999).contains(&self.vm_id) {
+            return Err(invalid("vm_id must be a Proxmox VMID (≥ 100)"));
+        }
+        if self.node.trim().is_empty() {
+            return Err(invalid("node is required"));
+        }
+        if self.timeout_s.is_some_and(|t| !(1..=3600).contains(&t)) {
+            return Err(invalid("timeout_s must be 1–3600"));
+        }
+        if self.force_after_s.is_some() && self.action != PowerAction::Shutdown {
+            return Err(invalid("force_after_s applies to shutdown only"));
+        }
+        if self.force_after_s.is_some_and(|t| !(1..=3600).contains(&t)) {
+            return Err(invalid("force_after_s must be 1–3600"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmPowerResult {
+    pub vm_id: u32,
+    pub node: String,
+    /// The state Proxmox reports at the end.
+    pub status: VmState,
+    /// A shutdown that ran out of time was turned into a stop (`force_after_s`).
+    #[serde(default)]
+    pub forced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestroyParams {
+    pub vm_id: u32,
+    pub node: String,
+    /// The VM's description must carry this line (`trellis-command=<id>`, see [`vm_tag`]);
+    /// a VM without it is never deleted.
+    pub expected_tag: String,
+}
+
+impl DestroyParams {
+    fn validate(&self) -> Result<(), CommandError> {
+        if !(100..=999_999_999).contains(&self.vm_id) {
+            return Err(invalid("vm_id must be a Proxmox VMID (≥ 100)"));
+        }
+        if self.node.trim().is_empty() {
+            return Err(invalid("node is required"));
+        }
+        if !self.expected_tag.starts_with(VM_TAG_PREFIX) {
+            return Err(invalid(format!(
+                "expected_tag must start with {VM_TAG_PREFIX:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DestroyResult {
+    pub vm_id: u32,
+    pub node: String,
+    /// The VM was already gone (deleted outside Trellis, or by an earlier attempt).
+    #[serde(default)]
+    pub already_gone: bool,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -23,6 +23,36 @@ pub enum AgentMessage {
     },
     /// The agent could not understand something the server sent.
     Error(ProtocolError),
+    /// Every VM the agent's hypervisor has (templates left out), from one list call: sent
+    /// on connect, every inventory interval, and right after a command that touched a VM.
+    /// Sent only to a server whose `welcome` lists the [`FEATURE_INVENTORY`] feature.
+    Inventory(Inventory),
+}
+
+/// `welcome.features` entry: the server takes [`AgentMessage::Inventory`].
+pub const FEATURE_INVENTORY: &str = "inventory";
+
+/// A snapshot of the VMs an agent's hypervisor (cluster) has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub vms: Vec<InventoryVm>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InventoryVm {
+    pub vm_id: u32,
+    /// The Proxmox node it is on.
+    pub node: String,
+    #[serde(default)]
+    pub name: String,
+    /// `running`, `stopped`, or what Proxmox reported (`paused`, `unknown`…).
+    pub status: String,
+    /// Addresses known without a per-VM call (often none).
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    /// The Trellis tag (`trellis-command=<id>`) when the VM carries one.
+    #[serde(default)]
+    pub tag: Option<String>,
 }
 
 /// Control plane → agent.
@@ -35,6 +65,13 @@ pub enum ServerMessage {
         agent_id: Uuid,
         session_id: Uuid,
         heartbeat_interval_secs: u64,
+        /// Optional frames this server takes (e.g. [`FEATURE_INVENTORY`]); absent from older
+        /// servers, so an agent sends them only when listed.
+        #[serde(default)]
+        features: Vec<String>,
+        /// Seconds between inventory reports the server asks for (default 30).
+        #[serde(default)]
+        inventory_interval_secs: Option<u64>,
     },
     /// Run a command. Re-sent after a reconnect until the agent accepts it; the agent
     /// never runs the same `command_id` twice.

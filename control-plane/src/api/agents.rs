@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use trellis_protocol::{CommandType, ListTemplatesResult, MAX_FRAME_BYTES};
 
 use super::types::{
-    Agent, AgentList, AgentTemplates, CreateAgentRequest, CreatedAgent, ErrorBody, NewToken,
-    ProxmoxTemplate,
+    Agent, AgentList, AgentTemplates, AgentVm, AgentVmList, CreateAgentRequest, CreatedAgent,
+    ErrorBody, NewToken, ProxmoxTemplate,
 };
 use super::{parse_id, ApiResult, AppError, AppState, Json};
 use crate::domain::{self, commands::CreateCommand, DomainError};
@@ -69,6 +69,25 @@ pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     let id: AgentId = parse_id(&id, "agent")?;
     domain::agents::revoke(&s.db, Some(&s.broker), id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The VMs the hypervisor reported in its latest inventory, each with the node tracking
+/// it (none: a VM Trellis does not track).
+#[utoipa::path(get, path = "/api/agents/{id}/vms", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = AgentVmList), (status = 404, body = ErrorBody)))]
+pub async fn vms(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<AgentVmList>> {
+    let id: AgentId = parse_id(&id, "agent")?;
+    domain::agents::get(&s.db, id).await?;
+    let items =
+        s.db.agent_vms(id)
+            .await?
+            .iter()
+            .map(AgentVm::from)
+            .collect();
+    Ok(Json(AgentVmList { items }))
 }
 
 /// `GET /api/agents/connect`: authenticates the agent token before the upgrade.

@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/agents/{id}", get(agents::get).delete(agents::revoke))
         .route("/api/agents/{id}/rotate-token", post(agents::rotate))
         .route("/api/agents/{id}/templates", get(agents::templates))
+        .route("/api/agents/{id}/vms", get(agents::vms))
         .route("/api/commands", get(commands::list).post(commands::create))
         .route("/api/commands/{id}", get(commands::get))
         .route("/api/commands/{id}/events", get(commands::events))
@@ -69,6 +70,9 @@ pub fn router(state: AppState) -> Router {
             get(nodes::get).put(nodes::update).delete(nodes::delete),
         )
         .route("/api/nodes/{id}/provision", post(nodes::provision))
+        .route("/api/nodes/{id}/power", post(nodes::power))
+        .route("/api/nodes/{id}/destroy", post(nodes::destroy))
+        .route("/api/nodes/{id}/forget", post(nodes::forget))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/api/agents/connect", get(agents::connect))

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::types::{
-    CreateNodeRequest, ErrorBody, Node, NodeList, NodeWithCommand, ProvisionRequest,
-    UpdateNodeRequest,
+    CreateNodeRequest, DestroyRequest, ErrorBody, Node, NodeList, NodeWithCommand, PowerRequest,
+    ProvisionRequest, UpdateNodeRequest,
 };
 use super::{parse_id, ApiResult, AppState, Json};
 use crate::domain::{self, nodes::Provision};
@@ -31,6 +31,7 @@ fn provision_of(p: ProvisionRequest) -> Provision {
     Provision {
         agent_id: p.agent_id,
         target_node: p.target_node,
+        keep_on_failure: p.keep_on_failure,
     }
 }
 
@@ -97,10 +98,11 @@ pub async fn update(
     Ok(Json(Node::from(&n)))
 }
 
-/// Remove the node record (the VM stays in Proxmox).
+/// Remove a node record whose VM does not exist (never made, destroyed, or missing).
+/// A node whose VM lives is refused (`vm_exists`): destroy it or forget it.
 #[utoipa::path(delete, path = "/api/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody),
-        (status = 409, description = "node_busy", body = ErrorBody)))]
+        (status = 409, description = "vm_exists, node_busy", body = ErrorBody)))]
 pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id: NodeId = parse_id(&id, "node")?;
     domain::nodes::delete(&s.db, id).await?;
@@ -127,4 +129,68 @@ pub async fn provision(
         }),
     )
         .into_response())
+}
+
+/// Start, shut down, stop or reboot the node's VM; the node follows the state Proxmox
+/// reports when the command ends.
+#[utoipa::path(post, path = "/api/nodes/{id}/power", tag = "nodes", params(("id" = String, Path)),
+    request_body = PowerRequest,
+    responses((status = 202, body = NodeWithCommand), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "invalid_state, node_busy, capability_missing", body = ErrorBody)))]
+pub async fn power(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(b): Json<PowerRequest>,
+) -> ApiResult<Response> {
+    let id: NodeId = parse_id(&id, "node")?;
+    let (node, c) = domain::nodes::power(
+        &s.db,
+        &s.broker,
+        id,
+        domain::nodes::Power {
+            action: b.action.into(),
+            timeout_s: b.timeout_s,
+            force_after_s: b.force_after_s,
+        },
+    )
+    .await?;
+    Ok(accepted(&node, c.id))
+}
+
+/// Destroy the node's VM (stop, delete with its disks); the record is kept as
+/// `destroyed`. The VM must carry this node's tag. `confirmName` must be the node's name.
+#[utoipa::path(post, path = "/api/nodes/{id}/destroy", tag = "nodes", params(("id" = String, Path)),
+    request_body = DestroyRequest,
+    responses((status = 202, body = NodeWithCommand), (status = 400, description = "confirmation_mismatch", body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "invalid_state, node_busy, vm_untagged, capability_missing", body = ErrorBody)))]
+pub async fn destroy(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(b): Json<DestroyRequest>,
+) -> ApiResult<Response> {
+    let id: NodeId = parse_id(&id, "node")?;
+    let (node, c) = domain::nodes::destroy(&s.db, &s.broker, id, &b.confirm_name).await?;
+    Ok(accepted(&node, c.id))
+}
+
+/// Forget the node: drop its record and keep its VM in Proxmox, untracked.
+#[utoipa::path(post, path = "/api/nodes/{id}/forget", tag = "nodes", params(("id" = String, Path)),
+    responses((status = 200, description = "The forgotten record", body = Node), (status = 404, body = ErrorBody),
+        (status = 409, description = "node_busy", body = ErrorBody)))]
+pub async fn forget(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+    let id: NodeId = parse_id(&id, "node")?;
+    let n = domain::nodes::forget(&s.db, id).await?;
+    Ok(Json(Node::from(&n)))
+}
+
+fn accepted(node: &crate::db::NodeRow, command: crate::model::CommandId) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(NodeWithCommand {
+            node: Node::from(node),
+            command_id: Some(command),
+        }),
+    )
+        .into_response()
 }

@@ -20,10 +20,12 @@ use super::{agents, commands, nodes, templates};
     ),
     paths(
         agents::list, agents::create, agents::get, agents::revoke, agents::rotate, agents::templates,
+        agents::vms,
         commands::list, commands::create, commands::get, commands::logs, commands::events,
         commands::cancel, commands::retry,
         templates::list, templates::create, templates::get, templates::update, templates::delete,
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
+        nodes::power, nodes::destroy, nodes::forget,
         super::healthz, super::readyz, super::metrics,
     ),
     modifiers(&Contract),
@@ -38,9 +40,10 @@ use super::{agents, commands, nodes, templates};
 )]
 pub struct ApiDoc;
 
-/// What every operation shares: the admin bearer token scheme, and a `default` response
-/// with the error body, so that any error status (401, 400 for a malformed query, …) is
-/// part of the contract and has the `{error: {code, message}}` shape.
+/// What every operation shares: the admin bearer token scheme, a `default` response with
+/// the error body, so that any error status (401, 400 for a malformed query, …) is part of
+/// the contract and has the `{error: {code, message}}` shape, and a unique operation id
+/// (`<tag>_<handler>`).
 struct Contract;
 
 impl Modify for Contract {
@@ -76,6 +79,13 @@ impl Modify for Contract {
                     .responses
                     .entry("default".into())
                     .or_insert_with(|| RefOr::T(error.clone()));
+                // Handler names (`list`, `get`…) repeat across tags; ids must be unique.
+                if let (Some(tag), Some(id)) = (
+                    op.tags.as_ref().and_then(|t| t.first()),
+                    op.operation_id.as_mut(),
+                ) {
+                    *id = format!("{tag}_{id}");
+                }
             }
         }
     }

@@ -448,6 +448,10 @@ pub struct Node {
     pub error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// The Proxmox node its VM is on.
+    pub vm_node: Option<String>,
+    /// When the hypervisor's inventory last showed its VM (RFC 3339).
+    pub observed_at: Option<String>,
 }
 
 impl From<&NodeRow> for Node {
@@ -467,6 +471,8 @@ impl From<&NodeRow> for Node {
             error: n.error.clone(),
             created_at: rfc3339(n.created_at),
             updated_at: rfc3339(n.updated_at),
+            vm_node: n.vm_node.clone(),
+            observed_at: opt_rfc3339(n.observed_at),
         }
     }
 }
@@ -484,6 +490,90 @@ pub struct ProvisionRequest {
     /// The Proxmox node of that hypervisor's cluster (default: the template's).
     #[serde(default)]
     pub target_node: Option<String>,
+    /// Keep a VM that failed half-way for inspection instead of deleting it.
+    #[serde(default)]
+    pub keep_on_failure: bool,
+}
+
+/// `start`, `shutdown` (ACPI / guest agent), `stop` (hard power-off) or `reboot`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerAction {
+    Start,
+    Shutdown,
+    Stop,
+    Reboot,
+}
+
+impl From<PowerAction> for trellis_protocol::PowerAction {
+    fn from(a: PowerAction) -> Self {
+        match a {
+            PowerAction::Start => Self::Start,
+            PowerAction::Shutdown => Self::Shutdown,
+            PowerAction::Stop => Self::Stop,
+            PowerAction::Reboot => Self::Reboot,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PowerRequest {
+    pub action: PowerAction,
+    /// Seconds to wait for the new state (default 120).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub timeout_s: Option<u32>,
+    /// `shutdown` only: power the VM off if the guest has not stopped after this many seconds.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 3600)]
+    pub force_after_s: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestroyRequest {
+    /// The node's name, typed by the admin to confirm.
+    pub confirm_name: String,
+}
+
+/// A VM of a hypervisor's latest inventory.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentVm {
+    pub vm_id: i64,
+    /// The Proxmox node.
+    pub node: String,
+    pub name: String,
+    /// What Proxmox reports (`running`, `stopped`, …).
+    pub status: String,
+    /// The Trellis tag (`trellis-command=<id>`) when the VM carries one.
+    pub tag: Option<String>,
+    pub ip_addresses: Vec<String>,
+    pub seen_at: String,
+    /// The node tracking this VM; null for a VM Trellis does not track (with a tag:
+    /// made by Trellis and forgotten or left over — adopt or clean it up).
+    pub node_id: Option<NodeId>,
+}
+
+impl From<&crate::db::AgentVmRow> for AgentVm {
+    fn from(v: &crate::db::AgentVmRow) -> Self {
+        Self {
+            vm_id: v.vm_id,
+            node: v.node.clone(),
+            name: v.name.clone(),
+            status: v.status.clone(),
+            tag: v.tag.clone(),
+            ip_addresses: v.ip_addresses.clone(),
+            seen_at: rfc3339(v.seen_at),
+            node_id: v.tracked_by,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentVmList {
+    pub items: Vec<AgentVm>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -43,6 +43,13 @@ struct SessionHandle {
     last_heartbeat: i64,
 }
 
+/// The broker's clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat_timeout: Duration,
+    pub inventory_interval: Duration,
+}
+
 pub struct Broker {
     pub db: Db,
     pub fanout: Arc<fanout::Fanout>,
@@ -50,6 +57,8 @@ pub struct Broker {
     pub shutdown: CancellationToken,
     /// A session with no frame from its agent for this long is closed as dead.
     pub heartbeat_timeout: Duration,
+    /// How often agents are asked to report their VM inventory.
+    pub inventory_interval: Duration,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
@@ -66,7 +75,7 @@ impl Broker {
         fanout: Arc<fanout::Fanout>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-        heartbeat_timeout: Duration,
+        timing: Timing,
         tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
@@ -78,7 +87,8 @@ impl Broker {
             fanout,
             metrics,
             shutdown,
-            heartbeat_timeout,
+            heartbeat_timeout: timing.heartbeat_timeout,
+            inventory_interval: timing.inventory_interval,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,

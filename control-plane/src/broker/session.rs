@@ -234,6 +234,8 @@ impl Session {
             agent_id: self.agent_id.0,
             session_id: Uuid::new_v4(),
             heartbeat_interval_secs: self.broker.heartbeat_interval_secs(),
+            features: vec![trellis_protocol::FEATURE_INVENTORY.to_string()],
+            inventory_interval_secs: Some(self.broker.inventory_interval.as_secs().max(1)),
         };
         if send(socket, &welcome).await.is_err() {
             return "send failed".into();
@@ -371,6 +373,17 @@ impl Session {
                                 if writer.send(op).await.is_err() {
                                     return "writer stopped".into();
                                 }
+                            }
+                        }
+                        AgentMessage::Inventory(inv) => {
+                            match self.broker.db.apply_inventory(self.agent_id, &inv.vms).await {
+                                Ok(applied) => {
+                                    for (node, from, to) in applied.moved {
+                                        tracing::info!(agent_id = %self.agent_id, %node, %from, %to, "node follows its VM");
+                                    }
+                                }
+                                // Not fatal: the next report (30 s) tries again.
+                                Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "cannot store inventory"),
                             }
                         }
                         AgentMessage::Error(e) => {

@@ -139,8 +139,14 @@ impl Db {
         .await?;
         let mut out = Reconciled::default();
         let mut lost = Vec::new();
+        // Lost destroys are re-run (destroy is idempotent: a VM already gone succeeds).
+        let mut lost_destroys: std::collections::HashMap<CommandId, DispatchRow> =
+            Default::default();
         for r in &rows {
             let d = DispatchRow::from_row(r)?;
+            if d.command_type == trellis_protocol::CommandType::Destroy {
+                lost_destroys.insert(d.id, d.clone());
+            }
             let status = command_status(r, "status")?;
             let cancel = flag(r, "cancel_requested")?;
             let is_active = active.contains(&d.id);
@@ -202,13 +208,20 @@ impl Db {
             .await?
             .rows_affected();
             if n > 0 {
-                fail_node_of(
-                    &mut tx,
-                    *id,
-                    "agent_lost_command: the agent restarted and no longer knows this command",
-                    now,
-                )
-                .await?;
+                match lost_destroys.get(id) {
+                    Some(d) => {
+                        let retry =
+                            super::nodes::rerun_lost_destroy(&mut tx, agent_id, d, now).await?;
+                        out.rerun.push(retry);
+                    }
+                    None => fail_node_of(
+                        &mut tx,
+                        *id,
+                        "agent_lost_command: the agent restarted and no longer knows this command",
+                        now,
+                    )
+                    .await?,
+                }
                 out.lost.push(*id);
             }
         }
@@ -274,4 +287,6 @@ pub struct Reconciled {
     pub resend: Vec<DispatchRow>,
     pub cancel: Vec<CommandId>,
     pub known: Vec<CommandId>,
+    /// New attempts of lost destroys (queued; the node stays `destroying`).
+    pub rerun: Vec<CommandId>,
 }

@@ -222,7 +222,7 @@ impl Db {
                      percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
                      last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END \
                      WHERE id = $8 AND agent_id = $9 \
-                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type, created_at",
+                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type, created_at, root_id",
                 )
                 .bind(o.status.as_str())
                 .bind(o.result.as_ref().map(|r| r.to_string()))
@@ -238,9 +238,9 @@ impl Db {
                 if let Some(row) = row {
                     let ty: String = row.try_get("type")?;
                     let command_type = CommandType::parse(&ty).unwrap_or(CommandType::Unknown);
-                    if command_type == CommandType::Provision {
-                        node_outcome(&mut tx, CommandId(*id), u.agent_id, o).await?;
-                    }
+                    let root: CommandId = super::sql::id(&row, "root_id")?;
+                    node_outcome(&mut tx, command_type, CommandId(*id), root, u.agent_id, o)
+                        .await?;
                     let created_at: i64 = row.try_get("created_at")?;
                     done.finished.push(Finished {
                         command_id: CommandId(*id),

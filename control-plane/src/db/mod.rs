@@ -11,6 +11,7 @@ mod agents;
 mod commands;
 mod dispatch;
 mod events;
+mod inventory;
 mod nodes;
 mod settings;
 pub mod sql;
@@ -20,7 +21,8 @@ pub use agents::AgentRow;
 pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, StageRow};
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
-pub use nodes::{NewNode, NodeRow, NodeUpdate, ProvisionStart};
+pub use inventory::{AgentVmRow, InventoryApplied};
+pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
 pub use templates::{TemplateFields, TemplateRow};
 
 use std::time::Duration;

@@ -7,7 +7,9 @@
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use trellis_protocol::{FinalStatus, Outcome, ProvisionResult};
+use trellis_protocol::{
+    CommandType, FinalStatus, Outcome, ProvisionResult, VmPowerResult, VmState,
+};
 
 use super::commands::{insert_commands_on, NewCommand};
 use super::sql::{id, opt_id, TERMINAL_SQL};
@@ -17,7 +19,7 @@ use crate::time::now_ms;
 
 const COLS: &str =
     "id, application, name, template_id, memory, cores, vm_id, hypervisor_id, ip_address, status, \
-    last_command_id, error, created_at, updated_at";
+    last_command_id, error, created_at, updated_at, vm_tag, vm_node, observed_at";
 
 #[derive(Debug, Clone)]
 pub struct NodeRow {
@@ -35,6 +37,12 @@ pub struct NodeRow {
     pub error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The tag its VM carries (`trellis-command=<root id of its provision>`).
+    pub vm_tag: Option<String>,
+    /// The Proxmox node its VM is on.
+    pub vm_node: Option<String>,
+    /// When the agent's inventory last showed its VM.
+    pub observed_at: Option<i64>,
 }
 
 impl NodeRow {
@@ -56,7 +64,15 @@ impl NodeRow {
             error: r.try_get("error")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
+            vm_tag: r.try_get("vm_tag")?,
+            vm_node: r.try_get("vm_node")?,
+            observed_at: r.try_get("observed_at")?,
         })
+    }
+
+    /// Whether a VM Trellis has not deleted may exist for this node.
+    pub fn has_live_vm(&self) -> bool {
+        self.vm_id.is_some() && !matches!(self.status, NodeStatus::Destroyed | NodeStatus::Missing)
     }
 }
 
@@ -84,6 +100,24 @@ pub struct ProvisionStart<'a> {
     pub node: NodeId,
     pub agent: AgentId,
     pub command: &'a NewCommand,
+}
+
+/// Starting a command on a node's VM (power, destroy): the node must be in one of
+/// `allowed` with no command still running on it; it points at `command` and, when given,
+/// moves to `status`.
+pub struct NodeCommandStart<'a> {
+    pub node: NodeId,
+    pub command: &'a NewCommand,
+    pub allowed: &'a [NodeStatus],
+    pub status: Option<NodeStatus>,
+}
+
+fn status_list(s: &[NodeStatus]) -> String {
+    // Status strings are our own constants, never input.
+    s.iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl Db {
@@ -126,7 +160,7 @@ impl Db {
     pub async fn update_node(&self, node: NodeId, u: &NodeUpdate) -> DbResult<()> {
         let n = sqlx::query(
             "UPDATE nodes SET name = $1, template_id = $2, memory = $3, cores = $4, application = $5, \
-             status = $6, updated_at = $7 WHERE id = $8 AND status <> $9",
+             status = $6, updated_at = $7 WHERE id = $8 AND status NOT IN ($9, $10)",
         )
         .bind(&u.name)
         .bind(u.template_id.map(|t| t.to_string()))
@@ -137,31 +171,76 @@ impl Db {
         .bind(now_ms())
         .bind(node.to_string())
         .bind(NodeStatus::Provisioning.as_str())
+        .bind(NodeStatus::Destroying.as_str())
         .execute(self.writer())
         .await?
         .rows_affected();
         if n == 0 {
             self.get_node(node).await?;
-            return Err(DbError::Conflict("the node is being provisioned".into()));
+            return Err(DbError::Conflict("a command is changing the node".into()));
         }
         Ok(())
     }
 
-    /// Deletes a node that is not being provisioned (`Conflict` if it is).
-    pub async fn delete_node(&self, node: NodeId) -> DbResult<()> {
-        let n = sqlx::query("DELETE FROM nodes WHERE id = $1 AND status <> $2")
-            .bind(node.to_string())
-            .bind(NodeStatus::Provisioning.as_str())
-            .execute(self.writer())
-            .await?
-            .rows_affected();
+    /// Deletes a node record. With `keep_vm` (forget) any node no command is changing;
+    /// without, only one whose VM does not exist (never made, destroyed, or missing).
+    /// `Conflict` otherwise.
+    pub async fn delete_node(&self, node: NodeId, keep_vm: bool) -> DbResult<()> {
+        let guard = if keep_vm {
+            String::new()
+        } else {
+            format!(
+                " AND (vm_id IS NULL OR status IN ({}))",
+                status_list(&[NodeStatus::Destroyed, NodeStatus::Missing])
+            )
+        };
+        let n = sqlx::query(&format!(
+            "DELETE FROM nodes WHERE id = $1 AND status NOT IN ({}){guard} \
+             AND (last_command_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands c \
+             WHERE c.id = nodes.last_command_id AND c.status NOT IN {TERMINAL_SQL}))",
+            status_list(&[NodeStatus::Provisioning, NodeStatus::Destroying])
+        ))
+        .bind(node.to_string())
+        .execute(self.writer())
+        .await?
+        .rows_affected();
         if n == 0 {
             self.get_node(node).await?;
             return Err(DbError::Conflict(
-                "the node is being provisioned; cancel the command first".into(),
+                "a command is changing the node, or its VM still exists".into(),
             ));
         }
         Ok(())
+    }
+
+    /// Points the node at a new command on its VM and stores the command, in one
+    /// transaction; `Conflict` when the node is not in an allowed status or a command is
+    /// still running on it. Returns the command's `created_at`.
+    pub async fn start_node_command(&self, p: &NodeCommandStart<'_>) -> DbResult<i64> {
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let claimed = sqlx::query(&format!(
+            "UPDATE nodes SET last_command_id = $1, status = COALESCE($2, status), error = NULL, \
+             updated_at = $3 WHERE id = $4 AND vm_id IS NOT NULL AND status IN ({}) \
+             AND (last_command_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands c \
+             WHERE c.id = nodes.last_command_id AND c.status NOT IN {TERMINAL_SQL}))",
+            status_list(p.allowed)
+        ))
+        .bind(p.command.id.to_string())
+        .bind(p.status.map(|s| s.as_str()))
+        .bind(now)
+        .bind(p.node.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            return Err(DbError::Conflict(
+                "a command is still running on the node, or its status does not allow this".into(),
+            ));
+        }
+        insert_commands_on(&mut tx, &[p.command], now).await?;
+        tx.commit().await?;
+        Ok(now)
     }
 
     /// Claims the node (only one without a VM that is not already provisioning: two
@@ -219,10 +298,11 @@ impl Db {
     pub async fn repair_stuck_nodes(&self) -> DbResult<Vec<NodeId>> {
         let rows = sqlx::query(&format!(
             "SELECT n.id, n.last_command_id, c.id AS command_id, c.agent_id, c.status AS command_status, \
-             c.result, c.error AS command_error FROM nodes n LEFT JOIN commands c ON c.id = n.last_command_id \
-             WHERE n.status = $1 AND (c.id IS NULL OR c.status IN {TERMINAL_SQL})"
+             c.result, c.error AS command_error, c.type AS command_type, c.root_id FROM nodes n LEFT JOIN commands c ON c.id = n.last_command_id \
+             WHERE n.status IN ($1, $2) AND (c.id IS NULL OR c.status IN {TERMINAL_SQL})"
         ))
         .bind(NodeStatus::Provisioning.as_str())
+        .bind(NodeStatus::Destroying.as_str())
         .fetch_all(&self.pool)
         .await?;
         if rows.is_empty() {
@@ -243,17 +323,27 @@ impl Db {
                         error: super::sql::json_col(r, "command_error")?
                             .and_then(|e| serde_json::from_value(e).ok()),
                     };
-                    node_outcome(&mut tx, command, id(r, "agent_id")?, &outcome).await?;
+                    let ty = super::commands::command_type(r, "command_type")?;
+                    node_outcome(
+                        &mut tx,
+                        ty,
+                        command,
+                        id(r, "root_id")?,
+                        id(r, "agent_id")?,
+                        &outcome,
+                    )
+                    .await?;
                 }
                 None => {
                     sqlx::query(
-                        "UPDATE nodes SET status = $1, error = $2, updated_at = $3 WHERE id = $4 AND status = $5",
+                        "UPDATE nodes SET status = $1, error = $2, updated_at = $3 WHERE id = $4 AND status IN ($5, $6)",
                     )
                     .bind(NodeStatus::Failed.as_str())
-                    .bind("provision_interrupted: the provision command was never stored; provision again")
+                    .bind("command_interrupted: the node's command was never stored; try again")
                     .bind(now)
                     .bind(node.to_string())
                     .bind(NodeStatus::Provisioning.as_str())
+                    .bind(NodeStatus::Destroying.as_str())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -275,8 +365,43 @@ impl Db {
     }
 }
 
-/// Marks the node a provision command was building as failed, in the caller's
-/// transaction, so a reader never sees the command ended but its node still provisioning.
+/// A destroy the agent lost (it restarted mid-way) runs again as a new attempt that
+/// takes over the node, which stays `destroying`: destroy is idempotent, and a node must
+/// not be left `failed` by a crash. In the caller's transaction; returns the new id.
+pub(super) async fn rerun_lost_destroy(
+    conn: &mut sqlx::AnyConnection,
+    agent: AgentId,
+    lost: &super::DispatchRow,
+    now: i64,
+) -> DbResult<CommandId> {
+    let retry = NewCommand {
+        id: CommandId::new(),
+        agent_id: agent,
+        command_type: CommandType::Destroy,
+        params: lost.params.clone(),
+        idempotency_key: Some(format!("retry:{}", lost.id)),
+        created_by: "trellis:rerun-lost-destroy".into(),
+        deadline_at: now + 1800 * 1000,
+        attempt: lost.attempt + 1,
+        root_id: lost.root_id,
+        retry_of: Some(lost.id),
+    };
+    insert_commands_on(conn, &[&retry], now).await?;
+    sqlx::query(
+        "UPDATE nodes SET last_command_id = $1, updated_at = $2 WHERE last_command_id = $3",
+    )
+    .bind(retry.id.to_string())
+    .bind(now)
+    .bind(lost.id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(retry.id)
+}
+
+/// Applies a server-decided end (cancel, deadline, lost, revoked) of a command to the
+/// node that points at it, in the caller's transaction, so a reader never sees the command
+/// ended but its node still changing: a provision or destroy in progress fails; a power
+/// command leaves the status and records the error.
 pub(super) async fn fail_node_of(
     conn: &mut sqlx::AnyConnection,
     command: CommandId,
@@ -284,24 +409,116 @@ pub(super) async fn fail_node_of(
     now: i64,
 ) -> DbResult<()> {
     sqlx::query(
-        "UPDATE nodes SET status = $1, error = $2, updated_at = $3 \
-         WHERE last_command_id = $4 AND status = $5",
+        "UPDATE nodes SET status = CASE WHEN status IN ($5, $6) THEN $1 ELSE status END, \
+         error = $2, updated_at = $3 WHERE last_command_id = $4",
     )
     .bind(NodeStatus::Failed.as_str())
     .bind(message)
     .bind(now)
     .bind(command.to_string())
     .bind(NodeStatus::Provisioning.as_str())
+    .bind(NodeStatus::Destroying.as_str())
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Moves the node that points at a provision command to where its outcome leads
-/// ([`NodeStatus::after_provision`]), in the caller's transaction.
+fn outcome_message(what: &str, o: &Outcome) -> String {
+    o.error
+        .as_ref()
+        .map(|e| match &e.stage {
+            Some(s) => format!("{} (stage {s}): {}", e.code, e.message),
+            None => format!("{}: {}", e.code, e.message),
+        })
+        .unwrap_or_else(|| match o.status {
+            FinalStatus::Succeeded => format!("{what} ended without a result"),
+            s => format!("{what} ended {}", s.as_str()),
+        })
+}
+
+/// Moves the node that points at a command to where the command's end leads, in the
+/// caller's transaction (see the transitions on [`NodeStatus`]).
 pub(super) async fn node_outcome(
     conn: &mut sqlx::AnyConnection,
+    ty: CommandType,
     command: CommandId,
+    root: CommandId,
+    agent: AgentId,
+    o: &Outcome,
+) -> DbResult<()> {
+    match ty {
+        CommandType::Provision => provision_outcome(conn, command, root, agent, o).await,
+        CommandType::VmPower => power_outcome(conn, command, o).await,
+        CommandType::Destroy => destroy_outcome(conn, command, o).await,
+        _ => Ok(()),
+    }
+}
+
+async fn power_outcome(
+    conn: &mut sqlx::AnyConnection,
+    command: CommandId,
+    o: &Outcome,
+) -> DbResult<()> {
+    let status = CommandStatus::from_final(o.status);
+    let reported = o
+        .result
+        .as_ref()
+        .and_then(|r| serde_json::from_value::<VmPowerResult>(r.clone()).ok())
+        .map(|r| r.status == VmState::Running);
+    let row = sqlx::query("SELECT status FROM nodes WHERE last_command_id = $1")
+        .bind(command.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    let before: String = row.try_get("status")?;
+    let Some(before) = NodeStatus::parse(&before) else {
+        return Ok(());
+    };
+    let next = before.after_power(status, reported);
+    let error = (status != CommandStatus::Succeeded).then(|| outcome_message("power action", o));
+    sqlx::query(
+        "UPDATE nodes SET status = $1, error = $2, updated_at = $3, \
+         observed_at = CASE WHEN $4 = 1 THEN $3 ELSE observed_at END WHERE last_command_id = $5",
+    )
+    .bind(next.as_str())
+    .bind(error)
+    .bind(now_ms())
+    .bind(i64::from(reported.is_some()))
+    .bind(command.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn destroy_outcome(
+    conn: &mut sqlx::AnyConnection,
+    command: CommandId,
+    o: &Outcome,
+) -> DbResult<()> {
+    let status = CommandStatus::from_final(o.status);
+    let next = NodeStatus::after_destroy(status);
+    let error = (next != NodeStatus::Destroyed).then(|| outcome_message("destroy", o));
+    sqlx::query(
+        "UPDATE nodes SET status = $1, error = $2, updated_at = $3 \
+         WHERE last_command_id = $4 AND status = $5",
+    )
+    .bind(next.as_str())
+    .bind(error)
+    .bind(now_ms())
+    .bind(command.to_string())
+    .bind(NodeStatus::Destroying.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves the node that points at a provision command to where its outcome leads
+/// ([`NodeStatus::after_provision`]); a VM that is up but whose post-provision commands
+/// failed (`status: partial`) makes the node `running` with the error shown.
+async fn provision_outcome(
+    conn: &mut sqlx::AnyConnection,
+    command: CommandId,
+    root: CommandId,
     agent: AgentId,
     o: &Outcome,
 ) -> DbResult<()> {
@@ -313,33 +530,27 @@ pub(super) async fn node_outcome(
     let next = NodeStatus::after_provision(CommandStatus::from_final(o.status), result.is_some());
     match (next, result) {
         (NodeStatus::Running, Some(r)) => {
+            let error = (r.status == trellis_protocol::ProvisionStatus::Partial)
+                .then(|| outcome_message("post-provision", o));
             sqlx::query(
                 "UPDATE nodes SET status = $1, vm_id = $2, ip_address = $3, hypervisor_id = $4, \
-                 error = NULL, updated_at = $5 WHERE last_command_id = $6",
+                 error = $5, updated_at = $6, vm_tag = $7, vm_node = $8, observed_at = $6 \
+                 WHERE last_command_id = $9",
             )
             .bind(NodeStatus::Running.as_str())
             .bind(i64::from(r.vm_id))
             .bind(r.ip_address)
             .bind(agent.to_string())
+            .bind(error)
             .bind(now)
+            .bind(trellis_protocol::vm_tag(root.0))
+            .bind(r.node)
             .bind(command.to_string())
             .execute(&mut *conn)
             .await?;
         }
         _ => {
-            let msg = o
-                .error
-                .as_ref()
-                .map(|e| match &e.stage {
-                    Some(s) => format!("{} (stage {s}): {}", e.code, e.message),
-                    None => format!("{}: {}", e.code, e.message),
-                })
-                .unwrap_or_else(|| match o.status {
-                    FinalStatus::Succeeded => {
-                        "provision ended without a VM in its result".to_string()
-                    }
-                    s => format!("provision ended {}", s.as_str()),
-                });
+            let msg = outcome_message("provision", o);
             sqlx::query(
                 "UPDATE nodes SET status = $1, error = $2, updated_at = $3 \
                  WHERE last_command_id = $4 AND status = $5",

@@ -23,6 +23,8 @@ pub fn default_timeout(t: CommandType) -> u64 {
         CommandType::ListTemplates => 60,
         CommandType::Provision => 3600,
         CommandType::TerraformApply => 7200,
+        CommandType::VmPower => 900,
+        CommandType::Destroy => 1800,
         CommandType::Unknown => 300,
     }
 }

@@ -7,7 +7,9 @@ use trellis_protocol::{CommandType, MAX_CORES, MAX_MEMORY_MB, MIN_MEMORY_MB};
 use super::commands::{prepare, CreateCommand};
 use super::{DomainError, DomainResult};
 use crate::broker::Broker;
-use crate::db::{CommandRow, Db, DbError, NewNode, NodeRow, NodeUpdate, ProvisionStart};
+use crate::db::{
+    CommandRow, Db, DbError, NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart,
+};
 use crate::model::{AgentId, NodeId, NodeStatus, TemplateId};
 
 pub fn validate_name(name: &str) -> DomainResult<()> {
@@ -54,6 +56,8 @@ pub struct CreateNode {
 pub struct Provision {
     pub agent_id: String,
     pub target_node: Option<String>,
+    /// Keep a VM that failed half-way for inspection.
+    pub keep_on_failure: bool,
 }
 
 /// Creates a node (size defaults from its template).
@@ -143,9 +147,236 @@ fn busy(e: DbError) -> DomainError {
     }
 }
 
+/// Deletes a node record whose VM does not exist (never made, destroyed, missing). A node
+/// whose VM lives must be destroyed or explicitly forgotten: no path drops a record while
+/// its VM runs on untracked.
 pub async fn delete(db: &Db, id: NodeId) -> DomainResult<()> {
-    get(db, id).await?;
-    db.delete_node(id).await.map_err(busy)
+    let n = get(db, id).await?;
+    if n.has_live_vm() {
+        return Err(DomainError::conflict(
+            "vm_exists",
+            format!(
+                "node {:?} still has VM {}: destroy it (deletes the VM) or forget it (keeps the VM)",
+                n.name,
+                n.vm_id.unwrap_or_default()
+            ),
+        ));
+    }
+    db.delete_node(id, false).await.map_err(busy)
+}
+
+/// Drops a node record and keeps its VM in Proxmox (untracked from now on).
+pub async fn forget(db: &Db, id: NodeId) -> DomainResult<NodeRow> {
+    let n = get(db, id).await?;
+    db.delete_node(id, true).await.map_err(busy)?;
+    tracing::info!(node = %id, name = %n.name, vm_id = ?n.vm_id, "node forgotten; its VM is kept");
+    Ok(n)
+}
+
+/// The Proxmox node a node's VM is on: what the inventory or the provision last saw, else
+/// the hypervisor's first node (the agent looks the VM up again if it moved).
+async fn vm_location(db: &Db, n: &NodeRow) -> DomainResult<(AgentId, u32, String)> {
+    let (Some(agent_id), Some(vm_id)) = (n.hypervisor_id, n.vm_id) else {
+        return Err(DomainError::conflict(
+            "no_vm",
+            format!("node {:?} has no VM", n.name),
+        ));
+    };
+    let agent = db
+        .get_agent(agent_id)
+        .await
+        .map_err(DomainError::not_found(format_args!(
+            "hypervisor {agent_id}"
+        )))?;
+    let node = n
+        .vm_node
+        .clone()
+        .or_else(|| {
+            agent.facts["proxmox_nodes"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
+        .ok_or_else(|| {
+            DomainError::conflict(
+                "vm_location_unknown",
+                format!(
+                    "the Proxmox node of VM {vm_id} is not known yet; wait for hypervisor {:?} to report its inventory",
+                    agent.name
+                ),
+            )
+        })?;
+    let vm_id = u32::try_from(vm_id)
+        .map_err(|_| DomainError::invalid("invalid_params", "the node's VM id is not a VMID"))?;
+    Ok((agent_id, vm_id, node))
+}
+
+/// A power action on a node's VM.
+pub struct Power {
+    pub action: trellis_protocol::PowerAction,
+    pub timeout_s: Option<u32>,
+    pub force_after_s: Option<u32>,
+}
+
+/// Starts a power command on the node's VM; the node follows the state Proxmox reports
+/// when it ends.
+pub async fn power(
+    db: &Db,
+    broker: &Broker,
+    id: NodeId,
+    p: Power,
+) -> DomainResult<(NodeRow, CommandRow)> {
+    let n = get(db, id).await?;
+    if !n.status.can_power() || n.vm_id.is_none() {
+        return Err(DomainError::conflict(
+            "invalid_state",
+            format!(
+                "node {:?} is {}: power actions need a node with a VM that no command is changing",
+                n.name, n.status
+            ),
+        ));
+    }
+    let (agent_id, vm_id, node) = vm_location(db, &n).await?;
+    let params = serde_json::to_value(trellis_protocol::VmPowerParams {
+        vm_id,
+        node,
+        action: p.action,
+        timeout_s: p.timeout_s,
+        force_after_s: p.force_after_s,
+    })
+    .map_err(|e| DomainError::invalid("invalid_params", e.to_string()))?;
+    let row = start_on_node(
+        db,
+        broker,
+        &n,
+        agent_id,
+        trellis_protocol::CommandType::VmPower,
+        params,
+        &[NodeStatus::Running, NodeStatus::Stopped, NodeStatus::Failed],
+        None,
+    )
+    .await?;
+    Ok((get(db, id).await?, row))
+}
+
+/// Starts destroying the node's VM (stop if running, delete with its disks); the agent
+/// refuses a VM without this node's tag. The node is `destroying`, then `destroyed` (the
+/// record stays with its history) or `failed`.
+pub async fn destroy(
+    db: &Db,
+    broker: &Broker,
+    id: NodeId,
+    confirm_name: &str,
+) -> DomainResult<(NodeRow, CommandRow)> {
+    let n = get(db, id).await?;
+    if confirm_name != n.name {
+        return Err(DomainError::invalid(
+            "confirmation_mismatch",
+            format!("type the node's name ({:?}) to destroy its VM", n.name),
+        ));
+    }
+    if !n.status.can_destroy() || n.vm_id.is_none() {
+        return Err(DomainError::conflict(
+            "invalid_state",
+            format!(
+                "node {:?} is {}: only a node with a VM that no command is changing can be destroyed",
+                n.name, n.status
+            ),
+        ));
+    }
+    let Some(tag) = n.vm_tag.clone() else {
+        return Err(DomainError::conflict(
+            "vm_untagged",
+            format!(
+                "Trellis does not know the tag of VM {} of node {:?}, so it will not delete it; forget the node and delete the VM in Proxmox",
+                n.vm_id.unwrap_or_default(),
+                n.name
+            ),
+        ));
+    };
+    let (agent_id, vm_id, node) = vm_location(db, &n).await?;
+    let params = serde_json::to_value(trellis_protocol::DestroyParams {
+        vm_id,
+        node,
+        expected_tag: tag,
+    })
+    .map_err(|e| DomainError::invalid("invalid_params", e.to_string()))?;
+    let row = start_on_node(
+        db,
+        broker,
+        &n,
+        agent_id,
+        trellis_protocol::CommandType::Destroy,
+        params,
+        &[
+            NodeStatus::Running,
+            NodeStatus::Stopped,
+            NodeStatus::Failed,
+            NodeStatus::Missing,
+        ],
+        Some(NodeStatus::Destroying),
+    )
+    .await?;
+    Ok((get(db, id).await?, row))
+}
+
+/// Checks the agent can run `ty`, then links and stores the command in one transaction.
+#[allow(clippy::too_many_arguments)]
+async fn start_on_node(
+    db: &Db,
+    broker: &Broker,
+    n: &NodeRow,
+    agent_id: AgentId,
+    ty: trellis_protocol::CommandType,
+    params: serde_json::Value,
+    allowed: &[NodeStatus],
+    status: Option<NodeStatus>,
+) -> DomainResult<CommandRow> {
+    let agent = db
+        .get_agent(agent_id)
+        .await
+        .map_err(DomainError::not_found(format_args!(
+            "hypervisor {agent_id}"
+        )))?;
+    if !agent.capabilities.is_empty() && !agent.has_capability(ty) {
+        return Err(DomainError::conflict(
+            "capability_missing",
+            format!(
+                "hypervisor {:?} cannot run {ty} commands (update its tendril agent)",
+                agent.name
+            ),
+        ));
+    }
+    let req = CreateCommand {
+        agent_id,
+        command_type: ty.as_str().into(),
+        params,
+        idempotency_key: None,
+        timeout_secs: None,
+        created_by: format!("node:{}", n.id),
+    };
+    let new = prepare(db, &req, None).await?.map_err(|existing| {
+        DomainError::conflict(
+            "node_busy",
+            format!("command {} is already running", existing.id),
+        )
+    })?;
+    let mut row = CommandRow::queued(&new, 0);
+    row.created_at = db
+        .start_node_command(&NodeCommandStart {
+            node: n.id,
+            command: &new,
+            allowed,
+            status,
+        })
+        .await
+        .map_err(|e| match e {
+            DbError::Conflict(m) => DomainError::conflict("node_busy", m),
+            e => e.into(),
+        })?;
+    broker.wake(agent_id);
+    Ok(row)
 }
 
 /// Starts provisioning a node on a hypervisor: checks the node, agent and template,
@@ -217,7 +448,7 @@ pub async fn start_provision(
     let params = serde_json::json!({
         "name": n.name,
         "template": {
-            "type": "proxmox",
+            "type": "clone",
             "template_id": vmid,
             "template_node": t.proxmox_node,
             "memory": n.memory,
@@ -228,6 +459,7 @@ pub async fn start_provision(
             "post_provision_commands": t.post_provision_commands,
         },
         "target_node": p.target_node.filter(|s| !s.is_empty()),
+        "keep_on_failure": p.keep_on_failure,
     });
     let req = CreateCommand {
         agent_id,

@@ -25,8 +25,11 @@ fn every_operation_documents_its_errors_and_needs_the_admin_token() {
     let doc: serde_json::Value = serde_json::from_str(&trellis::api::openapi::document()).unwrap();
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 15, "{}", paths.len());
+    let mut ids = std::collections::HashSet::new();
     for (path, ops) in paths {
         for (method, op) in ops.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_default().to_string();
+            assert!(ids.insert(id.clone()), "operation id {id:?} is used twice");
             let public = !path.starts_with("/api/");
             let security = &op["security"];
             if public {

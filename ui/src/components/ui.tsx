@@ -24,6 +24,9 @@ const NODE_TONE = {
   running: 'ok',
   stopped: 'warn',
   failed: 'bad',
+  destroying: 'info',
+  destroyed: 'muted',
+  missing: 'bad',
 } as const satisfies Record<NodeStatus, Tone>;
 
 const AGENT_TONE = { online: 'ok', offline: 'muted' } as const satisfies Record<AgentStatus, Tone>;

@@ -74,6 +74,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/agents/{id}/vms": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The VMs the hypervisor reported in its latest inventory, each with the node tracking
+         *     it (none: a VM Trellis does not track).
+         */
+        get: operations["agents_vms"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/commands": {
         parameters: {
             query?: never;
@@ -211,8 +231,68 @@ export interface paths {
         /** Edit a node (absent fields keep their value). */
         put: operations["nodes_update"];
         post?: never;
-        /** Remove the node record (the VM stays in Proxmox). */
+        /**
+         * Remove a node record whose VM does not exist (never made, destroyed, or missing).
+         *     A node whose VM lives is refused (`vm_exists`): destroy it or forget it.
+         */
         delete: operations["nodes_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/nodes/{id}/destroy": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Destroy the node's VM (stop, delete with its disks); the record is kept as
+         *     `destroyed`. The VM must carry this node's tag. `confirmName` must be the node's name.
+         */
+        post: operations["nodes_destroy"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/nodes/{id}/forget": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Forget the node: drop its record and keep its VM in Proxmox, untracked. */
+        post: operations["nodes_forget"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/nodes/{id}/power": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Start, shut down, stop or reboot the node's VM; the node follows the state Proxmox
+         *     reports when the command ends.
+         */
+        post: operations["nodes_power"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -358,6 +438,24 @@ export interface components {
             commandId: components["schemas"]["CommandId"];
             templates: components["schemas"]["ProxmoxTemplate"][];
         };
+        /** @description A VM of a hypervisor's latest inventory. */
+        AgentVm: {
+            ipAddresses: string[];
+            name: string;
+            /** @description The Proxmox node. */
+            node: string;
+            nodeId?: null | components["schemas"]["NodeId"];
+            seenAt: string;
+            /** @description What Proxmox reports (`running`, `stopped`, …). */
+            status: string;
+            /** @description The Trellis tag (`trellis-command=<id>`) when the VM carries one. */
+            tag?: string | null;
+            /** Format: int64 */
+            vmId: number;
+        };
+        AgentVmList: {
+            items: components["schemas"]["AgentVm"][];
+        };
         Command: {
             agentId: components["schemas"]["AgentId"];
             /** Format: int64 */
@@ -459,6 +557,10 @@ export interface components {
             /** Format: uuid */
             templateId: string;
         };
+        DestroyRequest: {
+            /** @description The node's name, typed by the admin to confirm. */
+            confirmName: string;
+        };
         /** @description Every error: a stable machine-readable `code` and a message safe to show. */
         ErrorBody: {
             error: components["schemas"]["ErrorDetail"];
@@ -504,11 +606,15 @@ export interface components {
             /** Format: int64 */
             memory: number;
             name: string;
+            /** @description When the hypervisor's inventory last showed its VM (RFC 3339). */
+            observedAt?: string | null;
             status: components["schemas"]["NodeStatus"];
             templateId?: null | components["schemas"]["TemplateId"];
             updatedAt: string;
             /** Format: int64 */
             vmId?: number | null;
+            /** @description The Proxmox node its VM is on. */
+            vmNode?: string | null;
         };
         /**
          * Format: uuid
@@ -519,18 +625,41 @@ export interface components {
             items: components["schemas"]["Node"][];
         };
         /**
-         * @description The life of a node. Owned by [`NodeStatus::after_provision`] and the transitions in
-         *     `db::nodes`, each committed with the command outcome that causes it.
+         * @description The life of a node: `pending_provision → provisioning → running ⇄ stopped`, then
+         *     `→ destroying → destroyed`; `failed` when a provision or destroy did not succeed;
+         *     `missing` when the agent's inventory no longer shows its VM. The transitions are
+         *     the functions below; `db::nodes` commits each with the command outcome (or the
+         *     inventory) that causes it.
          * @enum {string}
          */
-        NodeStatus: "pending_provision" | "provisioning" | "running" | "stopped" | "failed";
+        NodeStatus: "pending_provision" | "provisioning" | "running" | "stopped" | "failed" | "destroying" | "destroyed" | "missing";
         NodeWithCommand: {
             commandId?: null | components["schemas"]["CommandId"];
             node: components["schemas"]["Node"];
         };
+        /**
+         * @description `start`, `shutdown` (ACPI / guest agent), `stop` (hard power-off) or `reboot`.
+         * @enum {string}
+         */
+        PowerAction: "start" | "shutdown" | "stop" | "reboot";
+        PowerRequest: {
+            action: components["schemas"]["PowerAction"];
+            /**
+             * Format: int32
+             * @description `shutdown` only: power the VM off if the guest has not stopped after this many seconds.
+             */
+            forceAfterS?: number | null;
+            /**
+             * Format: int32
+             * @description Seconds to wait for the new state (default 120).
+             */
+            timeoutS?: number | null;
+        };
         ProvisionRequest: {
             /** @description The hypervisor (agent) to provision on. */
             agentId: string;
+            /** @description Keep a VM that failed half-way for inspection instead of deleting it. */
+            keepOnFailure?: boolean;
             /** @description The Proxmox node of that hypervisor's cluster (default: the template's). */
             targetNode?: string | null;
         };
@@ -876,6 +1005,44 @@ export interface operations {
             };
             /** @description The agent did not answer in 30 s */
             504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agents_vms: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AgentVmList"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1429,7 +1596,174 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            /** @description vm_exists, node_busy */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_destroy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DestroyRequest"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeWithCommand"];
+                };
+            };
+            /** @description confirmation_mismatch */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description invalid_state, node_busy, vm_untagged, capability_missing */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_forget: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The forgotten record */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             /** @description node_busy */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_power: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PowerRequest"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["NodeWithCommand"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description invalid_state, node_busy, capability_missing */
             409: {
                 headers: {
                     [name: string]: unknown;

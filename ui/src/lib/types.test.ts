@@ -22,7 +22,7 @@ describe('API status lists (checked against the generated enums at compile time)
   });
 
   it('lists node statuses', () => {
-    expect(NODE_STATUSES).toEqual(['pending_provision', 'provisioning', 'running', 'stopped', 'failed']);
+    expect(NODE_STATUSES).toEqual(['pending_provision', 'provisioning', 'running', 'stopped', 'failed', 'destroying', 'destroyed', 'missing']);
   });
 });
 

@@ -74,6 +74,9 @@ export const NODE_STATUS_LABEL = {
   running: 'running',
   stopped: 'stopped',
   failed: 'failed',
+  destroying: 'destroying',
+  destroyed: 'destroyed',
+  missing: 'missing',
 } as const satisfies Record<NodeStatus, string>;
 
 export const NODE_STATUSES = Object.keys(NODE_STATUS_LABEL) as NodeStatus[];
