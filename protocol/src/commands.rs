@@ -426,6 +426,10 @@ pub struct ProvisionResult {
     pub name: String,
     pub status: ProvisionStatus,
     pub stages_completed: Vec<String>,
+    /// With `status: partial`: why (the VM is up and kept, its post-provision commands
+    /// failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<CommandError>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -530,8 +530,15 @@ async fn provision_outcome(
     let next = NodeStatus::after_provision(CommandStatus::from_final(o.status), result.is_some());
     match (next, result) {
         (NodeStatus::Running, Some(r)) => {
-            let error = (r.status == trellis_protocol::ProvisionStatus::Partial)
-                .then(|| outcome_message("post-provision", o));
+            let error = (r.status == trellis_protocol::ProvisionStatus::Partial).then(|| {
+                match (&r.error, &o.error) {
+                    (Some(e), _) | (None, Some(e)) => format!("{}: {}", e.code, e.message),
+                    (None, None) => {
+                        "partial: the VM is up but its post-provision commands did not all succeed"
+                            .into()
+                    }
+                }
+            });
             sqlx::query(
                 "UPDATE nodes SET status = $1, vm_id = $2, ip_address = $3, hypervisor_id = $4, \
                  error = $5, updated_at = $6, vm_tag = $7, vm_node = $8, observed_at = $6 \

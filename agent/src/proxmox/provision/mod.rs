@@ -311,6 +311,7 @@ impl Run<'_> {
             name: self.p.name.clone(),
             status: ProvisionStatus::Completed,
             stages_completed: stages,
+            error: None,
         };
         self.complete(
             100.0,
