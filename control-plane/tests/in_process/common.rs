@@ -113,6 +113,16 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Starts the session task for `agent_id` and says hello with `capabilities`.
     pub async fn connect(t: &TestApp, agent_id: &str, capabilities: &[&str]) -> Self {
+        Self::connect_with(t, agent_id, capabilities, json!({})).await
+    }
+
+    /// As [`FakeAgent::connect`], with extra `hello` fields (e.g. `interrupted_commands`).
+    pub async fn connect_with(
+        t: &TestApp,
+        agent_id: &str,
+        capabilities: &[&str],
+        extra: Value,
+    ) -> Self {
         let agent = t
             .app
             .state
@@ -134,10 +144,14 @@ impl FakeAgent {
             to_server,
             from_server,
         };
-        a.send(json!({
+        let mut hello = json!({
             "type": "hello", "protocol_version": PROTOCOL_VERSION, "agent_version": "test",
             "hostname": "test-host", "capabilities": capabilities, "max_concurrency": 4,
-        }));
+        });
+        if let Some(extra) = extra.as_object() {
+            hello.as_object_mut().unwrap().extend(extra.clone());
+        }
+        a.send(hello);
         match a.recv().await {
             ServerMessage::Welcome { .. } => {}
             other => panic!("expected welcome, got {other:?}"),

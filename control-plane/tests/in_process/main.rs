@@ -4,5 +4,6 @@
 
 mod api;
 mod common;
+mod lifecycle;
 mod openapi;
 mod session;

@@ -10,7 +10,7 @@ use trellis_protocol::{ServerMessage, PROVISION_STAGES};
 
 use crate::common::{FakeAgent, TestApp};
 
-async fn dispatched(a: &mut FakeAgent) -> trellis_protocol::Dispatch {
+pub async fn dispatched(a: &mut FakeAgent) -> trellis_protocol::Dispatch {
     loop {
         match a.recv().await {
             ServerMessage::Dispatch(d) => return d,
@@ -20,7 +20,7 @@ async fn dispatched(a: &mut FakeAgent) -> trellis_protocol::Dispatch {
     }
 }
 
-async fn acked(a: &mut FakeAgent, seq: u64) {
+pub async fn acked(a: &mut FakeAgent, seq: u64) {
     loop {
         match a.recv().await {
             ServerMessage::Acks { acks } if acks.iter().any(|k| k.seq >= seq) => return,
@@ -30,7 +30,7 @@ async fn acked(a: &mut FakeAgent, seq: u64) {
     }
 }
 
-fn event(command: &str, seq: u64, body: Value) -> Value {
+pub fn event(command: &str, seq: u64, body: Value) -> Value {
     let mut e = json!({"command_id": command, "seq": seq, "ts": 1_700_000_000_000i64 + seq as i64});
     e.as_object_mut()
         .unwrap()
