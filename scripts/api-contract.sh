@@ -50,11 +50,30 @@ api() { curl -fsS -H "Authorization: Bearer $TOKEN" -H 'content-type: applicatio
 json() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 agent=$(api -X POST "$URL/api/agents" -d '{"name":"contract-agent"}' | json "['agent']['id']")
 template=$(api "$URL/api/templates" | json "['items'][0]['id']")
-node=$(api -X POST "$URL/api/nodes" -d "{\"name\":\"contract-node\",\"templateId\":\"$template\"}" | json "['node']['id']")
+new_node() { api -X POST "$URL/api/nodes" -d "{\"name\":\"$1\",\"templateId\":\"$template\"}" | json "['node']['id']"; }
+node=$(new_node contract-node)
+# Operations that remove their target get their own, so the others keep theirs.
+forget_node=$(new_node contract-forget)
+delete_node=$(new_node contract-delete)
+revoke_agent=$(api -X POST "$URL/api/agents" -d '{"name":"contract-revoke"}' | json "['agent']['id']")
 command=$(api -X POST "$URL/api/commands" -d "{\"agentId\":\"$agent\",\"type\":\"ping\",\"params\":{}}" | json "['commandId']")
 api -X POST "$URL/api/commands/$command/cancel" >/dev/null
 
 cat >"$DIR/schemathesis.toml" <<TOML
+[[operations]]
+include-path-regex = '^/api/nodes/\{id\}/forget$'
+parameters = { "id" = "$forget_node" }
+
+[[operations]]
+include-path-regex = '^/api/nodes/\{id\}$'
+include-method = "DELETE"
+parameters = { "id" = "$delete_node" }
+
+[[operations]]
+include-path-regex = '^/api/agents/\{id\}$'
+include-method = "DELETE"
+parameters = { "id" = "$revoke_agent" }
+
 [[operations]]
 include-path-regex = "^/api/agents/"
 parameters = { "id" = "$agent" }
