@@ -108,13 +108,17 @@ pub async fn connect(
         Err(e) => return AppError::from(e).into_response(),
     };
     let broker = s.broker.clone();
+    let tasks = s.tasks.clone();
     // Small per-connection buffers: 10 000 idle agents must fit in tens of KiB each; a
     // busy agent's buffers grow on demand.
     ws.read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| crate::broker::session::run(broker, agent, socket))
+        .on_upgrade(move |socket| {
+            // Tracked with every other task, so shutdown waits for the session to end.
+            tasks.track_future(crate::broker::session::run(broker, agent, socket))
+        })
 }
 
 /// The Proxmox templates the agent's host has (runs `list_templates` on the agent).
