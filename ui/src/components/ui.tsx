@@ -4,7 +4,7 @@ import { formatTimestamp, relativeTime } from '../lib/time';
 import { useNow } from '../lib/hooks';
 import { NODE_STATUS_LABEL, type AgentStatus, type CommandStatus, type NodeStatus, type StageState } from '../lib/types';
 
-type Tone = 'ok' | 'info' | 'muted' | 'bad' | 'warn';
+type Tone = 'ok' | 'info' | 'muted' | 'bad' | 'warn' | 'destroying' | 'gone' | 'lost';
 
 // Exhaustive over the API's enums (generated types): a new status fails the typecheck here.
 const COMMAND_TONE = {
@@ -24,9 +24,9 @@ const NODE_TONE = {
   running: 'ok',
   stopped: 'warn',
   failed: 'bad',
-  destroying: 'info',
-  destroyed: 'muted',
-  missing: 'bad',
+  destroying: 'destroying',
+  destroyed: 'gone',
+  missing: 'lost',
 } as const satisfies Record<NodeStatus, Tone>;
 
 const AGENT_TONE = { online: 'ok', offline: 'muted' } as const satisfies Record<AgentStatus, Tone>;
@@ -45,7 +45,7 @@ const PILL_LABEL: Record<string, string> = {
   timed_out: 'timed out',
 };
 
-const LIVE = new Set<string>(['running', 'dispatched', 'provisioning', 'online']);
+const LIVE = new Set<string>(['running', 'dispatched', 'provisioning', 'destroying', 'online']);
 
 /** A coloured status pill (command, agent or stage); the running-ish states get a pulsing dot. */
 export function StatusPill({

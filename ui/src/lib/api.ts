@@ -4,6 +4,7 @@ import type {
   Agent,
   AgentList,
   AgentTemplates,
+  AgentVmList,
   Command,
   CommandAccepted,
   CommandList,
@@ -12,11 +13,13 @@ import type {
   CreateCommandRequest,
   CreateNodeRequest,
   CreatedAgent,
+  DestroyRequest,
   ErrorBody,
   LogPage,
   NewToken,
   NodeList,
   NodeWithCommand,
+  PowerRequest,
   ProvisionRequest,
   Template,
   TemplateInput,
@@ -144,6 +147,7 @@ export const api = {
   deleteAgent: (id: string) => request<void>(`/api/agents/${enc(id)}`, { method: 'DELETE' }),
   agentTemplates: (id: string, signal?: AbortSignal) =>
     request<AgentTemplates>(`/api/agents/${enc(id)}/templates`, { signal }),
+  agentVms: (id: string, signal?: AbortSignal) => request<AgentVmList>(`/api/agents/${enc(id)}/vms`, { signal }),
 
   listCommands: (
     f: { agentId?: string; status?: CommandStatus | ''; type?: string; limit?: number; before?: string },
@@ -171,4 +175,9 @@ export const api = {
   deleteNode: (id: string) => request<void>(`/api/nodes/${enc(id)}`, { method: 'DELETE' }),
   provisionNode: (id: string, body: ProvisionRequest) =>
     request<NodeWithCommand>(`/api/nodes/${enc(id)}/provision`, { method: 'POST', body }),
+  powerNode: (id: string, body: PowerRequest) =>
+    request<NodeWithCommand>(`/api/nodes/${enc(id)}/power`, { method: 'POST', body }),
+  destroyNode: (id: string, confirmName: string) =>
+    request<NodeWithCommand>(`/api/nodes/${enc(id)}/destroy`, { method: 'POST', body: { confirmName } satisfies DestroyRequest }),
+  forgetNode: (id: string) => request<VmNode>(`/api/nodes/${enc(id)}/forget`, { method: 'POST' }),
 };

@@ -4,7 +4,9 @@ import { api } from './api';
 import {
   NODE_FOLLOW_MAX_READS,
   POLL_MS,
+  agentVmsQuery,
   agentsQuery,
+  commandQuery,
   commandsQuery,
   createQueryClient,
   mutations,
@@ -39,6 +41,20 @@ describe('query keys and options', () => {
     expect(queryKeys.node('n1')).toEqual(['node', 'n1']);
     expect(queryKeys.command('c1')).toEqual(['command', 'c1']);
     expect(commandsQuery({ status: 'failed', limit: 100 }).queryKey).toEqual(['commands', { status: 'failed', limit: 100 }]);
+  });
+
+  it("a hypervisor's VMs are polled under ['agentVms', id]; one command is read once it is terminal", async () => {
+    expect(agentVmsQuery('a1').queryKey).toEqual(['agentVms', 'a1']);
+    expect(agentVmsQuery('a1').refetchInterval).toBe(POLL_MS);
+    const vms = vi.spyOn(api, 'agentVms').mockResolvedValue({ items: [] });
+    await expect(qc.fetchQuery(agentVmsQuery('a1'))).resolves.toEqual([]);
+    expect(vms).toHaveBeenCalledWith('a1', expect.any(AbortSignal));
+    const o = commandQuery('c1');
+    expect(o.queryKey).toEqual(['command', 'c1']);
+    const interval = o.refetchInterval as (q: { state: { data?: { status: string } } }) => number | false;
+    expect(interval({ state: { data: { status: 'running' } } })).toBe(POLL_MS);
+    expect(interval({ state: {} })).toBe(POLL_MS);
+    expect(interval({ state: { data: { status: 'succeeded' } } })).toBe(false);
   });
 
   it('equal command filters share one entry (empty values dropped)', () => {
@@ -141,6 +157,22 @@ describe('mutations invalidate what they change', () => {
     expect(keys().slice(2)).toEqual([['nodes'], ['commands']]);
     await m.provisionNode('n1', { agentId: 'a1' });
     expect(keys().slice(4)).toEqual([['nodes'], ['node', 'n1'], ['commands']]);
+  });
+
+  it('node lifecycle: power, destroy, forget', async () => {
+    const keys = spyInvalidate();
+    const power = vi.spyOn(api, 'powerNode').mockResolvedValue({ node: node('running'), commandId: 'c5' });
+    const destroy = vi.spyOn(api, 'destroyNode').mockResolvedValue({ node: node('destroying'), commandId: 'c6' });
+    vi.spyOn(api, 'forgetNode').mockResolvedValue(node('running'));
+    const m = mutations(qc);
+    await m.powerNode('n1', { action: 'stop' });
+    expect(power).toHaveBeenCalledWith('n1', { action: 'stop' });
+    expect(keys()).toEqual([['nodes'], ['node', 'n1'], ['commands']]);
+    await m.destroyNode('n1', 'web-1');
+    expect(destroy).toHaveBeenCalledWith('n1', 'web-1');
+    expect(keys().slice(3)).toEqual([['nodes'], ['node', 'n1'], ['commands'], ['agentVms']]);
+    await m.forgetNode('n1');
+    expect(keys().slice(7)).toEqual([['nodes'], ['node', 'n1'], ['agentVms']]);
   });
 
   it('commands', async () => {

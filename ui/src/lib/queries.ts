@@ -6,13 +6,15 @@ import {
   QueryClient,
   keepPreviousData,
   queryOptions,
+  useQueries,
   useQuery,
   useQueryClient,
   type QueryKey,
 } from '@tanstack/react-query';
 import { useMemo } from 'react';
 import { api } from './api';
-import type { Command, CommandStatus, TemplateInput, VmNode } from './types';
+import type { Command, CommandStatus, PowerRequest, TemplateInput, VmNode } from './types';
+import { isTerminal } from './types';
 
 /** How often every list refreshes while a component shows it (and the tab is visible). */
 export const POLL_MS = 3000;
@@ -33,6 +35,10 @@ export const queryKeys = {
   commandLists: ['commands'] as const,
   commands: (f: CommandFilters) => ['commands', f] as const,
   command: (id: string) => ['command', id] as const,
+  /** A hypervisor's latest VM inventory (GET /api/agents/{id}/vms). */
+  agentVms: (agentId: string) => ['agentVms', agentId] as const,
+  /** Prefix of every hypervisor's VM inventory. */
+  allAgentVms: ['agentVms'] as const,
 };
 
 /** The app's query client. Lists poll, so failed requests are not retried in between. */
@@ -70,6 +76,25 @@ export const nodesQuery = () =>
     refetchInterval: POLL_MS,
   });
 
+export const agentVmsQuery = (agentId: string) =>
+  queryOptions({
+    queryKey: queryKeys.agentVms(agentId),
+    queryFn: ({ signal }) => api.agentVms(agentId, signal).then((r) => r.items),
+    refetchInterval: POLL_MS,
+  });
+
+/**
+ * One command by id, polled while it runs; a terminal command never changes, so it is read
+ * once. Shared with every component showing that command's status (['command', id]).
+ */
+export const commandQuery = (id: string) =>
+  queryOptions({
+    queryKey: queryKeys.command(id),
+    queryFn: ({ signal }) => api.getCommand(id, signal),
+    refetchInterval: (q) => (q.state.data && isTerminal(q.state.data.status) ? false : POLL_MS),
+    staleTime: (q) => (q.state.data && isTerminal(q.state.data.status) ? Infinity : 1000),
+  });
+
 /** Empty filter values are dropped so equal filters share one cache entry. */
 export function normalizeFilters(f: CommandFilters): CommandFilters {
   const out: CommandFilters = {};
@@ -95,6 +120,22 @@ export const useAgents = () => useQuery(agentsQuery());
 export const useTemplates = () => useQuery(templatesQuery());
 export const useNodes = () => useQuery(nodesQuery());
 export const useCommands = (filters: CommandFilters, auto = true) => useQuery(commandsQuery(filters, auto));
+export const useAgentVms = (agentId: string) => useQuery(agentVmsQuery(agentId));
+
+/** The commands with these ids (e.g. each node's last command), by id; missing while loading. */
+export function useCommandsById(ids: string[]): Map<string, Command> {
+  const unique = [...new Set(ids)].sort();
+  return useQueries({
+    queries: unique.map((id) => commandQuery(id)),
+    combine: (results) => {
+      const m = new Map<string, Command>();
+      results.forEach((r) => {
+        if (r.data) m.set(r.data.id, r.data);
+      });
+      return m;
+    },
+  });
+}
 
 /** One agent out of the shared agent list (e.g. to name a command's hypervisor). */
 export function useAgent(id: string | null | undefined) {
@@ -128,6 +169,9 @@ export function mutations(qc: QueryClient) {
     updateNode: after(api.updateNode, (id) => nodeKeys(id)),
     deleteNode: after(api.deleteNode, (id) => nodeKeys(id)),
     provisionNode: after(api.provisionNode, (id) => [...nodeKeys(id), queryKeys.commandLists]),
+    powerNode: after((id: string, body: PowerRequest) => api.powerNode(id, body), (id) => [...nodeKeys(id), queryKeys.commandLists]),
+    destroyNode: after(api.destroyNode, (id) => [...nodeKeys(id), queryKeys.commandLists, queryKeys.allAgentVms]),
+    forgetNode: after(api.forgetNode, (id) => [...nodeKeys(id), queryKeys.allAgentVms]),
 
     createCommand: after(api.createCommand, () => [queryKeys.commandLists]),
     cancelCommand: after(api.cancelCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),

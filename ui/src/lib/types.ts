@@ -28,6 +28,8 @@ export type Template = Schemas['Template'];
 export type TemplateList = Schemas['TemplateList'];
 export type TemplateInput = Schemas['TemplateRequest'];
 export type ProxmoxTemplate = Schemas['ProxmoxTemplate'];
+export type AgentVm = Schemas['AgentVm'];
+export type AgentVmList = Schemas['AgentVmList'];
 
 export type VmNode = Schemas['Node'];
 export type NodeStatus = Schemas['NodeStatus'];
@@ -36,6 +38,9 @@ export type NodeWithCommand = Schemas['NodeWithCommand'];
 export type CreateNodeRequest = Schemas['CreateNodeRequest'];
 export type UpdateNodeRequest = Schemas['UpdateNodeRequest'];
 export type ProvisionRequest = Schemas['ProvisionRequest'];
+export type PowerAction = Schemas['PowerAction'];
+export type PowerRequest = Schemas['PowerRequest'];
+export type DestroyRequest = Schemas['DestroyRequest'];
 
 export type ErrorBody = Schemas['ErrorBody'];
 export type ErrorDetail = Schemas['ErrorDetail'];
@@ -76,7 +81,7 @@ export const NODE_STATUS_LABEL = {
   failed: 'failed',
   destroying: 'destroying',
   destroyed: 'destroyed',
-  missing: 'missing',
+  missing: 'VM missing',
 } as const satisfies Record<NodeStatus, string>;
 
 export const NODE_STATUSES = Object.keys(NODE_STATUS_LABEL) as NodeStatus[];
@@ -86,9 +91,9 @@ export const AGENT_STATUSES = ['online', 'offline'] as const satisfies readonly 
 // ---- Not described by the OpenAPI document ----
 
 /** Command types (`Command.type` is a plain string in the API). */
-export type CommandType = 'ping' | 'provision' | 'list_templates' | 'terraform_apply';
+export type CommandType = 'ping' | 'provision' | 'list_templates' | 'terraform_apply' | 'vm_power' | 'destroy';
 
-export const COMMAND_TYPES: CommandType[] = ['provision', 'terraform_apply', 'list_templates', 'ping'];
+export const COMMAND_TYPES: CommandType[] = ['provision', 'vm_power', 'destroy', 'terraform_apply', 'list_templates', 'ping'];
 
 /** `Stage.state` (a plain string in the API). */
 export type StageState = 'pending' | 'running' | 'completed' | 'failed' | 'skipped';

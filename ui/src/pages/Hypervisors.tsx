@@ -1,7 +1,7 @@
 import { Fragment, useState, type FormEvent } from 'react';
 import { errorMessage } from '../lib/api';
-import { useAgents, useMutations } from '../lib/queries';
-import type { Agent } from '../lib/types';
+import { useAgentVms, useAgents, useMutations, useNodes } from '../lib/queries';
+import type { Agent, AgentVm, VmNode } from '../lib/types';
 import { ConfirmDialog, Modal } from '../components/Modal';
 import { CopyButton, Empty, ErrorBox, Field, JsonView, Notice, RelTime, Spinner, StatusPill } from '../components/ui';
 
@@ -53,6 +53,92 @@ export function proxmoxHost(agentFacts: unknown): string | null {
   } catch {
     return u;
   }
+}
+
+/** How Trellis relates to a VM of a hypervisor's inventory. */
+export type VmTracking = 'tracked' | 'untracked-trellis' | 'foreign';
+
+export function vmTracking(vm: Pick<AgentVm, 'nodeId' | 'tag'>): VmTracking {
+  if (vm.nodeId) return 'tracked';
+  return vm.tag ? 'untracked-trellis' : 'foreign';
+}
+
+/** The VMs one hypervisor reported in its latest inventory, with the node tracking each. */
+export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
+  const vms = useAgentVms(agent.id);
+  const headingId = `vms-${agent.id}`;
+  const items = [...(vms.data ?? [])].sort((a, b) => a.vmId - b.vmId);
+  const untracked = items.filter((v) => vmTracking(v) === 'untracked-trellis').length;
+  const seen = items.reduce<string | null>((max, v) => (!max || v.seenAt > max ? v.seenAt : max), null);
+  return (
+    <section aria-labelledby={headingId} data-testid="agent-vms" data-agent-id={agent.id}>
+      <h3 id={headingId}>
+        VMs on {agent.name}{' '}
+        {seen && (
+          <span className="small muted">
+            · inventory <RelTime ts={seen} />
+          </span>
+        )}
+        {untracked > 0 && (
+          <span className="tag tag-warn" data-testid="untracked-count">
+            {untracked} untracked made by Trellis
+          </span>
+        )}
+      </h3>
+      {vms.error ? (
+        <ErrorBox title={`Could not load the VMs of ${agent.name}`}>{errorMessage(vms.error)}</ErrorBox>
+      ) : vms.isPending ? (
+        <Spinner label={`Loading the VMs of ${agent.name}`} />
+      ) : items.length === 0 ? (
+        <p className="muted small">No inventory reported yet{agent.status === 'online' ? '' : ' (the hypervisor is offline)'}.</p>
+      ) : (
+        <div className="table-wrap">
+          <table className="table table-stack">
+            <thead>
+              <tr>
+                <th>VM id</th>
+                <th>Name</th>
+                <th className="hide-sm">Proxmox node</th>
+                <th>Status</th>
+                <th className="hide-md">IP</th>
+                <th>Trellis</th>
+              </tr>
+            </thead>
+            <tbody>
+              {items.map((v) => {
+                const tracking = vmTracking(v);
+                const node = v.nodeId ? nodes.find((n) => n.id === v.nodeId) : undefined;
+                return (
+                  <tr key={`${v.node}/${v.vmId}`} data-vmid={v.vmId} data-tracking={tracking}>
+                    <td data-label="VM id">{v.vmId}</td>
+                    <td data-label="Name" className="nowrap">{v.name || '–'}</td>
+                    <td data-label="Proxmox node" className="hide-sm">{v.node}</td>
+                    <td data-label="Status">
+                      <span className={`tag ${v.status === 'running' ? '' : 'tag-muted'}`}>{v.status}</span>
+                    </td>
+                    <td data-label="IP" className="hide-md mono small">{v.ipAddresses.join(', ') || '–'}</td>
+                    <td data-label="Trellis">
+                      {tracking === 'tracked' ? (
+                        <a href="#/nodes" title="The node tracking this VM">
+                          {`node ${node?.name ?? v.nodeId?.slice(0, 8)}`}
+                        </a>
+                      ) : tracking === 'untracked-trellis' ? (
+                        <span className="tag tag-warn" title={`Tag ${v.tag}: Trellis made it, but no node tracks it (forgotten or left over)`}>
+                          untracked — made by Trellis
+                        </span>
+                      ) : (
+                        <span className="muted small">not Trellis</span>
+                      )}
+                    </td>
+                  </tr>
+                );
+              })}
+            </tbody>
+          </table>
+        </div>
+      )}
+    </section>
+  );
 }
 
 function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
@@ -163,6 +249,7 @@ function RegisterDialog({ onClose }: { onClose: () => void }) {
 
 export function Hypervisors() {
   const agents = useAgents();
+  const nodes = useNodes();
   const m = useMutations();
   const [registering, setRegistering] = useState(false);
   const [confirm, setConfirm] = useState<{ kind: 'rotate' | 'revoke'; agent: Agent } | null>(null);
@@ -300,6 +387,15 @@ export function Hypervisors() {
             </tbody>
           </table>
         </div>
+      )}
+      {items.length > 0 && (
+        <section className="vm-inventory" aria-labelledby="vm-inventory-title">
+          <h2 id="vm-inventory-title">VMs</h2>
+          <p className="muted small">What each hypervisor last reported to Trellis (every 30 s and after each VM command).</p>
+          {items.map((a) => (
+            <AgentVms key={a.id} agent={a} nodes={nodes.data ?? []} />
+          ))}
+        </section>
       )}
       {registering && <RegisterDialog onClose={() => setRegistering(false)} />}
       {confirm && (

@@ -1,14 +1,16 @@
 import { useMemo, useState, type FormEvent } from 'react';
 import { errorMessage } from '../lib/api';
-import { useAgents, useMutations, useNodes, useTemplates } from '../lib/queries';
+import { useAgents, useCommandsById, useMutations, useNodes, useTemplates } from '../lib/queries';
 import { navigate, setQuery } from '../lib/router';
-import type { VmNode } from '../lib/types';
+import { NODE_STATUS_LABEL, type Command, type PowerAction, type VmNode } from '../lib/types';
 import { formatMemory } from '../lib/time';
 import { validateCores, validateMemory, validateVmName } from '../lib/validation';
 import { ConfirmDialog, Modal } from '../components/Modal';
-import { Empty, ErrorBox, Field, NodeStatusPill, Spinner, copyText } from '../components/ui';
-import { Menu } from '../components/Menu';
+import { Empty, ErrorBox, Field, NodeStatusPill, RelTime, Spinner, copyText } from '../components/ui';
+import { Menu, type MenuItem } from '../components/Menu';
 import { ProvisionModal } from './provision/ProvisionModal';
+import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
+import { POWER_ACTIONS, POWER_LABEL, actionAvailability, commandActivity, hasLiveVm, nodeBusy, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
   const templates = useTemplates();
@@ -111,6 +113,30 @@ function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => voi
   );
 }
 
+/** What runs on a node: the Progress button (provision wizard) or a link to the command page. */
+function NodeActivity({ node, cmd, onOpenWizard }: { node: VmNode; cmd: Command | undefined; onOpenWizard: () => void }) {
+  if (node.status === 'provisioning') {
+    return (
+      <button type="button" className="btn btn-sm btn-primary" onClick={onOpenWizard} data-testid="node-progress">
+        Progress
+      </button>
+    );
+  }
+  const activity = commandActivity(cmd, node.status);
+  const pct = cmd?.percent;
+  return (
+    <a
+      className="btn btn-sm btn-busy"
+      href={`#/commands/${encodeURIComponent(node.lastCommandId ?? '')}`}
+      data-testid="node-command"
+      title="Open the command that is changing this node"
+    >
+      <span className="spinner spinner-sm" aria-hidden="true" />
+      {activity}…{pct != null && pct > 0 ? ` ${Math.round(pct)}%` : ''}
+    </a>
+  );
+}
+
 export function Nodes({ query }: { query: URLSearchParams }) {
   const nodes = useNodes();
   const agents = useAgents();
@@ -118,8 +144,12 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const m = useMutations();
   const [editing, setEditing] = useState<VmNode | null | 'new'>(null);
   const [deleting, setDeleting] = useState<VmNode | null>(null);
+  const [destroying, setDestroying] = useState<VmNode | null>(null);
+  const [forgetting, setForgetting] = useState<VmNode | null>(null);
   const [delBusy, setDelBusy] = useState(false);
   const [delErr, setDelErr] = useState<string | null>(null);
+  const [actionErr, setActionErr] = useState<string | null>(null);
+  const [pending, setPending] = useState<Record<string, PowerAction>>({});
   const [filter, setFilter] = useState('');
 
   // The open provision wizard lives in the URL (?provision=<nodeId> or ?provision=new), so a
@@ -129,6 +159,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const [createdId, setCreatedId] = useState<string | null>(null);
   const wizardNew = provisionParam === 'new' || (provisionParam !== null && provisionParam === createdId);
   const items = useMemo(() => nodes.data ?? [], [nodes.data]);
+  // The last command of every node with one: whether it still runs decides "busy".
+  const lastCommands = useCommandsById(items.flatMap((n) => (n.lastCommandId ? [n.lastCommandId] : [])));
   const provisionNode = provisionParam && provisionParam !== 'new' ? items.find((n) => n.id === provisionParam) : undefined;
   const agentName = (id: string | null | undefined) => (id ? (agents.data?.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
   const templateName = (id: string | null | undefined) => templates.data?.find((t) => t.id === id)?.name ?? '–';
@@ -136,7 +168,9 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const shown = items.filter((n) => {
     const q = filter.trim().toLowerCase();
     if (!q) return true;
-    return [n.name, n.application ?? '', n.ipAddress ?? '', n.status, String(n.vmId ?? '')].some((v) => v.toLowerCase().includes(q));
+    return [n.name, n.application ?? '', n.ipAddress ?? '', n.status, NODE_STATUS_LABEL[n.status], String(n.vmId ?? '')].some((v) =>
+      v.toLowerCase().includes(q),
+    );
   });
 
   const openProvision = (id: string) => setQuery('/nodes', { provision: id });
@@ -146,12 +180,28 @@ export function Nodes({ query }: { query: URLSearchParams }) {
     void nodes.refetch();
   };
 
+  const power = async (n: VmNode, action: PowerAction) => {
+    setActionErr(null);
+    setPending((p) => ({ ...p, [n.id]: action }));
+    try {
+      await m.powerNode(n.id, { action });
+    } catch (e) {
+      setActionErr(`Could not ${POWER_LABEL[action].toLowerCase()} ${n.name}: ${errorMessage(e)}`);
+    } finally {
+      setPending((p) => {
+        const { [n.id]: _done, ...rest } = p;
+        void _done;
+        return rest;
+      });
+    }
+  };
+
   return (
     <div className="page">
       <header className="page-head">
         <div>
           <h1>Nodes</h1>
-          <p className="muted">VM records. Unprovisioned nodes get a Provision button.</p>
+          <p className="muted">VMs Trellis tracks. Their state follows what the hypervisor reports.</p>
         </div>
         <div className="btn-row">
           <button type="button" className="btn" onClick={() => setEditing('new')} data-testid="new-node">
@@ -176,6 +226,14 @@ export function Nodes({ query }: { query: URLSearchParams }) {
         </span>
       </div>
       {nodes.error && <ErrorBox title="Could not load nodes">{errorMessage(nodes.error)}</ErrorBox>}
+      {actionErr && (
+        <div className="errorbox errorbox-dismiss" role="alert" data-testid="node-action-error">
+          <div>{actionErr}</div>
+          <button type="button" className="btn btn-sm" onClick={() => setActionErr(null)}>
+            Dismiss
+          </button>
+        </div>
+      )}
       {nodes.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
@@ -197,15 +255,46 @@ export function Nodes({ query }: { query: URLSearchParams }) {
             </thead>
             <tbody>
               {shown.map((n) => {
-                const unprovisioned = n.vmId == null;
-                const provisioning = n.status === 'provisioning';
+                const cmd = n.lastCommandId ? lastCommands.get(n.lastCommandId) : undefined;
+                const cmdStatus = cmd?.status;
+                const busy = nodeBusy(n, cmdStatus) || n.id in pending;
+                const avail = (a: NodeAction) => {
+                  const r = actionAvailability(n, a, cmdStatus);
+                  return n.id in pending && r.offered ? { offered: true, reason: 'A request is on its way' } : r;
+                };
+                const live = hasLiveVm(n);
+                const noVmReason = n.vmId == null ? 'Not provisioned yet' : live ? 'No IP address reported' : `The VM is ${NODE_STATUS_LABEL[n.status]}`;
+                const lifecycle: MenuItem[] = [];
+                for (const a of POWER_ACTIONS) {
+                  const r = avail(a);
+                  if (r.offered) lifecycle.push({ label: POWER_LABEL[a], disabled: !!r.reason, reason: r.reason ?? undefined, onSelect: () => void power(n, a) });
+                }
+                const destroy = avail('destroy');
+                if (destroy.offered)
+                  lifecycle.push({ label: 'Destroy…', danger: true, disabled: !!destroy.reason, reason: destroy.reason ?? undefined, onSelect: () => setDestroying(n) });
+                const forget = avail('forget');
+                if (forget.offered)
+                  lifecycle.push({ label: 'Forget…', disabled: !!forget.reason, reason: forget.reason ?? undefined, onSelect: () => setForgetting(n) });
+                const del = avail('delete');
+                if (del.offered)
+                  lifecycle.push({
+                    label: 'Delete',
+                    danger: true,
+                    disabled: !!del.reason,
+                    reason: del.reason ?? undefined,
+                    onSelect: () => {
+                      setDelErr(null);
+                      setDeleting(n);
+                    },
+                  });
+                const prov = avail('provision');
                 return (
-                  <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status}>
+                  <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status} data-busy={busy || undefined}>
                     <td data-label="Name" className="cell-title">
                       <strong className="nowrap">{n.name}</strong>
                       {n.application && <div className="small muted show-lg">{n.application}</div>}
-                      {n.error && n.status === 'failed' && (
-                        <div className="small err-text clamp" title={n.error}>
+                      {n.error && (
+                        <div className={`small clamp ${n.status === 'running' || n.status === 'stopped' ? 'warn-text' : 'err-text'}`} title={n.error} data-testid="node-error">
                           {n.error.length > 80 ? `${n.error.slice(0, 80)}…` : n.error}
                         </div>
                       )}
@@ -219,8 +308,26 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                     </td>
                     <td data-label="Status">
                       <NodeStatusPill status={n.status} title={n.error ?? undefined} />
+                      {n.vmId != null && (
+                        <div className="small muted nowrap" data-col="seen">
+                          {n.observedAt ? (
+                            <>
+                              seen <RelTime ts={n.observedAt} />
+                            </>
+                          ) : (
+                            'not seen yet'
+                          )}
+                        </div>
+                      )}
                     </td>
-                    <td data-label="Hypervisor" className="hide-md nowrap">{agentName(n.hypervisorId)}</td>
+                    <td data-label="Hypervisor" className="hide-md nowrap">
+                      {agentName(n.hypervisorId)}
+                      {n.vmNode && (
+                        <div className="small muted" data-col="vm-node">
+                          node {n.vmNode}
+                        </div>
+                      )}
+                    </td>
                     <td data-label="IP" className="mono" data-col="ip">
                       {n.ipAddress ?? '–'}
                     </td>
@@ -229,13 +336,15 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                     </td>
                     <td className="actions-col">
                       <div className="row-actions">
-                        {provisioning ? (
-                          <button type="button" className="btn btn-sm btn-primary" onClick={() => openProvision(n.id)} data-testid="node-progress">
-                            Progress
-                          </button>
-                        ) : unprovisioned ? (
+                        {busy && !(n.id in pending) ? (
+                          <NodeActivity node={n} cmd={cmd} onOpenWizard={() => openProvision(n.id)} />
+                        ) : prov.offered ? (
                           <button type="button" className="btn btn-sm btn-primary" onClick={() => openProvision(n.id)} data-testid="node-provision">
                             {n.status === 'failed' ? 'Provision…' : 'Provision'}
+                          </button>
+                        ) : n.status === 'stopped' && !busy ? (
+                          <button type="button" className="btn btn-sm" onClick={() => void power(n, 'start')} data-testid="node-start">
+                            Start
                           </button>
                         ) : null}
                         <button
@@ -250,16 +359,17 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                         <Menu
                           label={`More actions for ${n.name}`}
                           items={[
+                            ...lifecycle,
                             {
                               label: 'Copy SSH command',
-                              disabled: !n.ipAddress,
-                              reason: unprovisioned ? 'Not provisioned yet' : 'No IP address reported',
+                              disabled: !n.ipAddress || !live,
+                              reason: noVmReason,
                               onSelect: () => void copyText(`ssh ${n.ipAddress}`),
                             },
                             {
                               label: 'Copy IP address',
-                              disabled: !n.ipAddress,
-                              reason: unprovisioned ? 'Not provisioned yet' : 'No IP address reported',
+                              disabled: !n.ipAddress || !live,
+                              reason: noVmReason,
                               onSelect: () => void copyText(n.ipAddress ?? ''),
                             },
                             {
@@ -268,17 +378,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                               reason: 'Not provisioned yet',
                               onSelect: () => navigate(`/commands?agentId=${encodeURIComponent(n.hypervisorId ?? '')}`),
                             },
-                            { label: 'Edit', disabled: provisioning, reason: 'Wait for provisioning to finish', onSelect: () => setEditing(n) },
-                            {
-                              label: 'Delete',
-                              danger: true,
-                              disabled: provisioning,
-                              reason: 'Wait for provisioning to finish',
-                              onSelect: () => {
-                                setDelErr(null);
-                                setDeleting(n);
-                              },
-                            },
+                            { label: 'Edit', disabled: busy, reason: 'Wait for the running command to finish', onSelect: () => setEditing(n) },
                           ]}
                         />
                       </div>
@@ -308,6 +408,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           <p>The node to provision no longer exists.</p>
         </Modal>
       )}
+      {destroying && <DestroyDialog node={destroying} onClose={() => setDestroying(null)} />}
+      {forgetting && <ForgetDialog node={forgetting} onClose={() => setForgetting(null)} />}
       {deleting && (
         <ConfirmDialog
           title={`Delete node ${deleting.name}?`}
@@ -328,13 +430,13 @@ export function Nodes({ query }: { query: URLSearchParams }) {
             }
           }}
         >
-          {deleting.vmId != null ? (
-            <p>
-              This removes the Trellis record of VM {deleting.vmId}
-              {deleting.ipAddress ? ` (${deleting.ipAddress})` : ''}. Whether the VM itself is destroyed depends on the server; check Proxmox afterwards.
-            </p>
-          ) : (
+          {deleting.vmId == null ? (
             <p>This removes the unprovisioned node record.</p>
+          ) : (
+            <p>
+              This removes the record of {deleting.status === 'destroyed' ? 'destroyed' : 'missing'} VM {deleting.vmId} and its place in the node list. Its
+              commands stay in the command history.
+            </p>
           )}
         </ConfirmDialog>
       )}

@@ -28,6 +28,12 @@ function filledClient(): QueryClient {
   qc.setQueryData(queryKeys.templates, [template]);
   qc.setQueryData(queryKeys.nodes, [node]);
   qc.setQueryData(queryKeys.commands({ limit: 100 }), [command]);
+  qc.setQueryData(queryKeys.command('c1'), { ...command, id: 'c1' });
+  qc.setQueryData(queryKeys.agentVms('a1'), [
+    { vmId: 101, node: 'pve1', name: 'node-cache', status: 'running', tag: 'trellis-command=c1', ipAddresses: ['10.0.0.5'], seenAt: '2026-01-01T00:00:00Z', nodeId: 'n1' },
+    { vmId: 102, node: 'pve1', name: 'left-over', status: 'stopped', tag: 'trellis-command=c0', ipAddresses: [], seenAt: '2026-01-01T00:00:00Z', nodeId: null },
+    { vmId: 200, node: 'pve1', name: 'hand-made', status: 'running', tag: null, ipAddresses: [], seenAt: '2026-01-01T00:00:00Z', nodeId: null },
+  ]);
   return qc;
 }
 
@@ -38,10 +44,16 @@ describe('pages read the shared cache', () => {
     const qc = filledClient();
     const hv = render(qc, createElement(Hypervisors));
     expect(hv).toContain('data-agent-name="pve-cache"');
+    // The VM inventory from ['agentVms', id]: tracked, untracked made by Trellis, foreign.
+    expect(hv).toMatch(/data-vmid="101" data-tracking="tracked"/);
+    expect(hv).toContain('node node-cache');
+    expect(hv).toMatch(/data-vmid="102" data-tracking="untracked-trellis"[\s\S]*untracked — made by Trellis/);
+    expect(hv).toMatch(/data-vmid="200" data-tracking="foreign"/);
     const nodes = render(qc, createElement(Nodes, { query: new URLSearchParams() }));
     expect(nodes).toContain('data-node-name="node-cache"');
     expect(nodes).toContain('tpl-cache'); // template name from ['templates']
     expect(nodes).toContain('pve-cache'); // hypervisor name from ['agents']
+    expect(nodes).not.toContain('data-busy'); // its last command (['command', 'c1']) succeeded
     expect(render(qc, createElement(Templates))).toContain('data-template-name="tpl-cache"');
     const cmds = render(qc, createElement(Commands, { query: new URLSearchParams() }));
     expect(cmds).toContain('data-command-id="c1234567-0000"');

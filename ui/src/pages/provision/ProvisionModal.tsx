@@ -119,10 +119,12 @@ export function ProvisionModal({
             showAll={s.showAllErrors}
             isNew={d.isNew}
             nameEditable={d.nameEditable}
+            keepOnFailure={s.keepOnFailure}
+            onKeepOnFailure={(keep) => dispatch({ type: 'setKeepOnFailure', keep })}
           />
         )}
         {step === 'review' && agent && template && (
-          <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} isNew={d.isNew} submitError={s.submitError} />
+          <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} keepOnFailure={s.keepOnFailure} isNew={d.isNew} submitError={s.submitError} />
         )}
         {step === 'provisioning' && s.commandId && (
           <StepProvisioning

@@ -9,6 +9,7 @@ export function StepReview({
   template,
   targetNode,
   config,
+  keepOnFailure,
   isNew,
   submitError,
 }: {
@@ -16,6 +17,7 @@ export function StepReview({
   template: Template;
   targetNode: string;
   config: Config;
+  keepOnFailure: boolean;
   isNew: boolean;
   submitError: string | null;
 }) {
@@ -60,6 +62,8 @@ export function StepReview({
             </dd>
           </>
         )}
+        <dt>If it fails</dt>
+        <dd data-testid="review-keep-on-failure">{keepOnFailure ? 'Keep the VM for inspection' : 'Delete the half-made VM'}</dd>
       </dl>
       {agent.status !== 'online' && <Notice tone="warn">{agent.name} is offline right now.</Notice>}
       {submitError && <ErrorBox title="Could not start provisioning">{submitError}</ErrorBox>}

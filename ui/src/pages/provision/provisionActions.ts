@@ -3,7 +3,7 @@
 import { ApiError, errorMessage } from '../../lib/api';
 import type { Mutations } from '../../lib/queries';
 import type { Command, NodeWithCommand, VmNode } from '../../lib/types';
-import { derive, hypervisorUnavailable, type Catalog, type ProvisionAction, type ProvisionState } from './provisionReducer';
+import { derive, hypervisorUnavailable, provisionRequest, type Catalog, type ProvisionAction, type ProvisionState } from './provisionReducer';
 
 /** The provision command a node request started (the API marks it optional). */
 function startedCommand(r: NodeWithCommand): string {
@@ -29,8 +29,8 @@ export async function submitProvision(
     return;
   }
   dispatch({ type: 'submitStart' });
-  const { config, targetNode } = s;
-  const provision = { agentId: agent.id, ...(targetNode ? { targetNode } : {}) };
+  const { config } = s;
+  const provision = provisionRequest(s, agent.id);
   try {
     let cmdId: string | null | undefined;
     const cur = s.node;
@@ -85,7 +85,7 @@ export async function retryProvision(
     let newId: string;
     if (nodeId) {
       try {
-        newId = startedCommand(await m.provisionNode(nodeId, { agentId: cmd.agentId, ...(s.targetNode ? { targetNode: s.targetNode } : {}) }));
+        newId = startedCommand(await m.provisionNode(nodeId, provisionRequest(s, cmd.agentId)));
       } catch (e) {
         // Older servers without re-provision of failed nodes: retry the command itself.
         if (e instanceof ApiError && (e.status === 404 || e.status === 405)) newId = (await m.retryCommand(cmd.id)).commandId;

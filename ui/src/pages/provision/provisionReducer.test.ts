@@ -263,6 +263,15 @@ describe('submit, failure and "Change settings"', () => {
     expect(s.step).toBe('hypervisor'); // still validated
   });
 
+  it('"Keep the VM if provisioning fails" is off by default and survives steps and "Change settings"', () => {
+    expect(fresh().keepOnFailure).toBe(false);
+    let s = run(atReview(), { type: 'back' }, { type: 'setKeepOnFailure', keep: true }, { type: 'next', catalog });
+    expect(s).toMatchObject({ step: 'review', keepOnFailure: true });
+    s = run(s, { type: 'provisionStarted', commandId: 'c1' }, { type: 'changeSettings' });
+    expect(s.keepOnFailure).toBe(true);
+    expect(run(s, { type: 'setKeepOnFailure', keep: false }).keepOnFailure).toBe(false);
+  });
+
   it('"Change settings" is ignored outside the provisioning step', () => {
     const s = atReview();
     expect(provisionReducer(s, { type: 'changeSettings' })).toBe(s);
@@ -286,7 +295,7 @@ describe('submitProvision / retryProvision', () => {
     const seen: ProvisionAction[] = [];
     const created = vi.fn();
     await submitProvision({ ...atReview(), config: { ...validConfig, name: ' web-2 ', application: ' billing ' } }, catalog, m, (a) => seen.push(a), created);
-    expect(m.createNode).toHaveBeenCalledWith({ name: 'web-2', templateId: 't1', memory: 1024, cores: 1, application: 'billing', provision: { agentId: 'a1' } });
+    expect(m.createNode).toHaveBeenCalledWith({ name: 'web-2', templateId: 't1', memory: 1024, cores: 1, application: 'billing', provision: { agentId: 'a1', keepOnFailure: false } });
     expect(m.provisionNode).not.toHaveBeenCalled();
     expect(created).toHaveBeenCalledWith(expect.objectContaining({ id: 'n9' }));
     expect(seen.map((a) => a.type)).toEqual(['submitStart', 'nodeSaved', 'provisionStarted']);
@@ -299,8 +308,17 @@ describe('submitProvision / retryProvision', () => {
     const s: ProvisionState = { ...atReview(), node: vmNode(), targetNode: 'pve2' };
     await submitProvision(s, catalog, m, (a) => seen.push(a));
     expect(m.updateNode).toHaveBeenCalledWith('n1', { name: 'web-2', memory: 1024, cores: 1, templateId: 't1' });
-    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', targetNode: 'pve2' });
+    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: false, targetNode: 'pve2' });
     expect(seen.at(-1)).toEqual({ type: 'provisionStarted', commandId: 'c2' });
+  });
+
+  it('keepOnFailure goes with the provision request, on submit and on retry', async () => {
+    const m = fakes();
+    await submitProvision({ ...atReview(), keepOnFailure: true }, catalog, m, () => undefined);
+    expect(m.createNode).toHaveBeenCalledWith(expect.objectContaining({ provision: { agentId: 'a1', keepOnFailure: true } }));
+    const s: ProvisionState = { ...atReview(), node: vmNode(), step: 'provisioning', commandId: 'c1', keepOnFailure: true, targetNode: 'pve2' };
+    await retryProvision(s, cmd, m, () => undefined);
+    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: true, targetNode: 'pve2' });
   });
 
   it('an offline hypervisor or a refused request is reported on the review step', async () => {
@@ -322,7 +340,7 @@ describe('submitProvision / retryProvision', () => {
     const seen: ProvisionAction[] = [];
     const s: ProvisionState = { ...atReview(), node: vmNode(), step: 'provisioning', commandId: 'c1' };
     await retryProvision(s, cmd, m, (a) => seen.push(a));
-    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1' });
+    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: false });
     expect(seen).toEqual([{ type: 'retryStart' }, { type: 'retryStarted', commandId: 'c2' }]);
 
     seen.length = 0;

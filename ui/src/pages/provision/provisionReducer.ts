@@ -1,7 +1,7 @@
 // State of the Provision Node wizard as a pure reducer: hypervisor → template → configure →
 // review → provisioning. The lists it validates against (agents, templates) come from the
 // query cache and are passed in with the actions that need them (`Catalog`).
-import type { Agent, Template, VmNode } from '../../lib/types';
+import type { Agent, ProvisionRequest, Template, VmNode } from '../../lib/types';
 import { validateCores, validateMemory, validateVmName } from '../../lib/validation';
 
 export const STEPS = ['hypervisor', 'template', 'configure', 'review', 'provisioning'] as const;
@@ -40,6 +40,8 @@ export interface ProvisionState {
   targetNode: string;
   templateId: string;
   config: Config;
+  /** Keep a VM whose provision failed half-way, for inspection (`ProvisionRequest.keepOnFailure`). */
+  keepOnFailure: boolean;
   /** Show every configure error (after a Next on that step), not only the edited fields'. */
   showAllErrors: boolean;
   stepError: string | null;
@@ -60,6 +62,7 @@ export type ProvisionAction =
   /** The selected template is known: fill memory/cores the user has not set. */
   | { type: 'templateDefaults'; template: Template }
   | { type: 'setConfig'; config: Config }
+  | { type: 'setKeepOnFailure'; keep: boolean }
   | { type: 'next'; catalog: Catalog }
   | { type: 'back' }
   | { type: 'goTo'; step: Step; catalog: Catalog }
@@ -90,6 +93,11 @@ export function initialStep(node: VmNode | null): { step: Step; commandId: strin
   return { step: 'hypervisor', commandId: null };
 }
 
+/** The provision request the wizard sends for its current settings. */
+export function provisionRequest(s: Pick<ProvisionState, 'targetNode' | 'keepOnFailure'>, agentId: string): ProvisionRequest {
+  return { agentId, keepOnFailure: s.keepOnFailure, ...(s.targetNode ? { targetNode: s.targetNode } : {}) };
+}
+
 export function configErrors(c: Config, needName: boolean): ConfigErrors {
   return {
     name: needName ? validateVmName(c.name) : null,
@@ -113,6 +121,7 @@ export function initProvisionState(node: VmNode | null): ProvisionState {
       cores: node ? String(node.cores) : '',
       application: node?.application ?? '',
     },
+    keepOnFailure: false,
     showAllErrors: false,
     stepError: null,
     autoPicked: false,
@@ -216,6 +225,8 @@ export function provisionReducer(s: ProvisionState, a: ProvisionAction): Provisi
     }
     case 'setConfig':
       return { ...s, config: a.config };
+    case 'setKeepOnFailure':
+      return { ...s, keepOnFailure: a.keep };
     case 'next': {
       const to = NEXT[s.step];
       if (!to) return s;
