@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::state::{
-    run_guest_command, Effect, GuestExec, Inner, Sim, Vm, MAX_SIM_WAIT, NIC_MODELS,
+    run_guest_command, Effect, GuestExec, Inner, Job, Sim, Vm, MAX_SIM_WAIT, NIC_MODELS,
 };
 
 type SimState = State<Arc<Sim>>;
@@ -225,6 +225,25 @@ fn valid_dns_name(name: &str) -> bool {
         })
 }
 
+/// `tags` the way Proxmox stores them (`PVE::GuestHelpers::get_unique_tags` with the
+/// default tag style): split at `;`, `,` or spaces, lower-cased, sorted, de-duplicated,
+/// joined with `;`. Each tag must match `[a-z0-9_][a-z0-9_+.-]*`.
+pub fn normalize_tags(raw: &str) -> Result<String, String> {
+    let mut tags: Vec<String> = Vec::new();
+    for t in raw.split([';', ',', ' ']).filter(|t| !t.is_empty()) {
+        let ok = t.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && matches!(b, b'-' | b'+' | b'.'))
+        });
+        if !ok {
+            return Err(format!("invalid format - invalid tag '{t}'"));
+        }
+        tags.push(t.to_ascii_lowercase());
+    }
+    tags.sort();
+    tags.dedup();
+    Ok(tags.join(";"))
+}
+
 fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split(':').collect();
     parts.len() == 6
@@ -417,15 +436,18 @@ async fn cluster_resources(State(sim): SimState, p: Params) -> ApiResult {
                 let mut item = json!({
                     "id": format!("qemu/{}", vm.vmid), "type": "qemu", "vmid": vm.vmid,
                     "node": vm.node, "name": vm.name,
-                    "status": if vm.running { "running" } else { "stopped" },
+                    "status": vm.status(),
                     "template": u8::from(vm.template),
                     "maxmem": vm.memory_mib * 1024 * 1024, "maxcpu": vm.cores,
                     "maxdisk": vm.disk_bytes, "mem": if vm.running { vm.memory_mib * 1024 * 512 } else { 0 },
-                    "disk": 0, "cpu": 0, "uptime": 0, "netin": 0, "netout": 0,
+                    "disk": 0, "cpu": 0, "uptime": vm.uptime(), "netin": 0, "netout": 0,
                     "diskread": 0, "diskwrite": 0,
                 });
                 if let Some(l) = &vm.lock {
                     item["lock"] = json!(l);
+                }
+                if let Some(t) = vm.tags() {
+                    item["tags"] = json!(t);
                 }
                 items.push(item);
             }
@@ -476,13 +498,20 @@ async fn node_qemu(State(sim): SimState, Path(node): Path<String>) -> ApiResult 
             .filter(|vm| vm.node == node)
             .map(|vm| {
                 let mut item = json!({
-                    "vmid": vm.vmid, "name": vm.name,
-                    "status": if vm.running { "running" } else { "stopped" },
+                    "vmid": vm.vmid, "name": vm.name, "status": vm.status(),
                     "cpus": vm.cores, "maxmem": vm.memory_mib * 1024 * 1024,
-                    "maxdisk": vm.disk_bytes, "uptime": 0, "mem": 0, "cpu": 0,
+                    "maxdisk": vm.disk_bytes, "uptime": vm.uptime(),
+                    "mem": if vm.running { vm.memory_mib * 1024 * 512 } else { 0 },
+                    "cpu": 0, "disk": 0, "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
                 });
+                if vm.running {
+                    item["pid"] = json!(4000 + vm.vmid);
+                }
                 if vm.template {
                     item["template"] = json!(1);
+                }
+                if let Some(t) = vm.tags() {
+                    item["tags"] = json!(t);
                 }
                 if let Some(l) = &vm.lock {
                     item["lock"] = json!(l);
@@ -619,6 +648,8 @@ async fn clone_vm(
             execs: Default::default(),
             foreign: false,
             generation: 0,
+            protection: false,
+            ignore_acpi: source.ignore_acpi,
         };
         g.vms.insert(newid, vm);
         let outcome = match g.faults.fail_next_clone.take() {
@@ -687,6 +718,9 @@ fn config_json(vm: &Vm) -> Value {
     if vm.template {
         c["template"] = json!(1);
     }
+    if vm.protection {
+        c["protection"] = json!(1);
+    }
     c
 }
 
@@ -698,7 +732,8 @@ async fn get_config(State(sim): SimState, Path((node, vmid)): Path<(String, Stri
     })
 }
 
-const CONFIG_KEYS: [&str; 14] = [
+const CONFIG_KEYS: [&str; 15] = [
+    "protection",
     "memory",
     "cores",
     "sockets",
@@ -803,6 +838,21 @@ fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), Pv
             );
         }
     }
+    let tags = p.get("tags").map(normalize_tags).transpose();
+    let tags = match tags {
+        Ok(t) => t,
+        Err(e) => {
+            errors.insert("tags".into(), e);
+            None
+        }
+    };
+    let protection = match p.boolean("protection") {
+        Ok(b) => p.get("protection").map(|_| b),
+        Err(e) => {
+            errors.extend(e.errors);
+            None
+        }
+    };
     if p.get("description").is_some_and(|d| d.len() > 8192) {
         errors.insert(
             "description".into(),
@@ -848,17 +898,22 @@ fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), Pv
         if let Some(n) = p.get("name") {
             vm.name = n.to_string();
         }
-        for key in [
-            "ipconfig0",
-            "ciuser",
-            "sshkeys",
-            "tags",
-            "onboot",
-            "sockets",
-        ] {
+        for key in ["ipconfig0", "ciuser", "sshkeys", "onboot", "sockets"] {
             if let Some(v) = p.get(key) {
                 vm.extra.insert(key.into(), v.into());
             }
+        }
+        match tags {
+            Some(t) if t.is_empty() => {
+                vm.extra.remove("tags");
+            }
+            Some(t) => {
+                vm.extra.insert("tags".into(), t);
+            }
+            None => {}
+        }
+        if let Some(b) = protection {
+            vm.protection = b;
         }
         if let Some(del) = p.get("delete") {
             for key in del.split([',', ';', ' ']).filter(|k| !k.is_empty()) {
@@ -866,6 +921,7 @@ fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), Pv
                     "description" => vm.description = None,
                     "agent" => vm.agent = None,
                     "net0" => vm.net0 = None,
+                    "protection" => vm.protection = false,
                     other => {
                         vm.extra.remove(other);
                     }
@@ -915,16 +971,21 @@ async fn status_current(
     let vmid = parse_vmid(&vmid)?;
     sim.with(|g| {
         let vm = g.vm_on(&node, vmid).map_err(PveError::runtime)?;
-        let uptime = vm.booted_at.map(|b| b.elapsed().as_secs()).unwrap_or(0);
         let mut s = json!({
             "vmid": vm.vmid, "name": vm.name,
-            "status": if vm.running { "running" } else { "stopped" },
-            "qmpstatus": if vm.running { "running" } else { "stopped" },
+            "status": vm.status(), "qmpstatus": vm.status(),
             "cpus": vm.cores, "maxmem": vm.memory_mib * 1024 * 1024,
-            "maxdisk": vm.disk_bytes, "uptime": uptime, "ha": {"managed": 0},
+            "maxdisk": vm.disk_bytes, "uptime": vm.uptime(), "ha": {"managed": 0},
+            "mem": if vm.running { vm.memory_mib * 1024 * 512 } else { 0 },
+            "cpu": 0, "disk": 0, "netin": 0, "netout": 0, "diskread": 0, "diskwrite": 0,
         });
         if vm.running {
             s["pid"] = json!(4000 + vm.vmid);
+            s["running-machine"] = json!("pc-i440fx-9.0+pve0");
+            s["running-qemu"] = json!("9.0.2");
+        }
+        if let Some(t) = vm.tags() {
+            s["tags"] = json!(t);
         }
         if vm.agent_enabled() {
             s["agent"] = json!(1);
@@ -939,83 +1000,152 @@ async fn status_current(
     })
 }
 
+/// Rejects parameters an endpoint does not know, like Proxmox's schema check
+/// (`additionalProperties => 0`).
+fn check_known(p: &Params, known: &[&str]) -> Result<(), PveError> {
+    let errors: BTreeMap<String, String> = p
+        .0
+        .iter()
+        .filter(|(k, _)| !known.contains(&k.as_str()) && k != "node" && k != "vmid")
+        .map(|(k, _)| {
+            (
+                k.clone(),
+                "property is not defined in schema and the schema does not allow additional properties"
+                    .to_string(),
+            )
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(PveError::params(errors))
+    }
+}
+
+/// Options only `root@pam` itself may set (an API token, even root's, may not).
+fn root_only(sim: &Sim, p: &Params, keys: &[&str]) -> Result<(), PveError> {
+    if sim.config.token_id == "root@pam" {
+        return Ok(());
+    }
+    for key in keys {
+        if p.boolean(key)? {
+            return Err(PveError::param(key, "Only root may use this option."));
+        }
+    }
+    Ok(())
+}
+
+/// `timeout` in seconds, at least 0.
+fn timeout_param(p: &Params) -> Result<Option<u64>, PveError> {
+    match p.int("timeout")? {
+        Some(t) if t < 0 => Err(PveError::param(
+            "timeout",
+            "value must have a minimum value of 0",
+        )),
+        t => Ok(t.map(|t| t as u64)),
+    }
+}
+
+const START_PARAMS: [&str; 11] = [
+    "skiplock",
+    "stateuri",
+    "migratedfrom",
+    "migration_type",
+    "migration_network",
+    "machine",
+    "force-cpu",
+    "targetstorage",
+    "timeout",
+    "with-conntrack-state",
+    "nets-host-mtu",
+];
+
+/// `POST …/status/{start,stop,shutdown,reboot}` → UPID. The request checks what
+/// Proxmox checks before forking its worker (and, for start, what Proxmox clients see
+/// as "already running"/"locked"); the rest is decided by the job when it begins (see
+/// [`Job`]), and the VM's state changes when the task ends.
 async fn power(
     State(sim): SimState,
     Path((node, vmid, action)): Path<(String, String, String)>,
-) -> Result<Json<Value>, Response> {
-    let vmid = parse_vmid(&vmid).map_err(IntoResponse::into_response)?;
-    let cfg = sim.config.clone();
+    p: Params,
+) -> ApiResult {
+    let id = parse_vmid(&vmid)?;
+    let user = sim.config.token_id.clone();
+    let (kind, job) = match action.as_str() {
+        "start" => {
+            check_known(&p, &START_PARAMS)?;
+            root_only(&sim, &p, &["skiplock"])?;
+            timeout_param(&p)?;
+            ("qmstart", Job::Start)
+        }
+        "stop" => {
+            check_known(
+                &p,
+                &[
+                    "skiplock",
+                    "migratedfrom",
+                    "timeout",
+                    "keepActive",
+                    "overrule-shutdown",
+                ],
+            )?;
+            root_only(&sim, &p, &["skiplock", "keepActive"])?;
+            p.boolean("overrule-shutdown")?;
+            let timeout_s = timeout_param(&p)?;
+            ("qmstop", Job::Stop { timeout_s })
+        }
+        "shutdown" => {
+            check_known(&p, &["skiplock", "timeout", "forceStop", "keepActive"])?;
+            root_only(&sim, &p, &["skiplock", "keepActive"])?;
+            let timeout_s = timeout_param(&p)?;
+            let force = p.boolean("forceStop")?;
+            ("qmshutdown", Job::Shutdown { timeout_s, force })
+        }
+        "reboot" => {
+            check_known(&p, &["timeout"])?;
+            let timeout_s = timeout_param(&p)?;
+            ("qmreboot", Job::Reboot { timeout_s })
+        }
+        _ => {
+            return Err(PveError::new(
+                501,
+                format!("Method 'POST /nodes/{node}/qemu/{vmid}/status/{action}' not implemented"),
+            ))
+        }
+    };
+    let overrule = p.boolean("overrule-shutdown")?;
     sim.with(|g| {
-        let bridges = cfg.bridges.clone();
-        let vm = g.vm_on(&node, vmid).map_err(PveError::runtime)?.clone();
-        check_unlocked(&vm)?;
-        let id = vmid.to_string();
-        let user = cfg.token_id.as_str();
-        let upid = match action.as_str() {
-            "start" => {
+        let vm = g.vm_on(&node, id).map_err(PveError::runtime)?;
+        match &job {
+            Job::Start => {
                 if vm.template {
                     return Err(PveError::runtime("you can't start a vm if it's a template"));
                 }
+                check_unlocked(vm)?;
                 if vm.running {
-                    return Err(PveError::runtime(format!("VM {vmid} already running")));
+                    return Err(PveError::runtime(format!("VM {id} already running")));
                 }
-                let mut outcome = match g.faults.fail_next_start.take() {
-                    Some(m) => Err(m),
-                    None => Ok(()),
-                };
-                if let Some(b) = vm.net0_bridge() {
-                    if !bridges.contains(&b) {
-                        outcome = Err(format!("bridge '{b}' does not exist"));
-                    }
-                }
-                g.spawn_task(
-                    &node,
-                    "qmstart",
-                    &id,
-                    user,
-                    Duration::from_millis(cfg.start_ms),
-                    outcome,
-                    Effect::Started { vmid },
-                    vec!["generating cloud-init ISO".to_string()],
-                )
             }
-            "stop" => g.spawn_task(
-                &node,
-                "qmstop",
-                &id,
-                user,
-                Duration::from_millis(cfg.stop_ms),
-                Ok(()),
-                Effect::Stopped { vmid },
-                vec![],
-            ),
-            "shutdown" => {
-                if !vm.running {
-                    return Err(PveError::runtime(format!("VM {vmid} not running")));
-                }
-                g.spawn_task(
-                    &node,
-                    "qmshutdown",
-                    &id,
-                    user,
-                    Duration::from_millis(cfg.stop_ms * 2),
-                    Ok(()),
-                    Effect::Stopped { vmid },
-                    vec![],
-                )
+            Job::Reboot { .. } if !vm.running => {
+                return Err(PveError::runtime(format!("VM {id} not running")));
             }
-            _ => {
-                return Err(PveError::new(
-                    501,
-                    format!(
-                        "Method 'POST /nodes/{node}/qemu/{vmid}/status/{action}' not implemented"
-                    ),
-                ))
+            _ => {}
+        }
+        let mut log = Vec::new();
+        if overrule {
+            let aborted = g.abort_tasks("qmshutdown", id);
+            if !aborted.is_empty() {
+                log.push(format!(
+                    "overruled qmshutdown tasks: {}",
+                    aborted.join(", ")
+                ));
             }
-        };
-        Ok(data(upid))
+        }
+        if matches!(job, Job::Shutdown { .. }) && g.vm_on(&node, id).is_ok_and(|v| v.running) {
+            log.push(format!("shutdown VM {id}"));
+        }
+        Ok(data(g.spawn_job(&node, kind, id, &user, job, log)))
     })
-    .map_err(IntoResponse::into_response)
 }
 
 /// Checks shared by the guest agent calls; returns the running VM.
@@ -1145,36 +1275,45 @@ async fn guest_exec_status(
     })
 }
 
+/// `DELETE /nodes/{node}/qemu/{vmid}` → UPID (`qmdestroy`). Refuses a protected or
+/// running VM at once (like qemu-server's early checks), checks again and for a `lock`
+/// when the job begins, holds `lock: destroyed` while it runs, and removes the VM when
+/// it ends.
 async fn destroy(
     State(sim): SimState,
     Path((node, vmid)): Path<(String, String)>,
     p: Params,
 ) -> ApiResult {
     let id = parse_vmid(&vmid)?;
-    p.boolean("purge")?;
-    p.boolean("destroy-unreferenced-disks")?;
-    let cfg = sim.config.clone();
+    check_known(&p, &["skiplock", "purge", "destroy-unreferenced-disks"])?;
+    root_only(&sim, &p, &["skiplock"])?;
+    let purge = p.boolean("purge")?;
+    let unreferenced = p.boolean("destroy-unreferenced-disks")?;
+    let user = sim.config.token_id.clone();
     sim.with(|g| {
         let vm = g.vm_on(&node, id).map_err(PveError::runtime)?;
-        check_unlocked(vm)?;
+        if vm.protection {
+            return Err(PveError::runtime(format!(
+                "can't remove VM {id} - protection mode enabled"
+            )));
+        }
         if vm.running {
             return Err(PveError::runtime(format!(
                 "VM {id} is running - destroy failed"
             )));
         }
-        let upid = g.spawn_task(
+        let job = Job::Destroy {
+            purge,
+            unreferenced,
+        };
+        Ok(data(g.spawn_job(
             &node,
             "qmdestroy",
-            &vmid,
-            &cfg.token_id,
-            Duration::from_millis(cfg.destroy_ms),
-            Ok(()),
-            Effect::Destroyed { vmid: id },
-            vec![format!(
-                "  Logical volume \"vm-{id}-disk-0\" successfully removed."
-            )],
-        );
-        Ok(data(upid))
+            id,
+            &user,
+            job,
+            vec![],
+        )))
     })
 }
 

@@ -8,6 +8,20 @@
 //!
 //! * `GET /_sim/vms`, `GET /_sim/tasks`, `GET /_sim/stats`
 //! * `GET /_sim/faults`, `POST /_sim/faults` with a [`Faults`] object (replaces all faults)
+//! * `POST /_sim/vms/{vmid}/power` with `{"running": true|false}`: on or off at once, no
+//!   task (409 for a template)
+//! * `DELETE /_sim/vms/{vmid}`: the VM is gone at once
+//! * `POST /_sim/vms/{vmid}/flags` with `{"ignore_acpi"?: bool, "protection"?: bool}`:
+//!   a guest that ignores shutdown requests (its shutdown tasks run into their `timeout`),
+//!   and `protection: 1` (destroy refused)
+//!
+//! These answer 404 `{"error": "no VM N"}` for an unknown VMID and otherwise the VM as
+//! [`VmView`] (which also shows `tags`, `protection` and `ignore_acpi`).
+//!
+//! Lifecycle calls follow qemu-server: power and destroy return a UPID at once and the
+//! state changes when the task ends; jobs on one VM run one after the other (the config
+//! lock, 10 Proxmox seconds of waiting, then "can't lock file …"); Proxmox seconds in
+//! `timeout` parameters last [`SimConfig::sim_second_ms`] each.
 //!
 //! The binary is `pve-sim` (`tests/src/bin/pve-sim.rs`); [`process::SimProcess`] starts
 //! it from tests.
@@ -27,8 +41,8 @@ use tokio::net::TcpListener;
 
 pub use api::PveError;
 pub use state::{
-    default_seeds, Burst, Faults, SeedVm, Sim, SimConfig, TaskView, VmView, DEFAULT_TOKEN_ID,
-    DEFAULT_TOKEN_SECRET,
+    default_seeds, Burst, Faults, SeedVm, Sim, SimConfig, TaskView, VmView, CONFIG_LOCK_WAIT_S,
+    DEFAULT_STOP_TIMEOUT_S, DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET,
 };
 pub use tls::TlsMaterial;
 

@@ -68,7 +68,14 @@ pub struct SimConfig {
     pub clone_ms: u64,
     pub start_ms: u64,
     pub stop_ms: u64,
+    /// How long a guest that honours the ACPI power button takes to power off.
+    pub shutdown_ms: u64,
     pub destroy_ms: u64,
+    /// How long one second of a Proxmox `timeout` parameter (shutdown, stop, reboot) and
+    /// of the 10 s config-lock wait lasts in the simulator: `timeout=60` waits
+    /// `60 * sim_second_ms` ms. A cooperating guest needs `shutdown_ms / sim_second_ms`
+    /// Proxmox seconds to power off, so a shorter `timeout` runs into it.
+    pub sim_second_ms: u64,
     /// Time from the end of the start task until the guest agent answers.
     pub agent_boot_ms: u64,
     /// How long a guest command runs (plus any `sleep` in it).
@@ -97,7 +104,9 @@ impl Default for SimConfig {
             clone_ms: 1500,
             start_ms: 1000,
             stop_ms: 400,
+            shutdown_ms: 150,
             destroy_ms: 400,
+            sim_second_ms: 50,
             agent_boot_ms: 4000,
             exec_ms: 100,
             legacy_errors: false,
@@ -167,6 +176,11 @@ pub struct Vm {
     /// The VM config was written by "someone else" (fault `steal_next_ids`).
     pub foreign: bool,
     pub generation: u64,
+    /// `protection: 1` in the config: destroy is refused.
+    pub protection: bool,
+    /// The guest ignores shutdown requests (the ACPI power button and its agent's
+    /// `guest-shutdown`), like a hung or ACPI-less OS. Set with `POST /_sim/vms/N/flags`.
+    pub ignore_acpi: bool,
 }
 
 impl Vm {
@@ -214,7 +228,34 @@ impl Vm {
             agent: self.agent.clone(),
             description: self.description.clone(),
             foreign: self.foreign,
+            tags: self.tags().map(str::to_string),
+            protection: self.protection,
+            ignore_acpi: self.ignore_acpi,
         }
+    }
+
+    /// The `tags` property (`a;b`), when set and not empty.
+    pub fn tags(&self) -> Option<&str> {
+        self.extra
+            .get("tags")
+            .map(String::as_str)
+            .filter(|t| !t.is_empty())
+    }
+
+    pub fn status(&self) -> &'static str {
+        if self.running {
+            "running"
+        } else {
+            "stopped"
+        }
+    }
+
+    /// Seconds since the VM booted (0 when stopped).
+    pub fn uptime(&self) -> u64 {
+        self.booted_at
+            .filter(|_| self.running)
+            .map(|b| b.elapsed().as_secs())
+            .unwrap_or(0)
     }
 }
 
@@ -241,6 +282,13 @@ pub struct VmView {
     pub agent: Option<String>,
     pub description: Option<String>,
     pub foreign: bool,
+    /// `tags` as Proxmox stores them (`a;b`, lower-case, sorted), when set.
+    #[serde(default)]
+    pub tags: Option<String>,
+    #[serde(default)]
+    pub protection: bool,
+    #[serde(default)]
+    pub ignore_acpi: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -254,11 +302,74 @@ pub struct GuestExec {
 #[derive(Debug, Clone)]
 pub enum Effect {
     None,
-    CloneDone { newid: u32 },
-    Started { vmid: u32 },
-    Stopped { vmid: u32 },
-    Destroyed { vmid: u32 },
+    CloneDone {
+        newid: u32,
+    },
+    Started {
+        vmid: u32,
+    },
+    Stopped {
+        vmid: u32,
+    },
+    /// Shut down and started again: still running, with a fresh boot.
+    Rebooted {
+        vmid: u32,
+    },
+    Destroyed {
+        vmid: u32,
+    },
 }
+
+/// A lifecycle job. Like qemu-server's workers it takes the VM's config lock
+/// (`/var/lock/qemu-server/lock-N.conf`), so it begins only when the job before it on
+/// that VM has ended (giving up after 10 Proxmox seconds), and it decides what to do from
+/// the VM's state at that moment, not at the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    Start,
+    Stop { timeout_s: Option<u64> },
+    Shutdown { timeout_s: Option<u64>, force: bool },
+    Reboot { timeout_s: Option<u64> },
+    Destroy { purge: bool, unreferenced: bool },
+}
+
+/// What a job does once it has begun.
+struct Plan {
+    duration: Duration,
+    outcome: Result<(), String>,
+    warnings: u32,
+    effect: Effect,
+    log: Vec<String>,
+}
+
+impl Plan {
+    fn ok(duration: Duration, effect: Effect, log: Vec<String>) -> Self {
+        Self {
+            duration,
+            outcome: Ok(()),
+            warnings: 0,
+            effect,
+            log,
+        }
+    }
+
+    fn fail(duration: Duration, err: String) -> Self {
+        Self {
+            duration,
+            outcome: Err(err),
+            warnings: 0,
+            effect: Effect::None,
+            log: vec![],
+        }
+    }
+}
+
+/// Proxmox's default `timeout` for shutdown and stop (seconds).
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+/// How long a worker waits for a VM's config lock (seconds).
+pub const CONFIG_LOCK_WAIT_S: u64 = 10;
+/// How long a job that has nothing to do (or fails a precondition) runs.
+const QUICK: Duration = Duration::from_millis(30);
 
 #[derive(Debug, Clone)]
 pub struct Task {
@@ -271,19 +382,34 @@ pub struct Task {
     pub pstart: u32,
     pub starttime: u64,
     pub ends_at: Instant,
-    /// `Ok(())` → `OK`, `Err(text)` → that exit status.
+    /// `Ok(())` → `OK` (or `WARNINGS: N`), `Err(text)` → that exit status.
     pub outcome: Result<(), String>,
+    /// Warnings the worker printed (`warn`); a successful task then ends `WARNINGS: N`.
+    pub warnings: u32,
     pub effect: Effect,
     pub log: Vec<String>,
     pub finished: bool,
+    /// A lifecycle job on a VM (holds its config lock once begun).
+    pub job: Option<(u32, Job)>,
+    /// False while a job waits for the config lock; `ends_at`, `outcome` and `effect`
+    /// are decided when it begins.
+    pub begun: bool,
+    /// A waiting job gives up at this instant.
+    pub lock_deadline: Instant,
+    seq: u64,
 }
 
 impl Task {
     pub fn exitstatus(&self) -> Option<String> {
         self.finished.then(|| match &self.outcome {
+            Ok(()) if self.warnings > 0 => format!("WARNINGS: {}", self.warnings),
             Ok(()) => "OK".to_string(),
             Err(e) => e.clone(),
         })
+    }
+
+    fn job_vmid(&self) -> Option<u32> {
+        self.job.as_ref().map(|(v, _)| *v)
     }
 }
 
@@ -305,7 +431,28 @@ pub struct Inner {
     next_pid: u32,
     next_exec_pid: u32,
     mac_counter: u32,
+    next_seq: u64,
     pub requests: u64,
+    /// The timings of [`SimConfig`] (copied so jobs can plan inside [`Inner::advance`]).
+    pub timing: Timing,
+}
+
+/// The durations jobs need, from [`SimConfig`].
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub start_ms: u64,
+    pub stop_ms: u64,
+    pub shutdown_ms: u64,
+    pub destroy_ms: u64,
+    pub sim_second_ms: u64,
+    pub bridges: Vec<String>,
+}
+
+impl Timing {
+    /// `s` Proxmox seconds in simulator time.
+    pub fn secs(&self, s: u64) -> Duration {
+        Duration::from_millis(s.saturating_mul(self.sim_second_ms)).min(MAX_SIM_WAIT)
+    }
 }
 
 pub struct Sim {
@@ -324,7 +471,16 @@ impl Sim {
             next_pid: 0x0001_a2b0,
             next_exec_pid: 1000,
             mac_counter: 0,
+            next_seq: 0,
             requests: 0,
+            timing: Timing {
+                start_ms: config.start_ms,
+                stop_ms: config.stop_ms,
+                shutdown_ms: config.shutdown_ms,
+                destroy_ms: config.destroy_ms,
+                sim_second_ms: config.sim_second_ms,
+                bridges: config.bridges.clone(),
+            },
         };
         let now = Instant::now();
         for s in &config.seeds {
@@ -357,6 +513,8 @@ impl Sim {
                     execs: HashMap::new(),
                     foreign: false,
                     generation: 0,
+                    protection: false,
+                    ignore_acpi: false,
                 },
             );
         }
@@ -383,60 +541,294 @@ pub fn unix_now() -> u64 {
 }
 
 impl Inner {
-    /// Finishes every task whose time has come, in the order they end.
+    /// Lets time run up to `now`: finishes every task whose time has come and begins the
+    /// jobs waiting for a VM's config lock, in the order these things happen.
     pub fn advance(&mut self, now: Instant) {
-        let mut due: Vec<(Instant, String)> = self
-            .tasks
-            .values()
-            .filter(|t| !t.finished && t.ends_at <= now)
-            .map(|t| (t.ends_at, t.upid.clone()))
-            .collect();
-        due.sort();
-        for (_, upid) in due {
-            let Some(task) = self.tasks.get_mut(&upid) else {
-                continue;
-            };
-            task.finished = true;
-            let ok = task.outcome.is_ok();
-            match &task.outcome {
-                Ok(()) => task.log.push("TASK OK".into()),
-                Err(e) => task.log.push(format!("TASK ERROR: {e}")),
+        loop {
+            let next = self
+                .tasks
+                .values()
+                .filter(|t| !t.finished)
+                .filter_map(|t| {
+                    let at = if t.begun { t.ends_at } else { t.lock_deadline };
+                    (at <= now).then(|| (at, t.seq, t.upid.clone()))
+                })
+                .min();
+            let Some((at, _, upid)) = next else { break };
+            if self.tasks[&upid].begun {
+                self.finish(&upid);
+                if let Some(vmid) = self.tasks[&upid].job_vmid() {
+                    self.begin_next_waiter(vmid, at);
+                }
+            } else if let Some(t) = self.tasks.get_mut(&upid) {
+                let vmid = t.job_vmid().unwrap_or_default();
+                t.ends_at = at;
+                t.begun = true;
+                t.outcome = Err(format!(
+                    "can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout"
+                ));
+                t.effect = Effect::None;
+                self.finish(&upid);
             }
-            let effect = task.effect.clone();
-            let ends_at = task.ends_at;
-            match effect {
-                Effect::None => {}
-                Effect::CloneDone { newid } => {
-                    if ok {
-                        if let Some(vm) = self.vms.get_mut(&newid) {
-                            vm.lock = None;
-                            vm.generation += 1;
-                        }
-                    } else {
-                        // qemu-server removes the half-created VM when a clone fails.
-                        self.vms.remove(&newid);
+        }
+    }
+
+    /// Ends a begun task and applies its effect.
+    fn finish(&mut self, upid: &str) {
+        let Some(task) = self.tasks.get_mut(upid) else {
+            return;
+        };
+        task.finished = true;
+        let ok = task.outcome.is_ok();
+        match &task.outcome {
+            Ok(()) if task.warnings > 0 => {
+                task.log.push(format!("TASK WARNINGS: {}", task.warnings))
+            }
+            Ok(()) => task.log.push("TASK OK".into()),
+            Err(e) => task.log.push(format!("TASK ERROR: {e}")),
+        }
+        let effect = task.effect.clone();
+        let ends_at = task.ends_at;
+        match effect {
+            Effect::None => {}
+            Effect::CloneDone { newid } => {
+                if ok {
+                    if let Some(vm) = self.vms.get_mut(&newid) {
+                        vm.lock = None;
+                        vm.generation += 1;
                     }
+                } else {
+                    // qemu-server removes the half-created VM when a clone fails.
+                    self.vms.remove(&newid);
                 }
-                Effect::Started { vmid } => {
-                    if let (true, Some(vm)) = (ok, self.vms.get_mut(&vmid)) {
-                        vm.running = true;
-                        vm.booted_at = Some(ends_at);
-                    }
+            }
+            Effect::Started { vmid } | Effect::Rebooted { vmid } => {
+                if let (true, Some(vm)) = (ok, self.vms.get_mut(&vmid)) {
+                    vm.running = true;
+                    vm.booted_at = Some(ends_at);
+                    vm.execs.clear();
                 }
-                Effect::Stopped { vmid } => {
-                    if let (true, Some(vm)) = (ok, self.vms.get_mut(&vmid)) {
-                        vm.running = false;
-                        vm.booted_at = None;
-                        vm.execs.clear();
-                    }
+            }
+            Effect::Stopped { vmid } => {
+                if let (true, Some(vm)) = (ok, self.vms.get_mut(&vmid)) {
+                    vm.running = false;
+                    vm.booted_at = None;
+                    vm.execs.clear();
                 }
-                Effect::Destroyed { vmid } => {
-                    if ok {
-                        self.vms.remove(&vmid);
-                    }
+            }
+            Effect::Destroyed { vmid } => {
+                if ok {
+                    self.vms.remove(&vmid);
                 }
             }
         }
+    }
+
+    /// The job holding `vmid`'s config lock, if any.
+    fn lock_holder(&self, vmid: u32) -> Option<&Task> {
+        self.tasks
+            .values()
+            .find(|t| !t.finished && t.begun && t.job_vmid() == Some(vmid))
+    }
+
+    fn begin_next_waiter(&mut self, vmid: u32, at: Instant) {
+        if self.lock_holder(vmid).is_some() {
+            return;
+        }
+        let next = self
+            .tasks
+            .values()
+            .filter(|t| !t.finished && !t.begun && t.job_vmid() == Some(vmid))
+            .min_by_key(|t| t.seq)
+            .map(|t| t.upid.clone());
+        if let Some(upid) = next {
+            self.begin(&upid, at);
+        }
+    }
+
+    /// Begins a waiting job at `at`: decides from the VM's state what it does.
+    fn begin(&mut self, upid: &str, at: Instant) {
+        let Some((node, (vmid, job))) = self
+            .tasks
+            .get(upid)
+            .and_then(|t| Some((t.node.clone(), t.job.clone()?)))
+        else {
+            return;
+        };
+        let plan = self.plan(&node, vmid, &job);
+        if let Some(t) = self.tasks.get_mut(upid) {
+            t.begun = true;
+            t.ends_at = at + plan.duration.min(MAX_SIM_WAIT);
+            t.outcome = plan.outcome;
+            t.warnings = plan.warnings;
+            t.effect = plan.effect;
+            t.log.extend(plan.log);
+        }
+    }
+
+    /// What `job` does to `vmid` given the state right now (qemu-server's worker logic).
+    fn plan(&mut self, node: &str, vmid: u32, job: &Job) -> Plan {
+        let tm = self.timing.clone();
+        let ms = Duration::from_millis;
+        let vm = match self.vms.get_mut(&vmid) {
+            Some(vm) if vm.node == node => vm,
+            _ => return Plan::fail(QUICK, config_missing(node, vmid)),
+        };
+        let locked = vm.lock.clone().map(|l| format!("VM is locked ({l})"));
+        match job {
+            Job::Start => {
+                if vm.template {
+                    return Plan::fail(QUICK, "you can't start a vm if it's a template".into());
+                }
+                if let Some(e) = locked {
+                    return Plan::fail(QUICK, e);
+                }
+                if vm.running {
+                    return Plan::fail(QUICK, format!("VM {vmid} already running"));
+                }
+                let bridge = vm.net0_bridge();
+                let mut plan = Plan::ok(
+                    ms(tm.start_ms),
+                    Effect::Started { vmid },
+                    vec!["generating cloud-init ISO".to_string()],
+                );
+                if let Some(m) = self.faults.fail_next_start.take() {
+                    plan.outcome = Err(m);
+                } else if let Some(b) = bridge.filter(|b| !tm.bridges.contains(b)) {
+                    plan.outcome = Err(format!("bridge '{b}' does not exist"));
+                }
+                plan
+            }
+            // A stopped VM: nothing to do, and no lock check (qemu-server returns first).
+            Job::Stop { .. } | Job::Shutdown { .. } | Job::Reboot { .. } if !vm.running => {
+                Plan::ok(QUICK, Effect::None, vec![])
+            }
+            Job::Stop { .. } | Job::Shutdown { .. } | Job::Reboot { .. } if locked.is_some() => {
+                Plan::fail(QUICK, locked.unwrap_or_default())
+            }
+            Job::Stop { .. } => Plan::ok(ms(tm.stop_ms), Effect::Stopped { vmid }, vec![]),
+            Job::Shutdown { timeout_s, force } => {
+                let timeout = tm.secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S));
+                let takes = ms(tm.shutdown_ms);
+                if !vm.ignore_acpi && takes <= timeout {
+                    return Plan::ok(takes, Effect::Stopped { vmid }, vec![]);
+                }
+                if *force {
+                    let mut p = Plan::ok(
+                        timeout + ms(tm.stop_ms),
+                        Effect::Stopped { vmid },
+                        vec!["VM still running - terminating now with SIGTERM".into()],
+                    );
+                    p.warnings = 1;
+                    p
+                } else {
+                    Plan::fail(timeout, "VM quit/powerdown failed - got timeout".into())
+                }
+            }
+            Job::Reboot { timeout_s } => {
+                let timeout = tm.secs(timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S));
+                let takes = ms(tm.shutdown_ms);
+                if !vm.ignore_acpi && takes <= timeout {
+                    Plan::ok(takes + ms(tm.start_ms), Effect::Rebooted { vmid }, vec![])
+                } else {
+                    Plan::fail(timeout, "VM quit/powerdown failed - got timeout".into())
+                }
+            }
+            Job::Destroy {
+                purge,
+                unreferenced,
+            } => {
+                if vm.protection {
+                    return Plan::fail(
+                        QUICK,
+                        format!("can't remove VM {vmid} - protection mode enabled"),
+                    );
+                }
+                if vm.running {
+                    return Plan::fail(QUICK, format!("VM {vmid} is running - destroy failed"));
+                }
+                if let Some(e) = locked {
+                    return Plan::fail(QUICK, e);
+                }
+                vm.lock = Some("destroyed".into());
+                let mut log = vec![format!(
+                    "  Logical volume \"vm-{vmid}-disk-0\" successfully removed."
+                )];
+                if *unreferenced {
+                    log.push(format!(
+                        "  Logical volume \"vm-{vmid}-cloudinit\" successfully removed."
+                    ));
+                }
+                if *purge {
+                    log.push(format!("purging VM {vmid} from related configurations.."));
+                }
+                Plan::ok(ms(tm.destroy_ms), Effect::Destroyed { vmid }, log)
+            }
+        }
+    }
+
+    /// Starts a lifecycle job on `vmid` and returns its UPID. It begins at once when no
+    /// other job holds the VM's config lock, else when that one ends (or fails after
+    /// [`CONFIG_LOCK_WAIT_S`]).
+    pub fn spawn_job(
+        &mut self,
+        node: &str,
+        kind: &str,
+        vmid: u32,
+        user: &str,
+        job: Job,
+        log: Vec<String>,
+    ) -> String {
+        let busy = self
+            .tasks
+            .values()
+            .any(|t| !t.finished && t.job_vmid() == Some(vmid));
+        let upid = self.spawn_task(
+            node,
+            kind,
+            &vmid.to_string(),
+            user,
+            Duration::ZERO,
+            Ok(()),
+            Effect::None,
+            log,
+        );
+        let deadline = Instant::now() + self.timing.secs(CONFIG_LOCK_WAIT_S);
+        if let Some(t) = self.tasks.get_mut(&upid) {
+            t.job = Some((vmid, job));
+            t.begun = false;
+            t.lock_deadline = deadline;
+            t.ends_at = deadline;
+        }
+        if !busy {
+            self.begin(&upid, Instant::now());
+        }
+        upid
+    }
+
+    /// Aborts the unfinished tasks of `kind` on `vmid` (like `overrule-shutdown`);
+    /// returns their UPIDs.
+    pub fn abort_tasks(&mut self, kind: &str, vmid: u32) -> Vec<String> {
+        let now = Instant::now();
+        let mut victims: Vec<(u64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| !t.finished && t.kind == kind && t.job_vmid() == Some(vmid))
+            .map(|t| (t.seq, t.upid.clone()))
+            .collect();
+        victims.sort();
+        for (_, upid) in &victims {
+            if let Some(t) = self.tasks.get_mut(upid) {
+                t.begun = true;
+                t.ends_at = now;
+                t.outcome = Err("received interrupt".into());
+                t.warnings = 0;
+                t.effect = Effect::None;
+            }
+            self.finish(upid);
+        }
+        self.begin_next_waiter(vmid, now);
+        victims.into_iter().map(|(_, u)| u).collect()
     }
 
     /// A MAC in Proxmox's OUI (BC:24:11), unique within this simulator.
@@ -466,6 +858,7 @@ impl Inner {
         log: Vec<String>,
     ) -> String {
         self.next_pid += 7;
+        self.next_seq += 1;
         let pid = self.next_pid;
         let pstart = 0x0254_a1c3u32.wrapping_add(pid);
         let starttime = unix_now();
@@ -484,9 +877,14 @@ impl Inner {
                 starttime,
                 ends_at: Instant::now() + duration.min(MAX_SIM_WAIT),
                 outcome,
+                warnings: 0,
                 effect,
                 log,
                 finished: false,
+                job: None,
+                begun: true,
+                lock_deadline: Instant::now(),
+                seq: self.next_seq,
             },
         );
         upid
