@@ -38,6 +38,8 @@ impl Executors {
         if self.proxmox.is_some() {
             caps.push(CommandType::Provision);
             caps.push(CommandType::ListTemplates);
+            caps.push(CommandType::VmPower);
+            caps.push(CommandType::Destroy);
         }
         caps
     }
@@ -62,11 +64,8 @@ impl Executors {
             Command::ListTemplates(p) => json(proxmox()?.list_templates(ctx, p).await?),
             Command::Provision(p) => json(proxmox()?.provision(ctx, p).await?),
             Command::TerraformApply(p) => json(self.terraform.apply(ctx, p).await?),
-            // Not offered in this agent's capabilities yet, so the server never sends them.
-            Command::VmPower(_) | Command::Destroy(_) => Err(CommandError::new(
-                "unsupported_command",
-                "this agent cannot run vm_power or destroy commands",
-            )),
+            Command::VmPower(p) => json(proxmox()?.vm_power(ctx, p).await?),
+            Command::Destroy(p) => json(proxmox()?.destroy(ctx, p).await?),
         }
     }
 }
@@ -112,5 +111,34 @@ mod tests {
         };
         assert_eq!(outcome.status, FinalStatus::Failed);
         assert_eq!(outcome.error.unwrap().code, "proxmox_not_configured");
+    }
+
+    #[test]
+    fn with_proxmox_the_lifecycle_commands_are_offered() {
+        let executors = Executors {
+            ping: PingExecutor::new("h"),
+            proxmox: Some(ProxmoxExecutor::new(proxmox::ProxmoxSettings::new(
+                "https://pve.example:8006",
+                "root@pam!trellis",
+                "00000000-0000-0000-0000-000000000000",
+            ))),
+            terraform: TerraformExecutor::new(
+                TerraformSettings {
+                    binary: "/nonexistent/terraform".into(),
+                    ..Default::default()
+                },
+                &std::env::temp_dir(),
+            ),
+        };
+        assert_eq!(
+            executors.capabilities(),
+            vec![
+                CommandType::Ping,
+                CommandType::Provision,
+                CommandType::ListTemplates,
+                CommandType::VmPower,
+                CommandType::Destroy
+            ]
+        );
     }
 }

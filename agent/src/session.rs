@@ -5,6 +5,11 @@
 //!
 //! One task owns the socket, the journal and the outbox; executors only hold a channel to
 //! it. While disconnected, executors keep running and their events are journaled.
+//!
+//! When the server's `welcome` lists the `inventory` feature and Proxmox is configured, a
+//! task per connection reports the cluster's VMs (`inventory` frame) on connect, every
+//! `inventory_interval_secs` (default 30) and right after a provision, vm_power or destroy
+//! ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
     AgentMessage, CancelReason, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
-    Hello, Outcome, ProtocolErrorCode, ServerMessage, HEARTBEATS_PER_TIMEOUT,
+    Hello, Outcome, ProtocolErrorCode, ServerMessage, FEATURE_INVENTORY, HEARTBEATS_PER_TIMEOUT,
     HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
@@ -64,6 +69,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         unacked_bytes: 0,
         heartbeat_interval: Duration::from_secs(HEARTBEAT_INTERVAL_SECS),
         concurrency: Arc::new(tokio::sync::Semaphore::new(0)),
+        inventory_interval: None,
+        inventory_kick: Default::default(),
     };
     agent.unacked_bytes = agent
         .pending
@@ -93,7 +100,15 @@ struct Agent {
     /// `HEARTBEATS_PER_TIMEOUT` intervals without a frame.
     heartbeat_interval: Duration,
     concurrency: Arc<tokio::sync::Semaphore>,
+    /// Seconds between inventory reports, when the server takes them (its `welcome` lists
+    /// [`FEATURE_INVENTORY`]) and Proxmox is configured; `None` sends none.
+    inventory_interval: Option<Duration>,
+    /// Notified when a command that touched a VM ends: the next inventory goes out at once.
+    inventory_kick: Arc<tokio::sync::Notify>,
 }
+
+/// Seconds between inventory reports when the server names none.
+const DEFAULT_INVENTORY_INTERVAL_SECS: u64 = 30;
 
 enum Disconnect {
     Shutdown,
@@ -233,11 +248,22 @@ impl Agent {
                 ServerMessage::Welcome {
                     agent_id,
                     heartbeat_interval_secs,
+                    features,
+                    inventory_interval_secs,
                     ..
                 } => {
-                    tracing::info!(%agent_id, heartbeat_interval_secs, "connected to control plane");
+                    tracing::info!(%agent_id, heartbeat_interval_secs, ?features, "connected to control plane");
                     self.heartbeat_interval =
                         Duration::from_secs(heartbeat_interval_secs.clamp(1, 300));
+                    self.inventory_interval = (features.iter().any(|f| f == FEATURE_INVENTORY)
+                        && self.executors.proxmox.is_some())
+                    .then(|| {
+                        Duration::from_secs(
+                            inventory_interval_secs
+                                .unwrap_or(DEFAULT_INVENTORY_INTERVAL_SECS)
+                                .clamp(1, 3600),
+                        )
+                    });
                     // The server reconciled before welcoming us: interrupted commands
                     // are now marked lost there, so stop reporting them.
                     for id in std::mem::take(&mut self.interrupted) {
@@ -306,6 +332,24 @@ impl Agent {
                 return Disconnect::Lost(e.to_string());
             }
         }
+        // The inventory is listed by its own task (a slow Proxmox must not hold up this
+        // loop) and ends with this connection.
+        let (inventory_tx, mut inventory_rx) = mpsc::channel(1);
+        let inventory_stop = CancellationToken::new();
+        let _inventory_stop = inventory_stop.clone().drop_guard();
+        let inventory_on = match (self.inventory_interval, &self.executors.proxmox) {
+            (Some(every), Some(px)) => {
+                tokio::spawn(crate::proxmox::inventory::report_loop(
+                    px.clone(),
+                    every,
+                    self.inventory_kick.clone(),
+                    inventory_tx,
+                    inventory_stop,
+                ));
+                true
+            }
+            _ => false,
+        };
         let mut heartbeat = tokio::time::interval(self.heartbeat_interval);
         let server_timeout = self.heartbeat_interval * HEARTBEATS_PER_TIMEOUT;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -344,6 +388,11 @@ impl Agent {
                     }
                     let events = std::mem::take(&mut batch);
                     if let Err(e) = send(ws, &AgentMessage::Events { events }).await {
+                        return Disconnect::Lost(e.to_string());
+                    }
+                }
+                Some(inventory) = inventory_rx.recv(), if inventory_on => {
+                    if let Err(e) = send(ws, &AgentMessage::Inventory(inventory)).await {
                         return Disconnect::Lost(e.to_string());
                     }
                 }
@@ -509,6 +558,11 @@ impl Agent {
                 }
                 let permits = self.concurrency.clone();
                 let executors = self.executors.clone();
+                let touches_vm = matches!(
+                    command.command_type(),
+                    CommandType::Provision | CommandType::VmPower | CommandType::Destroy
+                );
+                let kick = self.inventory_kick.clone();
                 tokio::spawn(async move {
                     let _permit = permits.acquire_owned().await;
                     let reporter = ctx.clone();
@@ -526,6 +580,9 @@ impl Agent {
                                 )),
                             }))
                             .await;
+                    }
+                    if touches_vm {
+                        kick.notify_one();
                     }
                 });
             }

@@ -648,17 +648,19 @@ impl ProxmoxClient {
         .await
     }
 
-    /// `start`, `stop` or `shutdown`; returns the task.
+    /// `start`, `stop`, `shutdown` or `reboot` with its parameters (e.g. `timeout`);
+    /// returns the task.
     pub async fn power(
         &self,
         node: &str,
         vmid: u32,
         action: &str,
+        params: &[(&str, String)],
         repeat: Repeat,
     ) -> Result<Upid, ApiError> {
         let path = format!("/nodes/{}/qemu/{vmid}/status/{}", seg(node), seg(action));
         let raw: String = self
-            .call(Method::POST, &path, &[], Some(&[]), repeat)
+            .call(Method::POST, &path, &[], Some(params), repeat)
             .await?;
         self.upid(&path, raw)
     }

@@ -1,16 +1,23 @@
-//! Proxmox VE executor: `list_templates` and `provision`, on a small API client.
+//! Proxmox VE executor: `list_templates`, `provision`, `vm_power` and `destroy`, and the
+//! VM inventory, on a small API client.
 //!
-//! * [`ProxmoxExecutor`]: owns the connection settings and the state every provision on
-//!   this agent shares (VMID allocation, clone slots, per-command locks).
+//! * [`ProxmoxExecutor`]: owns the connection settings and the state every command on
+//!   this agent shares (VMID allocation, clone slots, per-command and per-VM locks).
 //! * [`settings`]: the settings and the `PROXMOX_*` variables they are read from.
 //! * [`client`]: the HTTP client (token auth, envelope, typed errors, retries).
 //! * [`tls`]: certificate fingerprint pinning, CA file, explicit insecure mode.
 //! * [`types`] / [`upid`]: the API's answers, parsed leniently.
 //! * [`provision`]: the provision stages, VMID allocation, idempotency and cleanup.
+//! * [`power`] / [`destroy`]: the VM lifecycle commands, on the helpers in [`op`].
+//! * [`inventory`]: every VM of the cluster from one list call, for the control plane.
 //!
 //! See `shared/proxmox-api.md` for the API facts and pitfalls this follows.
 
 pub mod client;
+pub mod destroy;
+pub mod inventory;
+pub mod op;
+pub mod power;
 pub mod provision;
 pub mod settings;
 pub mod tls;
@@ -20,8 +27,9 @@ pub mod upid;
 use std::sync::Arc;
 
 use trellis_protocol::{
-    CommandError, ListTemplatesParams, ListTemplatesResult, LogStream, ProvisionParams,
-    ProvisionResult, ProxmoxTemplate,
+    CommandError, DestroyParams, DestroyResult, Inventory, ListTemplatesParams,
+    ListTemplatesResult, LogStream, ProvisionParams, ProvisionResult, ProxmoxTemplate,
+    VmPowerParams, VmPowerResult,
 };
 
 use crate::exec::ExecContext;
@@ -35,6 +43,8 @@ pub use settings::{ProxmoxArgs, ProxmoxSettings};
 pub struct ProxmoxExecutor {
     settings: Arc<ProxmoxSettings>,
     provisions: Arc<provision::Shared>,
+    /// Power actions and destroys of one VM run one at a time.
+    vm_locks: Arc<op::VmLocks>,
 }
 
 impl ProxmoxExecutor {
@@ -42,6 +52,7 @@ impl ProxmoxExecutor {
         Self {
             provisions: Arc::new(provision::Shared::new(settings.max_parallel_clones)),
             settings: Arc::new(settings),
+            vm_locks: Default::default(),
         }
     }
 
@@ -74,6 +85,30 @@ impl ProxmoxExecutor {
         p: ProvisionParams,
     ) -> Result<ProvisionResult, CommandError> {
         provision::run(ctx, &self.settings, &self.provisions, self.client(), p).await
+    }
+
+    pub async fn vm_power(
+        &self,
+        ctx: &ExecContext,
+        p: VmPowerParams,
+    ) -> Result<VmPowerResult, CommandError> {
+        power::run(ctx, &self.settings, &self.vm_locks, self.client(), p).await
+    }
+
+    pub async fn destroy(
+        &self,
+        ctx: &ExecContext,
+        p: DestroyParams,
+    ) -> Result<DestroyResult, CommandError> {
+        destroy::run(ctx, &self.settings, &self.vm_locks, self.client(), p).await
+    }
+
+    /// The cluster's VMs from one list call (see [`inventory`]).
+    pub async fn inventory(&self) -> Result<Inventory, CommandError> {
+        let client = self.client()?;
+        inventory::fetch(&client)
+            .await
+            .map_err(|e| client.command_error(&e))
     }
 }
 

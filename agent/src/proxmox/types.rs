@@ -61,6 +61,9 @@ pub struct ClusterResource {
     pub maxdisk: Option<u64>,
     #[serde(default)]
     pub lock: Option<String>,
+    /// Proxmox tags, `a;b` (absent when the VM has none).
+    #[serde(default)]
+    pub tags: Option<String>,
 }
 
 impl ClusterResource {
@@ -124,6 +127,9 @@ pub struct VmStatus {
     pub name: Option<String>,
     #[serde(default, deserialize_with = "lenient_bool")]
     pub template: bool,
+    /// QEMU's own view (`running`, `paused`, `prelaunch`…), finer than `status`.
+    #[serde(default)]
+    pub qmpstatus: Option<String>,
 }
 
 impl VmStatus {

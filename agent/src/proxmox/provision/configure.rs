@@ -3,8 +3,11 @@
 //!
 //! Both are short, single API calls followed by a task or a re-read, and both are safe to
 //! repeat on a VM an earlier attempt already configured or started.
+//!
+//! Besides the description line, configure sets the Proxmox tag `trellis-<root id>` (see
+//! [`merge_tags`]) so that the inventory finds Trellis VMs in one list call.
 
-use trellis_protocol::CommandError;
+use trellis_protocol::{proxmox_tag, tag_from_proxmox_tags, CommandError};
 
 use super::{build_description, sleep_or_cancel, Run, POST_DONE_MARK};
 use crate::proxmox::client::Repeat;
@@ -33,12 +36,17 @@ impl Run<'_> {
             Some(a) if a.contains("enabled=") => a.replace("enabled=0", "enabled=1"),
             _ => "1".into(),
         };
+        let tags = merge_tags(
+            cfg.get_str("tags").as_deref(),
+            &proxmox_tag(self.ctx.root_command_id),
+        );
         let t = &self.p.template;
         let params = vec![
             ("memory", t.memory.to_string()),
             ("cores", t.cores.to_string()),
             ("net0", net0.render()),
             ("agent", agent),
+            ("tags", tags.clone()),
             (
                 "description",
                 build_description(
@@ -69,7 +77,7 @@ impl Run<'_> {
             }
         }
         Ok(format!(
-            "{} MiB, {} cores, net0 {}, guest agent enabled",
+            "{} MiB, {} cores, net0 {}, guest agent enabled, tags {tags}",
             t.memory,
             t.cores,
             net0.render()
@@ -90,7 +98,10 @@ impl Run<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match c.power(&self.node, vmid, "start", Repeat::Unsafe).await {
+            match c
+                .power(&self.node, vmid, "start", &[], Repeat::Unsafe)
+                .await
+            {
                 Ok(upid) => {
                     self.wait_task(&upid, "start", &cancel).await?;
                     break;
@@ -121,5 +132,46 @@ impl Run<'_> {
             ));
         }
         Ok(format!("VM {vmid} is running"))
+    }
+}
+
+/// The VM's Proxmox `tags` (`a;b`) with `ours` added: other tags are kept (a clone copies
+/// the template's), Trellis tags of other commands are dropped (a template made from a
+/// Trellis VM carries one), and duplicates go.
+pub fn merge_tags(existing: Option<&str>, ours: &str) -> String {
+    let mut tags: Vec<&str> = Vec::new();
+    for t in existing
+        .unwrap_or("")
+        .split([';', ',', ' '])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        if tag_from_proxmox_tags(t).is_none() && !tags.contains(&t) {
+            tags.push(t);
+        }
+    }
+    tags.push(ours);
+    tags.join(";")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_keep_others_and_replace_foreign_trellis_tags() {
+        let ours = proxmox_tag(uuid::Uuid::from_u128(1));
+        let old = proxmox_tag(uuid::Uuid::from_u128(2));
+        assert_eq!(merge_tags(None, &ours), ours);
+        assert_eq!(merge_tags(Some(""), &ours), ours);
+        assert_eq!(
+            merge_tags(Some(&format!("web;{old},prod;web")), &ours),
+            format!("web;prod;{ours}")
+        );
+        assert_eq!(merge_tags(Some(&ours), &ours), ours);
+        assert_eq!(
+            merge_tags(Some("trellis-ui"), &ours),
+            format!("trellis-ui;{ours}")
+        );
     }
 }

@@ -15,6 +15,11 @@
 //! * **Failure or cancel**: the stage is reported `failed`, and the VM this command made is
 //!   stopped and destroyed unless `keep_on_failure`; the error's details say what is left
 //!   (`cleanup.rs`).
+//! * **Post-provision failure**: once the VM is up, failing guest commands do not destroy
+//!   it: the stage is reported `failed`, `register` still runs, and the command succeeds
+//!   with `status: partial` and the `post_provision_failed` error in the result.
+//! * **Tags**: besides the description line, the VM gets the Proxmox tag
+//!   `trellis-<root id>` (`configure.rs`), which the inventory reads from one list call.
 //!
 //! This file holds the stage sequence and the bookkeeping every stage uses; each stage's
 //! work lives in the file named after it, as more methods on `Run`.
@@ -296,7 +301,13 @@ impl Run<'_> {
         let summary = self.wait_network(timeout).await?;
         self.complete(70.0, summary).await;
 
-        self.post_provision().await?;
+        // The VM is up: failing guest commands leave it running (a partial result), and
+        // only a cancel still ends in the usual failure and cleanup.
+        let partial = match self.post_provision().await {
+            Ok(()) => None,
+            Err(e) if e.code == "cancelled" || self.ctx.is_cancelled() => return Err(e),
+            Err(e) => Some(self.keep_partial(e).await),
+        };
 
         self.begin("register", 95.0, "reporting the new VM".into())
             .await?;
@@ -309,21 +320,55 @@ impl Run<'_> {
             node: self.node.clone(),
             ip_address: ip.clone(),
             name: self.p.name.clone(),
-            status: ProvisionStatus::Completed,
+            status: if partial.is_some() {
+                ProvisionStatus::Partial
+            } else {
+                ProvisionStatus::Completed
+            },
             stages_completed: stages,
-            error: None,
+            error: partial,
         };
         self.complete(
             100.0,
             format!(
-                "VM {vm_id} {:?} on {} at {}",
+                "VM {vm_id} {:?} on {} at {}{}",
                 self.p.name,
                 self.node,
-                ip.as_deref().unwrap_or("no address")
+                ip.as_deref().unwrap_or("no address"),
+                if result.error.is_some() {
+                    " (partial: post-provision commands failed)"
+                } else {
+                    ""
+                }
             ),
         )
         .await;
         Ok(result)
+    }
+
+    /// Post-provision commands failed on a VM that is up: report the stage failed, keep
+    /// the VM, and return the error the partial result carries.
+    async fn keep_partial(&mut self, e: CommandError) -> CommandError {
+        self.ctx
+            .stage(
+                "post_provision",
+                StageState::Failed,
+                Some(self.stage_pct),
+                Some(e.message.clone()),
+            )
+            .await;
+        let vmid = self.vm.unwrap_or_default();
+        self.log(format!(
+            "[post_provision] failed: {}; VM {vmid} is up and kept (partial result)",
+            e.message
+        ))
+        .await;
+        let mut err = CommandError::new("post_provision_failed", e.message.clone())
+            .at_stage("post_provision");
+        if e.code != "post_provision_failed" {
+            err = err.with_details(serde_json::json!({"cause": e.code}));
+        }
+        err
     }
 }
 
