@@ -37,6 +37,10 @@ git -C "$REPO" -c user.email=e2e@trellis -c user.name=e2e add .
 git -C "$REPO" -c user.email=e2e@trellis -c user.name=e2e commit -qm "template"
 git -C "$REPO" tag v1
 
+# Agents report their VM inventory every 2 s (default 30), so a VM stopped behind Trellis's
+# back shows on its node within seconds.
+export TRELLIS_INVENTORY_INTERVAL_SECS=${TRELLIS_INVENTORY_INTERVAL_SECS:-2}
+
 . scripts/lib/stack.sh
 trap 'stack_cleanup; echo "logs: $DIR"' EXIT
 # Short but realistic task timings so the browser watches every stage without waiting long.

@@ -39,7 +39,7 @@ const FAULT_MESSAGE = env.E2E_FAULT_MESSAGE ?? 'e2e injected clone failure';
 const FAULT_BODY = JSON.parse(
   (env.E2E_FAULT_BODY ?? '{"fail_next_clone":"$MESSAGE"}').replace('$MESSAGE', FAULT_MESSAGE.replace(/"/g, '\\"')),
 );
-// Parts to leave out while a backend piece is missing: picker, provision, fault, deploy.
+// Parts to leave out while a backend piece is missing: picker, provision, fault, lifecycle, deploy.
 const SKIP = new Set((env.E2E_SKIP ?? '').split(',').map((s) => s.trim()).filter(Boolean));
 const STAGES = ['clone_template', 'configure_vm', 'start_vm', 'wait_network', 'post_provision', 'register'];
 const RUN = Date.now().toString(36);
@@ -49,6 +49,8 @@ let currentStep = 'start';
 const results = [];
 
 class StepError extends Error {}
+/** Thrown inside a waitFor condition: stops waiting at once. */
+class FatalStepError extends StepError {}
 function assert(cond, msg) {
   if (!cond) throw new StepError(msg);
 }
@@ -92,6 +94,7 @@ async function waitFor(what, fn, timeoutMs = 30_000, everyMs = 500) {
       last = await fn();
       if (last) return last;
     } catch (e) {
+      if (e instanceof FatalStepError) throw e;
       last = e;
     }
     await new Promise((r) => setTimeout(r, everyMs));
@@ -313,13 +316,26 @@ async function main() {
     }
 
     /** Walks the wizard from the node row up to and including submit; returns the command id. */
-    async function provisionThroughWizard(row, { checkValidation = false, screenshots = false, check = false } = {}) {
+    async function provisionThroughWizard(row, { checkValidation = false, screenshots = false, check = false, keepOnFailure = false } = {}) {
       // Actions that need a VM are disabled on an unprovisioned node.
       await row.getByRole('button', { name: /^More actions for/ }).click();
       const copySsh = page.getByRole('menuitem', { name: /Copy SSH command/ });
       assert((await copySsh.getAttribute('aria-disabled')) === 'true', 'Copy SSH command should be disabled on an unprovisioned node');
       if (check) await a11y(page, 'node actions menu');
-      await page.keyboard.press('Escape');
+      for (const item of ['Start', 'Shutdown', 'Destroy…', 'Forget…']) {
+        assert((await page.getByRole('menuitem', { name: item, exact: true }).count()) === 0, `an unprovisioned node offers ${item}`);
+      }
+      if (check) {
+        // Delete is offered (no VM): its confirmation, left with Cancel.
+        await page.getByRole('menuitem', { name: 'Delete', exact: true }).click();
+        const dialog = page.getByRole('dialog');
+        await dialog.getByRole('button', { name: 'Cancel', exact: true }).waitFor();
+        await a11y(page, 'delete node confirm');
+        await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+        await dialog.waitFor({ state: 'detached' });
+      } else {
+        await page.keyboard.press('Escape');
+      }
       await row.getByTestId('node-provision').click();
       const modal = page.getByTestId('provision-modal');
       await modal.waitFor();
@@ -339,6 +355,9 @@ async function main() {
       // configure
       await modal.locator('[data-current-step="configure"]').waitFor();
       if (check) await a11y(page, 'provision wizard: configure');
+      const keep = page.getByTestId('cfg-keep-on-failure');
+      assert(!(await keep.isChecked()), '"Keep the VM for inspection" is checked by default');
+      if (keepOnFailure) await keep.check();
       if (checkValidation) {
         await page.getByTestId('cfg-memory').fill('8');
         await modal.getByText('Memory must be at least 16 MiB.').waitFor();
@@ -354,6 +373,8 @@ async function main() {
       await page.getByTestId('wizard-next').click();
       // review
       await modal.locator('[data-current-step="review"]').waitFor();
+      const keepText = (await page.getByTestId('review-keep-on-failure').textContent()) ?? '';
+      assert(keepOnFailure ? /Keep the VM/.test(keepText) : /Delete/.test(keepText), `review shows "${keepText}" for keepOnFailure=${keepOnFailure}`);
       if (screenshots) await shot(page, '09-provision-review');
       if (check) await a11y(page, 'provision wizard: review');
       await page.getByTestId('wizard-submit').click();
@@ -400,7 +421,7 @@ async function main() {
       const row = await createNode(nodeName, { check: true });
       await shot(page, '10-nodes-unprovisioned');
       await a11y(page, 'nodes with an unprovisioned node');
-      provisionedCommand = await provisionThroughWizard(row, { checkValidation: true, screenshots: true, check: true });
+      provisionedCommand = await provisionThroughWizard(row, { checkValidation: true, screenshots: true, check: true, keepOnFailure: true });
       log(`  provision command ${provisionedCommand}`);
       // Close while it runs: the row shows provisioning with a Progress button.
       await page.keyboard.press('Escape');
@@ -467,12 +488,15 @@ async function main() {
       await a11y(page, 'node editor (edit)');
       await page.keyboard.press('Escape');
       await dialog.waitFor({ state: 'detached' });
+      // A running node offers the lifecycle actions for its status, and no Delete (its VM lives).
       await row.getByRole('button', { name: /^More actions for/ }).click();
-      await page.getByRole('menuitem', { name: 'Delete' }).click();
-      await dialog.getByRole('button', { name: 'Cancel', exact: true }).waitFor();
-      await a11y(page, 'delete node confirm');
-      await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
-      await dialog.waitFor({ state: 'detached' });
+      for (const item of ['Shutdown', 'Stop (force)', 'Reboot', 'Destroy…', 'Forget…']) {
+        await page.getByRole('menuitem', { name: item, exact: true }).waitFor();
+      }
+      for (const item of ['Start', 'Delete']) {
+        assert((await page.getByRole('menuitem', { name: item, exact: true }).count()) === 0, `a running node offers ${item}`);
+      }
+      await page.keyboard.press('Escape');
       assert((await row.getAttribute('data-status')) === 'running', 'the node changed after the dialogs were cancelled');
     });
 
@@ -513,6 +537,144 @@ async function main() {
         await shot(page, '15-provision-retry-succeeded');
         await page.getByTestId('provision-close').click();
         await waitFor('retried node row to be running', async () => (await row.getAttribute('data-status')) === 'running', 20_000, 300);
+      });
+
+    // ---- Node lifecycle: power, drift behind Trellis's back, destroy, forget ----
+    /** Opens the row's ⋯ menu and picks `item`. */
+    async function rowAction(row, item, { check } = {}) {
+      await row.getByRole('button', { name: /^More actions for/ }).click();
+      const mi = page.getByRole('menuitem', { name: item, exact: true });
+      await mi.waitFor();
+      if (check) await a11y(page, check);
+      assert((await mi.getAttribute('aria-disabled')) !== 'true', `${item} is disabled: ${await mi.innerText()}`);
+      await mi.click();
+    }
+    /** Waits for the row's status; an error the page shows for the action fails at once. */
+    async function rowStatus(row, status, what, timeoutMs = 60_000) {
+      const actionError = page.getByTestId('node-action-error');
+      await waitFor(
+        `${what} (node ${status})`,
+        async () => {
+          if (await actionError.count()) throw new FatalStepError(`${what}: the page shows "${(await actionError.innerText()).replace(/\s*Dismiss$/, '')}"`);
+          return (await row.getAttribute('data-status')) === status;
+        },
+        timeoutMs,
+        250,
+      );
+    }
+    /** The node's running command shows as a link while it runs, and no action can start. */
+    async function busyWhileCommandRuns(row) {
+      const link = row.getByTestId('node-command');
+      const seen = await waitFor('the row to show the running command (or be done)', async () => ((await link.count()) > 0 ? 'busy' : (await row.getAttribute('data-busy')) ? false : 'done'), 10_000, 100).catch(() => 'done');
+      if (seen === 'busy') {
+        const href = await link.getAttribute('href').catch(() => null);
+        assert(!href || /#\/commands\/[0-9a-f-]{36}$/.test(href), `the running command's link is ${href}`);
+      }
+      return seen;
+    }
+
+    const INVENTORY_WAIT = Number(env.E2E_INVENTORY_TIMEOUT_MS ?? 45_000);
+    if (SKIP.has('lifecycle') || SKIP.has('provision')) skipped('node lifecycle: stop, start, drift, destroy, forget', 'E2E_SKIP has lifecycle');
+    else if (!PVE_SIM_URL) throw new StepError('PVE_SIM_URL is not set (needed to stop a VM behind Trellis; set E2E_SKIP=lifecycle to skip)');
+    else
+      await step('node lifecycle: stop, start, VM stopped behind Trellis shows stopped, destroy with the typed name', async () => {
+        await page.goto(`${BASE}/#/nodes`);
+        const row = page.locator(`tr[data-node-name="${nodeName}"]`);
+        await rowStatus(row, 'running', 'the provisioned node');
+        const vmid = (await row.locator('[data-col="vmid"]').textContent())?.trim();
+        assert(/^\d+$/.test(vmid ?? ''), `node row VM id is ${JSON.stringify(vmid)}`);
+        await waitFor('the row to say when the hypervisor last saw the VM', async () => /seen/.test((await row.locator('[data-col="seen"]').textContent()) ?? ''), INVENTORY_WAIT, 500);
+
+        // Stop (force) → stopped.
+        await rowAction(row, 'Stop (force)', { check: 'node actions menu (lifecycle)' });
+        const stopBusy = await busyWhileCommandRuns(row);
+        log(`  stop: ${stopBusy === 'busy' ? 'saw the running command on the row' : 'finished before the row showed it'}`);
+        await rowStatus(row, 'stopped', 'Stop (force)');
+        await shot(page, '13b-node-stopped');
+        await a11y(page, 'nodes with a stopped node');
+
+        // Start (the row's button) → running.
+        await row.getByTestId('node-start').click();
+        await busyWhileCommandRuns(row);
+        await rowStatus(row, 'running', 'Start');
+
+        // Stopped behind Trellis's back, in the simulator: the inventory brings the node to stopped.
+        const res = await fetch(`${PVE_SIM_URL}/_sim/vms/${vmid}/power`, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json' },
+          body: JSON.stringify({ running: false }),
+        });
+        assert(res.ok, `POST ${PVE_SIM_URL}/_sim/vms/${vmid}/power {"running":false} → ${res.status} ${await res.text()}`);
+        const t0 = Date.now();
+        await rowStatus(row, 'stopped', 'the inventory to report the VM stopped outside Trellis', INVENTORY_WAIT);
+        log(`  drift: the node showed stopped ${((Date.now() - t0) / 1000).toFixed(1)} s after the VM stopped in the simulator`);
+
+        // Destroy: the button stays disabled until the exact name is typed.
+        await rowAction(row, 'Destroy…');
+        const dialog = page.getByTestId('destroy-dialog');
+        await dialog.waitFor();
+        const submit = page.getByTestId('destroy-submit');
+        assert(await submit.isDisabled(), 'Destroy is enabled before the name is typed');
+        await a11y(page, 'destroy dialog');
+        await page.getByTestId('destroy-confirm-input').fill(nodeName.toUpperCase());
+        await dialog.getByText('The name is case-sensitive.').waitFor();
+        assert(await submit.isDisabled(), 'Destroy is enabled with a wrong name');
+        await a11y(page, 'destroy dialog with a mismatch');
+        await page.getByTestId('destroy-confirm-input').fill(nodeName);
+        assert(await submit.isEnabled(), 'Destroy stays disabled with the exact name');
+        await shot(page, '13c-destroy-dialog');
+        await submit.click();
+        await dialog.waitFor({ state: 'detached' });
+        await rowStatus(row, 'destroyed', 'Destroy');
+        await shot(page, '13d-node-destroyed');
+        await a11y(page, 'nodes with a destroyed node');
+        await waitFor(
+          `VM ${vmid} to leave the hypervisor's inventory after Destroy`,
+          async () => !(await api('GET', `/api/agents/${provisioner.id}/vms`)).items.some((v) => String(v.vmId) === vmid),
+          INVENTORY_WAIT,
+          500,
+        );
+        // A destroyed node offers Delete (its record only), not power actions.
+        await row.getByRole('button', { name: /^More actions for/ }).click();
+        await page.getByRole('menuitem', { name: 'Delete', exact: true }).waitFor();
+        assert((await page.getByRole('menuitem', { name: 'Start', exact: true }).count()) === 0, 'a destroyed node offers Start');
+        await page.keyboard.press('Escape');
+      });
+
+    if (!SKIP.has('lifecycle') && !SKIP.has('provision') && PVE_SIM_URL)
+      await step('forget: the node leaves the list, its VM stays on the hypervisor as untracked — made by Trellis', async () => {
+        // The node whose provision was retried, or a new one provisioned through the API.
+        let name = `e2e-fail-${RUN}`;
+        let node = (await api('GET', '/api/nodes')).items.find((n) => n.name === name && n.status === 'running');
+        if (!node) {
+          name = `e2e-forget-${RUN}`;
+          const tpl = (await api('GET', '/api/templates')).items.find((t) => t.name === tplName);
+          const r = await api('POST', '/api/nodes', { name, templateId: tpl.id, memory: 1024, cores: 1, provision: { agentId: provisioner.id } });
+          node = await waitFor(`${name} to be provisioned`, async () => {
+            const n = await api('GET', `/api/nodes/${r.node.id}`);
+            if (n.status === 'failed') throw new FatalStepError(`provisioning ${name} failed: ${n.error}`);
+            return n.status === 'running' ? n : false;
+          }, PROVISION_TIMEOUT);
+        }
+        await page.goto(`${BASE}/#/nodes`);
+        const row = page.locator(`tr[data-node-name="${name}"]`);
+        await rowStatus(row, 'running', 'the node to forget');
+        await rowAction(row, 'Forget…');
+        const dialog = page.getByTestId('forget-dialog');
+        await dialog.waitFor();
+        const text = await dialog.innerText();
+        assert(text.includes('The VM stays in Proxmox; Trellis stops tracking it.'), `the forget dialog does not say the VM stays: ${text}`);
+        await a11y(page, 'forget dialog');
+        await shot(page, '13e-forget-dialog');
+        await page.getByTestId('forget-submit').click();
+        await row.waitFor({ state: 'detached' });
+        // The hypervisor's VM list shows it as untracked, made by Trellis.
+        await page.goto(`${BASE}/#/hypervisors`);
+        const vmRow = page.locator(`[data-testid="agent-vms"][data-agent-id="${provisioner.id}"] tr[data-vmid="${node.vmId}"]`);
+        await waitFor(`VM ${node.vmId} to show untracked on the hypervisors page`, async () => (await vmRow.getAttribute('data-tracking', { timeout: 1000 })) === 'untracked-trellis', INVENTORY_WAIT, 500);
+        assert(/untracked — made by Trellis/.test(await vmRow.innerText()), `the VM row does not say untracked: ${await vmRow.innerText()}`);
+        await shot(page, '13f-hypervisor-vms');
+        await a11y(page, 'hypervisors with the VM inventory');
       });
 
     if (SKIP.has('deploy')) skipped('deploy streams terraform output live', 'E2E_SKIP has deploy');

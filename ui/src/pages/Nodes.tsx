@@ -10,7 +10,7 @@ import { Empty, ErrorBox, Field, NodeStatusPill, RelTime, Spinner, copyText } fr
 import { Menu, type MenuItem } from '../components/Menu';
 import { ProvisionModal } from './provision/ProvisionModal';
 import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
-import { POWER_ACTIONS, POWER_LABEL, actionAvailability, commandActivity, hasLiveVm, nodeBusy, type NodeAction } from './nodeActions';
+import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
   const templates = useTemplates();
@@ -186,7 +186,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
     try {
       await m.powerNode(n.id, { action });
     } catch (e) {
-      setActionErr(`Could not ${POWER_LABEL[action].toLowerCase()} ${n.name}: ${errorMessage(e)}`);
+      setActionErr(`Could not ${POWER_VERB[action]} ${n.name}: ${errorMessage(e)}`);
     } finally {
       setPending((p) => {
         const { [n.id]: _done, ...rest } = p;

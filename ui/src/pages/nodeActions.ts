@@ -14,6 +14,14 @@ export const POWER_LABEL = {
   reboot: 'Reboot',
 } as const satisfies Record<PowerAction, string>;
 
+/** The verb of each power action, for messages ("Could not stop web-1"). */
+export const POWER_VERB = {
+  start: 'start',
+  shutdown: 'shut down',
+  stop: 'stop',
+  reboot: 'reboot',
+} as const satisfies Record<PowerAction, string>;
+
 /** The running form of each power action ("Stopping…"). */
 export const POWER_PROGRESS = {
   start: 'Starting',
