@@ -381,6 +381,17 @@ impl Api {
         }
     }
 
+    /// Waits (up to 10 s) until the command has stored at least `seq` events.
+    pub async fn wait_last_seq(&self, id: &str, seq: i64) {
+        self.wait_until(Duration::from_secs(10), || async {
+            self.get(&format!("/api/commands/{id}")).await["lastSeq"]
+                .as_i64()
+                .unwrap_or(0)
+                >= seq
+        })
+        .await;
+    }
+
     pub async fn wait_until<F, Fut>(&self, within: Duration, mut f: F)
     where
         F: FnMut() -> Fut,

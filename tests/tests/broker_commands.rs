@@ -89,13 +89,7 @@ async fn deadline_times_out(backend: Backend) {
     assert_eq!(c["status"], "timed_out", "{c}");
     assert_eq!(c["error"]["code"], "timed_out");
     // the agent was told to cancel: its own final event arrives and does not change the status
-    api.wait_until(Duration::from_secs(10), || async {
-        api.get(&format!("/api/commands/{cid}")).await["lastSeq"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 1
-    })
-    .await;
+    api.wait_last_seq(&cid, 1).await;
     // ...and it says the command was stopped for its deadline (told by the server, or by
     // its own copy of the deadline, whichever came first)
     let text = sse::fetch_text(&api, &cid, None).await;

@@ -17,13 +17,7 @@ async fn agent_killed_mid_command(backend: Backend) {
     let cid = api
         .command(&id, "ping", json!({"log_lines": 60, "duration_ms": 6000}))
         .await;
-    api.wait_until(Duration::from_secs(10), || async {
-        api.get(&format!("/api/commands/{cid}")).await["lastSeq"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 5
-    })
-    .await;
+    api.wait_last_seq(&cid, 5).await;
     agent.kill();
     agent.restart();
     let c = api.wait_done(&cid, Duration::from_secs(30)).await;
@@ -65,13 +59,7 @@ async fn restart_mid_stream(backend: Backend, graceful: bool) {
     let cid = api
         .command(&id, "ping", json!({"log_lines": 150, "duration_ms": 4500}))
         .await;
-    api.wait_until(Duration::from_secs(10), || async {
-        api.get(&format!("/api/commands/{cid}")).await["lastSeq"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 20
-    })
-    .await;
+    api.wait_last_seq(&cid, 20).await;
     if graceful {
         // SIGTERM: sessions close, the writer drains what they sent, and it is quick
         let (status, took) = cp.terminate();
@@ -99,13 +87,7 @@ async fn agent_sigterm_ends_running_commands_cleanly() {
     let cid = api
         .command(&id, "ping", json!({"log_lines": 100, "duration_ms": 20000}))
         .await;
-    api.wait_until(Duration::from_secs(10), || async {
-        api.get(&format!("/api/commands/{cid}")).await["lastSeq"]
-            .as_i64()
-            .unwrap_or(0)
-            >= 2
-    })
-    .await;
+    api.wait_last_seq(&cid, 2).await;
     let status = agent.terminate();
     assert!(status.success(), "tendril exits 0 on SIGTERM: {status:?}");
     let c = api.wait_done(&cid, Duration::from_secs(10)).await;
