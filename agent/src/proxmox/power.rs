@@ -139,6 +139,12 @@ async fn steps(op: &mut Op<'_>, p: &VmPowerParams) -> Result<VmPowerResult, Comm
                 None => format!("VM {vmid} needed no {}", action.as_str()),
                 Some(upid) => match op.wait_task(&upid, action.as_str()).await? {
                     TaskEnd::Ok => format!("{} task ended OK", action.as_str()),
+                    // Started by someone else between our look and the task.
+                    TaskEnd::Failed(err)
+                        if action == PowerAction::Start && err.contains("already running") =>
+                    {
+                        format!("VM {vmid} was started meanwhile")
+                    }
                     TaskEnd::Failed(err) => {
                         forced = task_failed(op, p, action, shutdown_s, timeout_s, err).await?;
                         if forced {
