@@ -648,9 +648,20 @@ impl ProxmoxClient {
         .await
     }
 
+    /// `start`, `stop`, `shutdown` or `reboot` without parameters; returns the task.
+    pub async fn power(
+        &self,
+        node: &str,
+        vmid: u32,
+        action: &str,
+        repeat: Repeat,
+    ) -> Result<Upid, ApiError> {
+        self.power_with(node, vmid, action, &[], repeat).await
+    }
+
     /// `start`, `stop`, `shutdown` or `reboot` with its parameters (e.g. `timeout`);
     /// returns the task.
-    pub async fn power(
+    pub async fn power_with(
         &self,
         node: &str,
         vmid: u32,

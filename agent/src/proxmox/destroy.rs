@@ -225,11 +225,7 @@ async fn check_tag(op: &mut Op<'_>, expected_tag: &str) -> Result<Found, Command
 /// Stops the VM hard and waits for `stopped`.
 async fn stop(op: &mut Op<'_>) -> Result<Found, CommandError> {
     let vmid = op.vmid;
-    match op
-        .client
-        .power(&op.node, vmid, "stop", &[], Repeat::Safe)
-        .await
-    {
+    match op.client.power(&op.node, vmid, "stop", Repeat::Safe).await {
         Ok(upid) => {
             op.log(format!("stop task {upid}")).await;
             op.wait_task_ok(&upid, "stop").await?;

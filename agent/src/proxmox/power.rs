@@ -230,7 +230,7 @@ async fn request(
         }
         match op
             .client
-            .power(&op.node, op.vmid, name, params, repeat)
+            .power_with(&op.node, op.vmid, name, params, repeat)
             .await
         {
             Ok(upid) => {

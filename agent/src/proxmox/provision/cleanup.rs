@@ -96,7 +96,7 @@ impl Run<'_> {
                 Err(e) => return Err(self.api(e)),
             };
             if st.is_running() {
-                match c.power(node, vmid, "stop", &[], Repeat::Safe).await {
+                match c.power(node, vmid, "stop", Repeat::Safe).await {
                     Ok(upid) => self.wait_task(&upid, "stop", cancel).await?,
                     Err(e) if e.is_missing() => return Ok(()),
                     Err(e) => return Err(self.api(e)),

@@ -98,10 +98,7 @@ impl Run<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match c
-                .power(&self.node, vmid, "start", &[], Repeat::Unsafe)
-                .await
-            {
+            match c.power(&self.node, vmid, "start", Repeat::Unsafe).await {
                 Ok(upid) => {
                     self.wait_task(&upid, "start", &cancel).await?;
                     break;
