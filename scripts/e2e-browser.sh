@@ -43,8 +43,9 @@ export TRELLIS_INVENTORY_INTERVAL_SECS=${TRELLIS_INVENTORY_INTERVAL_SECS:-2}
 
 . scripts/lib/stack.sh
 trap 'stack_cleanup; echo "logs: $DIR"' EXIT
-# Short but realistic task timings so the browser watches every stage without waiting long.
-start_stack "$DIR" "$HTTP" "$PVE" "$ADMIN" --clone-ms 800 --start-ms 500 --agent-boot-ms 1500
+# Short but realistic task timings so the browser watches every stage without waiting long;
+# stop and destroy take long enough for the browser to see the node busy with its command.
+start_stack "$DIR" "$HTTP" "$PVE" "$ADMIN" --clone-ms 800 --start-ms 500 --agent-boot-ms 1500 --stop-ms 2500 --destroy-ms 1500
 
 mkdir -p test-output/screenshots
 TRELLIS_URL="http://127.0.0.1:$HTTP" TRELLIS_ADMIN_TOKEN="$ADMIN" PVE_SIM_URL="http://127.0.0.1:$PVE" \

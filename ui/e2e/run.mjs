@@ -569,6 +569,13 @@ async function main() {
       if (seen === 'busy') {
         const href = await link.getAttribute('href').catch(() => null);
         assert(!href || /#\/commands\/[0-9a-f-]{36}$/.test(href), `the running command's link is ${href}`);
+        // Meanwhile the lifecycle actions are disabled (checked only if it still runs afterwards).
+        await row.getByRole('button', { name: /^More actions for/ }).click();
+        // A disabled item's name carries its reason after the label.
+        const destroy = page.getByRole('menuitem', { name: /^Destroy…/ });
+        const disabled = (await destroy.getAttribute('aria-disabled', { timeout: 2000 }).catch(() => null)) === 'true';
+        await page.keyboard.press('Escape');
+        if ((await link.count()) > 0) assert(disabled, 'Destroy is enabled while a command runs on the node');
       }
       return seen;
     }
@@ -588,7 +595,8 @@ async function main() {
         // Stop (force) → stopped.
         await rowAction(row, 'Stop (force)', { check: 'node actions menu (lifecycle)' });
         const stopBusy = await busyWhileCommandRuns(row);
-        log(`  stop: ${stopBusy === 'busy' ? 'saw the running command on the row' : 'finished before the row showed it'}`);
+        log(`  stop: ${stopBusy === 'busy' ? 'saw the running command on the row, actions disabled' : 'finished before the row showed it'}`);
+        if (stopBusy === 'busy') await a11y(page, 'nodes with a command running on a node');
         await rowStatus(row, 'stopped', 'Stop (force)');
         await shot(page, '13b-node-stopped');
         await a11y(page, 'nodes with a stopped node');

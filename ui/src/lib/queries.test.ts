@@ -175,6 +175,20 @@ describe('mutations invalidate what they change', () => {
     expect(keys().slice(7)).toEqual([['nodes'], ['node', 'n1'], ['agentVms']]);
   });
 
+  it('lifecycle answers update the cached node list at once', async () => {
+    qc.setQueryData(queryKeys.nodes, [node('running'), { id: 'n2', status: 'running' } as VmNode]);
+    vi.spyOn(api, 'powerNode').mockResolvedValue({ node: { ...node('running'), lastCommandId: 'c5' }, commandId: 'c5' });
+    vi.spyOn(api, 'destroyNode').mockResolvedValue({ node: node('destroying'), commandId: 'c6' });
+    vi.spyOn(api, 'forgetNode').mockResolvedValue(node('destroying'));
+    const m = mutations(qc);
+    await m.powerNode('n1', { action: 'stop' });
+    expect(qc.getQueryData<VmNode[]>(queryKeys.nodes)?.[0].lastCommandId).toBe('c5');
+    await m.destroyNode('n1', 'web-1');
+    expect(qc.getQueryData<VmNode[]>(queryKeys.nodes)?.map((n) => n.status)).toEqual(['destroying', 'running']);
+    await m.forgetNode('n1');
+    expect(qc.getQueryData<VmNode[]>(queryKeys.nodes)?.map((n) => n.id)).toEqual(['n2']);
+  });
+
   it('commands', async () => {
     const keys = spyInvalidate();
     vi.spyOn(api, 'retryCommand').mockResolvedValue({ commandId: 'c2', status: 'queued', attempt: 2 });

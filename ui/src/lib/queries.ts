@@ -156,6 +156,18 @@ export function mutations(qc: QueryClient) {
       return r;
     };
   const nodeKeys = (id: string) => [queryKeys.nodes, queryKeys.node(id)];
+  /** Puts the node a lifecycle request answered into the cached list at once (before the refetch). */
+  const putNode = (node: VmNode | null, removeId?: string) =>
+    qc.setQueryData<VmNode[]>(queryKeys.nodes, (list) =>
+      list && (removeId ? list.filter((n) => n.id !== removeId) : list.map((n) => (node && n.id === node.id ? node : n))),
+    );
+  const withNode =
+    <A extends unknown[], R extends { node: VmNode }>(fn: (...args: A) => Promise<R>) =>
+    async (...args: A): Promise<R> => {
+      const r = await fn(...args);
+      putNode(r.node);
+      return r;
+    };
   return {
     createAgent: after(api.createAgent, () => [queryKeys.agents]),
     rotateAgentToken: after(api.rotateAgentToken, () => [queryKeys.agents]),
@@ -169,9 +181,19 @@ export function mutations(qc: QueryClient) {
     updateNode: after(api.updateNode, (id) => nodeKeys(id)),
     deleteNode: after(api.deleteNode, (id) => nodeKeys(id)),
     provisionNode: after(api.provisionNode, (id) => [...nodeKeys(id), queryKeys.commandLists]),
-    powerNode: after((id: string, body: PowerRequest) => api.powerNode(id, body), (id) => [...nodeKeys(id), queryKeys.commandLists]),
-    destroyNode: after(api.destroyNode, (id) => [...nodeKeys(id), queryKeys.commandLists, queryKeys.allAgentVms]),
-    forgetNode: after(api.forgetNode, (id) => [...nodeKeys(id), queryKeys.allAgentVms]),
+    powerNode: after(
+      withNode((id: string, body: PowerRequest) => api.powerNode(id, body)),
+      (id) => [...nodeKeys(id), queryKeys.commandLists],
+    ),
+    destroyNode: after(withNode(api.destroyNode), (id) => [...nodeKeys(id), queryKeys.commandLists, queryKeys.allAgentVms]),
+    forgetNode: after(
+      async (id: string) => {
+        const n = await api.forgetNode(id);
+        putNode(null, id);
+        return n;
+      },
+      (id) => [...nodeKeys(id), queryKeys.allAgentVms],
+    ),
 
     createCommand: after(api.createCommand, () => [queryKeys.commandLists]),
     cancelCommand: after(api.cancelCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),

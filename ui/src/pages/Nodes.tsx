@@ -150,6 +150,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const [delErr, setDelErr] = useState<string | null>(null);
   const [actionErr, setActionErr] = useState<string | null>(null);
   const [pending, setPending] = useState<Record<string, PowerAction>>({});
+  // Commands this page started: busy from the answer on, before their status is first read.
+  const [started, setStarted] = useState<ReadonlySet<string>>(() => new Set());
   const [filter, setFilter] = useState('');
 
   // The open provision wizard lives in the URL (?provision=<nodeId> or ?provision=new), so a
@@ -184,7 +186,9 @@ export function Nodes({ query }: { query: URLSearchParams }) {
     setActionErr(null);
     setPending((p) => ({ ...p, [n.id]: action }));
     try {
-      await m.powerNode(n.id, { action });
+      const r = await m.powerNode(n.id, { action });
+      const id = r.commandId;
+      if (id) setStarted((prev) => new Set(prev).add(id));
     } catch (e) {
       setActionErr(`Could not ${POWER_VERB[action]} ${n.name}: ${errorMessage(e)}`);
     } finally {
@@ -256,7 +260,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
             <tbody>
               {shown.map((n) => {
                 const cmd = n.lastCommandId ? lastCommands.get(n.lastCommandId) : undefined;
-                const cmdStatus = cmd?.status;
+                // A command just started here whose status is not read yet counts as queued.
+                const cmdStatus = cmd?.status ?? (n.lastCommandId && started.has(n.lastCommandId) ? 'queued' : undefined);
                 const busy = nodeBusy(n, cmdStatus) || n.id in pending;
                 const avail = (a: NodeAction) => {
                   const r = actionAvailability(n, a, cmdStatus);
