@@ -122,6 +122,64 @@ impl SimProcess {
         Ok(())
     }
 
+    /// Starts or stops a VM at once, behind the back of whoever manages it.
+    pub async fn set_running(&self, vmid: u32, running: bool) -> anyhow::Result<()> {
+        self.http
+            .post(format!("{}/_sim/vms/{vmid}/power", self.url))
+            .json(&serde_json::json!({ "running": running }))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Deletes a VM at once, behind the back of whoever manages it.
+    pub async fn delete_vm(&self, vmid: u32) -> anyhow::Result<()> {
+        self.http
+            .delete(format!("{}/_sim/vms/{vmid}", self.url))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Sets per-VM flags (`ignore_acpi`, `protection`).
+    pub async fn set_flags(&self, vmid: u32, flags: serde_json::Value) -> anyhow::Result<()> {
+        self.http
+            .post(format!("{}/_sim/vms/{vmid}/flags", self.url))
+            .json(&flags)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
+    /// Calls the Proxmox API itself with the default token (`PUT`/`POST` form bodies).
+    pub async fn pve(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> anyhow::Result<serde_json::Value> {
+        Ok(self
+            .http
+            .request(method, format!("{}/api2/json{path}", self.url))
+            .header(
+                "authorization",
+                format!(
+                    "PVEAPIToken={}={}",
+                    super::DEFAULT_TOKEN_ID,
+                    super::DEFAULT_TOKEN_SECRET
+                ),
+            )
+            .form(form)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.start_kill();
     }
