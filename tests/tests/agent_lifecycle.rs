@@ -464,3 +464,78 @@ async fn inventory_loop_reports_at_once_and_again_when_kicked() {
         .unwrap()
         .unwrap();
 }
+
+/// The real `trellis` and `tendril` with the simulator: the agent advertises the
+/// lifecycle commands, reports its inventory on connect (the server's welcome lists the
+/// feature) and again right after a `vm_power` ends, well before the 30 s interval.
+#[tokio::test]
+async fn agent_reports_inventory_on_connect_and_after_a_power_command() {
+    use trellis_tests::harness::{bin, control_plane, Agent};
+    use trellis_tests::pve_sim::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET};
+
+    let (dir, cp, api) = control_plane(trellis_tests::db::Backend::Sqlite, "lifecycle-inv").await;
+    let sim = fast_sim(bin("pve-sim").to_str().unwrap(), &[]).await;
+    let (agent_id, token) = api.create_agent("pve-lab").await;
+    let _agent = Agent::start_with(
+        &cp.ws_url(),
+        &token,
+        &dir.join("agent"),
+        &[
+            ("PROXMOX_URL", sim.url.as_str()),
+            ("PROXMOX_TOKEN_ID", DEFAULT_TOKEN_ID),
+            ("PROXMOX_TOKEN_SECRET", DEFAULT_TOKEN_SECRET),
+        ],
+    );
+    api.wait_agent_online(&agent_id).await;
+    let agent = api.get(&format!("/api/agents/{agent_id}")).await;
+    let caps = agent["capabilities"].to_string();
+    assert!(
+        caps.contains("vm_power") && caps.contains("destroy"),
+        "{agent}"
+    );
+
+    let vms_path = format!("/api/agents/{agent_id}/vms");
+    let status_of_100 = |v: serde_json::Value| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["vmId"] == 100)
+            .map(|i| i["status"].as_str().unwrap().to_string())
+    };
+    api.wait_until(Duration::from_secs(10), || async {
+        status_of_100(api.get(&vms_path).await).as_deref() == Some("running")
+    })
+    .await;
+    let items = api.get(&vms_path).await["items"].as_array().unwrap().len();
+    assert_eq!(items, 1, "templates are not in the inventory");
+
+    let id = api
+        .command(
+            &agent_id,
+            "vm_power",
+            serde_json::json!({"vm_id": 100, "node": "pve1", "action": "stop"}),
+        )
+        .await;
+    let c = api.wait_done(&id, Duration::from_secs(30)).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["result"]["status"], "stopped", "{c}");
+    // The inventory after the command shows it (the interval is 30 s).
+    api.wait_until(Duration::from_secs(5), || async {
+        status_of_100(api.get(&vms_path).await).as_deref() == Some("stopped")
+    })
+    .await;
+
+    let id = api
+        .command(
+            &agent_id,
+            "destroy",
+            serde_json::json!({"vm_id": 100, "node": "pve1",
+                "expected_tag": vm_tag(Uuid::new_v4())}),
+        )
+        .await;
+    let c = api.wait_done(&id, Duration::from_secs(30)).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["error"]["code"], "vm_tag_mismatch", "{c}");
+    assert!(vm(&sim, 100).await.is_some());
+}
