@@ -225,20 +225,22 @@ async fn check_tag(op: &mut Op<'_>, expected_tag: &str) -> Result<Found, Command
 /// Stops the VM hard and waits for `stopped`.
 async fn stop(op: &mut Op<'_>) -> Result<Found, CommandError> {
     let vmid = op.vmid;
-    match op.client.power(&op.node, vmid, "stop", Repeat::Safe).await {
-        Ok(upid) => {
-            op.log(format!("stop task {upid}")).await;
-            op.wait_task_ok(&upid, "stop").await?;
-        }
-        Err(e) if e.message().contains("not running") => {}
-        Err(e) if e.is_missing() => {
-            // Moved or gone: the caller's next look decides.
-            if op.relocate().await?.is_none() {
-                return Ok(Found::Gone);
+    for attempt in 1..=2 {
+        match op.client.power(&op.node, vmid, "stop", Repeat::Safe).await {
+            Ok(upid) => {
+                op.log(format!("stop task {upid}")).await;
+                op.wait_task_ok(&upid, "stop").await?;
+                break;
             }
-            return Box::pin(stop(op)).await;
+            Err(e) if e.message().contains("not running") => break,
+            // Moved (followed once) or gone.
+            Err(e) if e.is_missing() && attempt == 1 => {
+                if op.relocate().await?.is_none() {
+                    return Ok(Found::Gone);
+                }
+            }
+            Err(e) => return Err(op.api(&e)),
         }
-        Err(e) => return Err(op.api(&e)),
     }
     let deadline = Instant::now() + STATE_TIMEOUT;
     let mut delay = Duration::from_millis(100);
