@@ -647,6 +647,16 @@ async function main() {
         await page.getByRole('menuitem', { name: 'Delete', exact: true }).waitFor();
         assert((await page.getByRole('menuitem', { name: 'Start', exact: true }).count()) === 0, 'a destroyed node offers Start');
         await page.keyboard.press('Escape');
+        // Its Log is the destroy command, every stage completed.
+        await row.getByRole('button', { name: 'Log', exact: true }).click();
+        await page.getByTestId('command-page').waitFor();
+        await page.locator('[data-testid="command-page"] li[data-stage="delete_vm"][data-state="completed"]').waitFor();
+        for (const st of ['check_tag', 'stop_vm', 'confirm_gone']) {
+          // stop_vm is skipped: the VM was already stopped.
+          const state = await page.locator(`[data-testid="command-page"] li[data-stage="${st}"]`).getAttribute('data-state');
+          assert(['completed', 'skipped'].includes(state), `destroy stage ${st} is ${state}`);
+        }
+        await a11y(page, 'command page (destroy)');
       });
 
     if (!SKIP.has('lifecycle') && !SKIP.has('provision') && PVE_SIM_URL)

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { applyEvent, commandPercent, failedStage, mergeSnapshot, mergeStages, provisionOutcome, stageLabel } from './stages';
+import { applyEvent, commandPercent, expectedStages, failedStage, mergeSnapshot, mergeStages, provisionOutcome, stageLabel } from './stages';
 import { commandError, type Command, type Stage } from './types';
 
 const base: Command = {
@@ -144,5 +144,9 @@ describe('failedStage / provisionOutcome / labels', () => {
   it('labels stages', () => {
     expect(stageLabel('wait_network')).toBe('Wait for network');
     expect(stageLabel('some_new_stage')).toBe('Some new stage');
+    expect(stageLabel('delete_vm')).toBe('Delete VM and disks');
+    expect(stageLabel('wait_state')).toBe('Wait for the new state');
+    expect(expectedStages('vm_power')).toEqual(['request', 'wait_state']);
+    expect(expectedStages('destroy')).toEqual(['check_tag', 'stop_vm', 'delete_vm', 'confirm_gone']);
   });
 });

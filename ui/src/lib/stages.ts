@@ -14,6 +14,10 @@ export const PROVISION_STAGES = [
 
 export const TERRAFORM_STAGES = ['fetch_template', 'init', 'apply', 'outputs'] as const;
 
+/** `vm_power` and `destroy` (protocol/src/commands.rs). */
+export const VM_POWER_STAGES = ['request', 'wait_state'] as const;
+export const DESTROY_STAGES = ['check_tag', 'stop_vm', 'delete_vm', 'confirm_gone'] as const;
+
 const LABELS: Record<string, string> = {
   clone_template: 'Clone template',
   configure_vm: 'Configure VM',
@@ -25,6 +29,12 @@ const LABELS: Record<string, string> = {
   init: 'terraform init',
   apply: 'terraform apply',
   outputs: 'Read outputs',
+  request: 'Send the power request',
+  wait_state: 'Wait for the new state',
+  check_tag: 'Check the VM tag',
+  stop_vm: 'Stop VM',
+  delete_vm: 'Delete VM and disks',
+  confirm_gone: 'Confirm the VM is gone',
 };
 
 export function stageLabel(name: string): string {
@@ -34,6 +44,8 @@ export function stageLabel(name: string): string {
 export function expectedStages(type: string): readonly string[] {
   if (type === 'provision') return PROVISION_STAGES;
   if (type === 'terraform_apply') return TERRAFORM_STAGES;
+  if (type === 'vm_power') return VM_POWER_STAGES;
+  if (type === 'destroy') return DESTROY_STAGES;
   return [];
 }
 

@@ -391,7 +391,7 @@ export function Hypervisors() {
       {items.length > 0 && (
         <section className="vm-inventory" aria-labelledby="vm-inventory-title">
           <h2 id="vm-inventory-title">VMs</h2>
-          <p className="muted small">What each hypervisor last reported to Trellis (every 30 s and after each VM command).</p>
+          <p className="muted small">The VMs each hypervisor last reported (periodically, and after each VM command). A VM with a Trellis tag that no node tracks was made by Trellis and then forgotten or left over.</p>
           {items.map((a) => (
             <AgentVms key={a.id} agent={a} nodes={nodes.data ?? []} />
           ))}

@@ -317,7 +317,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                         <div className="small muted nowrap" data-col="seen">
                           {n.observedAt ? (
                             <>
-                              seen <RelTime ts={n.observedAt} />
+                              last seen <RelTime ts={n.observedAt} />
                             </>
                           ) : (
                             'not seen yet'
