@@ -118,7 +118,7 @@ impl Broker {
     pub async fn insert_command(&self, command: NewCommand) -> DbResult<i64> {
         let (done, rx) = tokio::sync::oneshot::channel();
         // The inserter only goes away with the database pool at shutdown.
-        let stopped = || DbError::Sqlx(sqlx::Error::PoolClosed);
+        let stopped = || DbError::Unavailable("the command inserter stopped".into());
         self.inserter
             .send(inserter::InsertRequest { command, done })
             .await
