@@ -581,10 +581,10 @@ async function main() {
     }
 
     const INVENTORY_WAIT = Number(env.E2E_INVENTORY_TIMEOUT_MS ?? 45_000);
-    if (SKIP.has('lifecycle') || SKIP.has('provision')) skipped('node lifecycle: stop, start, drift, destroy, forget', 'E2E_SKIP has lifecycle');
+    if (SKIP.has('lifecycle') || SKIP.has('provision')) skipped('node lifecycle: stop, start, reboot, shutdown, drift, destroy, forget', 'E2E_SKIP has lifecycle');
     else if (!PVE_SIM_URL) throw new StepError('PVE_SIM_URL is not set (needed to stop a VM behind Trellis; set E2E_SKIP=lifecycle to skip)');
     else
-      await step('node lifecycle: stop, start, VM stopped behind Trellis shows stopped, destroy with the typed name', async () => {
+      await step('node lifecycle: stop, start, reboot, shutdown, VM stopped behind Trellis shows stopped, destroy with the typed name', async () => {
         await page.goto(`${BASE}/#/nodes`);
         const row = page.locator(`tr[data-node-name="${nodeName}"]`);
         await rowStatus(row, 'running', 'the provisioned node');
@@ -601,10 +601,19 @@ async function main() {
         await shot(page, '13b-node-stopped');
         await a11y(page, 'nodes with a stopped node');
 
-        // Start (the row's button) → running.
+        // Start (the row's button) → running; Reboot keeps it running; Shutdown (ACPI) → stopped; Start again.
         await row.getByTestId('node-start').click();
         await busyWhileCommandRuns(row);
         await rowStatus(row, 'running', 'Start');
+        await rowAction(row, 'Reboot');
+        await busyWhileCommandRuns(row);
+        await waitFor('Reboot to finish', async () => (await row.getAttribute('data-busy')) === null, 60_000, 250);
+        assert((await row.getAttribute('data-status')) === 'running', `after Reboot the node is ${await row.getAttribute('data-status')}`);
+        await rowAction(row, 'Shutdown');
+        await busyWhileCommandRuns(row);
+        await rowStatus(row, 'stopped', 'Shutdown');
+        await row.getByTestId('node-start').click();
+        await rowStatus(row, 'running', 'Start after Shutdown');
 
         // Stopped behind Trellis's back, in the simulator: the inventory brings the node to stopped.
         const res = await fetch(`${PVE_SIM_URL}/_sim/vms/${vmid}/power`, {
