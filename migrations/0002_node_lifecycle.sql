@@ -4,6 +4,11 @@
 ALTER TABLE nodes ADD COLUMN vm_tag TEXT;
 ALTER TABLE nodes ADD COLUMN vm_node TEXT;
 ALTER TABLE nodes ADD COLUMN observed_at BIGINT;
+-- 1 when its VM also carries the Proxmox tag (provisioned by an agent that sets it): the
+-- inventory then matches the VM by tag, not by a VMID that Proxmox may have reused.
+ALTER TABLE nodes ADD COLUMN vm_tag_listed BIGINT NOT NULL DEFAULT 0;
+-- Inventory reports in a row that did not show its VM (missing only after two).
+ALTER TABLE nodes ADD COLUMN absent_reports BIGINT NOT NULL DEFAULT 0;
 
 -- Nodes provisioned before: their VM carries the tag of their provision's first attempt.
 UPDATE nodes SET vm_tag = 'trellis-command=' ||

@@ -63,6 +63,7 @@ pub struct Metrics {
     dispatch_latency: Histogram,
     batch_latency: Histogram,
     events_stored: Counter,
+    commands_finished: Counter,
     protocol_errors: Counter,
     command_duration: Family<CommandLabels, Histogram, fn() -> Histogram>,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
@@ -99,6 +100,12 @@ impl Default for Metrics {
             "events_stored",
             "Agent events written",
             events_stored.clone(),
+        );
+        let commands_finished = Counter::default();
+        registry.register(
+            "commands_finished",
+            "Commands finished by agents",
+            commands_finished.clone(),
         );
         let protocol_errors = Counter::default();
         registry.register(
@@ -138,6 +145,7 @@ impl Default for Metrics {
             dispatch_latency,
             batch_latency,
             events_stored,
+            commands_finished,
             protocol_errors,
             command_duration,
             stage_duration,
@@ -167,6 +175,7 @@ impl Metrics {
     }
 
     pub fn command_finished(&self, command_type: &str, outcome: CommandStatus, millis: i64) {
+        self.commands_finished.inc();
         self.command_duration
             .get_or_create(&CommandLabels {
                 r#type: command_type.to_string(),

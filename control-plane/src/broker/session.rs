@@ -268,6 +268,13 @@ impl Session {
         // per-recv timeout would be reset by every other select branch).
         let mut last_rx = Instant::now();
         let writer = self.broker.writer();
+        let (inventories, latest) = tokio::sync::watch::channel(None);
+        // Ends when `inventories` is dropped with this function's return.
+        tokio::spawn(store_inventories(
+            self.broker.clone(),
+            self.agent_id,
+            latest,
+        ));
         loop {
             tokio::select! {
                 _ = self.broker.shutdown.cancelled() => {
@@ -376,15 +383,9 @@ impl Session {
                             }
                         }
                         AgentMessage::Inventory(inv) => {
-                            match self.broker.db.apply_inventory(self.agent_id, &inv.vms).await {
-                                Ok(applied) => {
-                                    for (node, from, to) in applied.moved {
-                                        tracing::info!(agent_id = %self.agent_id, %node, %from, %to, "node follows its VM");
-                                    }
-                                }
-                                // Not fatal: the next report (30 s) tries again.
-                                Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "cannot store inventory"),
-                            }
+                            // Stored off this loop (events and accepts never wait for
+                            // it); only the latest report is kept if one is still in work.
+                            let _ = inventories.send(Some(inv));
                         }
                         AgentMessage::Error(e) => {
                             tracing::warn!(agent_id = %self.agent_id, code = ?e.code, message = %e.message, "agent reported a protocol error");
@@ -499,6 +500,38 @@ impl Session {
         self.owned.insert(d.id);
         self.inflight.insert(d.id, Instant::now());
         send(socket, &d.into_message()).await
+    }
+}
+
+/// Stores an agent's inventory reports in order, the latest first when several came in
+/// while one was stored; an unchanged report does not rewrite the stored snapshot.
+async fn store_inventories(
+    broker: Arc<Broker>,
+    agent_id: AgentId,
+    mut latest: tokio::sync::watch::Receiver<Option<trellis_protocol::Inventory>>,
+) {
+    use std::hash::{Hash, Hasher};
+    let mut last_hash = None;
+    while latest.changed().await.is_ok() {
+        let Some(inv) = latest.borrow_and_update().clone() else {
+            continue;
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&inv.vms)
+            .unwrap_or_default()
+            .hash(&mut h);
+        let hash = h.finish();
+        let changed = last_hash != Some(hash);
+        match broker.db.apply_inventory(agent_id, &inv.vms, changed).await {
+            Ok(applied) => {
+                last_hash = Some(hash);
+                for (node, from, to) in applied.moved {
+                    tracing::info!(%agent_id, %node, %from, %to, "node follows its VM");
+                }
+            }
+            // Not fatal: the next report tries again.
+            Err(e) => tracing::warn!(%agent_id, error = %e, "cannot store inventory"),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use trellis_protocol::{CommandError, CommandType};
 
 use super::sql::{error_json, id, is_unique_violation, json_col, string_list, TERMINAL_SQL};
 use super::{Db, DbError, DbResult};
-use crate::model::{AgentId, AgentStatus, NodeStatus};
+use crate::model::{AgentId, AgentStatus};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone)]
@@ -154,9 +154,9 @@ impl Db {
         if n == 0 {
             return Err(DbError::NotFound);
         }
-        sqlx::query(&format!(
+        let cancelled = sqlx::query(&format!(
             "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 \
-             WHERE agent_id = $3 AND status NOT IN {TERMINAL_SQL}"
+             WHERE agent_id = $3 AND status NOT IN {TERMINAL_SQL} RETURNING id"
         ))
         .bind(now)
         .bind(error_json(&CommandError::new(
@@ -164,18 +164,18 @@ impl Db {
             "the agent was revoked",
         )))
         .bind(agent.to_string())
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE nodes SET status = $1, error = 'agent_revoked: the hypervisor was revoked', \
-             updated_at = $2 WHERE hypervisor_id = $3 AND status = $4",
-        )
-        .bind(NodeStatus::Failed.as_str())
-        .bind(now)
-        .bind(agent.to_string())
-        .bind(NodeStatus::Provisioning.as_str())
-        .execute(&mut *tx)
-        .await?;
+        // Their nodes move in the same transaction (provisioning/destroying → failed).
+        for r in &cancelled {
+            super::nodes::fail_node_of(
+                &mut tx,
+                id(r, "id")?,
+                "agent_revoked: the hypervisor was revoked",
+                now,
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -398,7 +398,7 @@ impl Db {
             fail_node_of(
                 &mut tx,
                 command,
-                "timed_out: provisioning did not finish before its deadline",
+                "timed_out: the command did not finish before its deadline",
                 now,
             )
             .await?;

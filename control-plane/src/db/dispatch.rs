@@ -12,6 +12,9 @@ use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, CommandId, CommandStatus};
 use crate::time::now_ms;
 
+/// A destroy the agent keeps losing (it crashes on it) stops being re-run here.
+const MAX_DESTROY_ATTEMPTS: i64 = 3;
+
 /// Claims queued commands for an agent up to its free concurrency, returning them.
 ///
 /// One statement (not read-then-write), so it is atomic on its own. The outer
@@ -139,12 +142,16 @@ impl Db {
         .await?;
         let mut out = Reconciled::default();
         let mut lost = Vec::new();
-        // Lost destroys are re-run (destroy is idempotent: a VM already gone succeeds).
+        // Lost destroys are re-run (destroy is idempotent: a VM already gone succeeds),
+        // unless the admin cancelled them, and at most to the third attempt.
         let mut lost_destroys: std::collections::HashMap<CommandId, DispatchRow> =
             Default::default();
         for r in &rows {
             let d = DispatchRow::from_row(r)?;
-            if d.command_type == trellis_protocol::CommandType::Destroy {
+            if d.command_type == trellis_protocol::CommandType::Destroy
+                && !flag(r, "cancel_requested")?
+                && d.attempt < MAX_DESTROY_ATTEMPTS
+            {
                 lost_destroys.insert(d.id, d.clone());
             }
             let status = command_status(r, "status")?;
@@ -217,7 +224,7 @@ impl Db {
                     None => fail_node_of(
                         &mut tx,
                         *id,
-                        "agent_lost_command: the agent restarted and no longer knows this command",
+                        "agent_lost_command: the agent restarted and no longer knows its command",
                         now,
                     )
                     .await?,
@@ -238,7 +245,7 @@ impl Db {
             .bind(id.to_string())
             .execute(&mut *tx)
             .await?;
-            fail_node_of(&mut tx, *id, "cancelled: provisioning was cancelled", now).await?;
+            fail_node_of(&mut tx, *id, "cancelled: the command was cancelled", now).await?;
         }
         for d in &out.resend {
             sqlx::query(

@@ -13,6 +13,9 @@ use super::{Db, DbResult};
 use crate::model::{AgentId, NodeId, NodeStatus};
 use crate::time::now_ms;
 
+/// Reports in a row without a node's VM before the node is `missing`.
+const MISSING_AFTER_REPORTS: i64 = 2;
+
 /// How stale `observed_at` may get before an unchanged node is written again.
 const OBSERVED_REFRESH_MS: i64 = 5 * 60 * 1000;
 
@@ -39,19 +42,24 @@ pub struct InventoryApplied {
 impl Db {
     /// Stores an agent's inventory as its latest snapshot and moves the nodes it shows
     /// drifted, in one transaction.
+    /// `snapshot_changed: false` skips rewriting the stored snapshot (the caller saw the
+    /// same report before); nodes are checked either way.
     pub async fn apply_inventory(
         &self,
         agent: AgentId,
         vms: &[InventoryVm],
+        snapshot_changed: bool,
     ) -> DbResult<InventoryApplied> {
         const COLS: usize = 8;
         const ROWS: usize = 200;
         let now = now_ms();
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM agent_vms WHERE agent_id = $1")
-            .bind(agent.to_string())
-            .execute(&mut *tx)
-            .await?;
+        if snapshot_changed {
+            sqlx::query("DELETE FROM agent_vms WHERE agent_id = $1")
+                .bind(agent.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         // A VMID appears once per cluster; keep the first if an agent repeats one.
         let mut by_id: HashMap<u32, &InventoryVm> = HashMap::with_capacity(vms.len());
         for vm in vms {
@@ -61,7 +69,7 @@ impl Db {
             .iter()
             .filter(|vm| by_id.get(&vm.vm_id).is_some_and(|v| std::ptr::eq(*v, *vm)))
             .collect();
-        for chunk in unique.chunks(ROWS) {
+        for chunk in unique.chunks(ROWS).filter(|_| snapshot_changed) {
             let sql = multi_row_insert(
                 "INSERT INTO agent_vms (agent_id, vm_id, node, name, status, tag, ip_addresses, seen_at) VALUES ",
                 COLS,
@@ -92,7 +100,8 @@ impl Db {
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
         let rows = sqlx::query(&format!(
-            "SELECT id, vm_id, status, vm_tag, ip_address, vm_node, observed_at FROM nodes WHERE hypervisor_id = $1 \
+            "SELECT id, vm_id, status, vm_tag, vm_tag_listed, ip_address, vm_node, observed_at, \
+             absent_reports, last_command_id FROM nodes WHERE hypervisor_id = $1 \
              AND vm_id IS NOT NULL AND status IN ({}) AND (last_command_id IS NULL OR NOT EXISTS \
              (SELECT 1 FROM commands c WHERE c.id = nodes.last_command_id AND c.status NOT IN {TERMINAL_SQL}))",
             follow.join(",")
@@ -109,16 +118,27 @@ impl Db {
                 continue;
             };
             let vm_tag: Option<String> = r.try_get("vm_tag")?;
+            let tag_listed: i64 = r.try_get("vm_tag_listed")?;
             let ip: Option<String> = r.try_get("ip_address")?;
-            // VMIDs are reused: a VM with this id but another Trellis tag is not ours.
+            let absent: i64 = r.try_get("absent_reports")?;
+            let last_command: Option<String> = r.try_get("last_command_id")?;
+            // VMIDs are reused: the VM with this id is ours only if it carries our tag. A VM
+            // made before the agent set Proxmox tags shows none; match those by id alone.
             let vm = u32::try_from(vm_id)
                 .ok()
                 .and_then(|v| by_id.get(&v))
                 .filter(|vm| match (&vm_tag, &vm.tag) {
                     (Some(ours), Some(theirs)) => ours == theirs,
-                    _ => true,
+                    (Some(_), None) => tag_listed == 0,
+                    (None, _) => true,
                 });
-            let after = NodeStatus::from_inventory(vm.map(|vm| vm.status.as_str()));
+            // One report without the VM may be a partial listing: `missing` takes two.
+            let absent_now = if vm.is_some() { 0 } else { absent + 1 };
+            let after = match vm {
+                Some(vm) => NodeStatus::from_inventory(Some(vm.status.as_str())),
+                None if absent_now >= MISSING_AFTER_REPORTS => NodeStatus::Missing,
+                None => before,
+            };
             let new_ip = vm
                 .and_then(|vm| vm.ip_addresses.first().cloned())
                 .or(ip.clone());
@@ -128,17 +148,21 @@ impl Db {
             // Nothing to write for a node that did not change and was seen recently: an
             // idle fleet costs no writes per report.
             let unchanged = !moved
+                && absent_now == absent
                 && new_ip == ip
                 && vm.is_none_or(|vm| vm_node.as_deref() == Some(vm.node.as_str()))
                 && observed_at.is_some_and(|t| now - t < OBSERVED_REFRESH_MS);
             if unchanged {
                 continue;
             }
-            sqlx::query(
+            // Compare-and-set on what was read: a command that claimed the node meanwhile
+            // (PostgreSQL, another transaction) wins, and this report leaves it alone.
+            let n = sqlx::query(
                 "UPDATE nodes SET status = $1, vm_node = COALESCE($2, vm_node), ip_address = $3, \
                  observed_at = CASE WHEN $4 = 1 THEN $5 ELSE observed_at END, \
                  updated_at = CASE WHEN $6 = 1 THEN $5 ELSE updated_at END, \
-                 error = CASE WHEN $6 = 1 THEN $7 ELSE error END WHERE id = $8",
+                 error = CASE WHEN $6 = 1 THEN $7 ELSE error END, absent_reports = $8 \
+                 WHERE id = $9 AND status = $10 AND COALESCE(last_command_id, '') = $11",
             )
             .bind(after.as_str())
             .bind(vm.map(|vm| vm.node.clone()))
@@ -152,10 +176,14 @@ impl Db {
                 )),
                 _ => None,
             })
+            .bind(absent_now)
             .bind(node.to_string())
+            .bind(before.as_str())
+            .bind(last_command.unwrap_or_default())
             .execute(&mut *tx)
-            .await?;
-            if moved {
+            .await?
+            .rows_affected();
+            if moved && n > 0 {
                 applied.moved.push((node, before, after));
             }
         }

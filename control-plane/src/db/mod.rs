@@ -42,6 +42,9 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A retry's node no longer waits for it (re-provisioned, forgotten or deleted).
+    #[error("the node moved on")]
+    NodeMoved,
     /// A failure shared by every request of a batch (the original error is logged).
     #[error("database unavailable: {0}")]
     Unavailable(String),

@@ -112,14 +112,6 @@ pub struct NodeCommandStart<'a> {
     pub status: Option<NodeStatus>,
 }
 
-fn status_list(s: &[NodeStatus]) -> String {
-    // Status strings are our own constants, never input.
-    s.iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl Db {
     pub async fn get_node(&self, node: NodeId) -> DbResult<NodeRow> {
         let row = sqlx::query(&format!("SELECT {COLS} FROM nodes WHERE id = $1"))
@@ -186,30 +178,34 @@ impl Db {
     /// without, only one whose VM does not exist (never made, destroyed, or missing).
     /// `Conflict` otherwise.
     pub async fn delete_node(&self, node: NodeId, keep_vm: bool) -> DbResult<()> {
-        let guard = if keep_vm {
-            String::new()
-        } else {
-            format!(
-                " AND (vm_id IS NULL OR status IN ({}))",
-                status_list(&[NodeStatus::Destroyed, NodeStatus::Missing])
-            )
+        let busy =
+            || DbError::Conflict("a command is changing the node, or its VM still exists".into());
+        let mut tx = self.begin_write().await?;
+        let Some(seen) = idle_node(&mut tx, node).await? else {
+            return Err(busy());
         };
-        let n = sqlx::query(&format!(
-            "DELETE FROM nodes WHERE id = $1 AND status NOT IN ({}){guard} \
-             AND (last_command_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands c \
-             WHERE c.id = nodes.last_command_id AND c.status NOT IN {TERMINAL_SQL}))",
-            status_list(&[NodeStatus::Provisioning, NodeStatus::Destroying])
-        ))
+        if seen.status.is_transitional()
+            || (!keep_vm
+                && seen.has_vm
+                && !matches!(seen.status, NodeStatus::Destroyed | NodeStatus::Missing))
+        {
+            return Err(busy());
+        }
+        // Compare-and-delete on what was read: a command claimed meanwhile (PostgreSQL,
+        // another transaction) changed `last_command_id`, so nothing is deleted.
+        let n = sqlx::query(
+            "DELETE FROM nodes WHERE id = $1 AND status = $2 AND COALESCE(last_command_id, '') = $3",
+        )
         .bind(node.to_string())
-        .execute(self.writer())
+        .bind(seen.status.as_str())
+        .bind(seen.last_command.map(|c| c.to_string()).unwrap_or_default())
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if n == 0 {
-            self.get_node(node).await?;
-            return Err(DbError::Conflict(
-                "a command is changing the node, or its VM still exists".into(),
-            ));
+            return Err(busy());
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -218,25 +214,35 @@ impl Db {
     /// still running on it. Returns the command's `created_at`.
     pub async fn start_node_command(&self, p: &NodeCommandStart<'_>) -> DbResult<i64> {
         let now = now_ms();
+        let refused = || {
+            DbError::Conflict(
+                "a command is still running on the node, or its status does not allow this".into(),
+            )
+        };
         let mut tx = self.begin_write().await?;
-        let claimed = sqlx::query(&format!(
-            "UPDATE nodes SET last_command_id = $1, status = COALESCE($2, status), error = NULL, \
-             updated_at = $3 WHERE id = $4 AND vm_id IS NOT NULL AND status IN ({}) \
-             AND (last_command_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands c \
-             WHERE c.id = nodes.last_command_id AND c.status NOT IN {TERMINAL_SQL}))",
-            status_list(p.allowed)
-        ))
+        let Some(seen) = idle_node(&mut tx, p.node).await? else {
+            return Err(refused());
+        };
+        if !seen.has_vm || !p.allowed.contains(&seen.status) {
+            return Err(refused());
+        }
+        // Compare-and-set on what was read: of two concurrent claims (PostgreSQL), the
+        // second finds `last_command_id` changed and claims nothing.
+        let claimed = sqlx::query(
+            "UPDATE nodes SET last_command_id = $1, status = $2, error = NULL, updated_at = $3 \
+             WHERE id = $4 AND status = $5 AND COALESCE(last_command_id, '') = $6",
+        )
         .bind(p.command.id.to_string())
-        .bind(p.status.map(|s| s.as_str()))
+        .bind(p.status.unwrap_or(seen.status).as_str())
         .bind(now)
         .bind(p.node.to_string())
+        .bind(seen.status.as_str())
+        .bind(seen.last_command.map(|c| c.to_string()).unwrap_or_default())
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if claimed == 0 {
-            return Err(DbError::Conflict(
-                "a command is still running on the node, or its status does not allow this".into(),
-            ));
+            return Err(refused());
         }
         insert_commands_on(&mut tx, &[p.command], now).await?;
         tx.commit().await?;
@@ -275,20 +281,32 @@ impl Db {
     /// Stores a retry and lets it take over the node its original was provisioning, in
     /// one transaction. Returns the new command's `created_at`; `Conflict` when the retry
     /// already exists (its idempotency key is taken).
-    pub async fn insert_retry(&self, retry: &NewCommand, of: CommandId) -> DbResult<i64> {
+    /// With `node_required` (a node's provision), a node must still point at `of` without a
+    /// VM, else `NodeMoved` and nothing is stored: a retry must not build a VM no node tracks.
+    pub async fn insert_retry(
+        &self,
+        retry: &NewCommand,
+        of: CommandId,
+        node_required: bool,
+    ) -> DbResult<i64> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         insert_commands_on(&mut tx, &[retry], now).await?;
-        sqlx::query(
+        let n = sqlx::query(
             "UPDATE nodes SET last_command_id = $1, status = $2, error = NULL, updated_at = $3 \
-             WHERE last_command_id = $4 AND vm_id IS NULL",
+             WHERE last_command_id = $4 AND vm_id IS NULL AND status = $5",
         )
         .bind(retry.id.to_string())
         .bind(NodeStatus::Provisioning.as_str())
         .bind(now)
         .bind(of.to_string())
+        .bind(NodeStatus::Failed.as_str())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if node_required && n == 0 {
+            return Err(DbError::NodeMoved);
+        }
         tx.commit().await?;
         Ok(now)
     }
@@ -363,6 +381,38 @@ impl Db {
                 .try_get(0)?,
         )
     }
+}
+
+/// A node as a claim sees it.
+struct Seen {
+    status: NodeStatus,
+    has_vm: bool,
+    last_command: Option<CommandId>,
+}
+
+/// The node, if no command is running on it (its last command is absent or terminal).
+async fn idle_node(conn: &mut sqlx::AnyConnection, node: NodeId) -> DbResult<Option<Seen>> {
+    let row = sqlx::query(&format!(
+        "SELECT n.status, n.vm_id, n.last_command_id, \
+         (SELECT COUNT(*) FROM commands c WHERE c.id = n.last_command_id AND c.status NOT IN {TERMINAL_SQL}) AS running \
+         FROM nodes n WHERE n.id = $1"
+    ))
+    .bind(node.to_string())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(DbError::NotFound)?;
+    let running: i64 = row.try_get("running")?;
+    if running > 0 {
+        return Ok(None);
+    }
+    let status: String = row.try_get("status")?;
+    let vm_id: Option<i64> = row.try_get("vm_id")?;
+    Ok(Some(Seen {
+        status: NodeStatus::parse(&status)
+            .ok_or_else(|| DbError::Corrupt(format!("node status {status:?}")))?,
+        has_vm: vm_id.is_some(),
+        last_command: opt_id(&row, "last_command_id")?,
+    }))
 }
 
 /// A destroy the agent lost (it restarted mid-way) runs again as a new attempt that
@@ -541,8 +591,8 @@ async fn provision_outcome(
             });
             sqlx::query(
                 "UPDATE nodes SET status = $1, vm_id = $2, ip_address = $3, hypervisor_id = $4, \
-                 error = $5, updated_at = $6, vm_tag = $7, vm_node = $8, observed_at = $6 \
-                 WHERE last_command_id = $9",
+                 error = $5, updated_at = $6, vm_tag = $7, vm_node = $8, observed_at = $6, \
+                 vm_tag_listed = 1, absent_reports = 0 WHERE last_command_id = $9",
             )
             .bind(NodeStatus::Running.as_str())
             .bind(i64::from(r.vm_id))
@@ -558,6 +608,37 @@ async fn provision_outcome(
         }
         _ => {
             let msg = outcome_message("provision", o);
+            // A VM kept after a failure (keep_on_failure, or a cleanup that could not
+            // finish) is recorded, so the admin can power, destroy or forget it.
+            let kept = o
+                .error
+                .as_ref()
+                .and_then(|e| e.details.as_ref())
+                .filter(|d| d["status"] == "partial")
+                .and_then(|d| {
+                    let vm = d["vm_id"]
+                        .as_u64()
+                        .filter(|v| (100..=999_999_999).contains(v))?;
+                    Some((vm as i64, d["node"].as_str().map(str::to_string)))
+                });
+            if let Some((vm_id, vm_node)) = kept {
+                sqlx::query(
+                    "UPDATE nodes SET status = $1, error = $2, updated_at = $3, vm_id = $4, vm_node = $5, \
+                     vm_tag = $6, vm_tag_listed = 1, hypervisor_id = $7 WHERE last_command_id = $8 AND status = $9",
+                )
+                .bind(NodeStatus::Failed.as_str())
+                .bind(msg)
+                .bind(now)
+                .bind(vm_id)
+                .bind(vm_node)
+                .bind(trellis_protocol::vm_tag(root.0))
+                .bind(agent.to_string())
+                .bind(command.to_string())
+                .bind(NodeStatus::Provisioning.as_str())
+                .execute(&mut *conn)
+                .await?;
+                return Ok(());
+            }
             sqlx::query(
                 "UPDATE nodes SET status = $1, error = $2, updated_at = $3 \
                  WHERE last_command_id = $4 AND status = $5",

@@ -191,7 +191,7 @@ async fn the_repair_sweep_frees_nodes_whose_command_is_absent_or_terminal() {
     assert_eq!(repaired, want);
     let o = db.get_node(orphan).await.unwrap();
     assert_eq!(o.status, NodeStatus::Failed);
-    assert!(o.error.unwrap().starts_with("provision_interrupted"));
+    assert!(o.error.unwrap().starts_with("command_interrupted"));
     let d = db.get_node(done).await.unwrap();
     assert_eq!(d.status, NodeStatus::Running);
     assert_eq!(d.vm_id, Some(105));

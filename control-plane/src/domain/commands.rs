@@ -153,6 +153,18 @@ pub async fn get(db: &Db, id: CommandId) -> DomainResult<CommandRow> {
 /// same command (a double click) answers with the attempt already made.
 pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<CommandRow> {
     let old = get(db, id).await?;
+    if matches!(
+        old.command_type,
+        CommandType::VmPower | CommandType::Destroy
+    ) {
+        return Err(DomainError::conflict(
+            "not_retryable",
+            format!(
+                "a {} command acts on a node's VM: run the action again from the node, which checks its state first",
+                old.command_type
+            ),
+        ));
+    }
     if !old.is_terminal() || old.status == CommandStatus::Succeeded {
         return Err(DomainError::conflict(
             "not_retryable",
@@ -175,8 +187,17 @@ pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<Comm
         Err(existing) => return Ok(existing),
     };
     let mut row = CommandRow::queued(&new, 0);
-    row.created_at = match db.insert_retry(&new, old.id).await {
+    // A node's provision (made by the node endpoints) is retried only for that node.
+    let node_required =
+        old.command_type == CommandType::Provision && old.created_by.starts_with("node:");
+    row.created_at = match db.insert_retry(&new, old.id, node_required).await {
         Ok(at) => at,
+        Err(DbError::NodeMoved) => {
+            return Err(DomainError::conflict(
+                "not_retryable",
+                "the node this provision was for has moved on (provisioned again, forgotten or deleted); provision it from the node",
+            ))
+        }
         Err(DbError::Conflict(_)) => {
             let key = req.idempotency_key.as_deref().unwrap_or_default();
             return match db.command_by_idempotency_key(key).await? {

@@ -110,7 +110,14 @@ pub async fn update(db: &Db, id: NodeId, b: EditNode) -> DomainResult<NodeRow> {
     let status = match b.status.as_deref() {
         None => n.status,
         Some(st) => match NodeStatus::parse(st) {
-            Some(s) if NodeStatus::SETTABLE.contains(&s) && n.vm_id.is_some() => s,
+            // Only between running and stopped, on a node whose VM Trellis tracks.
+            Some(s)
+                if NodeStatus::SETTABLE.contains(&s)
+                    && NodeStatus::SETTABLE.contains(&n.status)
+                    && n.vm_id.is_some() =>
+            {
+                s
+            }
             _ => {
                 return Err(DomainError::invalid(
                     "invalid_params",
@@ -448,7 +455,9 @@ pub async fn start_provision(
     let params = serde_json::json!({
         "name": n.name,
         "template": {
-            "type": "clone",
+            // `clone` is the contract's name; agents from before the node lifecycle (they
+            // do not offer vm_power) know only the older spelling.
+            "type": if agent.has_capability(CommandType::VmPower) { "clone" } else { "proxmox" },
             "template_id": vmid,
             "template_node": t.proxmox_node,
             "memory": n.memory,

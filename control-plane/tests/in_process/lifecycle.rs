@@ -4,7 +4,6 @@
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use trellis_protocol::ServerMessage;
 
 use crate::common::{FakeAgent, TestApp};
 use crate::session::{acked, dispatched, event};
@@ -46,6 +45,18 @@ async fn running_node(
 
 async fn node(t: &TestApp, id: &str) -> Value {
     t.call("GET", &format!("/api/nodes/{id}"), None).await.1
+}
+
+/// Inventories are stored off the session loop: poll for the node's status.
+async fn wait_for(t: &TestApp, id: &str, status: &str) -> Value {
+    for _ in 0..500 {
+        let v = node(t, id).await;
+        if v["status"] == status {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("node {id} never became {status}: {}", node(t, id).await);
 }
 
 /// Runs the dispatched command to its end with `finished` = `outcome`.
@@ -123,7 +134,7 @@ async fn power_commands_move_the_node_to_the_state_proxmox_reported() {
         Some(json!({"action": "shutdown"})),
     )
     .await;
-    finish_next(
+    let d = finish_next(
         &mut a,
         json!({"status": "failed",
         "error": {"code": "shutdown_timeout", "message": "the guest did not shut down"}}),
@@ -132,6 +143,18 @@ async fn power_commands_move_the_node_to_the_state_proxmox_reported() {
     let v = node(&t, &n).await;
     assert_eq!(v["status"], "running");
     assert_eq!(v["error"], "shutdown_timeout: the guest did not shut down");
+    // A VM action runs again from the node (which checks its state), never as a blind retry.
+    let (st, e) = t
+        .call(
+            "POST",
+            &format!("/api/commands/{}/retry", d.command_id),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_retryable"))
+    );
     t.stop().await;
 }
 
@@ -228,30 +251,24 @@ async fn the_inventory_moves_nodes_whose_vm_drifted_and_lists_untracked_trellis_
     let (n1, c1) = running_node(&t, &mut a, &agent, "app-1", 301).await;
     let (n2, _) = running_node(&t, &mut a, &agent, "app-2", 302).await;
     let stranger = "trellis-command=6f1c2a9e-0000-4000-8000-000000000001";
-    // 301 was stopped outside Trellis; 302 was deleted; 303 is a Trellis VM nobody tracks.
-    a.send(json!({"type": "inventory", "vms": [
+    // 301 was stopped outside Trellis (and moved); 302 was deleted; 303 is a Trellis VM
+    // nobody tracks.
+    let report = json!({"type": "inventory", "vms": [
         {"vm_id": 301, "node": "pve2", "name": "app-1", "status": "stopped", "tag": format!("trellis-command={c1}")},
         {"vm_id": 303, "node": "pve", "name": "left-over", "status": "running", "tag": stranger},
         {"vm_id": 9000, "node": "pve", "name": "other", "status": "running"},
-    ]}));
-    // The session stores inventories in order with other frames: a heartbeat after it
-    // answered means it was handled.
-    a.send(json!({"type": "heartbeat"}));
-    loop {
-        if matches!(a.recv().await, ServerMessage::HeartbeatAck) {
-            break;
-        }
-    }
-    let v1 = node(&t, &n1).await;
-    assert_eq!(v1["status"], "stopped");
+    ]});
+    a.send(report.clone());
+    let v1 = wait_for(&t, &n1, "stopped").await;
     assert_eq!(v1["vmNode"], "pve2", "it migrated");
-    let v2 = node(&t, &n2).await;
-    assert_eq!(v2["status"], "missing");
+    // One report without a VM may be a partial listing: missing takes two in a row.
+    assert_eq!(node(&t, &n2).await["status"], "running");
+    a.send(report);
+    let v2 = wait_for(&t, &n2, "missing").await;
     assert!(
         v2["error"].as_str().unwrap().starts_with("vm_missing"),
         "{v2}"
     );
-    // A missing node's record may be deleted (its VM is gone).
     let (_, vms) = t
         .call("GET", &format!("/api/agents/{agent}/vms"), None)
         .await;
@@ -265,17 +282,15 @@ async fn the_inventory_moves_nodes_whose_vm_drifted_and_lists_untracked_trellis_
         .unwrap()
         .starts_with("trellis-command="));
 
-    // It comes back running (started outside Trellis).
+    // It comes back running (started outside Trellis). A VM at 302 with another Trellis
+    // tag (Proxmox reused the id) is not the missing node's.
     a.send(json!({"type": "inventory", "vms": [
-        {"vm_id": 301, "node": "pve2", "name": "app-1", "status": "running"},
+        {"vm_id": 301, "node": "pve2", "name": "app-1", "status": "running", "tag": format!("trellis-command={c1}")},
+        {"vm_id": 302, "node": "pve", "name": "someone-else", "status": "running", "tag": stranger},
     ]}));
-    a.send(json!({"type": "heartbeat"}));
-    loop {
-        if matches!(a.recv().await, ServerMessage::HeartbeatAck) {
-            break;
-        }
-    }
-    assert_eq!(node(&t, &n1).await["status"], "running");
+    wait_for(&t, &n1, "running").await;
+    assert_eq!(node(&t, &n2).await["status"], "missing");
+    // A missing node's record may be deleted (its VM is gone).
     let (st, _) = t.call("DELETE", &format!("/api/nodes/{n2}"), None).await;
     assert_eq!(st, StatusCode::NO_CONTENT);
     t.stop().await;
@@ -315,5 +330,53 @@ async fn a_destroy_the_agent_lost_runs_again_and_the_node_stays_destroying() {
         "result": {"vm_id": 401, "node": "pve", "already_gone": true}}))]}));
     acked(&mut a, 1).await;
     assert_eq!(node(&t, &n).await["status"], "destroyed");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_vm_kept_after_a_failed_provision_is_recorded_so_it_can_be_destroyed() {
+    let t = TestApp::start().await;
+    let agent = t.agent("pve-l6").await;
+    let mut a = FakeAgent::connect(&t, &agent, &CAPS).await;
+    let tpl = t.mapped_template().await;
+    let (_, v) = t
+        .call(
+            "POST",
+            "/api/nodes",
+            Some(json!({"name": "kept-1", "templateId": tpl,
+                        "provision": {"agentId": agent, "keepOnFailure": true}})),
+        )
+        .await;
+    let n = v["node"]["id"].as_str().unwrap().to_string();
+    let provision = v["commandId"].as_str().unwrap().to_string();
+    let d = finish_next(
+        &mut a,
+        json!({"status": "failed", "error": {"code": "network_timeout", "message": "no IPv4",
+            "stage": "wait_network", "details": {"status": "partial", "vm_id": 501, "node": "pve"}}}),
+    )
+    .await;
+    assert_eq!(d.params["keep_on_failure"], true);
+    let v = node(&t, &n).await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["vmId"], 501, "the kept VM is tracked");
+    let (st, e) = t.call("DELETE", &format!("/api/nodes/{n}"), None).await;
+    assert_eq!(
+        (st, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_exists"))
+    );
+    let (st, v) = t
+        .call(
+            "POST",
+            &format!("/api/nodes/{n}/destroy"),
+            Some(json!({"confirmName": "kept-1"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{v}");
+    let d = dispatched(&mut a).await;
+    assert_eq!(d.params["vm_id"], 501);
+    assert_eq!(
+        d.params["expected_tag"],
+        format!("trellis-command={provision}")
+    );
     t.stop().await;
 }
