@@ -13,6 +13,13 @@ use crate::proxmox::{ProxmoxArgs, ProxmoxSettings};
 use crate::secret::Secret;
 use crate::terraform::{TerraformArgs, TerraformSettings};
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// The `tendril` command line; every option can also be set by its environment variable.
 #[derive(Parser, Debug)]
 #[command(
@@ -21,6 +28,9 @@ use crate::terraform::{TerraformArgs, TerraformSettings};
     about = "Trellis agent: dials the control plane and runs Proxmox and Terraform commands"
 )]
 pub struct Cli {
+    /// Log lines as text (no colours unless stderr is a terminal) or JSON (for log shippers).
+    #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Control plane agent endpoint, `ws://` or `wss://…/api/agents/connect`.
     #[arg(long = "server", env = "TENDRIL_SERVER_URL")]
     pub server: String,

@@ -6,14 +6,10 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = Cli::parse().into_config()?;
+    let config = cli.into_config()?;
     std::fs::create_dir_all(&config.work_dir)?;
     tracing::info!(server = %config.server_url, work_dir = %config.work_dir.display(),
         proxmox = config.proxmox.is_some(), "tendril starting");
@@ -30,4 +26,20 @@ async fn main() -> anyhow::Result<()> {
         s.cancel();
     });
     tendril::session::run(config, shutdown).await
+}
+
+/// Logs go to stderr (journald under systemd); `RUST_LOG` filters them.
+fn init_logging(format: tendril::config::LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        tendril::config::LogFormat::Json => builder.json().init(),
+        tendril::config::LogFormat::Text => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
 }
