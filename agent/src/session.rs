@@ -233,6 +233,7 @@ impl Agent {
         );
         let hello = AgentMessage::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
+            min_protocol_version: Some(trellis_protocol::MIN_PROTOCOL_VERSION),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             hostname: self.config.hostname.clone(),
             capabilities: self.capabilities(),

@@ -13,8 +13,22 @@ mod messages;
 pub use commands::*;
 pub use messages::*;
 
-/// The protocol version this build speaks. Bumped on incompatible changes only.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks. `hello` carries the range an agent
+/// speaks (`min_protocol_version`..=`protocol_version`); `welcome` names the version the
+/// server chose. Version 2 added `min_protocol_version`, `welcome.features`, `inventory`,
+/// non-fatal `invalid_event`/`unknown_command` errors and `token_rotated`; a version-1
+/// agent simply never sends or expects those.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this build still speaks (the control plane serves agents of
+/// at least the current and the previous version).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Longest stage name, in bytes.
+pub const MAX_STAGE_NAME_BYTES: usize = 64;
+
+/// Longest stage or progress `message`, in bytes.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4 * 1024;
 
 /// Largest frame either side accepts. Bigger frames are a protocol violation: the
 /// receiver closes the connection with close code 1009 (message too big).

@@ -91,7 +91,11 @@ pub enum ServerMessage {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The newest protocol version the agent speaks.
     pub protocol_version: u32,
+    /// The oldest protocol version the agent speaks (absent: only `protocol_version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<u32>,
     pub agent_version: String,
     pub hostname: String,
     #[serde(default)]
@@ -167,6 +171,69 @@ pub struct Event {
     pub body: EventBody,
 }
 
+impl Event {
+    /// Checks the rules an event must follow on its own (`seq` ≥ 1, log `data` at most
+    /// [`crate::MAX_LOG_CHUNK_BYTES`], percent a number in 0–100, a stage name of 1–64
+    /// printable bytes, messages at most [`crate::MAX_EVENT_MESSAGE_BYTES`]). Rules that
+    /// need the command's history (nothing after `finished`) are the receiver's.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.seq == 0 {
+            return Err("seq starts at 1".into());
+        }
+        let percent_ok = |p: f64| p.is_finite() && (0.0..=100.0).contains(&p);
+        let message_ok = |m: &Option<String>| {
+            m.as_ref()
+                .is_none_or(|m| m.len() <= crate::MAX_EVENT_MESSAGE_BYTES)
+        };
+        match &self.body {
+            EventBody::Log { data, .. } if data.len() > crate::MAX_LOG_CHUNK_BYTES => Err(format!(
+                "log data is {} bytes; at most {} per event",
+                data.len(),
+                crate::MAX_LOG_CHUNK_BYTES
+            )),
+            EventBody::Stage {
+                stage,
+                percent,
+                message,
+                ..
+            } => {
+                if stage.is_empty()
+                    || stage.len() > crate::MAX_STAGE_NAME_BYTES
+                    || stage.chars().any(char::is_control)
+                {
+                    return Err(format!(
+                        "stage name must be 1–{} printable bytes",
+                        crate::MAX_STAGE_NAME_BYTES
+                    ));
+                }
+                if percent.is_some_and(|p| !percent_ok(p)) {
+                    return Err("percent must be between 0 and 100".into());
+                }
+                if !message_ok(message) {
+                    return Err(format!(
+                        "message is longer than {} bytes",
+                        crate::MAX_EVENT_MESSAGE_BYTES
+                    ));
+                }
+                Ok(())
+            }
+            EventBody::Progress { percent, message } => {
+                if !percent_ok(*percent) {
+                    return Err("percent must be between 0 and 100".into());
+                }
+                if !message_ok(message) {
+                    return Err(format!(
+                        "message is longer than {} bytes",
+                        crate::MAX_EVENT_MESSAGE_BYTES
+                    ));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
@@ -175,13 +242,13 @@ pub enum EventBody {
         stage: String,
         state: StageState,
         #[serde(default)]
-        percent: Option<f32>,
+        percent: Option<f64>,
         #[serde(default)]
         message: Option<String>,
     },
     /// Overall progress without a stage change.
     Progress {
-        percent: f32,
+        percent: f64,
         #[serde(default)]
         message: Option<String>,
     },
@@ -261,11 +328,29 @@ impl FinalStatus {
     }
 }
 
-/// A typed protocol-level error (not a command failure).
+/// A typed protocol-level error (not a command failure). Fatal errors are followed by a
+/// close; see [`ProtocolErrorCode::is_fatal`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProtocolError {
     pub code: ProtocolErrorCode,
     pub message: String,
+    /// The command an event error is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<Uuid>,
+    /// The event an `invalid_event` is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ProtocolErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            command_id: None,
+            seq: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,10 +362,29 @@ pub enum ProtocolErrorCode {
     FrameTooLarge,
     Unauthorized,
     Superseded,
+    /// The agent was revoked: its token will never work again.
     Revoked,
+    /// The agent's token was replaced: the old one no longer works; reconnect with the new.
+    TokenRotated,
+    /// An event broke a stated rule (size, percent, seq, stage name, after `finished`); its
+    /// command is failed with `protocol_violation` and cancelled. Not fatal to the session.
+    InvalidEvent,
+    /// An event or accept for a command that is not dispatched to this agent; ignored.
+    /// Not fatal.
+    UnknownCommand,
     Internal,
     #[serde(other)]
     Unknown,
+}
+
+impl ProtocolErrorCode {
+    /// Whether the sender closes the connection after this error.
+    pub fn is_fatal(self) -> bool {
+        !matches!(
+            self,
+            Self::InvalidEvent | Self::UnknownCommand | Self::Unknown
+        )
+    }
 }
 
 /// Why a frame could not be decoded.
@@ -294,13 +398,13 @@ pub enum DecodeError {
 
 impl DecodeError {
     pub fn to_protocol_error(&self) -> ProtocolError {
-        ProtocolError {
-            code: match self {
+        ProtocolError::new(
+            match self {
                 Self::TooLarge(_) => ProtocolErrorCode::FrameTooLarge,
                 Self::Malformed(_) => ProtocolErrorCode::MalformedMessage,
             },
-            message: self.to_string(),
-        }
+            self.to_string(),
+        )
     }
 }
 

@@ -25,6 +25,17 @@ use uuid::Uuid;
 
 pub use ping::PingExecutor;
 
+/// The wire form of a percent: the decimal the `f32` stands for (3.33, not
+/// 3.3299999237…), clamped to 0–100 as the protocol requires.
+fn wire_percent(p: f32) -> f64 {
+    let exact = p.to_string().parse::<f64>().unwrap_or(f64::from(p));
+    if exact.is_finite() {
+        exact.clamp(0.0, 100.0)
+    } else {
+        0.0
+    }
+}
+
 /// What an executor hands to the session: one event body for one command.
 #[derive(Debug)]
 pub struct Report {
@@ -103,14 +114,18 @@ impl ExecContext {
         self.report(EventBody::Stage {
             stage: stage.to_string(),
             state,
-            percent,
+            percent: percent.map(wire_percent),
             message,
         })
         .await
     }
 
     pub async fn progress(&self, percent: f32, message: Option<String>) {
-        self.report(EventBody::Progress { percent, message }).await
+        self.report(EventBody::Progress {
+            percent: wire_percent(percent),
+            message,
+        })
+        .await
     }
 
     /// Sends output, split into chunks of at most [`MAX_LOG_CHUNK_BYTES`] on UTF-8

@@ -15,7 +15,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use trellis_protocol::{
     AgentMessage, CancelReason, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
-    PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -121,19 +121,20 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
             return;
         }
     };
-    if hello.protocol_version != PROTOCOL_VERSION {
+    let Some(version) = negotiate(&hello) else {
         reject(
             &mut socket,
             ProtocolErrorCode::UnsupportedProtocolVersion,
             &format!(
-                "protocol version {} is not supported; this control plane speaks {PROTOCOL_VERSION}",
+                "protocol versions {}–{} are not supported; this control plane speaks {MIN_PROTOCOL_VERSION}–{PROTOCOL_VERSION}",
+                hello.min_protocol_version.unwrap_or(hello.protocol_version),
                 hello.protocol_version
             ),
             CLOSE_POLICY,
         )
         .await;
         return;
-    }
+    };
     let epoch = match broker.db.agent_connected(agent_id, &hello).await {
         Ok(e) => e,
         Err(e) => {
@@ -149,15 +150,19 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
         }
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let max_concurrency = i64::from(hello.max_concurrency.clamp(1, 1024));
+    // The admin's setting is the limit; an agent may ask for fewer slots, never more.
+    let max_concurrency = agent
+        .max_concurrency
+        .min(i64::from(hello.max_concurrency.clamp(1, 1024)));
     broker.register(agent_id, epoch, max_concurrency, tx.clone());
     tracing::info!(%agent_id, name = %agent.name, epoch, version = %hello.agent_version,
-        hostname = %hello.hostname, "agent connected");
+        protocol = version, hostname = %hello.hostname, "agent connected");
 
     let mut s = Session {
         broker: broker.clone(),
         agent_id,
         epoch,
+        version,
         max_concurrency,
         owned: HashSet::new(),
         inflight: HashMap::new(),
@@ -179,6 +184,8 @@ struct Session {
     broker: Arc<Broker>,
     agent_id: AgentId,
     epoch: i64,
+    /// The protocol version chosen in the handshake.
+    version: u32,
     max_concurrency: i64,
     /// Command ids known to belong to this agent (an agent touches only its own).
     owned: HashSet<CommandId>,
@@ -230,11 +237,16 @@ impl Session {
                 .publish(id, super::fanout::Published::Status);
         }
         let welcome = ServerMessage::Welcome {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.version,
             agent_id: self.agent_id.0,
             session_id: Uuid::new_v4(),
             heartbeat_interval_secs: self.broker.heartbeat_interval_secs(),
-            features: vec![trellis_protocol::FEATURE_INVENTORY.to_string()],
+            // Version 1 agents know no optional frames.
+            features: if self.version >= 2 {
+                vec![trellis_protocol::FEATURE_INVENTORY.to_string()]
+            } else {
+                Vec::new()
+            },
             inventory_interval_secs: Some(self.broker.inventory_interval.as_secs().max(1)),
         };
         if send(socket, &welcome).await.is_err() {
@@ -409,7 +421,7 @@ impl Session {
                             }
                         }
                         ToSession::Close(reason) => {
-                            let _ = send(socket, &ServerMessage::Error(ProtocolError { code: ProtocolErrorCode::Superseded, message: reason.clone() })).await;
+                            let _ = send(socket, &ServerMessage::Error(ProtocolError::new(ProtocolErrorCode::Superseded, reason.clone()))).await;
                             close(socket, CLOSE_POLICY, &reason).await;
                             return reason;
                         }
@@ -463,10 +475,10 @@ impl Session {
         tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command that is not its own");
         let _ = send(
             socket,
-            &ServerMessage::Error(ProtocolError {
-                code: ProtocolErrorCode::UnexpectedMessage,
-                message: format!("command {id} does not belong to this agent; ignored"),
-            }),
+            &ServerMessage::Error(ProtocolError::new(
+                ProtocolErrorCode::UnexpectedMessage,
+                format!("command {id} does not belong to this agent; ignored"),
+            )),
         )
         .await;
     }
@@ -535,6 +547,17 @@ async fn store_inventories(
     }
 }
 
+/// The newest version both sides speak: the agent's `min_protocol_version`..=
+/// `protocol_version` (just `protocol_version` without a minimum) against ours.
+pub fn negotiate(hello: &Hello) -> Option<u32> {
+    let agent_min = hello
+        .min_protocol_version
+        .unwrap_or(hello.protocol_version)
+        .min(hello.protocol_version);
+    let best = hello.protocol_version.min(PROTOCOL_VERSION);
+    (best >= agent_min.max(MIN_PROTOCOL_VERSION)).then_some(best)
+}
+
 fn ids(v: &[Uuid]) -> Vec<CommandId> {
     v.iter().copied().map(CommandId).collect()
 }
@@ -571,10 +594,7 @@ async fn reject<W: AgentSink, R: AgentStream>(
 ) {
     let _ = send(
         socket,
-        &ServerMessage::Error(ProtocolError {
-            code,
-            message: message.to_string(),
-        }),
+        &ServerMessage::Error(ProtocolError::new(code, message)),
     )
     .await;
     close(socket, close_code, message).await;

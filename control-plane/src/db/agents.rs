@@ -194,16 +194,15 @@ impl Db {
             .map(|c| c.as_str())
             .collect();
         let row = sqlx::query(
-            "UPDATE agents SET session_epoch = session_epoch + 1, status = $8, connected_at = $1, \
-             last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5, \
-             max_concurrency = $6 WHERE id = $7 AND revoked_at IS NULL RETURNING session_epoch",
+            "UPDATE agents SET session_epoch = session_epoch + 1, status = $7, connected_at = $1, \
+             last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5 \
+             WHERE id = $6 AND revoked_at IS NULL RETURNING session_epoch",
         )
         .bind(now)
         .bind(&hello.agent_version)
         .bind(&hello.hostname)
         .bind(serde_json::to_string(&caps).unwrap_or_default())
         .bind(hello.facts.to_string())
-        .bind(i64::from(hello.max_concurrency.clamp(1, 1024)))
         .bind(agent.to_string())
         .bind(AgentStatus::Online.as_str())
         .fetch_optional(self.writer())

@@ -102,10 +102,10 @@ impl Db {
                 EventBody::Stage { stage, percent, .. } => {
                     u.stage = Some(stage.clone());
                     if let Some(p) = percent {
-                        u.percent = Some(f64::from(*p));
+                        u.percent = Some(*p);
                     }
                 }
-                EventBody::Progress { percent, .. } => u.percent = Some(f64::from(*percent)),
+                EventBody::Progress { percent, .. } => u.percent = Some(*percent),
                 _ => {}
             }
             all.push(e);

@@ -104,6 +104,7 @@ async fn sim_agent(ws_url: String, token: String, ready: Arc<AtomicU64>) {
     let (mut tx, mut rx) = ws.split();
     let hello = AgentMessage::Hello(Hello {
         protocol_version: trellis_protocol::PROTOCOL_VERSION,
+        min_protocol_version: None,
         agent_version: "bench".into(),
         hostname: "sim".into(),
         capabilities: vec![CommandType::Ping],
@@ -182,7 +183,17 @@ async fn main() -> anyhow::Result<()> {
         let ready = Arc::new(AtomicU64::new(0));
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let (id, token) = api.create_agent(&format!("sim-{i}")).await;
+            // The admin's maxConcurrency is the limit (the simulated agents ask for 64).
+            let v = api
+                .post(
+                    "/api/agents",
+                    json!({"name": format!("sim-{i}"), "maxConcurrency": 64}),
+                )
+                .await;
+            let (id, token) = (
+                v["agent"]["id"].as_str().unwrap_or_default().to_string(),
+                v["token"].as_str().unwrap_or_default().to_string(),
+            );
             tokio::spawn(sim_agent(cp.ws_url(), token, ready.clone()));
             ids.push(id);
         }
