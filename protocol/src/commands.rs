@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The kinds of command an agent can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandType {
     Ping,
@@ -18,8 +19,9 @@ pub enum CommandType {
     VmPower,
     /// Stop and delete a VM Trellis made (refused for a VM without the expected tag).
     Destroy,
-    /// A type this build does not know (sent by a newer peer).
+    /// A type this build does not know (sent by a newer peer). Never sent.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
@@ -187,7 +189,7 @@ fn invalid(msg: impl Into<String>) -> CommandError {
 }
 
 /// The error of a failed command, and of params rejected before anything ran.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CommandError {
     /// Stable machine-readable code, e.g. `proxmox_error`, `agent_lost_command`.
     pub code: String,
@@ -241,20 +243,24 @@ impl std::error::Error for CommandError {}
 
 /// Diagnostic command. `{}` answers at once; the optional fields make it emit progress and
 /// log events over a duration so tests and benchmarks can exercise streaming.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PingParams {
-    /// Total time to spend, spread over the events.
+    /// Total time to spend, spread over the events (at most one day).
     #[serde(default)]
+    #[schemars(range(max = 86_400_000))]
     pub duration_ms: u64,
-    /// Number of progress events to emit.
+    /// Number of progress events to emit (at most 100000).
     #[serde(default)]
+    #[schemars(range(max = 100_000))]
     pub progress_events: u32,
-    /// Number of log lines to emit.
+    /// Number of log lines to emit (at most 10000000).
     #[serde(default)]
+    #[schemars(range(max = 10_000_000))]
     pub log_lines: u32,
-    /// Bytes per log line (default 80).
+    /// Bytes per log line (default 80; 1–60000).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 60_000))]
     pub log_line_bytes: Option<u32>,
     /// End `failed` with this message instead of succeeding.
     #[serde(default)]
@@ -278,28 +284,42 @@ impl PingParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PingResult {
+    /// Always true.
     pub pong: bool,
+    /// The agent's host.
     pub hostname: String,
+    /// The agent's version.
     pub agent_version: String,
+    /// Progress and log events sent before the `finished` event.
     pub events_sent: u64,
 }
 
 // ---------------------------------------------------------------------------------------
 // provision
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProvisionParams {
-    /// VM name; must be a valid DNS label (Proxmox rejects anything else).
+    /// VM name; must be a valid DNS name (labels of letters, digits and hyphens, not
+    /// starting or ending with a hyphen; at most 63 bytes), as Proxmox requires.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(
+            pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+        )
+    )]
     pub name: String,
+    /// What to clone and how to size it.
     pub template: ProvisionTemplate,
     /// Proxmox node to create the VM on (default: the template's node).
     #[serde(default)]
     pub target_node: Option<String>,
-    /// Lowest VMID to allocate (default 100).
+    /// Lowest VMID to allocate (default 100; at least 100).
     #[serde(default)]
+    #[schemars(range(min = 100))]
     pub min_vm_id: Option<u32>,
+    /// Skip the `post_provision` stage (its commands).
     #[serde(default)]
     pub skip_post_provision: bool,
     /// Keep a half-built VM on failure instead of destroying it.
@@ -310,26 +330,38 @@ pub struct ProvisionParams {
     pub network_timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProvisionTemplate {
     /// Template kind: `"clone"` (clone a Proxmox template; what the UI sends, and the
     /// original design's name) or its older spelling `"proxmox"`.
     #[serde(rename = "type", default = "clone_kind")]
+    #[schemars(extend("enum" = ["clone", "proxmox"]))]
     pub kind: String,
-    /// Proxmox VMID of the template.
+    /// Proxmox VMID of the template (100–999999999). Required: a command without it is
+    /// rejected with `invalid_params`.
     #[serde(default)]
+    #[schemars(range(min = 100, max = 999_999_999))]
     pub template_id: Option<u32>,
+    /// The Proxmox node the template is on (default: found by VMID).
     #[serde(default)]
     pub template_node: Option<String>,
-    /// Memory in MiB.
+    /// Memory in MiB (16–4194304).
+    #[schemars(range(min = 16, max = 4_194_304))]
     pub memory: u32,
+    /// CPU cores (1–512).
+    #[schemars(range(min = 1, max = 512))]
     pub cores: u32,
+    /// VM description (the Trellis tag line is added to it).
     #[serde(default)]
     pub description: Option<String>,
+    /// Bridge of the first network interface (letters, digits, `_`).
     #[serde(default)]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_]+$"))]
     pub network_bridge: Option<String>,
+    /// Commands run before the VM is configured.
     #[serde(default)]
     pub pre_provision_commands: Vec<String>,
+    /// Commands run in the `post_provision` stage.
     #[serde(default)]
     pub post_provision_commands: Vec<String>,
 }
@@ -411,20 +443,26 @@ impl ProvisionParams {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProvisionStatus {
     Completed,
     Partial,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProvisionResult {
+    /// The new VM's VMID.
     pub vm_id: u32,
+    /// The Proxmox node it is on.
     pub node: String,
+    /// Its IPv4 address, when the guest agent reported one.
     pub ip_address: Option<String>,
+    /// Its name.
     pub name: String,
+    /// `completed`, or `partial` (the VM is up and kept; post-provision failed).
     pub status: ProvisionStatus,
+    /// The stages that completed, in order.
     pub stages_completed: Vec<String>,
     /// With `status: partial`: why (the VM is up and kept, its post-provision commands
     /// failed).
@@ -435,7 +473,7 @@ pub struct ProvisionResult {
 // ---------------------------------------------------------------------------------------
 // vm_power and destroy
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerAction {
     Start,
@@ -465,7 +503,7 @@ impl PowerAction {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Running,
@@ -481,17 +519,23 @@ impl VmState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VmPowerParams {
+    /// Proxmox VMID (100–999999999).
+    #[schemars(range(min = 100, max = 999_999_999))]
     pub vm_id: u32,
     /// The Proxmox node the VM is on (looked up again if it moved).
+    #[schemars(length(min = 1))]
     pub node: String,
     pub action: PowerAction,
-    /// Seconds to wait for the new state (default 120).
+    /// Seconds to wait for the new state (default 120; 1–3600).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub timeout_s: Option<u32>,
-    /// `shutdown` only: after this many seconds without the guest stopping, power it off.
+    /// `shutdown` only: after this many seconds without the guest stopping, power it off
+    /// (1–3600).
     #[serde(default)]
+    #[schemars(range(min = 1, max = 3600))]
     pub force_after_s: Option<u32>,
 }
 
@@ -516,9 +560,10 @@ impl VmPowerParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VmPowerResult {
     pub vm_id: u32,
+    /// The node the VM is on now.
     pub node: String,
     /// The state Proxmox reports at the end.
     pub status: VmState,
@@ -527,12 +572,17 @@ pub struct VmPowerResult {
     pub forced: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DestroyParams {
+    /// Proxmox VMID (100–999999999).
+    #[schemars(range(min = 100, max = 999_999_999))]
     pub vm_id: u32,
+    /// The Proxmox node the VM is on.
+    #[schemars(length(min = 1))]
     pub node: String,
     /// The VM's description must carry this line (`trellis-command=<id>`, see [`vm_tag`]);
     /// a VM without it is never deleted.
+    #[schemars(regex(pattern = r"^trellis-command="))]
     pub expected_tag: String,
 }
 
@@ -553,7 +603,7 @@ impl DestroyParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct DestroyResult {
     pub vm_id: u32,
     pub node: String,
@@ -565,26 +615,29 @@ pub struct DestroyResult {
 // ---------------------------------------------------------------------------------------
 // list_templates
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ListTemplatesParams {
     /// Only templates on this Proxmox node.
     #[serde(default)]
     pub node: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProxmoxTemplate {
+    /// The template's VMID.
     pub vmid: u32,
     pub name: String,
+    /// The Proxmox node it is on.
     pub node: String,
     /// Memory in MiB.
     pub memory: u64,
     pub cores: u32,
+    /// Size of its disks, when known.
     #[serde(default)]
     pub disk_bytes: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ListTemplatesResult {
     pub templates: Vec<ProxmoxTemplate>,
 }
@@ -593,11 +646,14 @@ pub struct ListTemplatesResult {
 // terraform_apply
 
 /// The config snapshot the UI builds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TerraformApplyParams {
+    /// Where the Terraform configuration comes from.
     pub template_source: TemplateSource,
+    /// Terraform variables (names: letters, digits, `_`, `-`, not starting with a digit).
     #[serde(default)]
     pub terraform_vars: BTreeMap<String, serde_json::Value>,
+    /// Free-form data the UI keeps with the command; not used by the agent.
     #[serde(default)]
     pub meta: Option<serde_json::Value>,
     /// Variable names whose values must never appear in logs or results (in addition to
@@ -610,12 +666,15 @@ pub struct TerraformApplyParams {
     pub workspace_key: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TemplateSource {
     /// Git URL, `file://` URL or local path of a git repository.
+    #[schemars(length(min = 1))]
     pub repo: String,
-    /// Tag, branch or commit.
+    /// Tag, branch or commit (not starting with `-`, no `..`).
+    #[schemars(length(min = 1))]
     pub version: String,
+    /// Folder of the configuration inside the repository (relative, no `..`).
     #[serde(default)]
     pub path: Option<String>,
 }
@@ -664,7 +723,7 @@ impl TerraformApplyParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TerraformApplyResult {
     /// `terraform output -json`, with sensitive outputs redacted.
     pub outputs: serde_json::Value,

@@ -9,6 +9,7 @@
 
 pub mod commands;
 mod messages;
+pub mod schema;
 
 pub use commands::*;
 pub use messages::*;

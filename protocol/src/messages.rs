@@ -1,13 +1,14 @@
 //! Frames on the agent WebSocket: what the agent sends ([`AgentMessage`]) and what the
 //! control plane sends ([`ServerMessage`]).
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::{CommandError, CommandType, MAX_FRAME_BYTES};
 
 /// Agent → control plane.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     /// First message after the upgrade. Nothing else is accepted before it.
@@ -25,7 +26,8 @@ pub enum AgentMessage {
     Error(ProtocolError),
     /// Every VM the agent's hypervisor has (templates left out), from one list call: sent
     /// on connect, every inventory interval, and right after a command that touched a VM.
-    /// Sent only to a server whose `welcome` lists the [`FEATURE_INVENTORY`] feature.
+    /// Sent only to a server whose `welcome.features` lists `"inventory"`
+    /// ([`FEATURE_INVENTORY`]); not acknowledged.
     Inventory(Inventory),
 }
 
@@ -33,16 +35,19 @@ pub enum AgentMessage {
 pub const FEATURE_INVENTORY: &str = "inventory";
 
 /// A snapshot of the VMs an agent's hypervisor (cluster) has.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Inventory {
+    /// Every VM but templates.
     pub vms: Vec<InventoryVm>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InventoryVm {
+    /// Proxmox VMID.
     pub vm_id: u32,
     /// The Proxmox node it is on.
     pub node: String,
+    /// The VM's name (empty when Proxmox has none).
     #[serde(default)]
     pub name: String,
     /// `running`, `stopped`, or what Proxmox reported (`paused`, `unknown`…).
@@ -56,17 +61,22 @@ pub struct InventoryVm {
 }
 
 /// Control plane → agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Answer to a valid hello.
     Welcome {
+        /// The version the server chose: the newest one both sides speak.
         protocol_version: u32,
+        /// The agent's id (the one its token belongs to).
         agent_id: Uuid,
+        /// This connection's id (for logs).
         session_id: Uuid,
+        /// How often the agent sends a heartbeat; three intervals without any frame is a
+        /// dead connection.
         heartbeat_interval_secs: u64,
-        /// Optional frames this server takes (e.g. [`FEATURE_INVENTORY`]); absent from older
-        /// servers, so an agent sends them only when listed.
+        /// Optional frames this server takes (v2: `"inventory"`, see [`FEATURE_INVENTORY`]);
+        /// absent from older servers, so an agent sends them only when listed.
         #[serde(default)]
         features: Vec<String>,
         /// Seconds between inventory reports the server asks for (default 30).
@@ -79,6 +89,8 @@ pub enum ServerMessage {
     /// Stop a running command (user cancel or deadline).
     Cancel {
         command_id: Uuid,
+        /// `cancelled` (a user cancelled it) or `timed_out` (its deadline passed; the server
+        /// has already ended it as timed out).
         reason: CancelReason,
     },
     /// Events up to and including `seq` for this command are durable; drop them from the outbox.
@@ -89,17 +101,24 @@ pub enum ServerMessage {
     Error(ProtocolError),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Hello {
     /// The newest protocol version the agent speaks.
+    #[schemars(range(min = 1))]
     pub protocol_version: u32,
     /// The oldest protocol version the agent speaks (absent: only `protocol_version`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub min_protocol_version: Option<u32>,
+    /// The agent's own version (free-form, shown to admins).
     pub agent_version: String,
+    /// The host the agent runs on.
     pub hostname: String,
+    /// The command types the agent can run; the server dispatches only these.
     #[serde(default)]
     pub capabilities: Vec<CommandType>,
+    /// How many commands the agent runs at once. It can only lower the limit the admin
+    /// set for this agent (the smaller of the two applies).
     #[serde(default = "default_concurrency")]
     pub max_concurrency: u32,
     /// Commands the agent knows and has not finished reporting: still running, or
@@ -120,18 +139,21 @@ fn default_concurrency() -> u32 {
     4
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Dispatch {
+    /// This attempt's id; the agent never runs the same id twice.
     pub command_id: Uuid,
     /// The command type as a string so that an agent can reject types it does not know
     /// with a typed error instead of failing to parse the frame.
     pub command_type: String,
+    /// The command type's params (see `commands.schema.json`).
     pub params: serde_json::Value,
     /// Unix milliseconds after which the command is timed out by the server.
     #[serde(default)]
     pub deadline_ms: Option<i64>,
     /// 1 for the first attempt, 2.. for retries.
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub attempt: u32,
     /// The first attempt's id; equal to `command_id` for a first attempt. Executors use it
     /// to make retries idempotent (e.g. a VM tagged with it is found, not created again).
@@ -143,27 +165,33 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CancelReason {
     Cancelled,
     TimedOut,
     /// Used by the agent itself when it stops: running commands end `failed` with
-    /// `agent_shutdown` (retryable) instead of being left to be found lost.
+    /// `agent_shutdown` (retryable) instead of being left to be found lost. Never on the
+    /// wire.
+    #[schemars(skip)]
     AgentShutdown,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct EventAck {
     pub command_id: Uuid,
+    /// Every event `1..=seq` of the command is durable (the contiguous prefix).
+    #[schemars(range(min = 1))]
     pub seq: u64,
 }
 
 /// One event of one command. `seq` starts at 1 and increases by one per event of that
 /// command; the server stores each `(command_id, seq)` once.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     pub command_id: Uuid,
+    /// 1 for the command's first event, then one more per event.
+    #[schemars(range(min = 1))]
     pub seq: u64,
     /// Unix milliseconds when the agent produced the event.
     pub ts: i64,
@@ -234,31 +262,46 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum EventBody {
     /// A stage started, finished, failed or was skipped.
     Stage {
+        /// The stage name: 1–64 printable bytes (the schema's length counts characters).
+        #[schemars(length(min = 1, max = 64))]
         stage: String,
         state: StageState,
+        /// Overall percent, 0–100.
         #[serde(default)]
+        #[schemars(range(min = 0, max = 100))]
         percent: Option<f64>,
+        /// At most 4 KiB (4096 bytes).
         #[serde(default)]
+        #[schemars(length(max = 4096))]
         message: Option<String>,
     },
     /// Overall progress without a stage change.
     Progress {
+        /// Overall percent, 0–100.
+        #[schemars(range(min = 0, max = 100))]
         percent: f64,
+        /// At most 4 KiB (4096 bytes).
         #[serde(default)]
+        #[schemars(length(max = 4096))]
         message: Option<String>,
     },
     /// A chunk of output.
-    Log { stream: LogStream, data: String },
+    Log {
+        stream: LogStream,
+        /// At most 64 KiB (65536 bytes); longer output is split over several events.
+        #[schemars(length(max = 65536))]
+        data: String,
+    },
     /// The last event of a command.
     Finished(Outcome),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StageState {
     Pending,
@@ -280,7 +323,7 @@ impl StageState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
     Stdout,
@@ -299,16 +342,18 @@ impl LogStream {
 }
 
 /// How a command ended, as the agent saw it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Outcome {
     pub status: FinalStatus,
+    /// The command type's result (see `commands.schema.json`); with `succeeded`.
     #[serde(default)]
     pub result: Option<serde_json::Value>,
+    /// Why it did not succeed; with `failed` (and optionally `cancelled`/`timed_out`).
     #[serde(default)]
     pub error: Option<CommandError>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalStatus {
     Succeeded,
@@ -329,12 +374,13 @@ impl FinalStatus {
 }
 
 /// A typed protocol-level error (not a command failure). Fatal errors are followed by a
-/// close; see [`ProtocolErrorCode::is_fatal`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// close (see [`ProtocolErrorCode::is_fatal`]); an `error` an agent sends is only logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProtocolError {
     pub code: ProtocolErrorCode,
+    /// Human-readable detail.
     pub message: String,
-    /// The command an event error is about.
+    /// The command an `invalid_event` or `unknown_command` is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<Uuid>,
     /// The event an `invalid_event` is about.
@@ -353,27 +399,38 @@ impl ProtocolError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProtocolErrorCode {
+    /// Fatal (close 1002): unparseable JSON, unknown `type` or event `kind`, a binary frame.
     MalformedMessage,
+    /// Fatal (close 1002): no `hello` first (or none within 10 s), or a second `hello`.
     UnexpectedMessage,
+    /// Fatal (close 1008): no protocol version both sides speak; the message names both
+    /// ranges.
     UnsupportedProtocolVersion,
+    /// Fatal (close 1009): a frame over 1 MiB.
     FrameTooLarge,
+    /// Fatal: the token is missing or unknown.
     Unauthorized,
+    /// Fatal: a newer connection of the same agent replaced this one; do not fight it.
     Superseded,
-    /// The agent was revoked: its token will never work again.
+    /// Fatal: the agent was revoked; its token will never work again.
     Revoked,
-    /// The agent's token was replaced: the old one no longer works; reconnect with the new.
+    /// Fatal (v2): the agent's token was replaced; reconnect with the new one.
     TokenRotated,
-    /// An event broke a stated rule (size, percent, seq, stage name, after `finished`); its
-    /// command is failed with `protocol_violation` and cancelled. Not fatal to the session.
+    /// Not fatal (v2): an event broke a per-event rule (seq 0, size, percent, stage name,
+    /// after `finished`); `command_id` and `seq` say which. Its seq is stored as a `system`
+    /// log line "event <seq> rejected: <reason>" and acked (seq 0: neither).
     InvalidEvent,
-    /// An event or accept for a command that is not dispatched to this agent; ignored.
-    /// Not fatal.
+    /// Not fatal (v2): an event or accept for a command that is not dispatched to this
+    /// agent; not stored, not acked: drop it.
     UnknownCommand,
+    /// Fatal: the server had trouble (storage); reconnect with backoff.
     Internal,
+    /// A code this build does not know (sent by a newer peer): treated as not fatal.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
