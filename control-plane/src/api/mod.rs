@@ -119,7 +119,8 @@ pub async fn readyz(State(s): State<AppState>) -> Result<&'static str, AppError>
 
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", tag = "health", security(()),
-    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain")))]
+    responses((status = 200, description = "Metrics (OpenMetrics text)", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 pub async fn metrics(State(s): State<AppState>) -> Response {
     (
         [(

@@ -31,7 +31,10 @@ pub enum ToSession {
     Dispatch(Vec<crate::db::DispatchRow>),
     /// Close the connection with a reason (revoked, replaced, storage failure).
     Close(String),
+    /// The agent was revoked (its token will never work again).
     Revoked,
+    /// The agent's token was replaced (the session authenticated with the old one).
+    TokenRotated,
 }
 
 pub type SessionTx = mpsc::UnboundedSender<ToSession>;
@@ -205,6 +208,11 @@ impl Broker {
 
     pub fn revoke(&self, agent_id: AgentId) {
         self.send(&agent_id, ToSession::Revoked);
+    }
+
+    /// Closes the agent's session: it authenticated with a token that was just replaced.
+    pub fn token_rotated(&self, agent_id: AgentId) {
+        self.send(&agent_id, ToSession::TokenRotated);
     }
 
     fn heartbeat(&self, agent_id: AgentId, epoch: i64, ts: i64) {

@@ -3,7 +3,7 @@
 //! answers heartbeats, and closes on a protocol violation, an idle timeout, revocation or
 //! replacement by a newer connection of the same agent.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +14,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use trellis_protocol::{
-    AgentMessage, CancelReason, Hello, ProtocolError, ProtocolErrorCode, ServerMessage,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AgentMessage, CancelReason, Event, EventBody, Hello, LogStream, ProtocolError,
+    ProtocolErrorCode, ServerMessage, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -164,7 +164,7 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
         epoch,
         version,
         max_concurrency,
-        owned: HashSet::new(),
+        owned: HashMap::new(),
         inflight: HashMap::new(),
         tx,
     };
@@ -188,7 +188,7 @@ struct Session {
     version: u32,
     max_concurrency: i64,
     /// Command ids known to belong to this agent (an agent touches only its own).
-    owned: HashSet<CommandId>,
+    owned: HashMap<CommandId, Option<u64>>,
     /// Dispatches sent and not yet accepted, for the latency histogram.
     inflight: HashMap<CommandId, Instant>,
     tx: super::SessionTx,
@@ -252,7 +252,6 @@ impl Session {
         if send(socket, &welcome).await.is_err() {
             return "send failed".into();
         }
-        self.owned.extend(rec.known.iter().copied());
         for d in rec.resend {
             if self.dispatch(socket, d).await.is_err() {
                 return "send failed".into();
@@ -339,9 +338,9 @@ impl Session {
                         AgentMessage::Accept { command_id } => {
                             let command_id = CommandId(command_id);
                             match self.owns(command_id).await {
-                                Ok(true) => {}
-                                Ok(false) => {
-                                    self.foreign(socket, command_id).await;
+                                Ok(Some(_)) => {}
+                                Ok(None) => {
+                                    self.unknown(socket, command_id).await;
                                     continue;
                                 }
                                 Err(e) => {
@@ -356,37 +355,14 @@ impl Session {
                                 return "writer stopped".into();
                             }
                         }
-                        AgentMessage::Events { mut events } => {
-                            let mut foreign = None;
-                            let mut checked: Option<CommandId> = None;
-                            let mut keep = Vec::with_capacity(events.len());
-                            for e in events.drain(..) {
-                                let command_id = CommandId(e.command_id);
-                                if foreign == Some(command_id) {
-                                    continue;
+                        AgentMessage::Events { events } => {
+                            let keep = match self.check_events(socket, events).await {
+                                Ok(keep) => keep,
+                                Err(e) => {
+                                    close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
+                                    return e;
                                 }
-                                if checked != Some(command_id) {
-                                    match self.owns(command_id).await {
-                                        Ok(true) => checked = Some(command_id),
-                                        Ok(false) => {
-                                            foreign = Some(command_id);
-                                            continue;
-                                        }
-                                        Err(err) => {
-                                            close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
-                                            return err;
-                                        }
-                                    }
-                                }
-                                if e.seq == 0 {
-                                    foreign = Some(command_id);
-                                    continue;
-                                }
-                                keep.push(e);
-                            }
-                            if let Some(id) = foreign {
-                                self.foreign(socket, id).await;
-                            }
+                            };
                             if !keep.is_empty() {
                                 let op = WriteOp::Events { agent_id: self.agent_id, events: keep, acks_to: self.tx.clone() };
                                 if writer.send(op).await.is_err() {
@@ -429,6 +405,10 @@ impl Session {
                             reject(socket, ProtocolErrorCode::Revoked, "this agent was revoked", CLOSE_POLICY).await;
                             return "revoked".into();
                         }
+                        ToSession::TokenRotated => {
+                            reject(socket, ProtocolErrorCode::TokenRotated, "this agent's token was replaced; reconnect with the new token", CLOSE_POLICY).await;
+                            return "token rotated".into();
+                        }
                     }
                 }
                 _ = liveness.tick() => {
@@ -454,33 +434,100 @@ impl Session {
 
     /// Whether the command belongs to this agent. A storage error is an `Err`: the caller
     /// closes the session (the agent re-sends) rather than dropping events.
-    async fn owns(&mut self, id: CommandId) -> Result<bool, String> {
-        if self.owned.contains(&id) {
-            return Ok(true);
+    /// Whether the command is dispatched to this agent: `Some(finished seq, if known)`, or
+    /// `None` for one that is unknown, another agent's, or still queued. A storage error is
+    /// an `Err`: the caller closes the session (the agent re-sends) rather than drop events.
+    async fn owns(&mut self, id: CommandId) -> Result<Option<Option<u64>>, String> {
+        if let Some(fin) = self.owned.get(&id) {
+            return Ok(Some(*fin));
         }
         match self.broker.db.command_owner(id).await {
-            Ok(Some(owner)) if owner == self.agent_id => {
-                self.owned.insert(id);
-                Ok(true)
+            Ok(Some(o)) if o.agent_id == self.agent_id && o.dispatched => {
+                let fin = o.finished_seq.and_then(|s| u64::try_from(s).ok());
+                self.owned.insert(id, fin);
+                Ok(Some(fin))
             }
-            Ok(_) => Ok(false),
+            Ok(_) => Ok(None),
             Err(e) => Err(format!(
                 "storage error while checking command ownership: {e}"
             )),
         }
     }
 
-    async fn foreign<W: AgentSink, R: AgentStream>(&self, socket: &mut Conn<W, R>, id: CommandId) {
+    /// Applies the per-event rules to one `events` frame and returns what to store:
+    /// events of commands not dispatched here are dropped (`unknown_command`); an event
+    /// that breaks a stated limit, or follows its command's `finished`, is replaced by a
+    /// `system` log line saying why (`invalid_event`), so the sequence goes on and
+    /// nothing is dropped silently; seq 0 is refused.
+    async fn check_events<W: AgentSink, R: AgentStream>(
+        &mut self,
+        socket: &mut Conn<W, R>,
+        events: Vec<Event>,
+    ) -> Result<Vec<Event>, String> {
+        /// At most this many errors per frame (a broken agent must not flood its socket).
+        const MAX_ERRORS: usize = 16;
+        let mut keep = Vec::with_capacity(events.len());
+        let mut unknown: Vec<CommandId> = Vec::new();
+        let mut errors = 0;
+        for mut e in events {
+            let command_id = CommandId(e.command_id);
+            if unknown.contains(&command_id) {
+                continue;
+            }
+            let Some(finished) = self.owns(command_id).await? else {
+                unknown.push(command_id);
+                continue;
+            };
+            let reason = if e.seq == 0 {
+                Some("seq starts at 1".to_string())
+            } else {
+                e.validate().err().or_else(|| {
+                    finished.filter(|f| e.seq > *f).map(|f| {
+                        format!("the command's finished event was seq {f}; nothing may follow it")
+                    })
+                })
+            };
+            if let Some(reason) = reason {
+                self.broker.metrics.protocol_error();
+                if errors < MAX_ERRORS {
+                    errors += 1;
+                    let mut err = ProtocolError::new(
+                        ProtocolErrorCode::InvalidEvent,
+                        format!("event {} rejected: {reason}", e.seq),
+                    );
+                    err.command_id = Some(e.command_id);
+                    err.seq = Some(e.seq);
+                    let _ = send(socket, &ServerMessage::Error(err)).await;
+                }
+                tracing::warn!(agent_id = %self.agent_id, %command_id, seq = e.seq, %reason, "invalid event");
+                if e.seq == 0 {
+                    continue;
+                }
+                e.body = EventBody::Log {
+                    stream: LogStream::System,
+                    data: format!("event {} rejected: {reason}\n", e.seq),
+                };
+            } else if matches!(e.body, EventBody::Finished(_)) && finished.is_none() {
+                self.owned.insert(command_id, Some(e.seq));
+            }
+            keep.push(e);
+        }
+        for id in unknown {
+            self.unknown(socket, id).await;
+        }
+        Ok(keep)
+    }
+
+    /// A command that is not dispatched to this agent: a non-fatal `unknown_command`.
+    async fn unknown<W: AgentSink, R: AgentStream>(&self, socket: &mut Conn<W, R>, id: CommandId) {
         self.broker.metrics.protocol_error();
-        tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command that is not its own");
-        let _ = send(
-            socket,
-            &ServerMessage::Error(ProtocolError::new(
-                ProtocolErrorCode::UnexpectedMessage,
-                format!("command {id} does not belong to this agent; ignored"),
-            )),
-        )
-        .await;
+        tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command not dispatched to it");
+        let mut err = ProtocolError::new(
+            ProtocolErrorCode::UnknownCommand,
+            format!("command {id} is not dispatched to this agent; ignored"),
+        );
+        err.command_id = Some(id.0);
+        let _ = send(socket, &ServerMessage::Error(err)).await;
     }
 
     async fn claim_and_dispatch<W: AgentSink, R: AgentStream>(
@@ -509,7 +556,7 @@ impl Session {
         socket: &mut Conn<W, R>,
         d: DispatchRow,
     ) -> Result<(), axum::Error> {
-        self.owned.insert(d.id);
+        self.owned.insert(d.id, None);
         self.inflight.insert(d.id, Instant::now());
         send(socket, &d.into_message()).await
     }

@@ -109,17 +109,25 @@ fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: BatchDone) {
         else {
             continue;
         };
+        // An ack covers the contiguous durable prefix only: after a gap, events are
+        // stored but acked once the gap is filled.
         let mut acks: Vec<EventAck> = Vec::new();
         for e in events {
-            match acks.iter_mut().find(|a| a.command_id == e.command_id) {
-                Some(a) => a.seq = a.seq.max(e.seq),
-                None => acks.push(EventAck {
-                    command_id: e.command_id,
-                    seq: e.seq,
-                }),
+            if acks.iter().any(|a| a.command_id == e.command_id) {
+                continue;
+            }
+            if let Some(&prefix) = done.acks.get(&CommandId(e.command_id)) {
+                if prefix > 0 {
+                    acks.push(EventAck {
+                        command_id: e.command_id,
+                        seq: prefix as u64,
+                    });
+                }
             }
         }
-        let _ = acks_to.send(ToSession::Send(ServerMessage::Acks { acks }));
+        if !acks.is_empty() {
+            let _ = acks_to.send(ToSession::Send(ServerMessage::Acks { acks }));
+        }
         for e in events {
             let id = CommandId(e.command_id);
             if broker.fanout.has_subscribers(&id) {

@@ -134,6 +134,14 @@ pub struct StageRow {
     pub message: Option<String>,
 }
 
+/// What the session needs to know about a command an agent mentions.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub agent_id: AgentId,
+    pub dispatched: bool,
+    pub finished_seq: Option<i64>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
     /// It was queued and is now cancelled.
@@ -250,12 +258,23 @@ impl Db {
         CommandRow::from_row(&row)
     }
 
-    pub async fn command_owner(&self, command: CommandId) -> DbResult<Option<AgentId>> {
-        let row = sqlx::query("SELECT agent_id FROM commands WHERE id = $1")
-            .bind(command.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| id(&r, "agent_id")).transpose()
+    /// Who a command belongs to, whether it was ever dispatched, and the seq of its
+    /// `finished` event if one is stored.
+    pub async fn command_owner(&self, command: CommandId) -> DbResult<Option<Owner>> {
+        let row =
+            sqlx::query("SELECT agent_id, dispatched_at, finished_seq FROM commands WHERE id = $1")
+                .bind(command.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            let dispatched: Option<i64> = r.try_get("dispatched_at")?;
+            Ok(Owner {
+                agent_id: id(&r, "agent_id")?,
+                dispatched: dispatched.is_some(),
+                finished_seq: r.try_get("finished_seq")?,
+            })
+        })
+        .transpose()
     }
 
     pub async fn get_stages(&self, command: CommandId) -> DbResult<Vec<StageRow>> {

@@ -61,6 +61,8 @@ pub struct BatchDone {
     /// Accepted commands whose cancel the agent must be told (again).
     pub cancels: Vec<(AgentId, CommandId, CancelReason)>,
     pub stages: Vec<StageDone>,
+    /// Per command of the batch: every seq up to this one is stored (what may be acked).
+    pub acks: HashMap<CommandId, i64>,
 }
 
 /// Per-command summary of one batch.
@@ -69,6 +71,25 @@ struct CmdUpdate {
     max_seq: i64,
     stage: Option<String>,
     percent: Option<f64>,
+    /// Every seq of the batch, to find the run that extends the durable prefix.
+    seqs: Vec<i64>,
+}
+
+impl CmdUpdate {
+    /// The contiguous run of this batch's seqs that starts at its lowest: `(start, end)`.
+    fn first_run(&mut self) -> (i64, i64) {
+        self.seqs.sort_unstable();
+        self.seqs.dedup();
+        let start = self.seqs.first().copied().unwrap_or(0);
+        let mut end = start;
+        for &s in &self.seqs[1..] {
+            if s != end + 1 {
+                break;
+            }
+            end = s;
+        }
+        (start, end)
+    }
 }
 
 impl Db {
@@ -88,6 +109,7 @@ impl Db {
             }
         }
         let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
+        let mut durable: Vec<(CommandId, i64, i64)> = Vec::new();
         let mut all: Vec<&Event> = Vec::with_capacity(batch.events.len());
         for &(agent_id, e) in &batch.events {
             let u = updates.entry(e.command_id).or_insert(CmdUpdate {
@@ -95,9 +117,11 @@ impl Db {
                 max_seq: 0,
                 stage: None,
                 percent: None,
+                seqs: Vec::new(),
             });
             u.agent_id = agent_id;
             u.max_seq = u.max_seq.max(e.seq as i64);
+            u.seqs.push(e.seq as i64);
             match &e.body {
                 EventBody::Stage { stage, percent, .. } => {
                     u.stage = Some(stage.clone());
@@ -203,27 +227,36 @@ impl Db {
             }
         }
 
-        // The first `finished` event of each command in this batch.
-        let mut outcomes: HashMap<Uuid, &trellis_protocol::Outcome> = HashMap::new();
+        // The first `finished` event of each command in this batch, with its seq.
+        let mut outcomes: HashMap<Uuid, (&trellis_protocol::Outcome, i64)> = HashMap::new();
         for e in &all {
             if let EventBody::Finished(o) = &e.body {
-                outcomes.entry(e.command_id).or_insert(o);
+                outcomes.entry(e.command_id).or_insert((o, e.seq as i64));
             }
         }
 
-        for (id, u) in &updates {
-            if let Some(o) = outcomes.get(id) {
+        // The durable prefix moves on with the run that starts at the batch's lowest seq
+        // when that run touches it (the common, in-order case: no extra read); a command
+        // that still has stored seqs beyond it afterwards is walked once more (`extend`).
+        const DURABLE: &str =
+            "durable_seq = CASE WHEN durable_seq + 1 >= $90 AND durable_seq < $91 \
+             THEN $91 ELSE durable_seq END";
+        for (id, u) in updates.iter_mut() {
+            let (run_start, run_end) = u.first_run();
+            if let Some((o, fin_seq)) = outcomes.get(id) {
                 // Progress and the final state in one statement; `RETURNING type` tells
                 // whether a node follows this command.
-                let row = sqlx::query(
+                let row = sqlx::query(&format!(
                     "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
                      started_at = COALESCE(started_at, $4), \
                      stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
                      percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
-                     last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END \
+                     last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END, \
+                     finished_seq = COALESCE(finished_seq, $10), {DURABLE} \
                      WHERE id = $8 AND agent_id = $9 \
-                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') RETURNING type, created_at, root_id",
-                )
+                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+                     RETURNING type, created_at, root_id, durable_seq, last_seq"
+                ).replace("$90", "$11").replace("$91", "$12"))
                 .bind(o.status.as_str())
                 .bind(o.result.as_ref().map(|r| r.to_string()))
                 .bind(o.error.as_ref().map(error_json))
@@ -233,9 +266,17 @@ impl Db {
                 .bind(u.max_seq)
                 .bind(id.to_string())
                 .bind(u.agent_id.to_string())
+                .bind(*fin_seq)
+                .bind(run_start)
+                .bind(run_end)
                 .fetch_optional(&mut *tx)
                 .await?;
                 if let Some(row) = row {
+                    durable.push((
+                        CommandId(*id),
+                        row.try_get("durable_seq")?,
+                        row.try_get("last_seq")?,
+                    ));
                     let ty: String = row.try_get("type")?;
                     let command_type = CommandType::parse(&ty).unwrap_or(CommandType::Unknown);
                     let root: CommandId = super::sql::id(&row, "root_id")?;
@@ -253,22 +294,42 @@ impl Db {
                 }
                 // Already ended (cancelled, timed out): still record how far it got.
             }
-            sqlx::query(
+            // The finished event of a command that already ended here (cancelled, timed
+            // out) still marks the end of its events.
+            let fin_seq = outcomes.get(id).map(|(_, s)| *s);
+            let row = sqlx::query(&format!(
                 "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
                  started_at = COALESCE(started_at, $1), \
                  stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
                  percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
-                 last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END \
-                 WHERE id = $5 AND agent_id = $6",
-            )
+                 last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END, \
+                 finished_seq = CASE WHEN $7 > 0 THEN COALESCE(finished_seq, $7) ELSE finished_seq END, {DURABLE} \
+                 WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq"
+            ).replace("$90", "$8").replace("$91", "$9"))
             .bind(now)
             .bind(u.stage.clone())
             .bind(u.percent.unwrap_or(NO_PERCENT))
             .bind(u.max_seq)
             .bind(id.to_string())
             .bind(u.agent_id.to_string())
-            .execute(&mut *tx)
+            .bind(fin_seq.unwrap_or(0))
+            .bind(run_start)
+            .bind(run_end)
+            .fetch_optional(&mut *tx)
             .await?;
+            if let Some(row) = row {
+                durable.push((
+                    CommandId(*id),
+                    row.try_get("durable_seq")?,
+                    row.try_get("last_seq")?,
+                ));
+            }
+        }
+        for (command, mut prefix, last) in durable {
+            if last > prefix {
+                prefix = extend_prefix(&mut tx, command, prefix).await?;
+            }
+            done.acks.insert(command, prefix);
         }
         tx.commit().await?;
         Ok(done)
@@ -306,6 +367,35 @@ impl Db {
             })
             .collect()
     }
+}
+
+/// Walks the stored seqs after `prefix` and moves `durable_seq` to the end of the
+/// contiguous run (after events arrived out of order). In the caller's transaction.
+async fn extend_prefix(
+    conn: &mut sqlx::AnyConnection,
+    command: CommandId,
+    mut prefix: i64,
+) -> DbResult<i64> {
+    let rows = sqlx::query(
+        "SELECT seq FROM command_events WHERE command_id = $1 AND seq > $2 ORDER BY seq LIMIT 100000",
+    )
+    .bind(command.to_string())
+    .bind(prefix)
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in &rows {
+        let seq: i64 = r.try_get("seq")?;
+        if seq != prefix + 1 {
+            break;
+        }
+        prefix = seq;
+    }
+    sqlx::query("UPDATE commands SET durable_seq = $1 WHERE id = $2 AND durable_seq < $1")
+        .bind(prefix)
+        .bind(command.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(prefix)
 }
 
 /// Marks an accepted command running. Returns whether it started now, and the cancel the

@@ -61,7 +61,7 @@ pub async fn rotate(db: &Db, broker: Option<&Broker>, id: AgentId) -> DomainResu
         .await
         .map_err(DomainError::not_found("agent"))?;
     if let Some(b) = broker {
-        b.revoke(id);
+        b.token_rotated(id);
     }
     tracing::info!(agent_id = %id, "agent token rotated");
     Ok(token)

@@ -2082,13 +2082,13 @@ export interface operations {
         };
         requestBody?: never;
         responses: {
-            /** @description Metrics */
+            /** @description Metrics (OpenMetrics text) */
             200: {
                 headers: {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/plain": string;
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8": string;
                 };
             };
             /** @description An error: `{"error": {"code", "message"}}` */
