@@ -11,7 +11,7 @@
 //! `inventory_interval_secs` (default 30) and right after a provision, vm_power or destroy
 //! ends.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
     AgentMessage, CancelReason, Command, CommandType, Dispatch, Event, EventBody, FinalStatus,
     Hello, Outcome, ProtocolErrorCode, ServerMessage, FEATURE_INVENTORY, HEARTBEATS_PER_TIMEOUT,
-    HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    HEARTBEAT_INTERVAL_SECS, MAX_FRAME_BYTES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use uuid::Uuid;
 
@@ -43,6 +43,8 @@ const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_EVENTS: usize = 512;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The shortest wait after the server said the token was replaced.
+const MIN_REFUSED_DELAY: Duration = Duration::from_secs(1);
 /// How long a stopping agent waits for its executors to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -64,6 +66,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         journal,
         pending: replayed.pending,
         running: HashMap::new(),
+        forgotten: HashSet::new(),
         reports_tx,
         reports_rx,
         unacked_bytes: 0,
@@ -93,6 +96,9 @@ struct Agent {
     journal: Journal,
     pending: HashMap<Uuid, Pending>,
     running: HashMap<Uuid, ExecContext>,
+    /// Still running, but the server said it does not know them (`unknown_command`):
+    /// their events are dropped until they finish.
+    forgotten: HashSet<Uuid>,
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     unacked_bytes: usize,
@@ -112,16 +118,47 @@ const DEFAULT_INVENTORY_INTERVAL_SECS: u64 = 30;
 
 enum Disconnect {
     Shutdown,
+    /// Could not connect (or no welcome): the backoff keeps growing.
+    Unreachable,
     Lost(String),
+    /// The agent's token was replaced (`token_rotated`): it will not work again, but a new
+    /// one may be configured; retry with backoff (never in a tight loop).
+    TokenRotated(String),
     /// The server refuses us (revoked, bad token, incompatible): wait the maximum backoff.
     Refused(String),
+}
+
+/// The server answered a hello with a fatal error; carried through `anyhow` so that the
+/// reconnect loop can pick the backoff.
+#[derive(Debug)]
+struct HelloRefused(ProtocolErrorCode, String);
+
+impl std::fmt::Display for HelloRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "control plane refused hello: {:?}: {}", self.0, self.1)
+    }
+}
+
+impl std::error::Error for HelloRefused {}
+
+/// How a fatal error code from the server ends the connection, when it needs more than
+/// the usual reconnect (`None`: wait for the close that follows).
+fn disconnect_for(code: ProtocolErrorCode, message: String) -> Option<Disconnect> {
+    match code {
+        ProtocolErrorCode::Revoked
+        | ProtocolErrorCode::Unauthorized
+        | ProtocolErrorCode::UnsupportedProtocolVersion => Some(Disconnect::Refused(message)),
+        ProtocolErrorCode::TokenRotated => Some(Disconnect::TokenRotated(message)),
+        ProtocolErrorCode::Superseded => Some(Disconnect::Lost(message)),
+        _ => None,
+    }
 }
 
 impl Agent {
     async fn run(&mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut failures: u32 = 0;
         loop {
-            match self.connect_once(&shutdown).await {
+            let why = match self.connect_once(&shutdown).await {
                 Ok(mut ws) => {
                     let why = self.serve(&mut ws, &shutdown).await;
                     if matches!(why, Disconnect::Shutdown) {
@@ -130,24 +167,48 @@ impl Agent {
                         return Ok(());
                     }
                     let _ = ws.close(None).await;
-                    match why {
-                        Disconnect::Shutdown => unreachable!("handled above"),
-                        Disconnect::Lost(reason) => {
-                            tracing::warn!(%reason, "disconnected from control plane");
-                            failures = 1;
-                        }
-                        Disconnect::Refused(reason) => {
-                            tracing::error!(%reason, "control plane refused this agent");
-                            failures = 16;
-                        }
+                    why
+                }
+                Err(e) => match e.downcast::<HelloRefused>() {
+                    Ok(HelloRefused(code, message)) => disconnect_for(code, message.clone())
+                        .unwrap_or_else(|| {
+                            Disconnect::Lost(format!("hello refused: {code:?}: {message}"))
+                        }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt = failures.saturating_add(1), "cannot connect to control plane");
+                        Disconnect::Unreachable
                     }
-                }
-                Err(e) => {
+                },
+            };
+            let delay = match why {
+                Disconnect::Shutdown => unreachable!("handled above"),
+                Disconnect::Unreachable => {
                     failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, attempt = failures, "cannot connect to control plane");
+                    backoff(failures)
                 }
-            }
-            let delay = backoff(failures);
+                Disconnect::Lost(reason) => {
+                    tracing::warn!(%reason, "disconnected from control plane");
+                    failures = 1;
+                    backoff(failures)
+                }
+                Disconnect::TokenRotated(reason) => {
+                    tracing::error!(
+                        %reason,
+                        "the token was replaced; configure the new one (TENDRIL_TOKEN)"
+                    );
+                    // Keep growing: a rotated token keeps failing until it is replaced.
+                    failures = failures.saturating_add(1).max(2);
+                    backoff(failures).max(MIN_REFUSED_DELAY)
+                }
+                Disconnect::Refused(reason) => {
+                    tracing::error!(
+                        %reason,
+                        "control plane refused this agent; retrying at the maximum backoff"
+                    );
+                    failures = 16;
+                    max_backoff()
+                }
+            };
             tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
             let wake = tokio::time::sleep(delay);
             tokio::pin!(wake);
@@ -218,7 +279,12 @@ impl Agent {
                 Ok(Err(tungstenite::Error::Http(resp))) => {
                     let status = resp.status();
                     let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
-                    anyhow::bail!("control plane answered {status}: {body}");
+                    let hint = if status == tungstenite::http::StatusCode::UNAUTHORIZED {
+                        " (the token is unknown, revoked or was replaced)"
+                    } else {
+                        ""
+                    };
+                    anyhow::bail!("control plane answered {status}: {body}{hint}");
                 }
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_) => anyhow::bail!("connect timed out"),
@@ -233,7 +299,7 @@ impl Agent {
         );
         let hello = AgentMessage::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
-            min_protocol_version: Some(trellis_protocol::MIN_PROTOCOL_VERSION),
+            min_protocol_version: Some(MIN_PROTOCOL_VERSION),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             hostname: self.config.hostname.clone(),
             capabilities: self.capabilities(),
@@ -247,16 +313,30 @@ impl Agent {
         match welcome {
             Ok(Some(Ok(tungstenite::Message::Text(t)))) => match ServerMessage::decode(&t)? {
                 ServerMessage::Welcome {
+                    protocol_version,
                     agent_id,
                     heartbeat_interval_secs,
                     features,
                     inventory_interval_secs,
                     ..
                 } => {
-                    tracing::info!(%agent_id, heartbeat_interval_secs, ?features, "connected to control plane");
+                    // The server names the version it chose from our range.
+                    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol_version) {
+                        return Err(HelloRefused(
+                            ProtocolErrorCode::UnsupportedProtocolVersion,
+                            format!(
+                                "the control plane chose protocol version {protocol_version}; \
+                                 this agent speaks {MIN_PROTOCOL_VERSION}–{PROTOCOL_VERSION}"
+                            ),
+                        )
+                        .into());
+                    }
+                    tracing::info!(%agent_id, protocol_version, heartbeat_interval_secs, ?features, "connected to control plane");
                     self.heartbeat_interval =
                         Duration::from_secs(heartbeat_interval_secs.clamp(1, 300));
-                    self.inventory_interval = (features.iter().any(|f| f == FEATURE_INVENTORY)
+                    // Inventory is a v2 frame: a v1 session never sends it.
+                    self.inventory_interval = (protocol_version >= 2
+                        && features.iter().any(|f| f == FEATURE_INVENTORY)
                         && self.executors.proxmox.is_some())
                     .then(|| {
                         Duration::from_secs(
@@ -272,9 +352,7 @@ impl Agent {
                     }
                     self.journal.flush()?;
                 }
-                ServerMessage::Error(e) => {
-                    anyhow::bail!("control plane refused hello: {:?}: {}", e.code, e.message)
-                }
+                ServerMessage::Error(e) => return Err(HelloRefused(e.code, e.message).into()),
                 other => anyhow::bail!("expected welcome, got {other:?}"),
             },
             Ok(Some(Ok(tungstenite::Message::Close(frame)))) => {
@@ -436,6 +514,14 @@ impl Agent {
 
     /// Assigns the next seq, journals the event and keeps it until acknowledged.
     fn take_report(&mut self, r: Report, batch: &mut Vec<Event>) -> anyhow::Result<usize> {
+        if self.forgotten.contains(&r.command_id) {
+            // The server does not know this command: its events go nowhere.
+            if matches!(r.body, EventBody::Finished(_)) {
+                self.forgotten.remove(&r.command_id);
+                self.running.remove(&r.command_id);
+            }
+            return Ok(0);
+        }
         let p = self.pending.entry(r.command_id).or_default();
         p.next_seq += 1;
         if matches!(r.body, EventBody::Finished(_)) {
@@ -500,20 +586,72 @@ impl Agent {
                 }
             }
             ServerMessage::HeartbeatAck | ServerMessage::Welcome { .. } => {}
-            ServerMessage::Error(e) => {
-                tracing::warn!(code = ?e.code, message = %e.message, "error from control plane");
-                match e.code {
-                    ProtocolErrorCode::Revoked
-                    | ProtocolErrorCode::Unauthorized
-                    | ProtocolErrorCode::UnsupportedProtocolVersion => {
-                        return Err(Disconnect::Refused(e.message))
-                    }
-                    ProtocolErrorCode::Superseded => return Err(Disconnect::Lost(e.message)),
-                    _ => {}
+            ServerMessage::Error(e) => match e.code {
+                ProtocolErrorCode::InvalidEvent => {
+                    // The server stored a `system` line in that seq's place and acks it:
+                    // the sequence goes on, nothing to re-send.
+                    tracing::warn!(
+                        command_id = ?e.command_id,
+                        seq = ?e.seq,
+                        message = %e.message,
+                        "the control plane rejected an event"
+                    );
                 }
-            }
+                ProtocolErrorCode::UnknownCommand => match e.command_id {
+                    Some(id) => self.forget(id, &e.message),
+                    None => {
+                        tracing::warn!(message = %e.message, "unknown_command without a command id")
+                    }
+                },
+                code if !code.is_fatal() => {
+                    tracing::warn!(?code, message = %e.message, "error from control plane");
+                }
+                code => {
+                    tracing::warn!(?code, message = %e.message, "fatal error from control plane");
+                    if let Some(d) = disconnect_for(code, e.message) {
+                        return Err(d);
+                    }
+                    // Otherwise the close follows.
+                }
+            },
         }
         Ok(())
+    }
+
+    /// The server does not know `id` as a command of this agent (`unknown_command`): it
+    /// will never take its events, so drop them from the outbox and the journal instead of
+    /// re-sending them forever, and stop the command if it still runs (its further events
+    /// are dropped too).
+    fn forget(&mut self, id: Uuid, message: &str) {
+        let pending = self.pending.remove(&id);
+        let running = self.running.get(&id);
+        if pending.is_none() && running.is_none() {
+            tracing::debug!(command_id = %id, %message, "unknown_command for a command already forgotten");
+            return;
+        }
+        let dropped = pending.as_ref().map_or(0, |p| p.unacked.len());
+        tracing::warn!(
+            command_id = %id,
+            dropped_events = dropped,
+            still_running = running.is_some(),
+            %message,
+            "the control plane does not know this command; dropping its events"
+        );
+        if let Some(p) = &pending {
+            for e in &p.unacked {
+                self.unacked_bytes = self.unacked_bytes.saturating_sub(event_size(e));
+            }
+            // Acking the last seq drops them from the journal on the next replay.
+            if p.next_seq > 0 {
+                let _ = self.journal.acked(id, p.next_seq);
+            }
+        }
+        if let Some(ctx) = running {
+            ctx.request_cancel(CancelReason::Cancelled);
+            self.forgotten.insert(id);
+        }
+        let _ = self.journal.done(id);
+        let _ = self.journal.flush();
     }
 
     async fn dispatch(&mut self, ws: &mut Ws, d: Dispatch) -> Result<(), Disconnect> {
@@ -642,6 +780,13 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The wait after the server refused this agent (revoked, unauthorized, incompatible):
+/// the maximum backoff, jittered within its upper half.
+fn max_backoff() -> Duration {
+    let cap = BACKOFF_CAP.as_millis() as u64;
+    Duration::from_millis(rand::random_range(cap / 2..=cap))
 }
 
 /// Exponential backoff with full jitter, capped.

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use trellis_protocol::{
     CancelReason, CommandError, EventBody, FinalStatus, LogStream, Outcome, StageState,
-    MAX_LOG_CHUNK_BYTES,
+    MAX_EVENT_MESSAGE_BYTES, MAX_LOG_CHUNK_BYTES, MAX_STAGE_NAME_BYTES,
 };
 use uuid::Uuid;
 
@@ -33,6 +33,74 @@ fn wire_percent(p: f32) -> f64 {
         exact.clamp(0.0, 100.0)
     } else {
         0.0
+    }
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary, marking the cut with "…".
+fn truncate_to(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+    text
+}
+
+/// A stage name of 1–64 printable bytes: control characters become spaces, a long name
+/// is cut, an empty one is called "stage".
+fn wire_stage_name(name: String) -> String {
+    let mut name: String = name
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if name.len() > MAX_STAGE_NAME_BYTES {
+        let mut end = MAX_STAGE_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    if name.is_empty() {
+        name.push_str("stage");
+    }
+    name
+}
+
+/// The event body made to obey the per-event limits (logs are split by
+/// [`ExecContext::log`], not here).
+fn within_limits(body: EventBody) -> EventBody {
+    let message = |m: Option<String>| m.map(|m| truncate_to(m, MAX_EVENT_MESSAGE_BYTES));
+    let percent = |p: f64| {
+        if p.is_finite() {
+            p.clamp(0.0, 100.0)
+        } else {
+            0.0
+        }
+    };
+    match body {
+        EventBody::Stage {
+            stage,
+            state,
+            percent: pct,
+            message: msg,
+        } => EventBody::Stage {
+            stage: wire_stage_name(stage),
+            state,
+            percent: pct.map(percent),
+            message: message(msg),
+        },
+        EventBody::Progress {
+            percent: pct,
+            message: msg,
+        } => EventBody::Progress {
+            percent: percent(pct),
+            message: message(msg),
+        },
+        other => other,
     }
 }
 
@@ -93,7 +161,20 @@ impl ExecContext {
 
     /// Sends one event. Waits when the session's outbox is full (backpressure), so a
     /// runaway producer slows down instead of exhausting memory.
+    ///
+    /// The body is made to obey the protocol's per-event limits first (see
+    /// [`trellis_protocol::Event::validate`]): a long log is split, a percent clamped, a
+    /// stage name or message cut to its limit.
     pub async fn report(&self, body: EventBody) {
+        match body {
+            EventBody::Log { stream, data } if data.len() > MAX_LOG_CHUNK_BYTES => {
+                self.log(stream, &data).await
+            }
+            body => self.send(within_limits(body)).await,
+        }
+    }
+
+    async fn send(&self, body: EventBody) {
         // The receiver lives as long as the agent; a send error means shutdown.
         let _ = self
             .reports
@@ -137,7 +218,7 @@ impl ExecContext {
             while !rest.is_char_boundary(end) {
                 end -= 1;
             }
-            self.report(EventBody::Log {
+            self.send(EventBody::Log {
                 stream,
                 data: rest[..end].to_string(),
             })
@@ -192,5 +273,59 @@ fn cancelled_outcome(ctx: &ExecContext, err: Option<CommandError>) -> Outcome {
         status,
         result: None,
         error: Some(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_protocol::Event;
+
+    fn ctx() -> (ExecContext, mpsc::Receiver<Report>) {
+        let (tx, rx) = mpsc::channel(100);
+        let id = Uuid::new_v4();
+        (ExecContext::new(id, id, 1, tx), rx)
+    }
+
+    fn valid(body: EventBody) -> bool {
+        Event {
+            command_id: Uuid::nil(),
+            seq: 1,
+            ts: 0,
+            body,
+        }
+        .validate()
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn reported_events_obey_the_per_event_limits() {
+        let (ctx, mut rx) = ctx();
+        ctx.stage(
+            &format!("a\nvery-{}", "long-".repeat(30)),
+            StageState::Running,
+            Some(250.0),
+            Some("é".repeat(5000)),
+        )
+        .await;
+        ctx.stage("", StageState::Completed, Some(f32::NAN), None)
+            .await;
+        ctx.progress(-3.0, Some("x".repeat(10_000))).await;
+        ctx.progress(3.33, None).await;
+        ctx.report(EventBody::Log {
+            stream: LogStream::Stdout,
+            data: "ü".repeat(MAX_LOG_CHUNK_BYTES),
+        })
+        .await;
+        let mut bodies = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            bodies.push(r.body);
+        }
+        assert_eq!(bodies.len(), 4 + 2, "the 128 KiB log was split in two");
+        for b in &bodies {
+            assert!(valid(b.clone()), "{b:?}");
+        }
+        assert!(matches!(&bodies[3], EventBody::Progress { percent, .. } if *percent == 3.33));
+        assert!(matches!(&bodies[1], EventBody::Stage { stage, .. } if stage == "stage"));
     }
 }
