@@ -757,11 +757,30 @@ async fn agent_error_frame_is_never_fatal() {
     assert_open(&mut ws).await;
 }
 
-/// "internal (server storage trouble; retry with backoff)" — needs the server's storage
-/// to fail on cue, which a black-box test cannot arrange reliably.
-#[test]
-#[ignore = "not drivable from outside: needs server storage to fail on cue"]
-fn storage_trouble_is_internal() {}
+/// "internal (server storage trouble; retry with backoff)" — fatal: a hello the server
+/// cannot record (its SQLite file write-locked by another process past the busy timeout)
+/// gets `error` `internal`, then a close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_trouble_is_internal() {
+    use sqlx::Connection;
+    let (_dir, cp, api) = control_plane(Backend::Sqlite, "cf-internal").await;
+    let (_id, token) = api.create_agent("unlucky").await;
+    let mut lock = sqlx::SqliteConnection::connect(&cp.db_url).await.unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let mut ws = RawAgent::connect(&cp.ws_url(), &token).await;
+    ws.send(hello_frame(json!({}))).await;
+    let (frames, code, _) = until_close(&mut ws, Duration::from_secs(30)).await;
+    assert!(frames.iter().any(|f| is_error(f, "internal")), "{frames:?}");
+    assert!(!frames.iter().any(|f| f["type"] == "welcome"), "{frames:?}");
+    assert!(code.is_some(), "closed with a code");
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    drop(lock);
+    let (mut ws, _) = hello(&cp, &token, json!({})).await;
+    assert_open(&mut ws).await;
+}
 
 // ---------------------------------------------------------------------------------------
 // Commands
