@@ -57,8 +57,12 @@ async fn tokens_and_isolation() {
     ws.send(json!({"type": "accept", "command_id": b_cmd}))
         .await;
     let reply = ws.recv(Duration::from_secs(5)).await;
+    // (the raw agent speaks protocol 1: the non-fatal error is `unexpected_message`)
     assert!(
-        reply.to_text().unwrap().contains("does not belong"),
+        reply
+            .to_text()
+            .unwrap()
+            .contains("is not dispatched to this agent"),
         "{reply:?}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -386,7 +386,6 @@ async fn v1_agent_gets_version_1_and_runs_a_ping_end_to_end() {
 /// no features and no inventory interval, and the errors it is sent use version-1 codes
 /// only (no `invalid_event`, `unknown_command`, `token_rotated`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server: v1 sessions still receive v2 additions (welcome.inventory_interval_secs, invalid_event, unknown_command)"]
 async fn v1_agent_never_receives_v2_additions() {
     let (_dir, cp, api) = control_plane(Backend::Sqlite, "cf-v1codes").await;
     let (id, token) = api.create_agent("old").await;

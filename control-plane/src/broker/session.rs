@@ -247,7 +247,8 @@ impl Session {
             } else {
                 Vec::new()
             },
-            inventory_interval_secs: Some(self.broker.inventory_interval.as_secs().max(1)),
+            inventory_interval_secs: (self.version >= 2)
+                .then(|| self.broker.inventory_interval.as_secs().max(1)),
         };
         if send(socket, &welcome).await.is_err() {
             return "send failed".into();
@@ -406,7 +407,9 @@ impl Session {
                             return "revoked".into();
                         }
                         ToSession::TokenRotated => {
-                            reject(socket, ProtocolErrorCode::TokenRotated, "this agent's token was replaced; reconnect with the new token", CLOSE_POLICY).await;
+                            // Version 1 knows only `revoked` for a token that stopped working.
+                            let code = if self.version < 2 { ProtocolErrorCode::Revoked } else { ProtocolErrorCode::TokenRotated };
+                            reject(socket, code, "this agent's token was replaced; reconnect with the new token", CLOSE_POLICY).await;
                             return "token rotated".into();
                         }
                     }
@@ -492,7 +495,7 @@ impl Session {
                 if errors < MAX_ERRORS {
                     errors += 1;
                     let mut err = ProtocolError::new(
-                        ProtocolErrorCode::InvalidEvent,
+                        self.code_for_version(ProtocolErrorCode::InvalidEvent),
                         format!("event {} rejected: {reason}", e.seq),
                     );
                     err.command_id = Some(e.command_id);
@@ -518,12 +521,22 @@ impl Session {
         Ok(keep)
     }
 
+    /// Version 1 has no `invalid_event` or `unknown_command`: its agents get the non-fatal
+    /// `unexpected_message` they always got for such frames.
+    fn code_for_version(&self, code: ProtocolErrorCode) -> ProtocolErrorCode {
+        if self.version < 2 {
+            ProtocolErrorCode::UnexpectedMessage
+        } else {
+            code
+        }
+    }
+
     /// A command that is not dispatched to this agent: a non-fatal `unknown_command`.
     async fn unknown<W: AgentSink, R: AgentStream>(&self, socket: &mut Conn<W, R>, id: CommandId) {
         self.broker.metrics.protocol_error();
         tracing::warn!(agent_id = %self.agent_id, command_id = %id, "agent referenced a command not dispatched to it");
         let mut err = ProtocolError::new(
-            ProtocolErrorCode::UnknownCommand,
+            self.code_for_version(ProtocolErrorCode::UnknownCommand),
             format!("command {id} is not dispatched to this agent; ignored"),
         );
         err.command_id = Some(id.0);
