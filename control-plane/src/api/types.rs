@@ -332,6 +332,8 @@ pub struct LogLine {
 #[serde(rename_all = "camelCase")]
 pub struct LogPage {
     pub items: Vec<LogLine>,
+    /// The seq of the last line returned (the `after` of the next page) — not the command's
+    /// last event seq: events of other kinds have seqs too.
     pub last_seq: i64,
     /// The command ended and every line was returned.
     pub done: bool,

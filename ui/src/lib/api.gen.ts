@@ -586,7 +586,11 @@ export interface components {
             /** @description The command ended and every line was returned. */
             done: boolean;
             items: components["schemas"]["LogLine"][];
-            /** Format: int64 */
+            /**
+             * Format: int64
+             * @description The seq of the last line returned (the `after` of the next page) — not the command's
+             *     last event seq: events of other kinds have seqs too.
+             */
             lastSeq: number;
         };
         NewToken: {
