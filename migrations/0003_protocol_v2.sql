@@ -5,3 +5,5 @@ ALTER TABLE commands ADD COLUMN durable_seq BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE commands ADD COLUMN finished_seq BIGINT;
 -- Commands stored before were acked by their highest seq.
 UPDATE commands SET durable_seq = last_seq;
+UPDATE commands SET finished_seq = (SELECT MIN(seq) FROM command_events e
+    WHERE e.command_id = commands.id AND e.kind = 'finished');

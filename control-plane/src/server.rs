@@ -117,7 +117,7 @@ impl App {
         } = self;
         drop(router);
         let broker = state.broker.clone();
-        broker.close_all("control plane shutting down");
+        broker.close_all();
         broker.shutdown.cancel();
         // A session hands its last events to the writer before it unregisters; once all
         // are gone, a stop behind them in the writer's queue drains everything they sent.

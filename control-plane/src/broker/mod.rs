@@ -29,8 +29,12 @@ pub enum ToSession {
     Send(ServerMessage),
     /// Commands the dispatcher claimed for this agent: send them.
     Dispatch(Vec<crate::db::DispatchRow>),
-    /// Close the connection with a reason (revoked, replaced, storage failure).
-    Close(String),
+    /// Replaced by a newer connection of the same agent (`superseded`).
+    Superseded(String),
+    /// Storage failed: close so that the agent reconnects and re-sends (`internal`).
+    StorageFailed(String),
+    /// The control plane is stopping (close 1001, no error: reconnect later).
+    ShuttingDown,
     /// The agent was revoked (its token will never work again).
     Revoked,
     /// The agent's token was replaced (the session authenticated with the old one).
@@ -144,7 +148,7 @@ impl Broker {
             )
         };
         if let Some(old) = old {
-            let _ = old.tx.send(ToSession::Close(
+            let _ = old.tx.send(ToSession::Superseded(
                 "replaced by a newer connection of the same agent".into(),
             ));
         }
@@ -228,11 +232,11 @@ impl Broker {
         map.iter().map(|(id, h)| (*id, h.last_heartbeat)).collect()
     }
 
-    /// Closes every session (shutdown).
-    pub fn close_all(&self, reason: &str) {
+    /// Closes every session (shutdown): close 1001, and the agents reconnect later.
+    pub fn close_all(&self) {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         for h in map.values() {
-            let _ = h.tx.send(ToSession::Close(reason.to_string()));
+            let _ = h.tx.send(ToSession::ShuttingDown);
         }
     }
 }

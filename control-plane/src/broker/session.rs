@@ -127,7 +127,10 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
             ProtocolErrorCode::UnsupportedProtocolVersion,
             &format!(
                 "protocol versions {}–{} are not supported; this control plane speaks {MIN_PROTOCOL_VERSION}–{PROTOCOL_VERSION}",
-                hello.min_protocol_version.unwrap_or(hello.protocol_version),
+                hello
+                    .min_protocol_version
+                    .unwrap_or(hello.protocol_version)
+                    .min(hello.protocol_version),
                 hello.protocol_version
             ),
             CLOSE_POLICY,
@@ -165,6 +168,7 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
         version,
         max_concurrency,
         owned: HashMap::new(),
+        not_ours: Default::default(),
         inflight: HashMap::new(),
         tx,
     };
@@ -189,6 +193,8 @@ struct Session {
     max_concurrency: i64,
     /// Command ids known to belong to this agent (an agent touches only its own).
     owned: HashMap<CommandId, Option<u64>>,
+    /// Commands found not dispatched to this agent (see `remember_not_ours`).
+    not_ours: std::collections::HashSet<CommandId>,
     /// Dispatches sent and not yet accepted, for the latency histogram.
     inflight: HashMap<CommandId, Instant>,
     tx: super::SessionTx,
@@ -345,7 +351,7 @@ impl Session {
                                     continue;
                                 }
                                 Err(e) => {
-                                    close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
+                                    reject(socket, ProtocolErrorCode::Internal, "control plane storage unavailable", CLOSE_GOING_AWAY).await;
                                     return e;
                                 }
                             }
@@ -360,7 +366,7 @@ impl Session {
                             let keep = match self.check_events(socket, events).await {
                                 Ok(keep) => keep,
                                 Err(e) => {
-                                    close(socket, CLOSE_GOING_AWAY, "storage unavailable").await;
+                                    reject(socket, ProtocolErrorCode::Internal, "control plane storage unavailable", CLOSE_GOING_AWAY).await;
                                     return e;
                                 }
                             };
@@ -397,10 +403,18 @@ impl Session {
                                 }
                             }
                         }
-                        ToSession::Close(reason) => {
-                            let _ = send(socket, &ServerMessage::Error(ProtocolError::new(ProtocolErrorCode::Superseded, reason.clone()))).await;
-                            close(socket, CLOSE_POLICY, &reason).await;
+                        ToSession::Superseded(reason) => {
+                            reject(socket, ProtocolErrorCode::Superseded, &reason, CLOSE_POLICY).await;
                             return reason;
+                        }
+                        ToSession::StorageFailed(reason) => {
+                            // Nothing was acked: the agent reconnects and re-sends.
+                            reject(socket, ProtocolErrorCode::Internal, &reason, CLOSE_GOING_AWAY).await;
+                            return reason;
+                        }
+                        ToSession::ShuttingDown => {
+                            close(socket, CLOSE_GOING_AWAY, "control plane shutting down").await;
+                            return "shutdown".into();
                         }
                         ToSession::Revoked => {
                             reject(socket, ProtocolErrorCode::Revoked, "this agent was revoked", CLOSE_POLICY).await;
@@ -467,22 +481,37 @@ impl Session {
         socket: &mut Conn<W, R>,
         events: Vec<Event>,
     ) -> Result<Vec<Event>, String> {
-        /// At most this many errors per frame (a broken agent must not flood its socket).
+        /// At most this many errors (of both kinds) per frame: a broken agent must not
+        /// flood its socket or the log.
         const MAX_ERRORS: usize = 16;
         let mut keep = Vec::with_capacity(events.len());
         let mut unknown: Vec<CommandId> = Vec::new();
         let mut errors = 0;
+        let mut rejected = 0usize;
         for mut e in events {
             let command_id = CommandId(e.command_id);
-            if unknown.contains(&command_id) {
+            if unknown.contains(&command_id) || self.not_ours.contains(&command_id) {
+                if !unknown.contains(&command_id) && unknown.len() < MAX_ERRORS {
+                    unknown.push(command_id);
+                }
                 continue;
             }
             let Some(finished) = self.owns(command_id).await? else {
-                unknown.push(command_id);
+                self.remember_not_ours(command_id);
+                if unknown.len() < MAX_ERRORS {
+                    unknown.push(command_id);
+                }
                 continue;
             };
+            if self.version < 2 {
+                // Version 1 stated no limits on messages or percent: bring them within
+                // them instead of rejecting what an older agent always sent.
+                lenient_v1(&mut e);
+            }
             let reason = if e.seq == 0 {
                 Some("seq starts at 1".to_string())
+            } else if e.seq > i64::MAX as u64 {
+                Some(format!("seq is larger than {}", i64::MAX))
             } else {
                 e.validate().err().or_else(|| {
                     finished.filter(|f| e.seq > *f).map(|f| {
@@ -492,7 +521,8 @@ impl Session {
             };
             if let Some(reason) = reason {
                 self.broker.metrics.protocol_error();
-                if errors < MAX_ERRORS {
+                rejected += 1;
+                if errors + unknown.len() < MAX_ERRORS {
                     errors += 1;
                     let mut err = ProtocolError::new(
                         self.code_for_version(ProtocolErrorCode::InvalidEvent),
@@ -502,8 +532,10 @@ impl Session {
                     err.seq = Some(e.seq);
                     let _ = send(socket, &ServerMessage::Error(err)).await;
                 }
-                tracing::warn!(agent_id = %self.agent_id, %command_id, seq = e.seq, %reason, "invalid event");
-                if e.seq == 0 {
+                if rejected == 1 {
+                    tracing::warn!(agent_id = %self.agent_id, %command_id, seq = e.seq, %reason, "invalid event");
+                }
+                if e.seq == 0 || e.seq > i64::MAX as u64 {
                     continue;
                 }
                 e.body = EventBody::Log {
@@ -515,10 +547,22 @@ impl Session {
             }
             keep.push(e);
         }
+        if rejected > 1 {
+            tracing::warn!(agent_id = %self.agent_id, rejected, "invalid events in one frame");
+        }
         for id in unknown {
             self.unknown(socket, id).await;
         }
         Ok(keep)
+    }
+
+    /// Commands this session found not dispatched to it, so a flood of them costs one
+    /// lookup each, not one per event (bounded; cleared when full).
+    fn remember_not_ours(&mut self, id: CommandId) {
+        if self.not_ours.len() >= 4096 {
+            self.not_ours.clear();
+        }
+        self.not_ours.insert(id);
     }
 
     /// Version 1 has no `invalid_event` or `unknown_command`: its agents get the non-fatal
@@ -616,6 +660,43 @@ pub fn negotiate(hello: &Hello) -> Option<u32> {
         .min(hello.protocol_version);
     let best = hello.protocol_version.min(PROTOCOL_VERSION);
     (best >= agent_min.max(MIN_PROTOCOL_VERSION)).then_some(best)
+}
+
+/// A version-1 event brought within the limits version 2 states: messages cut to
+/// [`trellis_protocol::MAX_EVENT_MESSAGE_BYTES`], percent clamped to 0–100.
+fn lenient_v1(e: &mut Event) {
+    fn cut(m: &mut Option<String>) {
+        if let Some(m) = m.as_mut() {
+            let max = trellis_protocol::MAX_EVENT_MESSAGE_BYTES;
+            if m.len() > max {
+                let mut end = max;
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                m.truncate(end);
+            }
+        }
+    }
+    let clamp = |p: f64| {
+        if p.is_finite() {
+            p.clamp(0.0, 100.0)
+        } else {
+            0.0
+        }
+    };
+    match &mut e.body {
+        EventBody::Stage {
+            percent, message, ..
+        } => {
+            *percent = percent.map(clamp);
+            cut(message);
+        }
+        EventBody::Progress { percent, message } => {
+            *percent = clamp(*percent);
+            cut(message);
+        }
+        _ => {}
+    }
 }
 
 fn ids(v: &[Uuid]) -> Vec<CommandId> {

@@ -66,7 +66,8 @@ pub async fn run(broker: Arc<Broker>, mut rx: mpsc::Receiver<WriteOp>) {
                 tracing::error!(error = %e, events = n, "event batch failed; closing affected sessions");
                 for op in &ops {
                     if let WriteOp::Events { acks_to, .. } = op {
-                        let _ = acks_to.send(ToSession::Close("event storage failed".into()));
+                        let _ =
+                            acks_to.send(ToSession::StorageFailed("event storage failed".into()));
                     }
                 }
             }

@@ -228,10 +228,15 @@ impl Db {
         }
 
         // The first `finished` event of each command in this batch, with its seq.
+        // (The lowest seq wins: batch order may differ from seq order.)
         let mut outcomes: HashMap<Uuid, (&trellis_protocol::Outcome, i64)> = HashMap::new();
         for e in &all {
             if let EventBody::Finished(o) = &e.body {
-                outcomes.entry(e.command_id).or_insert((o, e.seq as i64));
+                let seq = e.seq as i64;
+                let entry = outcomes.entry(e.command_id).or_insert((o, seq));
+                if seq < entry.1 {
+                    *entry = (o, seq);
+                }
             }
         }
 
@@ -374,21 +379,44 @@ impl Db {
 async fn extend_prefix(
     conn: &mut sqlx::AnyConnection,
     command: CommandId,
-    mut prefix: i64,
+    start: i64,
 ) -> DbResult<i64> {
-    let rows = sqlx::query(
-        "SELECT seq FROM command_events WHERE command_id = $1 AND seq > $2 ORDER BY seq LIMIT 100000",
-    )
-    .bind(command.to_string())
-    .bind(prefix)
-    .fetch_all(&mut *conn)
-    .await?;
-    for r in &rows {
-        let seq: i64 = r.try_get("seq")?;
-        if seq != prefix + 1 {
+    /// Seqs read per step; a gap that persists costs one indexed probe per batch.
+    const WINDOW: i64 = 1000;
+    // The common case after a gap: the next seq is still missing. One indexed probe.
+    let next = sqlx::query("SELECT 1 FROM command_events WHERE command_id = $1 AND seq = $2")
+        .bind(command.to_string())
+        .bind(start + 1)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if next.is_none() {
+        return Ok(start);
+    }
+    let mut prefix = start;
+    loop {
+        let rows = sqlx::query(
+            "SELECT seq FROM command_events WHERE command_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .bind(command.to_string())
+        .bind(prefix)
+        .bind(prefix + WINDOW)
+        .fetch_all(&mut *conn)
+        .await?;
+        let before = prefix;
+        for r in &rows {
+            let seq: i64 = r.try_get("seq")?;
+            if seq != prefix + 1 {
+                break;
+            }
+            prefix = seq;
+        }
+        // A full window walked without a gap: there may be more.
+        if prefix - before < WINDOW {
             break;
         }
-        prefix = seq;
+    }
+    if prefix == start {
+        return Ok(prefix);
     }
     sqlx::query("UPDATE commands SET durable_seq = $1 WHERE id = $2 AND durable_seq < $1")
         .bind(prefix)
