@@ -10,7 +10,7 @@ use trellis_protocol::{CommandType, ListTemplatesResult, MAX_FRAME_BYTES};
 
 use super::types::{
     Agent, AgentList, AgentTemplates, AgentVm, AgentVmList, CreateAgentRequest, CreatedAgent,
-    ErrorBody, NewToken, ProxmoxTemplate,
+    ErrorBody, NewToken, ProxmoxTemplate, UpdateAgentRequest,
 };
 use super::{parse_id, ApiResult, AppError, AppState, Json};
 use crate::domain::{self, commands::CreateCommand, DomainError};
@@ -47,6 +47,21 @@ pub async fn list(State(s): State<AppState>) -> ApiResult<Json<AgentList>> {
 pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Agent>> {
     let id: AgentId = parse_id(&id, "agent")?;
     Ok(Json(Agent::from(&domain::agents::get(&s.db, id).await?)))
+}
+
+/// Change an agent's settings (its command concurrency).
+#[utoipa::path(patch, path = "/api/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    request_body = UpdateAgentRequest,
+    responses((status = 200, body = Agent), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn update(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(b): Json<UpdateAgentRequest>,
+) -> ApiResult<Json<Agent>> {
+    let id: AgentId = parse_id(&id, "agent")?;
+    let a =
+        domain::agents::set_max_concurrency(&s.db, Some(&s.broker), id, b.max_concurrency).await?;
+    Ok(Json(Agent::from(&a)))
 }
 
 /// Issue a new token; the old one stops working and a session on it is closed.

@@ -44,7 +44,12 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/api/agents", get(agents::list).post(agents::create))
-        .route("/api/agents/{id}", get(agents::get).delete(agents::revoke))
+        .route(
+            "/api/agents/{id}",
+            get(agents::get)
+                .patch(agents::update)
+                .delete(agents::revoke),
+        )
         .route("/api/agents/{id}/rotate-token", post(agents::rotate))
         .route("/api/agents/{id}/templates", get(agents::templates))
         .route("/api/agents/{id}/vms", get(agents::vms))

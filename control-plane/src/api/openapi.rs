@@ -19,7 +19,8 @@ use super::{agents, commands, nodes, templates};
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
-        agents::list, agents::create, agents::get, agents::revoke, agents::rotate, agents::templates,
+        agents::list, agents::create, agents::get, agents::update, agents::revoke, agents::rotate,
+        agents::templates,
         agents::vms,
         commands::list, commands::create, commands::get, commands::logs, commands::events,
         commands::cancel, commands::retry,

@@ -84,6 +84,14 @@ pub struct CreateAgentRequest {
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateAgentRequest {
+    /// 1–1024: how many commands the agent runs at once (its own setting can only lower it).
+    #[schema(minimum = 1, maximum = 1024)]
+    pub max_concurrency: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CreatedAgent {
     pub agent: Agent,
     /// The agent's token, shown only this once (only its hash is stored).

@@ -45,7 +45,10 @@ pub type SessionTx = mpsc::UnboundedSender<ToSession>;
 
 struct SessionHandle {
     epoch: i64,
+    /// The effective limit: the admin's, lowered by what the agent asked for.
     max_concurrency: i64,
+    /// What the agent asked for in its hello.
+    agent_max: i64,
     tx: SessionTx,
     last_heartbeat: i64,
 }
@@ -134,7 +137,14 @@ impl Broker {
     }
 
     /// Registers a session, replacing (and closing) an older one for the same agent.
-    fn register(&self, agent_id: AgentId, epoch: i64, max_concurrency: i64, tx: SessionTx) {
+    fn register(
+        &self,
+        agent_id: AgentId,
+        epoch: i64,
+        max_concurrency: i64,
+        agent_max: i64,
+        tx: SessionTx,
+    ) {
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(
@@ -142,6 +152,7 @@ impl Broker {
                 SessionHandle {
                     epoch,
                     max_concurrency,
+                    agent_max,
                     tx,
                     last_heartbeat: crate::time::now_ms(),
                 },
@@ -208,6 +219,18 @@ impl Broker {
                 reason,
             }),
         );
+    }
+
+    /// The admin changed the agent's limit: a live session follows at once (and may get
+    /// more commands now).
+    pub fn set_max_concurrency(&self, agent_id: AgentId, admin: i64) {
+        {
+            let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = map.get_mut(&agent_id) {
+                h.max_concurrency = admin.min(h.agent_max);
+            }
+        }
+        self.wake(agent_id);
     }
 
     pub fn revoke(&self, agent_id: AgentId) {

@@ -157,7 +157,13 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
     let max_concurrency = agent
         .max_concurrency
         .min(i64::from(hello.max_concurrency.clamp(1, 1024)));
-    broker.register(agent_id, epoch, max_concurrency, tx.clone());
+    broker.register(
+        agent_id,
+        epoch,
+        max_concurrency,
+        i64::from(hello.max_concurrency.clamp(1, 1024)),
+        tx.clone(),
+    );
     tracing::info!(%agent_id, name = %agent.name, epoch, version = %hello.agent_version,
         protocol = version, hostname = %hello.hostname, "agent connected");
 

@@ -121,6 +121,21 @@ impl Db {
             .transpose()
     }
 
+    pub async fn set_max_concurrency(&self, agent: AgentId, max: i64) -> DbResult<()> {
+        let n = sqlx::query(
+            "UPDATE agents SET max_concurrency = $1 WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(max)
+        .bind(agent.to_string())
+        .execute(self.writer())
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Err(DbError::NotFound);
+        }
+        Ok(())
+    }
+
     pub async fn rotate_token(&self, agent: AgentId, hash: &str) -> DbResult<()> {
         let n =
             sqlx::query("UPDATE agents SET token_hash = $1 WHERE id = $2 AND revoked_at IS NULL")

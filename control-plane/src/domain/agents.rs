@@ -54,6 +54,29 @@ pub async fn get(db: &Db, id: AgentId) -> DomainResult<AgentRow> {
         .map_err(DomainError::not_found("agent"))
 }
 
+/// Sets how many commands the agent runs at once (1–1024). The agent's own setting can
+/// only lower it; a live session follows at once.
+pub async fn set_max_concurrency(
+    db: &Db,
+    broker: Option<&Broker>,
+    id: AgentId,
+    max: i64,
+) -> DomainResult<AgentRow> {
+    if !(1..=1024).contains(&max) {
+        return Err(DomainError::invalid(
+            "invalid_params",
+            "maxConcurrency must be 1–1024",
+        ));
+    }
+    db.set_max_concurrency(id, max)
+        .await
+        .map_err(DomainError::not_found("agent"))?;
+    if let Some(b) = broker {
+        b.set_max_concurrency(id, max);
+    }
+    get(db, id).await
+}
+
 /// Issues a new token; a session on the old one is made to reconnect.
 pub async fn rotate(db: &Db, broker: Option<&Broker>, id: AgentId) -> DomainResult<String> {
     let token = crate::auth::generate("agent");

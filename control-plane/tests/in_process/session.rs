@@ -307,3 +307,54 @@ async fn a_command_past_its_deadline_times_out_and_its_agent_is_told_to_stop() {
     }
     t.stop().await;
 }
+
+#[tokio::test]
+async fn the_admins_concurrency_limits_dispatch_and_a_change_applies_to_the_live_session() {
+    let t = TestApp::start().await;
+    let (_, v) = t
+        .call(
+            "POST",
+            "/api/agents",
+            Some(json!({"name": "pve-g", "maxConcurrency": 1})),
+        )
+        .await;
+    let agent = v["agent"]["id"].as_str().unwrap().to_string();
+    // The agent asks for 4; the admin's 1 is the limit.
+    let mut a = FakeAgent::connect(&t, &agent, &["ping"]).await;
+    for _ in 0..2 {
+        t.call(
+            "POST",
+            "/api/commands",
+            Some(json!({"agentId": agent, "type": "ping", "params": {}})),
+        )
+        .await;
+    }
+    let first = dispatched(&mut a).await;
+    a.send(json!({"type": "accept", "command_id": first.command_id}));
+    // Nothing more within a while: one slot.
+    let more = tokio::time::timeout(Duration::from_millis(300), a.from_server.recv()).await;
+    assert!(
+        !matches!(&more, Ok(Some(Message::Text(t))) if t.contains("dispatch")),
+        "{more:?}"
+    );
+    let (st, v) = t
+        .call(
+            "PATCH",
+            &format!("/api/agents/{agent}"),
+            Some(json!({"maxConcurrency": 2})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["maxConcurrency"], 2);
+    let second = dispatched(&mut a).await;
+    assert_ne!(second.command_id, first.command_id);
+    let (st, _) = t
+        .call(
+            "PATCH",
+            &format!("/api/agents/{agent}"),
+            Some(json!({"maxConcurrency": 0})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    t.stop().await;
+}

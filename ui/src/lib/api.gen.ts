@@ -37,7 +37,8 @@ export interface paths {
         delete: operations["agents_revoke"];
         options?: never;
         head?: never;
-        patch?: never;
+        /** Change an agent's settings (its command concurrency). */
+        patch: operations["agents_update"];
         trace?: never;
     };
     "/api/agents/{id}/rotate-token": {
@@ -751,6 +752,13 @@ export interface components {
              */
             proxmoxTemplateId?: number | null;
         };
+        UpdateAgentRequest: {
+            /**
+             * Format: int64
+             * @description 1–1024: how many commands the agent runs at once (its own setting can only lower it).
+             */
+            maxConcurrency: number;
+        };
         UpdateNodeRequest: {
             /** @description `""` clears it. */
             application?: string | null;
@@ -904,6 +912,56 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agents_update: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["UpdateAgentRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Agent"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
             };
             404: {
                 headers: {
