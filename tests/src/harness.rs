@@ -468,3 +468,53 @@ pub fn assert_lines_once(logs: &[Value], expected: usize) {
         );
     }
 }
+
+/// The Proxmox stack end-to-end tests provision against: a control plane, the Proxmox VE
+/// API simulator and one `tendril` managing it. Fields drop in order: the processes stop
+/// before their directory is removed.
+pub struct ProxmoxStack {
+    pub agent: Agent,
+    pub cp: ControlPlane,
+    pub sim: crate::pve_sim::process::SimProcess,
+    pub api: Api,
+    pub agent_id: String,
+    pub dir: TempDir,
+}
+
+/// Starts a [`ProxmoxStack`] (`tag` names its directory) with `sim_args` for `pve-sim` and
+/// `trellis_env` for `trellis serve`, and waits for the agent to be online.
+pub async fn proxmox_stack(
+    backend: Backend,
+    tag: &str,
+    sim_args: &[&str],
+    trellis_env: &[(&str, &str)],
+) -> ProxmoxStack {
+    let dir = TempDir::new(tag);
+    let db = TestDb::create(backend, &dir).await;
+    let cp = ControlPlane::start_with(db, &dir, "127.0.0.1:0", trellis_env).await;
+    let api = cp.api();
+    let sim =
+        crate::pve_sim::process::SimProcess::start(bin("pve-sim").to_str().unwrap(), sim_args)
+            .await
+            .expect("pve-sim");
+    let (agent_id, token) = api.create_agent("pve-lab").await;
+    let agent = Agent::start_with(
+        &cp.ws_url(),
+        &token,
+        &dir.join("agent"),
+        &[
+            ("PROXMOX_URL", sim.url.as_str()),
+            ("PROXMOX_TOKEN_ID", crate::pve_sim::DEFAULT_TOKEN_ID),
+            ("PROXMOX_TOKEN_SECRET", crate::pve_sim::DEFAULT_TOKEN_SECRET),
+        ],
+    );
+    api.wait_agent_online(&agent_id).await;
+    ProxmoxStack {
+        agent,
+        cp,
+        sim,
+        api,
+        agent_id,
+        dir,
+    }
+}

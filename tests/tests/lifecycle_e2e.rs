@@ -10,18 +10,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use trellis_tests::harness::*;
 use trellis_tests::on_both_backends;
-use trellis_tests::pve_sim::process::SimProcess;
-use trellis_tests::pve_sim::{DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET};
 
-/// Fields drop in order: the processes stop before their directory is removed.
-struct Stack {
-    agent: Agent,
-    _cp: ControlPlane,
-    sim: SimProcess,
-    api: Api,
-    agent_id: String,
-    _dir: TempDir,
-}
+type Stack = ProxmoxStack;
 
 const FAST: &[&str] = &[
     "--clone-ms",
@@ -38,41 +28,15 @@ const FAST: &[&str] = &[
     "50",
 ];
 
+// Inventory every second: drift shows within a second or two.
 async fn stack(backend: Backend, name: &str, sim_args: &[&str]) -> Stack {
-    let dir = TempDir::new(name);
-    let db = TestDb::create(backend, &dir).await;
-    // Inventory every second: drift shows within a second or two.
-    let cp = ControlPlane::start_with(
-        db,
-        &dir,
-        "127.0.0.1:0",
+    proxmox_stack(
+        backend,
+        name,
+        sim_args,
         &[("TRELLIS_INVENTORY_INTERVAL_SECS", "1")],
     )
-    .await;
-    let api = cp.api();
-    let sim = SimProcess::start(bin("pve-sim").to_str().unwrap(), sim_args)
-        .await
-        .expect("pve-sim");
-    let (agent_id, token) = api.create_agent("pve-lab").await;
-    let agent = Agent::start_with(
-        &cp.ws_url(),
-        &token,
-        &dir.join("agent"),
-        &[
-            ("PROXMOX_URL", sim.url.as_str()),
-            ("PROXMOX_TOKEN_ID", DEFAULT_TOKEN_ID),
-            ("PROXMOX_TOKEN_SECRET", DEFAULT_TOKEN_SECRET),
-        ],
-    );
-    api.wait_agent_online(&agent_id).await;
-    Stack {
-        agent,
-        _cp: cp,
-        sim,
-        api,
-        agent_id,
-        _dir: dir,
-    }
+    .await
 }
 
 async fn template(api: &Api, post: &[&str]) -> String {

@@ -7,45 +7,13 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use trellis_tests::harness::*;
 use trellis_tests::on_both_backends;
-use trellis_tests::pve_sim::process::SimProcess;
-use trellis_tests::pve_sim::{Faults, DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET};
+use trellis_tests::pve_sim::Faults;
 use trellis_tests::sse;
 
-/// Fields drop in order: the processes stop before their directory is removed.
-struct Stack {
-    agent: Agent,
-    _cp: ControlPlane,
-    sim: SimProcess,
-    api: Api,
-    agent_id: String,
-    _dir: TempDir,
-}
+type Stack = ProxmoxStack;
 
 async fn stack(backend: Backend, name: &str, sim_args: &[&str]) -> Stack {
-    let (dir, cp, api) = control_plane(backend, name).await;
-    let sim = SimProcess::start(bin("pve-sim").to_str().unwrap(), sim_args)
-        .await
-        .expect("pve-sim");
-    let (agent_id, token) = api.create_agent("pve-lab").await;
-    let agent = Agent::start_with(
-        &cp.ws_url(),
-        &token,
-        &dir.join("agent"),
-        &[
-            ("PROXMOX_URL", sim.url.as_str()),
-            ("PROXMOX_TOKEN_ID", DEFAULT_TOKEN_ID),
-            ("PROXMOX_TOKEN_SECRET", DEFAULT_TOKEN_SECRET),
-        ],
-    );
-    api.wait_agent_online(&agent_id).await;
-    Stack {
-        agent,
-        _cp: cp,
-        sim,
-        api,
-        agent_id,
-        _dir: dir,
-    }
+    proxmox_stack(backend, name, sim_args, &[]).await
 }
 
 const FAST: &[&str] = &[
@@ -153,7 +121,7 @@ async fn provision_node(backend: Backend) {
         stages.iter().all(|(_, st)| st == "completed"),
         "a finished command must show every stage completed: {stages:?}\n{c}\nagent log:\n{}\ncontrol plane log:\n{}",
         s.agent.log(),
-        s._cp.log()
+        s.cp.log()
     );
     // Every stage was reported as it started and as it ended, in order (from the stored
     // event stream, which is what the UI follows).
@@ -466,7 +434,7 @@ async fn clear_errors_for_bad_provision_requests() {
         (409, "agent_offline"),
         "{e}"
     );
-    let _plain = Agent::start(&s._cp.ws_url(), &plain_token, &s._dir.join("plain"));
+    let _plain = Agent::start(&s.cp.ws_url(), &plain_token, &s.dir.join("plain"));
     api.wait_agent_online(&plain_id).await;
     let (st, e) = api
         .call(

@@ -14,6 +14,38 @@ use super::{Db, DbResult};
 use crate::model::{AgentId, CommandId, CommandStatus};
 use crate::time::now_ms;
 
+// Progress of one command from a batch, in one statement. The durable prefix moves on
+// with the run of seqs that starts at the batch's lowest one when that run touches it
+// (the common, in-order case: no extra read); a command that still has stored seqs
+// beyond it afterwards is walked once more (`extend_prefix`). Constant text: no SQL is
+// built per command on the hot path.
+
+/// An agent's `finished` for a command still live: the final state with the progress.
+/// `$1` status, `$2` result, `$3` error, `$4` now, `$5` stage, `$6` percent, `$7` max seq,
+/// `$8` id, `$9` agent, `$10` finished seq, `$11`/`$12` the batch's first run.
+const FINISH_SQL: &str = "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
+    started_at = COALESCE(started_at, $4), \
+    stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
+    percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
+    last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END, \
+    finished_seq = COALESCE(finished_seq, $10), \
+    durable_seq = CASE WHEN durable_seq + 1 >= $11 AND durable_seq < $12 THEN $12 ELSE durable_seq END \
+    WHERE id = $8 AND agent_id = $9 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+    RETURNING type, created_at, root_id, durable_seq, last_seq";
+
+/// Progress of any command (a `finished` of one that already ended here still marks its
+/// last seq). `$1` now, `$2` stage, `$3` percent, `$4` max seq, `$5` id, `$6` agent,
+/// `$7` finished seq or 0, `$8`/`$9` the batch's first run.
+const PROGRESS_SQL: &str = "UPDATE commands SET \
+    status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
+    started_at = COALESCE(started_at, $1), \
+    stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
+    percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
+    last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END, \
+    finished_seq = CASE WHEN $7 > 0 THEN COALESCE(finished_seq, $7) ELSE finished_seq END, \
+    durable_seq = CASE WHEN durable_seq + 1 >= $8 AND durable_seq < $9 THEN $9 ELSE durable_seq END \
+    WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq";
+
 /// Rows per INSERT statement (6 columns each; well below every bind limit).
 const ROWS_PER_INSERT: usize = 500;
 
@@ -240,42 +272,26 @@ impl Db {
             }
         }
 
-        // The durable prefix moves on with the run that starts at the batch's lowest seq
-        // when that run touches it (the common, in-order case: no extra read); a command
-        // that still has stored seqs beyond it afterwards is walked once more (`extend`).
-        const DURABLE: &str =
-            "durable_seq = CASE WHEN durable_seq + 1 >= $90 AND durable_seq < $91 \
-             THEN $91 ELSE durable_seq END";
         for (id, u) in updates.iter_mut() {
             let (run_start, run_end) = u.first_run();
             if let Some((o, fin_seq)) = outcomes.get(id) {
                 // Progress and the final state in one statement; `RETURNING type` tells
                 // whether a node follows this command.
-                let row = sqlx::query(&format!(
-                    "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
-                     started_at = COALESCE(started_at, $4), \
-                     stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
-                     percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
-                     last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END, \
-                     finished_seq = COALESCE(finished_seq, $10), {DURABLE} \
-                     WHERE id = $8 AND agent_id = $9 \
-                     AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
-                     RETURNING type, created_at, root_id, durable_seq, last_seq"
-                ).replace("$90", "$11").replace("$91", "$12"))
-                .bind(o.status.as_str())
-                .bind(o.result.as_ref().map(|r| r.to_string()))
-                .bind(o.error.as_ref().map(error_json))
-                .bind(now)
-                .bind(u.stage.clone())
-                .bind(u.percent.unwrap_or(NO_PERCENT))
-                .bind(u.max_seq)
-                .bind(id.to_string())
-                .bind(u.agent_id.to_string())
-                .bind(*fin_seq)
-                .bind(run_start)
-                .bind(run_end)
-                .fetch_optional(&mut *tx)
-                .await?;
+                let row = sqlx::query(FINISH_SQL)
+                    .bind(o.status.as_str())
+                    .bind(o.result.as_ref().map(|r| r.to_string()))
+                    .bind(o.error.as_ref().map(error_json))
+                    .bind(now)
+                    .bind(u.stage.clone())
+                    .bind(u.percent.unwrap_or(NO_PERCENT))
+                    .bind(u.max_seq)
+                    .bind(id.to_string())
+                    .bind(u.agent_id.to_string())
+                    .bind(*fin_seq)
+                    .bind(run_start)
+                    .bind(run_end)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 if let Some(row) = row {
                     durable.push((
                         CommandId(*id),
@@ -302,26 +318,18 @@ impl Db {
             // The finished event of a command that already ended here (cancelled, timed
             // out) still marks the end of its events.
             let fin_seq = outcomes.get(id).map(|(_, s)| *s);
-            let row = sqlx::query(&format!(
-                "UPDATE commands SET status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
-                 started_at = COALESCE(started_at, $1), \
-                 stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
-                 percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
-                 last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END, \
-                 finished_seq = CASE WHEN $7 > 0 THEN COALESCE(finished_seq, $7) ELSE finished_seq END, {DURABLE} \
-                 WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq"
-            ).replace("$90", "$8").replace("$91", "$9"))
-            .bind(now)
-            .bind(u.stage.clone())
-            .bind(u.percent.unwrap_or(NO_PERCENT))
-            .bind(u.max_seq)
-            .bind(id.to_string())
-            .bind(u.agent_id.to_string())
-            .bind(fin_seq.unwrap_or(0))
-            .bind(run_start)
-            .bind(run_end)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let row = sqlx::query(PROGRESS_SQL)
+                .bind(now)
+                .bind(u.stage.clone())
+                .bind(u.percent.unwrap_or(NO_PERCENT))
+                .bind(u.max_seq)
+                .bind(id.to_string())
+                .bind(u.agent_id.to_string())
+                .bind(fin_seq.unwrap_or(0))
+                .bind(run_start)
+                .bind(run_end)
+                .fetch_optional(&mut *tx)
+                .await?;
             if let Some(row) = row {
                 durable.push((
                     CommandId(*id),

@@ -65,8 +65,8 @@ pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
     validate_name(&b.name)?;
     let tid = parse_template_id(&b.template_id)?;
     let t = super::templates::get(db, tid).await?;
-    let memory = b.memory.unwrap_or(t.memory);
-    let cores = b.cores.unwrap_or(t.cores);
+    let memory = b.memory.unwrap_or(t.fields.memory);
+    let cores = b.cores.unwrap_or(t.fields.cores);
     validate_size(memory, cores)?;
     let id = NodeId::new();
     db.insert_node(&NewNode {
@@ -328,7 +328,8 @@ pub async fn destroy(
     Ok((get(db, id).await?, row))
 }
 
-/// Checks the agent can run `ty`, then links and stores the command in one transaction.
+/// Stores the command (`prepare` checks the agent can run `ty`) and links it to the node,
+/// in one transaction.
 #[allow(clippy::too_many_arguments)]
 async fn start_on_node(
     db: &Db,
@@ -340,21 +341,6 @@ async fn start_on_node(
     allowed: &[NodeStatus],
     status: Option<NodeStatus>,
 ) -> DomainResult<CommandRow> {
-    let agent = db
-        .get_agent(agent_id)
-        .await
-        .map_err(DomainError::not_found(format_args!(
-            "hypervisor {agent_id}"
-        )))?;
-    if !agent.capabilities.is_empty() && !agent.has_capability(ty) {
-        return Err(DomainError::conflict(
-            "capability_missing",
-            format!(
-                "hypervisor {:?} cannot run {ty} commands (update its tendril agent)",
-                agent.name
-            ),
-        ));
-    }
     let req = CreateCommand {
         agent_id,
         command_type: ty.as_str().into(),
@@ -443,12 +429,12 @@ pub async fn start_provision(
         ));
     };
     let t = super::templates::get(db, tid).await?;
-    let Some(vmid) = t.proxmox_template_id else {
+    let Some(vmid) = t.fields.proxmox_template_id else {
         return Err(DomainError::invalid(
             "template_not_mapped",
             format!(
                 "template {:?} is not mapped to a Proxmox template; set its Proxmox template id",
-                t.name
+                t.fields.name
             ),
         ));
     };
@@ -459,13 +445,13 @@ pub async fn start_provision(
             // do not offer vm_power) know only the older spelling.
             "type": if agent.has_capability(CommandType::VmPower) { "clone" } else { "proxmox" },
             "template_id": vmid,
-            "template_node": t.proxmox_node,
+            "template_node": t.fields.proxmox_node,
             "memory": n.memory,
             "cores": n.cores,
-            "description": t.description,
-            "network_bridge": t.network_bridge,
-            "pre_provision_commands": t.pre_provision_commands,
-            "post_provision_commands": t.post_provision_commands,
+            "description": t.fields.description,
+            "network_bridge": t.fields.network_bridge,
+            "pre_provision_commands": t.fields.pre_provision_commands,
+            "post_provision_commands": t.fields.post_provision_commands,
         },
         "target_node": p.target_node.filter(|s| !s.is_empty()),
         "keep_on_failure": p.keep_on_failure,
