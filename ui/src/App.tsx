@@ -8,6 +8,7 @@ import { Templates } from './pages/Templates';
 import { Nodes } from './pages/Nodes';
 import { Commands } from './pages/Commands';
 import { CommandPage } from './pages/CommandPage';
+import { CommandLog } from './pages/CommandLog';
 import { Deploy } from './pages/Deploy';
 
 const NAV = [
@@ -58,6 +59,10 @@ export function App() {
     setExpired(false);
     queryClient.clear();
   };
+
+  // A command's log on its own (opened in a new window from the command page): no shell.
+  const logOnly = match('/commands/:id/log', route.path);
+  if (logOnly) return <CommandLog id={logOnly.id} />;
 
   let page;
   let params: Record<string, string> | null;

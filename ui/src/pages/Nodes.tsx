@@ -152,7 +152,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const [pending, setPending] = useState<Record<string, PowerAction>>({});
   // Commands this page started: busy from the answer on, before their status is first read.
   const [started, setStarted] = useState<ReadonlySet<string>>(() => new Set());
-  const [filter, setFilter] = useState('');
+  // ?q= (e.g. a command page's link to its node) starts the list filtered.
+  const [filter, setFilter] = useState(() => query.get('q') ?? '');
 
   // The open provision wizard lives in the URL (?provision=<nodeId> or ?provision=new), so a
   // reload reopens it on the live command.
@@ -345,7 +346,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                           <NodeActivity node={n} cmd={cmd} onOpenWizard={() => openProvision(n.id)} />
                         ) : prov.offered ? (
                           <button type="button" className="btn btn-sm btn-primary" onClick={() => openProvision(n.id)} data-testid="node-provision">
-                            {n.status === 'failed' ? 'Provision…' : 'Provision'}
+                            {n.status === 'failed' ? 'Retry…' : 'Provision'}
                           </button>
                         ) : n.status === 'stopped' && !busy ? (
                           <button type="button" className="btn btn-sm" onClick={() => void power(n, 'start')} data-testid="node-start">

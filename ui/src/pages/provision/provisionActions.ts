@@ -72,7 +72,12 @@ export async function submitProvision(
   }
 }
 
-/** Starts a new attempt after a failed provision command. */
+/**
+ * Starts a new attempt after a failed provision command: a retry of that command (same
+ * parameters, attempt n+1, linked to it) so the command page and the wizard show the real
+ * attempt number. Only when the server refuses the retry because the node has moved on (or
+ * an older server cannot retry a node's provision) is the node provisioned afresh.
+ */
 export async function retryProvision(
   s: ProvisionState,
   cmd: Command,
@@ -83,16 +88,12 @@ export async function retryProvision(
   const nodeId = s.node?.id ?? null;
   try {
     let newId: string;
-    if (nodeId) {
-      try {
-        newId = startedCommand(await m.provisionNode(nodeId, provisionRequest(s, cmd.agentId)));
-      } catch (e) {
-        // Older servers without re-provision of failed nodes: retry the command itself.
-        if (e instanceof ApiError && (e.status === 404 || e.status === 405)) newId = (await m.retryCommand(cmd.id)).commandId;
-        else throw e;
-      }
-    } else {
+    try {
       newId = (await m.retryCommand(cmd.id)).commandId;
+    } catch (e) {
+      if (nodeId && e instanceof ApiError && (e.status === 409 || e.status === 404 || e.status === 405)) {
+        newId = startedCommand(await m.provisionNode(nodeId, provisionRequest(s, cmd.agentId)));
+      } else throw e;
     }
     dispatch({ type: 'retryStarted', commandId: newId });
   } catch (e) {

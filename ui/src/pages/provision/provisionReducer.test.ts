@@ -317,8 +317,17 @@ describe('submitProvision / retryProvision', () => {
     await submitProvision({ ...atReview(), keepOnFailure: true }, catalog, m, () => undefined);
     expect(m.createNode).toHaveBeenCalledWith(expect.objectContaining({ provision: { agentId: 'a1', keepOnFailure: true } }));
     const s: ProvisionState = { ...atReview(), node: vmNode(), step: 'provisioning', commandId: 'c1', keepOnFailure: true, targetNode: 'pve2' };
-    await retryProvision(s, cmd, m, () => undefined);
+    // Retry is a retry of the failed command (same parameters, the next attempt)…
+    const seen: ProvisionAction[] = [];
+    await retryProvision(s, cmd, m, (a) => seen.push(a));
+    expect(m.retryCommand).toHaveBeenCalledWith('c1');
+    expect(m.provisionNode).not.toHaveBeenCalled();
+    expect(seen.at(-1)).toEqual({ type: 'retryStarted', commandId: 'c3' });
+    // …and only when the node has moved on is it provisioned afresh with the wizard's settings.
+    m.retryCommand.mockRejectedValueOnce(new ApiError(409, 'not_retryable', 'the node has moved on'));
+    await retryProvision(s, cmd, m, (a) => seen.push(a));
     expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: true, targetNode: 'pve2' });
+    expect(seen.at(-1)).toEqual({ type: 'retryStarted', commandId: 'c2' });
   });
 
   it('an offline hypervisor or a refused request is reported on the review step', async () => {
@@ -335,23 +344,31 @@ describe('submitProvision / retryProvision', () => {
     expect(seen).toEqual([{ type: 'submitStart' }, { type: 'submitFailed', error: 'Name in use (name_taken)' }]);
   });
 
-  it('retry re-provisions the node, falling back to retrying the command on older servers', async () => {
+  it('retry retries the failed command (next attempt), provisioning afresh only when the node moved on', async () => {
     const m = fakes();
     const seen: ProvisionAction[] = [];
     const s: ProvisionState = { ...atReview(), node: vmNode(), step: 'provisioning', commandId: 'c1' };
     await retryProvision(s, cmd, m, (a) => seen.push(a));
-    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: false });
-    expect(seen).toEqual([{ type: 'retryStart' }, { type: 'retryStarted', commandId: 'c2' }]);
-
-    seen.length = 0;
-    m.provisionNode.mockRejectedValueOnce(new ApiError(404, 'not_found', 'no route'));
-    await retryProvision(s, cmd, m, (a) => seen.push(a));
     expect(m.retryCommand).toHaveBeenCalledWith('c1');
-    expect(seen.at(-1)).toEqual({ type: 'retryStarted', commandId: 'c3' });
+    expect(m.provisionNode).not.toHaveBeenCalled();
+    expect(seen).toEqual([{ type: 'retryStart' }, { type: 'retryStarted', commandId: 'c3' }]);
 
     seen.length = 0;
+    m.retryCommand.mockRejectedValueOnce(new ApiError(409, 'not_retryable', 'the node has moved on'));
+    await retryProvision(s, cmd, m, (a) => seen.push(a));
+    expect(m.provisionNode).toHaveBeenCalledWith('n1', { agentId: 'a1', keepOnFailure: false });
+    expect(seen.at(-1)).toEqual({ type: 'retryStarted', commandId: 'c2' });
+
+    seen.length = 0;
+    m.retryCommand.mockRejectedValueOnce(new ApiError(409, 'not_retryable', 'moved on'));
     m.provisionNode.mockRejectedValueOnce(new ApiError(409, 'busy', 'Node is busy'));
     await retryProvision(s, cmd, m, (a) => seen.push(a));
     expect(seen.at(-1)).toEqual({ type: 'retryFailed', error: 'Node is busy (busy)' });
+
+    // Without a node (a command made directly) a refused retry is reported.
+    seen.length = 0;
+    m.retryCommand.mockRejectedValueOnce(new ApiError(409, 'not_retryable', 'only failed commands'));
+    await retryProvision({ ...s, node: null }, cmd, m, (a) => seen.push(a));
+    expect(seen.at(-1)).toEqual({ type: 'retryFailed', error: 'only failed commands (not_retryable)' });
   });
 });
