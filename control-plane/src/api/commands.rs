@@ -17,6 +17,7 @@ use super::types::{
     Command, CommandAccepted, CommandGetQuery, CommandList, CommandListQuery, CreateCommandRequest,
     ErrorBody, EventsQuery, LogLine, LogPage, LogsQuery, SseFrame,
 };
+use super::auth::Admin;
 use super::{parse_id, ApiResult, AppError, AppState, Json, Query};
 use crate::broker::fanout::{Fanout, Published};
 use crate::db::{CommandFilter, CommandRow, Db, EventRow};
@@ -31,6 +32,7 @@ use crate::model::{CommandId, CommandStatus};
         (status = 409, description = "capability_missing, idempotency_conflict", body = ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
+    admin: Admin,
     Json(b): Json<CreateCommandRequest>,
 ) -> ApiResult<Response> {
     let agent_id = b
@@ -46,7 +48,7 @@ pub async fn create(
             params: b.params,
             idempotency_key: b.idempotency_key,
             timeout_secs: b.timeout_secs,
-            created_by: "admin".into(),
+            created_by: admin.name,
         },
     )
     .await?;
@@ -341,9 +343,13 @@ pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
 #[utoipa::path(post, path = "/api/commands/{id}/retry", tag = "commands", params(("id" = String, Path)),
     responses((status = 202, body = CommandAccepted), (status = 404, body = ErrorBody),
         (status = 409, description = "not_retryable", body = ErrorBody)))]
-pub async fn retry(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn retry(
+    State(s): State<AppState>,
+    admin: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let id: CommandId = parse_id(&id, "command")?;
-    let new = domain::commands::retry(&s.db, &s.broker, id).await?;
+    let new = domain::commands::retry(&s.db, &s.broker, &admin.name, id).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(CommandAccepted {

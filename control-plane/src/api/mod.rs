@@ -4,6 +4,7 @@
 //! generated from those ([`openapi`]).
 
 pub mod agents;
+pub mod auth;
 pub mod commands;
 pub mod nodes;
 pub mod openapi;
@@ -153,7 +154,13 @@ async fn require_admin(State(s): State<AppState>, req: Request, next: Next) -> R
         }
     });
     match token {
-        Some(t) if crate::auth::verify(&t, &s.admin_token_hash) => next.run(req).await,
+        Some(t) if crate::auth::verify(&t, &s.admin_token_hash) => {
+            let mut req = req;
+            req.extensions_mut().insert(auth::Admin {
+                name: auth::BOOTSTRAP_ADMIN.into(),
+            });
+            next.run(req).await
+        }
         Some(_) => AppError::Unauthorized("the admin token is not valid".into()).into_response(),
         None => AppError::Unauthorized(
             "missing admin token: send Authorization: Bearer <admin token>".into(),

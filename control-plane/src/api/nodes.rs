@@ -10,6 +10,7 @@ use super::types::{
     CreateNodeRequest, DestroyRequest, ErrorBody, Node, NodeList, NodeWithCommand, PowerRequest,
     ProvisionRequest, UpdateNodeRequest,
 };
+use super::auth::Admin;
 use super::{parse_id, ApiResult, AppState, Json};
 use crate::domain::{self, nodes::Provision};
 use crate::model::NodeId;
@@ -42,6 +43,7 @@ fn provision_of(p: ProvisionRequest) -> Provision {
         (status = 409, description = "agent_offline, capability_missing", body = ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
+    admin: Admin,
     Json(b): Json<CreateNodeRequest>,
 ) -> ApiResult<Response> {
     let id = domain::nodes::create(
@@ -57,7 +59,8 @@ pub async fn create(
     .await?;
     let mut command_id = None;
     if let Some(p) = b.provision {
-        let (_, c) = domain::nodes::start_provision(&s.db, &s.broker, id, provision_of(p)).await?;
+        let (_, c) = domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(p))
+                .await?;
         command_id = Some(c.id);
     }
     let node = domain::nodes::get(&s.db, id).await?;
@@ -116,11 +119,13 @@ pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
         (status = 409, description = "already_provisioned, already_provisioning, agent_offline, capability_missing", body = ErrorBody)))]
 pub async fn provision(
     State(s): State<AppState>,
+    admin: Admin,
     Path(id): Path<String>,
     Json(b): Json<ProvisionRequest>,
 ) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
-    let (node, c) = domain::nodes::start_provision(&s.db, &s.broker, id, provision_of(b)).await?;
+    let (node, c) = domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(b))
+            .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(NodeWithCommand {
@@ -139,6 +144,7 @@ pub async fn provision(
         (status = 409, description = "invalid_state, node_busy, capability_missing", body = ErrorBody)))]
 pub async fn power(
     State(s): State<AppState>,
+    admin: Admin,
     Path(id): Path<String>,
     Json(b): Json<PowerRequest>,
 ) -> ApiResult<Response> {
@@ -146,6 +152,7 @@ pub async fn power(
     let (node, c) = domain::nodes::power(
         &s.db,
         &s.broker,
+        &admin.name,
         id,
         domain::nodes::Power {
             action: b.action.into(),
@@ -166,11 +173,12 @@ pub async fn power(
         (status = 409, description = "invalid_state, node_busy, vm_untagged, capability_missing", body = ErrorBody)))]
 pub async fn destroy(
     State(s): State<AppState>,
+    admin: Admin,
     Path(id): Path<String>,
     Json(b): Json<DestroyRequest>,
 ) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
-    let (node, c) = domain::nodes::destroy(&s.db, &s.broker, id, &b.confirm_name).await?;
+    let (node, c) = domain::nodes::destroy(&s.db, &s.broker, &admin.name, id, &b.confirm_name).await?;
     Ok(accepted(&node, c.id))
 }
 

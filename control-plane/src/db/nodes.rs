@@ -245,6 +245,7 @@ impl Db {
             return Err(refused());
         }
         insert_commands_on(&mut tx, &[p.command], now).await?;
+        link_node(&mut tx, p.command.id, p.node).await?;
         tx.commit().await?;
         Ok(now)
     }
@@ -274,8 +275,20 @@ impl Db {
             ));
         }
         insert_commands_on(&mut tx, &[p.command], now).await?;
+        link_node(&mut tx, p.command.id, p.node).await?;
         tx.commit().await?;
         Ok(now)
+    }
+
+    /// The node a command was started for (provision, power, destroy and their retries),
+    /// whoever started it; `None` for a command made directly (`POST /api/commands`).
+    pub async fn command_node(&self, command: CommandId) -> DbResult<Option<NodeId>> {
+        let row = sqlx::query("SELECT node_id FROM commands WHERE id = $1")
+            .bind(command.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NotFound)?;
+        opt_id(&row, "node_id")
     }
 
     /// Stores a retry and lets it take over the node its original was provisioning, in
@@ -292,6 +305,7 @@ impl Db {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         insert_commands_on(&mut tx, &[retry], now).await?;
+        inherit_node(&mut tx, retry.id, of).await?;
         let n = sqlx::query(
             "UPDATE nodes SET last_command_id = $1, status = $2, error = NULL, updated_at = $3 \
              WHERE last_command_id = $4 AND vm_id IS NULL AND status = $5",
@@ -437,6 +451,7 @@ pub(super) async fn rerun_lost_destroy(
         retry_of: Some(lost.id),
     };
     insert_commands_on(conn, &[&retry], now).await?;
+    inherit_node(conn, retry.id, lost.id).await?;
     sqlx::query(
         "UPDATE nodes SET last_command_id = $1, updated_at = $2 WHERE last_command_id = $3",
     )
@@ -652,5 +667,35 @@ async fn provision_outcome(
             .await?;
         }
     }
+    Ok(())
+}
+
+/// Records the node a command is for, in the caller's transaction.
+async fn link_node(
+    conn: &mut sqlx::AnyConnection,
+    command: CommandId,
+    node: NodeId,
+) -> DbResult<()> {
+    sqlx::query("UPDATE commands SET node_id = $1 WHERE id = $2")
+        .bind(node.to_string())
+        .bind(command.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A retry is for the node its original was for.
+async fn inherit_node(
+    conn: &mut sqlx::AnyConnection,
+    retry: CommandId,
+    of: CommandId,
+) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE commands SET node_id = (SELECT o.node_id FROM commands o WHERE o.id = $1) WHERE id = $2",
+    )
+    .bind(of.to_string())
+    .bind(retry.to_string())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }

@@ -151,7 +151,12 @@ pub async fn get(db: &Db, id: CommandId) -> DomainResult<CommandRow> {
 /// Retries a failed, cancelled or timed-out command as a new attempt. The new command
 /// and the node it takes over are stored in one transaction; a repeated retry of the
 /// same command (a double click) answers with the attempt already made.
-pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<CommandRow> {
+pub async fn retry(
+    db: &Db,
+    broker: &Broker,
+    actor: &str,
+    id: CommandId,
+) -> DomainResult<CommandRow> {
     let old = get(db, id).await?;
     if matches!(
         old.command_type,
@@ -180,7 +185,7 @@ pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<Comm
         params: old.params.clone(),
         idempotency_key: Some(format!("retry:{}", old.id)),
         timeout_secs: None,
-        created_by: "admin:retry".into(),
+        created_by: actor.to_string(),
     };
     let new = match prepare(db, &req, Some(&old)).await? {
         Ok(new) => new,
@@ -189,7 +194,7 @@ pub async fn retry(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<Comm
     let mut row = CommandRow::queued(&new, 0);
     // A node's provision (made by the node endpoints) is retried only for that node.
     let node_required =
-        old.command_type == CommandType::Provision && old.created_by.starts_with("node:");
+        old.command_type == CommandType::Provision && db.command_node(old.id).await?.is_some();
     row.created_at = match db.insert_retry(&new, old.id, node_required).await {
         Ok(at) => at,
         Err(DbError::NodeMoved) => {

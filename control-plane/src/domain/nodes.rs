@@ -231,6 +231,7 @@ pub struct Power {
 pub async fn power(
     db: &Db,
     broker: &Broker,
+    actor: &str,
     id: NodeId,
     p: Power,
 ) -> DomainResult<(NodeRow, CommandRow)> {
@@ -256,6 +257,7 @@ pub async fn power(
     let row = start_on_node(
         db,
         broker,
+        actor,
         &n,
         agent_id,
         trellis_protocol::CommandType::VmPower,
@@ -273,6 +275,7 @@ pub async fn power(
 pub async fn destroy(
     db: &Db,
     broker: &Broker,
+    actor: &str,
     id: NodeId,
     confirm_name: &str,
 ) -> DomainResult<(NodeRow, CommandRow)> {
@@ -312,6 +315,7 @@ pub async fn destroy(
     let row = start_on_node(
         db,
         broker,
+        actor,
         &n,
         agent_id,
         trellis_protocol::CommandType::Destroy,
@@ -334,6 +338,7 @@ pub async fn destroy(
 async fn start_on_node(
     db: &Db,
     broker: &Broker,
+    actor: &str,
     n: &NodeRow,
     agent_id: AgentId,
     ty: trellis_protocol::CommandType,
@@ -347,7 +352,7 @@ async fn start_on_node(
         params,
         idempotency_key: None,
         timeout_secs: None,
-        created_by: format!("node:{}", n.id),
+        created_by: actor.to_string(),
     };
     let new = prepare(db, &req, None).await?.map_err(|existing| {
         DomainError::conflict(
@@ -377,6 +382,7 @@ async fn start_on_node(
 pub async fn start_provision(
     db: &Db,
     broker: &Broker,
+    actor: &str,
     id: NodeId,
     p: Provision,
 ) -> DomainResult<(NodeRow, CommandRow)> {
@@ -462,7 +468,7 @@ pub async fn start_provision(
         params,
         idempotency_key: None,
         timeout_secs: None,
-        created_by: format!("node:{id}"),
+        created_by: actor.to_string(),
     };
     // Without an idempotency key `prepare` never finds an earlier command.
     let new = prepare(db, &req, None).await?.map_err(|existing| {
