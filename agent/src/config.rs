@@ -31,9 +31,23 @@ pub struct Cli {
     /// Log lines as text (no colours unless stderr is a terminal) or JSON (for log shippers).
     #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Control plane agent endpoint, `ws://` or `wss://…/api/agents/connect`.
+    /// Control plane agent endpoint, `wss://…/api/agents/connect` (`ws://` only to a
+    /// loopback host, unless --insecure-plaintext).
     #[arg(long = "server", env = "TENDRIL_SERVER_URL")]
     pub server: String,
+    /// Allow `ws://` (no TLS) to a host that is not loopback. The token and every
+    /// dispatched command (Terraform secrets included) then travel in clear, and anyone on
+    /// the path can make this agent run commands: use only on a network you trust.
+    #[arg(
+        long,
+        env = "TENDRIL_INSECURE_PLAINTEXT",
+        value_name = "true|false",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    pub insecure_plaintext: bool,
     /// This agent's token (from `trellis agents create` or the UI).
     #[arg(long, env = "TENDRIL_TOKEN", hide_env_values = true)]
     pub token: Secret,
@@ -61,6 +75,7 @@ impl Cli {
         if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
             anyhow::bail!("--server must be a ws:// or wss:// URL ending in /api/agents/connect");
         }
+        check_transport(&self.server, self.insecure_plaintext)?;
         let hostname = self.hostname.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
@@ -68,6 +83,7 @@ impl Cli {
         });
         Ok(AgentConfig {
             server_url: self.server,
+            insecure_plaintext: self.insecure_plaintext,
             token: self.token,
             work_dir: self.work_dir,
             max_concurrency: self.max_concurrency.max(1),
@@ -83,6 +99,8 @@ impl Cli {
 pub struct AgentConfig {
     /// `ws://` or `wss://…/api/agents/connect`.
     pub server_url: String,
+    /// `ws://` to a host that is not loopback was allowed (`--insecure-plaintext`).
+    pub insecure_plaintext: bool,
     pub token: Secret,
     pub work_dir: PathBuf,
     pub max_concurrency: u32,
@@ -93,6 +111,81 @@ pub struct AgentConfig {
     /// `provision` or `list_templates`.
     pub proxmox: Option<ProxmoxSettings>,
     pub terraform: TerraformSettings,
+}
+
+/// Refuses `ws://` to a host that is not loopback unless `insecure_plaintext`: over plain
+/// WebSocket the agent's token and every dispatched command (Terraform secrets, and a
+/// `terraform_apply` is code execution on this host) can be read and forged by anyone on
+/// the path. `wss://` is always accepted; so is `ws://` to 127.0.0.0/8, `::1` or
+/// `localhost` (a control plane on the same host, or a local TLS-terminating proxy).
+pub fn check_transport(server_url: &str, insecure_plaintext: bool) -> anyhow::Result<()> {
+    let Some(rest) = server_url.strip_prefix("ws://") else {
+        return Ok(());
+    };
+    if insecure_plaintext {
+        return Ok(());
+    }
+    let host = url_host(rest);
+    if is_loopback_host(&host) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing ws://{host}: plain ws:// to a host that is not loopback would send the agent \
+         token and every command in clear; use wss://, or pass --insecure-plaintext \
+         (TENDRIL_INSECURE_PLAINTEXT=true) to allow it on a trusted network"
+    )
+}
+
+/// The host of a URL after its `scheme://`: without user info, port and path; an IPv6
+/// literal without its brackets.
+fn url_host(after_scheme: &str) -> String {
+    let authority = after_scheme
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    host.to_ascii_lowercase()
+}
+
+/// 127.0.0.0/8, `::1` (also as an IPv4-mapped 127.x), or the name `localhost`. Other
+/// names are not resolved: a name that points at 127.0.0.1 today may not tomorrow.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host == "localhost" {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_loopback(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Creates `dir` (and its parents) if missing and makes it 0700: the work dir holds the
+/// journal and Terraform workspaces (templates, plans, secrets while a command runs).
+/// An existing directory with wider permissions is narrowed, and said so.
+pub fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder
+        .create(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create work dir {}: {e}", dir.display()))?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            anyhow::anyhow!("cannot make work dir {} private (0700): {e}", dir.display())
+        })?;
+        tracing::info!(dir = %dir.display(), from = format!("{mode:o}"), "work dir made 0700");
+    }
+    Ok(())
 }
 
 /// The TLS connector for `wss://` URLs: the web PKI roots plus an optional extra CA
@@ -131,6 +224,7 @@ mod tests {
             "TENDRIL_MAX_CONCURRENCY",
             "TENDRIL_SERVER_CA_FILE",
             "TENDRIL_HOSTNAME",
+            "TENDRIL_INSECURE_PLAINTEXT",
             "PROXMOX_URL",
             "PROXMOX_TOKEN_ID",
             "PROXMOX_TOKEN_SECRET",
@@ -194,5 +288,46 @@ mod tests {
             .unwrap()
             .into_config();
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn plain_ws_only_to_loopback_unless_allowed() {
+        let parse = |url: &str, flag: Option<&str>| {
+            let mut args = vec!["tendril", "--server", url, "--token", "t"];
+            if let Some(f) = flag {
+                args.push(f);
+            }
+            Cli::try_parse_from(args).unwrap().into_config()
+        };
+        for ok in [
+            "ws://127.0.0.1:8080/api/agents/connect",
+            "ws://127.9.8.7/api/agents/connect",
+            "ws://[::1]:8080/api/agents/connect",
+            "ws://[::ffff:127.0.0.1]:1/api/agents/connect",
+            "ws://localhost:8080/api/agents/connect",
+            "ws://LocalHost./api/agents/connect",
+            "wss://trellis.example/api/agents/connect",
+            "wss://10.0.0.5:8443/api/agents/connect",
+        ] {
+            assert!(parse(ok, None).is_ok(), "{ok} refused");
+        }
+        for refused in [
+            "ws://10.0.0.5:8080/api/agents/connect",
+            "ws://trellis.example/api/agents/connect",
+            "ws://localhost.evil.example/api/agents/connect",
+            "ws://127.0.0.1.nip.io/api/agents/connect",
+            "ws://[2001:db8::1]:8080/api/agents/connect",
+            "ws://127.0.0.1@10.0.0.5/api/agents/connect",
+            "ws://0.0.0.0:8080/api/agents/connect",
+        ] {
+            let e = parse(refused, None).expect_err(refused).to_string();
+            assert!(
+                e.contains("--insecure-plaintext") && e.contains("wss://") && !e.contains('\n'),
+                "{e}"
+            );
+            let config = parse(refused, Some("--insecure-plaintext")).expect(refused);
+            assert!(config.insecure_plaintext);
+        }
+        assert!(parse("ws://10.0.0.5/x", Some("--insecure-plaintext=false")).is_err());
     }
 }

@@ -10,7 +10,13 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = cli.into_config()?;
-    std::fs::create_dir_all(&config.work_dir)?;
+    tendril::config::create_private_dir(&config.work_dir)?;
+    if config.insecure_plaintext && config.server_url.starts_with("ws://") {
+        tracing::warn!(
+            server = %config.server_url,
+            "--insecure-plaintext: the token and every command travel unencrypted"
+        );
+    }
     tracing::info!(server = %config.server_url, work_dir = %config.work_dir.display(),
         proxmox = config.proxmox.is_some(), "tendril starting");
     let shutdown = CancellationToken::new();

@@ -13,7 +13,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -30,6 +32,7 @@ use uuid::Uuid;
 
 use crate::config::AgentConfig;
 use crate::dispatch::Executors;
+use crate::exec::deadline::{Deadline, SystemClock, WallClock};
 use crate::exec::{ExecContext, Report};
 use crate::journal::{Journal, Pending};
 
@@ -681,19 +684,27 @@ impl Agent {
         self.running.insert(id, ctx.clone());
         match Command::parse(&d.command_type, &d.params) {
             Ok(command) => {
-                tracing::info!(command_id = %id, command_type = %d.command_type, "running command");
-                if let Some(deadline) = d.deadline_ms {
-                    // The server times commands out too; this stops the work even when
-                    // the server cannot reach us.
-                    let ctx = ctx.clone();
-                    let wait =
-                        Duration::from_millis(deadline.saturating_sub(now_ms()).max(0) as u64);
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => ctx.request_cancel(CancelReason::TimedOut),
-                            _ = ctx.cancel.cancelled() => {}
-                        }
-                    });
+                // The server times commands out too; this stops the work even when the
+                // server cannot reach us. The absolute deadline becomes a monotonic one
+                // here, once: a wall-clock step later never cancels the running work.
+                let deadline = d
+                    .deadline_ms
+                    .map(|ms| Deadline::from_server(ms, &SystemClock));
+                tracing::info!(
+                    command_id = %id,
+                    command_type = %d.command_type,
+                    deadline_in_ms = deadline.map(|d| d.remaining.as_millis() as u64),
+                    "running command"
+                );
+                if let Some(deadline) = deadline {
+                    if deadline.remaining.is_zero() {
+                        tracing::warn!(
+                            command_id = %id,
+                            "the command's deadline passed before it arrived (or this \
+                             host's clock is ahead of the control plane's)"
+                        );
+                    }
+                    tokio::spawn(deadline.enforce(ctx.clone()));
                 }
                 let permits = self.concurrency.clone();
                 let executors = self.executors.clone();
@@ -775,11 +786,9 @@ fn event_size(e: &Event) -> usize {
 /// never jam the connection (frames are limited to 1 MiB).
 const MAX_FINISHED_BYTES: usize = 600 * 1024;
 
+/// An event's timestamp (for display only: no timing decision depends on it).
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 /// The wait after the server refused this agent (revoked, unauthorized, incompatible):

@@ -11,6 +11,7 @@
 //! no executor sees the agent's own config or its server token. Which executor runs which
 //! command is decided in [`crate::dispatch`].
 
+pub mod deadline;
 pub mod ping;
 
 use std::sync::Arc;
