@@ -39,7 +39,7 @@ const FAULT_MESSAGE = env.E2E_FAULT_MESSAGE ?? 'e2e injected clone failure';
 const FAULT_BODY = JSON.parse(
   (env.E2E_FAULT_BODY ?? '{"fail_next_clone":"$MESSAGE"}').replace('$MESSAGE', FAULT_MESSAGE.replace(/"/g, '\\"')),
 );
-// Parts to leave out while a backend piece is missing: picker, provision, fault, lifecycle, deploy.
+// Parts to leave out while a backend piece is missing: picker, provision, fault, lifecycle, deploy, logviewer.
 const SKIP = new Set((env.E2E_SKIP ?? '').split(',').map((s) => s.trim()).filter(Boolean));
 const STAGES = ['clone_template', 'configure_vm', 'start_vm', 'wait_network', 'post_provision', 'register'];
 const RUN = Date.now().toString(36);
@@ -163,6 +163,159 @@ async function shot(page, name) {
   const file = path.join(SHOTS, `${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   log(`  screenshot ${path.relative(process.cwd(), file)}`);
+}
+
+// ---- Log viewer (issue 10): search a 50 000-line log, stream filter, pause/resume, log window ----
+const LOG_LINES = Number(env.E2E_LOG_LINES ?? 50_000);
+/** The log viewer's search status, e.g. "3 of 10". */
+async function searchStatus(scope) {
+  return ((await scope.getByTestId('log-search-status').textContent()) ?? '').trim();
+}
+/** Types into the log search and waits for the status to read `want` (string or RegExp). */
+async function searchLog(scope, text, want) {
+  await scope.getByTestId('log-search').fill(text);
+  await waitFor(
+    `the log search for ${JSON.stringify(text)} to say ${want}`,
+    async () => {
+      const s = await searchStatus(scope);
+      return typeof want === 'string' ? s === want : want.test(s);
+    },
+    15_000,
+    100,
+  );
+}
+/** The highlighted current match is rendered, is the wanted line, and is inside the scrolled view. */
+async function currentMatchShown(scope, lineNo) {
+  const cur = scope.locator('[data-testid="log-viewer"] .ll[data-current="true"]');
+  await cur.waitFor();
+  assert((await cur.getAttribute('data-line')) === String(lineNo), `current match is line ${await cur.getAttribute('data-line')}, expected ${lineNo}`);
+  const text = await cur.innerText();
+  assert(text.includes(`line ${String(lineNo).padStart(8, '0')}`), `current match line reads ${JSON.stringify(text.slice(0, 80))}`);
+  assert((await cur.locator('mark').count()) > 0, 'the match is not highlighted');
+  const inView = await cur.evaluate((el) => {
+    const box = el.getBoundingClientRect();
+    const port = el.closest('.logviewer-scroll').getBoundingClientRect();
+    return box.top >= port.top - 1 && box.bottom <= port.bottom + 1;
+  });
+  assert(inView, `line ${lineNo} is not scrolled into view`);
+}
+
+async function logViewerSteps(page, context, agentId) {
+  let cmdId;
+  await step(`log viewer: a ${LOG_LINES}-line ping streams while paused, resumes at the tail`, async () => {
+    const r = await api('POST', '/api/commands', { agentId, type: 'ping', params: { log_lines: LOG_LINES, duration_ms: 12_000 } });
+    cmdId = r.commandId;
+    await page.goto(`${BASE}/#/commands/${cmdId}`);
+    await page.getByTestId('command-page').waitFor();
+    const viewer = page.getByTestId('log-viewer');
+    const count = async () => parseInt((await page.getByTestId('log-line-count').textContent()) ?? '0', 10);
+    await waitFor('log lines while the ping runs', async () => (await count()) > 200, 30_000, 100);
+    assert((await viewer.getAttribute('data-follow')) === 'following', 'the viewer does not follow the tail at first');
+    await page.getByTestId('log-pause').click();
+    assert((await viewer.getAttribute('data-follow')) === 'paused', 'Pause did not pause');
+    const top = await page.locator('.logviewer-scroll').evaluate((el) => el.scrollTop);
+    const atPause = await count();
+    await waitFor('"N new lines" while paused', async () => parseInt((await page.getByTestId('log-new-lines').textContent({ timeout: 500 })) ?? '0', 10) > 100, 20_000, 200);
+    assert((await count()) > atPause, 'lines stopped arriving while paused');
+    const topAfter = await page.locator('.logviewer-scroll').evaluate((el) => el.scrollTop);
+    assert(Math.abs(topAfter - top) <= 1, `the view moved while paused (${top} → ${topAfter})`);
+    await shot(page, '30-log-paused');
+    await a11y(page, 'command page: log paused');
+    await page.getByTestId('log-pause').click();
+    assert((await viewer.getAttribute('data-follow')) === 'following', 'Resume did not resume');
+    await waitFor(
+      'the view to be at the tail after Resume',
+      async () => page.locator('.logviewer-scroll').evaluate((el) => el.scrollTop + el.clientHeight >= el.scrollHeight - 20),
+      5_000,
+      100,
+    );
+    await waitFor('the ping to finish', async () => (await page.getByTestId('command-page').getAttribute('data-status')) === 'succeeded', 120_000, 250);
+    await waitFor(`all ${LOG_LINES} lines in the viewer`, async () => (await count()) >= LOG_LINES, 60_000, 250);
+  });
+
+  await step(`log viewer: search finds one line of ${LOG_LINES} with a count, next/previous, case-insensitive`, async () => {
+    const target = Math.min(31_337, LOG_LINES - 11);
+    const t0 = Date.now();
+    await searchLog(page, `line ${String(target).padStart(8, '0')}`, '1 of 1');
+    log(`  search over ${await page.getByTestId('log-line-count').textContent()} answered in ${Date.now() - t0} ms (incl. 150 ms debounce)`);
+    await currentMatchShown(page, target);
+    assert((await page.getByTestId('log-viewer').getAttribute('data-follow')) === 'paused', 'jumping to a match did not pause following');
+    await shot(page, '31-log-search');
+    await a11y(page, 'command page: log search');
+    // Ten lines share a prefix near the end; upper case still matches.
+    const last = LOG_LINES - 1;
+    const prefix = String(last).padStart(8, '0').slice(0, 7);
+    const first = Number(prefix) * 10 || 1;
+    const n = Math.min(LOG_LINES, Number(prefix) * 10 + 9) - first + 1;
+    await searchLog(page, `LINE ${prefix}`, new RegExp(`^\\d+ of ${n}$`));
+    /** Does `act` and waits for the status to change; returns the new status. */
+    const after = async (act, from) => {
+      await act();
+      return waitFor(`the match status to move from "${from}"`, async () => {
+        const st = await searchStatus(page);
+        return st !== from && st;
+      }, 5_000, 50);
+    };
+    const a = await searchStatus(page);
+    const b = await after(() => page.getByTestId('log-search').press('Enter'), a);
+    assert(parseInt(b, 10) === (parseInt(a, 10) % n) + 1, `Enter went from "${a}" to "${b}"`);
+    await currentMatchShown(page, first + parseInt(b, 10) - 1);
+    const back = await after(() => page.getByTestId('log-search').press('Shift+Enter'), b);
+    assert(back === a, `Shift+Enter went back to "${back}", expected "${a}"`);
+    const next = await after(() => page.getByTestId('log-search-next').click(), a);
+    assert(next === b, `the Next match button went to "${next}", expected "${b}"`);
+    await searchLog(page, 'no such line anywhere', 'No matches');
+  });
+
+  await step('log viewer: stream chips filter (aria-pressed), wrap toggles', async () => {
+    await searchLog(page, `line ${String(42).padStart(8, '0')}`, '1 of 1');
+    const stdout = page.getByTestId('log-stream-stdout');
+    assert((await stdout.getAttribute('aria-pressed')) === 'true', 'stdout is not shown at first');
+    await stdout.click();
+    assert((await stdout.getAttribute('aria-pressed')) === 'false', 'the stdout chip did not toggle');
+    // Every ping line is stdout: hidden now, and the search counts only what is shown.
+    await waitFor('stdout lines to be hidden', async () => (await page.locator('[data-testid="log-viewer"] .ll[data-line]').count()) === 0, 5_000, 100);
+    assert((await searchStatus(page)) === 'No matches', `search over hidden lines says ${await searchStatus(page)}`);
+    assert(/0 shown/.test((await page.getByTestId('log-line-count').textContent()) ?? ''), 'the line count does not say how many are shown');
+    await a11y(page, 'command page: log filtered');
+    await stdout.click();
+    await waitFor('stdout lines back', async () => (await page.locator('[data-testid="log-viewer"] .ll[data-line]').count()) > 0, 5_000, 100);
+    await page.getByTestId('log-search-next').click();
+    await currentMatchShown(page, 42);
+    const wrap = page.getByTestId('log-wrap');
+    await wrap.click();
+    assert((await wrap.getAttribute('aria-pressed')) === 'true', 'Wrap did not toggle');
+    await a11y(page, 'command page: log wrapped');
+    await wrap.click();
+  });
+
+  await step('log viewer: Open in new window shows only the log, full height, searchable', async () => {
+    const link = page.getByTestId('log-popout');
+    assert((await link.getAttribute('target')) === '_blank', 'the log window link does not open a new window');
+    const [win] = await Promise.all([context.waitForEvent('page'), link.click()]);
+    await win.waitForLoadState('domcontentloaded');
+    assert(win.url().endsWith(`#/commands/${cmdId}/log`), `the log window opened ${win.url()}`);
+    // With a session cookie the new window is signed in; a per-tab token asks again.
+    const signin = win.getByTestId('signin-form');
+    const logWindow = win.getByTestId('log-window');
+    await logWindow.or(signin).first().waitFor({ timeout: 20_000 });
+    if (await signin.isVisible()) {
+      log('  the log window asked to sign in (no session cookie yet): signing in');
+      await win.getByTestId('token-input').fill(TOKEN);
+      await win.getByTestId('signin-submit').click();
+    }
+    await logWindow.waitFor();
+    assert((await win.locator('nav[aria-label="Main"]').count()) === 0, 'the log window shows the app shell');
+    await waitFor(`all ${LOG_LINES} lines in the log window`, async () => parseInt((await win.getByTestId('log-line-count').textContent()) ?? '0', 10) >= LOG_LINES, 60_000, 250);
+    const fill = await win.evaluate(() => document.querySelector('.logviewer-scroll').getBoundingClientRect().height / window.innerHeight);
+    assert(fill > 0.6, `the log fills only ${(fill * 100).toFixed(0)} % of the window`);
+    const target = Math.min(12_345, LOG_LINES);
+    await searchLog(win, `line ${String(target).padStart(8, '0')}`, '1 of 1');
+    await currentMatchShown(win, target);
+    await shot(win, '32-log-window');
+    await a11y(win, 'log window');
+    await win.close();
+  });
 }
 
 async function main() {
@@ -763,6 +916,9 @@ async function main() {
         assert(lines > 0, 'deploy finished without any log lines in the viewer');
         assert(sawLinesWhileRunning, 'log lines only appeared after the deploy had finished (not streamed live)');
       });
+
+    if (SKIP.has('logviewer')) skipped('log viewer', 'E2E_SKIP has logviewer');
+    else await logViewerSteps(page, context, provisioner.id);
 
     await step('commands list with filters', async () => {
       await page.goto(`${BASE}/#/commands`);

@@ -117,10 +117,13 @@ pub async fn list(
         })
         .await?;
     let next_before = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| format!("{}.{}", r.created_at, r.id)))
+        .then(|| rows.last().map(|(r, _)| format!("{}.{}", r.created_at, r.id)))
         .flatten();
     Ok(Json(CommandList {
-        items: rows.iter().map(|c| Command::new(c, None)).collect(),
+        items: rows
+            .iter()
+            .map(|(c, node)| Command::new(c, None).with_target(c, node.as_ref()))
+            .collect(),
         next_before,
     }))
 }
@@ -148,7 +151,10 @@ pub async fn get(
         _ => domain::commands::get(&s.db, id).await?,
     };
     let stages = s.db.get_stages(id).await?;
-    Ok(Json(Command::new(&c, Some(&stages))))
+    let node = s.db.command_target_node(id).await?;
+    Ok(Json(
+        Command::new(&c, Some(&stages)).with_target(&c, node.as_ref()),
+    ))
 }
 
 /// Stored log lines after a seq.

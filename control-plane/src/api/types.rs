@@ -182,6 +182,69 @@ pub struct Command {
     /// The planned and reported stages (on single-command reads only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<Stage>>,
+    /// What the command acts on (node, VM, Terraform workspace), on list and single reads
+    /// (not on SSE `status` events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<CommandTarget>,
+}
+
+/// What a command acts on, so lists can tell commands of one type apart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandTarget {
+    /// The node it was started for (provision, power, destroy and their retries).
+    pub node_id: Option<NodeId>,
+    /// That node's name; null when the node has been deleted since.
+    pub node_name: Option<String>,
+    /// The Proxmox VMID acted on (power, destroy) or built (provision, once known).
+    pub vm_id: Option<i64>,
+    /// The Proxmox node (host) of that VM.
+    pub proxmox_node: Option<String>,
+    /// `terraform_apply`: the workspace key, else `repo[/path]@version`.
+    pub workspace: Option<String>,
+}
+
+impl CommandTarget {
+    /// From the command's params and outcome, and the node it was started for.
+    pub fn of(c: &CommandRow, node: Option<&crate::db::NodeRef>) -> Option<Self> {
+        use trellis_protocol::CommandType;
+        let num = |v: Option<&Value>| v.and_then(Value::as_i64);
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        let p = &c.params;
+        let mut t = Self {
+            node_id: node.map(|n| n.id),
+            node_name: node.and_then(|n| n.name.clone()),
+            ..Self::default()
+        };
+        match c.command_type {
+            CommandType::VmPower | CommandType::Destroy => {
+                t.vm_id = num(p.get("vm_id"));
+                t.proxmox_node = text(p.get("node"));
+            }
+            CommandType::Provision => {
+                // The VM built, or the half-built one named in the error's details.
+                let details = c.error.as_ref().and_then(|e| e.get("details"));
+                let from = c.result.as_ref().or(details);
+                t.vm_id = num(from.and_then(|r| r.get("vm_id")));
+                t.proxmox_node = text(from.and_then(|r| r.get("node")))
+                    .or_else(|| text(p.get("target_node")));
+            }
+            CommandType::TerraformApply => {
+                t.workspace = text(p.get("workspace_key")).or_else(|| {
+                    let src = p.get("template_source")?;
+                    let repo = src.get("repo")?.as_str()?;
+                    let version = src.get("version").and_then(Value::as_str).unwrap_or("");
+                    Some(match src.get("path").and_then(Value::as_str) {
+                        Some(path) if !path.is_empty() => format!("{repo}/{path}@{version}"),
+                        _ => format!("{repo}@{version}"),
+                    })
+                });
+            }
+            _ => {}
+        }
+        let empty = t.node_id.is_none() && t.vm_id.is_none() && t.workspace.is_none();
+        (!empty).then_some(t)
+    }
 }
 
 impl Command {
@@ -209,7 +272,14 @@ impl Command {
             cancel_requested: c.cancel_requested,
             last_seq: c.last_seq,
             stages: stages.map(|s| s.iter().map(Stage::from).collect()),
+            target: None,
         }
+    }
+
+    /// The same with `target` filled (list and single reads).
+    pub fn with_target(mut self, c: &CommandRow, node: Option<&crate::db::NodeRef>) -> Self {
+        self.target = CommandTarget::of(c, node);
+        self
     }
 }
 

@@ -12,7 +12,7 @@ use super::sql::{
     TERMINAL_SQL,
 };
 use super::{Db, DbError, DbResult};
-use crate::model::{AgentId, CommandId, CommandStatus};
+use crate::model::{AgentId, CommandId, CommandStatus, NodeId};
 use crate::time::now_ms;
 
 #[derive(Debug, Clone)]
@@ -43,6 +43,40 @@ pub struct CommandRow {
 const COLS: &str = "id, agent_id, type, params, status, stage, percent, last_seq, result, \
     error, attempt, root_id, retry_of, idempotency_key, created_by, created_at, dispatched_at, \
     started_at, finished_at, deadline_at, cancel_requested";
+
+/// `COLS` of `commands c` joined to the node it acts on (`nodes n`), for the API's
+/// `target`: one LEFT JOIN instead of a lookup per row.
+fn joined_cols() -> &'static str {
+    static JOINED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JOINED.get_or_init(|| {
+        let mut s: String = COLS
+            .split(',')
+            .map(|c| format!("c.{0} AS {0}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(", c.node_id AS target_node_id, n.name AS target_node_name");
+        s
+    })
+}
+
+const JOINED_FROM: &str = "commands c LEFT JOIN nodes n ON n.id = c.node_id";
+
+/// The node a command was started for, with its name when the node still exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRef {
+    pub id: NodeId,
+    pub name: Option<String>,
+}
+
+fn node_ref(r: &AnyRow) -> DbResult<Option<NodeRef>> {
+    let Some(id) = opt_id(r, "target_node_id")? else {
+        return Ok(None);
+    };
+    Ok(Some(NodeRef {
+        id,
+        name: r.try_get("target_node_name")?,
+    }))
+}
 
 /// A stored type this build does not know reads as `Unknown` (a newer replica wrote it).
 pub(super) fn command_type(r: &AnyRow, col: &str) -> DbResult<CommandType> {
@@ -249,6 +283,19 @@ impl Db {
         row.as_ref().map(CommandRow::from_row).transpose()
     }
 
+    /// The node a command acts on (and its name), if it was started for one.
+    pub async fn command_target_node(&self, command: CommandId) -> DbResult<Option<NodeRef>> {
+        let row = sqlx::query(
+            "SELECT c.node_id AS target_node_id, n.name AS target_node_name \
+             FROM commands c LEFT JOIN nodes n ON n.id = c.node_id WHERE c.id = $1",
+        )
+        .bind(command.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(DbError::NotFound)?;
+        node_ref(&row)
+    }
+
     pub async fn get_command(&self, command: CommandId) -> DbResult<CommandRow> {
         let row = sqlx::query(&format!("SELECT {COLS} FROM commands WHERE id = $1"))
             .bind(command.to_string())
@@ -299,32 +346,36 @@ impl Db {
     }
 
     /// Newest first, keyset-paged on `(created_at, id)` so rows created in the same
-    /// millisecond are neither skipped nor repeated across pages.
-    pub async fn list_commands(&self, f: &CommandFilter) -> DbResult<Vec<CommandRow>> {
-        let mut sql = format!("SELECT {COLS} FROM commands WHERE 1 = 1");
+    /// millisecond are neither skipped nor repeated across pages. Each with the node it
+    /// acts on (one join).
+    pub async fn list_commands(
+        &self,
+        f: &CommandFilter,
+    ) -> DbResult<Vec<(CommandRow, Option<NodeRef>)>> {
+        let mut sql = format!("SELECT {} FROM {JOINED_FROM} WHERE 1 = 1", joined_cols());
         let mut n = 0;
         let mut next = || {
             n += 1;
             format!("${n}")
         };
         if f.agent_id.is_some() {
-            sql += &format!(" AND agent_id = {}", next());
+            sql += &format!(" AND c.agent_id = {}", next());
         }
         if f.status.is_some() {
-            sql += &format!(" AND status = {}", next());
+            sql += &format!(" AND c.status = {}", next());
         }
         if f.command_type.is_some() {
-            sql += &format!(" AND type = {}", next());
+            sql += &format!(" AND c.type = {}", next());
         }
         match f.before {
             Some((_, Some(_))) => {
                 let (a, b, c) = (next(), next(), next());
-                sql += &format!(" AND (created_at < {a} OR (created_at = {b} AND id < {c}))");
+                sql += &format!(" AND (c.created_at < {a} OR (c.created_at = {b} AND c.id < {c}))");
             }
-            Some((_, None)) => sql += &format!(" AND created_at < {}", next()),
+            Some((_, None)) => sql += &format!(" AND c.created_at < {}", next()),
             None => {}
         }
-        sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT {}", next());
+        sql += &format!(" ORDER BY c.created_at DESC, c.id DESC LIMIT {}", next());
         let mut q = sqlx::query(&sql);
         if let Some(a) = f.agent_id {
             q = q.bind(a.to_string());
@@ -341,7 +392,9 @@ impl Db {
             None => {}
         }
         let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
-        rows.iter().map(CommandRow::from_row).collect()
+        rows.iter()
+            .map(|r| Ok((CommandRow::from_row(r)?, node_ref(r)?)))
+            .collect()
     }
 
     /// Cancels a command. Queued ones end at once (and their node fails in the same

@@ -18,7 +18,7 @@ pub mod sql;
 mod templates;
 
 pub use agents::AgentRow;
-pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, Owner, StageRow};
+pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, NodeRef, Owner, StageRow};
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
 pub use inventory::{AgentVmRow, InventoryApplied};

@@ -488,6 +488,7 @@ export interface components {
             stages?: components["schemas"]["Stage"][] | null;
             startedAt?: string | null;
             status: components["schemas"]["CommandStatus"];
+            target?: null | components["schemas"]["CommandTarget"];
             /** @description `ping`, `provision`, `list_templates` or `terraform_apply`. */
             type: string;
         };
@@ -515,6 +516,21 @@ export interface components {
          * @enum {string}
          */
         CommandStatus: "queued" | "dispatched" | "running" | "succeeded" | "failed" | "cancelled" | "timed_out";
+        /** @description What a command acts on, so lists can tell commands of one type apart. */
+        CommandTarget: {
+            nodeId?: null | components["schemas"]["NodeId"];
+            /** @description That node's name; null when the node has been deleted since. */
+            nodeName?: string | null;
+            /** @description The Proxmox node (host) of that VM. */
+            proxmoxNode?: string | null;
+            /**
+             * Format: int64
+             * @description The Proxmox VMID acted on (power, destroy) or built (provision, once known).
+             */
+            vmId?: number | null;
+            /** @description `terraform_apply`: the workspace key, else `repo[/path]@version`. */
+            workspace?: string | null;
+        };
         CreateAgentRequest: {
             /**
              * Format: int64

@@ -93,6 +93,7 @@ function applyEventInner(cmd: Command, kind: string, ev: CommandEventData): Comm
       const running = state === 'running';
       return {
         ...cmd,
+        startedAt: cmd.startedAt ?? ts,
         stages,
         stage: running ? ev.stage : cmd.stage,
         percent: ev.percent ?? cmd.percent,
@@ -102,6 +103,7 @@ function applyEventInner(cmd: Command, kind: string, ev: CommandEventData): Comm
     case 'progress':
       return {
         ...cmd,
+        startedAt: cmd.startedAt ?? ts,
         percent: ev.percent ?? cmd.percent,
         stage: ev.stage ?? cmd.stage,
       };
@@ -136,7 +138,17 @@ const STATE_RANK: Record<string, number> = { pending: 0, running: 1, completed: 
 export function mergeSnapshot(prev: Command | null, next: Command): Command {
   if (!prev || prev.id !== next.id) return next;
   const stale = typeof next.lastSeq === 'number' && typeof prev.lastSeq === 'number' && next.lastSeq < prev.lastSeq;
-  if (!stale) return { ...prev, ...next, stages: next.stages ?? prev.stages };
+  // Snapshots can arrive out of order with the same lastSeq (accepting a command stores no
+  // event): a status never goes back (running → dispatched) and a time once known stays.
+  const times = {
+    dispatchedAt: next.dispatchedAt ?? prev.dispatchedAt,
+    startedAt: next.startedAt ?? prev.startedAt,
+    finishedAt: next.finishedAt ?? prev.finishedAt,
+  };
+  if (!stale) {
+    const back = (STATUS_RANK[next.status] ?? 0) < (STATUS_RANK[prev.status] ?? 0);
+    return { ...prev, ...next, ...times, status: back ? prev.status : next.status, stages: next.stages ?? prev.stages };
+  }
   let stages = prev.stages;
   if (next.stages) {
     const mine = new Map((prev.stages ?? []).map((st) => [st.name, st]));
@@ -156,10 +168,12 @@ export function mergeSnapshot(prev: Command | null, next: Command): Command {
     percent: Math.max(prev.percent ?? 0, next.percent ?? 0) || (next.percent ?? prev.percent),
     result: next.result ?? prev.result,
     error: next.error ?? prev.error,
-    finishedAt: next.finishedAt ?? prev.finishedAt,
+    ...times,
     stages,
   };
 }
+
+const STATUS_RANK: Record<string, number> = { queued: 0, dispatched: 1, running: 2, succeeded: 3, failed: 3, cancelled: 3, timed_out: 3 };
 
 /**
  * The percent to show (0–100): the larger of the command's own percent and the share of

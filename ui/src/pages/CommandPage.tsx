@@ -10,6 +10,7 @@ import { ConfirmDialog } from '../components/Modal';
 import { ErrorBox, JsonView, Notice, ProgressBar, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
 import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
+import { cancelledSentence, startedAt, targetLabel, vmCleanupSentence } from '../lib/commandText';
 
 const STREAM_LABEL: Record<string, string> = {
   connecting: 'connecting…',
@@ -45,6 +46,19 @@ export function CommandPage({ id }: { id: string }) {
   const failed = isTerminal(cmd.status) && cmd.status !== 'succeeded';
   const cmdErr = commandError(cmd);
   const fstage = failed ? failedStage(cmd) : null;
+  const cancelled = cmd.status === 'cancelled';
+  const started = startedAt(cmd);
+  const cleanup = vmCleanupSentence(cmd);
+  const target = cmd.target;
+  const targetText = targetLabel(cmd);
+  // The node by name, linking to it in the nodes list; else the VM or workspace as text.
+  const targetEl = target?.nodeName ? (
+    <a href={`#/nodes?q=${encodeURIComponent(target.nodeName)}`} data-testid="command-target">
+      {target.nodeName}
+    </a>
+  ) : targetText ? (
+    <span data-testid="command-target">{targetText}</span>
+  ) : null;
 
   const retry = async () => {
     setBusy(true);
@@ -70,7 +84,14 @@ export function CommandPage({ id }: { id: string }) {
             {cmd.type} <span className="mono muted h-id">{shortId(cmd.id)}</span> <StatusPill status={cmd.status} />
           </h1>
           <p className="muted small">
-            on <a href={`#/commands?agentId=${encodeURIComponent(cmd.agentId)}`}>{agent?.name ?? shortId(cmd.agentId)}</a> · attempt {cmd.attempt}
+            {targetEl && (
+              <>
+                for {target?.nodeName ? 'node ' : ''}
+                {targetEl}
+                {target?.nodeName && target.vmId != null ? ` (VM ${target.vmId})` : ''} ·{' '}
+              </>
+            )}
+            on <a href={`#/commands?agentId=${encodeURIComponent(cmd.agentId)}`}>{agent?.name ?? shortId(cmd.agentId)}</a> · <span data-testid="command-attempt">attempt {cmd.attempt}</span>
             {cmd.retryOf && (
               <>
                 {' '}
@@ -97,7 +118,7 @@ export function CommandPage({ id }: { id: string }) {
       <div className="cmd-grid">
         <section className="card">
           <h2>Progress</h2>
-          <ProgressBar label="Command progress" percent={commandPercent(cmd)} tone={failed ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
+          <ProgressBar label="Command progress" percent={commandPercent(cmd)} tone={failed && !cancelled ? 'bad' : cmd.status === 'succeeded' ? 'ok' : 'info'} />
           {cmd.stage && !terminal && <p className="small">Current stage: {stageLabel(cmd.stage)}</p>}
           <StageList type={cmd.type} stages={cmd.stages ?? undefined} failed={fstage} />
         </section>
@@ -111,13 +132,22 @@ export function CommandPage({ id }: { id: string }) {
             <dt>Dispatched</dt>
             <dd>{cmd.dispatchedAt ? <RelTime ts={cmd.dispatchedAt} now={now} /> : '–'}</dd>
             <dt>Started</dt>
-            <dd>{cmd.startedAt ? <RelTime ts={cmd.startedAt} now={now} /> : '–'}</dd>
+            <dd data-testid="command-started">{started ? <RelTime ts={started} now={now} /> : '–'}</dd>
             <dt>Finished</dt>
             <dd>{cmd.finishedAt ? <RelTime ts={cmd.finishedAt} now={now} /> : '–'}</dd>
             <dt>Duration</dt>
-            <dd>{cmd.startedAt ? formatDuration(durationBetween(cmd.startedAt, cmd.finishedAt, now)) : '–'}</dd>
+            <dd>{started ? formatDuration(durationBetween(started, cmd.finishedAt, now)) : '–'}</dd>
             <dt>Deadline</dt>
             <dd>{cmd.deadlineAt ? formatTimestamp(cmd.deadlineAt) : '–'}</dd>
+            {targetEl && (
+              <>
+                <dt>Target</dt>
+                <dd>
+                  {targetEl}
+                  {target?.nodeName && target.vmId != null ? <span className="muted"> · VM {target.vmId}{target.proxmoxNode ? ` on ${target.proxmoxNode}` : ''}</span> : null}
+                </dd>
+              </>
+            )}
             <dt>Id</dt>
             <dd className="mono small">{cmd.id}</dd>
             {cmd.idempotencyKey && (
@@ -130,18 +160,31 @@ export function CommandPage({ id }: { id: string }) {
         </section>
       </div>
       {cmd.status === 'queued' && <Notice>Queued: waiting for the agent to be online and have a free slot.</Notice>}
-      {cmdErr && (
-        <div className={`errorbox ${cmd.status === 'cancelled' ? 'errorbox-warn' : ''}`} role="alert" data-testid="command-error">
-          <strong>
-            {cmd.status === 'timed_out' ? 'Timed out' : cmd.status === 'cancelled' ? 'Cancelled' : 'Failed'}
-            {fstage ? ` at “${stageLabel(fstage)}”` : ''}
-          </strong>
-          <div>
-            <code className="err-code">{cmdErr.code}</code> {cmdErr.message}
-            {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
-          </div>
-          {cmdErr.details != null && <JsonView value={cmdErr.details} />}
+      {cancelled ? (
+        // Cancelled is its own, neutral outcome: one sentence, not a red failure.
+        <div className="notice notice-info" role="status" data-testid="command-cancelled">
+          <strong>{cancelledSentence(cmd)}</strong>
+          {cleanup && <div data-testid="vm-cleanup">{cleanup.text}</div>}
         </div>
+      ) : (
+        cmdErr && (
+          <div className="errorbox" role="alert" data-testid="command-error">
+            <strong>
+              {cmd.status === 'timed_out' ? 'Timed out' : 'Failed'}
+              {fstage ? ` at “${stageLabel(fstage)}”` : ''}
+            </strong>
+            <div>
+              <code className="err-code">{cmdErr.code}</code> {cmdErr.message}
+              {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
+            </div>
+            {cleanup && (
+              <div className={cleanup.tone === 'warn' ? 'vm-cleanup vm-cleanup-warn' : 'vm-cleanup'} data-testid="vm-cleanup">
+                {cleanup.text}
+              </div>
+            )}
+            {cmdErr.details != null && <JsonView value={cmdErr.details} />}
+          </div>
+        )
       )}
       {cmd.result != null && (
         <section className="card">

@@ -7,8 +7,22 @@ import { COMMAND_STATUSES, COMMAND_TYPES, commandError, isCommandStatus, type Co
 import { commandPercent, stageLabel } from '../lib/stages';
 import { durationBetween, formatDuration } from '../lib/time';
 import { Empty, ErrorBox, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
+import { targetLabel } from '../lib/commandText';
 
 const PAGE = 100;
+
+/** The Target cell: the node by name (with its VM), else the VM or Terraform workspace. */
+function TargetCell({ c }: { c: Command }) {
+  const label = targetLabel(c);
+  if (!label) return <span className="muted">–</span>;
+  const t = c.target;
+  return (
+    <span data-testid="command-target">
+      {label}
+      {t?.nodeName && t.vmId != null && <span className="muted small"> · VM {t.vmId}</span>}
+    </span>
+  );
+}
 
 function errorTitle(c: Command): string | undefined {
   const e = commandError(c);
@@ -92,6 +106,7 @@ export function Commands({ query }: { query: URLSearchParams }) {
               <tr>
                 <th>Command</th>
                 <th>Type</th>
+                <th>Target</th>
                 <th>Status</th>
                 <th className="hide-sm">Agent</th>
                 <th className="hide-md">Stage</th>
@@ -110,6 +125,9 @@ export function Commands({ query }: { query: URLSearchParams }) {
                     </a>
                   </td>
                   <td data-label="Type">{c.type}</td>
+                  <td data-label="Target" style={{ overflowWrap: 'anywhere' }}>
+                    <TargetCell c={c} />
+                  </td>
                   <td data-label="Status">
                     <StatusPill status={c.status} title={errorTitle(c)} />
                   </td>

@@ -10,6 +10,7 @@ import { ConfirmDialog } from '../../components/Modal';
 import { CopyButton, ErrorBox, NodeStatusPill, Notice, ProgressBar, Spinner, StatusPill } from '../../components/ui';
 import { StageList } from '../../components/StageList';
 import { LogViewer } from '../../components/LogViewer';
+import { cancelledSentence, vmCleanupSentence } from '../../lib/commandText';
 
 /** Step 5: follows the provision command live (SSE, polling fallback); Retry or Change settings after a failure. */
 export function StepProvisioning({
@@ -108,17 +109,22 @@ export function StepProvisioning({
         </div>
       )}
       {failed && (
-        <div className="errorbox" role="alert" data-testid="provision-error">
+        <div className={cmd.status === 'cancelled' ? 'errorbox errorbox-warn' : 'errorbox'} role={cmd.status === 'cancelled' ? 'status' : 'alert'} data-testid="provision-error">
           <strong>
             Provisioning {cmd.status === 'cancelled' ? 'was cancelled' : cmd.status === 'timed_out' ? 'timed out' : 'failed'}
             {fstage ? ` at “${stageLabel(fstage)}”` : ''}
           </strong>
-          {cmdErr && (
-            <div>
-              <code className="err-code" data-testid="error-code">{cmdErr.code}</code> <span data-testid="error-message">{cmdErr.message}</span>
-              {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
-            </div>
+          {cmd.status === 'cancelled' ? (
+            <div data-testid="error-message">{cancelledSentence(cmd)}</div>
+          ) : (
+            cmdErr && (
+              <div>
+                <code className="err-code" data-testid="error-code">{cmdErr.code}</code> <span data-testid="error-message">{cmdErr.message}</span>
+                {cmdErr.retryable && <span className="muted small"> (retryable)</span>}
+              </div>
+            )
           )}
+          {vmCleanupSentence(cmd) && <div data-testid="vm-cleanup">{vmCleanupSentence(cmd)?.text}</div>}
           <div className="btn-row">
             <button type="button" className="btn btn-primary" onClick={() => onRetry(cmd)} disabled={retrying} data-testid="provision-retry">
               {retrying ? 'Retrying…' : 'Retry'}
