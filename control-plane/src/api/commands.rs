@@ -117,7 +117,10 @@ pub async fn list(
         })
         .await?;
     let next_before = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|(r, _)| format!("{}.{}", r.created_at, r.id)))
+        .then(|| {
+            rows.last()
+                .map(|(r, _)| format!("{}.{}", r.created_at, r.id))
+        })
         .flatten();
     Ok(Json(CommandList {
         items: rows

@@ -226,8 +226,8 @@ impl CommandTarget {
                 let details = c.error.as_ref().and_then(|e| e.get("details"));
                 let from = c.result.as_ref().or(details);
                 t.vm_id = num(from.and_then(|r| r.get("vm_id")));
-                t.proxmox_node = text(from.and_then(|r| r.get("node")))
-                    .or_else(|| text(p.get("target_node")));
+                t.proxmox_node =
+                    text(from.and_then(|r| r.get("node"))).or_else(|| text(p.get("target_node")));
             }
             CommandType::TerraformApply => {
                 t.workspace = text(p.get("workspace_key")).or_else(|| {

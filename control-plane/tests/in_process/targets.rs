@@ -53,7 +53,13 @@ async fn commands_name_their_target_node_vm_and_workspace() {
     let mut a = FakeAgent::connect(
         &t,
         &agent,
-        &["provision", "vm_power", "destroy", "terraform_apply", "ping"],
+        &[
+            "provision",
+            "vm_power",
+            "destroy",
+            "terraform_apply",
+            "ping",
+        ],
     )
     .await;
     let tpl = t.mapped_template().await;
