@@ -61,14 +61,29 @@ pub async fn fetch(
     let source = clone_source(repo);
     let shown = sink.redactor().redact(&display_repo(repo)).into_owned();
 
-    let spec = git_spec(settings, workspace)
+    let credentialed = !url_credentials(repo).is_empty();
+    let mut spec = git_spec(settings, workspace);
+    if credentialed {
+        // The URL's credentials must not be handed to a credential helper to keep.
+        spec = spec.arg("-c").arg("credential.helper=");
+    }
+    let spec = spec
         .arg("clone")
         .arg("--no-checkout")
         .arg("--quiet")
         .arg("--")
         .arg(&source)
-        .arg(&clone_dir);
-    let out = run_git(ctx, sink, settings, spec).await?;
+        .arg(&clone_dir)
+        .shown_as(format!(
+            "$ git clone --no-checkout --quiet -- {shown} {}",
+            clone_dir.display()
+        ));
+    let out = run_git(ctx, sink, settings, spec).await;
+    // Whatever happened, the clone's config must not keep the credentials.
+    if credentialed && clone_dir.join(".git").is_dir() {
+        strip_remote_credentials(sink, settings, &clone_dir, repo).await?;
+    }
+    let out = out?;
     if !out.status.success() {
         return Err(CommandError::new(
             "template_fetch_failed",
@@ -112,6 +127,48 @@ pub async fn fetch(
 
     let dir = template_dir(&clone_dir, subdir, version)?;
     Ok(Fetched { commit, dir })
+}
+
+/// Sets `origin`'s URL to `repo` without its user info, right after the clone: git
+/// writes the URL it cloned from into `.git/config`, credentials and all, and the
+/// workspace outlives the command. Everything after the clone is local. Runs even when
+/// the command is being cancelled (it takes milliseconds); if the credentials cannot be
+/// removed, the clone is.
+async fn strip_remote_credentials(
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    clone_dir: &Path,
+    repo: &str,
+) -> Result<(), CommandError> {
+    let clean = without_credentials(repo);
+    let set = tokio::process::Command::new(&settings.git_binary)
+        .current_dir(clone_dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .args(["config", "--local", "--replace-all", "remote.origin.url"])
+        .arg(&clean)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await;
+    let userinfo = url_credentials(repo).pop().unwrap_or_default();
+    let config = clone_dir.join(".git/config");
+    let clean_config = tokio::fs::read_to_string(&config)
+        .await
+        .is_ok_and(|text| !text.contains(&format!("{userinfo}@")));
+    if set.is_ok_and(|s| s.success()) && clean_config {
+        sink.system("removed the credentials from the clone's remote URL")
+            .await;
+        return Ok(());
+    }
+    let _ = tokio::fs::remove_dir_all(clone_dir).await;
+    Err(CommandError::new(
+        "template_fetch_failed",
+        "cannot remove the credentials from the cloned repository's configuration; \
+         the clone was deleted",
+    )
+    .at_stage(STAGE))
 }
 
 async fn run_git(
@@ -234,6 +291,18 @@ pub fn display_repo(repo: &str) -> String {
     repo.to_string()
 }
 
+/// `repo` without the user info of its URL (`https://user:token@host/x` becomes
+/// `https://host/x`); anything else unchanged.
+pub fn without_credentials(repo: &str) -> String {
+    if let Some((scheme, rest)) = repo.split_once("://") {
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if let Some((_, host)) = authority.rsplit_once('@') {
+            return format!("{scheme}://{host}{path}");
+        }
+    }
+    repo.to_string()
+}
+
 /// The user info of a URL (`user:password@` or `token@`), to be redacted wherever git
 /// echoes it.
 pub fn url_credentials(repo: &str) -> Vec<String> {
@@ -260,6 +329,15 @@ mod tests {
             "https://***@git.example/x/y.git"
         );
         assert_eq!(display_repo("/srv/repo"), "/srv/repo");
+        assert_eq!(
+            without_credentials("https://bob:s3cret@git.example/x/y.git"),
+            "https://git.example/x/y.git"
+        );
+        assert_eq!(
+            without_credentials("ssh://git@git.example:22/x"),
+            "ssh://git.example:22/x"
+        );
+        assert_eq!(without_credentials("/srv/repo"), "/srv/repo");
         assert_eq!(
             url_credentials("https://bob:s3cret@git.example/x"),
             ["bob", "s3cret", "bob:s3cret"]

@@ -12,8 +12,14 @@
 //! * Applies with the same workspace key run one at a time; workspaces past their
 //!   retention are removed at the start of each apply ([`workspace`]).
 //!
-//! Each command gets a fresh workspace, so Terraform's local state lives and dies with
-//! it: templates that manage long-lived resources configure a remote backend.
+//! Each command gets a fresh workspace (0700, under a 0700 `<work_dir>/terraform`), so
+//! Terraform's local state lives and dies with it: templates that manage long-lived
+//! resources configure a remote backend. Files holding secrets — the variables file, the
+//! state and its backup, `init`'s backend settings — are removed as soon as `outputs`
+//! is done (or the run stopped earlier); a workspace left by a killed agent is scrubbed
+//! by the next apply. A template repository URL with credentials is cloned with no
+//! credential helper and its credentials removed from `.git/config` right after the
+//! clone; it is shown without them in every log line.
 
 pub mod git;
 pub mod logs;
@@ -189,7 +195,7 @@ async fn run(
 ) -> Result<TerraformApplyResult, CommandError> {
     let settings = exec.settings();
     let root = &exec.root;
-    tokio::fs::create_dir_all(root).await.map_err(|e| {
+    workspace::create_private_dir(root).await.map_err(|e| {
         CommandError::new(
             "workspace_error",
             format!("cannot create {}: {e}", root.display()),
@@ -251,9 +257,35 @@ async fn run_in_workspace(
         format!("commit {}", f.commit)
     })
     .await?;
+    if let Err(e) = ws.secrets_in(&fetched.dir).await {
+        return Err(CommandError::new(
+            "workspace_error",
+            format!("cannot write to workspace {}: {e}", ws.dir.display()),
+        )
+        .retryable());
+    }
     let result = init_apply_outputs(ctx, sink, settings, p, &fetched.dir).await;
-    // The variables file holds the sensitive values in clear: do not keep it around.
-    let _ = tokio::fs::remove_file(fetched.dir.join(TFVARS)).await;
+    // The variables file holds the sensitive values in clear, the state every resource
+    // attribute and sensitive output: none of them stays once `outputs` is done (or the
+    // run stopped earlier). What the logs need was streamed already.
+    let (removed, errors) = workspace::remove_secret_files(&fetched.dir).await;
+    if errors.is_empty() {
+        ws.secrets_removed().await;
+        if !removed.is_empty() {
+            sink.system(&format!(
+                "removed {} from the workspace (they hold secrets)",
+                removed.join(", ")
+            ))
+            .await;
+        }
+    } else {
+        tracing::warn!(command_id = %ctx.command_id, ?errors, "cannot remove secret files from the terraform workspace");
+        sink.system(&format!(
+            "could not remove files holding secrets: {}",
+            errors.join("; ")
+        ))
+        .await;
+    }
     Ok(TerraformApplyResult {
         outputs: result?,
         resolved_commit: Some(fetched.commit),
@@ -306,6 +338,9 @@ async fn init_apply_outputs(
         progress.observe(l)
     })
     .await;
+    // The state is written with Terraform's default permissions: narrow them until it
+    // is removed after `outputs`.
+    workspace::restrict_secret_files(dir).await;
     end(ctx, sink, "apply", applied, |_| progress.summary()).await?;
 
     // outputs
@@ -343,7 +378,7 @@ async fn init_apply_outputs(
     Ok(outputs)
 }
 
-const TFVARS: &str = "terraform.tfvars.json";
+pub(crate) const TFVARS: &str = "terraform.tfvars.json";
 
 async fn write_tfvars(
     dir: &std::path::Path,

@@ -33,6 +33,9 @@ pub struct ProcSpec {
     /// Keep stdout in memory instead of logging it (for output that may hold sensitive
     /// values, such as `terraform output -json`).
     pub capture_stdout: bool,
+    /// The command line shown in the logs instead of the real one (which may carry a
+    /// credentialed URL).
+    pub shown: Option<String>,
 }
 
 impl ProcSpec {
@@ -43,7 +46,14 @@ impl ProcSpec {
             cwd: cwd.to_path_buf(),
             env: Vec::new(),
             capture_stdout: false,
+            shown: None,
         }
+    }
+
+    /// Shows `line` in the logs instead of the real command line.
+    pub fn shown_as(mut self, line: String) -> Self {
+        self.shown = Some(line);
+        self
     }
 
     pub fn arg(mut self, a: impl Into<OsString>) -> Self {
@@ -58,6 +68,9 @@ impl ProcSpec {
 
     /// The command line as shown in the logs.
     pub fn display(&self) -> String {
+        if let Some(shown) = &self.shown {
+            return shown.clone();
+        }
         let name = self
             .program
             .file_name()

@@ -101,7 +101,7 @@ impl Workspaces {
                 .await
                 .map_err(|e| io("clean", e))?;
         }
-        tokio::fs::create_dir_all(&dir)
+        create_private_dir(&dir)
             .await
             .map_err(|e| io("create", e))?;
         ws.touch().await;
@@ -115,6 +115,79 @@ impl Workspaces {
     }
 }
 
+/// Creates `dir` (with its parents) as 0700, and narrows it to 0700 if it already
+/// existed wider: workspaces hold templates, variables and state while a command runs.
+pub async fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder.create(dir).await?;
+    let mode = tokio::fs::metadata(dir).await?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await?;
+    }
+    Ok(())
+}
+
+/// Files Terraform (or the agent) leaves in the template directory that hold secrets:
+/// the variables the agent wrote, the state (resource attributes, sensitive outputs) and
+/// its backup, and the backend settings `init` keeps (they may carry backend credentials).
+pub const SECRET_FILES: [&str; 4] = [
+    super::TFVARS,
+    "terraform.tfstate",
+    "terraform.tfstate.backup",
+    ".terraform/terraform.tfstate",
+];
+/// State of non-default Terraform workspaces.
+const SECRET_DIRS: [&str; 1] = ["terraform.tfstate.d"];
+
+/// Name of the file in a workspace that names (relative to it) the directory Terraform
+/// runs in while secret files may be there: a workspace left by a killed agent is
+/// scrubbed by the next apply.
+const SECRETS_MARK: &str = ".trellis-secrets-in";
+
+/// Makes the secret files Terraform left in `dir` readable by this user only (0600).
+pub async fn restrict_secret_files(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for name in SECRET_FILES {
+        let path = dir.join(name);
+        if tokio::fs::symlink_metadata(&path)
+            .await
+            .is_ok_and(|m| m.is_file())
+        {
+            let _ = tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await;
+        }
+    }
+}
+
+/// Removes the secret files from `dir`; returns the names removed, and the errors.
+pub async fn remove_secret_files(dir: &Path) -> (Vec<&'static str>, Vec<String>) {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || remove_secret_files_blocking(&dir))
+        .await
+        .unwrap_or_else(|e| (Vec::new(), vec![e.to_string()]))
+}
+
+fn remove_secret_files_blocking(dir: &Path) -> (Vec<&'static str>, Vec<String>) {
+    let (mut removed, mut errors) = (Vec::new(), Vec::new());
+    let files = SECRET_FILES.iter().map(|n| (*n, false));
+    let dirs = SECRET_DIRS.iter().map(|n| (*n, true));
+    for (name, is_dir) in files.chain(dirs) {
+        let path = dir.join(name);
+        let r = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match r {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("{name}: {e}")),
+        }
+    }
+    (removed, errors)
+}
+
 /// A command's workspace directory, marked in use until dropped.
 pub struct Workspace {
     pub dir: PathBuf,
@@ -122,6 +195,23 @@ pub struct Workspace {
 }
 
 impl Workspace {
+    /// Records that Terraform runs in `dir` (inside this workspace), where secret files
+    /// are about to appear: if the agent dies before [`Workspace::secrets_removed`], the
+    /// next apply removes them.
+    pub async fn secrets_in(&self, dir: &Path) -> std::io::Result<()> {
+        let rel = dir.strip_prefix(&self.dir).unwrap_or(dir);
+        tokio::fs::write(
+            self.dir.join(SECRETS_MARK),
+            rel.as_os_str().as_encoded_bytes(),
+        )
+        .await
+    }
+
+    /// The secret files are gone: forget where they were.
+    pub async fn secrets_removed(&self) {
+        let _ = tokio::fs::remove_file(self.dir.join(SECRETS_MARK)).await;
+    }
+
     /// Marks the workspace as used now (for the retention).
     pub async fn touch(&self) {
         let stamp = self.dir.join(STAMP);
@@ -173,14 +263,15 @@ async fn remove_expired(root: &Path, retention: Duration, in_use: InUse) -> usiz
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .unwrap_or_default();
-            if age <= retention {
-                continue;
-            }
             if in_use
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&path)
             {
+                continue;
+            }
+            if age <= retention {
+                scrub_leftover_secrets(&path);
                 continue;
             }
             match std::fs::remove_dir_all(&path) {
@@ -194,6 +285,33 @@ async fn remove_expired(root: &Path, retention: Duration, in_use: InUse) -> usiz
     })
     .await;
     r.unwrap_or(0)
+}
+
+/// Removes the secret files of a workspace whose command never got to remove them (the
+/// agent was killed while Terraform ran); the workspace itself stays for its retention.
+fn scrub_leftover_secrets(ws: &Path) {
+    let mark = ws.join(SECRETS_MARK);
+    let Ok(rel) = std::fs::read_to_string(&mark) else {
+        return;
+    };
+    let rel = Path::new(rel.trim());
+    // Only a directory inside the workspace, as written by `secrets_in`.
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        let _ = std::fs::remove_file(&mark);
+        return;
+    }
+    let (_, errors) = remove_secret_files_blocking(&ws.join(rel));
+    let failed = !errors.is_empty();
+    if failed {
+        tracing::warn!(workspace = %ws.display(), "cannot remove secret files left in a terraform workspace");
+    } else {
+        let _ = std::fs::remove_file(&mark);
+        tracing::info!(workspace = %ws.display(), "removed secret files left in a terraform workspace by an interrupted apply");
+    }
 }
 
 #[cfg(test)]
