@@ -380,6 +380,9 @@ impl Agent {
         });
         if let Some(p) = &self.config.proxmox {
             facts["proxmox_url"] = p.url.clone().into();
+            // What this build's `provision` applies beyond the basic params.
+            facts["provision_features"] =
+                serde_json::json!([trellis_protocol::CLONE_OPTIONS_FEATURE]);
             let nodes = match crate::proxmox::client::ProxmoxClient::new(p) {
                 Ok(client) => {
                     match tokio::time::timeout(Duration::from_secs(5), client.nodes()).await {

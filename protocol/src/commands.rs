@@ -114,6 +114,8 @@ pub fn tag_from_proxmox_tags(tags: &str) -> Option<String> {
 }
 
 /// A command with its typed params.
+// Parsed once per command and not kept in bulk: the size of the provision variant is fine.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Ping(PingParams),
@@ -328,6 +330,332 @@ pub struct ProvisionParams {
     /// Seconds to wait for the guest agent to report an IPv4 (default 300).
     #[serde(default)]
     pub network_timeout_secs: Option<u64>,
+    /// The Proxmox clone options (storage, full clone, disk size, VMID, cloud-init, VLAN,
+    /// pool, tags, start at boot). Absent or `{}`: Proxmox's defaults. Added in the
+    /// fleet-operations release; an agent that predates it ignores the object, so the
+    /// control plane sends non-empty options only to agents that report the
+    /// `clone_options` feature in their facts (`facts.provision_features`).
+    #[serde(default, skip_serializing_if = "CloneOptions::is_empty")]
+    pub clone_options: CloneOptions,
+}
+
+/// The feature name an agent lists in `facts.provision_features` when it applies
+/// [`CloneOptions`].
+pub const CLONE_OPTIONS_FEATURE: &str = "clone_options";
+
+/// Proxmox clone and cloud-init options of a provision. Every field is optional; each is
+/// validated by [`CloneOptions::validate`], whose errors carry `details.field` (the field
+/// name below) so a client can point at the setting that is wrong.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneOptions {
+    /// Target storage of the clone's disks (a Proxmox storage id). Implies a full clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z][A-Za-z0-9\-_.]*$"), length(max = 64))]
+    pub storage: Option<String>,
+    /// `true`: full clone (copies the disks); `false`: linked clone. Default: linked,
+    /// or full when `storage` or another target node is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<bool>,
+    /// Grow the boot disk to this many GiB after the clone (never shrinks: a size below
+    /// the template's disk fails the `configure_vm` stage with `details.field = disk_size_gib`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub disk_size_gib: Option<u32>,
+    /// An explicit VMID for the new VM (100–999999999); taken → `vmid_taken` error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 999_999_999))]
+    pub vm_id: Option<u32>,
+    /// Cloud-init user (`ciuser`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_-]*$"), length(max = 32))]
+    pub ci_user: Option<String>,
+    /// SSH public keys for cloud-init (`sshkeys`), one per entry, OpenSSH format
+    /// (`ssh-ed25519 AAAA… comment`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// Cloud-init IP configuration of net0 (`ipconfig0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_config: Option<IpConfig>,
+    /// VLAN tag of net0 (1–4094).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4094))]
+    pub vlan_tag: Option<u16>,
+    /// Resource pool to add the VM to (`pool` on clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9\-_.]+$"), length(max = 64))]
+    pub pool: Option<String>,
+    /// Proxmox tags (`[a-z0-9_][a-z0-9_+.-]*`), merged with Trellis's own tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Start the VM when its Proxmox node boots (`onboot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onboot: Option<bool>,
+}
+
+/// Cloud-init IP configuration: DHCP, or a static IPv4 address with its prefix and a
+/// gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IpConfig {
+    Dhcp,
+    Static {
+        /// IPv4 address with prefix length, e.g. `10.0.0.5/24`.
+        address: String,
+        /// IPv4 gateway inside that network, e.g. `10.0.0.1`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gateway: Option<String>,
+    },
+}
+
+impl IpConfig {
+    /// The `ipconfig0` value: `ip=dhcp` or `ip=10.0.0.5/24,gw=10.0.0.1`.
+    pub fn render(&self) -> String {
+        match self {
+            Self::Dhcp => "ip=dhcp".into(),
+            Self::Static { address, gateway } => match gateway {
+                Some(g) => format!("ip={address},gw={g}"),
+                None => format!("ip={address}"),
+            },
+        }
+    }
+}
+
+/// An `invalid_params` error about one clone option, with `details.field`.
+fn invalid_field(field: &str, msg: impl Into<String>) -> CommandError {
+    invalid(msg).with_details(serde_json::json!({ "field": field }))
+}
+
+/// A Proxmox storage or pool id (`pve-storage-id`: a letter, then letters, digits, `-`,
+/// `_`, `.`).
+fn valid_proxmox_id(s: &str, first_letter: bool) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && (!first_letter || s.as_bytes()[0].is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A Proxmox tag (`[a-z0-9_][a-z0-9_+.-]*`, compared case-insensitively).
+pub fn valid_proxmox_tag(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && matches!(b, b'-' | b'+' | b'.'))
+        })
+}
+
+/// The SSH public key types OpenSSH accepts in `authorized_keys`.
+const SSH_KEY_TYPES: [&str; 8] = [
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-dss",
+];
+
+/// Checks one OpenSSH public key line: `TYPE BASE64 [comment]`, one line, the base64
+/// blob decoding to a key of that type.
+pub fn validate_ssh_key(key: &str) -> Result<(), String> {
+    let key = key.trim();
+    if key.contains(['\n', '\r']) {
+        return Err("one key per entry (no line breaks)".into());
+    }
+    let mut parts = key.split_whitespace();
+    let (Some(ty), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(
+            "expected \"TYPE BASE64 [comment]\", e.g. \"ssh-ed25519 AAAA… me@host\"".into(),
+        );
+    };
+    if !SSH_KEY_TYPES.contains(&ty) {
+        return Err(format!(
+            "key type {ty:?} is not an SSH public key type (a private key or a fingerprint?)"
+        ));
+    }
+    let decoded = base64_decode(blob).ok_or("the key is not valid base64")?;
+    // The blob starts with the key type as an SSH string: u32 length, then the name.
+    let ok = decoded.len() > 4 && {
+        let n = u32::from_be_bytes([decoded[0], decoded[1], decoded[2], decoded[3]]) as usize;
+        decoded.get(4..4 + n) == Some(ty.as_bytes())
+    };
+    if !ok {
+        return Err(format!("the key data does not hold a {ty} key"));
+    }
+    Ok(())
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=');
+    if s.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.bytes() {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn parse_ipv4_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (ip, prefix) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p))?;
+    Some((ip, prefix))
+}
+
+impl CloneOptions {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks every option; the error's `details.field` names the one at fault.
+    pub fn validate(&self) -> Result<(), CommandError> {
+        if let Some(s) = &self.storage {
+            if !valid_proxmox_id(s, true) {
+                return Err(invalid_field(
+                    "storage",
+                    format!("storage {s:?} is not a Proxmox storage id (a letter, then letters, digits, '-', '_', '.')"),
+                ));
+            }
+            if self.full == Some(false) {
+                return Err(invalid_field(
+                    "storage",
+                    "a target storage needs a full clone (a linked clone stays on the template's storage)",
+                ));
+            }
+        }
+        if let Some(g) = self.disk_size_gib {
+            if !(1..=65_536).contains(&g) {
+                return Err(invalid_field(
+                    "disk_size_gib",
+                    "disk_size_gib must be between 1 and 65536 GiB",
+                ));
+            }
+        }
+        if let Some(v) = self.vm_id {
+            if !(100..=999_999_999).contains(&v) {
+                return Err(invalid_field(
+                    "vm_id",
+                    "vm_id must be a Proxmox VMID between 100 and 999999999",
+                ));
+            }
+        }
+        if let Some(u) = &self.ci_user {
+            let ok = !u.is_empty()
+                && u.len() <= 32
+                && (u.as_bytes()[0].is_ascii_lowercase() || u.as_bytes()[0] == b'_')
+                && u.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
+            if !ok {
+                return Err(invalid_field(
+                    "ci_user",
+                    format!("ci_user {u:?} is not a Linux user name (lower-case letters, digits, '_', '-'; at most 32)"),
+                ));
+            }
+        }
+        if self.ssh_keys.len() > 32 {
+            return Err(invalid_field("ssh_keys", "at most 32 SSH keys"));
+        }
+        for (i, k) in self.ssh_keys.iter().enumerate() {
+            validate_ssh_key(k).map_err(|m| {
+                invalid_field(
+                    "ssh_keys",
+                    format!("ssh_keys[{i}] is not an SSH public key: {m}"),
+                )
+            })?;
+        }
+        if let Some(IpConfig::Static { address, gateway }) = &self.ip_config {
+            let Some((ip, prefix)) = parse_ipv4_cidr(address) else {
+                return Err(invalid_field(
+                    "ip_config",
+                    format!("ip_config.address {address:?} must be an IPv4 address with a prefix, e.g. 10.0.0.5/24"),
+                ));
+            };
+            if let Some(g) = gateway {
+                let Ok(gw) = g.parse::<std::net::Ipv4Addr>() else {
+                    return Err(invalid_field(
+                        "ip_config",
+                        format!("ip_config.gateway {g:?} is not an IPv4 address"),
+                    ));
+                };
+                let mask = if prefix == 32 {
+                    u32::MAX
+                } else {
+                    !(u32::MAX >> prefix)
+                };
+                if u32::from(gw) & mask != u32::from(ip) & mask || gw == ip {
+                    return Err(invalid_field(
+                        "ip_config",
+                        format!(
+                            "ip_config.gateway {g} is not another address in {address}'s network"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(t) = self.vlan_tag {
+            if !(1..=4094).contains(&t) {
+                return Err(invalid_field(
+                    "vlan_tag",
+                    "vlan_tag must be between 1 and 4094",
+                ));
+            }
+        }
+        if let Some(p) = &self.pool {
+            if !valid_proxmox_id(p, false) {
+                return Err(invalid_field(
+                    "pool",
+                    format!("pool {p:?} is not a Proxmox pool id (letters, digits, '-', '_', '.')"),
+                ));
+            }
+        }
+        if self.tags.len() > 32 {
+            return Err(invalid_field("tags", "at most 32 tags"));
+        }
+        for t in &self.tags {
+            if !valid_proxmox_tag(t) {
+                return Err(invalid_field(
+                    "tags",
+                    format!("tags entry {t:?} is not a Proxmox tag (letters, digits, '_', then also '-', '+', '.')"),
+                ));
+            }
+            if t.to_ascii_lowercase().starts_with("trellis-") && tag_from_proxmox_tags(t).is_some()
+            {
+                return Err(invalid_field(
+                    "tags",
+                    format!("tags entry {t:?} looks like a Trellis command tag, which Trellis sets itself"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the clone copies the disks.
+    pub fn full_clone(&self, other_node: bool) -> bool {
+        self.full.unwrap_or(self.storage.is_some() || other_node)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -439,7 +767,7 @@ impl ProvisionParams {
         if self.min_vm_id.is_some_and(|v| v < 100) {
             return Err(invalid("min_vm_id must be ≥ 100"));
         }
-        Ok(())
+        self.clone_options.validate()
     }
 }
 
@@ -786,6 +1114,82 @@ mod tests {
             .unwrap_err()
             .message
             .contains("template_id"));
+    }
+
+    const ED25519: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMB4SHSfaWJ3pZ1r1Xp0mL0Q0VQ1xGz3WJ2yq3b2k1bA me@host";
+
+    #[test]
+    fn clone_options_validation_names_the_field() {
+        let base = json!({"name": "web-1", "template": {"type": "clone", "template_id": 9000,
+            "memory": 2048, "cores": 2}});
+        let mut good = base.clone();
+        good["clone_options"] = json!({"storage": "fast-ssd", "disk_size_gib": 40, "vm_id": 4242,
+            "ci_user": "deploy", "ssh_keys": [ED25519], "vlan_tag": 42, "pool": "web",
+            "tags": ["prod", "web"], "onboot": true,
+            "ip_config": {"mode": "static", "address": "10.0.0.5/24", "gateway": "10.0.0.1"}});
+        let Command::Provision(p) = Command::parse("provision", &good).unwrap() else {
+            panic!()
+        };
+        assert!(
+            p.clone_options.full_clone(false),
+            "a storage implies a full clone"
+        );
+        assert_eq!(
+            p.clone_options.ip_config.as_ref().unwrap().render(),
+            "ip=10.0.0.5/24,gw=10.0.0.1"
+        );
+        assert_eq!(IpConfig::Dhcp.render(), "ip=dhcp");
+        // Round trip: options survive serialisation, and empty options are left out.
+        let again = serde_json::to_value(&p).unwrap();
+        assert_eq!(again["clone_options"]["pool"], "web");
+        let Command::Provision(plain) = Command::parse("provision", &base).unwrap() else {
+            panic!()
+        };
+        assert!(serde_json::to_value(&plain)
+            .unwrap()
+            .get("clone_options")
+            .is_none());
+
+        for (opts, field) in [
+            (json!({"storage": "-bad"}), "storage"),
+            (json!({"storage": "local", "full": false}), "storage"),
+            (json!({"disk_size_gib": 0}), "disk_size_gib"),
+            (json!({"vm_id": 99}), "vm_id"),
+            (json!({"ci_user": "Root User"}), "ci_user"),
+            (json!({"ssh_keys": ["not a key"]}), "ssh_keys"),
+            (json!({"ssh_keys": ["ssh-ed25519 AAAA!!"]}), "ssh_keys"),
+            (
+                json!({"ssh_keys": ["ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIMB4SHSfaWJ3pZ1r1Xp0mL0Q0VQ1xGz3WJ2yq3b2k1bA"]}),
+                "ssh_keys",
+            ),
+            (
+                json!({"ip_config": {"mode": "static", "address": "10.0.0.5"}}),
+                "ip_config",
+            ),
+            (
+                json!({"ip_config": {"mode": "static", "address": "10.0.0.5/24", "gateway": "10.0.1.1"}}),
+                "ip_config",
+            ),
+            (json!({"vlan_tag": 4095}), "vlan_tag"),
+            (json!({"vlan_tag": 0}), "vlan_tag"),
+            (json!({"pool": "a b"}), "pool"),
+            (json!({"tags": ["-x"]}), "tags"),
+            (
+                json!({"tags": [format!("trellis-{}", uuid::Uuid::nil())]}),
+                "tags",
+            ),
+        ] {
+            let mut p = base.clone();
+            p["clone_options"] = opts.clone();
+            let e = Command::parse("provision", &p).unwrap_err();
+            assert_eq!(e.code, "invalid_params", "{opts}");
+            assert_eq!(e.details.as_ref().unwrap()["field"], field, "{opts}: {e}");
+            assert!(e.message.contains(field.split('_').next().unwrap()), "{e}");
+        }
+        let mut p = base;
+        p["clone_options"] = json!({"bogus": 1});
+        assert!(Command::parse("provision", &p).is_err());
     }
 
     #[test]

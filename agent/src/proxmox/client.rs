@@ -291,6 +291,10 @@ pub struct CloneRequest {
     pub description: String,
     pub target: Option<String>,
     pub full: bool,
+    /// Target storage (full clones only).
+    pub storage: Option<String>,
+    /// Resource pool to add the new VM to.
+    pub pool: Option<String>,
 }
 
 pub struct ProxmoxClient {
@@ -580,6 +584,12 @@ impl ProxmoxClient {
         }
         if req.full {
             form.push(("full", "1".into()));
+            if let Some(st) = &req.storage {
+                form.push(("storage", st.clone()));
+            }
+        }
+        if let Some(p) = &req.pool {
+            form.push(("pool", p.clone()));
         }
         let raw: String = self
             .call(Method::POST, &path, &[], Some(&form), Repeat::Unsafe)
@@ -638,6 +648,26 @@ impl ProxmoxClient {
             )
             .await?;
         Ok(())
+    }
+
+    /// `PUT …/resize disk=… size=NG`: grows a disk. Older Proxmox answers `null` once done,
+    /// newer versions a UPID of a `resize` task (returned here to be awaited).
+    pub async fn resize_disk(
+        &self,
+        node: &str,
+        vmid: u32,
+        disk: &str,
+        size_gib: u32,
+    ) -> Result<Option<Upid>, ApiError> {
+        let path = format!("/nodes/{}/qemu/{vmid}/resize", seg(node));
+        let form = [("disk", disk.to_string()), ("size", format!("{size_gib}G"))];
+        let raw: serde_json::Value = self
+            .call(Method::PUT, &path, &[], Some(&form), Repeat::Unsafe)
+            .await?;
+        match raw {
+            serde_json::Value::String(s) if s.starts_with("UPID:") => self.upid(&path, s).map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub async fn vm_status(&self, node: &str, vmid: u32) -> Result<VmStatus, ApiError> {

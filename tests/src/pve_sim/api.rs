@@ -10,7 +10,7 @@ use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -374,6 +374,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
             "/nodes/{node}/qemu/{vmid}/status/current",
             get(status_current),
         )
+        .route("/nodes/{node}/qemu/{vmid}/resize", put(resize))
         .route("/nodes/{node}/qemu/{vmid}/status/{action}", post(power))
         .route(
             "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces",
@@ -576,9 +577,22 @@ async fn clone_vm(
         ));
     }
     let target = p.get("target").map(str::to_string);
+    let storage = p.get("storage").map(str::to_string);
+    let pool = p.get("pool").map(str::to_string);
     let cfg = sim.config.clone();
     sim.with(|g| {
+        g.record("POST", &format!("/nodes/{node}/qemu/{vmid}/clone"), &p.0);
         check_node(g, &node)?;
+        if let Some(st) = &storage {
+            if !g.storages.contains(st) {
+                return Err(PveError::runtime(format!("storage '{st}' does not exist")));
+            }
+        }
+        if let Some(pl) = &pool {
+            if !g.pools.contains(pl) {
+                return Err(PveError::runtime(format!("pool '{pl}' does not exist")));
+            }
+        }
         if let Some(t) = &target {
             if !g.nodes.contains(t) {
                 return Err(PveError::param(
@@ -650,6 +664,12 @@ async fn clone_vm(
             generation: 0,
             protection: false,
             ignore_acpi: source.ignore_acpi,
+            storage: if full {
+                storage.clone().unwrap_or_else(|| source.storage.clone())
+            } else {
+                source.storage.clone()
+            },
+            pool: pool.clone(),
         };
         g.vms.insert(newid, vm);
         let outcome = match g.faults.fail_next_clone.take() {
@@ -657,8 +677,9 @@ async fn clone_vm(
             None => Ok(()),
         };
         let mut log = vec![format!(
-            "create {} clone of drive scsi0 (local-lvm:base-{src}-disk-0)",
-            if full { "full" } else { "linked" }
+            "create {} clone of drive scsi0 ({}:base-{src}-disk-0)",
+            if full { "full" } else { "linked" },
+            source.storage
         )];
         log.push(format!("  Logical volume \"vm-{newid}-disk-0\" created."));
         let ms = if full {
@@ -693,7 +714,7 @@ fn config_json(vm: &Vm) -> Value {
         "ostype": "l26",
         "scsihw": "virtio-scsi-single",
         "boot": "order=scsi0;net0",
-        "scsi0": format!("local-lvm:vm-{}-disk-0,iothread=1,size={}G", vm.vmid, vm.disk_bytes >> 30),
+        "scsi0": format!("{}:vm-{}-disk-0,iothread=1,size={}G", vm.storage, vm.vmid, vm.disk_bytes >> 30),
         "ide2": format!("local-lvm:vm-{}-cloudinit,media=cdrom", vm.vmid),
         "smbios1": format!("uuid=6f1b8c2e-0000-4000-8000-{:012x}", vm.vmid),
         "vmgenid": format!("c0ffee00-0000-4000-8000-{:012x}", vm.vmid),
@@ -749,6 +770,133 @@ const CONFIG_KEYS: [&str; 15] = [
     "delete",
     "digest",
 ];
+
+/// `sshkeys` as Proxmox checks it: the value must be URL-encoded (`pve_verify_urlencoded`:
+/// only `-%a-zA-Z0-9_.!~*'()`), and each decoded non-empty line an SSH public key.
+pub fn check_sshkeys(raw: &str) -> Result<String, String> {
+    let ok = raw
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-%_.!~*'()".contains(&b));
+    if !ok {
+        return Err(format!("invalid urlencoded string: {raw}"));
+    }
+    let decoded: String = percent_decode(raw).ok_or("invalid urlencoded string")?;
+    for line in decoded.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut parts = line.split_whitespace();
+        let ty = parts.next().unwrap_or("");
+        let blob = parts.next().unwrap_or("");
+        if !(ty.starts_with("ssh-") || ty.starts_with("ecdsa-") || ty.starts_with("sk-"))
+            || blob.is_empty()
+        {
+            return Err(format!("SSH public key validation error: {line}"));
+        }
+    }
+    Ok(decoded)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `ipconfig0`: `ip=dhcp` or `ip=A.B.C.D/N[,gw=A.B.C.D]` (IPv6 parts allowed).
+fn valid_ipconfig(v: &str) -> bool {
+    v.split(',').all(|kv| match kv.split_once('=') {
+        Some(("ip", "dhcp")) => true,
+        Some(("ip", cidr)) => cidr.split_once('/').is_some_and(|(a, n)| {
+            a.parse::<std::net::Ipv4Addr>().is_ok() && n.parse::<u8>().is_ok_and(|n| n <= 32)
+        }),
+        Some(("gw", a)) => a.parse::<std::net::Ipv4Addr>().is_ok(),
+        Some(("ip6", _)) | Some(("gw6", _)) => true,
+        _ => false,
+    })
+}
+
+/// `PUT /nodes/{node}/qemu/{vmid}/resize` `disk`, `size` (`+NG` grows by, `NG` grows to;
+/// shrinking is refused) → UPID of a `resize` task (PVE 8).
+async fn resize(
+    State(sim): SimState,
+    Path((node, vmid)): Path<(String, String)>,
+    p: Params,
+) -> ApiResult {
+    let id = parse_vmid(&vmid)?;
+    check_known(&p, &["disk", "size", "digest", "skiplock"])?;
+    let Some(disk) = p.get("disk") else {
+        return Err(PveError::param(
+            "disk",
+            "property is missing and it is not optional",
+        ));
+    };
+    let Some(size) = p.get("size") else {
+        return Err(PveError::param(
+            "size",
+            "property is missing and it is not optional",
+        ));
+    };
+    let (grow, num) = match size.strip_prefix('+') {
+        Some(n) => (true, n),
+        None => (false, size),
+    };
+    let bytes = num
+        .strip_suffix('G')
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(|g| g << 30)
+        .or_else(|| {
+            num.strip_suffix('M')
+                .and_then(|n| n.parse::<u64>().ok())
+                .map(|m| m << 20)
+        })
+        .ok_or_else(|| {
+            PveError::param(
+                "size",
+                format!("value '{size}' does not match the regex pattern"),
+            )
+        })?;
+    let user = sim.config.token_id.clone();
+    sim.with(|g| {
+        g.record("PUT", &format!("/nodes/{node}/qemu/{vmid}/resize"), &p.0);
+        let vm = g.vm_on_mut(&node, id).map_err(PveError::runtime)?;
+        check_unlocked(vm)?;
+        if disk != "scsi0" {
+            return Err(PveError::param(
+                "disk",
+                format!("disk '{disk}' does not exist"),
+            ));
+        }
+        let new = if grow { vm.disk_bytes + bytes } else { bytes };
+        if new < vm.disk_bytes {
+            return Err(PveError::runtime("shrinking disks is not supported"));
+        }
+        vm.disk_bytes = new;
+        vm.generation += 1;
+        let upid = g.spawn_task(
+            &node,
+            "resize",
+            &vmid,
+            &user,
+            Duration::from_millis(50),
+            Ok(()),
+            Effect::None,
+            vec![format!(
+                "  Size of logical volume changed to {} GiB.",
+                new >> 30
+            )],
+        );
+        Ok(data(upid))
+    })
+}
 
 /// Validates and applies a config update (shared by the async POST and the sync PUT).
 fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), PveError> {
@@ -859,6 +1007,39 @@ fn update_config(sim: &Sim, node: &str, vmid: &str, p: &Params) -> Result<(), Pv
             "value may only be 8192 characters long".into(),
         );
     }
+    if let Some(k) = p.get("sshkeys") {
+        if let Err(e) = check_sshkeys(k) {
+            errors.insert("sshkeys".into(), e);
+        }
+    }
+    if let Some(ip) = p.get("ipconfig0") {
+        if !valid_ipconfig(ip) {
+            errors.insert(
+                "ipconfig0".into(),
+                format!("invalid format - unable to parse ip config '{ip}'"),
+            );
+        }
+    }
+    if let Some(u) = p.get("ciuser") {
+        if u.is_empty() || u.contains([' ', ':', '/']) {
+            errors.insert("ciuser".into(), format!("invalid user name '{u}'"));
+        }
+    }
+    if let Err(e) = p.boolean("onboot") {
+        errors.extend(e.errors);
+    }
+    if let Some(n) = p.get("net0") {
+        for kv in n.split(',') {
+            if let Some(t) = kv.strip_prefix("tag=") {
+                if !t.parse::<u16>().is_ok_and(|t| (1..=4094).contains(&t)) {
+                    errors.insert(
+                        "net0".into(),
+                        format!("invalid format - tag: value must be 1-4094 - got '{t}'"),
+                    );
+                }
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(PveError::params(errors));
     }
@@ -938,6 +1119,7 @@ async fn post_config(
     Path((node, vmid)): Path<(String, String)>,
     p: Params,
 ) -> ApiResult {
+    sim.with(|g| g.record("POST", &format!("/nodes/{node}/qemu/{vmid}/config"), &p.0));
     update_config(&sim, &node, &vmid, &p)?;
     let user = sim.config.token_id.clone();
     let upid = sim.with(|g| {
@@ -960,6 +1142,7 @@ async fn put_config(
     Path((node, vmid)): Path<(String, String)>,
     p: Params,
 ) -> ApiResult {
+    sim.with(|g| g.record("PUT", &format!("/nodes/{node}/qemu/{vmid}/config"), &p.0));
     update_config(&sim, &node, &vmid, &p)?;
     Ok(data(Value::Null))
 }

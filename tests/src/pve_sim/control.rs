@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::state::{Faults, Sim, TaskView, VmView};
+use super::state::{Faults, RecordedRequest, Sim, TaskView, VmView};
 
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
@@ -21,6 +21,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/vms/{vmid}/power", post(set_power))
         .route("/vms/{vmid}/flags", post(set_flags))
         .route("/tasks", get(tasks))
+        .route("/requests", get(requests).delete(clear_requests))
         .route("/faults", get(get_faults).post(set_faults))
         .route("/stats", get(stats))
         .with_state(sim)
@@ -28,6 +29,37 @@ pub fn router(sim: Arc<Sim>) -> Router {
 
 async fn vms(State(sim): State<Arc<Sim>>) -> Json<Vec<VmView>> {
     Json(sim.with(|g| g.vms.values().map(|vm| vm.view()).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+struct RequestFilter {
+    path_contains: Option<String>,
+}
+
+/// `GET /_sim/requests[?path_contains=…]`: the clone, config and resize requests received
+/// (oldest first, at most 10 000), each `{method, path, params: [[key, value], …]}` with
+/// the parameters as decoded from the form or JSON body.
+async fn requests(
+    State(sim): State<Arc<Sim>>,
+    axum::extract::Query(f): axum::extract::Query<RequestFilter>,
+) -> Json<Vec<RecordedRequest>> {
+    Json(sim.with(|g| {
+        g.recorded
+            .iter()
+            .filter(|r| {
+                f.path_contains
+                    .as_deref()
+                    .is_none_or(|p| r.path.contains(p))
+            })
+            .cloned()
+            .collect()
+    }))
+}
+
+/// `DELETE /_sim/requests`: forget the recorded requests.
+async fn clear_requests(State(sim): State<Arc<Sim>>) -> StatusCode {
+    sim.with(|g| g.recorded.clear());
+    StatusCode::NO_CONTENT
 }
 
 async fn tasks(State(sim): State<Arc<Sim>>) -> Json<Vec<TaskView>> {

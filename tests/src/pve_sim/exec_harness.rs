@@ -106,6 +106,7 @@ pub fn provision_params(name: &str) -> ProvisionParams {
         skip_post_provision: false,
         keep_on_failure: false,
         network_timeout_secs: Some(20),
+        clone_options: Default::default(),
     }
 }
 

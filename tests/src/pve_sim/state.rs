@@ -86,6 +86,10 @@ pub struct SimConfig {
     pub seeds: Vec<SeedVm>,
     /// Bridges that exist on every node.
     pub bridges: Vec<String>,
+    /// Storages that exist (for `storage` on a full clone).
+    pub storages: Vec<String>,
+    /// Resource pools that exist (for `pool` on a clone).
+    pub pools: Vec<String>,
     pub faults: Faults,
 }
 
@@ -112,6 +116,8 @@ impl Default for SimConfig {
             legacy_errors: false,
             seeds: default_seeds(),
             bridges: vec!["vmbr0".into(), "vmbr1".into()],
+            storages: vec!["local".into(), "local-lvm".into(), "fast-ssd".into()],
+            pools: vec!["web".into(), "db".into()],
             faults: Faults::default(),
         }
     }
@@ -181,6 +187,10 @@ pub struct Vm {
     /// The guest ignores shutdown requests (the ACPI power button and its agent's
     /// `guest-shutdown`), like a hung or ACPI-less OS. Set with `POST /_sim/vms/N/flags`.
     pub ignore_acpi: bool,
+    /// Storage of its disks.
+    pub storage: String,
+    /// Resource pool it belongs to.
+    pub pool: Option<String>,
 }
 
 impl Vm {
@@ -231,6 +241,10 @@ impl Vm {
             tags: self.tags().map(str::to_string),
             protection: self.protection,
             ignore_acpi: self.ignore_acpi,
+            disk_bytes: self.disk_bytes,
+            storage: self.storage.clone(),
+            pool: self.pool.clone(),
+            config: self.extra.clone(),
         }
     }
 
@@ -289,7 +303,33 @@ pub struct VmView {
     pub protection: bool,
     #[serde(default)]
     pub ignore_acpi: bool,
+    /// Size of its boot disk (scsi0), in bytes.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Storage of its disks.
+    #[serde(default)]
+    pub storage: String,
+    /// Resource pool it belongs to.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Other config keys as Proxmox stores them (`ciuser`, `sshkeys`, `ipconfig0`,
+    /// `onboot`, `tags`, …).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
 }
+
+/// One API request that changed something, as the simulator received it (after form or
+/// JSON decoding): what `GET /_sim/requests` shows, so tests can assert the exact
+/// parameters a client sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub params: Vec<(String, String)>,
+}
+
+/// At most this many requests are kept (the oldest are dropped).
+pub const MAX_RECORDED_REQUESTS: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct GuestExec {
@@ -433,6 +473,11 @@ pub struct Inner {
     mac_counter: u32,
     next_seq: u64,
     pub requests: u64,
+    /// The latest clone, config and resize requests (see [`RecordedRequest`]).
+    pub recorded: std::collections::VecDeque<RecordedRequest>,
+    /// Storages and pools that exist.
+    pub storages: Vec<String>,
+    pub pools: Vec<String>,
     /// The timings of [`SimConfig`] (copied so jobs can plan inside [`Inner::advance`]).
     pub timing: Timing,
 }
@@ -473,6 +518,9 @@ impl Sim {
             mac_counter: 0,
             next_seq: 0,
             requests: 0,
+            recorded: Default::default(),
+            storages: config.storages.clone(),
+            pools: config.pools.clone(),
             timing: Timing {
                 start_ms: config.start_ms,
                 stop_ms: config.stop_ms,
@@ -515,6 +563,8 @@ impl Sim {
                     generation: 0,
                     protection: false,
                     ignore_acpi: false,
+                    storage: "local-lvm".into(),
+                    pool: None,
                 },
             );
         }
@@ -541,6 +591,18 @@ pub fn unix_now() -> u64 {
 }
 
 impl Inner {
+    /// Keeps a request for `GET /_sim/requests`.
+    pub fn record(&mut self, method: &str, path: &str, params: &[(String, String)]) {
+        if self.recorded.len() >= MAX_RECORDED_REQUESTS {
+            self.recorded.pop_front();
+        }
+        self.recorded.push_back(RecordedRequest {
+            method: method.into(),
+            path: path.into(),
+            params: params.to_vec(),
+        });
+    }
+
     /// Lets time run up to `now`: finishes every task whose time has come and begins the
     /// jobs waiting for a VM's config lock, in the order these things happen.
     pub fn advance(&mut self, now: Instant) {

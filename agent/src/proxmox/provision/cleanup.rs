@@ -35,8 +35,14 @@ impl Run<'_> {
         self.log(format!("[{stage}] failed: {}", err.message)).await;
         let details = self.cleanup().await;
         let mut err = err.at_stage(stage);
-        if let Some(d) = details {
-            err = err.with_details(d);
+        if let Some(serde_json::Value::Object(mut d)) = details {
+            // Keep what the error already said (e.g. `field`: the setting at fault).
+            if let Some(serde_json::Value::Object(before)) = err.details.take() {
+                for (k, v) in before {
+                    d.entry(k).or_insert(v);
+                }
+            }
+            err = err.with_details(d.into());
         }
         err
     }

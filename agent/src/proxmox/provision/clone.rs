@@ -11,6 +11,15 @@ use super::{build_description, cancelled, has_tag, sleep_or_cancel, Run};
 use crate::proxmox::client::CloneRequest;
 use crate::proxmox::types::{ClusterResource, VmConfig};
 
+/// The explicit VMID of the clone options is taken.
+fn vmid_taken(vmid: u32) -> CommandError {
+    CommandError::new(
+        "vmid_taken",
+        format!("VMID {vmid} is already in use in the Proxmox cluster; choose another VMID or leave it empty"),
+    )
+    .with_details(serde_json::json!({"field": "vm_id"}))
+}
+
 /// Clone requests tried (new VMID each time) before the stage gives up.
 const MAX_CLONE_ATTEMPTS: u32 = 10;
 
@@ -87,15 +96,32 @@ impl Run<'_> {
                 g = self.shared.vmids.begin() => g,
                 _ = self.ctx.cancel.cancelled() => return Err(cancelled()),
             };
-            let vmid = self.pick_vmid(&mut alloc).await?;
+            let vmid = match self.p.clone_options.vm_id {
+                // An explicit VMID is the admin's choice: taken means stop, not another id.
+                Some(v) => {
+                    let free = self
+                        .client()
+                        .is_vmid_free(v)
+                        .await
+                        .map_err(|e| self.api(e))?;
+                    if !free || alloc.recent().contains(&v) {
+                        return Err(vmid_taken(v));
+                    }
+                    v
+                }
+                None => self.pick_vmid(&mut alloc).await?,
+            };
+            let opts = &self.p.clone_options;
             let req = CloneRequest {
                 newid: vmid,
                 name: self.p.name.clone(),
                 description: description.clone(),
                 target: target.clone(),
                 // A linked clone can only live where the template's disks are; to
-                // put the VM on another node, copy the disks.
-                full: target.is_some(),
+                // put the VM on another node (or storage), copy the disks.
+                full: opts.full_clone(target.is_some()),
+                storage: opts.storage.clone(),
+                pool: opts.pool.clone(),
             };
             self.log(format!(
                 "cloning template {template_id} ({}) on {template_node} to VM {vmid}{}",
@@ -135,6 +161,9 @@ impl Run<'_> {
                         }
                         Err(e) => return Err(e),
                     }
+                }
+                Err(e) if e.is_vmid_taken() && self.p.clone_options.vm_id.is_some() => {
+                    return Err(vmid_taken(vmid));
                 }
                 Err(e) if e.is_vmid_taken() => {
                     self.log(format!(
@@ -176,6 +205,42 @@ impl Run<'_> {
         )
         .await;
         Ok(())
+    }
+
+    /// Pins a clone failure on the clone option that caused it, so the admin is sent back
+    /// to that setting: Proxmox names an unknown storage (`storage 'x' does not exist`,
+    /// `storage 'x' is not enabled`, no space on it) or pool (`pool 'x' does not exist`).
+    pub(super) fn attribute_clone_error(&self, e: CommandError) -> CommandError {
+        if e.details.as_ref().is_some_and(|d| d.get("field").is_some()) {
+            return e;
+        }
+        let o = &self.p.clone_options;
+        let m = e.message.to_ascii_lowercase();
+        let field = if o.storage.as_deref().is_some_and(|s| {
+            m.contains(&format!("storage '{}'", s.to_ascii_lowercase()))
+                || (m.contains("storage") && m.contains(&s.to_ascii_lowercase()))
+        }) {
+            Some("storage")
+        } else if o
+            .pool
+            .as_deref()
+            .is_some_and(|p| m.contains("pool") && m.contains(&p.to_ascii_lowercase()))
+        {
+            Some("pool")
+        } else {
+            None
+        };
+        match field {
+            Some(f) => {
+                let mut details = match e.details.clone() {
+                    Some(serde_json::Value::Object(m)) => m,
+                    _ => serde_json::Map::new(),
+                };
+                details.insert("field".into(), f.into());
+                e.with_details(details.into())
+            }
+            None => e,
+        }
     }
 
     /// A config that carries our tag — or, while a clone is still writing it, has no

@@ -272,7 +272,9 @@ impl Run<'_> {
             ),
         )
         .await?;
-        self.clone_stage(template_id).await?;
+        if let Err(e) = self.clone_stage(template_id).await {
+            return Err(self.attribute_clone_error(e));
+        }
 
         self.begin(
             "configure_vm",
