@@ -9,8 +9,17 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = cli.into_config()?;
-    tendril::config::create_private_dir(&config.work_dir)?;
+    // A bad setting is one line on stderr and exit status 2, before anything connects.
+    let config = match cli
+        .into_config()
+        .and_then(|c| tendril::config::create_private_dir(&c.work_dir).map(|()| c))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tendril: error: {e:#}");
+            std::process::exit(2);
+        }
+    };
     if config.insecure_plaintext && config.server_url.starts_with("ws://") {
         tracing::warn!(
             server = %config.server_url,
