@@ -202,14 +202,14 @@ async function currentMatchShown(scope, lineNo) {
 
 async function logViewerSteps(page, context, agentId) {
   let cmdId;
-  await step(`log viewer: a ${LOG_LINES}-line ping streams while paused, resumes at the tail`, async () => {
-    const r = await api('POST', '/api/commands', { agentId, type: 'ping', params: { log_lines: LOG_LINES, duration_ms: 12_000 } });
-    cmdId = r.commandId;
-    await page.goto(`${BASE}/#/commands/${cmdId}`);
+  await step('log viewer: a streaming log keeps arriving while paused ("N new lines"), Resume goes to the tail', async () => {
+    // 3000 lines over 9 s: still streaming while the browser pauses and resumes.
+    const r = await api('POST', '/api/commands', { agentId, type: 'ping', params: { log_lines: 3000, duration_ms: 9_000 } });
+    await page.goto(`${BASE}/#/commands/${r.commandId}`);
     await page.getByTestId('command-page').waitFor();
     const viewer = page.getByTestId('log-viewer');
     const count = async () => parseInt((await page.getByTestId('log-line-count').textContent()) ?? '0', 10);
-    await waitFor('log lines while the ping runs', async () => (await count()) > 200, 30_000, 100);
+    await waitFor('log lines while the ping runs', async () => (await count()) > 50, 30_000, 100);
     assert((await viewer.getAttribute('data-follow')) === 'following', 'the viewer does not follow the tail at first');
     await page.getByTestId('log-pause').click();
     assert((await viewer.getAttribute('data-follow')) === 'paused', 'Pause did not pause');
@@ -223,12 +223,19 @@ async function logViewerSteps(page, context, agentId) {
     await a11y(page, 'command page: log paused');
     await page.getByTestId('log-pause').click();
     assert((await viewer.getAttribute('data-follow')) === 'following', 'Resume did not resume');
-    await waitFor(
-      'the view to be at the tail after Resume',
-      async () => page.locator('.logviewer-scroll').evaluate((el) => el.scrollTop + el.clientHeight >= el.scrollHeight - 20),
-      5_000,
-      100,
-    );
+    const atTail = async () => page.locator('.logviewer-scroll').evaluate((el) => el.scrollTop + el.clientHeight >= el.scrollHeight - 20);
+    await waitFor('the view to be at the tail after Resume', atTail, 5_000, 100);
+    await waitFor('the ping to finish', async () => (await page.getByTestId('command-page').getAttribute('data-status')) === 'succeeded', 60_000, 250);
+    assert((await count()) === 3000, `the viewer has ${await count()} lines, expected 3000`);
+    await waitFor('the view to follow to the last line', atTail, 5_000, 100);
+  });
+
+  await step(`log viewer: a ${LOG_LINES}-line log arrives in full`, async () => {
+    const r = await api('POST', '/api/commands', { agentId, type: 'ping', params: { log_lines: LOG_LINES } });
+    cmdId = r.commandId;
+    await page.goto(`${BASE}/#/commands/${cmdId}`);
+    await page.getByTestId('command-page').waitFor();
+    const count = async () => parseInt((await page.getByTestId('log-line-count').textContent()) ?? '0', 10);
     await waitFor('the ping to finish', async () => (await page.getByTestId('command-page').getAttribute('data-status')) === 'succeeded', 120_000, 250);
     await waitFor(`all ${LOG_LINES} lines in the viewer`, async () => (await count()) >= LOG_LINES, 60_000, 250);
   });
@@ -315,6 +322,61 @@ async function logViewerSteps(page, context, agentId) {
     await shot(win, '32-log-window');
     await a11y(win, 'log window');
     await win.close();
+  });
+}
+
+/**
+ * Issue 10's command page and Commands list defects, on the commands this run made: the
+ * command names its node (linked) and its Target column, Started is filled, the wizard's
+ * retry is attempt 2 and says what became of the half-built VM, a cancelled command is a
+ * neutral sentence (not a red failure).
+ */
+async function commandPageSteps(page, { agentId, provisionedCommand, nodeName }) {
+  await step('command page and list: node by name, Target column, Started, attempt of a retry, cancelled', async () => {
+    if (provisionedCommand) {
+      await page.goto(`${BASE}/#/commands/${provisionedCommand}`);
+      await page.getByTestId('command-page').waitFor();
+      const target = page.locator('header [data-testid="command-target"]');
+      await target.waitFor();
+      assert((await target.textContent()) === nodeName, `the command page names its node ${await target.textContent()}, expected ${nodeName}`);
+      assert((await target.getAttribute('href')) === `#/nodes?q=${encodeURIComponent(nodeName)}`, `the node link goes to ${await target.getAttribute('href')}`);
+      const started = ((await page.getByTestId('command-started').textContent()) ?? '').trim();
+      assert(started !== '–' && started !== '', `Started shows ${JSON.stringify(started)} for a finished provision`);
+      await page.goto(`${BASE}/#/commands?type=provision`);
+      const row = page.locator(`[data-testid="commands-table"] tr[data-command-id="${provisionedCommand}"]`);
+      await row.waitFor();
+      assert(((await row.getByTestId('command-target').textContent()) ?? '').startsWith(nodeName), `the Target column reads ${await row.getByTestId('command-target').textContent()}`);
+      await a11y(page, 'commands with the Target column');
+    }
+    // The failing provision's Retry (earlier step) is attempt 2 of the same command.
+    const provisions = (await api('GET', '/api/commands?type=provision&limit=200')).items;
+    const retried = provisions.find((c) => c.retryOf && c.attempt >= 2);
+    if (!SKIP.has('fault') && !SKIP.has('provision') && PVE_SIM_URL) {
+      assert(retried, `the wizard's Retry did not retry the failed command (attempts: ${provisions.map((c) => c.attempt).join(', ')})`);
+      await page.goto(`${BASE}/#/commands/${retried.id}`);
+      await page.getByTestId('command-page').waitFor();
+      assert(((await page.getByTestId('command-attempt').textContent()) ?? '').trim() === `attempt ${retried.attempt}`, `the retry says ${await page.getByTestId('command-attempt').textContent()}`);
+      const failed = provisions.find((c) => c.id === retried.retryOf);
+      const vmId = failed?.error?.details?.vm_id;
+      if (vmId != null) {
+        await page.goto(`${BASE}/#/commands/${failed.id}`);
+        await page.getByTestId('command-error').waitFor();
+        const said = (await page.getByTestId('vm-cleanup').textContent()) ?? '';
+        assert(said.includes(`VM ${vmId}`), `the failure panel does not say what became of VM ${vmId}: ${said}`);
+      }
+    }
+    // A cancelled command is its own neutral state with one sentence.
+    const r = await api('POST', '/api/commands', { agentId, type: 'ping', params: { progress_events: 100, duration_ms: 30_000 } });
+    await page.goto(`${BASE}/#/commands/${r.commandId}`);
+    await waitFor('the ping to run', async () => (await page.getByTestId('command-page').getAttribute('data-status')) === 'running', 20_000, 100);
+    await api('POST', `/api/commands/${r.commandId}/cancel`);
+    const note = page.getByTestId('command-cancelled');
+    await note.waitFor({ timeout: 20_000 });
+    const text = (await note.innerText()).trim();
+    assert(/^Cancelled on request/.test(text) && !/cancelled cancelled/i.test(text), `the cancelled notice reads ${JSON.stringify(text)}`);
+    assert((await page.getByTestId('command-error').count()) === 0, 'a cancelled command is shown as a failure');
+    await shot(page, '33-command-cancelled');
+    await a11y(page, 'command page (cancelled)');
   });
 }
 
@@ -919,6 +981,7 @@ async function main() {
 
     if (SKIP.has('logviewer')) skipped('log viewer', 'E2E_SKIP has logviewer');
     else await logViewerSteps(page, context, provisioner.id);
+    await commandPageSteps(page, { agentId: provisioner.id, provisionedCommand, nodeName });
 
     await step('commands list with filters', async () => {
       await page.goto(`${BASE}/#/commands`);
