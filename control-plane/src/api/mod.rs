@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod auth;
 pub mod commands;
+pub mod node_batches;
 pub mod nodes;
 pub mod openapi;
 pub mod templates;
@@ -71,6 +72,8 @@ pub fn router(state: AppState) -> Router {
                 .delete(templates::delete),
         )
         .route("/api/nodes", get(nodes::list).post(nodes::create))
+        .route("/api/nodes/batches", post(node_batches::create_batch))
+        .route("/api/nodes/bulk", post(node_batches::bulk_action))
         .route(
             "/api/nodes/{id}",
             get(nodes::get).put(nodes::update).delete(nodes::delete),

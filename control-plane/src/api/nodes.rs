@@ -15,9 +15,23 @@ use super::{parse_id, ApiResult, AppState, Json};
 use crate::domain::{self, nodes::Provision};
 use crate::model::NodeId;
 
-#[utoipa::path(get, path = "/api/nodes", tag = "nodes", responses((status = 200, body = NodeList)))]
-pub async fn list(State(s): State<AppState>) -> ApiResult<Json<NodeList>> {
-    let items = s.db.list_nodes().await?.iter().map(Node::from).collect();
+/// Nodes, each with the stage and percent of the command running on it (`progress`).
+#[utoipa::path(get, path = "/api/nodes", tag = "nodes", params(super::types::NodeListQuery),
+    responses((status = 200, body = NodeList)))]
+pub async fn list(
+    State(s): State<AppState>,
+    super::Query(q): super::Query<super::types::NodeListQuery>,
+) -> ApiResult<Json<NodeList>> {
+    let batch = q.batch_id.filter(|b| !b.is_empty());
+    let rows = s.db.list_nodes_with_progress(batch.as_deref()).await?;
+    let items = rows
+        .iter()
+        .map(|(n, p)| {
+            let mut node = Node::from(n);
+            node.progress = p.as_ref().map(Into::into);
+            node
+        })
+        .collect();
     Ok(Json(NodeList { items }))
 }
 
@@ -28,7 +42,7 @@ pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
     Ok(Json(Node::from(&domain::nodes::get(&s.db, id).await?)))
 }
 
-fn provision_of(p: ProvisionRequest) -> Provision {
+pub(super) fn provision_of(p: ProvisionRequest) -> Provision {
     Provision {
         agent_id: p.agent_id,
         target_node: p.target_node,

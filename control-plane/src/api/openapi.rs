@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, commands, nodes, templates};
+use super::{agents, commands, node_batches, nodes, templates};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,7 @@ use super::{agents, commands, nodes, templates};
         templates::list, templates::create, templates::get, templates::update, templates::delete,
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
         nodes::power, nodes::destroy, nodes::forget,
+        node_batches::create_batch, node_batches::bulk_action,
         super::healthz, super::readyz, super::metrics,
     ),
     modifiers(&Contract),

@@ -532,6 +532,10 @@ pub struct Node {
     pub vm_node: Option<String>,
     /// When the hypervisor's inventory last showed its VM (RFC 3339).
     pub observed_at: Option<String>,
+    /// In the nodes list: the stage and percent of the command running on the node
+    /// (provisioning, destroying, a power action); null when none runs.
+    #[serde(default)]
+    pub progress: Option<NodeProgress>,
 }
 
 impl From<&NodeRow> for Node {
@@ -553,6 +557,7 @@ impl From<&NodeRow> for Node {
             updated_at: rfc3339(n.updated_at),
             vm_node: n.vm_node.clone(),
             observed_at: opt_rfc3339(n.observed_at),
+            progress: None,
         }
     }
 }
@@ -707,4 +712,134 @@ pub struct NodeWithCommand {
     pub node: Node,
     /// The provision command, when one was started.
     pub command_id: Option<CommandId>,
+}
+
+// ---------------------------------------------------------------------------------------
+// many nodes at once
+
+/// How far the command running on a node has got.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeProgress {
+    /// `provision`, `vm_power` or `destroy`.
+    pub command_type: String,
+    pub command_status: CommandStatus,
+    /// The stage running now (e.g. `configure_vm`).
+    pub stage: Option<String>,
+    /// 0–100.
+    pub percent: Option<f64>,
+    /// 1 for the first attempt, 2 for its first retry, …
+    pub attempt: i64,
+}
+
+impl From<&crate::db::NodeProgress> for NodeProgress {
+    fn from(p: &crate::db::NodeProgress) -> Self {
+        Self {
+            command_type: p.command_type.as_str().to_string(),
+            command_status: p.command_status,
+            stage: p.stage.clone(),
+            percent: p.percent,
+            attempt: p.attempt,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct NodeListQuery {
+    /// Only the nodes of this bulk provision.
+    pub batch_id: Option<String>,
+}
+
+/// Create `count` nodes named from `namePattern` and provision them all on one hypervisor.
+/// `{n}` counts from 1 and skips names already taken (ignoring case): `web-{n}` × 3 with
+/// `web-1` present makes `web-2`, `web-3`, `web-4`. Without `{n}` (count 1 only) the
+/// pattern is the name, refused with 409 `name_taken` if a node has it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkProvisionRequest {
+    #[schema(minimum = 1, maximum = 50)]
+    pub count: u32,
+    /// e.g. `web-{n}`; must contain `{n}` when `count` > 1.
+    #[schema(min_length = 1, max_length = 66)]
+    pub name_pattern: String,
+    #[schema(format = Uuid)]
+    pub template_id: String,
+    /// MiB for each node (default: the template's).
+    #[serde(default)]
+    #[schema(minimum = 16, maximum = 4194304)]
+    pub memory: Option<i64>,
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 512)]
+    pub cores: Option<i64>,
+    #[serde(default)]
+    pub application: Option<String>,
+    /// The hypervisor and options, as for one node.
+    pub provision: ProvisionRequest,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchMember {
+    pub node_id: NodeId,
+    pub name: String,
+    /// Its provision command.
+    pub command_id: CommandId,
+}
+
+/// A started bulk provision; follow it with `GET /api/nodes?batchId=…`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchStarted {
+    pub batch_id: String,
+    pub nodes: Vec<BatchMember>,
+}
+
+/// What a bulk action does to each node: a power action, destroy, or `retry` (provision a
+/// node whose provision failed again, as a new attempt).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BulkNodeAction {
+    Start,
+    Shutdown,
+    Stop,
+    Reboot,
+    Destroy,
+    Retry,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkActionRequest {
+    /// 1–200 node ids (a repeated id counts once).
+    #[schema(min_items = 1, max_items = 200)]
+    pub node_ids: Vec<String>,
+    pub action: BulkNodeAction,
+    /// `destroy` only: the names of the nodes, typed or confirmed by the admin; a node
+    /// whose name is missing is not destroyed (`confirmation_mismatch`).
+    #[serde(default)]
+    pub confirm_names: Vec<String>,
+}
+
+/// One node's result: its command, or why it was refused.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkNodeResult {
+    /// As given in the request.
+    pub node_id: String,
+    /// Null for an unknown node.
+    pub name: Option<String>,
+    pub command_id: Option<CommandId>,
+    pub error: Option<ErrorDetail>,
+}
+
+/// Per-node results, in the order of the request; one node's refusal does not stop the
+/// others.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkActionResults {
+    pub results: Vec<BulkNodeResult>,
+    pub succeeded: usize,
+    pub failed: usize,
 }

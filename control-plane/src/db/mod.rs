@@ -12,6 +12,7 @@ mod commands;
 mod dispatch;
 mod events;
 mod inventory;
+mod node_batches;
 mod nodes;
 mod settings;
 pub mod sql;
@@ -22,6 +23,7 @@ pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, NodeRef
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
 pub use inventory::{AgentVmRow, InventoryApplied};
+pub use node_batches::{BatchNode, NodeProgress};
 pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
 pub use templates::{TemplateFields, TemplateRow};
 

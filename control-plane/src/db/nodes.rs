@@ -17,7 +17,7 @@ use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, CommandId, CommandStatus, NodeId, NodeStatus, TemplateId};
 use crate::time::now_ms;
 
-const COLS: &str =
+pub(super) const COLS: &str =
     "id, application, name, template_id, memory, cores, vm_id, hypervisor_id, ip_address, status, \
     last_command_id, error, created_at, updated_at, vm_tag, vm_node, observed_at";
 
@@ -46,7 +46,7 @@ pub struct NodeRow {
 }
 
 impl NodeRow {
-    fn from_row(r: &AnyRow) -> DbResult<Self> {
+    pub(super) fn from_row(r: &AnyRow) -> DbResult<Self> {
         let status: String = r.try_get("status")?;
         Ok(Self {
             id: id(r, "id")?,

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod commands;
+pub mod node_batches;
 pub mod nodes;
 pub mod templates;
 

@@ -53,6 +53,7 @@ pub struct CreateNode {
 }
 
 /// Where to provision a node.
+#[derive(Clone)]
 pub struct Provision {
     pub agent_id: String,
     pub target_node: Option<String>,
@@ -403,6 +404,36 @@ pub async fn start_provision(
             ),
         ));
     }
+    let new = plan_provision(db, actor, &n, p).await?;
+    let agent_id = new.agent_id;
+    let mut row = CommandRow::queued(&new, 0);
+    row.created_at = db
+        .start_provision(&ProvisionStart {
+            node: id,
+            agent: agent_id,
+            command: &new,
+        })
+        .await
+        .map_err(|e| match e {
+            DbError::Conflict(_) => DomainError::conflict(
+                "already_provisioning",
+                format!("node {:?} is already being provisioned", n.name),
+            ),
+            e => e.into(),
+        })?;
+    broker.wake(agent_id);
+    Ok((get(db, id).await?, row))
+}
+
+/// Checks the hypervisor (online, can provision) and the node's template (mapped to a
+/// Proxmox template), and builds the node's provision command — not stored yet. Also used
+/// for the nodes of a bulk provision, which do not exist before their batch is stored.
+pub(super) async fn plan_provision(
+    db: &Db,
+    actor: &str,
+    n: &NodeRow,
+    p: Provision,
+) -> DomainResult<crate::db::NewCommand> {
     let agent_id: AgentId = p
         .agent_id
         .parse()
@@ -477,21 +508,5 @@ pub async fn start_provision(
             format!("command {} already provisions this node", existing.id),
         )
     })?;
-    let mut row = CommandRow::queued(&new, 0);
-    row.created_at = db
-        .start_provision(&ProvisionStart {
-            node: id,
-            agent: agent_id,
-            command: &new,
-        })
-        .await
-        .map_err(|e| match e {
-            DbError::Conflict(_) => DomainError::conflict(
-                "already_provisioning",
-                format!("node {:?} is already being provisioned", n.name),
-            ),
-            e => e.into(),
-        })?;
-    broker.wake(agent_id);
-    Ok((get(db, id).await?, row))
+    Ok(new)
 }

@@ -5,6 +5,11 @@
 //!
 //! Run: `cargo build --release --workspace --bins && target/release/trellis-bench`
 //! (`--agents 1,100,1000`, `--backend sqlite|postgres`).
+//!
+//! `--bulk 20` measures bulk provisioning instead: on the Proxmox VE simulator (default
+//! task timings) through a real `tendril` whose concurrency the admin set to
+//! `--bulk-concurrency` (4), one provision, then a bulk of 20 (`POST /api/nodes/batches`)
+//! until every node runs; prints both times and their ratio (the goal: ≤ 6 at 20 × 4-way).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use trellis_protocol::{
     AgentMessage, CommandType, Event, EventBody, FinalStatus, Hello, Outcome, ServerMessage,
 };
-use trellis_tests::harness::{Agent, Api, Backend, ControlPlane, TempDir, TestDb};
+use trellis_tests::harness::{proxmox_stack, Agent, Api, Backend, ControlPlane, TempDir, TestDb};
 use trellis_tests::raw_agent;
 
 #[derive(Parser)]
@@ -39,6 +44,75 @@ struct Args {
     /// MB of log output for the streaming measurement (0 to skip).
     #[arg(long, default_value_t = 40)]
     log_mb: usize,
+    /// Measure a bulk provision of this many nodes against a single one (and nothing else).
+    #[arg(long, default_value_t = 0)]
+    bulk: u32,
+    /// The agent's concurrency limit for `--bulk`.
+    #[arg(long, default_value_t = 4)]
+    bulk_concurrency: i64,
+}
+
+/// One provision, then a bulk of `n`, on pve-sim through a real tendril limited to
+/// `concurrency`; returns (single, bulk) wall times until the nodes run.
+async fn bulk_provision(
+    backend: Backend,
+    n: u32,
+    concurrency: i64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let s = proxmox_stack(backend, "bench-bulk", &[], &[]).await;
+    let (code, v) = s
+        .api
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/agents/{}", s.agent_id),
+            Some(json!({ "maxConcurrency": concurrency })),
+        )
+        .await;
+    anyhow::ensure!(code == 200, "setting the concurrency: {v}");
+    let t = s
+        .api
+        .post(
+            "/api/templates",
+            json!({"name": "bench", "memory": 1024, "cores": 1, "proxmoxTemplateId": 9000}),
+        )
+        .await;
+    let tid = t["id"].as_str().unwrap_or_default().to_string();
+    let wait_batch = |batch: String, count: usize| {
+        let api = s.api.clone();
+        async move {
+            loop {
+                let v = api.get(&format!("/api/nodes?batchId={batch}")).await;
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                let running = items.iter().filter(|n| n["status"] == "running").count();
+                let failed = items.iter().filter(|n| n["status"] == "failed").count();
+                anyhow::ensure!(failed == 0, "a bulk node failed: {v}");
+                if running == count {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut times = Vec::new();
+    for (count, pattern) in [(1, "single-{n}"), (n, "bulk-{n}")] {
+        let started = Instant::now();
+        let (code, v) = s
+            .api
+            .call(
+                reqwest::Method::POST,
+                "/api/nodes/batches",
+                Some(
+                    json!({"count": count, "namePattern": pattern, "templateId": tid,
+                            "provision": {"agentId": s.agent_id}}),
+                ),
+            )
+            .await;
+        anyhow::ensure!(code == 202, "bulk provision refused: {v}");
+        let batch = v["batchId"].as_str().unwrap_or_default().to_string();
+        tokio::time::timeout(Duration::from_secs(900), wait_batch(batch, count as usize)).await??;
+        times.push(started.elapsed());
+    }
+    Ok((times[0], times[1]))
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -156,6 +230,19 @@ async fn main() -> anyhow::Result<()> {
         "postgres" => Backend::Postgres,
         _ => Backend::Sqlite,
     };
+    if args.bulk > 0 {
+        let (one, many) = bulk_provision(backend, args.bulk, args.bulk_concurrency).await?;
+        println!(
+            "bulk provisioning on pve-sim ({backend:?}, agent concurrency {}): 1 node {:.1} s, {} nodes {:.1} s, ratio {:.2} (ideal {})",
+            args.bulk_concurrency,
+            one.as_secs_f64(),
+            args.bulk,
+            many.as_secs_f64(),
+            many.as_secs_f64() / one.as_secs_f64(),
+            (args.bulk as i64 + args.bulk_concurrency - 1) / args.bulk_concurrency,
+        );
+        return Ok(());
+    }
     println!(
         "# trellis-bench ({:?}, {} cores)",
         backend,

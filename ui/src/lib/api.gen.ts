@@ -211,6 +211,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
+        /** Nodes, each with the stage and percent of the command running on it (`progress`). */
         get: operations["nodes_list"];
         put?: never;
         /** Create a node, and with `provision` start provisioning it at once. */
@@ -310,6 +311,49 @@ export interface paths {
         put?: never;
         /** Provision the node's VM on a hypervisor. */
         post: operations["nodes_provision"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/nodes/batches": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Create `count` nodes named from `namePattern` and start provisioning them all on one
+         *     hypervisor, stored in one transaction. The hypervisor's `maxConcurrency` bounds how
+         *     many run at a time; the rest wait `queued`.
+         */
+        post: operations["nodes_create_batch"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/nodes/bulk": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Run one action on many nodes: `start`, `shutdown`, `stop`, `reboot`, `destroy` (each
+         *     node's name must be in `confirmNames`) or `retry` (provision a node whose provision
+         *     failed again). Answers 200 with one result per node — a command id or an error — so
+         *     one node's refusal does not fail the others.
+         */
+        post: operations["nodes_bulk_action"];
         delete?: never;
         options?: never;
         head?: never;
@@ -456,6 +500,75 @@ export interface components {
         };
         AgentVmList: {
             items: components["schemas"]["AgentVm"][];
+        };
+        BatchMember: {
+            /** @description Its provision command. */
+            commandId: components["schemas"]["CommandId"];
+            name: string;
+            nodeId: components["schemas"]["NodeId"];
+        };
+        /** @description A started bulk provision; follow it with `GET /api/nodes?batchId=…`. */
+        BatchStarted: {
+            batchId: string;
+            nodes: components["schemas"]["BatchMember"][];
+        };
+        BulkActionRequest: {
+            action: components["schemas"]["BulkNodeAction"];
+            /**
+             * @description `destroy` only: the names of the nodes, typed or confirmed by the admin; a node
+             *     whose name is missing is not destroyed (`confirmation_mismatch`).
+             */
+            confirmNames?: string[];
+            /** @description 1–200 node ids (a repeated id counts once). */
+            nodeIds: string[];
+        };
+        /**
+         * @description Per-node results, in the order of the request; one node's refusal does not stop the
+         *     others.
+         */
+        BulkActionResults: {
+            failed: number;
+            results: components["schemas"]["BulkNodeResult"][];
+            succeeded: number;
+        };
+        /**
+         * @description What a bulk action does to each node: a power action, destroy, or `retry` (provision a
+         *     node whose provision failed again, as a new attempt).
+         * @enum {string}
+         */
+        BulkNodeAction: "start" | "shutdown" | "stop" | "reboot" | "destroy" | "retry";
+        /** @description One node's result: its command, or why it was refused. */
+        BulkNodeResult: {
+            commandId?: null | components["schemas"]["CommandId"];
+            error?: null | components["schemas"]["ErrorDetail"];
+            /** @description Null for an unknown node. */
+            name?: string | null;
+            /** @description As given in the request. */
+            nodeId: string;
+        };
+        /**
+         * @description Create `count` nodes named from `namePattern` and provision them all on one hypervisor.
+         *     `{n}` counts from 1 and skips names already taken (ignoring case): `web-{n}` × 3 with
+         *     `web-1` present makes `web-2`, `web-3`, `web-4`. Without `{n}` (count 1 only) the
+         *     pattern is the name, refused with 409 `name_taken` if a node has it.
+         */
+        BulkProvisionRequest: {
+            application?: string | null;
+            /** Format: int64 */
+            cores?: number | null;
+            /** Format: int32 */
+            count: number;
+            /**
+             * Format: int64
+             * @description MiB for each node (default: the template's).
+             */
+            memory?: number | null;
+            /** @description e.g. `web-{n}`; must contain `{n}` when `count` > 1. */
+            namePattern: string;
+            /** @description The hypervisor and options, as for one node. */
+            provision: components["schemas"]["ProvisionRequest"];
+            /** Format: uuid */
+            templateId: string;
         };
         Command: {
             agentId: components["schemas"]["AgentId"];
@@ -629,6 +742,7 @@ export interface components {
             name: string;
             /** @description When the hypervisor's inventory last showed its VM (RFC 3339). */
             observedAt?: string | null;
+            progress?: null | components["schemas"]["NodeProgress"];
             status: components["schemas"]["NodeStatus"];
             templateId?: null | components["schemas"]["TemplateId"];
             updatedAt: string;
@@ -644,6 +758,24 @@ export interface components {
         NodeId: string;
         NodeList: {
             items: components["schemas"]["Node"][];
+        };
+        /** @description How far the command running on a node has got. */
+        NodeProgress: {
+            /**
+             * Format: int64
+             * @description 1 for the first attempt, 2 for its first retry, …
+             */
+            attempt: number;
+            commandStatus: components["schemas"]["CommandStatus"];
+            /** @description `provision`, `vm_power` or `destroy`. */
+            commandType: string;
+            /**
+             * Format: double
+             * @description 0–100.
+             */
+            percent?: number | null;
+            /** @description The stage running now (e.g. `configure_vm`). */
+            stage?: string | null;
         };
         /**
          * @description The life of a node: `pending_provision → provisioning → running ⇄ stopped`, then
@@ -1467,7 +1599,10 @@ export interface operations {
     };
     nodes_list: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Only the nodes of this bulk provision. */
+                batchId?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -1902,6 +2037,106 @@ export interface operations {
             };
             /** @description already_provisioned, already_provisioning, agent_offline, capability_missing */
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_create_batch: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BulkProvisionRequest"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BatchStarted"];
+                };
+            };
+            /** @description invalid_params (count, namePattern, size), template_not_mapped */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unknown template or hypervisor */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description name_taken, agent_offline, capability_missing */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_bulk_action: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BulkActionRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BulkActionResults"];
+                };
+            };
+            /** @description invalid_params (no nodes, or more than 200) */
+            400: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -10,6 +10,8 @@ import { Empty, ErrorBox, Field, NodeStatusPill, RelTime, Spinner, copyText } fr
 import { Menu, type MenuItem } from '../components/Menu';
 import { ProvisionModal } from './provision/ProvisionModal';
 import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
+import { BulkActionBar, SelectAll } from './BulkActions';
+import { nodeProgressText } from '../lib/bulk';
 import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
@@ -154,6 +156,8 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const [started, setStarted] = useState<ReadonlySet<string>>(() => new Set());
   // ?q= (e.g. a command page's link to its node) starts the list filtered.
   const [filter, setFilter] = useState(() => query.get('q') ?? '');
+  // Multi-select for bulk actions (ids; a node that disappears drops out).
+  const [selected, setSelected] = useState<ReadonlySet<string>>(() => new Set());
 
   // The open provision wizard lives in the URL (?provision=<nodeId> or ?provision=new), so a
   // reload reopens it on the live command.
@@ -175,6 +179,15 @@ export function Nodes({ query }: { query: URLSearchParams }) {
       v.toLowerCase().includes(q),
     );
   });
+
+  const selectedNodes = items.filter((n) => selected.has(n.id));
+  const toggle = (id: string) =>
+    setSelected((prev) => {
+      const next = new Set(prev);
+      if (next.has(id)) next.delete(id);
+      else next.add(id);
+      return next;
+    });
 
   const openProvision = (id: string) => setQuery('/nodes', { provision: id });
   const closeProvision = () => {
@@ -239,6 +252,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           </button>
         </div>
       )}
+      {selectedNodes.length > 0 && <BulkActionBar nodes={selectedNodes} onClear={() => setSelected(new Set())} />}
       {nodes.isPending ? (
         <Spinner />
       ) : items.length === 0 ? (
@@ -248,6 +262,9 @@ export function Nodes({ query }: { query: URLSearchParams }) {
           <table className="table table-stack" data-testid="nodes-table">
             <thead>
               <tr>
+                <th className="select-col">
+                  <SelectAll shown={shown.map((n) => n.id)} selected={selected} onChange={setSelected} />
+                </th>
                 <th>Name</th>
                 <th className="hide-lg">Application</th>
                 <th className="hide-md">Template / size</th>
@@ -296,6 +313,9 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                 const prov = avail('provision');
                 return (
                   <tr key={n.id} data-node-name={n.name} data-node-id={n.id} data-status={n.status} data-busy={busy || undefined}>
+                    <td className="select-col">
+                      <input type="checkbox" aria-label={`Select ${n.name}`} checked={selected.has(n.id)} onChange={() => toggle(n.id)} data-testid="node-select" />
+                    </td>
                     <td data-label="Name" className="cell-title">
                       <strong className="nowrap">{n.name}</strong>
                       {n.application && <div className="small muted show-lg">{n.application}</div>}
@@ -314,6 +334,11 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                     </td>
                     <td data-label="Status">
                       <NodeStatusPill status={n.status} title={n.error ?? undefined} />
+                      {nodeProgressText(n) && (
+                        <div className="small muted nowrap" data-col="progress">
+                          {nodeProgressText(n)}
+                        </div>
+                      )}
                       {n.vmId != null && (
                         <div className="small muted nowrap" data-col="seen">
                           {n.observedAt ? (

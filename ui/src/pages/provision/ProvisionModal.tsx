@@ -17,6 +17,9 @@ import { StepTemplate } from './StepTemplate';
 import { StepConfigure } from './StepConfigure';
 import { StepReview } from './StepReview';
 import { StepProvisioning } from './StepProvisioning';
+import { BulkNaming, BulkReviewNames } from './BulkNaming';
+import { ProvisionGrid } from './ProvisionGrid';
+import { submitBatch } from './bulkSubmit';
 
 export function ProvisionModal({
   node,
@@ -51,7 +54,7 @@ export function ProvisionModal({
   const nodeId = s.node?.id ?? null;
   const next = () => dispatch({ type: 'next', catalog });
   const back = () => dispatch({ type: 'back' });
-  const submit = () => submitProvision(s, catalog, m, dispatch, onNodeCreated);
+  const submit = () => (d.bulk ? submitBatch(s, catalog, dispatch) : submitProvision(s, catalog, m, dispatch, onNodeCreated));
   const retry = (cmd: Command) => void retryProvision(s, cmd, m, dispatch);
 
   const title = node ? `Provision ${node.name}` : nodeId ? `Provision ${s.config.name}` : 'Provision new node';
@@ -123,6 +126,11 @@ export function ProvisionModal({
             onKeepOnFailure={(keep) => dispatch({ type: 'setKeepOnFailure', keep })}
           />
         )}
+        {step === 'configure' && d.isNew && (
+          <BulkNaming count={s.count} onCount={(count) => dispatch({ type: 'setCount', count })} pattern={s.config.name} error={d.countError} />
+        )}
+        {step === 'review' && d.bulk && <BulkReviewNames count={s.count} pattern={s.config.name} />}
+        {step === 'provisioning' && s.batchId && <ProvisionGrid batchId={s.batchId} />}
         {step === 'review' && agent && template && (
           <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} keepOnFailure={s.keepOnFailure} isNew={d.isNew} submitError={s.submitError} />
         )}
@@ -138,7 +146,7 @@ export function ProvisionModal({
             onChangeSettings={() => dispatch({ type: 'changeSettings' })}
           />
         )}
-        {step === 'provisioning' && !s.commandId && <Notice tone="warn">This node is provisioning but its command is unknown.</Notice>}
+        {step === 'provisioning' && !s.commandId && !s.batchId && <Notice tone="warn">This node is provisioning but its command is unknown.</Notice>}
         {s.stepError && (
           <div className="field-error step-error" role="alert">
             {s.stepError}

@@ -3,6 +3,7 @@
 // query cache and are passed in with the actions that need them (`Catalog`).
 import type { Agent, ProvisionRequest, Template, VmNode } from '../../lib/types';
 import { validateCores, validateMemory, validateVmName } from '../../lib/validation';
+import { countOf, expandNames, validateCount } from '../../lib/bulk';
 
 export const STEPS = ['hypervisor', 'template', 'configure', 'review', 'provisioning'] as const;
 export type Step = (typeof STEPS)[number];
@@ -51,6 +52,10 @@ export interface ProvisionState {
   submitError: string | null;
   retrying: boolean;
   retryError: string | null;
+  /** New nodes only: how many to create (1–50); above 1 the name is a pattern (`web-{n}`). */
+  count: string;
+  /** The bulk provision the last step follows (instead of `commandId`). */
+  batchId: string | null;
 }
 
 export type ProvisionAction =
@@ -74,7 +79,9 @@ export type ProvisionAction =
   | { type: 'retryFailed'; error: string }
   | { type: 'retryStarted'; commandId: string }
   /** From a failed provisioning: back to the first step with the same settings. */
-  | { type: 'changeSettings' };
+  | { type: 'changeSettings' }
+  | { type: 'setCount'; count: string }
+  | { type: 'batchStarted'; batchId: string };
 
 /** Why a hypervisor cannot take a provision command, or null when it can. */
 export function hypervisorUnavailable(a: Agent): string | null {
@@ -129,6 +136,8 @@ export function initProvisionState(node: VmNode | null): ProvisionState {
     submitError: null,
     retrying: false,
     retryError: null,
+    count: '1',
+    batchId: null,
   };
 }
 
@@ -142,6 +151,10 @@ export interface Derived {
   nameEditable: boolean;
   configErrors: ConfigErrors;
   configValid: boolean;
+  /** The count field's error (new nodes only). */
+  countError: string | null;
+  /** More than one node: the name is a pattern. */
+  bulk: boolean;
   agentOk: boolean;
   templateOk: boolean;
 }
@@ -151,13 +164,19 @@ export function derive(s: ProvisionState, c: Catalog): Derived {
   const template = c.templates.find((t) => t.id === s.templateId);
   const nameEditable = !s.node || s.node.vmId === null;
   const errs = configErrors(s.config, nameEditable);
+  // Many new nodes at once: the name is a pattern such as web-{n}.
+  const countError = s.node === null ? validateCount(s.count ?? '1') : null;
+  const bulk = s.node === null && !countError && countOf(s.count) > 1;
+  if (bulk) errs.name = expandNames(s.config.name, countOf(s.count)).error;
   return {
     agent,
     template,
     isNew: s.node === null,
     nameEditable,
     configErrors: errs,
-    configValid: !Object.values(errs).some(Boolean),
+    configValid: !Object.values(errs).some(Boolean) && !countError,
+    countError,
+    bulk,
     agentOk: !!agent && !hypervisorUnavailable(agent),
     templateOk: !!template && template.proxmoxTemplateId != null,
   };
@@ -257,6 +276,10 @@ export function provisionReducer(s: ProvisionState, a: ProvisionAction): Provisi
       return { ...s, retrying: false, retryError: a.error };
     case 'retryStarted':
       return { ...s, retrying: false, commandId: a.commandId };
+    case 'setCount':
+      return { ...s, count: a.count };
+    case 'batchStarted':
+      return { ...s, submitting: false, batchId: a.batchId, step: 'provisioning' };
     case 'changeSettings':
       if (s.step !== 'provisioning') return s;
       return { ...s, commandId: null, retryError: null, step: 'hypervisor' };
