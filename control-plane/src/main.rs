@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use trellis::{db::Db, domain::agents, ServeConfig};
+use trellis::{
+    db::Db,
+    domain::{admins, agents},
+    ServeConfig,
+};
 
 #[derive(Parser)]
 #[command(name = "trellis", version, about = "Trellis control plane")]
@@ -87,6 +91,23 @@ enum Cmd {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Manage named admins (each with its own API token) directly in the database.
+    Admins {
+        #[command(subcommand)]
+        command: AdminCmd,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Create a named admin and print its one-time token.
+    Create { name: String },
+    /// List named admins (the bootstrap admin is "admin" and has no row).
+    List,
+    /// Revoke an admin: its token stops working and its browser sessions end.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -154,6 +175,42 @@ async fn main() -> anyhow::Result<()> {
                 shutdown,
             )
             .await
+        }
+        Cmd::Admins { command, db } => {
+            let db = Db::connect(&db.database_url).await?;
+            let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
+            match command {
+                AdminCmd::Create { name } => {
+                    let (a, token) = admins::create(&db, &name).await.map_err(fail)?;
+                    println!(
+                        "admin:    {}\ntoken:    {token}\n(the token is shown only once)",
+                        a.name
+                    );
+                }
+                AdminCmd::List => {
+                    for a in db.list_admins().await? {
+                        let state = if a.revoked_at.is_some() {
+                            "revoked"
+                        } else {
+                            "active"
+                        };
+                        println!(
+                            "{:<24} {:<8} created {}  last used {}",
+                            a.name,
+                            state,
+                            trellis::time::rfc3339(a.created_at),
+                            a.last_used_at
+                                .map(trellis::time::rfc3339)
+                                .unwrap_or_else(|| "never".into())
+                        );
+                    }
+                }
+                AdminCmd::Revoke { name } => {
+                    admins::revoke(&db, &name).await.map_err(fail)?;
+                    println!("admin {name} revoked");
+                }
+            }
+            Ok(())
         }
         Cmd::Agents { command, db } => {
             let db = Db::connect(&db.database_url).await?;

@@ -91,6 +91,9 @@ impl App {
             fanout,
             metrics,
             admin_token_hash: admin_token_hash.into(),
+            auth: Arc::new(crate::api::auth::AuthState::new(
+                config.tls_cert.is_some() && config.tls_key.is_some(),
+            )),
             ui_dir: config
                 .ui_dir
                 .clone()
@@ -157,10 +160,17 @@ pub async fn serve(
         (Some(cert), Some(key)) => {
             let acceptor = crate::tls::acceptor(cert, key)?;
             tracing::info!(%addr, "trellis listening (https, wss)");
-            let listener = crate::tls::TlsListener::new(listener, acceptor, shutdown.clone());
-            axum::serve(listener, router)
-                .with_graceful_shutdown(graceful)
-                .await?;
+            use axum::serve::ListenerExt;
+            // `tap_io` only so that axum's `ConnectInfo<SocketAddr>` (the audit log's
+            // remote address) applies to this listener too.
+            let listener =
+                crate::tls::TlsListener::new(listener, acceptor, shutdown.clone()).tap_io(|_| {});
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(graceful)
+            .await?;
         }
         (None, None) => {
             tracing::info!(%addr, "trellis listening (http, ws)");
@@ -169,9 +179,12 @@ pub async fn serve(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(graceful)
-                .await?;
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(graceful)
+            .await?;
         }
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     }

@@ -25,14 +25,15 @@ pub async fn create(
     Json(body): Json<CreateAgentRequest>,
 ) -> ApiResult<Response> {
     let (agent, token) = domain::agents::create(&s.db, &body.name, body.max_concurrency).await?;
-    Ok((
+    let note = super::audit::AuditNote::target(agent.id, agent.name.clone());
+    Ok(note.on((
         StatusCode::CREATED,
         Json(CreatedAgent {
             agent: Agent::from(&agent),
             token,
         }),
     )
-        .into_response())
+        .into_response()))
 }
 
 /// List live (not revoked) agents.

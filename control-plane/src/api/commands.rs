@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use trellis_protocol::CommandType;
 
+use super::auth::Admin;
 use super::types::{
     Command, CommandAccepted, CommandGetQuery, CommandList, CommandListQuery, CreateCommandRequest,
     ErrorBody, EventsQuery, LogLine, LogPage, LogsQuery, SseFrame,
 };
-use super::auth::Admin;
 use super::{parse_id, ApiResult, AppError, AppState, Json, Query};
 use crate::broker::fanout::{Fanout, Published};
 use crate::db::{CommandFilter, CommandRow, Db, EventRow};
@@ -52,7 +52,12 @@ pub async fn create(
         },
     )
     .await?;
-    Ok((
+    let note = super::audit::AuditNote {
+        target_id: Some(c.id.to_string()),
+        target_name: Some(c.command_type.as_str().to_string()),
+        details: None,
+    };
+    Ok(note.on((
         StatusCode::ACCEPTED,
         Json(CommandAccepted {
             command_id: c.id,
@@ -60,7 +65,7 @@ pub async fn create(
             attempt: None,
         }),
     )
-        .into_response())
+        .into_response()))
 }
 
 /// A page cursor: `nextBefore` from the previous page (`"<createdAt ms>.<id>"`), or a
@@ -359,7 +364,9 @@ pub async fn retry(
 ) -> ApiResult<Response> {
     let id: CommandId = parse_id(&id, "command")?;
     let new = domain::commands::retry(&s.db, &s.broker, &admin.name, id).await?;
-    Ok((
+    let note = super::audit::AuditNote::default()
+        .with_details(serde_json::json!({ "commandId": new.id, "attempt": new.attempt }));
+    Ok(note.on((
         StatusCode::ACCEPTED,
         Json(CommandAccepted {
             command_id: new.id,
@@ -367,5 +374,5 @@ pub async fn retry(
             attempt: Some(new.attempt),
         }),
     )
-        .into_response())
+        .into_response()))
 }

@@ -3,7 +3,9 @@
 //! domain layer, and answer with the typed bodies of [`types`]; the OpenAPI document is
 //! generated from those ([`openapi`]).
 
+pub mod admins;
 pub mod agents;
+pub mod audit;
 pub mod auth;
 pub mod commands;
 pub mod node_batches;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub fanout: Arc<Fanout>,
     pub metrics: Arc<Metrics>,
     pub admin_token_hash: Arc<str>,
+    /// Session cookie settings and the failed-authentication limiter.
+    pub auth: Arc<auth::AuthState>,
     pub ui_dir: Option<PathBuf>,
     /// Where request-spawned tasks (SSE streams) run, so shutdown waits for them.
     pub tasks: tokio_util::task::TaskTracker,
@@ -82,10 +86,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/nodes/{id}/power", post(nodes::power))
         .route("/api/nodes/{id}/destroy", post(nodes::destroy))
         .route("/api/nodes/{id}/forget", post(nodes::forget))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+        .route("/api/admins", get(admins::list).post(admins::create))
+        .route("/api/admins/{name}", axum::routing::delete(admins::revoke))
+        .route("/api/audit", get(audit::list))
+        .route("/api/session", get(auth::who))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
     Router::new()
         .route("/api/agents/connect", get(agents::connect))
         .merge(admin)
+        .route(
+            "/api/session",
+            post(auth::sign_in).delete(auth::sign_out),
+        )
         .route("/api/openapi.json", get(openapi::serve))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -139,37 +154,6 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
         s.metrics.render(&s.db).await,
     )
         .into_response()
-}
-
-/// Admin bearer token on every UI/admin route. `?access_token=` is accepted on the SSE
-/// endpoint only, because `EventSource` cannot set headers.
-async fn require_admin(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let header = crate::auth::bearer(req.headers().get("authorization")).map(str::to_string);
-    let token = header.or_else(|| {
-        if req.uri().path().ends_with("/events") {
-            req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("access_token="))
-                    .map(|t| t.to_string())
-            })
-        } else {
-            None
-        }
-    });
-    match token {
-        Some(t) if crate::auth::verify(&t, &s.admin_token_hash) => {
-            let mut req = req;
-            req.extensions_mut().insert(auth::Admin {
-                name: auth::BOOTSTRAP_ADMIN.into(),
-            });
-            next.run(req).await
-        }
-        Some(_) => AppError::Unauthorized("the admin token is not valid".into()).into_response(),
-        None => AppError::Unauthorized(
-            "missing admin token: send Authorization: Bearer <admin token>".into(),
-        )
-        .into_response(),
-    }
 }
 
 /// The one error type of the HTTP layer. It logs the real cause of internal errors and
@@ -238,7 +222,10 @@ impl IntoResponse for AppError {
                 message: self.to_string(),
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.extensions_mut()
+            .insert(audit::ErrorCode(code.to_string()));
+        resp
     }
 }
 

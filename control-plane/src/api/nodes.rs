@@ -6,11 +6,12 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::audit::AuditNote;
+use super::auth::Admin;
 use super::types::{
     CreateNodeRequest, DestroyRequest, ErrorBody, Node, NodeList, NodeWithCommand, PowerRequest,
     ProvisionRequest, UpdateNodeRequest,
 };
-use super::auth::Admin;
 use super::{parse_id, ApiResult, AppState, Json};
 use crate::domain::{self, nodes::Provision};
 use crate::model::NodeId;
@@ -73,19 +74,22 @@ pub async fn create(
     .await?;
     let mut command_id = None;
     if let Some(p) = b.provision {
-        let (_, c) = domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(p))
+        let (_, c) =
+            domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(p))
                 .await?;
         command_id = Some(c.id);
     }
     let node = domain::nodes::get(&s.db, id).await?;
-    Ok((
+    let note = AuditNote::target(node.id, node.name.clone())
+        .with_details(serde_json::json!({ "commandId": command_id }));
+    Ok(note.on((
         StatusCode::CREATED,
         Json(NodeWithCommand {
             node: Node::from(&node),
             command_id,
         }),
     )
-        .into_response())
+        .into_response()))
 }
 
 /// Edit a node (absent fields keep their value).
@@ -138,16 +142,9 @@ pub async fn provision(
     Json(b): Json<ProvisionRequest>,
 ) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
-    let (node, c) = domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(b))
-            .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(NodeWithCommand {
-            node: Node::from(&node),
-            command_id: Some(c.id),
-        }),
-    )
-        .into_response())
+    let (node, c) =
+        domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(b)).await?;
+    Ok(accepted(&node, c.id))
 }
 
 /// Start, shut down, stop or reboot the node's VM; the node follows the state Proxmox
@@ -192,7 +189,8 @@ pub async fn destroy(
     Json(b): Json<DestroyRequest>,
 ) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
-    let (node, c) = domain::nodes::destroy(&s.db, &s.broker, &admin.name, id, &b.confirm_name).await?;
+    let (node, c) =
+        domain::nodes::destroy(&s.db, &s.broker, &admin.name, id, &b.confirm_name).await?;
     Ok(accepted(&node, c.id))
 }
 
@@ -206,13 +204,16 @@ pub async fn forget(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     Ok(Json(Node::from(&n)))
 }
 
+/// `202` with the node and its command, noted for the audit log.
 fn accepted(node: &crate::db::NodeRow, command: crate::model::CommandId) -> Response {
-    (
-        StatusCode::ACCEPTED,
-        Json(NodeWithCommand {
-            node: Node::from(node),
-            command_id: Some(command),
-        }),
-    )
-        .into_response()
+    AuditNote::target(node.id, node.name.clone())
+        .with_details(serde_json::json!({ "commandId": command }))
+        .on((
+            StatusCode::ACCEPTED,
+            Json(NodeWithCommand {
+                node: Node::from(node),
+                command_id: Some(command),
+            }),
+        )
+            .into_response())
 }

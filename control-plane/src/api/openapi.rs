@@ -8,14 +8,14 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{agents, commands, node_batches, nodes, templates};
+use super::{admins, agents, audit, auth, commands, node_batches, nodes, templates};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Trellis",
         description = "The Trellis control plane's HTTP API. Every `/api/*` operation needs \
-            `Authorization: Bearer <admin token>`. Errors are `{\"error\": {\"code\", \"message\"}}`.",
+            `Authorization: Bearer <admin token>` (or the session cookie of `POST /api/session`). Errors are `{\"error\": {\"code\", \"message\"}}`.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
@@ -28,15 +28,20 @@ use super::{agents, commands, node_batches, nodes, templates};
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
         nodes::power, nodes::destroy, nodes::forget,
         node_batches::create_batch, node_batches::bulk_action,
+        admins::list, admins::create, admins::revoke, audit::list,
+        auth::sign_in, auth::who, auth::sign_out,
         super::healthz, super::readyz, super::metrics,
     ),
     modifiers(&Contract),
-    security(("admin_token" = [])),
+    security(("admin_token" = []), ("session_cookie" = [])),
     tags(
         (name = "agents", description = "Agents (hypervisors) and their tokens"),
         (name = "commands", description = "Commands, their logs and live events"),
         (name = "templates", description = "Trellis templates mapped to Proxmox templates"),
         (name = "nodes", description = "Nodes (VM records) and provisioning them"),
+        (name = "admins", description = "Named admins and their tokens"),
+        (name = "audit", description = "Who did what, when, with what outcome"),
+        (name = "session", description = "Browser sign-in: an admin token exchanged for an HttpOnly session cookie"),
         (name = "health", description = "Liveness, readiness and metrics (no auth)"),
     )
 )]
@@ -54,6 +59,15 @@ impl Modify for Contract {
         components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "trellis_session",
+                    "Set by POST /api/session. Requests that change something must also send `X-Trellis-Request: 1`.",
+                ),
+            )),
         );
         let error = ResponseBuilder::new()
             .description("An error: `{\"error\": {\"code\", \"message\"}}`")

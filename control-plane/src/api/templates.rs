@@ -36,7 +36,8 @@ pub async fn create(
     Json(b): Json<TemplateRequest>,
 ) -> ApiResult<Response> {
     let t = domain::templates::create(&s.db, b.into()).await?;
-    Ok((StatusCode::CREATED, Json(Template::from(&t))).into_response())
+    let note = super::audit::AuditNote::target(t.id, t.fields.name.clone());
+    Ok(note.on((StatusCode::CREATED, Json(Template::from(&t))).into_response()))
 }
 
 #[utoipa::path(put, path = "/api/templates/{id}", tag = "templates", params(("id" = String, Path)),

@@ -843,3 +843,139 @@ pub struct BulkActionResults {
     pub succeeded: usize,
     pub failed: usize,
 }
+
+// ---- Admins, sessions and the audit log ----
+
+/// `POST /api/session`: an admin token to exchange for a session cookie.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SignInRequest {
+    pub token: String,
+}
+
+/// Who is signed in.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionInfo {
+    /// The admin's name (`admin` for the bootstrap token).
+    pub name: String,
+    /// `cookie` (a browser session) or `token` (a bearer token).
+    pub via: String,
+    /// When the session ends (Unix milliseconds); none for a bearer token.
+    pub expires_at: Option<i64>,
+}
+
+/// A named admin (never its token).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminInfo {
+    pub name: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+impl From<&crate::db::AdminRow> for AdminInfo {
+    fn from(a: &crate::db::AdminRow) -> Self {
+        Self {
+            name: a.name.clone(),
+            created_at: rfc3339(a.created_at),
+            last_used_at: opt_rfc3339(a.last_used_at),
+            revoked_at: opt_rfc3339(a.revoked_at),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminList {
+    pub items: Vec<AdminInfo>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateAdminRequest {
+    /// 1–64 characters: letters, digits, `.`, `_`, `-`, `@`.
+    pub name: String,
+}
+
+/// A new admin and its token, shown only in this answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminCreated {
+    pub admin: AdminInfo,
+    pub token: String,
+}
+
+/// One audited action.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    pub id: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// When, in Unix milliseconds.
+    pub at_ms: i64,
+    /// The admin's name, or `anonymous` for failed authentication.
+    pub actor: String,
+    /// A stable dotted name: `node.power`, `command.cancel`, `agent.rotate_token`,
+    /// `auth.sign_in`, `auth.failed`, …
+    pub action: String,
+    pub target_type: Option<String>,
+    pub target_id: Option<String>,
+    pub target_name: Option<String>,
+    /// `success` or `error`.
+    pub outcome: String,
+    /// The HTTP status answered.
+    pub status: i64,
+    pub error_code: Option<String>,
+    pub remote_addr: Option<String>,
+    /// What the handler added: the command started, per-node results of a bulk request…
+    pub details: Option<Value>,
+}
+
+impl From<crate::db::AuditRow> for AuditEntry {
+    fn from(a: crate::db::AuditRow) -> Self {
+        Self {
+            id: a.id,
+            at: rfc3339(a.at),
+            at_ms: a.at,
+            actor: a.actor,
+            action: a.action,
+            target_type: a.target_type,
+            target_id: a.target_id,
+            target_name: a.target_name,
+            outcome: a.outcome,
+            status: a.status,
+            error_code: a.error_code,
+            remote_addr: a.remote_addr,
+            details: a.details,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditList {
+    pub items: Vec<AuditEntry>,
+    /// Pass as `before` for the next page; absent on the last page.
+    pub next_before: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Exact admin name.
+    pub actor: Option<String>,
+    /// Action prefix (`node.` matches `node.power`).
+    pub action: Option<String>,
+    pub target_id: Option<String>,
+    /// `success` or `error`.
+    pub outcome: Option<String>,
+    /// From this time on (Unix milliseconds, inclusive).
+    pub since: Option<i64>,
+    /// Before this time (Unix milliseconds, exclusive).
+    pub until: Option<i64>,
+    /// 1–500 (default 50).
+    pub limit: Option<u32>,
+    /// `nextBefore` of the previous page, or Unix milliseconds.
+    pub before: Option<String>,
+}

@@ -7,7 +7,9 @@
 //! workarounds that portability needs are in [`sql`]. The database owns command state:
 //! nothing the broker needs after a restart lives only in memory.
 
+mod admins;
 mod agents;
+mod audit;
 mod commands;
 mod dispatch;
 mod events;
@@ -18,7 +20,9 @@ mod settings;
 pub mod sql;
 mod templates;
 
+pub use admins::{AdminRow, SessionRow};
 pub use agents::AgentRow;
+pub use audit::{AuditFilter, AuditRow};
 pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, NodeRef, Owner, StageRow};
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};

@@ -5,6 +5,7 @@
 //! codes; it knows nothing of HTTP. Depends on `db`, `model` and `broker`; none of them
 //! depends on it.
 
+pub mod admins;
 pub mod agents;
 pub mod commands;
 pub mod node_batches;

@@ -2,6 +2,40 @@
 // openapi-typescript. Do not edit: change the Rust API types, regenerate docs/openapi.json, then
 // run `npm run gen:api`. `npm run check:api` (run by build and typecheck) fails when stale.
 export interface paths {
+    "/api/admins": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["admins_list"];
+        put?: never;
+        /** Create a named admin; its token is in this answer only (only its hash is stored). */
+        post: operations["admins_create"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/admins/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /** Revoke a named admin: its token stops working and its sessions end. */
+        delete: operations["admins_revoke"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/agents": {
         parameters: {
             query?: never;
@@ -87,6 +121,23 @@ export interface paths {
          *     it (none: a VM Trellis does not track).
          */
         get: operations["agents_vms"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/audit": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The audit log, newest first; keyset-paged (pass `nextBefore` back as `before`). */
+        get: operations["audit_list"];
         put?: never;
         post?: never;
         delete?: never;
@@ -360,6 +411,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/session": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Who is signed in (by the session cookie or the bearer token); `401` if nobody. */
+        get: operations["session_who"];
+        put?: never;
+        /**
+         * Sign in: exchange an admin token for a session cookie (`HttpOnly`, `SameSite=Strict`,
+         *     12 hours). At most 10 failed sign-ins a minute per remote address (then `429`).
+         */
+        post: operations["session_sign_in"];
+        /** Sign out: ends the session and clears the cookie (`204` also without a session). */
+        delete: operations["session_sign_out"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/templates": {
         parameters: {
             query?: never;
@@ -448,6 +521,21 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description A new admin and its token, shown only in this answer. */
+        AdminCreated: {
+            admin: components["schemas"]["AdminInfo"];
+            token: string;
+        };
+        /** @description A named admin (never its token). */
+        AdminInfo: {
+            createdAt: string;
+            lastUsedAt?: string | null;
+            name: string;
+            revokedAt?: string | null;
+        };
+        AdminList: {
+            items: components["schemas"]["AdminInfo"][];
+        };
         Agent: {
             /** @description Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`). */
             capabilities: string[];
@@ -500,6 +588,43 @@ export interface components {
         };
         AgentVmList: {
             items: components["schemas"]["AgentVm"][];
+        };
+        /** @description One audited action. */
+        AuditEntry: {
+            /**
+             * @description A stable dotted name: `node.power`, `command.cancel`, `agent.rotate_token`,
+             *     `auth.sign_in`, `auth.failed`, …
+             */
+            action: string;
+            /** @description The admin's name, or `anonymous` for failed authentication. */
+            actor: string;
+            /** @description When (RFC 3339). */
+            at: string;
+            /**
+             * Format: int64
+             * @description When, in Unix milliseconds.
+             */
+            atMs: number;
+            /** @description What the handler added: the command started, per-node results of a bulk request… */
+            details?: unknown;
+            errorCode?: string | null;
+            id: string;
+            /** @description `success` or `error`. */
+            outcome: string;
+            remoteAddr?: string | null;
+            /**
+             * Format: int64
+             * @description The HTTP status answered.
+             */
+            status: number;
+            targetId?: string | null;
+            targetName?: string | null;
+            targetType?: string | null;
+        };
+        AuditList: {
+            items: components["schemas"]["AuditEntry"][];
+            /** @description Pass as `before` for the next page; absent on the last page. */
+            nextBefore?: string | null;
         };
         BatchMember: {
             /** @description Its provision command. */
@@ -643,6 +768,10 @@ export interface components {
             vmId?: number | null;
             /** @description `terraform_apply`: the workspace key, else `repo[/path]@version`. */
             workspace?: string | null;
+        };
+        CreateAdminRequest: {
+            /** @description 1–64 characters: letters, digits, `.`, `_`, `-`, `@`. */
+            name: string;
         };
         CreateAgentRequest: {
             /**
@@ -831,6 +960,22 @@ export interface components {
             /** Format: int32 */
             vmid: number;
         };
+        /** @description Who is signed in. */
+        SessionInfo: {
+            /**
+             * Format: int64
+             * @description When the session ends (Unix milliseconds); none for a bearer token.
+             */
+            expiresAt?: number | null;
+            /** @description The admin's name (`admin` for the bootstrap token). */
+            name: string;
+            /** @description `cookie` (a browser session) or `token` (a bearer token). */
+            via: string;
+        };
+        /** @description `POST /api/session`: an admin token to exchange for a session cookie. */
+        SignInRequest: {
+            token: string;
+        };
         /** @description One Server-Sent Event of `GET /api/commands/{id}/events`. */
         SseFrame: {
             /** @description JSON text. */
@@ -928,6 +1073,128 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    admins_list: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AdminList"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    admins_create: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateAdminRequest"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AdminCreated"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description name_taken */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    admins_revoke: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Revoked */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     agents_list: {
         parameters: {
             query?: never;
@@ -1253,6 +1520,58 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    audit_list: {
+        parameters: {
+            query?: {
+                /** @description Action prefix (`node.` matches `node.power`). */
+                action?: string;
+                /** @description Exact admin name. */
+                actor?: string;
+                /** @description `nextBefore` of the previous page, or Unix milliseconds. */
+                before?: string;
+                /** @description 1–500 (default 50). */
+                limit?: number;
+                /** @description `success` or `error`. */
+                outcome?: string;
+                /** @description From this time on (Unix milliseconds, inclusive). */
+                since?: number;
+                targetId?: string;
+                /** @description Before this time (Unix milliseconds, exclusive). */
+                until?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AuditList"];
+                };
+            };
+            400: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2143,6 +2462,128 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    session_who: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SessionInfo"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    session_sign_in: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["SignInRequest"];
+            };
+        };
+        responses: {
+            /** @description Signed in; the `trellis_session` cookie is set */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SessionInfo"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The token is not valid */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many failed sign-ins from this address */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    session_sign_out: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Signed out */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description An error: `{"error": {"code", "message"}}` */
             default: {

@@ -1,0 +1,558 @@
+//! Named admins, the audit log and cookie sign-in, end to end: the real `trellis` binary
+//! (its `admins` CLI on the same database), a real `tendril` and the Proxmox VE API
+//! simulator. A named admin's name is `createdBy` on its commands and the actor of its
+//! audit rows; a revoked admin's token is refused; the session cookie works like the
+//! token, carries `HttpOnly` and `SameSite=Strict`, ends at sign-out and at expiry.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::Connection;
+use trellis_tests::harness::*;
+use trellis_tests::on_both_backends;
+
+const FAST: &[&str] = &[
+    "--clone-ms",
+    "200",
+    "--start-ms",
+    "100",
+    "--stop-ms",
+    "100",
+    "--destroy-ms",
+    "200",
+    "--agent-boot-ms",
+    "200",
+    "--exec-ms",
+    "50",
+];
+
+/// Runs `trellis <args> --database-url <db>`; returns stdout.
+fn cli(db_url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("trellis"))
+        .args(args)
+        .args(["--database-url", db_url])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run trellis");
+    assert!(
+        out.status.success(),
+        "trellis {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn create_admin(db_url: &str, name: &str) -> String {
+    let out = cli(db_url, &["admins", "create", name]);
+    out.lines()
+        .find_map(|l| l.strip_prefix("token:"))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|| panic!("no token in {out}"))
+}
+
+async fn audit(api: &Api, query: &str) -> Vec<Value> {
+    api.get(&format!("/api/audit?{query}")).await["items"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+async fn named_admin_actions(backend: Backend) {
+    let s = proxmox_stack(backend, "audit-named", FAST, &[]).await;
+    let token = create_admin(&s.cp.db_url, "alice");
+    assert!(token.starts_with("trl_admin_"), "{token}");
+    let alice = Api {
+        token: token.clone(),
+        ..s.api.clone()
+    };
+    assert_eq!(alice.get("/api/session").await["name"], "alice");
+
+    // templates
+    let t = alice
+        .post(
+            "/api/templates",
+            json!({"name": "audit-t", "memory": 1024, "cores": 1, "proxmoxTemplateId": 9000,
+                   "networkBridge": "vmbr0"}),
+        )
+        .await;
+    let tid = t["id"].as_str().unwrap().to_string();
+    let (st, _) = alice
+        .call(
+            Method::PUT,
+            &format!("/api/templates/{tid}"),
+            Some(
+                json!({"name": "audit-t2", "memory": 1024, "cores": 2, "proxmoxTemplateId": 9000,
+                        "networkBridge": "vmbr0"}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 200);
+
+    // node create + provision, power, destroy
+    let v = alice
+        .post(
+            "/api/nodes",
+            json!({"name": "aud-1", "templateId": tid, "provision": {"agentId": s.agent_id}}),
+        )
+        .await;
+    let node = v["node"]["id"].as_str().unwrap().to_string();
+    let c = alice
+        .wait_done(v["commandId"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["createdBy"], "alice", "{c}");
+    let v = alice
+        .post(
+            &format!("/api/nodes/{node}/power"),
+            json!({"action": "stop"}),
+        )
+        .await;
+    let c = alice
+        .wait_done(v["commandId"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(c["createdBy"], "alice", "{c}");
+    let v = alice
+        .post(
+            &format!("/api/nodes/{node}/destroy"),
+            json!({"confirmName": "aud-1"}),
+        )
+        .await;
+    let c = alice
+        .wait_done(v["commandId"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(c["createdBy"], "alice");
+
+    // a second node: provision it, fail the provision by cancelling, retry it
+    let v = alice
+        .post("/api/nodes", json!({"name": "aud-2", "templateId": tid}))
+        .await;
+    let node2 = v["node"]["id"].as_str().unwrap().to_string();
+    let (st, v) = alice
+        .call(
+            Method::PUT,
+            &format!("/api/nodes/{node2}"),
+            Some(json!({"application": "shop"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let forgotten = alice
+        .post("/api/nodes", json!({"name": "aud-3", "templateId": tid}))
+        .await["node"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    alice
+        .post(&format!("/api/nodes/{forgotten}/forget"), json!({}))
+        .await;
+    let (st, _) = alice
+        .call(Method::DELETE, &format!("/api/nodes/{node2}"), None)
+        .await;
+    assert_eq!(st, 204);
+
+    // a direct command, cancelled and retried
+    let cid = alice
+        .command(
+            &s.agent_id,
+            "ping",
+            json!({"duration_ms": 60000, "log_lines": 10}),
+        )
+        .await;
+    alice
+        .call(Method::POST, &format!("/api/commands/{cid}/cancel"), None)
+        .await;
+    let c = alice.wait_done(&cid, Duration::from_secs(30)).await;
+    assert_eq!(c["status"], "cancelled", "{c}");
+    assert_eq!(c["createdBy"], "alice");
+    let r = alice
+        .post(&format!("/api/commands/{cid}/retry"), json!({}))
+        .await;
+    let retry = r["commandId"].as_str().unwrap().to_string();
+    let c = alice.get(&format!("/api/commands/{retry}")).await;
+    assert_eq!(c["createdBy"], "alice", "{c}");
+    alice
+        .call(Method::POST, &format!("/api/commands/{retry}/cancel"), None)
+        .await;
+
+    // agents
+    let (aid, _) = alice.create_agent("audit-agent").await;
+    alice
+        .post(&format!("/api/agents/{aid}/rotate-token"), json!({}))
+        .await;
+    let (st, _) = alice
+        .call(Method::DELETE, &format!("/api/agents/{aid}"), None)
+        .await;
+    assert!(st < 300, "{st}");
+    // (the template of a kept node record cannot be deleted: use another)
+    let spare = alice
+        .post(
+            "/api/templates",
+            json!({"name": "audit-spare", "memory": 1024, "cores": 1}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, _) = alice
+        .call(Method::DELETE, &format!("/api/templates/{spare}"), None)
+        .await;
+    assert_eq!(st, 204);
+
+    // a failed sign-in, a wrong token, an action refused
+    let http = reqwest::Client::new();
+    let r = http
+        .post(s.cp.url("/api/session"))
+        .json(&json!({"token": "trl_admin_wrong"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let bad = Api {
+        token: "trl_admin_nope".into(),
+        ..s.api.clone()
+    };
+    let (st, _) = bad
+        .call(Method::POST, "/api/templates", Some(json!({})))
+        .await;
+    assert_eq!(st, 401);
+    let (st, _) = alice
+        .call(
+            Method::POST,
+            &format!("/api/nodes/{node}/power"),
+            Some(json!({"action": "start"})),
+        )
+        .await;
+    assert_eq!(st, 409, "a destroyed node has no VM to power");
+
+    let rows = audit(&s.api, "actor=alice&limit=500").await;
+    let actions: BTreeSet<&str> = rows.iter().map(|r| r["action"].as_str().unwrap()).collect();
+    for a in [
+        "template.create",
+        "template.update",
+        "template.delete",
+        "node.create",
+        "node.update",
+        "node.delete",
+        "node.power",
+        "node.destroy",
+        "node.forget",
+        "command.create",
+        "command.cancel",
+        "command.retry",
+        "agent.create",
+        "agent.rotate_token",
+        "agent.revoke",
+    ] {
+        assert!(actions.contains(a), "no {a} in {actions:?}");
+    }
+    assert!(rows.iter().all(|r| r["actor"] == "alice"));
+    // targets: ids from the path or the handler, names where the handler knows them
+    let create = rows
+        .iter()
+        .find(|r| r["action"] == "node.create" && r["targetName"] == "aud-1")
+        .expect("node.create of aud-1");
+    assert_eq!(create["targetId"], json!(node));
+    assert_eq!(create["targetType"], "node");
+    assert_eq!(create["outcome"], "success");
+    assert_eq!(create["status"], 201);
+    assert_eq!(create["remoteAddr"], "127.0.0.1");
+    assert!(create["details"]["commandId"].is_string(), "{create}");
+    let power = rows
+        .iter()
+        .filter(|r| r["action"] == "node.power")
+        .collect::<Vec<_>>();
+    assert!(power
+        .iter()
+        .any(|r| r["outcome"] == "success" && r["targetName"] == "aud-1"));
+    let refused = power
+        .iter()
+        .find(|r| r["outcome"] == "error")
+        .expect("the refused power action");
+    assert_eq!(refused["status"], 409);
+    assert_eq!(refused["errorCode"], "invalid_state");
+    // no secrets: the rotated token and request bodies are not stored
+    let text = serde_json::to_string(&rows).unwrap();
+    assert!(!text.contains("trl_agent_") && !text.contains(&token));
+
+    let failed = audit(&s.api, "actor=anonymous").await;
+    assert!(failed
+        .iter()
+        .any(|r| r["action"] == "auth.sign_in" && r["status"] == 401));
+    assert!(failed.iter().any(|r| r["action"] == "auth.failed"
+        && r["details"]["path"] == "/api/templates"
+        && r["outcome"] == "error"));
+    assert!(!serde_json::to_string(&failed)
+        .unwrap()
+        .contains("trl_admin_nope"));
+
+    // revoked: the token stops working
+    cli(&s.cp.db_url, &["admins", "revoke", "alice"]);
+    let (st, v) = alice.call(Method::GET, "/api/nodes", None).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"]["code"], "unauthorized");
+    let list = cli(&s.cp.db_url, &["admins", "list"]);
+    assert!(list.contains("alice") && list.contains("revoked"), "{list}");
+    // names are unique, also after revocation; the bootstrap name is reserved
+    let out = std::process::Command::new(bin("trellis"))
+        .args(["admins", "create", "admin", "--database-url", &s.cp.db_url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+on_both_backends!(named_admin_actions_are_audited, named_admin_actions);
+
+fn cookie_of(r: &reqwest::Response) -> (String, String) {
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .expect("set-cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let pair = set.split(';').next().unwrap().trim().to_string();
+    (pair, set)
+}
+
+async fn with_cookie(
+    cp: &ControlPlane,
+    method: Method,
+    path: &str,
+    cookie: &str,
+    csrf: bool,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, cp.url(path))
+        .header("cookie", cookie);
+    if csrf {
+        req = req.header("x-trellis-request", "1");
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let st = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        st,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn session_flow(backend: Backend) {
+    let (_dir, cp, api) = control_plane(backend, "audit-session").await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(cp.url("/api/session"))
+        .json(&json!({"token": api.token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (cookie, set) = cookie_of(&r);
+    assert!(cookie.starts_with("trellis_session="), "{set}");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"] {
+        assert!(set.contains(flag), "{flag} missing in {set}");
+    }
+    assert!(!set.contains("Secure"), "no TLS here: {set}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["name"], "admin");
+    assert!(!body.to_string().contains(&api.token));
+
+    let (st, v) = with_cookie(&cp, Method::GET, "/api/session", &cookie, false, None).await;
+    assert_eq!(
+        (st, v["name"].clone(), v["via"].clone()),
+        (200, json!("admin"), json!("cookie"))
+    );
+    // a mutating request with the cookie needs the CSRF header
+    let tpl = json!({"name": "cookie-t", "memory": 1024, "cores": 1});
+    let (st, v) = with_cookie(
+        &cp,
+        Method::POST,
+        "/api/templates",
+        &cookie,
+        false,
+        Some(tpl.clone()),
+    )
+    .await;
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"]["code"], "csrf_header_missing");
+    let (st, v) = with_cookie(
+        &cp,
+        Method::POST,
+        "/api/templates",
+        &cookie,
+        true,
+        Some(tpl),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+
+    // SSE with the cookie (EventSource sends same-origin cookies)
+    let (aid, _) = api.create_agent("sse-agent").await;
+    let cid = api.command(&aid, "ping", json!({})).await;
+    let r = http
+        .get(cp.url(&format!("/api/commands/{cid}/events")))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    drop(r);
+
+    // sign out ends the session
+    let (st, _) = with_cookie(&cp, Method::DELETE, "/api/session", &cookie, true, None).await;
+    assert_eq!(st, 204);
+    let (st, _) = with_cookie(&cp, Method::GET, "/api/nodes", &cookie, false, None).await;
+    assert_eq!(st, 401);
+
+    // an expired session is refused
+    let r = http
+        .post(cp.url("/api/session"))
+        .json(&json!({"token": api.token}))
+        .send()
+        .await
+        .unwrap();
+    let (cookie, _) = cookie_of(&r);
+    let (st, _) = with_cookie(&cp, Method::GET, "/api/nodes", &cookie, false, None).await;
+    assert_eq!(st, 200);
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&cp.db_url).await.unwrap();
+    sqlx::query("UPDATE admin_sessions SET expires_at = 1")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let (st, v) = with_cookie(&cp, Method::GET, "/api/nodes", &cookie, false, None).await;
+    assert_eq!(st, 401, "{v}");
+
+    let rows = audit(&api, "action=auth.").await;
+    let kinds: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_string(),
+                r["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("auth.sign_in".into(), "success".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("auth.sign_out".into(), "success".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("auth.failed".into(), "error".into())),
+        "{kinds:?}"
+    );
+
+    // failed authentications are limited per address: the 11th within a minute is 429
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = http
+            .post(cp.url("/api/session"))
+            .json(&json!({"token": "wrong"}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    // the signed-out and the expired cookie above were failures from this address too
+    assert_eq!(&statuses[..8], &[401; 8], "{statuses:?}");
+    assert_eq!(&statuses[8..], &[429; 4], "{statuses:?}");
+    // even the right token, while limited
+    let r = http
+        .post(cp.url("/api/session"))
+        .json(&json!({"token": api.token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_requests");
+    // bearer tokens still work for this address
+    api.get("/api/nodes").await;
+}
+
+on_both_backends!(session_cookie_flow, session_flow);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_paging_and_filters() {
+    let (_dir, cp, api) = control_plane(Backend::Sqlite, "audit-paging").await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let t = api
+            .post(
+                "/api/templates",
+                json!({"name": format!("page-{i}"), "memory": 1024, "cores": 1}),
+            )
+            .await;
+        ids.push(t["id"].as_str().unwrap().to_string());
+    }
+    for _ in 0..3 {
+        let (st, _) = api
+            .call(
+                Method::POST,
+                "/api/templates",
+                Some(json!({"name": "x", "memory": 1, "cores": 1})),
+            )
+            .await;
+        assert_eq!(st, 400);
+    }
+    // reads are not audited
+    api.get("/api/templates").await;
+
+    let mut seen = Vec::new();
+    let mut path = "/api/audit?limit=3&action=template.".to_string();
+    loop {
+        let page = api.get(&path).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 3);
+        seen.extend(items.iter().cloned());
+        match page["nextBefore"].as_str() {
+            Some(n) => path = format!("/api/audit?limit=3&action=template.&before={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 10, "{seen:?}");
+    let distinct: BTreeSet<&str> = seen.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), 10);
+    let ats: Vec<i64> = seen.iter().map(|r| r["atMs"].as_i64().unwrap()).collect();
+    assert!(
+        ats.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {ats:?}"
+    );
+
+    let errors = audit(&api, "outcome=error").await;
+    assert_eq!(errors.len(), 3);
+    assert!(errors.iter().all(|r| r["status"] == 400
+        && r["errorCode"] == "invalid_params"
+        && r["actor"] == "admin"));
+    let one = audit(&api, &format!("targetId={}", ids[2])).await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0]["targetName"], "page-2");
+    assert_eq!(audit(&api, "actor=nobody").await.len(), 0);
+    assert_eq!(audit(&api, "action=node.").await.len(), 0);
+    let first = *ats.last().unwrap();
+    assert_eq!(audit(&api, &format!("until={first}")).await.len(), 0);
+    assert_eq!(audit(&api, &format!("since={first}")).await.len(), 10);
+    let (st, v) = api
+        .call(Method::GET, "/api/audit?outcome=maybe", None)
+        .await;
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = api.call(Method::GET, "/api/audit?before=zzz", None).await;
+    assert_eq!(st, 400);
+    let (st, _) = api.call(Method::GET, "/api/audit?limit=0", None).await;
+    assert_eq!(st, 400);
+    drop(cp);
+}
