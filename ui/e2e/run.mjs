@@ -24,6 +24,10 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const env = process.env;
 const BASE = (env.TRELLIS_URL ?? 'http://127.0.0.1:8080').replace(/\/$/, '');
 const TOKEN = env.TRELLIS_ADMIN_TOKEN ?? '';
+// The browser signs in as a named admin made at the start (POST /api/admins), so the audit
+// page can show the actions under that name; the API calls of this script use TOKEN.
+const UI_ADMIN = `e2e-operator-${Date.now().toString(36)}`;
+let UI_TOKEN = TOKEN;
 const PVE_SIM_URL = (env.PVE_SIM_URL ?? '').replace(/\/$/, '');
 const TF_REPO = env.TF_TEMPLATE_REPO ?? '';
 const TF_VERSION = env.TF_TEMPLATE_VERSION ?? '';
@@ -302,15 +306,11 @@ async function logViewerSteps(page, context, agentId) {
     const [win] = await Promise.all([context.waitForEvent('page'), link.click()]);
     await win.waitForLoadState('domcontentloaded');
     assert(win.url().endsWith(`#/commands/${cmdId}/log`), `the log window opened ${win.url()}`);
-    // With a session cookie the new window is signed in; a per-tab token asks again.
+    // The session cookie signs the new window in: it must not ask again.
     const signin = win.getByTestId('signin-form');
     const logWindow = win.getByTestId('log-window');
     await logWindow.or(signin).first().waitFor({ timeout: 20_000 });
-    if (await signin.isVisible()) {
-      log('  the log window asked to sign in (no session cookie yet): signing in');
-      await win.getByTestId('token-input').fill(TOKEN);
-      await win.getByTestId('signin-submit').click();
-    }
+    assert(!(await signin.isVisible()), 'the log window asked to sign in again (no session cookie?)');
     await logWindow.waitFor();
     assert((await win.locator('nav[aria-label="Main"]').count()) === 0, 'the log window shows the app shell');
     await waitFor(`all ${LOG_LINES} lines in the log window`, async () => parseInt((await win.getByTestId('log-line-count').textContent()) ?? '0', 10) >= LOG_LINES, 60_000, 250);
@@ -380,6 +380,60 @@ async function commandPageSteps(page, { agentId, provisionedCommand, nodeName })
   });
 }
 
+/** Session cookie across tabs, and the Audit page (issue 10: named admins, audit). */
+async function auditSteps(page, context) {
+  await step('a command link opened in a new tab needs no new sign-in', async () => {
+    const { items } = await api('GET', '/api/commands?limit=1');
+    assert(items.length > 0, 'no command to open');
+    const tab = await context.newPage();
+    try {
+      await tab.goto(`${BASE}/#/commands/${items[0].id}`);
+      const signin = tab.getByTestId('signin-form');
+      const cmdPage = tab.getByTestId('command-page');
+      await cmdPage.or(signin).first().waitFor({ timeout: 20_000 });
+      assert(!(await signin.isVisible()), 'the new tab asked to sign in');
+      assert((await tab.getByTestId('signed-in-as').textContent())?.includes(UI_ADMIN), 'the new tab is not signed in as the same admin');
+    } finally {
+      await tab.close();
+    }
+  });
+
+  await step('audit page shows the actions by the named admin', async () => {
+    await page.goto(`${BASE}/#/audit`);
+    await page.getByTestId('audit-table').waitFor();
+    await shot(page, '40-audit');
+    await a11y(page, 'audit');
+    // who + action filters (typed and chosen as a user would), then page back to the creates
+    await page.getByTestId('audit-actor').fill(UI_ADMIN);
+    await page.getByTestId('audit-actor').press('Enter');
+    await page.getByTestId('audit-action').selectOption('node.');
+    const rows = page.getByTestId('audit-row');
+    await waitFor('node actions by the named admin only', async () => {
+      const cells = await rows.evaluateAll((trs) => trs.map((tr) => [tr.children[1].textContent, tr.children[2].textContent]));
+      return cells.length > 0 && cells.every(([who, action]) => who === UI_ADMIN && action.startsWith('node.'));
+    });
+    const text = async () => (await page.getByTestId('audit-table').textContent()) ?? '';
+    for (let i = 0; i < 20 && !(await text()).includes('node.create'); i++) {
+      const more = page.getByTestId('audit-more');
+      if (!(await more.isVisible())) break;
+      await more.click();
+      await page.waitForTimeout(300);
+    }
+    const t = await text();
+    assert(t.includes('node.create'), 'no node.create row by the named admin');
+    assert(/node\.(power|bulk_action|destroy)/.test(t), 'no power or destroy row by the named admin');
+    await page.getByTestId('audit-actor').fill('');
+    await page.getByTestId('audit-actor').press('Enter');
+    await page.getByTestId('audit-action').selectOption('auth.');
+    await page.getByTestId('audit-outcome').selectOption('error');
+    await waitFor('the refused sign-in', async () => {
+      const all = await rows.allTextContents();
+      return all.some((r) => r.includes('anonymous') && r.includes('auth.sign_in') && r.includes('401'));
+    });
+    await a11y(page, 'audit (filtered)');
+  });
+}
+
 async function main() {
   if (!TOKEN) throw new StepError('TRELLIS_ADMIN_TOKEN is not set');
   await mkdir(SHOTS, { recursive: true });
@@ -426,6 +480,12 @@ async function main() {
   });
 
   try {
+    await step('a named admin for the browser (POST /api/admins)', async () => {
+      const created = await api('POST', '/api/admins', { name: UI_ADMIN });
+      assert(created.token?.startsWith('trl_admin_'), 'no token for the new admin');
+      UI_TOKEN = created.token;
+    });
+
     await step('sign in: missing and wrong token are explained, right token works', async () => {
       await page.goto(`${BASE}/#/hypervisors`);
       await page.getByTestId('signin-form').waitFor();
@@ -437,9 +497,15 @@ async function main() {
       await page.getByText(/rejected \(401\)/).waitFor();
       await shot(page, '01-signin-wrong-token');
       await a11y(page, 'sign-in with error');
-      await page.getByTestId('token-input').fill(TOKEN);
+      await page.getByTestId('token-input').fill(UI_TOKEN);
       await page.getByTestId('signin-submit').click();
       await page.getByRole('heading', { name: 'Hypervisors' }).waitFor();
+      const who = await page.getByTestId('signed-in-as').textContent();
+      assert(who?.includes(UI_ADMIN), `the header says ${who}, not ${UI_ADMIN}`);
+      // The page holds no token: nothing in web storage, and the cookie is HttpOnly.
+      const stored = await page.evaluate(() => JSON.stringify({ ...sessionStorage }) + JSON.stringify({ ...localStorage }));
+      assert(!stored.includes(UI_TOKEN), 'the admin token is in web storage');
+      assert(!(await page.evaluate(() => document.cookie)).includes('trellis_session'), 'the session cookie is readable by scripts');
     });
 
     await step('hypervisors page shows the agent online with a live heartbeat', async () => {
@@ -1030,8 +1096,13 @@ async function main() {
       await page.setViewportSize({ width: 1360, height: 900 });
     });
 
+    await auditSteps(page, context);
+
     await step('sign out', async () => {
       await page.getByTestId('sign-out').click();
+      await page.getByTestId('signin-form').waitFor();
+      // The session is over for every tab: a reload asks again.
+      await page.reload();
       await page.getByTestId('signin-form').waitFor();
     });
 

@@ -1,6 +1,6 @@
 import { useEffect, useState } from 'react';
 import { useQueryClient } from '@tanstack/react-query';
-import { getToken, onUnauthorized, setToken } from './lib/api';
+import { api, onUnauthorized } from './lib/api';
 import { match, navigate, useRoute } from './lib/router';
 import { SignIn } from './pages/SignIn';
 import { Hypervisors } from './pages/Hypervisors';
@@ -10,6 +10,7 @@ import { Commands } from './pages/Commands';
 import { CommandPage } from './pages/CommandPage';
 import { CommandLog } from './pages/CommandLog';
 import { Deploy } from './pages/Deploy';
+import { Audit } from './pages/Audit';
 
 const NAV = [
   { path: '/hypervisors', label: 'Hypervisors', icon: '▣' },
@@ -17,19 +18,31 @@ const NAV = [
   { path: '/templates', label: 'Templates', icon: '❏' },
   { path: '/commands', label: 'Commands', icon: '≡' },
   { path: '/deploy', label: 'Deploy', icon: '⇪' },
+  { path: '/audit', label: 'Audit', icon: '☰' },
 ];
 
 export function App() {
-  const [token, setTok] = useState<string | null>(() => getToken());
+  // Who is signed in (the session cookie); undefined while asking the server.
+  const [who, setWho] = useState<string | null | undefined>(undefined);
   const [expired, setExpired] = useState(false);
   const route = useRoute();
   const queryClient = useQueryClient();
 
+  useEffect(() => {
+    let alive = true;
+    api.session().then(
+      (s) => alive && setWho(s.name),
+      () => alive && setWho(null),
+    );
+    return () => {
+      alive = false;
+    };
+  }, []);
+
   useEffect(
     () =>
       onUnauthorized(() => {
-        setToken(null);
-        setTok(null);
+        setWho(null);
         setExpired(true);
         // Nothing read with the old token survives into the next session.
         queryClient.clear();
@@ -37,13 +50,13 @@ export function App() {
     [queryClient],
   );
 
-  if (!token) {
+  if (who === undefined) return <div className="signin" aria-busy="true" />;
+  if (!who) {
     return (
       <SignIn
         expired={expired}
-        onSignedIn={(t) => {
-          setToken(t);
-          setTok(t);
+        onSignedIn={(name) => {
+          setWho(name);
           setExpired(false);
           // Stay on the page the user asked for (e.g. a shared #/commands/<id> link).
           const current = window.location.hash.replace(/^#/, '');
@@ -54,10 +67,11 @@ export function App() {
   }
 
   const signOut = () => {
-    setToken(null);
-    setTok(null);
-    setExpired(false);
-    queryClient.clear();
+    void api.signOut().finally(() => {
+      setWho(null);
+      setExpired(false);
+      queryClient.clear();
+    });
   };
 
   // A command's log on its own (opened in a new window from the command page): no shell.
@@ -74,6 +88,7 @@ export function App() {
   else if (p === '/commands') page = <Commands query={route.query} />;
   else if ((params = match('/commands/:id', p))) page = <CommandPage id={params.id} />;
   else if (p === '/deploy') page = <Deploy />;
+  else if (p === '/audit') page = <Audit query={route.query} />;
   else
     page = (
       <div className="page">
@@ -111,6 +126,9 @@ export function App() {
           </ul>
         </nav>
         <div className="sidebar-foot">
+          <p className="signed-in" data-testid="signed-in-as">
+            Signed in as <strong>{who}</strong>
+          </p>
           <button type="button" className="btn btn-ghost btn-sm" onClick={signOut} data-testid="sign-out">
             Sign out
           </button>

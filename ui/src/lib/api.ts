@@ -1,6 +1,11 @@
-// Thin client for the Trellis HTTP API. Every call carries the admin bearer token kept in
-// sessionStorage; a 401 anywhere signs the user out (see `onUnauthorized`).
+// Thin client for the Trellis HTTP API. The browser is signed in with the HttpOnly session
+// cookie that `POST /api/session` sets: no script in the page ever holds the admin token, and
+// a link opened in a new tab is signed in too. Every call sends the cookie (same origin) and
+// the `X-Trellis-Request` header the server requires of cookie-authenticated changes (a
+// cross-site form cannot send it); a 401 anywhere signs the user out (see `onUnauthorized`).
 import type {
+  AuditList,
+  SessionInfo,
   Agent,
   AgentList,
   AgentTemplates,
@@ -28,25 +33,10 @@ import type {
   VmNode,
 } from './types';
 
-const TOKEN_KEY = 'trellis.adminToken';
-
-export function getToken(): string | null {
-  try {
-    return sessionStorage.getItem(TOKEN_KEY);
-  } catch {
-    return null;
-  }
-}
-
-export function setToken(token: string | null): void {
-  if (token) sessionStorage.setItem(TOKEN_KEY, token);
-  else sessionStorage.removeItem(TOKEN_KEY);
-}
-
 type Listener = () => void;
 const unauthorizedListeners = new Set<Listener>();
 
-/** Called whenever the API answers 401 to a request made with the stored token. */
+/** Called whenever the API answers 401 (the session ended or was never there). */
 export function onUnauthorized(fn: Listener): () => void {
   unauthorizedListeners.add(fn);
   return () => unauthorizedListeners.delete(fn);
@@ -78,14 +68,12 @@ export interface RequestOptions {
   method?: string;
   body?: unknown;
   signal?: AbortSignal;
-  /** Use this token instead of the stored one (sign-in check); a 401 then does not sign out. */
-  token?: string;
+  /** A 401 is an answer, not a signal to sign out (the sign-in and who-am-I calls). */
+  quiet401?: boolean;
 }
 
 export async function request<T>(path: string, opts: RequestOptions = {}): Promise<T> {
-  const token = opts.token ?? getToken();
-  const headers: Record<string, string> = { Accept: 'application/json' };
-  if (token) headers.Authorization = `Bearer ${token}`;
+  const headers: Record<string, string> = { Accept: 'application/json', 'X-Trellis-Request': '1' };
   if (opts.body !== undefined) headers['Content-Type'] = 'application/json';
   let res: Response;
   try {
@@ -94,6 +82,7 @@ export async function request<T>(path: string, opts: RequestOptions = {}): Promi
       headers,
       body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
       signal: opts.signal,
+      credentials: 'same-origin',
     });
   } catch (e) {
     if (e instanceof DOMException && e.name === 'AbortError') throw e;
@@ -116,7 +105,7 @@ export async function request<T>(path: string, opts: RequestOptions = {}): Promi
       err?.code ?? `http_${res.status}`,
       err?.message ?? (text.slice(0, 200) || `${res.status} ${res.statusText}`),
     );
-    if (res.status === 401 && opts.token === undefined) notifyUnauthorized();
+    if (res.status === 401 && !opts.quiet401) notifyUnauthorized();
     throw apiErr;
   }
   return json as T;
@@ -134,7 +123,16 @@ function qs(params: Record<string, string | number | undefined | null>): string 
 const enc = encodeURIComponent;
 
 export const api = {
-  checkToken: (token: string) => request<AgentList>('/api/agents', { token }),
+  /** Exchanges an admin token for the session cookie; the token is not kept. */
+  signIn: (token: string) =>
+    request<SessionInfo>('/api/session', { method: 'POST', body: { token }, quiet401: true }),
+  /** Who is signed in; 401 when nobody. */
+  session: () => request<SessionInfo>('/api/session', { quiet401: true }),
+  signOut: () => request<void>('/api/session', { method: 'DELETE', quiet401: true }),
+  listAudit: (
+    f: { actor?: string; action?: string; outcome?: string; targetId?: string; limit?: number; before?: string },
+    signal?: AbortSignal,
+  ) => request<AuditList>(`/api/audit${qs({ ...f })}`, { signal }),
 
   listAgents: (signal?: AbortSignal) => request<AgentList>('/api/agents', { signal }),
   getAgent: (id: string) => request<Agent>(`/api/agents/${enc(id)}`),

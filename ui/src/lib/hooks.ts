@@ -1,5 +1,5 @@
 import { useCallback, useEffect, useState } from 'react';
-import { getToken, notifyUnauthorized } from './api';
+import { notifyUnauthorized } from './api';
 import { CommandStream, type StreamState } from './stream';
 import { LogBuffer } from './logbuffer';
 import { applyEvent, mergeSnapshot } from './stages';
@@ -57,7 +57,7 @@ export function useLiveCommand(id: string | null, opts: { logs?: boolean } = {})
     };
     void fetchFull();
     const stream = new CommandStream(
-      { commandId: id, token: getToken() },
+      { commandId: id, token: null },
       {
         onCommand: (c) => {
           if (!alive) return;

@@ -14,6 +14,9 @@ export type AgentTemplates = Schemas['AgentTemplates'];
 export type CreateAgentRequest = Schemas['CreateAgentRequest'];
 export type CreatedAgent = Schemas['CreatedAgent'];
 export type NewToken = Schemas['NewToken'];
+export type SessionInfo = Schemas['SessionInfo'];
+export type AuditEntry = Schemas['AuditEntry'];
+export type AuditList = Schemas['AuditList'];
 
 export type Command = Schemas['Command'];
 export type CommandStatus = Schemas['CommandStatus'];

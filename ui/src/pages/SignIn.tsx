@@ -2,9 +2,9 @@ import { useState, type FormEvent } from 'react';
 import { ApiError, api } from '../lib/api';
 import { Field } from '../components/ui';
 
-export function SignIn({ onSignedIn, expired }: { onSignedIn: (token: string) => void; expired: boolean }) {
+export function SignIn({ onSignedIn, expired }: { onSignedIn: (name: string) => void; expired: boolean }) {
   const [token, setToken] = useState('');
-  const [error, setError] = useState<string | null>(expired ? 'Your session ended: the admin token was rejected. Sign in again.' : null);
+  const [error, setError] = useState<string | null>(expired ? 'Your session ended (signed out, expired or revoked). Sign in again.' : null);
   const [busy, setBusy] = useState(false);
 
   const submit = async (e: FormEvent) => {
@@ -17,11 +17,15 @@ export function SignIn({ onSignedIn, expired }: { onSignedIn: (token: string) =>
     setBusy(true);
     setError(null);
     try {
-      await api.checkToken(t);
-      onSignedIn(t);
+      // The server sets an HttpOnly session cookie; this page forgets the token.
+      const s = await api.signIn(t);
+      setToken('');
+      onSignedIn(s.name);
     } catch (err) {
       if (err instanceof ApiError && err.status === 401) {
         setError('That admin token was rejected (401). Check TRELLIS_ADMIN_TOKEN on the server, or the token printed at first start.');
+      } else if (err instanceof ApiError && err.status === 429) {
+        setError('Too many failed sign-ins from this address. Wait a minute and try again.');
       } else if (err instanceof ApiError && err.status === 0) {
         setError('Cannot reach the Trellis server. Is `trellis serve` running?');
       } else if (err instanceof ApiError) {
@@ -42,7 +46,10 @@ export function SignIn({ onSignedIn, expired }: { onSignedIn: (token: string) =>
           <span className="brand-name">Trellis</span>
         </div>
         <h1>Sign in</h1>
-        <p className="muted">Use the admin token of this control plane. It is kept for this browser tab only.</p>
+        <p className="muted">
+          Use an admin token of this control plane (the bootstrap token, or one from <code>trellis admins create</code>). It
+          is exchanged for a session cookie valid for 12 hours; the page does not keep the token.
+        </p>
         <Field label="Admin token" error={error}>
           {(p) => (
             <input
