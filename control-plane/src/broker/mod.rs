@@ -39,6 +39,9 @@ pub enum ToSession {
     Revoked,
     /// The agent's token was replaced (the session authenticated with the old one).
     TokenRotated,
+    /// A fatal protocol error about what this session sent (e.g. `invalid_event` for
+    /// events the database refused even on their own): sent, then the session closes.
+    Fatal(trellis_protocol::ProtocolError),
 }
 
 pub type SessionTx = mpsc::UnboundedSender<ToSession>;

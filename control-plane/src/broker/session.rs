@@ -426,6 +426,15 @@ impl Session {
                             reject(socket, ProtocolErrorCode::Revoked, "this agent was revoked", CLOSE_POLICY).await;
                             return "revoked".into();
                         }
+                        ToSession::Fatal(mut err) => {
+                            if self.version < 2 && !err.code.is_fatal() {
+                                err.code = ProtocolErrorCode::UnexpectedMessage;
+                            }
+                            self.broker.metrics.protocol_error();
+                            let _ = send(socket, &ServerMessage::Error(err.clone())).await;
+                            close(socket, CLOSE_POLICY, &err.message).await;
+                            return err.message;
+                        }
                         ToSession::TokenRotated => {
                             // Version 1 knows only `revoked` for a token that stopped working.
                             let code = if self.version < 2 { ProtocolErrorCode::Revoked } else { ProtocolErrorCode::TokenRotated };
@@ -548,8 +557,11 @@ impl Session {
                     stream: LogStream::System,
                     data: format!("event {} rejected: {reason}\n", e.seq),
                 };
-            } else if matches!(e.body, EventBody::Finished(_)) && finished.is_none() {
-                self.owned.insert(command_id, Some(e.seq));
+            } else {
+                sanitize(&mut e);
+                if matches!(e.body, EventBody::Finished(_)) && finished.is_none() {
+                    self.owned.insert(command_id, Some(e.seq));
+                }
             }
             keep.push(e);
         }
@@ -702,6 +714,79 @@ fn lenient_v1(e: &mut Event) {
             cut(message);
         }
         _ => {}
+    }
+}
+
+/// Longest stored `error.message` of a command outcome, in bytes (longer ones are cut).
+const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
+/// Longest stored `error.code` and `error.stage`, in bytes (longer ones are cut).
+const MAX_ERROR_CODE_BYTES: usize = 64;
+
+/// Brings every string of a valid event within what storage holds, before it reaches the
+/// database: NUL (which PostgreSQL TEXT refuses) becomes U+FFFD in log data, messages and
+/// everything in an outcome (its error and result, keys included), and an outcome's error
+/// code, stage and message are cut to their limits. Stage names are not repaired here:
+/// one with a control character is an `invalid_event` (see `Event::validate`).
+fn sanitize(e: &mut Event) {
+    fn fix(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+    }
+    fn cut(s: &mut String, max: usize) {
+        if s.len() > max {
+            let mut end = max;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+        }
+    }
+    fn fix_json(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => fix(s),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(fix_json),
+            serde_json::Value::Object(o) => {
+                if o.keys().any(|k| k.contains('\0')) {
+                    let old = std::mem::take(o);
+                    *o = old
+                        .into_iter()
+                        .map(|(mut k, v)| {
+                            fix(&mut k);
+                            (k, v)
+                        })
+                        .collect();
+                }
+                o.values_mut().for_each(fix_json);
+            }
+            _ => {}
+        }
+    }
+    match &mut e.body {
+        EventBody::Log { data, .. } => fix(data),
+        EventBody::Stage { message, .. } | EventBody::Progress { message, .. } => {
+            if let Some(m) = message {
+                fix(m);
+            }
+        }
+        EventBody::Finished(o) => {
+            if let Some(r) = &mut o.result {
+                fix_json(r);
+            }
+            if let Some(err) = &mut o.error {
+                fix(&mut err.code);
+                cut(&mut err.code, MAX_ERROR_CODE_BYTES);
+                fix(&mut err.message);
+                cut(&mut err.message, MAX_ERROR_MESSAGE_BYTES);
+                if let Some(st) = &mut err.stage {
+                    fix(st);
+                    cut(st, MAX_ERROR_CODE_BYTES);
+                }
+                if let Some(d) = &mut err.details {
+                    fix_json(d);
+                }
+            }
+        }
     }
 }
 

@@ -3,6 +3,16 @@
 //! status, stage, percent and the node a provision moves are updated with it), and only
 //! after the commit acks to the agents and publishes to subscribers. Acking after commit
 //! is what makes "nothing lost" true.
+//!
+//! Failure isolation: sessions validate and bound every string before it gets here, but
+//! when the database still refuses a batch because of what it carried
+//! ([`crate::db::sql::is_data_error`]), the batch is written again one session frame at a
+//! time, so the other sessions' events commit and are acked. A frame the database refuses
+//! on its own is written event by event: each event refused alone takes its seq as a
+//! `system` line "event N rejected: …" (stored and acked, so the agent does not re-send it
+//! forever), and that session gets a fatal `invalid_event` and is closed. A failure that is
+//! not about the data (storage unreachable, busy, full) still closes every session of the
+//! batch with `internal`: nothing was acked, the agents re-send.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,11 +22,17 @@ use trellis_protocol::{Event, EventAck, ServerMessage};
 
 use super::fanout::Published;
 use super::{Broker, SessionTx, ToSession};
-use crate::db::{BatchDone, DbResult, EventBatch};
+use crate::db::sql::is_data_error;
+use crate::db::{BatchDone, DbError, DbResult, EventBatch};
 use crate::model::{AgentId, CommandId};
+use trellis_protocol::{EventBody, LogStream, ProtocolError, ProtocolErrorCode};
 
 /// Most events in one transaction.
 const MAX_BATCH_EVENTS: usize = 4000;
+/// A refused frame with more events than this is not written event by event (a
+/// transaction each would hold up every other agent): it is not stored, and its session is
+/// closed (its agent re-sends it later).
+const MAX_ISOLATED_EVENTS: usize = 256;
 
 pub enum WriteOp {
     /// The agent accepted a dispatched command.
@@ -61,20 +77,146 @@ pub async fn run(broker: Arc<Broker>, mut rx: mpsc::Receiver<WriteOp>) {
                 broker.metrics.observe_batch(n, started.elapsed());
                 after_commit(&broker, &mut ops, done);
             }
+            Err(e) if is_data_error(&e) => {
+                tracing::warn!(error = %e, events = n, ops = ops.len(),
+                    "the database refused an event batch; writing it frame by frame");
+                isolate(&broker, &mut ops).await;
+                broker.metrics.observe_batch(n, started.elapsed());
+            }
             Err(e) => {
                 // Nothing was acked: make the agents reconnect and re-send.
                 tracing::error!(error = %e, events = n, "event batch failed; closing affected sessions");
-                for op in &ops {
-                    if let WriteOp::Events { acks_to, .. } = op {
-                        let _ =
-                            acks_to.send(ToSession::StorageFailed("event storage failed".into()));
-                    }
-                }
+                storage_failed(&ops);
             }
         }
         ops.clear();
     }
     tracing::debug!("event writer stopped");
+}
+
+fn storage_failed(ops: &[WriteOp]) {
+    for op in ops {
+        if let WriteOp::Events { acks_to, .. } = op {
+            let _ = acks_to.send(ToSession::StorageFailed("event storage failed".into()));
+        }
+    }
+}
+
+/// Writes a refused batch again, one op at a time (in arrival order, so one session's
+/// frames keep their order); see the module doc.
+async fn isolate(broker: &Broker, ops: &mut [WriteOp]) {
+    for i in 0..ops.len() {
+        let one = std::slice::from_mut(&mut ops[i]);
+        match write_batch(broker, one).await {
+            Ok(done) => after_commit(broker, one, done),
+            Err(e) if is_data_error(&e) => isolate_events(broker, &mut one[0], e).await,
+            Err(e) => {
+                tracing::error!(error = %e, "event storage failed while isolating a refused batch");
+                storage_failed(&ops[i..]);
+                return;
+            }
+        }
+    }
+}
+
+/// One session's frame that the database refused on its own: each event alone, and an
+/// event refused alone replaced by a `system` line in its place. Then the session gets
+/// `invalid_event` and is closed.
+async fn isolate_events(broker: &Broker, op: &mut WriteOp, first: DbError) {
+    let WriteOp::Events {
+        agent_id,
+        events,
+        acks_to,
+    } = op
+    else {
+        // An accept the database refuses is not the agent's fault: storage trouble.
+        tracing::error!(error = %first, "the database refused an accept");
+        return;
+    };
+    let agent_id = *agent_id;
+    if events.len() > MAX_ISOLATED_EVENTS {
+        tracing::warn!(%agent_id, events = events.len(), error = %first,
+            "the database refused a large frame; not stored, closing its session");
+        let _ = acks_to.send(ToSession::Fatal(ProtocolError::new(
+            ProtocolErrorCode::InvalidEvent,
+            "the control plane could not store this frame's events; send fewer per frame",
+        )));
+        return;
+    }
+    let mut merged = BatchDone::default();
+    let mut refused: Vec<(uuid::Uuid, u64)> = Vec::new();
+    let mut storage_trouble = false;
+    for e in events.iter_mut() {
+        let mut res = store_one(broker, agent_id, e).await;
+        if matches!(&res, Err(err) if is_data_error(err)) {
+            tracing::warn!(%agent_id, command_id = %e.command_id, seq = e.seq,
+                error = %res.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+                "the database refused an event; storing a system line in its place");
+            refused.push((e.command_id, e.seq));
+            e.body = EventBody::Log {
+                stream: LogStream::System,
+                data: format!(
+                    "event {} rejected: the control plane could not store it\n",
+                    e.seq
+                ),
+            };
+            res = store_one(broker, agent_id, e).await;
+        }
+        match res {
+            Ok(done) => merge(&mut merged, done),
+            Err(err) => {
+                tracing::error!(%agent_id, error = %err, "event storage failed while isolating");
+                storage_trouble = true;
+                break;
+            }
+        }
+    }
+    after_commit(broker, std::slice::from_mut(op), merged);
+    let WriteOp::Events { acks_to, .. } = op else {
+        return;
+    };
+    if storage_trouble {
+        let _ = acks_to.send(ToSession::StorageFailed("event storage failed".into()));
+        return;
+    }
+    let mut err = ProtocolError::new(
+        ProtocolErrorCode::InvalidEvent,
+        match refused.as_slice() {
+            [] => "the control plane could not store this frame".to_string(),
+            [(_, seq)] => format!("event {seq} rejected: the control plane could not store it"),
+            [(_, seq), rest @ ..] => format!(
+                "event {seq} and {} more rejected: the control plane could not store them",
+                rest.len()
+            ),
+        },
+    );
+    if let Some((command_id, seq)) = refused.first() {
+        err.command_id = Some(*command_id);
+        err.seq = Some(*seq);
+    }
+    let _ = acks_to.send(ToSession::Fatal(err));
+}
+
+async fn store_one(
+    broker: &Broker,
+    agent_id: AgentId,
+    e: &trellis_protocol::Event,
+) -> DbResult<BatchDone> {
+    let mut batch = EventBatch::default();
+    batch.events.push((agent_id, e));
+    broker.db.store_event_batch(&batch).await
+}
+
+/// Adds what a later transaction changed (acks only move forward).
+fn merge(into: &mut BatchDone, done: BatchDone) {
+    into.finished.extend(done.finished);
+    into.started.extend(done.started);
+    into.cancels.extend(done.cancels);
+    into.stages.extend(done.stages);
+    for (id, seq) in done.acks {
+        let e = into.acks.entry(id).or_insert(seq);
+        *e = (*e).max(seq);
+    }
 }
 
 fn op_events(op: &WriteOp) -> usize {

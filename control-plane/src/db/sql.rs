@@ -32,6 +32,27 @@ pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether a failed statement was refused because of the data it carried (a value the
+/// database cannot hold, a constraint, a trigger), not because storage is in trouble
+/// (unreachable, busy, full). Only such failures are worth retrying without the offending
+/// part: PostgreSQL classes 22 (data exception), 23 (integrity), 54 (program limit) and
+/// P0001 (raised by a trigger); SQLite's primary codes 18 (too big), 19 (constraint,
+/// trigger), 20 (mismatch) and 25 (range).
+pub fn is_data_error(e: &DbError) -> bool {
+    let DbError::Sqlx(sqlx::Error::Database(d)) = e else {
+        return false;
+    };
+    let Some(code) = d.code() else { return false };
+    // PostgreSQL's SQLSTATE has five characters; SQLite's (extended) codes are numbers
+    // below 10 000 that keep the primary code in the low byte.
+    if code.len() != 5 {
+        return code
+            .parse::<u32>()
+            .is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25));
+    }
+    code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "P0001"
+}
+
 /// A TEXT id column as a typed id.
 pub(super) fn id<T: From<Uuid>>(row: &AnyRow, col: &str) -> DbResult<T> {
     let s: String = row.try_get(col)?;
