@@ -281,6 +281,17 @@ async fn bulk_stop_destroy_and_unknown_nodes(backend: Backend) {
         .collect();
     assert_eq!(statuses, ["destroyed", "destroyed", "stopped"]);
     assert_eq!(s.sim.created_vms().await.unwrap().len(), 1);
+    // A destroyed node's name is free again; the stopped one's is not.
+    let v = batch(&s, &tid, 2, "db-{n}").await;
+    let names: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["db-1", "db-2"]);
+    let v = batch(&s, &tid, 1, "db-{n}").await;
+    assert_eq!(v["nodes"][0]["name"], "db-4", "{v}");
 }
 
 async fn bad_requests_and_names(backend: Backend) {
@@ -369,7 +380,7 @@ async fn bad_requests_and_names(backend: Backend) {
         )
         .await;
     assert_eq!(status, 409, "{v}");
-    assert_eq!(v["error"]["code"], "name_taken");
+    assert_eq!(v["error"]["code"], "duplicate_name");
 }
 
 on_both_backends!(provision_ten_retry_failed, bulk_provision_and_retry_failed);

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::audit::AuditNote;
 use super::auth::Admin;
 use super::types::{
     BatchMember, BatchStarted, BulkActionRequest, BulkActionResults, BulkNodeAction,
@@ -22,7 +23,7 @@ use crate::domain::DomainError;
     responses((status = 202, body = BatchStarted),
         (status = 400, description = "invalid_params (count, namePattern, size), template_not_mapped", body = ErrorBody),
         (status = 404, description = "Unknown template or hypervisor", body = ErrorBody),
-        (status = 409, description = "name_taken, agent_offline, capability_missing", body = ErrorBody)))]
+        (status = 409, description = "duplicate_name, agent_offline, capability_missing", body = ErrorBody)))]
 pub async fn create_batch(
     State(s): State<AppState>,
     admin: Admin,
@@ -43,22 +44,28 @@ pub async fn create_batch(
         },
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(BatchStarted {
-            batch_id: started.batch_id,
-            nodes: started
-                .nodes
-                .into_iter()
-                .map(|m| BatchMember {
-                    node_id: m.node_id,
-                    name: m.name,
-                    command_id: m.command_id,
-                })
-                .collect(),
-        }),
-    )
-        .into_response())
+    let body = BatchStarted {
+        batch_id: started.batch_id,
+        nodes: started
+            .nodes
+            .into_iter()
+            .map(|m| BatchMember {
+                node_id: m.node_id,
+                name: m.name,
+                command_id: m.command_id,
+            })
+            .collect(),
+    };
+    let pattern = body
+        .nodes
+        .first()
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let note = AuditNote::target(&body.batch_id, pattern).with_details(serde_json::json!({
+        "count": body.nodes.len(),
+        "nodes": body.nodes,
+    }));
+    Ok(note.on((StatusCode::ACCEPTED, Json(body)).into_response()))
 }
 
 /// Run one action on many nodes: `start`, `shutdown`, `stop`, `reboot`, `destroy` (each
@@ -72,7 +79,7 @@ pub async fn bulk_action(
     State(s): State<AppState>,
     admin: Admin,
     Json(b): Json<BulkActionRequest>,
-) -> ApiResult<Json<BulkActionResults>> {
+) -> ApiResult<Response> {
     use trellis_protocol::PowerAction as P;
     let action = match b.action {
         BulkNodeAction::Start => BulkAction::Power(P::Start),
@@ -107,11 +114,25 @@ pub async fn bulk_action(
         })
         .collect();
     let succeeded = results.iter().filter(|r| r.command_id.is_some()).count();
-    Ok(Json(BulkActionResults {
+    // The audit row lists every node's outcome (ids, names, command or error code).
+    let note = AuditNote::default().with_details(serde_json::json!({
+        "action": b.action,
+        "results": results
+            .iter()
+            .map(|r| serde_json::json!({
+                "nodeId": r.node_id,
+                "name": r.name,
+                "commandId": r.command_id,
+                "error": r.error.as_ref().map(|e| &e.code),
+            }))
+            .collect::<Vec<_>>(),
+    }));
+    Ok(note.on(Json(BulkActionResults {
         failed: results.len() - succeeded,
         succeeded,
         results,
-    }))
+    })
+    .into_response()))
 }
 
 /// The code and safe message a refused node gets (the codes a single-node request would

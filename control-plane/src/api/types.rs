@@ -755,7 +755,7 @@ pub struct NodeListQuery {
 /// Create `count` nodes named from `namePattern` and provision them all on one hypervisor.
 /// `{n}` counts from 1 and skips names already taken (ignoring case): `web-{n}` × 3 with
 /// `web-1` present makes `web-2`, `web-3`, `web-4`. Without `{n}` (count 1 only) the
-/// pattern is the name, refused with 409 `name_taken` if a node has it.
+/// pattern is the name, refused with 409 `duplicate_name` if a node (not destroyed) has it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BulkProvisionRequest {

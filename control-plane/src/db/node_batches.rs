@@ -97,11 +97,12 @@ impl Db {
             .collect()
     }
 
-    /// Names of existing nodes that start with `prefix` (ASCII case-insensitively).
+    /// Names of nodes (not `destroyed`) that start with `prefix` (ASCII case-insensitively).
     pub async fn node_names_with_prefix(&self, prefix: &str) -> DbResult<Vec<String>> {
         // VM names are letters, digits, '-' and '.': nothing LIKE would treat specially.
-        let rows = sqlx::query("SELECT name FROM nodes WHERE LOWER(name) LIKE $1")
+        let rows = sqlx::query("SELECT name FROM nodes WHERE LOWER(name) LIKE $1 AND status <> $2")
             .bind(format!("{}%", prefix.to_ascii_lowercase()))
+            .bind(NodeStatus::Destroyed.as_str())
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -123,12 +124,14 @@ impl Db {
         let mut tx = self.begin_write().await?;
         // The names were chosen free before; another request may have taken one since.
         let names: Vec<String> = nodes.iter().map(|n| n.name.to_ascii_lowercase()).collect();
-        let placeholders = (1..=names.len())
+        let placeholders = (2..=names.len() + 1)
             .map(|i| format!("${i}"))
             .collect::<Vec<_>>()
             .join(",");
-        let sql = format!("SELECT name FROM nodes WHERE LOWER(name) IN ({placeholders})");
-        let mut q = sqlx::query(&sql);
+        let sql = format!(
+            "SELECT name FROM nodes WHERE status <> $1 AND LOWER(name) IN ({placeholders})"
+        );
+        let mut q = sqlx::query(&sql).bind(NodeStatus::Destroyed.as_str());
         for n in &names {
             q = q.bind(n.clone());
         }

@@ -7,7 +7,8 @@
 //!
 //! Naming: `{n}` counts from 1 and skips names already taken by a node (compared ignoring
 //! ASCII case), so `web-{n}` × 3 with `web-1` present makes `web-2`, `web-3`, `web-4`.
-//! A pattern without `{n}` (count 1 only) names one node and is refused if taken.
+//! A pattern without `{n}` (count 1 only) names one node and is refused if taken
+//! (`duplicate_name`). A `destroyed` node's name counts as free, as for a single node.
 
 use std::collections::HashSet;
 
@@ -84,7 +85,7 @@ pub fn expand_names(
         validate_name(pattern)?;
         if taken.contains(&pattern.to_ascii_lowercase()) {
             return Err(DomainError::conflict(
-                "name_taken",
+                "duplicate_name",
                 format!("a node named {pattern:?} already exists"),
             ));
         }
@@ -175,7 +176,7 @@ pub async fn bulk_provision(
     db.insert_node_batch(&batch_id, agent, &nodes)
         .await
         .map_err(|e| match e {
-            DbError::Conflict(m) => DomainError::conflict("name_taken", m),
+            DbError::Conflict(m) => DomainError::conflict("duplicate_name", m),
             e => e.into(),
         })?;
     broker.wake(agent);
@@ -353,7 +354,7 @@ mod tests {
         assert!(matches!(
             e,
             DomainError::Conflict {
-                code: "name_taken",
+                code: "duplicate_name",
                 ..
             }
         ));

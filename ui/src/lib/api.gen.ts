@@ -675,7 +675,7 @@ export interface components {
          * @description Create `count` nodes named from `namePattern` and provision them all on one hypervisor.
          *     `{n}` counts from 1 and skips names already taken (ignoring case): `web-{n}` × 3 with
          *     `web-1` present makes `web-2`, `web-3`, `web-4`. Without `{n}` (count 1 only) the
-         *     pattern is the name, refused with 409 `name_taken` if a node has it.
+         *     pattern is the name, refused with 409 `duplicate_name` if a node (not destroyed) has it.
          */
         BulkProvisionRequest: {
             application?: string | null;
@@ -2413,7 +2413,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description name_taken, agent_offline, capability_missing */
+            /** @description duplicate_name, agent_offline, capability_missing */
             409: {
                 headers: {
                     [name: string]: unknown;
