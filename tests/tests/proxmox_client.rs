@@ -219,6 +219,8 @@ async fn clone_locks_the_vm_until_the_task_ends() {
         description: "x".into(),
         target: None,
         full: false,
+        storage: None,
+        pool: None,
     };
     let upid = c.clone_vm("pve1", 9000, &req).await.unwrap();
     assert_eq!(

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/nodes", get(nodes::list).post(nodes::create))
         .route("/api/nodes/batches", post(node_batches::create_batch))
         .route("/api/nodes/bulk", post(node_batches::bulk_action))
+        .route("/api/nodes/import", post(nodes::import))
         .route(
             "/api/nodes/{id}",
             get(nodes::get).put(nodes::update).delete(nodes::delete),

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use super::audit::AuditNote;
 use super::auth::Admin;
 use super::types::{
-    CreateNodeRequest, DestroyRequest, ErrorBody, Node, NodeList, NodeWithCommand, PowerRequest,
-    ProvisionRequest, UpdateNodeRequest,
+    CreateNodeRequest, DestroyRequest, ErrorBody, ImportNodeRequest, Node, NodeList,
+    NodeWithCommand, PowerRequest, ProvisionRequest, UpdateNodeRequest,
 };
 use super::{parse_id, ApiResult, AppState, Json};
 use crate::domain::{self, nodes::Provision};
@@ -48,6 +48,7 @@ pub(super) fn provision_of(p: ProvisionRequest) -> Provision {
         agent_id: p.agent_id,
         target_node: p.target_node,
         keep_on_failure: p.keep_on_failure,
+        clone_options: p.clone_options.map(Into::into),
     }
 }
 
@@ -55,7 +56,7 @@ pub(super) fn provision_of(p: ProvisionRequest) -> Provision {
 #[utoipa::path(post, path = "/api/nodes", tag = "nodes", request_body = CreateNodeRequest,
     responses((status = 201, body = NodeWithCommand), (status = 400, body = ErrorBody),
         (status = 404, description = "Unknown template or hypervisor", body = ErrorBody),
-        (status = 409, description = "agent_offline, capability_missing", body = ErrorBody)))]
+        (status = 409, description = "duplicate_name (another node has this name; send force: true), agent_offline, capability_missing", body = ErrorBody)))]
 pub async fn create(
     State(s): State<AppState>,
     admin: Admin,
@@ -69,6 +70,7 @@ pub async fn create(
             memory: b.memory,
             cores: b.cores,
             application: b.application,
+            force: b.force,
         },
     )
     .await?;
@@ -90,6 +92,34 @@ pub async fn create(
         }),
     )
         .into_response()))
+}
+
+/// Import a VM of a hypervisor's inventory that Trellis does not track as a node
+/// (`running` or `stopped` as Proxmox reports it). Power actions work on it; destroy only
+/// when the VM carries a Trellis tag (else 409 `vm_untagged`: Trellis never deletes a VM
+/// it did not make).
+#[utoipa::path(post, path = "/api/nodes/import", tag = "nodes", request_body = ImportNodeRequest,
+    responses((status = 201, body = Node), (status = 400, body = ErrorBody),
+        (status = 404, description = "Unknown hypervisor, or the VM is not in its inventory", body = ErrorBody),
+        (status = 409, description = "already_tracked (a node already tracks this VM), duplicate_name", body = ErrorBody)))]
+pub async fn import(
+    State(s): State<AppState>,
+    Json(b): Json<ImportNodeRequest>,
+) -> ApiResult<Response> {
+    let node = domain::nodes::import(
+        &s.db,
+        domain::nodes::Import {
+            agent_id: b.agent_id,
+            vm_id: b.vm_id,
+            name: b.name,
+            application: b.application,
+            force: b.force,
+        },
+    )
+    .await?;
+    let note = AuditNote::target(node.id, node.name.clone())
+        .with_details(serde_json::json!({ "vmId": node.vm_id, "imported": true }));
+    Ok(note.on((StatusCode::CREATED, Json(Node::from(&node))).into_response()))
 }
 
 /// Edit a node (absent fields keep their value).

@@ -26,7 +26,7 @@ use super::{admins, agents, audit, auth, commands, node_batches, nodes, template
         commands::cancel, commands::retry,
         templates::list, templates::create, templates::get, templates::update, templates::delete,
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
-        nodes::power, nodes::destroy, nodes::forget,
+        nodes::power, nodes::destroy, nodes::forget, nodes::import,
         node_batches::create_batch, node_batches::bulk_action,
         admins::list, admins::create, admins::revoke, audit::list,
         auth::sign_in, auth::who, auth::sign_out,

@@ -433,6 +433,8 @@ pub struct Template {
     pub network_bridge: Option<String>,
     pub pre_provision_commands: Vec<String>,
     pub post_provision_commands: Vec<String>,
+    /// Defaults for the clone options of nodes provisioned from it.
+    pub clone_defaults: Option<CloneOptions>,
     pub system: bool,
     pub created_at: String,
     pub updated_at: String,
@@ -451,6 +453,7 @@ impl From<&TemplateRow> for Template {
             network_bridge: t.fields.network_bridge.clone(),
             pre_provision_commands: t.fields.pre_provision_commands.clone(),
             post_provision_commands: t.fields.post_provision_commands.clone(),
+            clone_defaults: t.fields.clone_defaults.as_ref().map(Into::into),
             system: t.system,
             created_at: rfc3339(t.created_at),
             updated_at: rfc3339(t.updated_at),
@@ -490,6 +493,9 @@ pub struct TemplateRequest {
     pub pre_provision_commands: Vec<String>,
     #[serde(default)]
     pub post_provision_commands: Vec<String>,
+    /// Defaults for the clone options of nodes provisioned from it (e.g. `ciUser`).
+    #[serde(default)]
+    pub clone_defaults: Option<CloneOptions>,
 }
 
 impl From<TemplateRequest> for crate::db::TemplateFields {
@@ -504,6 +510,7 @@ impl From<TemplateRequest> for crate::db::TemplateFields {
             network_bridge: b.network_bridge,
             pre_provision_commands: b.pre_provision_commands,
             post_provision_commands: b.post_provision_commands,
+            clone_defaults: b.clone_defaults.map(Into::into),
         }
     }
 }
@@ -578,6 +585,134 @@ pub struct ProvisionRequest {
     /// Keep a VM that failed half-way for inspection instead of deleting it.
     #[serde(default)]
     pub keep_on_failure: bool,
+    /// Proxmox clone options; absent fields take the template's `cloneDefaults`.
+    #[serde(default)]
+    pub clone_options: Option<CloneOptions>,
+}
+
+/// Proxmox clone and cloud-init options of a provision (all optional). Invalid values are
+/// refused with 400 `invalid_params` naming the field; when Proxmox rejects one later,
+/// the command's `error.details.field` names it (`storage`, `disk_size_gib`, `vm_id`, …).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloneOptions {
+    /// Target storage of the disks (implies a full clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 64)]
+    pub storage: Option<String>,
+    /// Full (copied disks) or linked clone; default linked (full with `storage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<bool>,
+    /// Grow the boot disk to this size (GiB) after the clone; never shrinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65536)]
+    pub disk_size_gib: Option<u32>,
+    /// Explicit VMID (default: the next free one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 100, maximum = 999999999)]
+    pub vm_id: Option<u32>,
+    /// Cloud-init user; also the user of the UI's "Copy SSH command".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 32)]
+    pub ci_user: Option<String>,
+    /// OpenSSH public keys, one per entry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_config: Option<IpConfig>,
+    /// VLAN tag of the first network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 4094)]
+    pub vlan_tag: Option<u16>,
+    /// Resource pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 64)]
+    pub pool: Option<String>,
+    /// Proxmox tags, added to Trellis's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Start at boot of the Proxmox node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onboot: Option<bool>,
+}
+
+/// Cloud-init IP configuration of the first interface.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum IpConfig {
+    Dhcp,
+    Static {
+        /// IPv4 with prefix, e.g. `10.0.0.5/24`.
+        address: String,
+        /// IPv4 gateway in that network.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gateway: Option<String>,
+    },
+}
+
+impl From<CloneOptions> for trellis_protocol::CloneOptions {
+    fn from(o: CloneOptions) -> Self {
+        Self {
+            storage: o.storage,
+            full: o.full,
+            disk_size_gib: o.disk_size_gib,
+            vm_id: o.vm_id,
+            ci_user: o.ci_user,
+            ssh_keys: o.ssh_keys,
+            ip_config: o.ip_config.map(|i| match i {
+                IpConfig::Dhcp => trellis_protocol::IpConfig::Dhcp,
+                IpConfig::Static { address, gateway } => {
+                    trellis_protocol::IpConfig::Static { address, gateway }
+                }
+            }),
+            vlan_tag: o.vlan_tag,
+            pool: o.pool,
+            tags: o.tags,
+            onboot: o.onboot,
+        }
+    }
+}
+
+impl From<&trellis_protocol::CloneOptions> for CloneOptions {
+    fn from(o: &trellis_protocol::CloneOptions) -> Self {
+        let o = o.clone();
+        Self {
+            storage: o.storage,
+            full: o.full,
+            disk_size_gib: o.disk_size_gib,
+            vm_id: o.vm_id,
+            ci_user: o.ci_user,
+            ssh_keys: o.ssh_keys,
+            ip_config: o.ip_config.map(|i| match i {
+                trellis_protocol::IpConfig::Dhcp => IpConfig::Dhcp,
+                trellis_protocol::IpConfig::Static { address, gateway } => {
+                    IpConfig::Static { address, gateway }
+                }
+            }),
+            vlan_tag: o.vlan_tag,
+            pool: o.pool,
+            tags: o.tags,
+            onboot: o.onboot,
+        }
+    }
+}
+
+/// Import a VM of a hypervisor's inventory (one Trellis does not track) as a node.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImportNodeRequest {
+    /// The hypervisor whose inventory shows the VM.
+    pub agent_id: String,
+    #[schema(minimum = 100, maximum = 999999999)]
+    pub vm_id: i64,
+    /// The node's name (default: the VM's).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub application: Option<String>,
+    /// Import even if another node has this name.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `start`, `shutdown` (ACPI / guest agent), `stop` (hard power-off) or `reboot`.
@@ -685,6 +820,10 @@ pub struct CreateNodeRequest {
     /// Provision at once on this hypervisor.
     #[serde(default)]
     pub provision: Option<ProvisionRequest>,
+    /// Create the node even if another node (not destroyed) has this name; without it a
+    /// taken name is refused with 409 `duplicate_name`.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

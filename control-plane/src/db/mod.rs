@@ -15,6 +15,7 @@ mod dispatch;
 mod events;
 mod inventory;
 mod node_batches;
+mod node_import;
 mod nodes;
 mod settings;
 pub mod sql;
@@ -23,11 +24,14 @@ mod templates;
 pub use admins::{AdminRow, SessionRow};
 pub use agents::AgentRow;
 pub use audit::{AuditFilter, AuditRow};
-pub use commands::{CancelOutcome, CommandFilter, CommandRow, NewCommand, NodeRef, Owner, StageRow};
+pub use commands::{
+    CancelOutcome, CommandFilter, CommandRow, NewCommand, NodeRef, Owner, StageRow,
+};
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
 pub use inventory::{AgentVmRow, InventoryApplied};
 pub use node_batches::{BatchNode, NodeProgress};
+pub use node_import::NodeImport;
 pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
 pub use templates::{TemplateFields, TemplateRow};
 

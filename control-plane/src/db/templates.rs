@@ -30,11 +30,13 @@ pub struct TemplateFields {
     pub network_bridge: Option<String>,
     pub pre_provision_commands: Vec<String>,
     pub post_provision_commands: Vec<String>,
+    /// Defaults for the clone options of nodes provisioned from it.
+    pub clone_defaults: Option<trellis_protocol::CloneOptions>,
 }
 
 const COLS: &str =
     "id, name, description, memory, cores, proxmox_template_id, proxmox_node, network_bridge, \
-    pre_provision_commands, post_provision_commands, system, created_at, updated_at";
+    pre_provision_commands, post_provision_commands, system, created_at, updated_at, clone_defaults";
 
 impl TemplateRow {
     fn from_row(r: &AnyRow) -> DbResult<Self> {
@@ -50,12 +52,25 @@ impl TemplateRow {
                 network_bridge: r.try_get("network_bridge")?,
                 pre_provision_commands: string_list(r, "pre_provision_commands")?,
                 post_provision_commands: string_list(r, "post_provision_commands")?,
+                // Stored by this build from validated options; anything unreadable is no
+                // defaults rather than an unreadable template.
+                clone_defaults: r
+                    .try_get::<Option<String>, _>("clone_defaults")?
+                    .and_then(|j| serde_json::from_str(&j).ok()),
             },
             system: flag(r, "system")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
         })
     }
+}
+
+/// The stored form of a template's clone defaults: JSON, or NULL for none.
+fn clone_defaults_json(t: &TemplateFields) -> Option<String> {
+    t.clone_defaults
+        .as_ref()
+        .filter(|d| !d.is_empty())
+        .and_then(|d| serde_json::to_string(d).ok())
 }
 
 fn list_json(v: &[String]) -> String {
@@ -84,8 +99,8 @@ impl Db {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO templates (id, name, description, memory, cores, proxmox_template_id, proxmox_node, \
-             network_bridge, pre_provision_commands, post_provision_commands, system, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)",
+             network_bridge, pre_provision_commands, post_provision_commands, system, created_at, updated_at, \
+             clone_defaults) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
         )
         .bind(template.to_string())
         .bind(&t.name)
@@ -99,6 +114,7 @@ impl Db {
         .bind(list_json(&t.post_provision_commands))
         .bind(i64::from(system))
         .bind(now)
+        .bind(clone_defaults_json(t))
         .execute(self.writer())
         .await?;
         Ok(template)
@@ -108,7 +124,7 @@ impl Db {
         let n = sqlx::query(
             "UPDATE templates SET name = $1, description = $2, memory = $3, cores = $4, proxmox_template_id = $5, \
              proxmox_node = $6, network_bridge = $7, pre_provision_commands = $8, post_provision_commands = $9, \
-             updated_at = $10 WHERE id = $11",
+             updated_at = $10, clone_defaults = $12 WHERE id = $11",
         )
         .bind(&t.name)
         .bind(t.description.clone())
@@ -121,6 +137,7 @@ impl Db {
         .bind(list_json(&t.post_provision_commands))
         .bind(now_ms())
         .bind(template.to_string())
+        .bind(clone_defaults_json(t))
         .execute(self.writer())
         .await?
         .rows_affected();
@@ -170,8 +187,8 @@ impl Db {
         for t in defaults {
             sqlx::query(
                 "INSERT INTO templates (id, name, description, memory, cores, proxmox_template_id, proxmox_node, \
-                 network_bridge, pre_provision_commands, post_provision_commands, system, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $11)",
+                 network_bridge, pre_provision_commands, post_provision_commands, system, created_at, updated_at, \
+                 clone_defaults) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, $11, $11, $12)",
             )
             .bind(TemplateId::new().to_string())
             .bind(&t.name)
@@ -184,6 +201,7 @@ impl Db {
             .bind(list_json(&t.pre_provision_commands))
             .bind(list_json(&t.post_provision_commands))
             .bind(now)
+            .bind(clone_defaults_json(t))
             .execute(&mut *tx)
             .await?;
         }

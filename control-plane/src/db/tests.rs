@@ -40,6 +40,7 @@ async fn template(db: &Db) -> crate::model::TemplateId {
             network_bridge: None,
             pre_provision_commands: vec![],
             post_provision_commands: vec![],
+            clone_defaults: None,
         },
         false,
     )

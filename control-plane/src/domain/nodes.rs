@@ -50,6 +50,25 @@ pub struct CreateNode {
     pub memory: Option<i64>,
     pub cores: Option<i64>,
     pub application: Option<String>,
+    /// Create it even if another node has this name.
+    pub force: bool,
+}
+
+/// Refuses a name another node has (ignoring case; `destroyed` nodes do not count, and
+/// forgotten ones have no record) with 409 `duplicate_name`, unless `force`.
+pub async fn check_name_free(db: &Db, name: &str, force: bool) -> DomainResult<()> {
+    if force {
+        return Ok(());
+    }
+    if let Some(other) = db.node_named(name).await? {
+        return Err(DomainError::conflict(
+            "duplicate_name",
+            format!(
+                "a node named {name:?} already exists ({other}); choose another name or send force: true to create it anyway"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where to provision a node.
@@ -59,11 +78,42 @@ pub struct Provision {
     pub target_node: Option<String>,
     /// Keep a VM that failed half-way for inspection.
     pub keep_on_failure: bool,
+    /// Proxmox clone options; absent fields take the template's defaults.
+    pub clone_options: Option<trellis_protocol::CloneOptions>,
+}
+
+/// The clone options of a provision: what the request gives, field by field over the
+/// template's defaults (a list given in the request replaces the template's).
+pub fn merge_clone_options(
+    request: Option<trellis_protocol::CloneOptions>,
+    defaults: Option<&trellis_protocol::CloneOptions>,
+) -> trellis_protocol::CloneOptions {
+    let r = request.unwrap_or_default();
+    let Some(d) = defaults else { return r };
+    let d = d.clone();
+    trellis_protocol::CloneOptions {
+        storage: r.storage.or(d.storage),
+        full: r.full.or(d.full),
+        disk_size_gib: r.disk_size_gib.or(d.disk_size_gib),
+        vm_id: r.vm_id,
+        ci_user: r.ci_user.or(d.ci_user),
+        ssh_keys: if r.ssh_keys.is_empty() {
+            d.ssh_keys
+        } else {
+            r.ssh_keys
+        },
+        ip_config: r.ip_config.or(d.ip_config),
+        vlan_tag: r.vlan_tag.or(d.vlan_tag),
+        pool: r.pool.or(d.pool),
+        tags: if r.tags.is_empty() { d.tags } else { r.tags },
+        onboot: r.onboot.or(d.onboot),
+    }
 }
 
 /// Creates a node (size defaults from its template).
 pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
     validate_name(&b.name)?;
+    check_name_free(db, &b.name, b.force).await?;
     let tid = parse_template_id(&b.template_id)?;
     let t = super::templates::get(db, tid).await?;
     let memory = b.memory.unwrap_or(t.fields.memory);
@@ -99,7 +149,10 @@ pub async fn update(db: &Db, id: NodeId, b: EditNode) -> DomainResult<NodeRow> {
     validate_name(&name)?;
     let memory = b.memory.unwrap_or(n.memory);
     let cores = b.cores.unwrap_or(n.cores);
-    validate_size(memory, cores)?;
+    // An imported node's size is unknown (0) until someone sets it.
+    if b.memory.is_some() || b.cores.is_some() || n.memory > 0 {
+        validate_size(memory, cores)?;
+    }
     let template_id = match b.template_id {
         Some(t) => {
             let tid = parse_template_id(&t)?;
@@ -171,6 +224,74 @@ pub async fn delete(db: &Db, id: NodeId) -> DomainResult<()> {
         ));
     }
     db.delete_node(id, false).await.map_err(busy)
+}
+
+/// What to import: a VM of a hypervisor's inventory.
+pub struct Import {
+    pub agent_id: String,
+    pub vm_id: i64,
+    /// Default: the VM's name.
+    pub name: Option<String>,
+    pub application: Option<String>,
+    pub force: bool,
+}
+
+/// Creates a node for a VM Trellis did not make (or made and forgot), as the hypervisor's
+/// latest inventory shows it: `running` or `stopped`, linked to the VM. Its size is
+/// unknown (0) until set. Power works as for any node; destroy works only if the VM
+/// carries a Trellis tag — for another VM it is refused (`vm_untagged`), so Trellis never
+/// deletes a VM it did not make: forget the node and delete the VM in Proxmox.
+pub async fn import(db: &Db, b: Import) -> DomainResult<NodeRow> {
+    let agent_id: AgentId = b
+        .agent_id
+        .parse()
+        .map_err(|_| DomainError::NotFound(format!("hypervisor {:?} not found", b.agent_id)))?;
+    db.get_agent(agent_id)
+        .await
+        .map_err(DomainError::not_found(format_args!(
+            "hypervisor {agent_id}"
+        )))?;
+    let vms = db.agent_vms(agent_id).await?;
+    let Some(vm) = vms.iter().find(|v| v.vm_id == b.vm_id) else {
+        return Err(DomainError::NotFound(format!(
+            "VM {} is not in the latest inventory of hypervisor {agent_id}",
+            b.vm_id
+        )));
+    };
+    if let Some(node) = vm.tracked_by {
+        return Err(DomainError::conflict(
+            "already_tracked",
+            format!("VM {} is already node {node}", b.vm_id),
+        ));
+    }
+    let name = b
+        .name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| vm.name.clone());
+    validate_name(&name)?;
+    check_name_free(db, &name, b.force).await?;
+    let id = NodeId::new();
+    db.import_node(&crate::db::NodeImport {
+        id,
+        agent: agent_id,
+        vm_id: b.vm_id,
+        name,
+        application: b.application.filter(|a| !a.trim().is_empty()),
+        memory: 0,
+        cores: 0,
+    })
+    .await
+    .map_err(|e| match e {
+        DbError::Conflict(m) => DomainError::conflict("already_tracked", m),
+        DbError::NotFound => DomainError::NotFound(format!(
+            "VM {} is no longer in the inventory of hypervisor {agent_id}",
+            b.vm_id
+        )),
+        e => e.into(),
+    })?;
+    tracing::info!(node = %id, vm_id = b.vm_id, agent = %agent_id, "VM imported as a node");
+    get(db, id).await
 }
 
 /// Drops a node record and keeps its VM in Proxmox (untracked from now on).
@@ -475,7 +596,29 @@ pub(super) async fn plan_provision(
             ),
         ));
     };
-    let params = serde_json::json!({
+    let features = agent.facts["provision_features"].as_array();
+    let knows_options = features.is_some_and(|f| {
+        f.iter()
+            .any(|v| v.as_str() == Some(trellis_protocol::CLONE_OPTIONS_FEATURE))
+    });
+    let requested = p.clone_options.as_ref().is_some_and(|o| !o.is_empty());
+    if requested && !knows_options {
+        return Err(DomainError::conflict(
+            "capability_missing",
+            format!(
+                "hypervisor {:?} runs a tendril that does not apply clone options (storage, cloud-init, VLAN, …); upgrade it or provision without them",
+                agent.name
+            ),
+        ));
+    }
+    // A template's defaults go only to agents that apply them (an older tendril would
+    // ignore them anyway; they are not the admin's explicit choice).
+    let defaults = t.fields.clone_defaults.as_ref().filter(|_| knows_options);
+    let options = merge_clone_options(p.clone_options, defaults);
+    options.validate().map_err(|e| {
+        DomainError::invalid("invalid_params", format!("cloneOptions: {}", e.message))
+    })?;
+    let mut params = serde_json::json!({
         "name": n.name,
         "template": {
             // `clone` is the contract's name; agents from before the node lifecycle (they
@@ -493,6 +636,10 @@ pub(super) async fn plan_provision(
         "target_node": p.target_node.filter(|s| !s.is_empty()),
         "keep_on_failure": p.keep_on_failure,
     });
+    if !options.is_empty() {
+        params["clone_options"] = serde_json::to_value(&options)
+            .map_err(|e| DomainError::invalid("invalid_params", e.to_string()))?;
+    }
     let req = CreateCommand {
         agent_id,
         command_type: CommandType::Provision.as_str().into(),

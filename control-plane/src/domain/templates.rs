@@ -35,6 +35,12 @@ pub fn validate(mut t: TemplateFields) -> DomainResult<TemplateFields> {
     t.description = opt(t.description);
     t.proxmox_node = opt(t.proxmox_node);
     t.network_bridge = opt(t.network_bridge);
+    if let Some(d) = &t.clone_defaults {
+        d.validate().map_err(|e| {
+            DomainError::invalid("invalid_params", format!("cloneDefaults: {}", e.message))
+        })?;
+    }
+    t.clone_defaults = t.clone_defaults.filter(|d| !d.is_empty());
     if let Some(br) = t.network_bridge.as_deref() {
         if !br.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
             return Err(DomainError::invalid(
@@ -67,6 +73,13 @@ pub async fn delete(db: &Db, id: TemplateId) -> DomainResult<()> {
     })
 }
 
+fn cloud_user(user: &str) -> trellis_protocol::CloneOptions {
+    trellis_protocol::CloneOptions {
+        ci_user: Some(user.into()),
+        ..Default::default()
+    }
+}
+
 /// Seeds a few system templates on an empty database so the demo has something to pick.
 pub async fn seed(db: &Db) -> DomainResult<()> {
     let t = |name: &str, desc: &str, memory: i64, cores: i64, vmid: Option<i64>| TemplateFields {
@@ -79,6 +92,12 @@ pub async fn seed(db: &Db) -> DomainResult<()> {
         network_bridge: Some("vmbr0".into()),
         pre_provision_commands: Vec::new(),
         post_provision_commands: vec!["hostname".into()],
+        // The cloud images' default users, so "Copy SSH command" knows whom to log in as.
+        clone_defaults: match vmid {
+            Some(9000) => Some(cloud_user("debian")),
+            Some(9001) => Some(cloud_user("ubuntu")),
+            _ => None,
+        },
     };
     db.seed_templates(&[
         t(

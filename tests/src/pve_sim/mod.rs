@@ -41,8 +41,8 @@ use tokio::net::TcpListener;
 
 pub use api::PveError;
 pub use state::{
-    default_seeds, Burst, Faults, SeedVm, Sim, SimConfig, TaskView, VmView, CONFIG_LOCK_WAIT_S,
-    DEFAULT_STOP_TIMEOUT_S, DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET,
+    default_seeds, Burst, Faults, RecordedRequest, SeedVm, Sim, SimConfig, TaskView, VmView,
+    CONFIG_LOCK_WAIT_S, DEFAULT_STOP_TIMEOUT_S, DEFAULT_TOKEN_ID, DEFAULT_TOKEN_SECRET,
 };
 pub use tls::TlsMaterial;
 

@@ -100,6 +100,23 @@ impl SimProcess {
             .collect())
     }
 
+    /// The clone, config and resize requests the simulator received whose path contains
+    /// `path_contains` (see `GET /_sim/requests`).
+    pub async fn requests(
+        &self,
+        path_contains: &str,
+    ) -> anyhow::Result<Vec<super::RecordedRequest>> {
+        Ok(self
+            .http
+            .get(format!("{}/_sim/requests", self.url))
+            .query(&[("path_contains", path_contains)])
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
     pub async fn tasks(&self) -> anyhow::Result<Vec<TaskView>> {
         self.control("tasks").await
     }

@@ -411,6 +411,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/nodes/import": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Import a VM of a hypervisor's inventory that Trellis does not track as a node
+         *     (`running` or `stopped` as Proxmox reports it). Power actions work on it; destroy only
+         *     when the VM carries a Trellis tag (else 409 `vm_untagged`: Trellis never deletes a VM
+         *     it did not make).
+         */
+        post: operations["nodes_import"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/session": {
         parameters: {
             query?: never;
@@ -695,6 +717,43 @@ export interface components {
             /** Format: uuid */
             templateId: string;
         };
+        /**
+         * @description Proxmox clone and cloud-init options of a provision (all optional). Invalid values are
+         *     refused with 400 `invalid_params` naming the field; when Proxmox rejects one later,
+         *     the command's `error.details.field` names it (`storage`, `disk_size_gib`, `vm_id`, …).
+         */
+        CloneOptions: {
+            /** @description Cloud-init user; also the user of the UI's "Copy SSH command". */
+            ciUser?: string | null;
+            /**
+             * Format: int32
+             * @description Grow the boot disk to this size (GiB) after the clone; never shrinks.
+             */
+            diskSizeGib?: number | null;
+            /** @description Full (copied disks) or linked clone; default linked (full with `storage`). */
+            full?: boolean | null;
+            ipConfig?: null | components["schemas"]["IpConfig"];
+            /** @description Start at boot of the Proxmox node. */
+            onboot?: boolean | null;
+            /** @description Resource pool. */
+            pool?: string | null;
+            /** @description OpenSSH public keys, one per entry. */
+            sshKeys?: string[];
+            /** @description Target storage of the disks (implies a full clone). */
+            storage?: string | null;
+            /** @description Proxmox tags, added to Trellis's own. */
+            tags?: string[];
+            /**
+             * Format: int32
+             * @description VLAN tag of the first network interface.
+             */
+            vlanTag?: number | null;
+            /**
+             * Format: int32
+             * @description Explicit VMID (default: the next free one).
+             */
+            vmId?: number | null;
+        };
         Command: {
             agentId: components["schemas"]["AgentId"];
             /** Format: int64 */
@@ -806,6 +865,11 @@ export interface components {
             /** Format: int64 */
             cores?: number | null;
             /**
+             * @description Create the node even if another node (not destroyed) has this name; without it a
+             *     taken name is refused with 409 `duplicate_name`.
+             */
+            force?: boolean;
+            /**
              * Format: int64
              * @description MiB (default: the template's).
              */
@@ -828,6 +892,30 @@ export interface components {
             /** @description e.g. `not_found`, `invalid_params`, `agent_offline`, `already_provisioning`. */
             code: string;
             message: string;
+        };
+        /** @description Import a VM of a hypervisor's inventory (one Trellis does not track) as a node. */
+        ImportNodeRequest: {
+            /** @description The hypervisor whose inventory shows the VM. */
+            agentId: string;
+            application?: string | null;
+            /** @description Import even if another node has this name. */
+            force?: boolean;
+            /** @description The node's name (default: the VM's). */
+            name?: string | null;
+            /** Format: int64 */
+            vmId: number;
+        };
+        /** @description Cloud-init IP configuration of the first interface. */
+        IpConfig: {
+            /** @enum {string} */
+            mode: "dhcp";
+        } | {
+            /** @description IPv4 with prefix, e.g. `10.0.0.5/24`. */
+            address: string;
+            /** @description IPv4 gateway in that network. */
+            gateway?: string | null;
+            /** @enum {string} */
+            mode: "static";
         };
         LogLine: {
             data: string;
@@ -940,6 +1028,7 @@ export interface components {
         ProvisionRequest: {
             /** @description The hypervisor (agent) to provision on. */
             agentId: string;
+            cloneOptions?: null | components["schemas"]["CloneOptions"];
             /** @description Keep a VM that failed half-way for inspection instead of deleting it. */
             keepOnFailure?: boolean;
             /** @description The Proxmox node of that hypervisor's cluster (default: the template's). */
@@ -998,6 +1087,7 @@ export interface components {
             state: string;
         };
         Template: {
+            cloneDefaults?: null | components["schemas"]["CloneOptions"];
             /** Format: int64 */
             cores: number;
             createdAt: string;
@@ -1024,6 +1114,7 @@ export interface components {
             items: components["schemas"]["Template"][];
         };
         TemplateRequest: {
+            cloneDefaults?: null | components["schemas"]["CloneOptions"];
             /** Format: int64 */
             cores: number;
             description?: string | null;
@@ -1985,7 +2076,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description agent_offline, capability_missing */
+            /** @description duplicate_name (another node has this name; send force: true), agent_offline, capability_missing */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2456,6 +2547,64 @@ export interface operations {
             };
             /** @description invalid_params (no nodes, or more than 200) */
             400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    nodes_import: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ImportNodeRequest"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Node"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unknown hypervisor, or the VM is not in its inventory */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description already_tracked (a node already tracks this VM), duplicate_name */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
