@@ -19,6 +19,7 @@ import type {
   CreateNodeRequest,
   CreatedAgent,
   DestroyRequest,
+  ImportNodeRequest,
   ErrorBody,
   LogPage,
   NewToken,
@@ -178,4 +179,5 @@ export const api = {
   destroyNode: (id: string, confirmName: string) =>
     request<NodeWithCommand>(`/api/nodes/${enc(id)}/destroy`, { method: 'POST', body: { confirmName } satisfies DestroyRequest }),
   forgetNode: (id: string) => request<VmNode>(`/api/nodes/${enc(id)}/forget`, { method: 'POST' }),
+  importNode: (body: ImportNodeRequest) => request<VmNode>('/api/nodes/import', { method: 'POST', body }),
 };

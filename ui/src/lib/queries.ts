@@ -195,6 +195,8 @@ export function mutations(qc: QueryClient) {
       (id) => [...nodeKeys(id), queryKeys.allAgentVms],
     ),
 
+    importNode: after(api.importNode, () => [queryKeys.nodes, queryKeys.allAgentVms]),
+
     createCommand: after(api.createCommand, () => [queryKeys.commandLists]),
     cancelCommand: after(api.cancelCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),
     retryCommand: after(api.retryCommand, (id) => [queryKeys.commandLists, queryKeys.command(id), queryKeys.nodes]),

@@ -66,6 +66,8 @@ export function vmTracking(vm: Pick<AgentVm, 'nodeId' | 'tag'>): VmTracking {
 /** The VMs one hypervisor reported in its latest inventory, with the node tracking each. */
 export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
   const vms = useAgentVms(agent.id);
+  const m = useMutations();
+  const [importing, setImporting] = useState<AgentVm | null>(null);
   const headingId = `vms-${agent.id}`;
   const items = [...(vms.data ?? [])].sort((a, b) => a.vmId - b.vmId);
   const untracked = items.filter((v) => vmTracking(v) === 'untracked-trellis').length;
@@ -129,6 +131,17 @@ export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
                       ) : (
                         <span className="muted small">not Trellis</span>
                       )}
+                      {tracking !== 'tracked' && (
+                        <button
+                          type="button"
+                          className="btn btn-sm"
+                          onClick={() => setImporting(v)}
+                          aria-label={`Import VM ${v.vmId} ${v.name} as a node`}
+                          data-testid="vm-import"
+                        >
+                          Import
+                        </button>
+                      )}
                     </td>
                   </tr>
                 );
@@ -137,6 +150,7 @@ export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
           </table>
         </div>
       )}
+      {importing && <ImportVmDialog agent={agent} vm={importing} nodes={nodes} onImport={m.importNode} onClose={() => setImporting(null)} />}
     </section>
   );
 }
@@ -425,5 +439,70 @@ export function Hypervisors() {
         </Modal>
       )}
     </div>
+  );
+}
+
+/** Import an inventory VM as a node: its name (default the VM's), warning when another node has it. */
+function ImportVmDialog({
+  agent,
+  vm,
+  nodes,
+  onImport,
+  onClose,
+}: {
+  agent: Agent;
+  vm: AgentVm;
+  nodes: VmNode[];
+  onImport: (b: { agentId: string; vmId: number; name: string; force?: boolean }) => Promise<VmNode>;
+  onClose: () => void;
+}) {
+  const [name, setName] = useState(vm.name);
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState<string | null>(null);
+  const taken = nodes.some((n) => n.status !== 'destroyed' && n.name.toLowerCase() === name.trim().toLowerCase());
+  const submit = async (e: FormEvent) => {
+    e.preventDefault();
+    setBusy(true);
+    setError(null);
+    try {
+      await onImport({ agentId: agent.id, vmId: vm.vmId, name: name.trim(), ...(taken ? { force: true } : {}) });
+      onClose();
+    } catch (err) {
+      setError(errorMessage(err));
+      setBusy(false);
+    }
+  };
+  return (
+    <Modal
+      title={`Import VM ${vm.vmId} as a node`}
+      onClose={onClose}
+      testId="import-vm-dialog"
+      footer={
+        <>
+          <button type="button" className="btn" onClick={onClose}>
+            Cancel
+          </button>
+          <span className="spacer" />
+          <button type="submit" form="import-vm-form" className="btn btn-primary" disabled={busy || !name.trim()} data-testid="import-vm-submit">
+            {busy ? 'Importing…' : taken ? 'Import anyway' : 'Import'}
+          </button>
+        </>
+      }
+    >
+      <form id="import-vm-form" onSubmit={(e) => void submit(e)}>
+        <p className="small">
+          Trellis will track VM {vm.vmId} on {vm.node} ({vm.status}) as a node: start, shut down, stop and reboot work as for any node.
+          {vm.tag ? ' It carries a Trellis tag, so Destroy works too.' : ' Trellis did not make it, so Trellis will not destroy it: forget the node and delete the VM in Proxmox.'}
+        </p>
+        <Field label="Node name" error={taken ? 'Another node already has this name; importing will keep both.' : null}>
+          {(p) => <input {...p} value={name} onChange={(e) => setName(e.target.value)} data-autofocus data-testid="import-vm-name" autoComplete="off" />}
+        </Field>
+        {error && (
+          <div className="field-error" role="alert">
+            {error}
+          </div>
+        )}
+      </form>
+    </Modal>
   );
 }

@@ -12,7 +12,7 @@ import { ProvisionModal } from './provision/ProvisionModal';
 import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
 import { BulkActionBar, SelectAll } from './BulkActions';
 import { nodeProgressText } from '../lib/bulk';
-import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, type NodeAction } from './nodeActions';
+import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, sshCommand, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
   const templates = useTemplates();
@@ -395,7 +395,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                               label: 'Copy SSH command',
                               disabled: !n.ipAddress || !live,
                               reason: noVmReason,
-                              onSelect: () => void copyText(`ssh ${n.ipAddress}`),
+                              onSelect: () => void copyText(sshCommand(n, templates.data ?? [])),
                             },
                             {
                               label: 'Copy IP address',

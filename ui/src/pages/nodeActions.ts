@@ -132,3 +132,13 @@ export function commandActivity(cmd: Pick<Command, 'type' | 'params'> | null | u
   if (cmd.type === 'provision') return 'Provisioning';
   return 'Working';
 }
+
+/**
+ * The command "Copy SSH command" copies: `ssh user@ip`, the user being the cloud-init user
+ * of the node's template (`cloneDefaults.ciUser`); plain `ssh ip` when none is known.
+ */
+export function sshCommand(node: Pick<VmNode, 'ipAddress' | 'templateId'>, templates: { id: string; cloneDefaults?: { ciUser?: string | null } | null }[]): string {
+  const user = templates.find((t) => t.id === node.templateId)?.cloneDefaults?.ciUser?.trim();
+  const ip = node.ipAddress ?? '';
+  return user ? `ssh ${user}@${ip}` : `ssh ${ip}`;
+}

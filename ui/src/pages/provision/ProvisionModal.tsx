@@ -5,8 +5,8 @@
 import { useEffect, useMemo, useReducer } from 'react';
 import { useQueryClient } from '@tanstack/react-query';
 import { errorMessage } from '../../lib/api';
-import { queryKeys, useAgents, useMutations, useTemplates } from '../../lib/queries';
-import type { Command, VmNode } from '../../lib/types';
+import { queryKeys, useAgents, useMutations, useNodes, useTemplates } from '../../lib/queries';
+import { commandError, type Command, type VmNode } from '../../lib/types';
 import { Modal } from '../../components/Modal';
 import { Notice } from '../../components/ui';
 import { derive, initProvisionState, provisionReducer, reachable, type Catalog } from './provisionReducer';
@@ -20,6 +20,7 @@ import { StepProvisioning } from './StepProvisioning';
 import { BulkNaming, BulkReviewNames } from './BulkNaming';
 import { ProvisionGrid } from './ProvisionGrid';
 import { submitBatch } from './bulkSubmit';
+import { loadLastChoice, saveLastChoice, withLastChoice } from './remember';
 
 export function ProvisionModal({
   node,
@@ -31,12 +32,21 @@ export function ProvisionModal({
   /** Called when the wizard created a node (new-node mode), e.g. to put its id in the URL. */
   onNodeCreated?: (node: VmNode) => void;
 }) {
-  const [s, dispatch] = useReducer(provisionReducer, node, initProvisionState);
+  const [s, dispatch] = useReducer(provisionReducer, node, (n) => withLastChoice(initProvisionState(n), loadLastChoice()));
   const qc = useQueryClient();
   const m = useMutations();
   const agents = useAgents();
   const templates = useTemplates();
-  const catalog = useMemo<Catalog>(() => ({ agents: agents.data ?? [], templates: templates.data ?? [] }), [agents.data, templates.data]);
+  const nodes = useNodes();
+  const catalog = useMemo<Catalog>(
+    () => ({
+      agents: agents.data ?? [],
+      templates: templates.data ?? [],
+      // Other nodes' names, for the duplicate warning (the node being provisioned is not "another").
+      nodeNames: (nodes.data ?? []).filter((n) => n.id !== (node?.id ?? s.node?.id) && n.status !== 'destroyed').map((n) => n.name),
+    }),
+    [agents.data, templates.data, nodes.data, node?.id, s.node?.id],
+  );
   const d = derive(s, catalog);
   const { agent, template } = d;
 
@@ -54,7 +64,10 @@ export function ProvisionModal({
   const nodeId = s.node?.id ?? null;
   const next = () => dispatch({ type: 'next', catalog });
   const back = () => dispatch({ type: 'back' });
-  const submit = () => (d.bulk ? submitBatch(s, catalog, dispatch) : submitProvision(s, catalog, m, dispatch, onNodeCreated));
+  const submit = () => {
+    saveLastChoice({ agentId: s.agentId, templateId: s.templateId });
+    return d.bulk ? submitBatch(s, catalog, dispatch) : submitProvision(s, catalog, m, dispatch, onNodeCreated);
+  };
   const retry = (cmd: Command) => void retryProvision(s, cmd, m, dispatch);
 
   const title = node ? `Provision ${node.name}` : nodeId ? `Provision ${s.config.name}` : 'Provision new node';
@@ -124,6 +137,12 @@ export function ProvisionModal({
             nameEditable={d.nameEditable}
             keepOnFailure={s.keepOnFailure}
             onKeepOnFailure={(keep) => dispatch({ type: 'setKeepOnFailure', keep })}
+            clone={s.clone}
+            onClone={(clone) => dispatch({ type: 'setClone', clone })}
+            focusField={s.serverError?.field ?? null}
+            nameTaken={d.nameTaken}
+            forceName={s.forceName}
+            onForceName={(force) => dispatch({ type: 'setForceName', force })}
           />
         )}
         {step === 'configure' && d.isNew && (
@@ -143,7 +162,7 @@ export function ProvisionModal({
             onRetry={retry}
             retrying={s.retrying}
             retryError={s.retryError}
-            onChangeSettings={() => dispatch({ type: 'changeSettings' })}
+            onChangeSettings={(cmd) => dispatch({ type: 'changeSettings', error: commandError(cmd), params: cmd.params })}
           />
         )}
         {step === 'provisioning' && !s.commandId && !s.batchId && <Notice tone="warn">This node is provisioning but its command is unknown.</Notice>}

@@ -27,7 +27,8 @@ export function StepProvisioning({
   /** The node record reached its post-command state. */
   onNodeSettled: () => void;
   onRetry: (cmd: Command) => void;
-  onChangeSettings: () => void;
+  /** Back to the settings; the failed command says which setting was at fault, if one was. */
+  onChangeSettings: (cmd: Command) => void;
   retrying: boolean;
   retryError: string | null;
 }) {
@@ -129,7 +130,7 @@ export function StepProvisioning({
             <button type="button" className="btn btn-primary" onClick={() => onRetry(cmd)} disabled={retrying} data-testid="provision-retry">
               {retrying ? 'Retrying…' : 'Retry'}
             </button>
-            <button type="button" className="btn" onClick={onChangeSettings}>
+            <button type="button" className="btn" onClick={() => onChangeSettings(cmd)} data-testid="provision-change-settings">
               Change settings
             </button>
           </div>

@@ -42,6 +42,7 @@ export async function submitProvision(
         cores: Number(config.cores),
         application: config.application.trim() || null,
         provision,
+        ...(s.forceName ? { force: true } : {}),
       });
       dispatch({ type: 'nodeSaved', node: r.node });
       onNodeCreated?.(r.node);

@@ -4,6 +4,7 @@
 import type { Agent, ProvisionRequest, Template, VmNode } from '../../lib/types';
 import { validateCores, validateMemory, validateVmName } from '../../lib/validation';
 import { countOf, expandNames, validateCount } from '../../lib/bulk';
+import { cloneConfigFromParams, cloneErrors, cloneOptionsOf, EMPTY_CLONE, fieldOfError, withTemplateDefaults, type CloneConfig } from './cloneOptions';
 
 export const STEPS = ['hypervisor', 'template', 'configure', 'review', 'provisioning'] as const;
 export type Step = (typeof STEPS)[number];
@@ -22,12 +23,14 @@ export interface Config {
   application: string;
 }
 
-export type ConfigErrors = Partial<Record<keyof Config, string | null>>;
+export type ConfigErrors = Partial<Record<keyof Config | keyof CloneConfig, string | null>>;
 
 /** The server lists the wizard validates against. */
 export interface Catalog {
   agents: Agent[];
   templates: Template[];
+  /** Names of the existing nodes (for the duplicate-name warning); absent = not known. */
+  nodeNames?: string[];
 }
 
 export interface ProvisionState {
@@ -56,6 +59,12 @@ export interface ProvisionState {
   count: string;
   /** The bulk provision the last step follows (instead of `commandId`). */
   batchId: string | null;
+  /** Proxmox clone options (Configure step). */
+  clone: CloneConfig;
+  /** The admin chose to use a name another node has (`force` on create). */
+  forceName: boolean;
+  /** A field a failed command named: focused and marked with the server's message until edited. */
+  serverError: { field: keyof Config | keyof CloneConfig; message: string } | null;
 }
 
 export type ProvisionAction =
@@ -79,7 +88,9 @@ export type ProvisionAction =
   | { type: 'retryFailed'; error: string }
   | { type: 'retryStarted'; commandId: string }
   /** From a failed provisioning: back to the first step with the same settings. */
-  | { type: 'changeSettings' }
+  | { type: 'changeSettings'; error?: { code: string; message: string; details?: unknown } | null; params?: unknown }
+  | { type: 'setClone'; clone: CloneConfig }
+  | { type: 'setForceName'; force: boolean }
   | { type: 'setCount'; count: string }
   | { type: 'batchStarted'; batchId: string };
 
@@ -101,8 +112,9 @@ export function initialStep(node: VmNode | null): { step: Step; commandId: strin
 }
 
 /** The provision request the wizard sends for its current settings. */
-export function provisionRequest(s: Pick<ProvisionState, 'targetNode' | 'keepOnFailure'>, agentId: string): ProvisionRequest {
-  return { agentId, keepOnFailure: s.keepOnFailure, ...(s.targetNode ? { targetNode: s.targetNode } : {}) };
+export function provisionRequest(s: Pick<ProvisionState, 'targetNode' | 'keepOnFailure'> & { clone?: CloneConfig }, agentId: string): ProvisionRequest {
+  const cloneOptions = s.clone ? cloneOptionsOf(s.clone) : undefined;
+  return { agentId, keepOnFailure: s.keepOnFailure, ...(s.targetNode ? { targetNode: s.targetNode } : {}), ...(cloneOptions ? { cloneOptions } : {}) };
 }
 
 export function configErrors(c: Config, needName: boolean): ConfigErrors {
@@ -138,6 +150,9 @@ export function initProvisionState(node: VmNode | null): ProvisionState {
     retryError: null,
     count: '1',
     batchId: null,
+    clone: EMPTY_CLONE,
+    forceName: false,
+    serverError: null,
   };
 }
 
@@ -157,6 +172,8 @@ export interface Derived {
   bulk: boolean;
   agentOk: boolean;
   templateOk: boolean;
+  /** Another node already has the (single) name. */
+  nameTaken: boolean;
 }
 
 export function derive(s: ProvisionState, c: Catalog): Derived {
@@ -168,6 +185,13 @@ export function derive(s: ProvisionState, c: Catalog): Derived {
   const countError = s.node === null ? validateCount(s.count ?? '1') : null;
   const bulk = s.node === null && !countError && countOf(s.count) > 1;
   if (bulk) errs.name = expandNames(s.config.name, countOf(s.count)).error;
+  const clone = s.clone ?? EMPTY_CLONE;
+  Object.assign(errs, cloneErrors(clone));
+  if (s.serverError && !errs[s.serverError.field]) errs[s.serverError.field] = s.serverError.message;
+  const wanted = s.config.name.trim().toLowerCase();
+  const renamed = !s.node || s.node.name.toLowerCase() !== wanted;
+  const nameTaken = !bulk && renamed && !!wanted && (c.nodeNames ?? []).some((n) => n.toLowerCase() === wanted);
+  if (nameTaken && !s.forceName && nameEditable && !errs.name) errs.name = 'Another node already has this name.';
   return {
     agent,
     template,
@@ -179,6 +203,7 @@ export function derive(s: ProvisionState, c: Catalog): Derived {
     bulk,
     agentOk: !!agent && !hypervisorUnavailable(agent),
     templateOk: !!template && template.proxmoxTemplateId != null,
+    nameTaken,
   };
 }
 
@@ -239,11 +264,22 @@ export function provisionReducer(s: ProvisionState, a: ProvisionAction): Provisi
       if (a.template.id !== s.templateId) return s;
       const memory = s.config.memory || String(a.template.memory);
       const cores = s.config.cores || String(a.template.cores);
-      if (memory === s.config.memory && cores === s.config.cores) return s;
-      return { ...s, config: { ...s.config, memory, cores } };
+      const clone = withTemplateDefaults(s.clone ?? EMPTY_CLONE, a.template);
+      if (memory === s.config.memory && cores === s.config.cores && clone === s.clone) return s;
+      return { ...s, config: { ...s.config, memory, cores }, clone };
     }
-    case 'setConfig':
-      return { ...s, config: a.config };
+    case 'setConfig': {
+      const edited = s.serverError && s.serverError.field in a.config && a.config[s.serverError.field as keyof Config] !== s.config[s.serverError.field as keyof Config];
+      const renamed = a.config.name !== s.config.name;
+      return { ...s, config: a.config, serverError: edited ? null : s.serverError, forceName: renamed ? false : s.forceName };
+    }
+    case 'setClone': {
+      const f = s.serverError?.field as keyof CloneConfig | undefined;
+      const edited = !!f && f in a.clone && a.clone[f] !== (s.clone ?? EMPTY_CLONE)[f];
+      return { ...s, clone: a.clone, serverError: edited ? null : s.serverError };
+    }
+    case 'setForceName':
+      return { ...s, forceName: a.force };
     case 'setKeepOnFailure':
       return { ...s, keepOnFailure: a.keep };
     case 'next': {
@@ -280,8 +316,16 @@ export function provisionReducer(s: ProvisionState, a: ProvisionAction): Provisi
       return { ...s, count: a.count };
     case 'batchStarted':
       return { ...s, submitting: false, batchId: a.batchId, step: 'provisioning' };
-    case 'changeSettings':
+    case 'changeSettings': {
       if (s.step !== 'provisioning') return s;
-      return { ...s, commandId: null, retryError: null, step: 'hypervisor' };
+      const field = fieldOfError(a.error?.details);
+      const clone = cloneConfigFromParams(a.params) ?? s.clone ?? EMPTY_CLONE;
+      const base = { ...s, commandId: null, retryError: null, clone };
+      // A failure that names a setting opens Configure with that field marked; else the first step.
+      if (field && s.agentId && s.templateId) {
+        return { ...base, step: 'configure', serverError: { field, message: a.error?.message ?? 'Proxmox refused this setting.' }, showAllErrors: true };
+      }
+      return { ...base, step: 'hypervisor', serverError: null };
+    }
   }
 }
