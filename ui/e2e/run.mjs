@@ -434,6 +434,67 @@ async function auditSteps(page, context) {
   });
 }
 
+// ---- Many nodes at once (issue 10): provision 3 with a count, watch the grid, bulk power off ----
+async function bulkSteps(page, { agentName, tplName }) {
+  const prefix = `e2e-bulk-${RUN}`;
+  await step('bulk: provision 3 with a count and a name pattern, watch the progress grid', async () => {
+    await page.goto(`${BASE}/#/nodes`);
+    await page.getByTestId('provision-new').click();
+    const modal = page.getByTestId('provision-modal');
+    await modal.locator('[data-current-step="hypervisor"]').waitFor();
+    await modal.locator(`label[data-agent-name="${agentName}"] input[type=radio]`).check();
+    await page.getByTestId('wizard-next').click();
+    await modal.locator('[data-current-step="template"]').waitFor();
+    await modal.locator(`label[data-template-name="${tplName}"] input[type=radio]`).check();
+    await page.getByTestId('wizard-next').click();
+    await modal.locator('[data-current-step="configure"]').waitFor();
+    await page.getByTestId('cfg-name').fill(`${prefix}-{n}`);
+    await page.getByTestId('cfg-count').fill('3');
+    await page.getByTestId('bulk-preview').filter({ hasText: `${prefix}-1, ${prefix}-2, ${prefix}-3` }).waitFor();
+    await page.getByTestId('cfg-memory').fill('1024');
+    await page.getByTestId('cfg-cores').fill('1');
+    await a11y(page, 'provision wizard: configure with a count');
+    await page.getByTestId('wizard-next').click();
+    await modal.locator('[data-current-step="review"]').waitFor();
+    await page.getByTestId('review-bulk-names').filter({ hasText: `${prefix}-3` }).waitFor();
+    await page.getByTestId('wizard-submit').click();
+    const grid = page.getByTestId('provision-grid');
+    await grid.waitFor({ timeout: 30_000 });
+    assert((await grid.locator('tbody tr').count()) === 3, 'the grid does not have 3 rows');
+    await a11y(page, 'provision wizard: progress grid');
+    await waitFor('the grid to show the 3 nodes running', async () => (await grid.locator('tbody tr[data-state="done"]').count()) === 3, 120_000, 500);
+    for (const td of await grid.locator('tbody td[data-col="vmid"]').all()) assert(/^\d+$/.test(((await td.textContent()) ?? '').trim()), 'a grid row has no VM id');
+    assert(await page.getByTestId('grid-retry-failed').isDisabled(), 'Retry failed is enabled with nothing failed');
+    await shot(page, '23-bulk-grid');
+    await page.getByTestId('provision-close').click();
+    await modal.waitFor({ state: 'detached' });
+  });
+  await step('bulk: select the 3 nodes, power them off with per-node results; destroy lists the names', async () => {
+    await page.getByLabel('Filter nodes').fill(prefix);
+    const rows = page.locator('[data-testid="nodes-table"] tbody tr');
+    await waitFor('the 3 bulk nodes listed', async () => (await rows.count()) === 3, 15_000, 200);
+    await page.getByTestId('nodes-select-all').check();
+    const bar = page.getByTestId('bulk-bar');
+    await bar.waitFor();
+    await a11y(page, 'nodes: bulk action bar');
+    await page.getByTestId('bulk-destroy').click();
+    const dialog = page.getByRole('dialog');
+    await dialog.getByTestId('bulk-destroy-names').waitFor();
+    assert((await dialog.locator('[data-testid="bulk-destroy-names"] li').count()) === 3, 'the destroy confirmation does not list 3 names');
+    await a11y(page, 'nodes: bulk destroy confirmation');
+    await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await dialog.waitFor({ state: 'detached' });
+    await page.getByTestId('bulk-stop').click();
+    const results = page.getByTestId('bulk-results');
+    await results.waitFor({ timeout: 15_000 });
+    assert((await results.locator('li[data-ok="true"]').count()) === 3, 'bulk stop did not start 3 commands');
+    await waitFor('the 3 rows to be stopped', async () => (await page.locator('[data-testid="nodes-table"] tbody tr[data-status="stopped"]').count()) === 3, 60_000, 500);
+    await shot(page, '24-bulk-stopped');
+    await a11y(page, 'nodes: bulk results');
+    await page.getByTestId('nodes-select-all').uncheck();
+  });
+}
+
 async function main() {
   if (!TOKEN) throw new StepError('TRELLIS_ADMIN_TOKEN is not set');
   await mkdir(SHOTS, { recursive: true });
@@ -1096,6 +1157,7 @@ async function main() {
       await page.setViewportSize({ width: 1360, height: 900 });
     });
 
+    if (!SKIP.has('provision')) await bulkSteps(page, { agentName: provisioner.name, tplName });
     await auditSteps(page, context);
 
     await step('sign out', async () => {
