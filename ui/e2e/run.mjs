@@ -293,11 +293,22 @@ async function logViewerSteps(page, context, agentId) {
     await waitFor('stdout lines back', async () => (await page.locator('[data-testid="log-viewer"] .ll[data-line]').count()) > 0, 5_000, 100);
     await page.getByTestId('log-search-next').click();
     await currentMatchShown(page, 42);
+    // On a phone-sized window long lines wrap instead of being cut, and the estimated
+    // heights still put the current match in view.
     const wrap = page.getByTestId('log-wrap');
+    await page.setViewportSize({ width: 400, height: 860 });
+    const scroller = page.locator('.logviewer-scroll');
+    assert(await scroller.evaluate((el) => el.scrollWidth > el.clientWidth + 1), 'lines are not wider than a phone screen (nothing to wrap)');
     await wrap.click();
     assert((await wrap.getAttribute('aria-pressed')) === 'true', 'Wrap did not toggle');
-    await a11y(page, 'command page: log wrapped');
+    await waitFor('no sideways scrolling with Wrap on', async () => scroller.evaluate((el) => el.scrollWidth <= el.clientWidth + 1), 5_000, 100);
+    await page.getByTestId('log-search-next').click();
+    await currentMatchShown(page, 42);
+    await shot(page, '31b-log-wrapped-narrow');
+    await a11y(page, 'command page: log wrapped (narrow)');
     await wrap.click();
+    assert((await wrap.getAttribute('aria-pressed')) === 'false', 'Wrap did not toggle off');
+    await page.setViewportSize({ width: 1360, height: 900 });
   });
 
   await step('log viewer: Open in new window shows only the log, full height, searchable', async () => {

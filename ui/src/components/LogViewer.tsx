@@ -44,6 +44,8 @@ export function wrappedRange(
   return [Math.max(0, first - overscan), Math.min(total, last + overscan)];
 }
 
+const PROBE = 'M'.repeat(100);
+
 const STREAM_LABEL: Record<LogStream, string> = { stdout: 'stdout', stderr: 'stderr', system: 'system' };
 
 /** Saves the buffered log as a text file (stderr lines prefixed, system lines marked). */
@@ -62,7 +64,8 @@ function downloadLog(buffer: LogBuffer, name: string) {
 /** Characters per visual row when wrapping, from a measured character and gutter width. */
 function measurePerRow(el: HTMLDivElement | null, probe: HTMLSpanElement | null, gutter: HTMLSpanElement | null): number {
   if (!el || !probe) return 0;
-  const ch = probe.getBoundingClientRect().width / 10;
+  // 100 characters, so the sub-pixel advance is exact enough to break where the browser does.
+  const ch = probe.getBoundingClientRect().width / PROBE.length;
   const g = gutter?.getBoundingClientRect().width ?? 56;
   // .ll-text keeps 12px padding on the right.
   const w = el.clientWidth - g - 12;
@@ -316,7 +319,7 @@ export function LogViewer({
   const hidden = LOG_STREAMS.filter((s) => !streams[s]);
 
   return (
-    <div className={`logviewer${wrapping ? ' logviewer-wrapped' : ''}${height === 'fill' ? ' logviewer-fill' : ''}`} data-testid="log-viewer" data-follow={follow.paused ? 'paused' : 'following'}>
+    <div className={`logviewer${wrapping ? ' logviewer-wrapped' : ''}${height === 'fill' ? ' logviewer-fill' : ''}`} data-testid="log-viewer" data-follow={follow.paused ? 'paused' : 'following'} data-per-row={wrapping ? perRow : undefined}>
       <div className="logviewer-bar">
         <span className="muted small" data-testid="log-line-count">
           {allLines} lines{buffer.dropped > 0 ? ` (first ${buffer.dropped} dropped)` : ''}
@@ -411,7 +414,7 @@ export function LogViewer({
             0
           </span>
           <span className="ll-text" ref={probeRef}>
-            MMMMMMMMMM
+            {PROBE}
           </span>
         </div>
         {total === 0 ? (
