@@ -83,6 +83,17 @@ enum Cmd {
         #[arg(long, env = "TRELLIS_INVENTORY_INTERVAL_SECS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         inventory_interval_secs: u64,
+        /// Most log bytes one command may store (default 256 MiB). A command whose log
+        /// passes it ends `failed` (`log_limit`), is cancelled on its agent, and the
+        /// session that sent it is closed with that reason. 0: no limit.
+        #[arg(long, env = "TRELLIS_MAX_LOG_BYTES_PER_COMMAND",
+              default_value_t = trellis::broker::DEFAULT_MAX_LOG_BYTES_PER_COMMAND)]
+        max_log_bytes_per_command: u64,
+        /// Days a finished command is kept with its events and stages (default 30); pinned
+        /// commands and the latest command of each node are kept longer. 0: keep forever.
+        #[arg(long, env = "TRELLIS_RETENTION_DAYS",
+              default_value_t = trellis::broker::DEFAULT_RETENTION_DAYS)]
+        retention_days: u64,
     },
     /// Manage agents directly in the database.
     Agents {
@@ -140,6 +151,8 @@ async fn main() -> anyhow::Result<()> {
             tls_key,
             heartbeat_timeout_secs,
             inventory_interval_secs,
+            max_log_bytes_per_command,
+            retention_days,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -171,6 +184,8 @@ async fn main() -> anyhow::Result<()> {
                     tls_key,
                     heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
                     inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
+                    max_log_bytes_per_command,
+                    retention_days,
                 },
                 shutdown,
             )

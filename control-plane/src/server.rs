@@ -27,6 +27,10 @@ pub struct ServeConfig {
     pub heartbeat_timeout: std::time::Duration,
     /// How often agents report their VM inventory (zero: the default, 30 s).
     pub inventory_interval: std::time::Duration,
+    /// Most log bytes one command may store (0: no limit).
+    pub max_log_bytes_per_command: u64,
+    /// Days terminal commands are kept (0: forever).
+    pub retention_days: u64,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -81,6 +85,9 @@ impl App {
                 } else {
                     config.inventory_interval
                 },
+                max_log_bytes_per_command: config.max_log_bytes_per_command,
+                retention: (config.retention_days > 0)
+                    .then(|| Duration::from_secs(config.retention_days.saturating_mul(86_400))),
             },
             &tasks,
         );

@@ -256,31 +256,49 @@ pub struct PingParams {
     #[serde(default)]
     #[schemars(range(max = 100_000))]
     pub progress_events: u32,
-    /// Number of log lines to emit (at most 10000000).
+    /// Number of log lines to emit (at most 1000000; lines × bytes at most 256 MiB).
     #[serde(default)]
-    #[schemars(range(max = 10_000_000))]
+    #[schemars(range(max = 1_000_000))]
     pub log_lines: u32,
-    /// Bytes per log line (default 80; 1–60000).
+    /// Bytes per log line (default 80; 1–16384).
     #[serde(default)]
-    #[schemars(range(min = 1, max = 60_000))]
+    #[schemars(range(min = 1, max = 16_384))]
     pub log_line_bytes: Option<u32>,
     /// End `failed` with this message instead of succeeding.
     #[serde(default)]
     pub fail_with: Option<String>,
 }
 
+/// Most log lines one `ping` may ask for.
+pub const MAX_PING_LOG_LINES: u32 = 1_000_000;
+/// Longest log line one `ping` may ask for, in bytes.
+pub const MAX_PING_LOG_LINE_BYTES: u32 = 16 * 1024;
+/// Most log bytes one `ping` may ask for in all (`log_lines × log_line_bytes`).
+pub const MAX_PING_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
 impl PingParams {
     fn validate(&self) -> Result<(), CommandError> {
         if self.duration_ms > 24 * 3600 * 1000 {
             return Err(invalid("duration_ms must be at most one day"));
         }
-        if self.progress_events > 100_000 || self.log_lines > 10_000_000 {
-            return Err(invalid(
-                "progress_events must be ≤ 100000 and log_lines ≤ 10000000",
-            ));
+        if self.progress_events > 100_000 || self.log_lines > MAX_PING_LOG_LINES {
+            return Err(invalid(format!(
+                "progress_events must be ≤ 100000 and log_lines ≤ {MAX_PING_LOG_LINES}"
+            )));
         }
-        if self.log_line_bytes.is_some_and(|b| b == 0 || b > 60_000) {
-            return Err(invalid("log_line_bytes must be between 1 and 60000"));
+        if self
+            .log_line_bytes
+            .is_some_and(|b| b == 0 || b > MAX_PING_LOG_LINE_BYTES)
+        {
+            return Err(invalid(format!(
+                "log_line_bytes must be between 1 and {MAX_PING_LOG_LINE_BYTES}"
+            )));
+        }
+        let total = u64::from(self.log_lines) * u64::from(self.log_line_bytes.unwrap_or(80));
+        if total > MAX_PING_LOG_BYTES {
+            return Err(invalid(format!(
+                "log_lines × log_line_bytes is {total} bytes; at most {MAX_PING_LOG_BYTES} (256 MiB)"
+            )));
         }
         Ok(())
     }

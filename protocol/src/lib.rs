@@ -38,6 +38,10 @@ pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Largest `data` in a single log event. Executors split longer output.
 pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Largest stored form of any one event (a log event's `data`, or the JSON of any other
+/// event's body, e.g. a `finished` with its result). A bigger one is `event_too_large`.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// Defaults: how often an agent sends a heartbeat, and how long either side waits for any
 /// traffic before it considers the connection dead. The server's `welcome` carries the
 /// interval it wants; the timeout is always this many intervals.

@@ -426,6 +426,14 @@ pub enum ProtocolErrorCode {
     /// Not fatal (v2): an event or accept for a command that is not dispatched to this
     /// agent; not stored, not acked: drop it.
     UnknownCommand,
+    /// Fatal (close 1009): an event whose stored form is over 64 KiB (`MAX_EVENT_BYTES`),
+    /// e.g. a `finished` with a huge result. Its seq is stored in its place (a `finished`
+    /// as `failed` with error `event_too_large`) and acked before the close.
+    EventTooLarge,
+    /// Fatal (close 1008): a command's log passed the server's per-command limit; the
+    /// command ends `failed` with error `log_limit` and is cancelled on the agent. Later
+    /// log events of that command are acked but their data is not kept.
+    LogLimit,
     /// Fatal: the server had trouble (storage); reconnect with backoff.
     Internal,
     /// A code this build does not know (sent by a newer peer): treated as not fatal.

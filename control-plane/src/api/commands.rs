@@ -178,9 +178,10 @@ pub async fn logs(
     let c = domain::commands::get(&s.db, id).await?;
     let after = q.after.unwrap_or(0).max(0);
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    let rows = s.db.events_after(id, after, limit, true).await?;
+    // At most `limit` lines and about 4 MiB of data per response (`lastSeq` pages on).
+    let (rows, more) = s.db.events_page(id, after, limit, true).await?;
     let last = rows.last().map_or(after, |r| r.seq);
-    let done = c.is_terminal() && (rows.len() as i64) < limit;
+    let done = c.is_terminal() && !more;
     let items = rows
         .into_iter()
         .map(|r| LogLine {
@@ -270,7 +271,8 @@ async fn stream_events(
     loop {
         // Backlog from the database.
         loop {
-            let rows = db.events_after(id, last, 1000, false).await?;
+            // Pages of at most 1000 events and about 4 MiB.
+            let (rows, more) = db.events_page(id, last, 1000, false).await?;
             for r in &rows {
                 let (kind, json) = row_sse(r);
                 tx.send(
@@ -282,7 +284,7 @@ async fn stream_events(
                 .await?;
                 last = r.seq;
             }
-            if rows.len() < 1000 {
+            if !more {
                 break;
             }
         }

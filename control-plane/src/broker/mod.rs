@@ -61,7 +61,17 @@ struct SessionHandle {
 pub struct Timing {
     pub heartbeat_timeout: Duration,
     pub inventory_interval: Duration,
+    /// Most log bytes one command may store (0: no limit).
+    pub max_log_bytes_per_command: u64,
+    /// Terminal commands older than this are deleted with their events and stages
+    /// (`None`: kept forever).
+    pub retention: Option<Duration>,
 }
+
+/// Default of `--max-log-bytes-per-command`: 256 MiB.
+pub const DEFAULT_MAX_LOG_BYTES_PER_COMMAND: u64 = 256 * 1024 * 1024;
+/// Default of `--retention-days`.
+pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 
 pub struct Broker {
     pub db: Db,
@@ -72,6 +82,10 @@ pub struct Broker {
     pub heartbeat_timeout: Duration,
     /// How often agents are asked to report their VM inventory.
     pub inventory_interval: Duration,
+    /// Most log bytes one command may store (0: no limit).
+    pub max_log_bytes_per_command: i64,
+    /// How long terminal commands are kept (`None`: forever).
+    pub retention: Option<Duration>,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
@@ -102,6 +116,9 @@ impl Broker {
             shutdown,
             heartbeat_timeout: timing.heartbeat_timeout,
             inventory_interval: timing.inventory_interval,
+            max_log_bytes_per_command: i64::try_from(timing.max_log_bytes_per_command)
+                .unwrap_or(i64::MAX),
+            retention: timing.retention,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,

@@ -175,6 +175,7 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
         max_concurrency,
         owned: HashMap::new(),
         not_ours: Default::default(),
+        log_limited: Default::default(),
         inflight: HashMap::new(),
         tx,
     };
@@ -201,6 +202,8 @@ struct Session {
     owned: HashMap<CommandId, Option<u64>>,
     /// Commands found not dispatched to this agent (see `remember_not_ours`).
     not_ours: std::collections::HashSet<CommandId>,
+    /// Commands found past the per-command log limit: their log data is not kept.
+    log_limited: std::collections::HashSet<CommandId>,
     /// Dispatches sent and not yet accepted, for the latency histogram.
     inflight: HashMap<CommandId, Instant>,
     tx: super::SessionTx,
@@ -369,7 +372,7 @@ impl Session {
                             }
                         }
                         AgentMessage::Events { events } => {
-                            let keep = match self.check_events(socket, events).await {
+                            let (keep, then_close) = match self.check_events(socket, events).await {
                                 Ok(keep) => keep,
                                 Err(e) => {
                                     reject(socket, ProtocolErrorCode::Internal, "control plane storage unavailable", CLOSE_GOING_AWAY).await;
@@ -377,7 +380,7 @@ impl Session {
                                 }
                             };
                             if !keep.is_empty() {
-                                let op = WriteOp::Events { agent_id: self.agent_id, events: keep, acks_to: self.tx.clone() };
+                                let op = WriteOp::Events { agent_id: self.agent_id, events: keep, acks_to: self.tx.clone(), then_close };
                                 if writer.send(op).await.is_err() {
                                     return "writer stopped".into();
                                 }
@@ -432,7 +435,11 @@ impl Session {
                             }
                             self.broker.metrics.protocol_error();
                             let _ = send(socket, &ServerMessage::Error(err.clone())).await;
-                            close(socket, CLOSE_POLICY, &err.message).await;
+                            let code = match err.code {
+                                ProtocolErrorCode::EventTooLarge | ProtocolErrorCode::FrameTooLarge => CLOSE_TOO_BIG,
+                                _ => CLOSE_POLICY,
+                            };
+                            close(socket, code, &err.message).await;
                             return err.message;
                         }
                         ToSession::TokenRotated => {
@@ -476,6 +483,10 @@ impl Session {
         match self.broker.db.command_owner(id).await {
             Ok(Some(o)) if o.agent_id == self.agent_id && o.dispatched => {
                 let fin = o.finished_seq.and_then(|s| u64::try_from(s).ok());
+                let limit = self.broker.max_log_bytes_per_command;
+                if limit > 0 && o.log_bytes > limit {
+                    self.log_limited.insert(id);
+                }
                 self.owned.insert(id, fin);
                 Ok(Some(fin))
             }
@@ -495,7 +506,7 @@ impl Session {
         &mut self,
         socket: &mut Conn<W, R>,
         events: Vec<Event>,
-    ) -> Result<Vec<Event>, String> {
+    ) -> Result<(Vec<Event>, Option<ProtocolError>), String> {
         /// At most this many errors (of both kinds) per frame: a broken agent must not
         /// flood its socket or the log.
         const MAX_ERRORS: usize = 16;
@@ -503,6 +514,7 @@ impl Session {
         let mut unknown: Vec<CommandId> = Vec::new();
         let mut errors = 0;
         let mut rejected = 0usize;
+        let mut too_large: Option<ProtocolError> = None;
         for mut e in events {
             let command_id = CommandId(e.command_id);
             if unknown.contains(&command_id) || self.not_ours.contains(&command_id) {
@@ -559,6 +571,50 @@ impl Session {
                 };
             } else {
                 sanitize(&mut e);
+                if let EventBody::Log { data, .. } = &mut e.body {
+                    // Past the command's log limit: the seq is kept (and acked), the data
+                    // is not.
+                    if self.log_limited.contains(&command_id) {
+                        data.clear();
+                    }
+                } else if let Some(size) = oversized(&e) {
+                    self.broker.metrics.protocol_error();
+                    let reason = format!(
+                        "event {} is {size} bytes; at most {} per event",
+                        e.seq,
+                        trellis_protocol::MAX_EVENT_BYTES
+                    );
+                    tracing::warn!(agent_id = %self.agent_id, %command_id, seq = e.seq, %reason, "event too large");
+                    // Stored in its place (a `finished` still ends the command), acked,
+                    // then the session is closed (see `WriteOp::Events::then_close`).
+                    e.body = match e.body {
+                        EventBody::Finished(_) => EventBody::Finished(trellis_protocol::Outcome {
+                            status: trellis_protocol::FinalStatus::Failed,
+                            result: None,
+                            error: Some(trellis_protocol::CommandError::new(
+                                "event_too_large",
+                                format!("the agent's finished event was too large: {reason}"),
+                            )),
+                        }),
+                        _ => EventBody::Log {
+                            stream: LogStream::System,
+                            data: format!("event {} rejected: {reason}\n", e.seq),
+                        },
+                    };
+                    if too_large.is_none() {
+                        let mut err = ProtocolError::new(
+                            if self.version < 2 {
+                                ProtocolErrorCode::FrameTooLarge
+                            } else {
+                                ProtocolErrorCode::EventTooLarge
+                            },
+                            reason,
+                        );
+                        err.command_id = Some(e.command_id);
+                        err.seq = Some(e.seq);
+                        too_large = Some(err);
+                    }
+                }
                 if matches!(e.body, EventBody::Finished(_)) && finished.is_none() {
                     self.owned.insert(command_id, Some(e.seq));
                 }
@@ -571,7 +627,7 @@ impl Session {
         for id in unknown {
             self.unknown(socket, id).await;
         }
-        Ok(keep)
+        Ok((keep, too_large))
     }
 
     /// Commands this session found not dispatched to it, so a flood of them costs one
@@ -715,6 +771,18 @@ fn lenient_v1(e: &mut Event) {
         }
         _ => {}
     }
+}
+
+/// The stored size of an event other than a log chunk (its body's JSON) when it is over
+/// [`trellis_protocol::MAX_EVENT_BYTES`]. Log data is limited by `Event::validate`.
+fn oversized(e: &Event) -> Option<usize> {
+    let size = match &e.body {
+        EventBody::Log { .. } => return None,
+        // Stage and progress messages are limited to 4 KiB: no need to measure.
+        EventBody::Stage { .. } | EventBody::Progress { .. } => return None,
+        EventBody::Finished(o) => serde_json::to_vec(o).map_or(usize::MAX, |v| v.len()),
+    };
+    (size > trellis_protocol::MAX_EVENT_BYTES).then_some(size)
 }
 
 /// Longest stored `error.message` of a command outcome, in bytes (longer ones are cut).

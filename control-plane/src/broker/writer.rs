@@ -45,6 +45,8 @@ pub enum WriteOp {
         agent_id: AgentId,
         events: Vec<Event>,
         acks_to: SessionTx,
+        /// A fatal error to send after this frame's acks (then the session closes).
+        then_close: Option<ProtocolError>,
     },
     /// Shutdown: write what came before, then stop.
     Stop,
@@ -127,6 +129,7 @@ async fn isolate_events(broker: &Broker, op: &mut WriteOp, first: DbError) {
         agent_id,
         events,
         acks_to,
+        ..
     } = op
     else {
         // An accept the database refuses is not the agent's fault: storage trouble.
@@ -202,7 +205,10 @@ async fn store_one(
     agent_id: AgentId,
     e: &trellis_protocol::Event,
 ) -> DbResult<BatchDone> {
-    let mut batch = EventBatch::default();
+    let mut batch = EventBatch {
+        log_limit: broker.max_log_bytes_per_command,
+        ..EventBatch::default()
+    };
     batch.events.push((agent_id, e));
     broker.db.store_event_batch(&batch).await
 }
@@ -213,6 +219,7 @@ fn merge(into: &mut BatchDone, done: BatchDone) {
     into.started.extend(done.started);
     into.cancels.extend(done.cancels);
     into.stages.extend(done.stages);
+    into.log_limited.extend(done.log_limited);
     for (id, seq) in done.acks {
         let e = into.acks.entry(id).or_insert(seq);
         *e = (*e).max(seq);
@@ -228,7 +235,10 @@ fn op_events(op: &WriteOp) -> usize {
 }
 
 async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<BatchDone> {
-    let mut batch = EventBatch::default();
+    let mut batch = EventBatch {
+        log_limit: broker.max_log_bytes_per_command,
+        ..EventBatch::default()
+    };
     for op in ops {
         match op {
             WriteOp::Accept {
@@ -245,9 +255,12 @@ async fn write_batch(broker: &Broker, ops: &[WriteOp]) -> DbResult<BatchDone> {
 }
 
 fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: BatchDone) {
-    for op in ops.iter() {
+    for op in ops.iter_mut() {
         let WriteOp::Events {
-            events, acks_to, ..
+            events,
+            acks_to,
+            then_close,
+            ..
         } = op
         else {
             continue;
@@ -255,7 +268,7 @@ fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: BatchDone) {
         // An ack covers the contiguous durable prefix only: after a gap, events are
         // stored but acked once the gap is filled.
         let mut acks: Vec<EventAck> = Vec::new();
-        for e in events {
+        for e in events.iter() {
             if acks.iter().any(|a| a.command_id == e.command_id) {
                 continue;
             }
@@ -271,7 +284,10 @@ fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: BatchDone) {
         if !acks.is_empty() {
             let _ = acks_to.send(ToSession::Send(ServerMessage::Acks { acks }));
         }
-        for e in events {
+        if let Some(err) = then_close.take() {
+            let _ = acks_to.send(ToSession::Fatal(err));
+        }
+        for e in events.iter() {
             let id = CommandId(e.command_id);
             if broker.fanout.has_subscribers(&id) {
                 broker.fanout.publish(&id, Published::event(e));
@@ -295,5 +311,30 @@ fn after_commit(broker: &Broker, ops: &mut [WriteOp], done: BatchDone) {
         broker
             .metrics
             .stage_finished(&s.name, s.state.as_str(), s.millis);
+    }
+    // After the acks and the cancel: the session that passed a command's log limit is
+    // closed with the reason.
+    for &(agent_id, command_id) in &done.log_limited {
+        tracing::warn!(%agent_id, %command_id, limit = broker.max_log_bytes_per_command,
+            "command passed the per-command log limit; failed and cancelled");
+        let to = ops.iter().find_map(|op| match op {
+            WriteOp::Events {
+                agent_id: a,
+                acks_to,
+                ..
+            } if *a == agent_id => Some(acks_to),
+            _ => None,
+        });
+        if let Some(to) = to {
+            let mut err = ProtocolError::new(
+                ProtocolErrorCode::LogLimit,
+                format!(
+                    "command {command_id} passed the log limit of {} bytes; it was stopped",
+                    broker.max_log_bytes_per_command
+                ),
+            );
+            err.command_id = Some(command_id.0);
+            let _ = to.send(ToSession::Fatal(err));
+        }
     }
 }

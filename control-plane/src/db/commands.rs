@@ -174,6 +174,8 @@ pub struct Owner {
     pub agent_id: AgentId,
     pub dispatched: bool,
     pub finished_seq: Option<i64>,
+    /// Log bytes stored so far (see the per-command log limit).
+    pub log_bytes: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,17 +310,19 @@ impl Db {
     /// Who a command belongs to, whether it was ever dispatched, and the seq of its
     /// `finished` event if one is stored.
     pub async fn command_owner(&self, command: CommandId) -> DbResult<Option<Owner>> {
-        let row =
-            sqlx::query("SELECT agent_id, dispatched_at, finished_seq FROM commands WHERE id = $1")
-                .bind(command.to_string())
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT agent_id, dispatched_at, finished_seq, log_bytes FROM commands WHERE id = $1",
+        )
+        .bind(command.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| {
             let dispatched: Option<i64> = r.try_get("dispatched_at")?;
             Ok(Owner {
                 agent_id: id(&r, "agent_id")?,
                 dispatched: dispatched.is_some(),
                 finished_seq: r.try_get("finished_seq")?,
+                log_bytes: r.try_get("log_bytes")?,
             })
         })
         .transpose()

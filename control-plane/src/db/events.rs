@@ -22,20 +22,21 @@ use crate::time::now_ms;
 
 /// An agent's `finished` for a command still live: the final state with the progress.
 /// `$1` status, `$2` result, `$3` error, `$4` now, `$5` stage, `$6` percent, `$7` max seq,
-/// `$8` id, `$9` agent, `$10` finished seq, `$11`/`$12` the batch's first run.
+/// `$8` id, `$9` agent, `$10` finished seq, `$11`/`$12` the batch's first run, `$13` new log bytes.
 const FINISH_SQL: &str = "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
     started_at = COALESCE(started_at, $4), \
     stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
     percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
     last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END, \
     finished_seq = COALESCE(finished_seq, $10), \
-    durable_seq = CASE WHEN durable_seq + 1 >= $11 AND durable_seq < $12 THEN $12 ELSE durable_seq END \
+    durable_seq = CASE WHEN durable_seq + 1 >= $11 AND durable_seq < $12 THEN $12 ELSE durable_seq END, \
+    log_bytes = log_bytes + $13 \
     WHERE id = $8 AND agent_id = $9 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
     RETURNING type, created_at, root_id, durable_seq, last_seq";
 
 /// Progress of any command (a `finished` of one that already ended here still marks its
 /// last seq). `$1` now, `$2` stage, `$3` percent, `$4` max seq, `$5` id, `$6` agent,
-/// `$7` finished seq or 0, `$8`/`$9` the batch's first run.
+/// `$7` finished seq or 0, `$8`/`$9` the batch's first run, `$10` new log bytes.
 const PROGRESS_SQL: &str = "UPDATE commands SET \
     status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
     started_at = COALESCE(started_at, $1), \
@@ -43,8 +44,19 @@ const PROGRESS_SQL: &str = "UPDATE commands SET \
     percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
     last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END, \
     finished_seq = CASE WHEN $7 > 0 THEN COALESCE(finished_seq, $7) ELSE finished_seq END, \
-    durable_seq = CASE WHEN durable_seq + 1 >= $8 AND durable_seq < $9 THEN $9 ELSE durable_seq END \
-    WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq";
+    durable_seq = CASE WHEN durable_seq + 1 >= $8 AND durable_seq < $9 THEN $9 ELSE durable_seq END, \
+    log_bytes = log_bytes + $10 \
+    WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq, log_bytes, status";
+
+/// A command whose log passed the per-command limit ends `failed` (`log_limit`).
+/// `$1` now, `$2` error, `$3` id.
+const LOG_LIMIT_SQL: &str = "UPDATE commands SET status = 'failed', finished_at = $1, error = $2 \
+    WHERE id = $3 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+    RETURNING type, created_at";
+
+/// About the most event data one page of [`Db::events_page`] carries (one `GET …/logs`
+/// response, one read of an SSE backlog).
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Rows per INSERT statement (6 columns each; well below every bind limit).
 const ROWS_PER_INSERT: usize = 500;
@@ -65,6 +77,8 @@ pub struct EventBatch<'a> {
     pub accepts: Vec<(AgentId, CommandId)>,
     /// Events, each with the agent that sent it.
     pub events: Vec<(AgentId, &'a Event)>,
+    /// Most log bytes one command may store (0: no limit).
+    pub log_limit: i64,
 }
 
 /// A command that ended in this batch.
@@ -95,6 +109,9 @@ pub struct BatchDone {
     pub stages: Vec<StageDone>,
     /// Per command of the batch: every seq up to this one is stored (what may be acked).
     pub acks: HashMap<CommandId, i64>,
+    /// Commands whose log passed the limit in this batch: now `failed` (`log_limit`);
+    /// their agents' sessions are closed.
+    pub log_limited: Vec<(AgentId, CommandId)>,
 }
 
 /// Per-command summary of one batch.
@@ -105,6 +122,8 @@ struct CmdUpdate {
     percent: Option<f64>,
     /// Every seq of the batch, to find the run that extends the durable prefix.
     seqs: Vec<i64>,
+    /// Log bytes of this batch's events that were not stored before.
+    new_log_bytes: i64,
 }
 
 impl CmdUpdate {
@@ -150,6 +169,7 @@ impl Db {
                 stage: None,
                 percent: None,
                 seqs: Vec::new(),
+                new_log_bytes: 0,
             });
             u.agent_id = agent_id;
             u.max_seq = u.max_seq.max(e.seq as i64);
@@ -167,22 +187,16 @@ impl Db {
             all.push(e);
         }
 
-        let mut new_stage_events: HashSet<(Uuid, i64)> = HashSet::new();
+        // Which events are new: a re-sent one (after a reconnect) must not move its stage
+        // back or count its log bytes twice.
+        let mut new_events: HashSet<(Uuid, i64)> = HashSet::new();
         for chunk in all.chunks(ROWS_PER_INSERT) {
             let mut sql = multi_row_insert(
                 "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
                 6,
                 chunk.len(),
             );
-            sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING");
-            // Which stage events are new: a re-sent one (after a reconnect) must not move
-            // its stage back. Only chunks with stage events pay for RETURNING.
-            let has_stage = chunk
-                .iter()
-                .any(|e| matches!(e.body, EventBody::Stage { .. }));
-            if has_stage {
-                sql.push_str(" RETURNING command_id, seq");
-            }
+            sql.push_str(" ON CONFLICT (command_id, seq) DO NOTHING RETURNING command_id, seq");
             let mut q = sqlx::query::<Any>(&sql);
             for e in chunk {
                 let (kind, stream, data) = stored_form(e);
@@ -194,16 +208,30 @@ impl Db {
                     .bind(stream)
                     .bind(data);
             }
-            if has_stage {
-                for row in q.fetch_all(&mut *tx).await? {
-                    let id: String = row.try_get("command_id")?;
-                    let seq: i64 = row.try_get("seq")?;
-                    if let Ok(id) = id.parse::<Uuid>() {
-                        new_stage_events.insert((id, seq));
+            for row in q.fetch_all(&mut *tx).await? {
+                let id: String = row.try_get("command_id")?;
+                let seq: i64 = row.try_get("seq")?;
+                if let Ok(id) = id.parse::<Uuid>() {
+                    new_events.insert((id, seq));
+                }
+            }
+        }
+        let mut new_stage_events: HashSet<(Uuid, i64)> = HashSet::new();
+        for e in &all {
+            // `remove`: a duplicate later in this same batch is counted once.
+            if !new_events.remove(&(e.command_id, e.seq as i64)) {
+                continue;
+            }
+            match &e.body {
+                EventBody::Log { data, .. } => {
+                    if let Some(u) = updates.get_mut(&e.command_id) {
+                        u.new_log_bytes += data.len() as i64;
                     }
                 }
-            } else {
-                q.execute(&mut *tx).await?;
+                EventBody::Stage { .. } => {
+                    new_stage_events.insert((e.command_id, e.seq as i64));
+                }
+                _ => {}
             }
         }
 
@@ -290,6 +318,7 @@ impl Db {
                     .bind(*fin_seq)
                     .bind(run_start)
                     .bind(run_end)
+                    .bind(u.new_log_bytes)
                     .fetch_optional(&mut *tx)
                     .await?;
                 if let Some(row) = row {
@@ -328,6 +357,7 @@ impl Db {
                 .bind(fin_seq.unwrap_or(0))
                 .bind(run_start)
                 .bind(run_end)
+                .bind(u.new_log_bytes)
                 .fetch_optional(&mut *tx)
                 .await?;
             if let Some(row) = row {
@@ -336,6 +366,19 @@ impl Db {
                     row.try_get("durable_seq")?,
                     row.try_get("last_seq")?,
                 ));
+                let log_bytes: i64 = row.try_get("log_bytes")?;
+                let live = !super::sql::command_status(&row, "status")?.is_terminal();
+                if batch.log_limit > 0 && log_bytes > batch.log_limit && live {
+                    log_limit(
+                        &mut tx,
+                        &mut done,
+                        CommandId(*id),
+                        u.agent_id,
+                        batch.log_limit,
+                        now,
+                    )
+                    .await?;
+                }
             }
         }
         for (command, mut prefix, last) in durable {
@@ -348,13 +391,19 @@ impl Db {
         Ok(done)
     }
 
-    pub async fn events_after(
+    /// Events after `after`, at most `limit` rows and about [`MAX_PAGE_BYTES`] of data
+    /// (always at least one row); the rows are read as a stream, so a page of big rows
+    /// never sits in memory whole. Returns the rows and whether more may follow (the
+    /// limit or the byte budget stopped the page); the next page starts after the last
+    /// row's seq.
+    pub async fn events_page(
         &self,
         command: CommandId,
         after: i64,
         limit: i64,
         logs_only: bool,
-    ) -> DbResult<Vec<EventRow>> {
+    ) -> DbResult<(Vec<EventRow>, bool)> {
+        use futures_util::TryStreamExt;
         let sql = if logs_only {
             "SELECT seq, ts, kind, stream, data FROM command_events WHERE command_id = $1 AND seq > $2 \
              AND kind = 'log' ORDER BY seq LIMIT $3"
@@ -362,24 +411,79 @@ impl Db {
             "SELECT seq, ts, kind, stream, data FROM command_events WHERE command_id = $1 AND seq > $2 \
              ORDER BY seq LIMIT $3"
         };
-        let rows = sqlx::query(sql)
-            .bind(command.to_string())
+        let command = command.to_string();
+        let mut stream = sqlx::query(sql)
+            .bind(&command)
             .bind(after)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRow {
-                    seq: r.try_get("seq")?,
-                    ts: r.try_get("ts")?,
-                    kind: r.try_get("kind")?,
-                    stream: r.try_get("stream")?,
-                    data: r.try_get("data")?,
-                })
-            })
-            .collect()
+            .fetch(&self.pool);
+        let mut rows = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(r) = stream.try_next().await? {
+            let row = EventRow {
+                seq: r.try_get("seq")?,
+                ts: r.try_get("ts")?,
+                kind: r.try_get("kind")?,
+                stream: r.try_get("stream")?,
+                data: r.try_get("data")?,
+            };
+            bytes += row.data.len();
+            if bytes > MAX_PAGE_BYTES && !rows.is_empty() {
+                return Ok((rows, true));
+            }
+            rows.push(row);
+        }
+        let more = rows.len() as i64 >= limit;
+        Ok((rows, more))
     }
+
+    /// [`Db::events_page`] without the "more" flag.
+    pub async fn events_after(
+        &self,
+        command: CommandId,
+        after: i64,
+        limit: i64,
+        logs_only: bool,
+    ) -> DbResult<Vec<EventRow>> {
+        Ok(self.events_page(command, after, limit, logs_only).await?.0)
+    }
+}
+
+/// Ends a command whose log passed the limit: `failed` with `log_limit` (not retryable:
+/// the same command would write as much again), its node with it, and a cancel for the
+/// agent.
+async fn log_limit(
+    tx: &mut sqlx::AnyConnection,
+    done: &mut BatchDone,
+    command: CommandId,
+    agent: AgentId,
+    limit: i64,
+    now: i64,
+) -> DbResult<()> {
+    let message = format!("the command's log passed the limit of {limit} bytes; it was stopped");
+    let row = sqlx::query(LOG_LIMIT_SQL)
+        .bind(now)
+        .bind(error_json(&trellis_protocol::CommandError::new(
+            "log_limit",
+            message.clone(),
+        )))
+        .bind(command.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(row) = row else { return Ok(()) };
+    super::nodes::fail_node_of(tx, command, &format!("log_limit: {message}"), now).await?;
+    let ty: String = row.try_get("type")?;
+    let created_at: i64 = row.try_get("created_at")?;
+    done.finished.push(Finished {
+        command_id: command,
+        agent_id: agent,
+        command_type: CommandType::parse(&ty).unwrap_or(CommandType::Unknown),
+        status: CommandStatus::Failed,
+        millis: (now - created_at).max(0),
+    });
+    done.cancels.push((agent, command, CancelReason::Cancelled));
+    done.log_limited.push((agent, command));
+    Ok(())
 }
 
 /// Walks the stored seqs after `prefix` and moves `durable_seq` to the end of the
