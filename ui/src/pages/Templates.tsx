@@ -30,6 +30,8 @@ interface FormState {
   networkBridge: string;
   pre: string;
   post: string;
+  /** Default cloud-init user of its nodes (`cloneDefaults.ciUser`). */
+  ciUser: string;
 }
 
 function toForm(t: Template | null): FormState {
@@ -43,6 +45,7 @@ function toForm(t: Template | null): FormState {
     networkBridge: t?.networkBridge ?? '',
     pre: (t?.preProvisionCommands ?? []).join('\n'),
     post: (t?.postProvisionCommands ?? []).join('\n'),
+    ciUser: t?.cloneDefaults?.ciUser ?? '',
   };
 }
 
@@ -53,6 +56,7 @@ export function validateTemplateForm(f: FormState): Partial<Record<keyof FormSta
     cores: validateCores(f.cores),
     proxmoxTemplateId: validateProxmoxTemplateId(f.proxmoxTemplateId),
     networkBridge: validateBridge(f.networkBridge),
+    ciUser: f.ciUser.trim() && !/^[a-z_][a-z0-9_-]{0,31}$/.test(f.ciUser.trim()) ? 'A Linux user name: lower-case letters, digits, _ and - (max 32).' : null,
   };
 }
 
@@ -82,6 +86,11 @@ function TemplateDialog({ template, onClose }: { template: Template | null; onCl
       networkBridge: f.networkBridge.trim() || null,
       preProvisionCommands: lines(f.pre),
       postProvisionCommands: lines(f.post),
+      // Keep the other clone defaults (set through the API) and set the cloud-init user.
+      cloneDefaults: (() => {
+        const d = { ...(template?.cloneDefaults ?? {}), ciUser: f.ciUser.trim() || null };
+        return Object.values(d).some((v) => v != null && !(Array.isArray(v) && v.length === 0)) ? d : null;
+      })(),
     };
     setBusy(true);
     setError(null);
@@ -141,6 +150,9 @@ function TemplateDialog({ template, onClose }: { template: Template | null; onCl
             </Field>
             <Field label="Network bridge" error={show('networkBridge')} hint="Optional, e.g. vmbr0">
               {(p) => <input {...p} value={f.networkBridge} onChange={set('networkBridge')} />}
+            </Field>
+            <Field label="Cloud-init user" error={show('ciUser')} hint="Optional, e.g. debian; the SSH user of its nodes">
+              {(p) => <input {...p} value={f.ciUser} onChange={set('ciUser')} autoComplete="off" data-testid="tpl-ciuser" />}
             </Field>
           </div>
           <button type="button" className="btn btn-sm" aria-expanded={picker} onClick={() => setPicker(!picker)} data-testid="open-picker">
