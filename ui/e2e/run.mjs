@@ -196,12 +196,13 @@ async function currentMatchShown(scope, lineNo) {
   const text = await cur.innerText();
   assert(text.includes(`line ${String(lineNo).padStart(8, '0')}`), `current match line reads ${JSON.stringify(text.slice(0, 80))}`);
   assert((await cur.locator('mark').count()) > 0, 'the match is not highlighted');
-  const inView = await cur.evaluate((el) => {
-    const box = el.getBoundingClientRect();
-    const port = el.closest('.logviewer-scroll').getBoundingClientRect();
-    return box.top >= port.top - 1 && box.bottom <= port.bottom + 1;
-  });
-  assert(inView, `line ${lineNo} is not scrolled into view`);
+  const inView = () =>
+    cur.evaluate((el) => {
+      const box = el.getBoundingClientRect();
+      const port = el.closest('.logviewer-scroll').getBoundingClientRect();
+      return box.top >= port.top - 1 && box.bottom <= port.bottom + 1;
+    });
+  await waitFor(`line ${lineNo} to be scrolled into view`, inView, 3_000, 50);
 }
 
 async function logViewerSteps(page, context, agentId) {
@@ -302,6 +303,8 @@ async function logViewerSteps(page, context, agentId) {
     await wrap.click();
     assert((await wrap.getAttribute('aria-pressed')) === 'true', 'Wrap did not toggle');
     await waitFor('no sideways scrolling with Wrap on', async () => scroller.evaluate((el) => el.scrollWidth <= el.clientWidth + 1), 5_000, 100);
+    // Wrapping keeps the current match in view; stepping to it again lands on it too.
+    await currentMatchShown(page, 42);
     await page.getByTestId('log-search-next').click();
     await currentMatchShown(page, 42);
     await shot(page, '31b-log-wrapped-narrow');

@@ -255,15 +255,19 @@ export function LogViewer({
 
   const toggleWrap = () => {
     const el = scrollRef.current;
-    // Keep the line at the top of the view where it was.
-    const keep = view.rowCount > 0 ? view.lineOf(Math.min(topRow(), view.rowCount - 1)) : null;
-    setPerRow(measurePerRow(el, probeRef.current, gutterRef.current));
+    // Keep the current match in view, else the line at the top of the view.
+    const keep = current ?? (view.rowCount > 0 ? view.lineOf(Math.min(topRow(), view.rowCount - 1)) : null);
+    const nextPerRow = measurePerRow(el, probeRef.current, gutterRef.current);
+    setPerRow(nextPerRow);
     setWrap(!wrap);
     if (keep !== null && followRef.current.paused) {
       requestAnimationFrame(() => {
+        if (!el) return;
         const r = view.rowOf(keep);
-        const layout = !wrap ? view.layout(measurePerRow(el, probeRef.current, gutterRef.current)) : null;
-        if (el) el.scrollTop = (layout ? layout[r] : r) * LINE_HEIGHT;
+        const layout = !wrap && nextPerRow > 0 ? view.layout(nextPerRow) : null;
+        const top = (layout ? layout[r] : r) * LINE_HEIGHT;
+        el.scrollTop = current !== null ? Math.max(0, top - el.clientHeight / 2 + LINE_HEIGHT) : top;
+        setScrollTop(el.scrollTop);
       });
     }
   };
