@@ -54,6 +54,8 @@ struct SessionHandle {
     agent_max: i64,
     tx: SessionTx,
     last_heartbeat: i64,
+    /// The agent's credential version when this session authenticated.
+    credential_version: i64,
 }
 
 /// The broker's clocks.
@@ -163,6 +165,7 @@ impl Broker {
         epoch: i64,
         max_concurrency: i64,
         agent_max: i64,
+        credential_version: i64,
         tx: SessionTx,
     ) {
         let old = {
@@ -175,6 +178,7 @@ impl Broker {
                     agent_max,
                     tx,
                     last_heartbeat: crate::time::now_ms(),
+                    credential_version,
                 },
             )
         };
@@ -273,6 +277,37 @@ impl Broker {
     pub fn heartbeats(&self) -> Vec<(AgentId, i64)> {
         let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         map.iter().map(|(id, h)| (*id, h.last_heartbeat)).collect()
+    }
+
+    /// Closes the sessions whose agent's credentials changed since they authenticated
+    /// (rotated or revoked anywhere: this process, another replica, the CLI). One batched
+    /// primary-key read for all sessions of this process; the reaper calls it once per
+    /// heartbeat interval.
+    pub async fn check_credentials(&self) -> DbResult<usize> {
+        let live: HashMap<AgentId, i64> = {
+            let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .map(|(id, h)| (*id, h.credential_version))
+                .collect()
+        };
+        if live.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<AgentId> = live.keys().copied().collect();
+        let mut closed = 0;
+        for (id, version, revoked) in self.db.credential_versions(&ids).await? {
+            if live.get(&id).is_some_and(|v| *v != version) {
+                closed += 1;
+                if revoked {
+                    tracing::info!(agent_id = %id, "closing the session of a revoked agent");
+                    self.revoke(id);
+                } else {
+                    tracing::info!(agent_id = %id, "closing a session whose token was rotated");
+                    self.token_rotated(id);
+                }
+            }
+        }
+        Ok(closed)
     }
 
     /// Closes every session (shutdown): close 1001, and the agents reconnect later.

@@ -1,7 +1,8 @@
 //! Periodic housekeeping: deadlines → `timed_out` + cancel on the agent, re-sending
 //! dispatches an agent has not accepted, flushing heartbeats, dropping idle fan-out
-//! channels, and repairing nodes left `provisioning` by a command that ended or was never
-//! stored. Every state it moves a command to is in the database, so a restart loses
+//! channels, repairing nodes left `provisioning` by a command that ended or was never
+//! stored, closing sessions whose credentials changed (once per heartbeat interval), and
+//! deleting terminal commands past the retention period (once a minute, bounded). Every state it moves a command to is in the database, so a restart loses
 //! nothing; a missed tick is skipped, not replayed.
 
 use std::sync::Arc;
@@ -15,10 +16,22 @@ use crate::time::now_ms;
 const TICK: Duration = Duration::from_millis(500);
 const HEARTBEAT_FLUSH_EVERY: u32 = 20; // ticks (10 s)
 const REDISPATCH_AFTER_MS: i64 = 30_000;
+/// Retention runs every minute: at most 1 000 commands per pass, 100 per transaction
+/// (the SQLite write lock is never held for long; 1 000 a minute is far more than a
+/// busy control plane creates).
+const RETENTION_EVERY: u32 = 120;
+const RETENTION_BATCH: i64 = 100;
+const RETENTION_MAX_PER_PASS: i64 = 1000;
 
 pub async fn run(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Credentials are checked once per heartbeat interval, so a rotated or revoked
+    // token's session is closed within one interval wherever the change was made.
+    let credential_every =
+        u32::try_from(broker.heartbeat_interval_secs() * 1000 / TICK.as_millis() as u64)
+            .unwrap_or(u32::MAX)
+            .max(1);
     // The first pass runs at once: a node a crash left behind is repaired on start.
     let mut n: u32 = HEARTBEAT_FLUSH_EVERY - 1;
     loop {
@@ -30,6 +43,30 @@ pub async fn run(broker: Arc<Broker>) {
         if let Err(e) = expire(&broker).await {
             tracing::warn!(error = %e, "deadline sweep failed");
         }
+        if n.is_multiple_of(credential_every) {
+            if let Err(e) = broker.check_credentials().await {
+                tracing::warn!(error = %e, "credential check failed");
+            }
+        }
+        if n.is_multiple_of(RETENTION_EVERY) {
+            if let Some(keep) = broker.retention {
+                let before = now_ms() - keep.as_millis() as i64;
+                match broker
+                    .db
+                    .prune_history(before, RETENTION_BATCH, RETENTION_MAX_PER_PASS)
+                    .await
+                {
+                    Ok(p) if p.commands == 0 => {}
+                    Ok(p) => tracing::info!(
+                        commands = p.commands,
+                        events = p.events,
+                        stages = p.stages,
+                        "deleted commands past the retention period"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
+                }
+            }
+        }
         if n.is_multiple_of(HEARTBEAT_FLUSH_EVERY) {
             if let Err(e) = broker.db.record_heartbeats(&broker.heartbeats()).await {
                 tracing::warn!(error = %e, "heartbeat flush failed");
@@ -40,13 +77,6 @@ pub async fn run(broker: Arc<Broker>) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(agents = n, "marked agents with stale heartbeats offline"),
                 Err(e) => tracing::warn!(error = %e, "stale agent sweep failed"),
-            }
-            match broker.db.revoked_since(now_ms() - 30_000).await {
-                Ok(ids) => ids
-                    .into_iter()
-                    .filter(|id| broker.is_connected(id))
-                    .for_each(|id| broker.revoke(id)),
-                Err(e) => tracing::warn!(error = %e, "revocation sweep failed"),
             }
             if let Err(e) = redispatch(&broker).await {
                 tracing::warn!(error = %e, "re-dispatch sweep failed");

@@ -162,6 +162,7 @@ pub async fn serve<W: AgentSink, R: AgentStream>(
         epoch,
         max_concurrency,
         i64::from(hello.max_concurrency.clamp(1, 1024)),
+        agent.credential_version,
         tx.clone(),
     );
     tracing::info!(%agent_id, name = %agent.name, epoch, version = %hello.agent_version,

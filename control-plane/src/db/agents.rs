@@ -25,10 +25,12 @@ pub struct AgentRow {
     pub session_epoch: i64,
     pub revoked_at: Option<i64>,
     pub created_at: i64,
+    /// Moves on with every token rotation and revocation (see `credential_versions`).
+    pub credential_version: i64,
 }
 
 const COLS: &str = "id, name, status, last_heartbeat, connected_at, version, hostname, \
-    capabilities, facts, max_concurrency, session_epoch, revoked_at, created_at";
+    capabilities, facts, max_concurrency, session_epoch, revoked_at, created_at, credential_version";
 
 impl AgentRow {
     fn from_row(r: &AnyRow) -> DbResult<Self> {
@@ -48,6 +50,7 @@ impl AgentRow {
             session_epoch: r.try_get("session_epoch")?,
             revoked_at: r.try_get("revoked_at")?,
             created_at: r.try_get("created_at")?,
+            credential_version: r.try_get("credential_version")?,
         })
     }
 
@@ -58,6 +61,19 @@ impl AgentRow {
     pub fn is_online(&self) -> bool {
         self.status == AgentStatus::Online
     }
+}
+
+/// Online agents whose heartbeat stopped (`agents_status_heartbeat`).
+pub(super) const STALE_AGENTS_SQL: &str =
+    "UPDATE agents SET status = $2 WHERE status = $3 AND last_heartbeat < $1";
+
+/// The credential versions of `n` agents (by primary key), revoked ones included.
+pub(super) fn credential_versions_sql(n: usize) -> String {
+    let list = (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!("SELECT id, credential_version, revoked_at FROM agents WHERE id IN ({list})")
 }
 
 impl Db {
@@ -137,13 +153,15 @@ impl Db {
     }
 
     pub async fn rotate_token(&self, agent: AgentId, hash: &str) -> DbResult<()> {
-        let n =
-            sqlx::query("UPDATE agents SET token_hash = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(hash)
-                .bind(agent.to_string())
-                .execute(self.writer())
-                .await?
-                .rows_affected();
+        let n = sqlx::query(
+            "UPDATE agents SET token_hash = $1, credential_version = credential_version + 1 \
+                WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(hash)
+        .bind(agent.to_string())
+        .execute(self.writer())
+        .await?
+        .rows_affected();
         if n == 0 {
             return Err(DbError::NotFound);
         }
@@ -156,7 +174,8 @@ impl Db {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let n = sqlx::query(
-            "UPDATE agents SET revoked_at = $1, status = $2, token_hash = $3 WHERE id = $4 AND revoked_at IS NULL",
+            "UPDATE agents SET revoked_at = $1, status = $2, token_hash = $3, \
+             credential_version = credential_version + 1 WHERE id = $4 AND revoked_at IS NULL",
         )
         .bind(now)
         .bind(AgentStatus::Offline.as_str())
@@ -245,14 +264,31 @@ impl Db {
         Ok(())
     }
 
-    /// Agents revoked since `since` (e.g. by the CLI, which cannot reach live sessions).
-    pub async fn revoked_since(&self, since: i64) -> DbResult<Vec<AgentId>> {
-        let rows =
-            sqlx::query("SELECT id FROM agents WHERE revoked_at IS NOT NULL AND revoked_at >= $1")
-                .bind(since)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(|r| id(r, "id")).collect()
+    /// The current credential version of each agent, and whether it is revoked: one
+    /// primary-key read per 500 agents. A session whose agent's version moved on since it
+    /// authenticated (a rotation or revocation, from this process, another replica or the
+    /// CLI) is closed; no clock is involved.
+    pub async fn credential_versions(
+        &self,
+        agents: &[AgentId],
+    ) -> DbResult<Vec<(AgentId, i64, bool)>> {
+        let mut out = Vec::with_capacity(agents.len());
+        for chunk in agents.chunks(500) {
+            let sql = credential_versions_sql(chunk.len());
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q.bind(a.to_string());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                let revoked: Option<i64> = r.try_get("revoked_at")?;
+                out.push((
+                    id(&r, "id")?,
+                    r.try_get("credential_version")?,
+                    revoked.is_some(),
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// At start-up no session of this process exists yet.
@@ -266,15 +302,13 @@ impl Db {
 
     /// Agents shown online whose heartbeat stopped (e.g. their replica died): offline.
     pub async fn expire_stale_agents(&self, older_than: i64) -> DbResult<u64> {
-        Ok(
-            sqlx::query("UPDATE agents SET status = $2 WHERE status = $3 AND last_heartbeat < $1")
-                .bind(older_than)
-                .bind(AgentStatus::Offline.as_str())
-                .bind(AgentStatus::Online.as_str())
-                .execute(self.writer())
-                .await?
-                .rows_affected(),
-        )
+        Ok(sqlx::query(STALE_AGENTS_SQL)
+            .bind(older_than)
+            .bind(AgentStatus::Offline.as_str())
+            .bind(AgentStatus::Online.as_str())
+            .execute(self.writer())
+            .await?
+            .rows_affected())
     }
 
     pub async fn record_heartbeats(&self, beats: &[(AgentId, i64)]) -> DbResult<()> {

@@ -9,7 +9,6 @@ use trellis_protocol::{CommandError, CommandType};
 use super::nodes::fail_node_of;
 use super::sql::{
     command_status, error_json, flag, id, is_unique_violation, json_col, multi_row_insert, opt_id,
-    TERMINAL_SQL,
 };
 use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, CommandId, CommandStatus, NodeId};
@@ -263,6 +262,13 @@ pub(super) async fn insert_commands_on(
     Ok(())
 }
 
+/// The deadline sweep. `status IN (…)` repeats the predicate of the partial index
+/// `commands_live_deadline` word for word, so both backends read only live commands.
+pub(super) const EXPIRE_SQL: &str =
+    "UPDATE commands SET status = 'timed_out', finished_at = $1, error = $2 \
+    WHERE status IN ('queued', 'dispatched', 'running') AND deadline_at < $1 \
+    RETURNING id, agent_id, dispatched_at";
+
 impl Db {
     /// Inserts commands (status `queued`) and their planned stages in one transaction and
     /// returns their common `created_at`. A taken idempotency key fails the whole batch
@@ -447,7 +453,8 @@ impl Db {
         Ok((self.get_command(command).await?, outcome))
     }
 
-    /// Moves commands past their deadline to `timed_out` (and their nodes to `failed`);
+    /// Moves commands past their deadline to `timed_out` (`EXPIRE_SQL`: the live ones only,
+    /// through `commands_live_deadline`, however long the history) (and their nodes to `failed`);
     /// returns `(id, agent_id, was_dispatched)`: dispatched ones must be cancelled on the agent.
     pub async fn expire_deadlines(&self) -> DbResult<Vec<(CommandId, AgentId, bool)>> {
         let now = now_ms();
@@ -459,14 +466,11 @@ impl Db {
             .retryable(),
         );
         let mut tx = self.begin_write().await?;
-        let rows = sqlx::query(&format!(
-            "UPDATE commands SET status = 'timed_out', finished_at = $1, error = $2 \
-             WHERE status NOT IN {TERMINAL_SQL} AND deadline_at < $1 RETURNING id, agent_id, dispatched_at"
-        ))
-        .bind(now)
-        .bind(&err)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(EXPIRE_SQL)
+            .bind(now)
+            .bind(&err)
+            .fetch_all(&mut *tx)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let dispatched: Option<i64> = r.try_get("dispatched_at")?;

@@ -75,6 +75,10 @@ impl DispatchRow {
     }
 }
 
+/// Dispatched commands not accepted since `$1`.
+pub(super) const STALE_DISPATCHES_SQL: &str =
+    "SELECT id, agent_id FROM commands WHERE status = 'dispatched' AND dispatched_at < $1";
+
 impl Db {
     /// Claims queued commands for an agent up to its free concurrency and returns them.
     pub async fn claim_queued(
@@ -261,14 +265,13 @@ impl Db {
         Ok(out)
     }
 
-    /// Dispatched commands not accepted for a while on a live session: sent again.
+    /// Dispatched commands not accepted for a while on a live session: sent again
+    /// (`STALE_DISPATCHES_SQL`, through `commands_status_deadline`).
     pub async fn stale_dispatches(&self, older_than: i64) -> DbResult<Vec<(CommandId, AgentId)>> {
-        let rows = sqlx::query(
-            "SELECT id, agent_id FROM commands WHERE status = 'dispatched' AND dispatched_at < $1",
-        )
-        .bind(older_than)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(STALE_DISPATCHES_SQL)
+            .bind(older_than)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| Ok((id(r, "id")?, id(r, "agent_id")?)))
             .collect()

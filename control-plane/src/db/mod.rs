@@ -13,6 +13,7 @@ mod audit;
 mod commands;
 mod dispatch;
 mod events;
+mod housekeeping;
 mod inventory;
 mod node_batches;
 mod node_import;
@@ -29,6 +30,7 @@ pub use commands::{
 };
 pub use dispatch::{DispatchRow, Reconciled};
 pub use events::{BatchDone, EventBatch, EventRow, Finished, StageDone};
+pub use housekeeping::Pruned;
 pub use inventory::{AgentVmRow, InventoryApplied};
 pub use node_batches::{BatchNode, NodeProgress};
 pub use node_import::NodeImport;

@@ -112,6 +112,13 @@ pub struct NodeCommandStart<'a> {
     pub status: Option<NodeStatus>,
 }
 
+/// Nodes left in a transitional status whose command is terminal or absent (the
+/// `nodes_status` index, then the command by primary key).
+pub(super) const REPAIR_SQL: &str = "SELECT n.id, n.last_command_id, c.id AS command_id, c.agent_id, \
+    c.status AS command_status, c.result, c.error AS command_error, c.type AS command_type, c.root_id \
+    FROM nodes n LEFT JOIN commands c ON c.id = n.last_command_id \
+    WHERE n.status IN ($1, $2) AND (c.id IS NULL OR c.status IN ('succeeded','failed','cancelled','timed_out'))";
+
 impl Db {
     pub async fn get_node(&self, node: NodeId) -> DbResult<NodeRow> {
         let row = sqlx::query(&format!("SELECT {COLS} FROM nodes WHERE id = $1"))
@@ -328,15 +335,11 @@ impl Db {
     /// Housekeeping: a node left `provisioning` whose command is terminal gets that
     /// command's outcome; one whose command is absent fails. Returns the nodes repaired.
     pub async fn repair_stuck_nodes(&self) -> DbResult<Vec<NodeId>> {
-        let rows = sqlx::query(&format!(
-            "SELECT n.id, n.last_command_id, c.id AS command_id, c.agent_id, c.status AS command_status, \
-             c.result, c.error AS command_error, c.type AS command_type, c.root_id FROM nodes n LEFT JOIN commands c ON c.id = n.last_command_id \
-             WHERE n.status IN ($1, $2) AND (c.id IS NULL OR c.status IN {TERMINAL_SQL})"
-        ))
-        .bind(NodeStatus::Provisioning.as_str())
-        .bind(NodeStatus::Destroying.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(REPAIR_SQL)
+            .bind(NodeStatus::Provisioning.as_str())
+            .bind(NodeStatus::Destroying.as_str())
+            .fetch_all(&self.pool)
+            .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }

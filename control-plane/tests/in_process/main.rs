@@ -7,4 +7,5 @@ mod common;
 mod lifecycle;
 mod openapi;
 mod session;
+mod storage;
 mod targets;
