@@ -184,6 +184,7 @@ impl From<DbError> for AppError {
         match e {
             DbError::NotFound => Self::NotFound("not found".into()),
             DbError::Conflict(m) => Self::Conflict("conflict", m),
+            DbError::NameTaken(m) => Self::Conflict("duplicate_name", m),
             other => Self::Internal(other.into()),
         }
     }

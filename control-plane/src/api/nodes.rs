@@ -126,7 +126,7 @@ pub async fn import(
 #[utoipa::path(put, path = "/api/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
     request_body = UpdateNodeRequest,
     responses((status = 200, body = Node), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "node_busy", body = ErrorBody)))]
+        (status = 409, description = "node_busy, duplicate_name (another node has the new name)", body = ErrorBody)))]
 pub async fn update(
     State(s): State<AppState>,
     Path(id): Path<String>,

@@ -50,6 +50,9 @@ pub enum DbError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A live node has the name (the `nodes_live_name` index; API code `duplicate_name`).
+    #[error("name taken: {0}")]
+    NameTaken(String),
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
     #[error("corrupt row: {0}")]

@@ -8,7 +8,7 @@ use sqlx::Row;
 
 use super::commands::{command_type, insert_commands_on, NewCommand};
 use super::nodes::NodeRow;
-use super::sql::{command_status, multi_row_insert};
+use super::sql::{command_status, is_unique_violation, multi_row_insert};
 use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, CommandStatus, NodeId, NodeStatus, TemplateId};
 use crate::time::now_ms;
@@ -112,7 +112,8 @@ impl Db {
 
     /// Creates the batch's nodes already claimed for `agent` (`provisioning`, pointing at
     /// their commands) and stores the commands, in one transaction: a crash leaves the
-    /// whole batch or nothing. `Conflict` when one of the names was taken meanwhile.
+    /// whole batch or nothing. `NameTaken` when one of the names was taken meanwhile (the
+    /// check below names them; the live-name index catches a concurrent insert).
     /// Returns the commands' `created_at`.
     pub async fn insert_node_batch(
         &self,
@@ -141,7 +142,7 @@ impl Db {
                 .iter()
                 .filter_map(|r| r.try_get::<String, _>("name").ok())
                 .collect();
-            return Err(DbError::Conflict(format!(
+            return Err(DbError::NameTaken(format!(
                 "node names already taken: {}",
                 taken.join(", ")
             )));
@@ -172,7 +173,15 @@ impl Db {
                     .bind(now)
                     .bind(now);
             }
-            q.execute(&mut *tx).await?;
+            q.execute(&mut *tx).await.map_err(|e| {
+                if is_unique_violation(&e) {
+                    DbError::NameTaken(
+                        "another request took one of the batch's names meanwhile; try again".into(),
+                    )
+                } else {
+                    e.into()
+                }
+            })?;
         }
         // Each command knows the node it was started for (a retry finds it by this).
         let ids = (1..=nodes.len())

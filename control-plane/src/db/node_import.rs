@@ -2,13 +2,16 @@
 //!
 //! A name is taken by any node record of that name (compared ignoring case) that is not
 //! `destroyed`: a destroyed node's VM is gone and its record is only history, and a
-//! forgotten node has no record left. An imported node is linked to the VM the inventory
+//! forgotten node has no record left. The unique index `nodes_live_name` (migration 0008)
+//! enforces it for every insert and rename, so two concurrent requests cannot both take a
+//! name; a node created with `force` (`name_forced`) is outside the index. An imported node is linked to the VM the inventory
 //! shows (`vm_id`, `vm_node`, the hypervisor); it gets a `vm_tag` only when the VM carries
 //! a Trellis tag (it was made by Trellis and forgotten), so destroy stays refused for a VM
 //! Trellis did not make.
 
 use sqlx::Row;
 
+use super::sql::is_unique_violation;
 use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, NodeId, NodeStatus};
 use crate::time::now_ms;
@@ -22,6 +25,22 @@ pub struct NodeImport {
     pub application: Option<String>,
     pub memory: i64,
     pub cores: i64,
+    /// Imported with `force`: the name may duplicate a live node's.
+    pub name_forced: bool,
+}
+
+/// Maps the unique violation of a node insert or rename to `NameTaken`: the node's id is
+/// a fresh UUID, so the only unique key it can break is the live-name index.
+pub(super) fn name_taken(name: &str) -> impl FnOnce(sqlx::Error) -> DbError + '_ {
+    move |e| {
+        if is_unique_violation(&e) {
+            DbError::NameTaken(format!(
+                "a node named {name:?} already exists; choose another name or send force: true to create it anyway"
+            ))
+        } else {
+            e.into()
+        }
+    }
 }
 
 impl Db {
@@ -73,8 +92,8 @@ impl Db {
             .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok());
         sqlx::query(
             "INSERT INTO nodes (id, application, name, template_id, memory, cores, vm_id, hypervisor_id, \
-             ip_address, status, vm_tag, vm_tag_listed, vm_node, observed_at, created_at, updated_at) \
-             SELECT $1, $2, $3, NULL, $4, $5, v.vm_id, v.agent_id, $6, $7, v.tag, $8, v.node, v.seen_at, $9, $9 \
+             ip_address, status, vm_tag, vm_tag_listed, vm_node, observed_at, name_forced, created_at, updated_at) \
+             SELECT $1, $2, $3, NULL, $4, $5, v.vm_id, v.agent_id, $6, $7, v.tag, $8, v.node, v.seen_at, $12, $9, $9 \
              FROM agent_vms v WHERE v.agent_id = $10 AND v.vm_id = $11",
         )
         .bind(n.id.to_string())
@@ -88,8 +107,10 @@ impl Db {
         .bind(now)
         .bind(n.agent.to_string())
         .bind(n.vm_id)
+        .bind(i64::from(n.name_forced))
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(name_taken(&n.name))?;
         tx.commit().await?;
         Ok(())
     }

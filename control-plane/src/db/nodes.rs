@@ -83,6 +83,8 @@ pub struct NewNode {
     pub template_id: TemplateId,
     pub memory: i64,
     pub cores: i64,
+    /// Created with `force`: the name may duplicate a live node's.
+    pub name_forced: bool,
 }
 
 /// The editable fields of a node, all given (the caller merges with the current row).
@@ -139,8 +141,8 @@ impl Db {
     pub async fn insert_node(&self, n: &NewNode) -> DbResult<()> {
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO nodes (id, application, name, template_id, memory, cores, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            "INSERT INTO nodes (id, application, name, template_id, memory, cores, status, name_forced, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
         )
         .bind(n.id.to_string())
         .bind(n.application.clone())
@@ -149,17 +151,22 @@ impl Db {
         .bind(n.memory)
         .bind(n.cores)
         .bind(NodeStatus::PendingProvision.as_str())
+        .bind(i64::from(n.name_forced))
         .bind(now)
         .execute(self.writer())
-        .await?;
+        .await
+        .map_err(super::node_import::name_taken(&n.name))?;
         Ok(())
     }
 
-    /// Updates a node that is not being provisioned (`Conflict` if it is).
+    /// Updates a node that is not being provisioned (`Conflict` if it is). A new name
+    /// (not just other case) must be free of live nodes (`NameTaken`).
     pub async fn update_node(&self, node: NodeId, u: &NodeUpdate) -> DbResult<()> {
         let n = sqlx::query(
             "UPDATE nodes SET name = $1, template_id = $2, memory = $3, cores = $4, application = $5, \
-             status = $6, updated_at = $7 WHERE id = $8 AND status NOT IN ($9, $10)",
+             status = $6, updated_at = $7, \
+             name_forced = CASE WHEN LOWER(name) = LOWER($1) THEN name_forced ELSE 0 END \
+             WHERE id = $8 AND status NOT IN ($9, $10)",
         )
         .bind(&u.name)
         .bind(u.template_id.map(|t| t.to_string()))
@@ -172,7 +179,8 @@ impl Db {
         .bind(NodeStatus::Provisioning.as_str())
         .bind(NodeStatus::Destroying.as_str())
         .execute(self.writer())
-        .await?
+        .await
+        .map_err(super::node_import::name_taken(&u.name))?
         .rows_affected();
         if n == 0 {
             self.get_node(node).await?;

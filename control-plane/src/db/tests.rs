@@ -53,10 +53,12 @@ async fn node(db: &Db) -> NodeId {
     db.insert_node(&NewNode {
         id,
         application: None,
-        name: "n1".into(),
+        // Live node names are unique (migration 0008).
+        name: format!("n-{id}"),
         template_id: template(db).await,
         memory: 1024,
         cores: 1,
+        name_forced: false,
     })
     .await
     .unwrap();
@@ -205,4 +207,54 @@ async fn the_repair_sweep_frees_nodes_whose_command_is_absent_or_terminal() {
         db.repair_stuck_nodes().await.unwrap().is_empty(),
         "idempotent"
     );
+}
+
+#[tokio::test]
+async fn live_node_names_are_unique_unless_forced() {
+    let db = db().await;
+    let tid = template(&db).await;
+    let insert = |name: &'static str, forced: bool| {
+        let db = db.clone();
+        async move {
+            let id = NodeId::new();
+            db.insert_node(&NewNode {
+                id,
+                application: None,
+                name: name.into(),
+                template_id: tid,
+                memory: 1024,
+                cores: 1,
+                name_forced: forced,
+            })
+            .await
+            .map(|()| id)
+        }
+    };
+    let web = insert("web", false).await.unwrap();
+    let res = insert("WEB", false).await;
+    assert!(matches!(res, Err(DbError::NameTaken(_))), "{res:?}");
+    let forced = insert("Web", true).await.unwrap();
+    let other = insert("db", false).await.unwrap();
+    let rename = |name: &str| NodeUpdate {
+        name: name.into(),
+        template_id: Some(tid),
+        memory: 1024,
+        cores: 1,
+        application: None,
+        status: NodeStatus::PendingProvision,
+    };
+    let res = db.update_node(other, &rename("wEb")).await;
+    assert!(matches!(res, Err(DbError::NameTaken(_))), "{res:?}");
+    // Another case of its own name keeps a forced node forced; a new name must be free.
+    db.update_node(forced, &rename("WEB")).await.unwrap();
+    db.update_node(forced, &rename("app")).await.unwrap();
+    let res = insert("app", false).await;
+    assert!(matches!(res, Err(DbError::NameTaken(_))), "{res:?}");
+    // A destroyed node does not hold its name.
+    sqlx::query("UPDATE nodes SET status = 'destroyed' WHERE id = $1")
+        .bind(web.to_string())
+        .execute(db.writer())
+        .await
+        .unwrap();
+    insert("web", false).await.unwrap();
 }

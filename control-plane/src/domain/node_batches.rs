@@ -7,17 +7,21 @@
 //!
 //! Naming: `{n}` counts from 1 and skips names already taken by a node (compared ignoring
 //! ASCII case), so `web-{n}` × 3 with `web-1` present makes `web-2`, `web-3`, `web-4`.
-//! A pattern without `{n}` (count 1 only) names one node and is refused if taken
-//! (`duplicate_name`). A `destroyed` node's name counts as free, as for a single node.
+//! A pattern without `{n}` (count 1 only) names one node and is refused if taken, by the
+//! single-node rule ([`super::nodes::check_name_free`], `duplicate_name`, no force). A
+//! `destroyed` node's name counts as free, as for a single node; the database's
+//! live-name index refuses a name another request took meanwhile (`duplicate_name`).
 
 use std::collections::HashSet;
 
 use trellis_protocol::{CommandType, PowerAction};
 
-use super::nodes::{plan_provision, validate_name, validate_size, Provision};
+use super::nodes::{
+    check_name_free, duplicate_name, plan_provision, validate_name, validate_size, Provision,
+};
 use super::{DomainError, DomainResult};
 use crate::broker::Broker;
-use crate::db::{BatchNode, Db, DbError, NodeRow};
+use crate::db::{BatchNode, Db, NodeRow};
 use crate::model::{CommandId, NodeId, NodeStatus, TemplateId};
 
 /// The most nodes one bulk provision creates.
@@ -84,10 +88,7 @@ pub fn expand_names(
     let Some((head, tail)) = check_pattern(count, pattern)? else {
         validate_name(pattern)?;
         if taken.contains(&pattern.to_ascii_lowercase()) {
-            return Err(DomainError::conflict(
-                "duplicate_name",
-                format!("a node named {pattern:?} already exists"),
-            ));
+            return Err(duplicate_name(pattern, None));
         }
         return Ok(vec![pattern.to_string()]);
     };
@@ -128,6 +129,10 @@ pub async fn bulk_provision(
     let memory = b.memory.unwrap_or(t.fields.memory);
     let cores = b.cores.unwrap_or(t.fields.cores);
     validate_size(memory, cores)?;
+    if split.is_none() {
+        validate_name(&pattern)?;
+        check_name_free(db, &pattern, false).await?;
+    }
     let prefix = split.map_or(pattern.as_str(), |(head, _)| head);
     let taken: HashSet<String> = db
         .node_names_with_prefix(prefix)
@@ -173,12 +178,8 @@ pub async fn bulk_provision(
     }
     let agent = nodes[0].command.agent_id;
     let batch_id = uuid::Uuid::new_v4().to_string();
-    db.insert_node_batch(&batch_id, agent, &nodes)
-        .await
-        .map_err(|e| match e {
-            DbError::Conflict(m) => DomainError::conflict("duplicate_name", m),
-            e => e.into(),
-        })?;
+    // A name taken meanwhile is `DbError::NameTaken`: 409 `duplicate_name`.
+    db.insert_node_batch(&batch_id, agent, &nodes).await?;
     broker.wake(agent);
     tracing::info!(batch = %batch_id, nodes = nodes.len(), %actor, "bulk provision started");
     Ok(BatchStarted {

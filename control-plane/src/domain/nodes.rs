@@ -54,21 +54,31 @@ pub struct CreateNode {
     pub force: bool,
 }
 
-/// Refuses a name another node has (ignoring case; `destroyed` nodes do not count, and
-/// forgotten ones have no record) with 409 `duplicate_name`, unless `force`.
+/// The one name rule, for every way a node gets a name (create, import, bulk provision,
+/// rename): a name another node has (ignoring case; `destroyed` nodes do not count, and
+/// forgotten ones have no record) is refused with 409 `duplicate_name`, unless `force`.
+/// This check gives the helpful message; the database's live-name index (migration 0008)
+/// closes the race between it and the insert, and its violation is the same
+/// `duplicate_name` (`DbError::NameTaken`).
 pub async fn check_name_free(db: &Db, name: &str, force: bool) -> DomainResult<()> {
     if force {
         return Ok(());
     }
-    if let Some(other) = db.node_named(name).await? {
-        return Err(DomainError::conflict(
-            "duplicate_name",
-            format!(
-                "a node named {name:?} already exists ({other}); choose another name or send force: true to create it anyway"
-            ),
-        ));
+    match db.node_named(name).await? {
+        Some(other) => Err(duplicate_name(name, Some(other))),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The `duplicate_name` refusal of [`check_name_free`].
+pub fn duplicate_name(name: &str, other: Option<NodeId>) -> DomainError {
+    let which = other.map(|o| format!(" ({o})")).unwrap_or_default();
+    DomainError::conflict(
+        "duplicate_name",
+        format!(
+            "a node named {name:?} already exists{which}; choose another name or send force: true to create it anyway"
+        ),
+    )
 }
 
 /// Where to provision a node.
@@ -127,6 +137,7 @@ pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
         template_id: tid,
         memory,
         cores,
+        name_forced: b.force,
     })
     .await?;
     Ok(id)
@@ -147,6 +158,10 @@ pub async fn update(db: &Db, id: NodeId, b: EditNode) -> DomainResult<NodeRow> {
     let n = get(db, id).await?;
     let name = b.name.unwrap_or(n.name.clone());
     validate_name(&name)?;
+    // A new name (not just other case) must be free; a rename has no force.
+    if !name.eq_ignore_ascii_case(&n.name) {
+        check_name_free(db, &name, false).await?;
+    }
     let memory = b.memory.unwrap_or(n.memory);
     let cores = b.cores.unwrap_or(n.cores);
     // An imported node's size is unknown (0) until someone sets it.
@@ -280,6 +295,7 @@ pub async fn import(db: &Db, b: Import) -> DomainResult<NodeRow> {
         application: b.application.filter(|a| !a.trim().is_empty()),
         memory: 0,
         cores: 0,
+        name_forced: b.force,
     })
     .await
     .map_err(|e| match e {

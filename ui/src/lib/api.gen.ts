@@ -2173,7 +2173,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description node_busy */
+            /** @description node_busy, duplicate_name (another node has the new name) */
             409: {
                 headers: {
                     [name: string]: unknown;
