@@ -556,3 +556,137 @@ async fn audit_paging_and_filters() {
     assert_eq!(st, 400);
     drop(cp);
 }
+
+/// Polls `GET /api/nodes?batchId=` until every node has `status`.
+async fn wait_batch_status(api: &Api, batch: &str, status: &str) -> Vec<Value> {
+    let t = std::time::Instant::now();
+    loop {
+        let nodes = api.get(&format!("/api/nodes?batchId={batch}")).await["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if !nodes.is_empty() && nodes.iter().all(|n| n["status"] == status) {
+            return nodes;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not all {status}: {nodes:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A bulk request's audit outcome says what became of its nodes (`error` when every node
+/// was refused, `partial` when some were), and a client that disconnects right after
+/// sending a bulk stop neither stops it half-way nor loses its audit row: the database's
+/// write lock (held by the test) keeps the handler waiting on its first write until the
+/// client has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_outcomes_and_client_disconnect() {
+    use sqlx::Connection;
+    use tokio::io::AsyncWriteExt;
+    let s = proxmox_stack(Backend::Sqlite, "audit-bulk", FAST, &[]).await;
+    let api = &s.api;
+    let t = api
+        .post(
+            "/api/templates",
+            json!({"name": "bulk-audit", "memory": 1024, "cores": 1,
+                   "proxmoxTemplateId": 9000, "networkBridge": "vmbr0"}),
+        )
+        .await;
+    let (st, b) = api
+        .call(
+            Method::POST,
+            "/api/nodes/batches",
+            Some(
+                json!({"count": 3, "namePattern": "bk-{n}", "templateId": t["id"],
+                        "provision": {"agentId": s.agent_id}}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 202, "{b}");
+    let batch = b["batchId"].as_str().unwrap().to_string();
+    let ids: Vec<String> = b["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["nodeId"].as_str().unwrap().to_string())
+        .collect();
+    wait_batch_status(api, &batch, "running").await;
+
+    // every node refused (none failed to provision): answered 200, audited as an error
+    let (st, v) = api
+        .call(
+            Method::POST,
+            "/api/nodes/bulk",
+            Some(json!({"nodeIds": ids, "action": "retry"})),
+        )
+        .await;
+    assert_eq!((st, v["failed"].as_u64()), (200, Some(3)), "{v}");
+    let rows = audit(api, "action=node.bulk_action").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0]["outcome"].as_str(), rows[0]["status"].as_i64()),
+        (Some("error"), Some(200)),
+        "{}",
+        rows[0]
+    );
+
+    // bulk stop of the three and an unknown node, sent by a client that goes away
+    let mut all = ids.clone();
+    all.push("no-such-node".into());
+    let body = json!({"nodeIds": all, "action": "stop"}).to_string();
+    let lock = {
+        let mut c = sqlx::SqliteConnection::connect(&s.cp.db_url).await.unwrap();
+        sqlx::raw_sql("BEGIN EXCLUSIVE")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c
+    };
+    let mut tcp = tokio::net::TcpStream::connect(&s.cp.addr).await.unwrap();
+    let req = format!(
+        "POST /api/nodes/bulk HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        s.cp.addr,
+        api.token,
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut lock = lock;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+
+    // all three stop, and the request has its audit row with every node's result
+    wait_batch_status(api, &batch, "stopped").await;
+    let t0 = std::time::Instant::now();
+    let row = loop {
+        let rows = audit(api, "action=node.bulk_action").await;
+        if rows.len() == 2 {
+            break rows[0].clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{rows:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(row["outcome"], "partial", "{row}");
+    assert_eq!(row["details"]["action"], "stop", "{row}");
+    let results = row["details"]["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "{row}");
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| r["commandId"].is_string())
+            .count(),
+        3,
+        "{row}"
+    );
+    assert_eq!(
+        audit(api, "outcome=partial").await.len(),
+        1,
+        "the outcome filter knows partial"
+    );
+}

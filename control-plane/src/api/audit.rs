@@ -24,6 +24,18 @@ pub struct AuditNote {
     pub target_id: Option<String>,
     pub target_name: Option<String>,
     pub details: Option<serde_json::Value>,
+    /// Overrides the outcome the status gives: `partial` (some parts refused) or `error`
+    /// (all refused) for a request answered `200` with per-part results.
+    pub outcome: Option<&'static str>,
+}
+
+/// The outcome of a request made of parts (a bulk action): `success`, `partial` or `error`.
+pub fn parts_outcome(succeeded: usize, failed: usize) -> &'static str {
+    match (succeeded, failed) {
+        (_, 0) => "success",
+        (0, _) => "error",
+        _ => "partial",
+    }
 }
 
 impl AuditNote {
@@ -32,7 +44,13 @@ impl AuditNote {
             target_id: Some(id.to_string()),
             target_name: Some(name.into()),
             details: None,
+            outcome: None,
         }
+    }
+
+    pub fn with_outcome(mut self, outcome: &'static str) -> Self {
+        self.outcome = Some(outcome);
+        self
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
@@ -210,6 +228,9 @@ pub fn row_for(actor: &str, what: Described, ip: Option<IpAddr>, resp: &Response
         }
         a.target_name = n.target_name.clone();
         a.details = n.details.clone();
+        if let Some(o) = n.outcome {
+            a.outcome = o.into();
+        }
     }
     a
 }
@@ -242,9 +263,9 @@ pub async fn list(
     };
     let outcome = q.outcome.filter(|o| !o.is_empty());
     if let Some(o) = &outcome {
-        if o != "success" && o != "error" {
+        if !matches!(o.as_str(), "success" | "partial" | "error") {
             return Err(AppError::BadRequest(
-                "outcome must be success or error".into(),
+                "outcome must be success, partial or error".into(),
             ));
         }
     }
@@ -332,6 +353,13 @@ mod tests {
             .0,
             "command.cancel"
         );
+    }
+
+    #[test]
+    fn outcome_of_parts() {
+        assert_eq!(parts_outcome(3, 0), "success");
+        assert_eq!(parts_outcome(2, 1), "partial");
+        assert_eq!(parts_outcome(0, 3), "error");
     }
 
     #[test]

@@ -271,12 +271,27 @@ pub async fn require_admin(State(s): State<AppState>, mut req: Request, next: Ne
         Ok(admin) => {
             let name = admin.name.clone();
             req.extensions_mut().insert(admin);
-            let resp = next.run(req).await;
-            if let Some(what) = what {
+            let Some(what) = what else {
+                return next.run(req).await;
+            };
+            // A change runs to its end with its audit row even if the client goes away:
+            // hyper drops the request's future on a disconnect, so the handler runs as a
+            // task of its own (on the app's tracker, which shutdown waits for) that the
+            // request only awaits.
+            let state = s.clone();
+            let work = async move {
+                let resp = next.run(req).await;
                 let a = audit::row_for(&name, what, ip, &resp);
-                audit::record(&s, a).await;
+                audit::record(&state, a).await;
+                resp
+            };
+            match s.tasks.spawn(work).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::error!(error = %e, %method, %path, "admin request task failed");
+                    AppError::Internal(anyhow::anyhow!("the request failed")).into_response()
+                }
             }
-            resp
         }
         Err((resp, invalid)) => {
             if invalid {

@@ -52,11 +52,7 @@ pub async fn create(
         },
     )
     .await?;
-    let note = super::audit::AuditNote {
-        target_id: Some(c.id.to_string()),
-        target_name: Some(c.command_type.as_str().to_string()),
-        details: None,
-    };
+    let note = super::audit::AuditNote::target(c.id, c.command_type.as_str());
     Ok(note.on((
         StatusCode::ACCEPTED,
         Json(CommandAccepted {
@@ -351,7 +347,8 @@ pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     let id: CommandId = parse_id(&id, "command")?;
     let c = domain::commands::cancel(&s.db, &s.broker, id).await?;
     let stages = s.db.get_stages(id).await?;
-    Ok((StatusCode::ACCEPTED, Json(Command::new(&c, Some(&stages)))).into_response())
+    let note = super::audit::AuditNote::target(c.id, c.command_type.as_str());
+    Ok(note.on((StatusCode::ACCEPTED, Json(Command::new(&c, Some(&stages)))).into_response()))
 }
 
 /// Retry a failed, cancelled or timed-out command as a new attempt (a retried provision

@@ -114,19 +114,23 @@ pub async fn bulk_action(
         })
         .collect();
     let succeeded = results.iter().filter(|r| r.command_id.is_some()).count();
-    // The audit row lists every node's outcome (ids, names, command or error code).
-    let note = AuditNote::default().with_details(serde_json::json!({
-        "action": b.action,
-        "results": results
-            .iter()
-            .map(|r| serde_json::json!({
-                "nodeId": r.node_id,
-                "name": r.name,
-                "commandId": r.command_id,
-                "error": r.error.as_ref().map(|e| &e.code),
-            }))
-            .collect::<Vec<_>>(),
-    }));
+    // The audit row lists every node's outcome (ids, names, command or error code); its
+    // outcome is `partial` when some nodes were refused, `error` when all were.
+    let outcome = super::audit::parts_outcome(succeeded, results.len() - succeeded);
+    let note = AuditNote::default()
+        .with_outcome(outcome)
+        .with_details(serde_json::json!({
+            "action": b.action,
+            "results": results
+                .iter()
+                .map(|r| serde_json::json!({
+                    "nodeId": r.node_id,
+                    "name": r.name,
+                    "commandId": r.command_id,
+                    "error": r.error.as_ref().map(|e| &e.code),
+                }))
+                .collect::<Vec<_>>(),
+        }));
     Ok(note.on(Json(BulkActionResults {
         failed: results.len() - succeeded,
         succeeded,

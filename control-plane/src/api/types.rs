@@ -1060,7 +1060,8 @@ pub struct AuditEntry {
     pub target_type: Option<String>,
     pub target_id: Option<String>,
     pub target_name: Option<String>,
-    /// `success` or `error`.
+    /// `success`, `error`, or `partial` (a bulk request some of whose nodes were refused;
+    /// `error` when all were).
     pub outcome: String,
     /// The HTTP status answered.
     pub status: i64,
@@ -1107,7 +1108,7 @@ pub struct AuditQuery {
     /// Action prefix (`node.` matches `node.power`).
     pub action: Option<String>,
     pub target_id: Option<String>,
-    /// `success` or `error`.
+    /// `success`, `partial` or `error`.
     pub outcome: Option<String>,
     /// From this time on (Unix milliseconds, inclusive).
     pub since: Option<i64>,

@@ -32,5 +32,9 @@ describe('audit rows', () => {
   it('shows the status and code of a failure', () => {
     expect(outcomeText({ outcome: 'success', status: 202, errorCode: null })).toBe('ok');
     expect(outcomeText({ outcome: 'error', status: 409, errorCode: 'invalid_state' })).toBe('409 invalid_state');
+    // a bulk request answered 200 whose nodes were refused
+    expect(outcomeText({ outcome: 'partial', status: 200, errorCode: null })).toBe('partial: some refused');
+    expect(outcomeText({ outcome: 'error', status: 200, errorCode: null })).toBe('error: all refused');
+    expect(filtersFrom(new URLSearchParams('outcome=partial')).outcome).toBe('partial');
   });
 });

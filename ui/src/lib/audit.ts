@@ -4,7 +4,7 @@ import type { AuditEntry } from './types';
 export interface AuditFilters {
   actor: string;
   action: string;
-  outcome: '' | 'success' | 'error';
+  outcome: '' | 'success' | 'partial' | 'error';
 }
 
 export const AUDIT_PAGE = 50;
@@ -17,7 +17,7 @@ export function filtersFrom(query: URLSearchParams): AuditFilters {
   return {
     actor: (query.get('actor') ?? '').trim(),
     action: (query.get('action') ?? '').trim(),
-    outcome: outcome === 'success' || outcome === 'error' ? outcome : '',
+    outcome: outcome === 'success' || outcome === 'partial' || outcome === 'error' ? outcome : '',
   };
 }
 
@@ -39,8 +39,10 @@ export function targetText(e: Pick<AuditEntry, 'targetType' | 'targetId' | 'targ
   return e.targetType ? `${e.targetType} ${name}` : name;
 }
 
-/** "ok" or "409 invalid_state". */
+/** "ok", "partial" (some nodes of a bulk request refused) or "409 invalid_state". */
 export function outcomeText(e: Pick<AuditEntry, 'outcome' | 'status' | 'errorCode'>): string {
   if (e.outcome === 'success') return 'ok';
+  if (e.outcome === 'partial') return 'partial: some refused';
+  if (e.outcome === 'error' && e.status < 400) return 'error: all refused';
   return e.errorCode ? `${e.status} ${e.errorCode}` : String(e.status);
 }

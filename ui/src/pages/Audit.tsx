@@ -66,6 +66,7 @@ export function Audit({ query }: { query: URLSearchParams }) {
           >
             <option value="">all</option>
             <option value="success">success</option>
+            <option value="partial">partial</option>
             <option value="error">error</option>
           </select>
         </label>
