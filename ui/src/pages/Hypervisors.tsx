@@ -15,6 +15,34 @@ function shellQuote(v: string): string {
   return /^[A-Za-z0-9_@%+=:,./-]+$/.test(v) ? v : `'${v.replace(/'/g, `'\\''`)}'`;
 }
 
+/**
+ * Whether a host (as in a URL: `name`, `1.2.3.4`, `[v6]`, with or without a port) is
+ * loopback the way tendril decides it: 127.0.0.0/8, `::1` (also IPv4-mapped 127.x), or
+ * the name `localhost`. Other names are not resolved.
+ */
+export function isLoopbackHost(host: string): boolean {
+  let h = host.trim().toLowerCase();
+  if (h.startsWith('[')) h = h.slice(1, h.indexOf(']') > 0 ? h.indexOf(']') : undefined);
+  else h = h.split(':')[0];
+  if (h.endsWith('.')) h = h.slice(0, -1);
+  if (h === 'localhost') return true;
+  if (/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(h)) return h.split('.').every((o) => Number(o) <= 255);
+  if (h === '::1' || h === '0:0:0:0:0:0:0:1') return true;
+  // IPv4-mapped 127.x: ::ffff:127.0.0.1, or as URL normalises it, ::ffff:7fxx:xxxx.
+  return /^::ffff:127\./.test(h) || /^::ffff:7f[0-9a-f]{2}:[0-9a-f]{1,4}$/.test(h);
+}
+
+/**
+ * tendril refuses `ws://` to a host that is not loopback (the token and every command
+ * would travel in clear) unless it is given `--insecure-plaintext`.
+ */
+export function needsInsecurePlaintext(serverUrl: string): boolean {
+  const m = /^ws:\/\/([^/?#]*)/i.exec(serverUrl.trim());
+  if (!m) return false;
+  const authority = m[1].slice(m[1].lastIndexOf('@') + 1);
+  return !isLoopbackHost(authority);
+}
+
 export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: string; tokenId?: string }): string {
   const pve = opts.pveUrl?.trim() || 'https://<pve>:8006';
   const id = opts.tokenId?.trim() || '…';
@@ -25,6 +53,7 @@ export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: 
     `PROXMOX_TOKEN_ID=${id === '…' ? id : shellQuote(id)}`,
     `PROXMOX_TOKEN_SECRET=…`,
     'tendril',
+    ...(needsInsecurePlaintext(opts.serverUrl) ? ['--insecure-plaintext'] : []),
   ].join(' ');
 }
 
@@ -158,7 +187,9 @@ export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
 function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
   const [pveUrl, setPveUrl] = useState('');
   const [tokenId, setTokenId] = useState('');
-  const cmd = agentCommand({ serverUrl: agentConnectUrl(), token, pveUrl, tokenId });
+  const serverUrl = agentConnectUrl();
+  const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId });
+  const plaintext = needsInsecurePlaintext(serverUrl);
   return (
     <div className="token-reveal" data-testid="token-reveal">
       <Notice tone="warn">
@@ -182,6 +213,17 @@ function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
           {(p) => <input {...p} placeholder="root@pam!trellis" value={tokenId} onChange={(e) => setTokenId(e.target.value)} />}
         </Field>
       </div>
+      {plaintext && (
+        <div data-testid="plaintext-warning">
+          <Notice tone="warn">
+            <strong>Not encrypted.</strong> Trellis is served over plain HTTP, so the agent connects with <code>ws://</code>: its token and
+            every command (Terraform variables included) travel in clear over the network. The command below passes{' '}
+            <code>--insecure-plaintext</code>, without which tendril refuses such a connection. Enable TLS on Trellis (
+            <code>--tls-cert</code> and <code>--tls-key</code>, or a TLS-terminating proxy) and open it over <code>https://</code>, so
+            the command uses <code>wss://</code>.
+          </Notice>
+        </div>
+      )}
       <div className="codeblock">
         <pre data-testid="agent-command">{cmd}</pre>
         <CopyButton text={cmd} label="Copy command" />

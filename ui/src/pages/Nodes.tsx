@@ -12,7 +12,7 @@ import { ProvisionModal } from './provision/ProvisionModal';
 import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
 import { BulkActionBar, SelectAll } from './BulkActions';
 import { nodeProgressText } from '../lib/bulk';
-import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, sshCommand, type NodeAction } from './nodeActions';
+import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, nodeSizeText, sshCommand, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
   const templates = useTemplates();
@@ -22,8 +22,9 @@ function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => voi
     name: node?.name ?? '',
     application: node?.application ?? '',
     templateId: node?.templateId ?? '',
-    memory: node ? String(node.memory) : '',
-    cores: node ? String(node.cores) : '',
+    // An imported node's size is unknown (0): shown empty, not as 0.
+    memory: node && node.memory > 0 ? String(node.memory) : '',
+    cores: node && node.cores > 0 ? String(node.cores) : '',
   });
   const [touched, setTouched] = useState(false);
   const [busy, setBusy] = useState(false);
@@ -31,9 +32,10 @@ function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => voi
   const tpl = templates.data?.find((t) => t.id === f.templateId);
   const errs = {
     name: provisioned ? null : validateVmName(f.name),
-    templateId: f.templateId ? null : 'Choose a template.',
-    memory: f.memory === '' && !node ? null : validateMemory(f.memory),
-    cores: f.cores === '' && !node ? null : validateCores(f.cores),
+    // A provisioned node's template is history (an imported one has none): only the application is edited.
+    templateId: f.templateId || provisioned ? null : 'Choose a template.',
+    memory: provisioned || (f.memory === '' && !node) ? null : validateMemory(f.memory),
+    cores: provisioned || (f.cores === '' && !node) ? null : validateCores(f.cores),
   };
   const set = (k: keyof typeof f) => (e: { target: { value: string } }) => setF({ ...f, [k]: e.target.value });
   const submit = async (e: FormEvent) => {
@@ -103,10 +105,10 @@ function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => voi
         </Field>
         <div className="grid2">
           <Field label="Memory (MiB)" error={show('memory')} hint={tpl && !node ? `Template default ${tpl.memory}` : '16 – 4194304'}>
-            {(p) => <input {...p} inputMode="numeric" value={f.memory} onChange={set('memory')} disabled={provisioned} placeholder={tpl ? String(tpl.memory) : ''} />}
+            {(p) => <input {...p} inputMode="numeric" value={f.memory} onChange={set('memory')} disabled={provisioned} placeholder={provisioned && !f.memory ? 'unknown' : tpl ? String(tpl.memory) : ''} />}
           </Field>
           <Field label="Cores" error={show('cores')} hint={tpl && !node ? `Template default ${tpl.cores}` : '1 – 512'}>
-            {(p) => <input {...p} inputMode="numeric" value={f.cores} onChange={set('cores')} disabled={provisioned} placeholder={tpl ? String(tpl.cores) : ''} />}
+            {(p) => <input {...p} inputMode="numeric" value={f.cores} onChange={set('cores')} disabled={provisioned} placeholder={provisioned && !f.cores ? 'unknown' : tpl ? String(tpl.cores) : ''} />}
           </Field>
         </div>
         {error && <ErrorBox title="Could not save">{error}</ErrorBox>}
@@ -328,8 +330,12 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                     <td data-label="Application" className="hide-lg">{n.application ?? '–'}</td>
                     <td data-label="Template" className="hide-md nowrap">
                       {templateName(n.templateId)}
-                      <div className="small muted" data-col="size">
-                        {formatMemory(n.memory)} · {n.cores} {n.cores === 1 ? 'core' : 'cores'}
+                      <div
+                        className="small muted"
+                        data-col="size"
+                        title={n.memory > 0 && n.cores > 0 ? undefined : 'Imported VM: memory and cores are not known to Trellis'}
+                      >
+                        {nodeSizeText(n, formatMemory)}
                       </div>
                     </td>
                     <td data-label="Status">

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { agentCommand, agentConnectUrl, proxmoxHost, proxmoxNodes } from './Hypervisors';
+import { agentCommand, agentConnectUrl, isLoopbackHost, needsInsecurePlaintext, proxmoxHost, proxmoxNodes } from './Hypervisors';
 import { configErrors, hypervisorUnavailable, initialStep } from './provision/provisionReducer';
 import { buildSnapshot, validateDeploy } from './Deploy';
 import type { Agent, VmNode } from '../lib/types';
@@ -72,12 +72,30 @@ describe('agent registration command', () => {
     expect(agentConnectUrl({ protocol: 'http:', host: '127.0.0.1:8080' })).toBe('ws://127.0.0.1:8080/api/agents/connect');
   });
   it('builds the exact tendril command, quoting where the shell needs it', () => {
-    expect(agentCommand({ serverUrl: 'ws://h:8080/api/agents/connect', token: 'tok123' })).toBe(
-      'TENDRIL_SERVER_URL=ws://h:8080/api/agents/connect TENDRIL_TOKEN=tok123 PROXMOX_URL=https://<pve>:8006 PROXMOX_TOKEN_ID=… PROXMOX_TOKEN_SECRET=… tendril',
+    expect(agentCommand({ serverUrl: 'ws://127.0.0.1:8080/api/agents/connect', token: 'tok123' })).toBe(
+      'TENDRIL_SERVER_URL=ws://127.0.0.1:8080/api/agents/connect TENDRIL_TOKEN=tok123 PROXMOX_URL=https://<pve>:8006 PROXMOX_TOKEN_ID=… PROXMOX_TOKEN_SECRET=… tendril',
     );
+    // tendril refuses ws:// to a host that is not loopback without the flag.
+    expect(agentCommand({ serverUrl: 'ws://h:8080/api/agents/connect', token: 'tok123' })).toBe(
+      'TENDRIL_SERVER_URL=ws://h:8080/api/agents/connect TENDRIL_TOKEN=tok123 PROXMOX_URL=https://<pve>:8006 PROXMOX_TOKEN_ID=… PROXMOX_TOKEN_SECRET=… tendril --insecure-plaintext',
+    );
+    expect(agentCommand({ serverUrl: 'wss://h/api/agents/connect', token: 't' })).not.toContain('--insecure-plaintext');
     expect(agentCommand({ serverUrl: 'wss://x/api/agents/connect', token: 't', pveUrl: 'https://pve1:8006', tokenId: 'root@pam!trellis' })).toContain(
       "PROXMOX_URL=https://pve1:8006 PROXMOX_TOKEN_ID='root@pam!trellis'",
     );
+  });
+  it('asks for --insecure-plaintext exactly where tendril would refuse ws://', () => {
+    for (const host of ['localhost', 'localhost:8080', 'LOCALHOST.', '127.0.0.1', '127.1.2.3:80', '[::1]', '[::1]:8080', '[::ffff:7f00:1]', '[::ffff:127.0.0.1]']) {
+      expect(isLoopbackHost(host), host).toBe(true);
+      expect(needsInsecurePlaintext(`ws://${host}/api/agents/connect`), host).toBe(false);
+    }
+    for (const host of ['h', 'trellis.example.com:8080', '10.0.0.5', '128.0.0.1', '127.0.0.1.nip.io', '[2001:db8::1]', '[::ffff:a00:1]', 'localhost.example']) {
+      expect(isLoopbackHost(host), host).toBe(false);
+      expect(needsInsecurePlaintext(`ws://${host}/api/agents/connect`), host).toBe(true);
+      expect(needsInsecurePlaintext(`wss://${host}/api/agents/connect`), host).toBe(false);
+    }
+    expect(needsInsecurePlaintext(agentConnectUrl({ protocol: 'http:', host: '10.1.1.1:8080' }))).toBe(true);
+    expect(needsInsecurePlaintext(agentConnectUrl({ protocol: 'https:', host: '10.1.1.1' }))).toBe(false);
   });
   it('reads proxmox facts', () => {
     expect(proxmoxNodes({ proxmox_nodes: ['pve1', { node: 'pve2' }] })).toEqual(['pve1', 'pve2']);

@@ -7,6 +7,7 @@ import {
   destroyConfirmed,
   hasLiveVm,
   nodeBusy,
+  nodeSizeText,
   powerActions,
   type NodeAction,
 } from './nodeActions';
@@ -114,5 +115,15 @@ describe('destroy confirmation', () => {
     expect(destroyConfirmHint('web-1 ', 'web-1')).toMatch(/spaces/);
     expect(destroyConfirmHint('Web-1', 'web-1')).toMatch(/case-sensitive/);
     expect(destroyConfirmHint('db-1', 'web-1')).toMatch(/does not match/);
+  });
+});
+
+describe('node size', () => {
+  const mem = (m: number) => `${m} MiB`;
+  it('says unknown for an imported VM (0) instead of 0 MiB / 0 cores', () => {
+    expect(nodeSizeText({ memory: 0, cores: 0 }, mem)).toBe('size unknown');
+    expect(nodeSizeText({ memory: 2048, cores: 0 }, mem)).toBe('2048 MiB · cores unknown');
+    expect(nodeSizeText({ memory: 0, cores: 1 }, mem)).toBe('memory unknown · 1 core');
+    expect(nodeSizeText({ memory: 512, cores: 4 }, mem)).toBe('512 MiB · 4 cores');
   });
 });

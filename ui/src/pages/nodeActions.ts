@@ -142,3 +142,14 @@ export function sshCommand(node: Pick<VmNode, 'ipAddress' | 'templateId'>, templ
   const ip = node.ipAddress ?? '';
   return user ? `ssh ${user}@${ip}` : `ssh ${ip}`;
 }
+
+/**
+ * A node's size as the Nodes table shows it. An imported VM's memory and cores are not
+ * known (stored as 0) until someone sets them: "size unknown", never "0 MiB · 0 cores".
+ */
+export function nodeSizeText(node: Pick<VmNode, 'memory' | 'cores'>, formatMemory: (mib: number) => string): string {
+  const mem = node.memory > 0 ? formatMemory(node.memory) : null;
+  const cores = node.cores > 0 ? `${node.cores} ${node.cores === 1 ? 'core' : 'cores'}` : null;
+  if (!mem && !cores) return 'size unknown';
+  return `${mem ?? 'memory unknown'} · ${cores ?? 'cores unknown'}`;
+}

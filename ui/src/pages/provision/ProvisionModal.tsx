@@ -151,7 +151,7 @@ export function ProvisionModal({
         {step === 'review' && d.bulk && <BulkReviewNames count={s.count} pattern={s.config.name} />}
         {step === 'provisioning' && s.batchId && <ProvisionGrid batchId={s.batchId} />}
         {step === 'review' && agent && template && (
-          <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} keepOnFailure={s.keepOnFailure} isNew={d.isNew} submitError={s.submitError} />
+          <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} clone={s.clone} keepOnFailure={s.keepOnFailure} isNew={d.isNew} submitError={s.submitError} />
         )}
         {step === 'provisioning' && s.commandId && (
           <StepProvisioning

@@ -1,7 +1,9 @@
+import { Fragment } from 'react';
 import type { Agent, Template } from '../../lib/types';
 import { formatMemory } from '../../lib/time';
 import { ErrorBox, Notice, StatusPill } from '../../components/ui';
 import type { Config } from './provisionReducer';
+import { cloneSummary, type CloneConfig } from './cloneOptions';
 
 /** Step 4: everything the provision command will use, before it is sent. */
 export function StepReview({
@@ -9,6 +11,7 @@ export function StepReview({
   template,
   targetNode,
   config,
+  clone,
   keepOnFailure,
   isNew,
   submitError,
@@ -17,10 +20,13 @@ export function StepReview({
   template: Template;
   targetNode: string;
   config: Config;
+  /** The Proxmox clone options of the Configure step. */
+  clone: CloneConfig;
   keepOnFailure: boolean;
   isNew: boolean;
   submitError: string | null;
 }) {
+  const options = cloneSummary(clone);
   return (
     <div data-testid="review-step">
       <dl className="review">
@@ -62,6 +68,21 @@ export function StepReview({
             </dd>
           </>
         )}
+        <dt>Proxmox options</dt>
+        <dd data-testid="review-clone-options">
+          {options.length === 0 ? (
+            <span className="muted">Proxmox defaults (linked clone on the template’s storage, next free VMID)</span>
+          ) : (
+            <dl className="review compact">
+              {options.map((o) => (
+                <Fragment key={o.field}>
+                  <dt>{o.label}</dt>
+                  <dd data-testid={`review-clone-${o.field}`}>{o.value}</dd>
+                </Fragment>
+              ))}
+            </dl>
+          )}
+        </dd>
         <dt>If it fails</dt>
         <dd data-testid="review-keep-on-failure">{keepOnFailure ? 'Keep the VM for inspection' : 'Delete the half-made VM'}</dd>
       </dl>

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Agent, Template, VmNode } from '../../lib/types';
-import { cloneErrors, cloneOptionsOf, EMPTY_CLONE, fieldOfError, withTemplateDefaults } from './cloneOptions';
+import { cloneErrors, cloneOptionsOf, cloneSummary, EMPTY_CLONE, fieldOfError, withTemplateDefaults } from './cloneOptions';
 import { derive, initProvisionState, nextBlocker, provisionReducer, provisionRequest, type Catalog, type ProvisionAction, type ProvisionState } from './provisionReducer';
 import { loadLastChoice, saveLastChoice, withLastChoice } from './remember';
 import { sshCommand } from '../nodeActions';
@@ -188,5 +188,41 @@ describe('remembered choices and SSH command', () => {
     const templates = [template({ cloneDefaults: { ciUser: 'debian' } }), template({ id: 't2' })];
     expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't1' }, templates)).toBe('ssh debian@10.0.0.5');
     expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't2' }, templates)).toBe('ssh 10.0.0.5');
+  });
+});
+
+describe('review summary of the clone options', () => {
+  it('is empty for Proxmox defaults and lists exactly what is sent otherwise', () => {
+    expect(cloneSummary(EMPTY_CLONE)).toEqual([]);
+    const s = cloneSummary({
+      ...EMPTY_CLONE,
+      storage: 'fast-ssd',
+      diskSizeGib: '32',
+      vmId: '4242',
+      ciUser: 'debian',
+      sshKeys: KEY,
+      ipMode: 'static',
+      ipAddress: '10.0.0.5/24',
+      gateway: '10.0.0.1',
+      vlanTag: '42',
+      pool: 'web',
+      tags: 'Prod, web',
+      onboot: true,
+    });
+    const by = Object.fromEntries(s.map((i) => [i.field, i.value]));
+    expect(by).toEqual({
+      storage: 'fast-ssd',
+      cloneMode: 'Full clone (a target storage needs one)',
+      diskSizeGib: '32 GiB (grown after the clone if the template’s disk is smaller)',
+      vmId: '4242',
+      ciUser: 'debian',
+      sshKeys: '1 key: me@host',
+      ipAddress: '10.0.0.5/24, gateway 10.0.0.1',
+      vlanTag: '42',
+      pool: 'web',
+      tags: 'prod, web',
+      onboot: 'Yes',
+    });
+    expect(cloneSummary({ ...EMPTY_CLONE, cloneMode: 'linked', ipMode: 'dhcp' }).map((i) => i.value)).toEqual(['Linked clone', 'DHCP']);
   });
 });

@@ -194,3 +194,41 @@ export function cloneConfigFromParams(params: unknown): CloneConfig | null {
     onboot: o.onboot === true,
   };
 }
+
+/** One line of the Review step's clone-options summary. */
+export interface CloneSummaryItem {
+  field: keyof CloneConfig;
+  label: string;
+  value: string;
+}
+
+/**
+ * What the Review step shows of the clone options: exactly what the request will send
+ * ([`cloneOptionsOf`]), in words; an empty list means Proxmox's defaults.
+ */
+export function cloneSummary(c: CloneConfig): CloneSummaryItem[] {
+  const o = cloneOptionsOf(c);
+  if (!o) return [];
+  const out: CloneSummaryItem[] = [];
+  if (o.storage) out.push({ field: 'storage', label: 'Target storage', value: o.storage });
+  if (o.full != null || o.storage) {
+    const full = o.full ?? true;
+    out.push({ field: 'cloneMode', label: 'Clone type', value: full ? (o.full == null ? 'Full clone (a target storage needs one)' : 'Full clone') : 'Linked clone' });
+  }
+  if (o.diskSizeGib != null) out.push({ field: 'diskSizeGib', label: 'Disk size', value: `${o.diskSizeGib} GiB (grown after the clone if the template’s disk is smaller)` });
+  if (o.vmId != null) out.push({ field: 'vmId', label: 'VMID', value: String(o.vmId) });
+  if (o.ciUser) out.push({ field: 'ciUser', label: 'Cloud-init user', value: o.ciUser });
+  if (o.sshKeys?.length) {
+    const comments = o.sshKeys.map((k) => k.split(/\s+/).slice(2).join(' ') || k.split(/\s+/)[0]);
+    out.push({ field: 'sshKeys', label: 'SSH keys', value: `${o.sshKeys.length} key${o.sshKeys.length === 1 ? '' : 's'}: ${comments.join(', ')}` });
+  }
+  if (o.ipConfig) {
+    const ip = o.ipConfig;
+    out.push({ field: 'ipAddress', label: 'IP address', value: ip.mode === 'dhcp' ? 'DHCP' : `${ip.address}${ip.gateway ? `, gateway ${ip.gateway}` : ', no gateway'}` });
+  }
+  if (o.vlanTag != null) out.push({ field: 'vlanTag', label: 'VLAN tag', value: String(o.vlanTag) });
+  if (o.pool) out.push({ field: 'pool', label: 'Pool', value: o.pool });
+  if (o.tags?.length) out.push({ field: 'tags', label: 'Proxmox tags', value: o.tags.join(', ') });
+  if (o.onboot) out.push({ field: 'onboot', label: 'Start at boot', value: 'Yes' });
+  return out;
+}
