@@ -391,3 +391,45 @@ async fn duplicate_names_and_import(backend: Backend) {
     assert!(vm.iter().any(|v| v.vmid == 100 && v.status == "running"));
 }
 on_both_backends!(duplicates_and_import, duplicate_names_and_import);
+
+/// An explicit VMID does not block its own retries: a clone that hits a storage lock
+/// timeout is cleaned up and tried again with the same id, and a provision that failed
+/// and was cleaned up can be provisioned again at once with that id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_vmid_survives_its_own_retries() {
+    let s = stack(Backend::Sqlite, "clone-vmid-retry").await;
+    let api = &s.api;
+    s.sim
+        .set_faults(&trellis_tests::pve_sim::Faults {
+            fail_next_clone: Some(
+                "can't lock file '/var/lock/pve-manager/pve-storage-local-lvm' - got timeout"
+                    .into(),
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let node = new_node(api, "vmid-retry-1").await;
+    let c = provision(&s, &node, json!({"vmId": 4343})).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let n = api.get(&format!("/api/nodes/{node}")).await;
+    assert_eq!(n["vmId"], 4343, "{n}");
+    let clones: Vec<_> = s
+        .sim
+        .requests("/clone")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| param(r, "newid") == Some("4343"))
+        .collect();
+    assert_eq!(clones.len(), 2, "one lock timeout, then the retry");
+
+    // failed at configure (a shrinking disk) and cleaned up; at once again, same id
+    let node2 = new_node(api, "vmid-retry-2").await;
+    let c = provision(&s, &node2, json!({"vmId": 4344, "diskSizeGib": 5})).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["error"]["details"]["status"], "cleaned_up", "{c}");
+    let c = provision(&s, &node2, json!({"vmId": 4344})).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(api.get(&format!("/api/nodes/{node2}")).await["vmId"], 4344);
+}

@@ -98,13 +98,16 @@ impl Run<'_> {
             };
             let vmid = match self.p.clone_options.vm_id {
                 // An explicit VMID is the admin's choice: taken means stop, not another id.
+                // Taken is what Proxmox says (and the clone's own "already exists"), not
+                // this executor's recent ids: those hold this very id after a lock
+                // timeout's cleanup or a failed attempt, which must not block the retry.
                 Some(v) => {
                     let free = self
                         .client()
                         .is_vmid_free(v)
                         .await
                         .map_err(|e| self.api(e))?;
-                    if !free || alloc.recent().contains(&v) {
+                    if !free {
                         return Err(vmid_taken(v));
                     }
                     v
