@@ -11,6 +11,7 @@ pub mod commands;
 pub mod node_batches;
 pub mod nodes;
 pub mod openapi;
+pub mod security_headers;
 pub mod templates;
 pub mod types;
 mod ui;
@@ -109,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api", get(api_not_found))
         .route("/api/{*rest}", axum::routing::any(api_not_found))
         .fallback(ui::serve)
+        .layer(middleware::map_response(security_headers::add))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 // The path only: a query may carry `access_token` (SSE), never logged.
