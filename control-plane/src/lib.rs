@@ -9,6 +9,7 @@ pub mod auth;
 pub mod broker;
 pub mod db;
 pub mod domain;
+pub mod http_server;
 pub mod metrics;
 pub mod model;
 pub mod server;

@@ -94,6 +94,18 @@ enum Cmd {
         #[arg(long, env = "TRELLIS_RETENTION_DAYS",
               default_value_t = trellis::broker::DEFAULT_RETENTION_DAYS)]
         retention_days: u64,
+        /// Most HTTP connections open at once (agents' WebSockets included); further
+        /// clients wait in the listen backlog until one closes.
+        #[arg(long, env = "TRELLIS_MAX_CONNECTIONS",
+              default_value_t = trellis::http_server::DEFAULT_MAX_CONNECTIONS as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        max_connections: u64,
+        /// Seconds a client has to send a request's complete header; also how long an idle
+        /// keep-alive connection stays open. WebSocket sessions are not affected.
+        #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT_SECS",
+              default_value_t = trellis::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        header_read_timeout_secs: u64,
     },
     /// Manage agents directly in the database.
     Agents {
@@ -153,6 +165,8 @@ async fn main() -> anyhow::Result<()> {
             inventory_interval_secs,
             max_log_bytes_per_command,
             retention_days,
+            max_connections,
+            header_read_timeout_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -186,6 +200,12 @@ async fn main() -> anyhow::Result<()> {
                     inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
                     max_log_bytes_per_command,
                     retention_days,
+                    http_limits: trellis::http_server::Limits {
+                        max_connections: max_connections as usize,
+                        header_read_timeout: std::time::Duration::from_secs(
+                            header_read_timeout_secs,
+                        ),
+                    },
                 },
                 shutdown,
             )

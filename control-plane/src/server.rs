@@ -31,6 +31,8 @@ pub struct ServeConfig {
     pub max_log_bytes_per_command: u64,
     /// Days terminal commands are kept (0: forever).
     pub retention_days: u64,
+    /// Connection cap and header-read timeout of the HTTP server.
+    pub http_limits: crate::http_server::Limits,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -161,23 +163,13 @@ pub async fn serve(
     let app = App::start(&config, shutdown.child_token()).await?;
     let router = app.router.clone();
     let addr = listener.local_addr()?;
-    let stop = shutdown.clone();
-    let graceful = async move { stop.cancelled().await };
+    let limits = config.http_limits;
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let acceptor = crate::tls::acceptor(cert, key)?;
             tracing::info!(%addr, "trellis listening (https, wss)");
-            use axum::serve::ListenerExt;
-            // `tap_io` only so that axum's `ConnectInfo<SocketAddr>` (the audit log's
-            // remote address) applies to this listener too.
-            let listener =
-                crate::tls::TlsListener::new(listener, acceptor, shutdown.clone()).tap_io(|_| {});
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(graceful)
-            .await?;
+            let listener = crate::tls::TlsListener::new(listener, acceptor, shutdown.clone());
+            crate::http_server::serve(listener, router, limits, shutdown.clone()).await;
         }
         (None, None) => {
             tracing::info!(%addr, "trellis listening (http, ws)");
@@ -186,12 +178,7 @@ pub async fn serve(
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .with_graceful_shutdown(graceful)
-            .await?;
+            crate::http_server::serve(listener, router, limits, shutdown.clone()).await;
         }
         _ => anyhow::bail!("--tls-cert and --tls-key go together"),
     }

@@ -1,0 +1,196 @@
+//! HTTP server hardening against the real binary: security headers on every response,
+//! a header-read timeout (slowloris, idle keep-alive) that spares WebSocket sessions and
+//! event streams, and a connection cap.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trellis_tests::db::{Backend, TestDb};
+use trellis_tests::harness::*;
+use trellis_tests::raw_agent::RawAgent;
+use trellis_tests::tempdir::TempDir;
+
+async fn start(tag: &str, env: &[(&str, &str)]) -> (TempDir, ControlPlane) {
+    let dir = TempDir::new(tag);
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let cp = ControlPlane::start_with(db, &dir, "127.0.0.1:0", env).await;
+    (dir, cp)
+}
+
+/// Reads until the server closes the connection; returns when (None: still open after
+/// `within`).
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = within.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, tcp.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_headers_on_ui_and_api() {
+    let ui = repo_root().join("ui/dist");
+    let ui = ui.to_string_lossy().to_string();
+    let (_dir, cp) = start("headers", &[("TRELLIS_UI_DIR", ui.as_str())]).await;
+    let http = reqwest::Client::new();
+    let authed = |r: reqwest::RequestBuilder| r.bearer_auth(ADMIN_TOKEN);
+    let responses = [
+        ("/healthz", http.get(cp.url("/healthz"))),
+        ("/api/nodes", authed(http.get(cp.url("/api/nodes")))),
+        ("/api/nodes (401)", http.get(cp.url("/api/nodes"))),
+        ("/api/nope (404)", authed(http.get(cp.url("/api/nope")))),
+        ("/ (UI)", http.get(cp.url("/"))),
+        ("/commands/x (UI route)", http.get(cp.url("/commands/x"))),
+    ];
+    for (what, req) in responses {
+        let resp = req.send().await.unwrap();
+        let h = resp.headers();
+        let get = |n: &str| {
+            h.get(n)
+                .unwrap_or_else(|| panic!("{what}: no {n} header ({})", resp.status()))
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let csp = get("content-security-policy");
+        assert!(csp.starts_with("default-src 'self';"), "{what}: {csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{what}: {csp}");
+        assert!(!csp.contains("unsafe-inline"), "{what}: {csp}");
+        assert_eq!(get("x-content-type-options"), "nosniff", "{what}");
+        assert_eq!(get("referrer-policy"), "no-referrer", "{what}");
+        assert_eq!(get("x-frame-options"), "DENY", "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_read_timeout_closes_slow_and_idle_clients_but_not_sessions() {
+    let (_dir, cp) = start(
+        "slowloris",
+        &[
+            ("TRELLIS_HEADER_READ_TIMEOUT_SECS", "1"),
+            // Agents heartbeat every 10 s: far longer than the waits below.
+            ("TRELLIS_HEARTBEAT_TIMEOUT_SECS", "30"),
+        ],
+    )
+    .await;
+    let api = cp.api();
+
+    // Slowloris: half a header, then nothing.
+    let mut slow = TcpStream::connect(&cp.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let took = closed_within(&mut slow, Duration::from_secs(8))
+        .await
+        .expect("a client stalling inside its header is disconnected");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "closed after {took:?}"
+    );
+
+    // A client that connects and never sends anything.
+    let mut silent = TcpStream::connect(&cp.addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(8))
+        .await
+        .is_some());
+
+    // Idle keep-alive: one request answered, then the connection is closed.
+    let mut idle = TcpStream::connect(&cp.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let took = closed_within(&mut idle, Duration::from_secs(8))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+
+    // An agent session and an event stream stay open well past the timeout.
+    let (agent_id, token) = api.create_agent("long-lived").await;
+    let mut agent = RawAgent::hello(&cp.ws_url(), &token).await;
+    let cid = api
+        .command(&agent_id, "ping", json!({"duration_ms": 1}))
+        .await;
+    // The session is idle now (the ping is dispatched to it; the test never answers).
+    let events = reqwest::Client::new()
+        .get(cp.url(&format!("/api/commands/{cid}/events")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    let mut body = events.bytes_stream();
+    let until = Instant::now() + Duration::from_secs(3);
+    while let Ok(chunk) = tokio::time::timeout_at(until.into(), body.next()).await {
+        assert!(
+            matches!(chunk, Some(Ok(_))),
+            "the event stream ended after {:?}: {chunk:?}",
+            Instant::now() + Duration::from_secs(3) - until
+        );
+    }
+    let v = api.get(&format!("/api/agents/{agent_id}")).await;
+    assert_eq!(v["status"], "online", "{v}");
+    // The session still carries frames both ways.
+    agent.send(json!({"type": "heartbeat", "running": 0})).await;
+    agent
+        .try_send_text(json!({"type": "heartbeat", "running": 0}).to_string())
+        .await
+        .expect("the agent's WebSocket is still open");
+    let v = api.get(&format!("/api/agents/{agent_id}")).await;
+    assert_eq!(v["status"], "online", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_holds_new_clients_until_one_closes() {
+    let (_dir, cp) = start(
+        "conncap",
+        &[
+            ("TRELLIS_MAX_CONNECTIONS", "2"),
+            ("TRELLIS_HEADER_READ_TIMEOUT_SECS", "60"),
+        ],
+    )
+    .await;
+    let healthz = || async {
+        // A fresh client each time: no pooled connection to reuse.
+        reqwest::Client::new()
+            .get(cp.url("/healthz"))
+            .timeout(Duration::from_millis(1500))
+            .send()
+            .await
+    };
+    assert_eq!(healthz().await.unwrap().status(), 200);
+    // Wait until that client's connection is gone from the server too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let a = TcpStream::connect(&cp.addr).await.unwrap();
+    let b = TcpStream::connect(&cp.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = healthz().await;
+    assert!(
+        refused.is_err(),
+        "a third connection was served over a cap of 2: {refused:?}"
+    );
+    drop(a);
+    let started = Instant::now();
+    let resp = loop {
+        match healthz().await {
+            Ok(r) => break r,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no request served after a connection closed: {e}"
+            ),
+        }
+    };
+    assert_eq!(resp.status(), 200);
+    drop(b);
+}
