@@ -31,14 +31,14 @@ async fn second_connection_replaces_first_and_sse_resumes() {
     let resumed = sse::fetch_text(&api, &cid, Some(3)).await;
     let ids = sse::ids(&sse::parse(&resumed));
     assert_eq!(ids, (4..=7).collect::<Vec<_>>(), "{resumed}");
-    // access_token works for EventSource clients
+    // A token in the URL is refused (tests/tests/http_hardening.rs has the details).
     let s = reqwest::get(cp.url(&format!(
         "/api/commands/{cid}/events?access_token={ADMIN_TOKEN}"
     )))
     .await
     .unwrap()
     .status();
-    assert_eq!(s, 200);
+    assert_eq!(s, 401);
 }
 
 /// A connection whose agent went silent (a dead peer: no frame at all, not even a close)

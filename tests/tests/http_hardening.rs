@@ -194,3 +194,53 @@ async fn connection_cap_holds_new_clients_until_one_closes() {
     assert_eq!(resp.status(), 200);
     drop(b);
 }
+
+/// `?access_token=` is refused everywhere, even beside a valid header; the error says
+/// what to use instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_in_query_string_is_refused() {
+    let (_dir, cp) = start("querytoken", &[]).await;
+    let api = cp.api();
+    let (agent_id, _) = api.create_agent("q").await;
+    let cid = api
+        .command(&agent_id, "ping", json!({"duration_ms": 1}))
+        .await;
+    let http = reqwest::Client::new();
+    for (path, with_header) in [
+        (
+            format!("/api/commands/{cid}/events?access_token={ADMIN_TOKEN}"),
+            false,
+        ),
+        (
+            format!("/api/commands/{cid}/events?access_token={ADMIN_TOKEN}"),
+            true,
+        ),
+        (format!("/api/nodes?access_token={ADMIN_TOKEN}"), false),
+        (
+            format!("/api/commands/{cid}?x=1&access_token={ADMIN_TOKEN}"),
+            true,
+        ),
+    ] {
+        let mut req = http.get(cp.url(&path));
+        if with_header {
+            req = req.bearer_auth(ADMIN_TOKEN);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{path} (header: {with_header})");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("Authorization") && msg.contains("session cookie"),
+            "{msg}"
+        );
+    }
+    // The header alone still works.
+    let resp = http
+        .get(cp.url(&format!("/api/commands/{cid}")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

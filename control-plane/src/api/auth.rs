@@ -168,22 +168,23 @@ fn clear_cookie(secure: bool) -> HeaderValue {
 enum Credential {
     Token(String),
     Cookie(String),
+    /// `?access_token=`, no longer accepted.
+    InQuery,
     None,
 }
 
 fn credential(req: &Request) -> Credential {
+    // A token in the URL ends up in logs, proxies and browser history: refused, even
+    // beside a valid header.
+    if req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("access_token=")))
+    {
+        return Credential::InQuery;
+    }
     if let Some(t) = crate::auth::bearer(req.headers().get(header::AUTHORIZATION)) {
         return Credential::Token(t.to_string());
-    }
-    // API clients' EventSource cannot set headers: `?access_token=` on SSE only.
-    if req.uri().path().ends_with("/events") {
-        if let Some(t) = req.uri().query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("access_token="))
-                .filter(|t| !t.is_empty())
-        }) {
-            return Credential::Token(t.to_string());
-        }
     }
     match session_cookie(req.headers()) {
         Some(c) => Credential::Cookie(c),
@@ -220,6 +221,15 @@ async fn authenticate(
         Credential::None => {
             return Err((
                 unauthorized("not signed in: sign in, or send Authorization: Bearer <admin token>"),
+                false,
+            ))
+        }
+        Credential::InQuery => {
+            return Err((
+                unauthorized(
+                    "tokens in the URL (access_token) are not accepted: send Authorization: \
+                     Bearer <admin token>, or sign in and use the session cookie",
+                ),
                 false,
             ))
         }

@@ -113,7 +113,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::map_response(security_headers::add))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
-                // The path only: a query may carry `access_token` (SSE), never logged.
+                // The path only: queries are never logged.
                 .make_span_with(|req: &Request| {
                     tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
                 })
