@@ -79,8 +79,8 @@ impl ControlPlane {
         let log = dir.join(format!("trellis-{}.log", uuid::Uuid::new_v4().simple()));
         let child = Command::new(bin("trellis"))
             .args(["serve", "--listen", listen, "--database-url", db_url])
-            .envs(env.iter().copied())
             .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(env.iter().copied())
             // TRELLIS_TEST_LOG overrides the control plane's log filter (e.g. `sqlx=debug`).
             .env(
                 "RUST_LOG",
@@ -164,11 +164,17 @@ impl ControlPlane {
 
     /// Starts again on the same address and database.
     pub async fn restart(&mut self) {
+        self.restart_with(&[]).await;
+    }
+
+    /// Starts again on the same address and database with these environment variables
+    /// (e.g. another `TRELLIS_ADMIN_TOKEN`).
+    pub async fn restart_with(&mut self, env: &[(&str, &str)]) {
         self.kill();
         let addr = self.addr.clone();
         let started = Instant::now();
         loop {
-            let next = Self::try_start_on(&self.db_url, &self.dir, &addr).await;
+            let next = Self::try_start_on(&self.db_url, &self.dir, &addr, env).await;
             if let Some(mut next) = next {
                 next.db = self.db.take();
                 *self = next;
@@ -182,10 +188,15 @@ impl ControlPlane {
         }
     }
 
-    async fn try_start_on(db_url: &str, dir: &Path, listen: &str) -> Option<Self> {
+    async fn try_start_on(
+        db_url: &str,
+        dir: &Path,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Option<Self> {
         // The port may linger briefly after a kill; probe it first.
         std::net::TcpListener::bind(listen).ok()?;
-        Some(Self::launch(db_url, dir, listen, &[]).await)
+        Some(Self::launch(db_url, dir, listen, env).await)
     }
 }
 

@@ -90,23 +90,51 @@ impl AuthState {
     }
 }
 
-/// Counts failed authentications per remote IP in fixed one-minute windows, in memory
-/// and bounded ([`MAX_TRACKED`] IPs).
+/// Counts failed authentications per remote address in fixed one-minute windows, in
+/// memory and bounded ([`MAX_TRACKED`] keys). IPv6 addresses count per /64 (one host
+/// usually has a whole /64), IPv4-mapped IPv6 as the IPv4 address.
 #[derive(Default)]
 pub struct FailureLimiter {
     map: Mutex<HashMap<Option<IpAddr>, (Instant, u32)>>,
 }
 
+/// What one counted failure means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failure {
+    /// The first failure of the address's window: the one that gets an audit row.
+    pub first: bool,
+    /// This failure used up the window's allowance (later ones are refused with 429).
+    pub limit_reached: bool,
+    /// Past the allowance already (a request that raced the check): answer 429.
+    pub over: bool,
+}
+
+/// The limiter's key of an address.
+pub fn limiter_key(ip: Option<IpAddr>) -> Option<IpAddr> {
+    ip.map(|ip| match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    })
+}
+
 impl FailureLimiter {
     /// Whether `ip` has used up its failures for the current window.
     pub fn blocked(&self, ip: Option<IpAddr>) -> bool {
+        let ip = limiter_key(ip);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&ip)
             .is_some_and(|(start, n)| start.elapsed() < FAILURE_WINDOW && *n >= MAX_FAILURES)
     }
 
-    /// Counts a failure; `true` when the limit is now exceeded.
-    pub fn fail(&self, ip: Option<IpAddr>) -> bool {
+    /// Counts a failure of `ip`.
+    pub fn fail(&self, ip: Option<IpAddr>) -> Failure {
+        let ip = limiter_key(ip);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
             map.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
@@ -121,7 +149,46 @@ impl FailureLimiter {
             *e = (Instant::now(), 0);
         }
         e.1 += 1;
-        e.1 > MAX_FAILURES
+        Failure {
+            first: e.1 == 1,
+            limit_reached: e.1 == MAX_FAILURES,
+            over: e.1 > MAX_FAILURES,
+        }
+    }
+}
+
+/// Audit rows of a counted failure: the window's first failure gets `first_action`
+/// (`auth.failed`, `auth.sign_in`), the one that uses up the allowance `auth.limited`
+/// with the count; the others are only counted (at most two rows per address a minute).
+fn failure_rows(
+    f: Failure,
+    first_action: &str,
+    resp: &Response,
+    ip: Option<IpAddr>,
+    details: serde_json::Value,
+) -> Vec<Audit> {
+    let mut rows = Vec::new();
+    if f.first {
+        let mut a = Audit::new("anonymous", first_action, resp, ip);
+        a.details = Some(details.clone());
+        rows.push(a);
+    }
+    if f.limit_reached {
+        let mut a = Audit::new("anonymous", "auth.limited", &too_many(), ip);
+        let mut d = details;
+        if let Some(o) = d.as_object_mut() {
+            o.insert("failures".into(), MAX_FAILURES.into());
+            o.insert("windowSeconds".into(), FAILURE_WINDOW.as_secs().into());
+        }
+        a.details = Some(d);
+        rows.push(a);
+    }
+    rows
+}
+
+async fn record_all(s: &AppState, rows: Vec<Audit>) {
+    for a in rows {
+        audit::record(s, a).await;
     }
 }
 
@@ -211,13 +278,15 @@ async fn authenticate(
                     expires_at: None,
                 })
             }),
-        Credential::Cookie(c) => admins::session(&s.db, &c).await.map(|o| {
-            o.map(|(name, exp)| Admin {
-                name,
-                via: Via::Cookie,
-                expires_at: Some(exp),
-            })
-        }),
+        Credential::Cookie(c) => admins::session(&s.db, &c, &s.admin_token_hash)
+            .await
+            .map(|o| {
+                o.map(|(name, exp)| Admin {
+                    name,
+                    via: Via::Cookie,
+                    expires_at: Some(exp),
+                })
+            }),
         Credential::None => {
             return Err((
                 unauthorized("not signed in: sign in, or send Authorization: Bearer <admin token>"),
@@ -252,18 +321,22 @@ async fn authenticate(
             }
             Ok(a)
         }
-        Ok(None) => {
-            let mut r = unauthorized(if cookie {
-                "the session has expired or was signed out: sign in again"
-            } else {
-                "the admin token is not valid"
-            });
-            if cookie {
-                r.headers_mut()
-                    .insert(header::SET_COOKIE, clear_cookie(s.auth.secure_cookies));
-            }
-            Err((r, true))
+        // A session cookie that no longer works is not an attack on a token (its secret
+        // is 256 random bits): tabs polling after expiry must not lock their own
+        // sign-in, so it is neither counted nor audited.
+        Ok(None) if cookie => {
+            let body = ErrorBody {
+                error: super::types::ErrorDetail {
+                    code: "session_expired".into(),
+                    message: "the session has expired or was signed out: sign in again".into(),
+                },
+            };
+            let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+            r.headers_mut()
+                .insert(header::SET_COOKIE, clear_cookie(s.auth.secure_cookies));
+            Err((r, false))
         }
+        Ok(None) => Err((unauthorized("the admin token is not valid"), true)),
         Err(e) => Err((AppError::from(e).into_response(), false)),
     }
 }
@@ -274,6 +347,11 @@ pub async fn require_admin(State(s): State<AppState>, mut req: Request, next: Ne
     let ip = remote_ip(req.extensions());
     let what = audit::describe(&req);
     let cred = credential(&req);
+    // A limited address learns nothing about a token (and costs no lookup): refused
+    // before it is checked. Session cookies are not limited (see `authenticate`).
+    if matches!(cred, Credential::Token(_)) && s.auth.limiter.blocked(ip) {
+        return too_many();
+    }
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
     let csrf_header = req.headers().contains_key(CSRF_HEADER);
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
@@ -305,15 +383,12 @@ pub async fn require_admin(State(s): State<AppState>, mut req: Request, next: Ne
         }
         Err((resp, invalid)) => {
             if invalid {
-                if s.auth.limiter.fail(ip) {
+                let f = s.auth.limiter.fail(ip);
+                let details = serde_json::json!({ "method": method, "path": path });
+                record_all(&s, failure_rows(f, "auth.failed", &resp, ip, details)).await;
+                if f.over {
                     return too_many();
                 }
-                let mut a = Audit::new("anonymous", "auth.failed", &resp, ip);
-                a.details = Some(serde_json::json!({
-                    "method": method,
-                    "path": path,
-                }));
-                audit::record(&s, a).await;
             }
             resp
         }
@@ -342,16 +417,13 @@ pub async fn sign_in(
     };
     let Some(name) = who else {
         let resp = AppError::Unauthorized("the admin token is not valid".into()).into_response();
-        let resp = if s.auth.limiter.fail(ip) {
-            too_many()
-        } else {
-            resp
-        };
-        let a = Audit::new("anonymous", "auth.sign_in", &resp, ip);
-        audit::record(&s, a).await;
-        return resp;
+        let f = s.auth.limiter.fail(ip);
+        let details = serde_json::json!({ "method": "POST", "path": "/api/session" });
+        record_all(&s, failure_rows(f, "auth.sign_in", &resp, ip, details)).await;
+        return if f.over { too_many() } else { resp };
     };
-    let (secret, expires_at) = match admins::start_session(&s.db, &name).await {
+    let (secret, expires_at) = match admins::start_session(&s.db, &name, &s.admin_token_hash).await
+    {
         Ok(x) => x,
         Err(e) => return AppError::from(e).into_response(),
     };
@@ -398,7 +470,7 @@ pub async fn sign_out(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if let Some(c) = session_cookie(&headers) {
-        if let Some((name, _)) = admins::session(&s.db, &c).await? {
+        if let Some((name, _)) = admins::session(&s.db, &c, &s.admin_token_hash).await? {
             admins::end_session(&s.db, &c).await?;
             let mut resp = StatusCode::NO_CONTENT.into_response();
             resp.headers_mut()
@@ -422,12 +494,37 @@ mod tests {
     fn limiter_blocks_after_max_failures() {
         let l = FailureLimiter::default();
         let ip = Some(IpAddr::from([10, 0, 0, 1]));
-        for _ in 0..MAX_FAILURES {
-            assert!(!l.fail(ip));
+        for i in 1..=MAX_FAILURES {
+            let f = l.fail(ip);
+            assert_eq!(
+                f,
+                Failure {
+                    first: i == 1,
+                    limit_reached: i == MAX_FAILURES,
+                    over: false
+                }
+            );
         }
         assert!(l.blocked(ip));
-        assert!(l.fail(ip));
+        assert!(l.fail(ip).over);
         assert!(!l.blocked(Some(IpAddr::from([10, 0, 0, 2]))));
+    }
+
+    #[test]
+    fn limiter_keys_ipv6_by_64() {
+        let l = FailureLimiter::default();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        for i in 0..MAX_FAILURES {
+            // one /64, however many addresses it rotates through
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 10).parse().unwrap();
+            l.fail(Some(ip));
+        }
+        assert!(l.blocked(Some(a)) && l.blocked(Some(b)));
+        assert!(!l.blocked(Some(other)));
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(limiter_key(Some(mapped)), Some(IpAddr::from([10, 1, 2, 3])));
     }
 
     #[test]

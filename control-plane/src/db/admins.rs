@@ -114,12 +114,14 @@ impl Db {
         Ok(())
     }
 
-    /// Stores a session (and drops expired ones, so the table stays small).
+    /// Stores a session (and drops expired ones, so the table stays small);
+    /// `bootstrap_fp` binds a bootstrap admin's session to its token.
     pub async fn insert_session(
         &self,
         secret_hash: &str,
         admin_name: &str,
         expires_at: i64,
+        bootstrap_fp: Option<&str>,
     ) -> DbResult<()> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
@@ -128,13 +130,14 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "INSERT INTO admin_sessions (secret_hash, admin_name, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO admin_sessions (secret_hash, admin_name, created_at, expires_at, bootstrap_fp) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(secret_hash)
         .bind(admin_name)
         .bind(now)
         .bind(expires_at)
+        .bind(bootstrap_fp)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -142,21 +145,25 @@ impl Db {
     }
 
     /// The unexpired session with this secret hash, if its admin is still live (the
-    /// bootstrap admin `bootstrap_name` has no row in `admins`).
+    /// bootstrap admin `bootstrap_name` has no row in `admins`: its session must carry
+    /// the current bootstrap token's fingerprint `bootstrap_fp`).
     pub async fn session(
         &self,
         secret_hash: &str,
         bootstrap_name: &str,
+        bootstrap_fp: &str,
     ) -> DbResult<Option<SessionRow>> {
         let row = sqlx::query(
             "SELECT s.admin_name, s.expires_at FROM admin_sessions s \
              LEFT JOIN admins a ON a.name = s.admin_name \
              WHERE s.secret_hash = $1 AND s.expires_at > $2 \
-             AND (s.admin_name = $3 OR (a.name IS NOT NULL AND a.revoked_at IS NULL))",
+             AND ((s.admin_name = $3 AND s.bootstrap_fp = $4) \
+                  OR (a.name IS NOT NULL AND a.revoked_at IS NULL))",
         )
         .bind(secret_hash)
         .bind(now_ms())
         .bind(bootstrap_name)
+        .bind(bootstrap_fp)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| {

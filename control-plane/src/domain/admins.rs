@@ -98,19 +98,45 @@ pub async fn authenticate(
     Ok(Some(a.name))
 }
 
+/// What a bootstrap admin's session stores of the bootstrap token (the SHA-256 of its
+/// hash): a session only lasts as long as the token it signed in with.
+fn bootstrap_fingerprint(bootstrap_hash: &str) -> String {
+    crate::auth::hash(bootstrap_hash)
+}
+
 /// A new session for `admin`: the secret for the cookie and its expiry (ms).
-pub async fn start_session(db: &Db, admin: &str) -> DomainResult<(String, i64)> {
+/// `bootstrap_hash` is the current bootstrap token's hash.
+pub async fn start_session(
+    db: &Db,
+    admin: &str,
+    bootstrap_hash: &str,
+) -> DomainResult<(String, i64)> {
     let secret = crate::auth::generate("session");
     let expires_at = now_ms() + SESSION_TTL_MS;
-    db.insert_session(&crate::auth::hash(&secret), admin, expires_at)
-        .await?;
+    let fp = (admin == BOOTSTRAP_ADMIN).then(|| bootstrap_fingerprint(bootstrap_hash));
+    db.insert_session(
+        &crate::auth::hash(&secret),
+        admin,
+        expires_at,
+        fp.as_deref(),
+    )
+    .await?;
     Ok((secret, expires_at))
 }
 
-/// The admin of a live session, and when it expires.
-pub async fn session(db: &Db, secret: &str) -> DomainResult<Option<(String, i64)>> {
+/// The admin of a live session, and when it expires. A bootstrap admin's session ends
+/// when the bootstrap token changes (`bootstrap_hash` is the current one's hash).
+pub async fn session(
+    db: &Db,
+    secret: &str,
+    bootstrap_hash: &str,
+) -> DomainResult<Option<(String, i64)>> {
     Ok(db
-        .session(&crate::auth::hash(secret), BOOTSTRAP_ADMIN)
+        .session(
+            &crate::auth::hash(secret),
+            BOOTSTRAP_ADMIN,
+            &bootstrap_fingerprint(bootstrap_hash),
+        )
         .await?
         .map(|s| (s.admin_name, s.expires_at)))
 }
