@@ -364,8 +364,11 @@ pub const CLONE_OPTIONS_FEATURE: &str = "clone_options";
 /// Proxmox clone and cloud-init options of a provision. Every field is optional; each is
 /// validated by [`CloneOptions::validate`], whose errors carry `details.field` (the field
 /// name below) so a client can point at the setting that is wrong.
+///
+/// Unknown fields are ignored (not refused): a newer control plane may send options this
+/// agent does not know, and must not make it reject the whole provision. The control
+/// plane's API refuses unknown fields in its own request types.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CloneOptions {
     /// Target storage of the clone's disks (a Proxmox storage id). Implies a full clone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -412,9 +415,9 @@ pub struct CloneOptions {
 }
 
 /// Cloud-init IP configuration: DHCP, or a static IPv4 address with its prefix and a
-/// gateway.
+/// gateway. Unknown fields are ignored, as in [`CloneOptions`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "mode", rename_all = "snake_case")]
 pub enum IpConfig {
     Dhcp,
     Static {
@@ -1095,6 +1098,32 @@ mod tests {
     }
 
     #[test]
+    fn clone_options_from_a_newer_control_plane_are_accepted() {
+        // fields this agent does not know, in clone_options and in its ip_config
+        let p = json!({"name": "web-1", "template": {"type": "proxmox", "template_id": 9000,
+            "memory": 2048, "cores": 2},
+            "clone_options": {"storage": "local", "cpu_type": "host", "numa": true,
+                "ip_config": {"mode": "static", "address": "10.0.0.5/24",
+                    "gateway": "10.0.0.1", "ipv6": "auto"}}});
+        let Command::Provision(p) = Command::parse("provision", &p).expect("accepted") else {
+            panic!("not a provision");
+        };
+        assert_eq!(p.clone_options.storage.as_deref(), Some("local"));
+        assert_eq!(
+            p.clone_options.ip_config,
+            Some(IpConfig::Static {
+                address: "10.0.0.5/24".into(),
+                gateway: Some("10.0.0.1".into())
+            })
+        );
+        let dhcp = json!({"mode": "dhcp", "ipv6": "auto"});
+        assert_eq!(
+            serde_json::from_value::<IpConfig>(dhcp).unwrap(),
+            IpConfig::Dhcp
+        );
+    }
+
+    #[test]
     fn unknown_type_is_typed_error() {
         let e = Command::parse("reboot_everything", &json!({})).unwrap_err();
         assert_eq!(e.code, "unsupported_command");
@@ -1205,9 +1234,10 @@ mod tests {
             assert_eq!(e.details.as_ref().unwrap()["field"], field, "{opts}: {e}");
             assert!(e.message.contains(field.split('_').next().unwrap()), "{e}");
         }
+        // an option this agent does not know is ignored (a newer control plane's)
         let mut p = base;
         p["clone_options"] = json!({"bogus": 1});
-        assert!(Command::parse("provision", &p).is_err());
+        assert!(Command::parse("provision", &p).is_ok());
     }
 
     #[test]
