@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod data_dir;
 pub mod db;
 pub mod domain;
 pub mod http_server;

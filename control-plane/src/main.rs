@@ -61,9 +61,13 @@ enum Cmd {
         #[command(flatten)]
         db: DbArgs,
         /// Bootstrap admin bearer token (≥ 16 characters). When unset on first start, one
-        /// is generated and printed once.
+        /// is generated into `<data dir>/admin-token` (readable by its owner only).
         #[arg(long, env = "TRELLIS_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        /// Directory for private files (the generated admin token). Default: the SQLite
+        /// database's directory, or the working directory with PostgreSQL.
+        #[arg(long, env = "TRELLIS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
         /// Directory of the built UI (default: ui/dist if it exists).
         #[arg(long, env = "TRELLIS_UI_DIR")]
         ui_dir: Option<PathBuf>,
@@ -158,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             db,
             admin_token,
+            data_dir,
             ui_dir,
             tls_cert,
             tls_key,
@@ -193,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 ServeConfig {
                     database_url: db.database_url,
                     admin_token,
+                    data_dir,
                     ui_dir,
                     tls_cert,
                     tls_key,

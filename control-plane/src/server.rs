@@ -18,8 +18,10 @@ use crate::metrics::Metrics;
 pub struct ServeConfig {
     pub database_url: String,
     /// When `None`, the stored admin token hash is used, or a new token is generated and
-    /// printed once.
+    /// written to `<data dir>/admin-token` (0600).
     pub admin_token: Option<String>,
+    /// Where private files go (default: the SQLite file's directory, else `.`).
+    pub data_dir: Option<PathBuf>,
     pub ui_dir: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -36,8 +38,12 @@ pub struct ServeConfig {
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
-/// token printed once on stdout.
-async fn admin_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<String> {
+/// token written to `<data_dir>/admin-token` (0600; never printed or logged).
+async fn admin_token_hash(
+    db: &Db,
+    configured: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<String> {
     if let Some(t) = configured {
         if t.len() < 16 {
             anyhow::bail!("the admin token must be at least 16 characters");
@@ -49,8 +55,15 @@ async fn admin_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<S
     }
     let token = crate::auth::generate("admin");
     let hash = crate::auth::hash(&token);
+    let path = data_dir.join(crate::data_dir::ADMIN_TOKEN_FILE);
+    // The file first: a token stored only as a hash but written nowhere would lock us out.
+    crate::data_dir::write_private(&path, format!("{token}\n").as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot write the admin token to {}: {e}", path.display()))?;
     db.set_admin_token_hash(&hash).await?;
-    println!("Generated admin token (shown once; store it now): {token}");
+    tracing::info!(
+        path = %path.display(),
+        "generated the bootstrap admin token (user admin) into this file, readable by its owner only"
+    );
     Ok(hash)
 }
 
@@ -71,7 +84,9 @@ impl App {
         crate::domain::templates::seed(&db)
             .await
             .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
-        let admin_token_hash = admin_token_hash(&db, config.admin_token.as_deref()).await?;
+        let data_dir = crate::data_dir::resolve(config.data_dir.as_deref(), &config.database_url);
+        let admin_token_hash =
+            admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let fanout = Arc::new(Fanout::default());
         let metrics = Arc::new(Metrics::default());
         let tasks = TaskTracker::new();

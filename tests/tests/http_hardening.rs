@@ -244,3 +244,104 @@ async fn token_in_query_string_is_refused() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// With no admin token configured, the generated one goes to `<data dir>/admin-token`
+/// (0600), works, and appears in neither stdout nor stderr; the SQLite database and its
+/// WAL files are 0600, and a database left readable by others is narrowed on start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_admin_token_in_private_file_and_private_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("tokenfile");
+    let data = dir.path().join("state");
+    std::fs::create_dir(&data).unwrap();
+    let db_file = data.join("trellis.db");
+    let run = |n: u32| {
+        let out = dir.path().join(format!("stdout-{n}"));
+        let err = dir.path().join(format!("stderr-{n}"));
+        let child = std::process::Command::new(bin("trellis"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+            .arg(format!("sqlite://{}", db_file.display()))
+            .env_remove("TRELLIS_ADMIN_TOKEN")
+            .env_remove("TRELLIS_DATA_DIR")
+            .env("NO_COLOR", "1")
+            .current_dir(dir.path())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        (child, out, err)
+    };
+    let wait_addr = |err: &std::path::Path| {
+        let err = err.to_path_buf();
+        async move {
+            let started = Instant::now();
+            loop {
+                let text = std::fs::read_to_string(&err).unwrap_or_default();
+                if let Some(addr) = text
+                    .lines()
+                    .find(|l| l.contains("trellis listening"))
+                    .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                {
+                    return addr.to_string();
+                }
+                assert!(started.elapsed() < Duration::from_secs(30), "{text}");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+    let (mut child, out, err) = run(1);
+    let addr = wait_addr(&err).await;
+    let token_file = data.join("admin-token");
+    assert_eq!(mode(&token_file), 0o600);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(token.len() >= 16, "{token:?}");
+    let status = reqwest::Client::new()
+        .get(format!("http://{addr}/api/nodes"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let logs = std::fs::read_to_string(&err).unwrap() + &std::fs::read_to_string(&out).unwrap();
+    assert!(!logs.contains(&token), "the token was printed:\n{logs}");
+    assert!(
+        logs.contains(&token_file.display().to_string()),
+        "the log names the file:\n{logs}"
+    );
+    assert_eq!(mode(&db_file), 0o600);
+    for suffix in ["-wal", "-shm"] {
+        let p = data.join(format!("trellis.db{suffix}"));
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A database left readable by others is narrowed; the stored token is kept.
+    std::fs::set_permissions(&db_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (mut child, _out, err) = run(2);
+    let addr = wait_addr(&err).await;
+    assert_eq!(mode(&db_file), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        token,
+        "no new token on restart"
+    );
+    let status = reqwest::Client::new()
+        .get(format!("http://{addr}/api/nodes"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

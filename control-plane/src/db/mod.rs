@@ -98,6 +98,10 @@ impl Db {
         // `sqlite::memory:` (tests): one connection that lives as long as the pool, which
         // serves reads and writes alike (every connection would see its own database).
         let memory = backend == Backend::Sqlite && url.contains(":memory:");
+        if backend == Backend::Sqlite && !memory {
+            crate::data_dir::private_sqlite_file(url)
+                .map_err(|e| anyhow::anyhow!("cannot make the database file private: {e}"))?;
+        }
         let url = if backend == Backend::Sqlite && !memory && !url.contains("mode=") {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}mode=rwc")
