@@ -345,3 +345,85 @@ async fn generated_admin_token_in_private_file_and_private_database() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A credentialed repository URL is shown as `user:***@` in every command response
+/// (single, list, target, a retry's answer) while the agent still receives the real URL,
+/// also for the retry, which copies the stored params.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_credentials_redacted_in_responses_but_dispatched_intact() {
+    const SECRET: &str = "s3cr3t-t0ken";
+    let (_dir, cp) = start("urlcreds", &[]).await;
+    let api = cp.api();
+    let (agent_id, token) = api.create_agent("tf").await;
+    let repo = format!("https://deploy:{SECRET}@git.example.com/infra/app.git");
+    let params = json!({
+        "template_source": {"repo": repo, "version": "main"},
+        "terraform_vars": {"mirror": format!("https://{SECRET}@mirror.example.com/x")},
+        "sensitive_vars": [],
+        "meta": {"triggered_by": "test", "reason": null}
+    });
+    let first = api.command(&agent_id, "terraform_apply", params).await;
+    let shown = "https://deploy:***@git.example.com/infra/app.git";
+    let check = |what: &str, v: &serde_json::Value| {
+        let text = v.to_string();
+        assert!(
+            !text.contains(SECRET),
+            "{what} shows the credential: {text}"
+        );
+    };
+    let one = api.get(&format!("/api/commands/{first}")).await;
+    check("GET /api/commands/{id}", &one);
+    assert_eq!(one["params"]["template_source"]["repo"], shown, "{one}");
+    assert_eq!(
+        one["params"]["terraform_vars"]["mirror"],
+        "https://***@mirror.example.com/x"
+    );
+    assert!(
+        one["target"]["workspace"]
+            .as_str()
+            .unwrap()
+            .starts_with(shown),
+        "{one}"
+    );
+    let list = api.get(&format!("/api/commands?agentId={agent_id}")).await;
+    check("GET /api/commands", &list);
+
+    // Cancelled while queued, then retried: the retry's answers are redacted too.
+    let (s, cancelled) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/commands/{first}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{cancelled}");
+    check("cancel", &cancelled);
+    let (s, retry) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/commands/{first}/retry"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{retry}");
+    check("retry", &retry);
+    let second = retry["commandId"].as_str().unwrap().to_string();
+    let again = api.get(&format!("/api/commands/{second}")).await;
+    check("the retry", &again);
+    assert_eq!(again["params"]["template_source"]["repo"], shown);
+
+    // The agent gets the real URL (the retry copied the stored params).
+    let mut ws = RawAgent::connect(&cp.ws_url(), &token).await;
+    ws.send(
+        json!({"type": "hello", "protocol_version": 2, "min_protocol_version": 1,
+        "agent_version": "tf", "hostname": "tf", "capabilities": ["terraform_apply"],
+        "max_concurrency": 1}),
+    )
+    .await;
+    let dispatch = ws.read_until("\"dispatch\"").await;
+    assert!(dispatch.contains(&second), "{dispatch}");
+    assert!(
+        dispatch.contains(&repo),
+        "the agent needs the real URL: {dispatch}"
+    );
+}

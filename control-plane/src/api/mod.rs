@@ -11,6 +11,7 @@ pub mod commands;
 pub mod node_batches;
 pub mod nodes;
 pub mod openapi;
+pub mod redact;
 pub mod security_headers;
 pub mod templates;
 pub mod types;

@@ -232,7 +232,7 @@ impl CommandTarget {
             CommandType::TerraformApply => {
                 t.workspace = text(p.get("workspace_key")).or_else(|| {
                     let src = p.get("template_source")?;
-                    let repo = src.get("repo")?.as_str()?;
+                    let repo = crate::api::redact::url_credentials(src.get("repo")?.as_str()?);
                     let version = src.get("version").and_then(Value::as_str).unwrap_or("");
                     Some(match src.get("path").and_then(Value::as_str) {
                         Some(path) if !path.is_empty() => format!("{repo}/{path}@{version}"),
@@ -253,12 +253,12 @@ impl Command {
             id: c.id,
             agent_id: c.agent_id,
             command_type: c.command_type.as_str().to_string(),
-            params: redact_params(c),
+            params: redacted(redact_params(c)),
             status: c.status,
             stage: c.stage.clone(),
             percent: c.percent,
-            result: c.result.clone(),
-            error: c.error.clone(),
+            result: c.result.clone().map(redacted),
+            error: c.error.clone().map(redacted),
             attempt: c.attempt,
             root_command_id: c.root_id,
             retry_of: c.retry_of,
@@ -281,6 +281,12 @@ impl Command {
         self.target = CommandTarget::of(c, node);
         self
     }
+}
+
+/// `v` with the credentials of every URL in it replaced (see [`crate::api::redact`]).
+fn redacted(mut v: Value) -> Value {
+    crate::api::redact::json(&mut v);
+    v
 }
 
 /// Sensitive Terraform variables are stored (the agent needs them) but never shown.
