@@ -509,6 +509,143 @@ async function bulkSteps(page, { agentName, tplName }) {
   });
 }
 
+/** Opens the provision wizard for a new node and walks it to the Configure step. */
+async function wizardToConfigure(page, { agentName, tplName }) {
+  await page.goto(`${BASE}/#/nodes`);
+  await page.getByTestId('provision-new').click();
+  const modal = page.getByTestId('provision-modal');
+  await modal.locator('[data-current-step="hypervisor"]').waitFor();
+  await modal.locator(`label[data-agent-name="${agentName}"] input[type=radio]`).check();
+  await page.getByTestId('wizard-next').click();
+  await modal.locator('[data-current-step="template"]').waitFor();
+  await modal.locator(`label[data-template-name="${tplName}"] input[type=radio]`).check();
+  await page.getByTestId('wizard-next').click();
+  await modal.locator('[data-current-step="configure"]').waitFor();
+  await page.getByTestId('cfg-memory').fill('1024');
+  await page.getByTestId('cfg-cores').fill('1');
+  return modal;
+}
+
+async function cloneOptionsAndImportSteps(page, { agentId, agentName, tplName }) {
+  await step('provision wizard: the Proxmox options filled in Configure are summarised on Review', async () => {
+    const modal = await wizardToConfigure(page, { agentName, tplName });
+    await page.getByTestId('cfg-name').fill(`e2e-opts-${RUN}`);
+    const options = page.getByTestId('clone-options');
+    await options.waitFor();
+    await page.getByTestId('cfg-storage').fill('fast-ssd');
+    await page.getByTestId('cfg-clone-mode').selectOption('full');
+    await page.getByTestId('cfg-disk').fill('12');
+    await page.getByTestId('cfg-vmid').fill('4321');
+    await page.getByTestId('cfg-ciuser').fill('ops');
+    await page.getByTestId('cfg-vlan').fill('42');
+    await page.getByTestId('cfg-ipmode').selectOption('static');
+    await page.getByTestId('cfg-ip').fill('10.20.0.5/24');
+    await page.getByTestId('cfg-gw').fill('10.20.0.1');
+    await page.getByTestId('cfg-pool').fill('web');
+    await page.getByTestId('cfg-tags').fill('e2e, web');
+    await page.getByTestId('cfg-sshkeys').fill('ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMB4SHSfaWJ3pZ1r1Xp0mL0Q0VQ1xGz3WJ2yq3b2k1bA ops@example');
+    await page.getByTestId('cfg-onboot').check();
+    await options.scrollIntoViewIfNeeded();
+    await shot(page, '25-configure-proxmox-options');
+    await a11y(page, 'provision wizard: configure with Proxmox options');
+    await page.getByTestId('wizard-next').click();
+    await modal.locator('[data-current-step="review"]').waitFor();
+    const summary = page.getByTestId('review-clone-options');
+    for (const [field, want] of [
+      ['storage', 'fast-ssd'],
+      ['cloneMode', 'Full clone'],
+      ['diskSizeGib', '12 GiB'],
+      ['vmId', '4321'],
+      ['ipAddress', '10.20.0.5/24, gateway 10.20.0.1'],
+      ['vlanTag', '42'],
+      ['pool', 'web'],
+      ['sshKeys', '1 key: ops@example'],
+      ['onboot', 'Yes'],
+    ]) {
+      const text = (await summary.getByTestId(`review-clone-${field}`).textContent()) ?? '';
+      assert(text.includes(want), `Review shows ${field} as "${text}", expected "${want}"`);
+    }
+    await a11y(page, 'provision wizard: review with Proxmox options');
+    await modal.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await modal.waitFor({ state: 'detached' });
+  });
+
+  await step('a provision with a bad storage fails; Change settings opens Configure on the storage field, marked invalid', async () => {
+    const name = `e2e-badstore-${RUN}`;
+    const modal = await wizardToConfigure(page, { agentName, tplName });
+    await page.getByTestId('cfg-name').fill(name);
+    await page.getByTestId('cfg-storage').fill('no-such-storage');
+    await page.getByTestId('wizard-next').click();
+    await modal.locator('[data-current-step="review"]').waitFor();
+    await page.getByTestId('wizard-submit').click();
+    const prov = page.getByTestId('provisioning-step');
+    await prov.waitFor({ timeout: 30_000 });
+    await waitFor('the provision to fail on the storage', async () => {
+      const st = await prov.getAttribute('data-status');
+      if (st === 'succeeded') throw new FatalStepError(`the provision with storage no-such-storage succeeded`);
+      return st === 'failed';
+    }, PROVISION_TIMEOUT, 300);
+    const err = page.getByTestId('provision-error');
+    await err.waitFor();
+    const errText = await err.innerText();
+    assert(/storage/i.test(errText), `the failure does not mention the storage: ${errText}`);
+    await page.getByTestId('provision-change-settings').click();
+    await modal.locator('[data-current-step="configure"]').waitFor();
+    const storage = page.getByTestId('cfg-storage');
+    await waitFor('the storage field to be focused', async () => page.evaluate(() => document.activeElement?.getAttribute('data-testid') === 'cfg-storage'), 5_000, 100);
+    assert((await storage.getAttribute('aria-invalid')) === 'true', 'the storage field is not marked invalid');
+    assert((await storage.inputValue()) === 'no-such-storage', 'the storage field lost the value that failed');
+    const described = await storage.getAttribute('aria-describedby');
+    const message = described ? await page.locator(`[id="${described.split(' ')[0]}"]`).innerText() : '';
+    assert(message.trim().length > 0, 'the storage field has no message describing what failed');
+    await shot(page, '26-change-settings-storage');
+    await a11y(page, 'provision wizard: change settings after a storage failure');
+    await modal.getByRole('button', { name: 'Cancel', exact: true }).click();
+    await modal.waitFor({ state: 'detached' });
+  });
+
+  await step('import: an untracked VM in the hypervisor\'s VM list becomes a node', async () => {
+    const vmList = page.locator(`[data-testid="agent-vms"][data-agent-id="${agentId}"]`);
+    await page.goto(`${BASE}/#/hypervisors`);
+    await vmList.waitFor();
+    const importable = vmList.locator('tr:has([data-testid="vm-import"])');
+    if ((await importable.count()) === 0) {
+      // None left by earlier steps: make one (provision through the API, then forget it).
+      const tpl = (await api('GET', '/api/templates')).items.find((t) => t.name === tplName);
+      const r = await api('POST', '/api/nodes', { name: `e2e-toimport-${RUN}`, templateId: tpl.id, memory: 1024, cores: 1, provision: { agentId } });
+      await waitFor('the VM to import to be provisioned', async () => {
+        const n = await api('GET', `/api/nodes/${r.node.id}`);
+        if (n.status === 'failed') throw new FatalStepError(`provisioning failed: ${n.error}`);
+        return n.status === 'running';
+      }, PROVISION_TIMEOUT);
+      await api('POST', `/api/nodes/${r.node.id}/forget`);
+      await page.reload();
+      await waitFor('an Import button in the VM list', async () => (await importable.count()) > 0, 60_000, 500);
+    }
+    const vmRow = importable.first();
+    const vmId = await vmRow.getAttribute('data-vmid');
+    await vmRow.getByTestId('vm-import').click();
+    const dialog = page.getByTestId('import-vm-dialog');
+    await dialog.waitFor();
+    await a11y(page, 'import VM dialog');
+    const name = `e2e-imported-${RUN}`;
+    await page.getByTestId('import-vm-name').fill(name);
+    await page.getByTestId('import-vm-submit').click();
+    await dialog.waitFor({ state: 'detached' });
+    await waitFor(`VM ${vmId} to show tracked`, async () => (await vmList.locator(`tr[data-vmid="${vmId}"]`).getAttribute('data-tracking')) === 'tracked', 15_000, 300);
+    await page.goto(`${BASE}/#/nodes`);
+    const row = page.locator(`tr[data-node-name="${name}"]`);
+    await row.waitFor({ timeout: 15_000 });
+    const size = (await row.locator('[data-col="size"]').textContent()) ?? '';
+    assert(!/\b0 MiB|\b0 cores/.test(size), `the imported node shows a size of zero: ${size}`);
+    const nodes = (await api('GET', '/api/nodes')).items;
+    const node = nodes.find((n) => n.name === name);
+    assert(node && String(node.vmId) === vmId && node.hypervisorId === agentId, `the imported node is not linked to VM ${vmId}: ${JSON.stringify(node)}`);
+    await shot(page, '27-imported-node');
+    await a11y(page, 'nodes with an imported node');
+  });
+}
+
 async function main() {
   if (!TOKEN) throw new StepError('TRELLIS_ADMIN_TOKEN is not set');
   await mkdir(SHOTS, { recursive: true });
@@ -1172,6 +1309,7 @@ async function main() {
     });
 
     if (!SKIP.has('provision')) await bulkSteps(page, { agentName: provisioner.name, tplName });
+    if (!SKIP.has('provision') && PVE_SIM_URL) await cloneOptionsAndImportSteps(page, { agentId: provisioner.id, agentName: provisioner.name, tplName });
     await auditSteps(page, context);
 
     await step('sign out', async () => {
