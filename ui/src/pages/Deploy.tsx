@@ -4,6 +4,7 @@ import { useAgents, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { parseNameList, parseTerraformVars, validateGitRef, validateRepoPath, validateRequired } from '../lib/validation';
 import { ErrorBox, Field, Notice, Spinner } from '../components/ui';
+import { stripUrlCredentials } from '../lib/redact';
 
 const LAST_KEY = 'trellis.deploy.last';
 
@@ -45,11 +46,28 @@ export function validateDeploy(f: DeployForm): Partial<Record<keyof DeployForm, 
   };
 }
 
-function loadLast(): Partial<DeployForm> {
+type LastDeploy = Partial<Pick<DeployForm, 'agentId' | 'repo' | 'version' | 'path'>>;
+
+/** The last deploy's choices, for the next form; a repository URL's credentials are never kept. */
+export function loadLastDeploy(storage: Pick<Storage, 'getItem' | 'setItem'> | undefined = globalThis.localStorage): LastDeploy {
   try {
-    return JSON.parse(localStorage.getItem(LAST_KEY) ?? '{}') as Partial<DeployForm>;
+    const v = JSON.parse(storage?.getItem(LAST_KEY) ?? '{}') as LastDeploy;
+    // Older versions stored the URL as typed: rewrite it without its credentials.
+    if (typeof v.repo === 'string' && stripUrlCredentials(v.repo) !== v.repo) {
+      saveLastDeploy(v, storage);
+      return { ...v, repo: stripUrlCredentials(v.repo) };
+    }
+    return v;
   } catch {
     return {};
+  }
+}
+
+export function saveLastDeploy(v: LastDeploy, storage: Pick<Storage, 'setItem'> | undefined = globalThis.localStorage): void {
+  try {
+    storage?.setItem(LAST_KEY, JSON.stringify({ ...v, repo: stripUrlCredentials(v.repo ?? '') }));
+  } catch {
+    /* storage full or disabled */
   }
 }
 
@@ -61,7 +79,7 @@ export function Deploy() {
   const agents = useAgents();
   const m = useMutations();
   const [f, setF] = useState<DeployForm>(() => {
-    const last = loadLast();
+    const last = loadLastDeploy();
     return {
       agentId: last.agentId ?? '',
       repo: last.repo ?? '',
@@ -107,11 +125,7 @@ export function Deploy() {
         idempotencyKey: idemKey,
         ...(form.timeout.trim() ? { timeoutSecs: Number(form.timeout) } : {}),
       });
-      try {
-        localStorage.setItem(LAST_KEY, JSON.stringify({ agentId, repo: form.repo, version: form.version, path: form.path }));
-      } catch {
-        /* storage full or disabled */
-      }
+      saveLastDeploy({ agentId, repo: form.repo, version: form.version, path: form.path });
       navigate(`/commands/${r.commandId}`);
     } catch (err) {
       setError(errorMessage(err));
