@@ -58,10 +58,13 @@ pub struct TerraformExecutor {
 
 impl TerraformExecutor {
     /// An executor keeping its workspaces under `<work_dir>/terraform`.
+    /// Processes a previous (killed) tendril's runs left in the workspaces are killed.
     pub fn new(settings: TerraformSettings, work_dir: &Path) -> Self {
+        let root = work_dir.join("terraform");
+        process::kill_orphans(&root, &settings.binary);
         Self {
             settings: Arc::new(settings),
-            root: work_dir.join("terraform"),
+            root,
             workspaces: Default::default(),
         }
     }

@@ -325,6 +325,82 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Kills what a previous tendril's Terraform runs left behind when that tendril died
+/// without ending them (SIGKILL, crash): processes working inside `root` (the workspaces)
+/// whose process group is a Terraform run's — its leader is gone (the provider plugins
+/// and provisioner shells outlive a Terraform that lost its pipes) or is `terraform`
+/// itself. Called once when the executor is made, before any run of this process.
+/// Linux only (reads `/proc`); returns how many processes were killed.
+pub(crate) fn kill_orphans(root: &Path, terraform: &Path) -> usize {
+    let Ok(root) = root.canonicalize() else {
+        return 0;
+    };
+    let terraform = terraform
+        .canonicalize()
+        .unwrap_or_else(|_| terraform.to_path_buf());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut victims = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) else {
+            continue;
+        };
+        if !cwd.starts_with(&root) {
+            continue;
+        }
+        let Some((pgrp, sid)) = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                // `pid (comm) state ppid pgrp session …`; comm may hold spaces.
+                let mut f = s.get(s.rfind(')')? + 1..)?.split_whitespace().skip(2);
+                Some((
+                    f.next()?.parse::<u32>().ok()?,
+                    f.next()?.parse::<u32>().ok()?,
+                ))
+            })
+        else {
+            continue;
+        };
+        if pgrp == sid {
+            continue; // a login or terminal session's own group, not one we started
+        }
+        // The group's leader: gone (or a zombie, whose exe cannot be read), or Terraform.
+        let leader_exe = std::fs::read_link(format!("/proc/{pgrp}/exe"));
+        if leader_exe.is_err() || leader_exe.is_ok_and(|exe| exe == terraform) {
+            victims.push((pid, pgrp, cwd));
+        }
+    }
+    // Decide first, then kill: a killed leader stays in /proc as a zombie for a moment.
+    let mut killed = 0;
+    for (pid, pgrp, cwd) in victims {
+        let ok = std::process::Command::new("kill")
+            .args(["-s", "KILL", "--", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            tracing::warn!(
+                pid,
+                pgid = pgrp,
+                cwd = %cwd.display(),
+                "killed a process a previous run of tendril left in a Terraform workspace"
+            );
+            killed += 1;
+        }
+    }
+    killed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +411,52 @@ mod tests {
         assert_eq!(fmt_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(fmt_duration(Duration::from_secs(10)), "10s");
         assert_eq!(fmt_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn orphans_of_a_dead_run_are_killed_and_nothing_else() {
+        use std::os::unix::process::CommandExt;
+        let root = std::env::temp_dir().join(format!("tendril-orphans-{}", uuid::Uuid::new_v4()));
+        let ws = root.join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        // A run whose group leader died and left a child behind, as Terraform leaves its
+        // provider plugin when tendril is SIGKILLed.
+        let out = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+            .current_dir(&ws)
+            .process_group(0)
+            .output()
+            .unwrap();
+        let orphan: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        // A process of someone else's in the same directory, leading its own group.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&ws)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let alive = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        assert!(alive(orphan));
+        assert_eq!(kill_orphans(&root, Path::new("/nonexistent/terraform")), 1);
+        let t = std::time::Instant::now();
+        while alive(orphan) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(orphan), "the orphan is killed");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "a live group's process is left alone"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
