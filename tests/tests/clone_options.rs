@@ -433,3 +433,107 @@ async fn explicit_vmid_survives_its_own_retries() {
     assert_eq!(c["status"], "succeeded", "{c}");
     assert_eq!(api.get(&format!("/api/nodes/{node2}")).await["vmId"], 4344);
 }
+
+/// A template's clone defaults can be switched off or cleared per provision: an explicit
+/// `false`, `""`, `0` or `[]` overrides the default, and a linked clone drops the
+/// template's default storage instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_options_override_template_defaults() {
+    let s = stack(Backend::Sqlite, "clone-overrides").await;
+    let api = &s.api;
+    let t = api
+        .post(
+            "/api/templates",
+            json!({"name": "with-defaults", "memory": 1024, "cores": 1,
+                   "proxmoxTemplateId": 9000, "networkBridge": "vmbr0",
+                   "cloneDefaults": {"storage": "fast-ssd", "full": true, "onboot": true,
+                       "tags": ["prod"], "sshKeys": [ED25519], "pool": "web", "vlanTag": 42,
+                       "diskSizeGib": 16, "ciUser": "debian"}}),
+        )
+        .await;
+    let tid = t["id"].as_str().expect("template id").to_string();
+    let node = |name: &'static str| {
+        let tid = tid.clone();
+        async move {
+            let v = api
+                .post("/api/nodes", json!({"name": name, "templateId": tid}))
+                .await;
+            v["node"]["id"].as_str().unwrap().to_string()
+        }
+    };
+
+    // the defaults apply when nothing is said
+    let a = node("defaults-1").await;
+    let c = provision(&s, &a, json!({"vmId": 4501})).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let clone = s.sim.requests("/clone").await.unwrap();
+    let clone = clone
+        .iter()
+        .find(|r| param(r, "newid") == Some("4501"))
+        .unwrap();
+    assert_eq!(param(clone, "storage"), Some("fast-ssd"));
+
+    // everything switched off or cleared, and a linked clone
+    let b = node("overrides-1").await;
+    let c = provision(
+        &s,
+        &b,
+        json!({"vmId": 4502, "full": false, "onboot": false, "tags": [], "sshKeys": [],
+               "pool": "", "vlanTag": 0, "diskSizeGib": 0}),
+    )
+    .await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let o = &c["params"]["clone_options"];
+    assert_eq!(o["full"], false, "{o}");
+    assert_eq!(o["onboot"], false, "{o}");
+    for gone in [
+        "storage",
+        "pool",
+        "vlan_tag",
+        "disk_size_gib",
+        "ssh_keys",
+        "tags",
+    ] {
+        assert!(o.get(gone).is_none(), "{gone} kept: {o}");
+    }
+    assert_eq!(o["ci_user"], "debian", "not cleared: {o}");
+    let clone = s.sim.requests("/clone").await.unwrap();
+    let clone = clone
+        .iter()
+        .find(|r| param(r, "newid") == Some("4502"))
+        .unwrap();
+    assert_eq!(param(clone, "storage"), None);
+    assert_eq!(param(clone, "pool"), None);
+    assert_ne!(param(clone, "full"), Some("1"));
+    let configs = s.sim.requests("/qemu/4502/config").await.unwrap();
+    assert!(configs.iter().all(|r| param(r, "sshkeys").is_none()));
+    assert!(configs.iter().all(|r| param(r, "onboot") != Some("1")));
+    assert!(s
+        .sim
+        .requests("/qemu/4502/resize")
+        .await
+        .unwrap()
+        .is_empty());
+    let vm = s
+        .sim
+        .vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.vmid == 4502)
+        .expect("VM 4502");
+    assert_ne!(vm.config.get("onboot").map(String::as_str), Some("1"));
+    assert!(vm.pool.is_none());
+
+    // a linked clone with a storage of its own is still refused
+    let d = node("overrides-2").await;
+    let (st, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/nodes/{d}/provision"),
+            Some(json!({"agentId": s.agent_id,
+                        "cloneOptions": {"full": false, "storage": "local"}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+}

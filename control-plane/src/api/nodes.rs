@@ -44,11 +44,20 @@ pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult
 }
 
 pub(super) fn provision_of(p: ProvisionRequest) -> Provision {
+    let cleared_lists = p
+        .clone_options
+        .as_ref()
+        .map(|o| domain::nodes::ClearedLists {
+            ssh_keys: o.ssh_keys.as_ref().is_some_and(Vec::is_empty),
+            tags: o.tags.as_ref().is_some_and(Vec::is_empty),
+        })
+        .unwrap_or_default();
     Provision {
         agent_id: p.agent_id,
         target_node: p.target_node,
         keep_on_failure: p.keep_on_failure,
         clone_options: p.clone_options.map(Into::into),
+        cleared_lists,
     }
 }
 

@@ -599,6 +599,10 @@ pub struct ProvisionRequest {
 /// Proxmox clone and cloud-init options of a provision (all optional). Invalid values are
 /// refused with 400 `invalid_params` naming the field; when Proxmox rejects one later,
 /// the command's `error.details.field` names it (`storage`, `disk_size_gib`, `vm_id`, …).
+/// In a provision request an absent field takes the template's default and a given one
+/// overrides it; `""` (storage, ciUser, pool), `0` (diskSizeGib, vlanTag) and `[]`
+/// (sshKeys, tags) clear the default, and `full: false` without a storage drops the
+/// default storage.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CloneOptions {
@@ -609,9 +613,10 @@ pub struct CloneOptions {
     /// Full (copied disks) or linked clone; default linked (full with `storage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full: Option<bool>,
-    /// Grow the boot disk to this size (GiB) after the clone; never shrinks.
+    /// Grow the boot disk to this size (GiB) after the clone; never shrinks (`0` in a
+    /// provision: no resize, whatever the template's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 65536)]
+    #[schema(minimum = 0, maximum = 65536)]
     pub disk_size_gib: Option<u32>,
     /// Explicit VMID (default: the next free one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -621,22 +626,24 @@ pub struct CloneOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 32)]
     pub ci_user: Option<String>,
-    /// OpenSSH public keys, one per entry.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ssh_keys: Vec<String>,
+    /// OpenSSH public keys, one per entry (`[]` in a provision: none, whatever the
+    /// template's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_keys: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_config: Option<IpConfig>,
-    /// VLAN tag of the first network interface.
+    /// VLAN tag of the first network interface (`0` in a provision: untagged, whatever the
+    /// template's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1, maximum = 4094)]
+    #[schema(minimum = 0, maximum = 4094)]
     pub vlan_tag: Option<u16>,
     /// Resource pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 64)]
     pub pool: Option<String>,
-    /// Proxmox tags, added to Trellis's own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tags: Vec<String>,
+    /// Proxmox tags, added to Trellis's own (`[]` in a provision: none of the template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
     /// Start at boot of the Proxmox node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onboot: Option<bool>,
@@ -664,7 +671,7 @@ impl From<CloneOptions> for trellis_protocol::CloneOptions {
             disk_size_gib: o.disk_size_gib,
             vm_id: o.vm_id,
             ci_user: o.ci_user,
-            ssh_keys: o.ssh_keys,
+            ssh_keys: o.ssh_keys.unwrap_or_default(),
             ip_config: o.ip_config.map(|i| match i {
                 IpConfig::Dhcp => trellis_protocol::IpConfig::Dhcp,
                 IpConfig::Static { address, gateway } => {
@@ -673,7 +680,7 @@ impl From<CloneOptions> for trellis_protocol::CloneOptions {
             }),
             vlan_tag: o.vlan_tag,
             pool: o.pool,
-            tags: o.tags,
+            tags: o.tags.unwrap_or_default(),
             onboot: o.onboot,
         }
     }
@@ -688,7 +695,7 @@ impl From<&trellis_protocol::CloneOptions> for CloneOptions {
             disk_size_gib: o.disk_size_gib,
             vm_id: o.vm_id,
             ci_user: o.ci_user,
-            ssh_keys: o.ssh_keys,
+            ssh_keys: (!o.ssh_keys.is_empty()).then_some(o.ssh_keys),
             ip_config: o.ip_config.map(|i| match i {
                 trellis_protocol::IpConfig::Dhcp => IpConfig::Dhcp,
                 trellis_protocol::IpConfig::Static { address, gateway } => {
@@ -697,7 +704,7 @@ impl From<&trellis_protocol::CloneOptions> for CloneOptions {
             }),
             vlan_tag: o.vlan_tag,
             pool: o.pool,
-            tags: o.tags,
+            tags: (!o.tags.is_empty()).then_some(o.tags),
             onboot: o.onboot,
         }
     }

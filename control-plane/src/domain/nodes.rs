@@ -88,35 +88,161 @@ pub struct Provision {
     pub target_node: Option<String>,
     /// Keep a VM that failed half-way for inspection.
     pub keep_on_failure: bool,
-    /// Proxmox clone options; absent fields take the template's defaults.
+    /// Proxmox clone options; absent fields take the template's defaults, and an explicit
+    /// value overrides them: `""` (storage, ciUser, pool) and `0` (diskSizeGib, vlanTag)
+    /// clear a default, as do the lists of [`ClearedLists`].
     pub clone_options: Option<trellis_protocol::CloneOptions>,
+    /// Lists the request gave explicitly empty (clearing the template's).
+    pub cleared_lists: ClearedLists,
+}
+
+/// Which list options a provision request sent as an explicit empty list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClearedLists {
+    pub ssh_keys: bool,
+    pub tags: bool,
 }
 
 /// The clone options of a provision: what the request gives, field by field over the
-/// template's defaults (a list given in the request replaces the template's).
+/// template's defaults. An explicit value wins, also one that clears (`""`, `0`, an empty
+/// list); a linked clone (`full: false`) without a storage of its own drops the default
+/// storage (a linked clone stays on the template's storage).
 pub fn merge_clone_options(
     request: Option<trellis_protocol::CloneOptions>,
+    cleared: ClearedLists,
     defaults: Option<&trellis_protocol::CloneOptions>,
 ) -> trellis_protocol::CloneOptions {
     let r = request.unwrap_or_default();
-    let Some(d) = defaults else { return r };
-    let d = d.clone();
-    trellis_protocol::CloneOptions {
-        storage: r.storage.or(d.storage),
-        full: r.full.or(d.full),
-        disk_size_gib: r.disk_size_gib.or(d.disk_size_gib),
-        vm_id: r.vm_id,
-        ci_user: r.ci_user.or(d.ci_user),
-        ssh_keys: if r.ssh_keys.is_empty() {
-            d.ssh_keys
+    let d = defaults.cloned().unwrap_or_default();
+    fn text(r: Option<String>, d: Option<String>) -> Option<String> {
+        match r {
+            Some(v) if v.trim().is_empty() => None,
+            Some(v) => Some(v),
+            None => d,
+        }
+    }
+    fn num<T: PartialEq + Default>(r: Option<T>, d: Option<T>) -> Option<T> {
+        match r {
+            Some(v) if v == T::default() => None,
+            Some(v) => Some(v),
+            None => d,
+        }
+    }
+    fn list(r: Vec<String>, cleared: bool, d: Vec<String>) -> Vec<String> {
+        if r.is_empty() && !cleared {
+            d
         } else {
-            r.ssh_keys
-        },
+            r
+        }
+    }
+    let linked = r.full == Some(false);
+    let storage = match r.storage {
+        None if linked => None,
+        r => text(r, d.storage),
+    };
+    trellis_protocol::CloneOptions {
+        storage,
+        full: r.full.or(d.full),
+        disk_size_gib: num(r.disk_size_gib, d.disk_size_gib),
+        vm_id: r.vm_id,
+        ci_user: text(r.ci_user, d.ci_user),
+        ssh_keys: list(r.ssh_keys, cleared.ssh_keys, d.ssh_keys),
         ip_config: r.ip_config.or(d.ip_config),
-        vlan_tag: r.vlan_tag.or(d.vlan_tag),
-        pool: r.pool.or(d.pool),
-        tags: if r.tags.is_empty() { d.tags } else { r.tags },
+        vlan_tag: num(r.vlan_tag, d.vlan_tag),
+        pool: text(r.pool, d.pool),
+        tags: list(r.tags, cleared.tags, d.tags),
         onboot: r.onboot.or(d.onboot),
+    }
+}
+
+/// Whether a request asks for an option at all (not only Proxmox's defaults or clearing
+/// a template's): those need an agent that applies clone options.
+fn asks_for_options(request: Option<&trellis_protocol::CloneOptions>) -> bool {
+    let Some(r) = request else { return false };
+    let mut o = merge_clone_options(Some(r.clone()), ClearedLists::default(), None);
+    if o.onboot == Some(false) {
+        o.onboot = None;
+    }
+    if o.full == Some(false) {
+        o.full = None;
+    }
+    !o.is_empty()
+}
+
+#[cfg(test)]
+mod clone_merge_tests {
+    use super::*;
+    use trellis_protocol::CloneOptions;
+
+    fn defaults() -> CloneOptions {
+        CloneOptions {
+            storage: Some("fast-ssd".into()),
+            full: Some(true),
+            disk_size_gib: Some(20),
+            ci_user: Some("debian".into()),
+            ssh_keys: vec![
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMB4SHSfaWJ3pZ1r1Xp0mL0Q0VQ1xGz3WJ2yq3b2k1bA ops@example".into(),
+            ],
+            vlan_tag: Some(10),
+            pool: Some("web".into()),
+            tags: vec!["prod".into()],
+            onboot: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn absent_fields_take_the_defaults() {
+        let m = merge_clone_options(None, ClearedLists::default(), Some(&defaults()));
+        assert_eq!(m, defaults());
+    }
+
+    #[test]
+    fn explicit_values_override_and_clear_the_defaults() {
+        let r = CloneOptions {
+            storage: Some(String::new()),
+            disk_size_gib: Some(0),
+            ci_user: Some(String::new()),
+            vlan_tag: Some(0),
+            pool: Some(String::new()),
+            onboot: Some(false),
+            ..Default::default()
+        };
+        let cleared = ClearedLists {
+            ssh_keys: true,
+            tags: true,
+        };
+        let m = merge_clone_options(Some(r), cleared, Some(&defaults()));
+        assert_eq!(
+            m,
+            CloneOptions {
+                full: Some(true),
+                onboot: Some(false),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_linked_clone_drops_the_default_storage() {
+        let r = CloneOptions {
+            full: Some(false),
+            ..Default::default()
+        };
+        let m = merge_clone_options(Some(r), ClearedLists::default(), Some(&defaults()));
+        assert_eq!((m.full, m.storage.as_deref()), (Some(false), None));
+        assert!(m.validate().is_ok(), "{m:?}");
+        // only clearing or Proxmox's defaults is not asking for options
+        assert!(!asks_for_options(Some(&CloneOptions {
+            full: Some(false),
+            onboot: Some(false),
+            storage: Some(String::new()),
+            ..Default::default()
+        })));
+        assert!(asks_for_options(Some(&CloneOptions {
+            onboot: Some(true),
+            ..Default::default()
+        })));
     }
 }
 
@@ -617,7 +743,7 @@ pub(super) async fn plan_provision(
         f.iter()
             .any(|v| v.as_str() == Some(trellis_protocol::CLONE_OPTIONS_FEATURE))
     });
-    let requested = p.clone_options.as_ref().is_some_and(|o| !o.is_empty());
+    let requested = asks_for_options(p.clone_options.as_ref());
     if requested && !knows_options {
         return Err(DomainError::conflict(
             "capability_missing",
@@ -630,7 +756,7 @@ pub(super) async fn plan_provision(
     // A template's defaults go only to agents that apply them (an older tendril would
     // ignore them anyway; they are not the admin's explicit choice).
     let defaults = t.fields.clone_defaults.as_ref().filter(|_| knows_options);
-    let options = merge_clone_options(p.clone_options, defaults);
+    let options = merge_clone_options(p.clone_options, p.cleared_lists, defaults);
     options.validate().map_err(|e| {
         DomainError::invalid("invalid_params", format!("cloneOptions: {}", e.message))
     })?;

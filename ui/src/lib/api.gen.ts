@@ -631,7 +631,10 @@ export interface components {
             details?: unknown;
             errorCode?: string | null;
             id: string;
-            /** @description `success` or `error`. */
+            /**
+             * @description `success`, `error`, or `partial` (a bulk request some of whose nodes were refused;
+             *     `error` when all were).
+             */
             outcome: string;
             remoteAddr?: string | null;
             /**
@@ -721,13 +724,18 @@ export interface components {
          * @description Proxmox clone and cloud-init options of a provision (all optional). Invalid values are
          *     refused with 400 `invalid_params` naming the field; when Proxmox rejects one later,
          *     the command's `error.details.field` names it (`storage`, `disk_size_gib`, `vm_id`, …).
+         *     In a provision request an absent field takes the template's default and a given one
+         *     overrides it; `""` (storage, ciUser, pool), `0` (diskSizeGib, vlanTag) and `[]`
+         *     (sshKeys, tags) clear the default, and `full: false` without a storage drops the
+         *     default storage.
          */
         CloneOptions: {
             /** @description Cloud-init user; also the user of the UI's "Copy SSH command". */
             ciUser?: string | null;
             /**
              * Format: int32
-             * @description Grow the boot disk to this size (GiB) after the clone; never shrinks.
+             * @description Grow the boot disk to this size (GiB) after the clone; never shrinks (`0` in a
+             *     provision: no resize, whatever the template's default).
              */
             diskSizeGib?: number | null;
             /** @description Full (copied disks) or linked clone; default linked (full with `storage`). */
@@ -737,15 +745,19 @@ export interface components {
             onboot?: boolean | null;
             /** @description Resource pool. */
             pool?: string | null;
-            /** @description OpenSSH public keys, one per entry. */
-            sshKeys?: string[];
+            /**
+             * @description OpenSSH public keys, one per entry (`[]` in a provision: none, whatever the
+             *     template's default).
+             */
+            sshKeys?: string[] | null;
             /** @description Target storage of the disks (implies a full clone). */
             storage?: string | null;
-            /** @description Proxmox tags, added to Trellis's own. */
-            tags?: string[];
+            /** @description Proxmox tags, added to Trellis's own (`[]` in a provision: none of the template's). */
+            tags?: string[] | null;
             /**
              * Format: int32
-             * @description VLAN tag of the first network interface.
+             * @description VLAN tag of the first network interface (`0` in a provision: untagged, whatever the
+             *     template's default).
              */
             vlanTag?: number | null;
             /**
@@ -1640,7 +1652,7 @@ export interface operations {
                 before?: string;
                 /** @description 1–500 (default 50). */
                 limit?: number;
-                /** @description `success` or `error`. */
+                /** @description `success`, `partial` or `error`. */
                 outcome?: string;
                 /** @description From this time on (Unix milliseconds, inclusive). */
                 since?: number;

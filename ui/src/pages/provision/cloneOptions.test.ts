@@ -110,6 +110,28 @@ describe('clone options form', () => {
   });
 });
 
+describe('template defaults switched off or cleared', () => {
+  const defaults = { storage: 'fast-ssd', full: true, diskSizeGib: 16, ciUser: 'debian', sshKeys: ['ssh-ed25519 AAAAC3Nza k@h'], vlanTag: 42, pool: 'web', tags: ['prod'], onboot: true };
+  const filled = () => withTemplateDefaults(EMPTY_CLONE, template({ cloneDefaults: defaults }));
+
+  it('sends the defaults as filled in', () => {
+    expect(cloneOptionsOf(filled())).toEqual(defaults);
+  });
+
+  it('sends an explicit clear for every pre-filled field that was emptied or unchecked', () => {
+    const c = { ...filled(), storage: '', cloneMode: 'linked' as const, diskSizeGib: '', ciUser: '', sshKeys: '', vlanTag: '', pool: '', tags: '', onboot: false };
+    expect(cloneOptionsOf(c)).toEqual({ storage: '', full: false, diskSizeGib: 0, ciUser: '', sshKeys: [], vlanTag: 0, pool: '', tags: [], onboot: false });
+    // Proxmox's default clone type with the storage cleared is a linked clone
+    expect(cloneOptionsOf({ ...c, cloneMode: '' })?.full).toBe(false);
+    // only what was cleared shows in the review
+    expect(cloneSummary(c).map((i) => i.field)).toEqual(['cloneMode']);
+  });
+
+  it('sends nothing extra without template defaults', () => {
+    expect(cloneOptionsOf({ ...EMPTY_CLONE, onboot: false })).toBeUndefined();
+  });
+});
+
 describe('change settings after a failure', () => {
   const opened = () => initProvisionState(failedNode);
 

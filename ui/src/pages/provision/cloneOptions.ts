@@ -20,6 +20,12 @@ export interface CloneConfig {
   /** Comma- or space-separated. */
   tags: string;
   onboot: boolean;
+  /**
+   * The template's clone defaults filled in by `withTemplateDefaults`: a field that had one
+   * and is now empty (or unchecked) is sent as an explicit clear, or the server would
+   * apply the default again.
+   */
+  defaults?: CloneOptions | null;
 }
 
 export type CloneField = Exclude<keyof CloneConfig, 'cloneMode' | 'ipMode' | 'onboot'> | 'cloneMode' | 'onboot';
@@ -128,23 +134,37 @@ export function cloneErrors(c: CloneConfig): CloneErrors {
   return e;
 }
 
-/** The request body for the options that are set; undefined when none is. */
+/**
+ * The request body for the options that are set; undefined when none is. A field the
+ * template has a default for is always sent: emptied, it clears the default (`''`, `0`,
+ * `[]`, `onboot: false`; "Proxmox default" clone type is linked unless a storage is set).
+ */
 export function cloneOptionsOf(c: CloneConfig): CloneOptions | undefined {
   const o: CloneOptions = {};
+  const d: CloneOptions = c.defaults ?? {};
   if (c.storage.trim()) o.storage = c.storage.trim();
+  else if (d.storage) o.storage = '';
   if (c.cloneMode) o.full = c.cloneMode === 'full';
+  else if (d.full != null) o.full = !!o.storage;
   if (c.diskSizeGib.trim()) o.diskSizeGib = Number(c.diskSizeGib);
+  else if (d.diskSizeGib) o.diskSizeGib = 0;
   if (c.vmId.trim()) o.vmId = Number(c.vmId);
   if (c.ciUser.trim()) o.ciUser = c.ciUser.trim();
+  else if (d.ciUser) o.ciUser = '';
   const keys = sshKeyLines(c.sshKeys);
   if (keys.length) o.sshKeys = keys;
+  else if (d.sshKeys?.length) o.sshKeys = [];
   if (c.ipMode === 'dhcp') o.ipConfig = { mode: 'dhcp' };
   if (c.ipMode === 'static') o.ipConfig = { mode: 'static', address: c.ipAddress.trim(), ...(c.gateway.trim() ? { gateway: c.gateway.trim() } : {}) };
   if (c.vlanTag.trim()) o.vlanTag = Number(c.vlanTag);
+  else if (d.vlanTag) o.vlanTag = 0;
   if (c.pool.trim()) o.pool = c.pool.trim();
+  else if (d.pool) o.pool = '';
   const tags = splitList(c.tags).map((t) => t.toLowerCase());
   if (tags.length) o.tags = tags;
+  else if (d.tags?.length) o.tags = [];
   if (c.onboot) o.onboot = true;
+  else if (d.onboot) o.onboot = false;
   return Object.keys(o).length ? o : undefined;
 }
 
@@ -168,6 +188,7 @@ export function withTemplateDefaults(c: CloneConfig, t: Template): CloneConfig {
     pool: fill(c.pool, d.pool),
     tags: c.tags.trim() || !d.tags?.length ? c.tags : d.tags.join(', '),
     onboot: c.onboot || !!d.onboot,
+    defaults: d,
   };
 }
 
@@ -215,7 +236,7 @@ export function cloneSummary(c: CloneConfig): CloneSummaryItem[] {
     const full = o.full ?? true;
     out.push({ field: 'cloneMode', label: 'Clone type', value: full ? (o.full == null ? 'Full clone (a target storage needs one)' : 'Full clone') : 'Linked clone' });
   }
-  if (o.diskSizeGib != null) out.push({ field: 'diskSizeGib', label: 'Disk size', value: `${o.diskSizeGib} GiB (grown after the clone if the template’s disk is smaller)` });
+  if (o.diskSizeGib) out.push({ field: 'diskSizeGib', label: 'Disk size', value: `${o.diskSizeGib} GiB (grown after the clone if the template’s disk is smaller)` });
   if (o.vmId != null) out.push({ field: 'vmId', label: 'VMID', value: String(o.vmId) });
   if (o.ciUser) out.push({ field: 'ciUser', label: 'Cloud-init user', value: o.ciUser });
   if (o.sshKeys?.length) {
@@ -226,7 +247,7 @@ export function cloneSummary(c: CloneConfig): CloneSummaryItem[] {
     const ip = o.ipConfig;
     out.push({ field: 'ipAddress', label: 'IP address', value: ip.mode === 'dhcp' ? 'DHCP' : `${ip.address}${ip.gateway ? `, gateway ${ip.gateway}` : ', no gateway'}` });
   }
-  if (o.vlanTag != null) out.push({ field: 'vlanTag', label: 'VLAN tag', value: String(o.vlanTag) });
+  if (o.vlanTag) out.push({ field: 'vlanTag', label: 'VLAN tag', value: String(o.vlanTag) });
   if (o.pool) out.push({ field: 'pool', label: 'Pool', value: o.pool });
   if (o.tags?.length) out.push({ field: 'tags', label: 'Proxmox tags', value: o.tags.join(', ') });
   if (o.onboot) out.push({ field: 'onboot', label: 'Start at boot', value: 'Yes' });
