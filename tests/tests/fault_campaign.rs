@@ -10,8 +10,14 @@
 //!   pve-sim carries its Trellis tag (never a second VM);
 //! * no Terraform (or its children) is left running in the agent's work dir.
 //!
-//! `TRELLIS_FAULT_RUNS` (default 9: three of each kind) sets the number of runs;
-//! `TRELLIS_FAULT_SEED` replays a campaign. The figures are printed at the end.
+//!
+//! A second test SIGKILLs `trellis` at a random point while two pings stream logs and a
+//! provision runs, restarts it on the same database, and checks the same.
+//!
+//! `TRELLIS_FAULT_RUNS` (default 15: five of each kind) and `TRELLIS_FAULT_CP_RUNS`
+//! (default 5) set the number of runs (20 in all by default; 200 with
+//! `TRELLIS_FAULT_RUNS=150 TRELLIS_FAULT_CP_RUNS=50`); `TRELLIS_FAULT_SEED` replays a
+//! campaign. The figures are printed at the end.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -185,20 +191,20 @@ fn has_tag(tags: Option<&str>, tag: &str) -> bool {
     tags.is_some_and(|t| t.split([';', ',']).any(|x| x.trim() == tag))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_tendril_at_random_points() {
-    let started = Instant::now();
-    let runs = env_u64("TRELLIS_FAULT_RUNS").unwrap_or(9) as u32;
-    let seed = env_u64("TRELLIS_FAULT_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    });
-    println!("fault campaign: seed {seed} (TRELLIS_FAULT_SEED={seed} replays it), {runs} runs");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+struct Stack {
+    agent: Agent,
+    cp: ControlPlane,
+    sim: trellis_tests::pve_sim::process::SimProcess,
+    api: Api,
+    agent_id: String,
+    work: std::path::PathBuf,
+    tid: String,
+    _dir: TempDir,
+}
 
-    let dir = TempDir::new("fault-campaign");
+/// trellis (SQLite), pve-sim and one tendril with Terraform, the agent online.
+async fn stack(tag: &str) -> Stack {
+    let dir = TempDir::new(tag);
     let db = TestDb::create(Backend::Sqlite, &dir).await;
     let cp = ControlPlane::start(db, &dir).await;
     let api = cp.api();
@@ -223,11 +229,95 @@ async fn sigkill_tendril_at_random_points() {
     ]);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let work = dir.join("agent");
-    let mut agent = Agent::start_with(&cp.ws_url(), &token, &work, &env);
+    let agent = Agent::start_with(&cp.ws_url(), &token, &work, &env);
     api.wait_agent_online(&agent_id).await;
-    let repo = template_repo();
     let tid = template_id(&api).await;
+    Stack {
+        agent,
+        cp,
+        sim,
+        api,
+        agent_id,
+        work,
+        tid,
+        _dir: dir,
+    }
+}
 
+fn seed_and_rng(runs_var: &str, default_runs: u64, what: &str) -> (u64, u32, rand::rngs::StdRng) {
+    let runs = env_u64(runs_var).unwrap_or(default_runs) as u32;
+    let seed = env_u64("TRELLIS_FAULT_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    println!(
+        "{what}: seed {seed} (TRELLIS_FAULT_SEED={seed} replays it), {runs} runs ({runs_var})"
+    );
+    (seed, runs, rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+/// Starts a provision of a new node; returns `(node id, command id)`.
+async fn start_provision(s: &Stack, name: &str) -> (String, String) {
+    let v = s
+        .api
+        .post("/api/nodes", json!({"name": name, "templateId": s.tid}))
+        .await;
+    let node = v["node"]["id"].as_str().unwrap().to_string();
+    let v = s
+        .api
+        .post(
+            &format!("/api/nodes/{node}/provision"),
+            json!({"agentId": s.agent_id}),
+        )
+        .await;
+    (node, v["commandId"].as_str().unwrap().to_string())
+}
+
+/// The VMs in pve-sim carrying the Trellis tag of the provision `root`.
+async fn tagged_vms(s: &Stack, root: &str) -> Vec<u32> {
+    let tag = trellis_protocol::proxmox_tag(root.parse().unwrap());
+    s.sim
+        .created_vms()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|v| has_tag(v.tags.as_deref(), &tag))
+        .map(|v| v.vmid)
+        .collect()
+}
+
+fn print_figures(what: &str, seed: u64, f: &Figures, took: Duration) {
+    println!(
+        "{what} figures: seed {seed}, runs {}, kills {}, commands {} ({} terminal), \
+         events checked {}, lost {}, duplicated {}, second VMs {}, leftover terraform processes {} \
+         ({:.1} s)",
+        f.runs,
+        f.kills,
+        f.commands,
+        f.terminal,
+        f.events_checked,
+        f.lost,
+        f.duplicated,
+        f.second_vms,
+        f.leftover_terraform,
+        took.as_secs_f64()
+    );
+    assert_eq!(f.lost, 0, "{f:?}");
+    assert_eq!(f.duplicated, 0, "{f:?}");
+    assert_eq!(f.second_vms, 0, "{f:?}");
+    assert_eq!(f.leftover_terraform, 0, "{f:?}");
+    assert_eq!(f.terminal, f.commands, "{f:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_tendril_at_random_points() {
+    let started = Instant::now();
+    let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_RUNS", 15, "tendril fault campaign");
+    let mut s = stack("fault-tendril").await;
+    let repo = template_repo();
+    let (api, agent_id, work) = (s.api.clone(), s.agent_id.clone(), s.work.clone());
     let mut f = Figures::default();
     for run in 0..runs {
         let kind = match run % 3 {
@@ -248,20 +338,7 @@ async fn sigkill_tendril_at_random_points() {
                 (cid, None, rng.random_range(50..3000))
             }
             Kind::Provision => {
-                let v = api
-                    .post(
-                        "/api/nodes",
-                        json!({"name": format!("fault-{seed:x}-{run}"), "templateId": tid}),
-                    )
-                    .await;
-                let node = v["node"]["id"].as_str().unwrap().to_string();
-                let v = api
-                    .post(
-                        &format!("/api/nodes/{node}/provision"),
-                        json!({"agentId": agent_id}),
-                    )
-                    .await;
-                let cid = v["commandId"].as_str().unwrap().to_string();
+                let (node, cid) = start_provision(&s, &format!("fault-{seed:x}-{run}")).await;
                 (cid, Some(node), rng.random_range(50..2500))
             }
             Kind::TerraformApply => {
@@ -280,9 +357,9 @@ async fn sigkill_tendril_at_random_points() {
         f.commands += 1;
         tokio::time::sleep(Duration::from_millis(kill_after)).await;
         let before = api.get(&format!("/api/commands/{cid}")).await;
-        agent.kill(); // SIGKILL
+        s.agent.kill(); // SIGKILL
         f.kills += 1;
-        agent.restart();
+        s.agent.restart();
         let c = api.wait_done(&cid, Duration::from_secs(90)).await;
         println!(
             "run {run}: {kind:?} killed after {kill_after} ms (was {} at seq {}) → {} {}",
@@ -292,7 +369,7 @@ async fn sigkill_tendril_at_random_points() {
             c["error"]["code"].as_str().unwrap_or(""),
         );
         f.terminal += 1;
-        check_events(&cp.db_url, &c, kind, &mut f).await;
+        check_events(&s.cp.db_url, &c, kind, &mut f).await;
 
         if let (Kind::Provision, Some(node)) = (kind, &node) {
             let mut last = c.clone();
@@ -306,22 +383,14 @@ async fn sigkill_tendril_at_random_points() {
                 f.commands += 1;
                 last = api.wait_done(&retry, Duration::from_secs(90)).await;
                 f.terminal += 1;
-                check_events(&cp.db_url, &last, kind, &mut f).await;
+                check_events(&s.cp.db_url, &last, kind, &mut f).await;
                 assert_eq!(last["status"], "succeeded", "the retry provisions: {last}");
             }
-            let tag = trellis_protocol::proxmox_tag(cid.parse().unwrap());
-            let tagged: Vec<u32> = sim
-                .created_vms()
-                .await
-                .unwrap()
-                .iter()
-                .filter(|v| has_tag(v.tags.as_deref(), &tag))
-                .map(|v| v.vmid)
-                .collect();
+            let tagged = tagged_vms(&s, &cid).await;
             if tagged.len() != 1 {
-                eprintln!("node {node}: VMs tagged {tag}: {tagged:?}");
+                eprintln!("node {node}: VMs tagged for {cid}: {tagged:?}");
             }
-            assert!(!tagged.is_empty(), "the provisioned VM carries {tag}");
+            assert!(!tagged.is_empty(), "the provisioned VM carries its tag");
             f.second_vms += tagged.len().saturating_sub(1) as u32;
             let n = api.get(&format!("/api/nodes/{node}")).await;
             assert_eq!(n["status"], "running", "{n} after {last}");
@@ -340,26 +409,65 @@ async fn sigkill_tendril_at_random_points() {
             }
         }
     }
-    drop(agent);
-    let took = started.elapsed();
-    println!(
-        "fault campaign figures: seed {seed}, runs {}, kills {}, commands {} ({} terminal), \
-         events checked {}, lost {}, duplicated {}, second VMs {}, leftover terraform processes {} \
-         ({:.1} s)",
-        f.runs,
-        f.kills,
-        f.commands,
-        f.terminal,
-        f.events_checked,
-        f.lost,
-        f.duplicated,
-        f.second_vms,
-        f.leftover_terraform,
-        took.as_secs_f64()
-    );
-    assert_eq!(f.lost, 0, "{f:?}");
-    assert_eq!(f.duplicated, 0, "{f:?}");
-    assert_eq!(f.second_vms, 0, "{f:?}");
-    assert_eq!(f.leftover_terraform, 0, "{f:?}");
-    assert_eq!(f.terminal, f.commands, "{f:?}");
+    drop(s);
+    print_figures("tendril fault campaign", seed, &f, started.elapsed());
+}
+
+/// SIGKILL of trellis at a random point while two pings stream logs and a provision
+/// runs, then a restart on the same address and database: the agent reconnects, re-sends
+/// what was not acknowledged, and every command ends with nothing lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_trellis_under_load() {
+    let started = Instant::now();
+    let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_CP_RUNS", 5, "trellis fault campaign");
+    let mut s = stack("fault-trellis").await;
+    let mut f = Figures::default();
+    for run in 0..runs {
+        s.api.wait_agent_online(&s.agent_id).await;
+        let mut pings = Vec::new();
+        for _ in 0..2 {
+            pings.push(
+                s.api
+                    .command(
+                        &s.agent_id,
+                        "ping",
+                        json!({"log_lines": PING_LINES, "duration_ms": 2500}),
+                    )
+                    .await,
+            );
+        }
+        let (node, prov) = start_provision(&s, &format!("cpfault-{seed:x}-{run}")).await;
+        f.runs += 1;
+        f.commands += 3;
+        let kill_after = rng.random_range(50..3000);
+        tokio::time::sleep(Duration::from_millis(kill_after)).await;
+        s.cp.kill(); // SIGKILL
+        f.kills += 1;
+        // Down for a moment while the agent keeps working and journaling.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..1500))).await;
+        s.cp.restart().await;
+        s.api = s.cp.api();
+        let mut summary = Vec::new();
+        for cid in &pings {
+            let c = s.api.wait_done(cid, Duration::from_secs(90)).await;
+            f.terminal += 1;
+            summary.push(c["status"].as_str().unwrap_or("?").to_string());
+            assert_eq!(c["status"], "succeeded", "the agent kept running it: {c}");
+            check_events(&s.cp.db_url, &c, Kind::Ping, &mut f).await;
+        }
+        let c = s.api.wait_done(&prov, Duration::from_secs(90)).await;
+        f.terminal += 1;
+        summary.push(c["status"].as_str().unwrap_or("?").to_string());
+        check_events(&s.cp.db_url, &c, Kind::Provision, &mut f).await;
+        assert_eq!(c["status"], "succeeded", "{c}");
+        let tagged = tagged_vms(&s, &prov).await;
+        if tagged.len() != 1 {
+            eprintln!("node {node}: VMs tagged for {prov}: {tagged:?}");
+        }
+        assert!(!tagged.is_empty(), "the provisioned VM carries its tag");
+        f.second_vms += tagged.len().saturating_sub(1) as u32;
+        println!("run {run}: trellis killed after {kill_after} ms → {summary:?}");
+    }
+    drop(s);
+    print_figures("trellis fault campaign", seed, &f, started.elapsed());
 }
