@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod lifecycle;
 mod openapi;
+mod proptest_query;
 mod session;
 mod storage;
 mod targets;
