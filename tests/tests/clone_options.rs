@@ -173,7 +173,7 @@ async fn bad_clone_options_are_refused_and_failures_name_the_field() {
     // Refused before anything runs, with the field named.
     for (opts, needle) in [
         (json!({"vlanTag": 5000}), "vlan"),
-        (json!({"vlanTag": 0}), "vlan"),
+        (json!({"vlanTag": 4095}), "vlan"),
         (json!({"sshKeys": ["not a key"]}), "ssh_keys"),
         (json!({"sshKeys": ["ssh-ed25519 AAAA"]}), "ssh_keys"),
         (json!({"storage": "local", "full": false}), "storage"),
@@ -188,7 +188,7 @@ async fn bad_clone_options_are_refused_and_failures_name_the_field() {
         (json!({"tags": ["bad tag"]}), "tags"),
         (json!({"ciUser": "Root"}), "ci_user"),
         (json!({"vmId": 12}), "vm"),
-        (json!({"diskSizeGib": 0}), "disk"),
+        (json!({"diskSizeGib": 65537}), "disk"),
     ] {
         let (st, e) = api
             .call(
@@ -536,4 +536,59 @@ async fn explicit_options_override_template_defaults() {
         )
         .await;
     assert_eq!(st, 400, "{v}");
+}
+
+/// Cloud-init options on a template without a cloud-init drive fail `configure_vm` with
+/// `no_cloudinit_drive` naming the option (Proxmox would accept them and do nothing, and
+/// a static IP would then time out at wait_network); without them the template works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_init_options_need_a_cloud_init_drive() {
+    let s = stack(Backend::Sqlite, "clone-no-ci").await;
+    let api = &s.api;
+    s.sim
+        .set_flags(9001, json!({"cloudinit": false}))
+        .await
+        .unwrap();
+    let t = api
+        .post(
+            "/api/templates",
+            json!({"name": "no-cloud-init", "memory": 1024, "cores": 1,
+                   "proxmoxTemplateId": 9001, "networkBridge": "vmbr0"}),
+        )
+        .await;
+    let tid = t["id"].as_str().unwrap().to_string();
+    let node = |name: &'static str| {
+        let tid = tid.clone();
+        async move {
+            let v = api
+                .post("/api/nodes", json!({"name": name, "templateId": tid}))
+                .await;
+            v["node"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    for (opts, field) in [
+        (json!({"ciUser": "ops"}), "ci_user"),
+        (json!({"sshKeys": [ED25519]}), "ssh_keys"),
+        (
+            json!({"ipConfig": {"mode": "static", "address": "10.0.0.5/24"}}),
+            "ip_config",
+        ),
+    ] {
+        let n = node(match field {
+            "ci_user" => "no-ci-1",
+            "ssh_keys" => "no-ci-2",
+            _ => "no-ci-3",
+        })
+        .await;
+        let c = provision(&s, &n, opts.clone()).await;
+        assert_eq!(c["status"], "failed", "{opts}: {c}");
+        assert_eq!(c["error"]["code"], "no_cloudinit_drive", "{c}");
+        assert_eq!(c["error"]["stage"], "configure_vm", "{c}");
+        assert_eq!(c["error"]["details"]["field"], field, "{c}");
+        assert_eq!(c["error"]["details"]["status"], "cleaned_up", "{c}");
+    }
+    // nothing of cloud-init asked: the same template provisions
+    let ok = node("no-ci-ok").await;
+    let c = provision(&s, &ok, json!({"vlanTag": 7})).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
 }

@@ -144,6 +144,19 @@ impl VmStatus {
 pub struct VmConfig(pub BTreeMap<String, Value>);
 
 impl VmConfig {
+    /// The key of a cloud-init drive (`ide2: local-lvm:vm-100-cloudinit,media=cdrom`): an
+    /// `ide*`, `sata*` or `scsi*` drive whose volume names `cloudinit`.
+    pub fn cloudinit_drive(&self) -> Option<&str> {
+        self.0.iter().find_map(|(k, v)| {
+            let bus = ["ide", "sata", "scsi"].iter().any(|b| {
+                k.strip_prefix(b)
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+            });
+            let volume = v.as_str()?.split(',').next()?;
+            (bus && volume.contains("cloudinit")).then_some(k.as_str())
+        })
+    }
+
     pub fn get_str(&self, key: &str) -> Option<String> {
         match self.0.get(key)? {
             Value::String(s) => Some(s.clone()),
@@ -335,6 +348,25 @@ pub struct ExecStarted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_cloudinit_drive() {
+        let cfg = |v: serde_json::Value| VmConfig(serde_json::from_value(v).unwrap());
+        let with = cfg(serde_json::json!({
+            "scsi0": "local-lvm:vm-101-disk-0,size=10G",
+            "ide2": "local-lvm:vm-101-cloudinit,media=cdrom",
+        }));
+        assert_eq!(with.cloudinit_drive(), Some("ide2"));
+        let sata = cfg(serde_json::json!({"sata1": "ceph:vm-7-cloudinit,media=cdrom"}));
+        assert_eq!(sata.cloudinit_drive(), Some("sata1"));
+        let without = cfg(serde_json::json!({
+            "scsi0": "local-lvm:vm-101-disk-0,size=10G",
+            "ide2": "none,media=cdrom",
+            "description": "cloudinit mentioned here is not a drive",
+            "scsihw": "virtio-scsi-cloudinit",
+        }));
+        assert_eq!(without.cloudinit_drive(), None);
+    }
 
     /// The answer of a real PVE 8 guest agent, abridged: `lo`, a docker bridge, then the
     /// NIC with its IPv6 link-local before the IPv4.

@@ -658,7 +658,19 @@ async fn clone_vm(
             lock: Some("clone".into()),
             running: false,
             booted_at: None,
-            extra: source.extra.clone(),
+            // The clone gets its own cloud-init drive if the source has one.
+            extra: source
+                .extra
+                .iter()
+                .map(|(k, v)| {
+                    let v = if v.contains("-cloudinit") {
+                        format!("local-lvm:vm-{newid}-cloudinit,media=cdrom")
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
             execs: Default::default(),
             foreign: false,
             generation: 0,
@@ -715,7 +727,6 @@ fn config_json(vm: &Vm) -> Value {
         "scsihw": "virtio-scsi-single",
         "boot": "order=scsi0;net0",
         "scsi0": format!("{}:vm-{}-disk-0,iothread=1,size={}G", vm.storage, vm.vmid, vm.disk_bytes >> 30),
-        "ide2": format!("local-lvm:vm-{}-cloudinit,media=cdrom", vm.vmid),
         "smbios1": format!("uuid=6f1b8c2e-0000-4000-8000-{:012x}", vm.vmid),
         "vmgenid": format!("c0ffee00-0000-4000-8000-{:012x}", vm.vmid),
         "meta": "creation-qemu=9.0.2,ctime=1732000000",

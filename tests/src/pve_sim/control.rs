@@ -143,10 +143,12 @@ async fn remove_vm(State(sim): State<Arc<Sim>>, Path(vmid): Path<u32>) -> Respon
 struct Flags {
     ignore_acpi: Option<bool>,
     protection: Option<bool>,
+    /// Whether the VM has a cloud-init drive (`ide2: …-cloudinit`); clones inherit it.
+    cloudinit: Option<bool>,
 }
 
-/// `POST /_sim/vms/{vmid}/flags` `{"ignore_acpi"?: bool, "protection"?: bool}`; missing
-/// fields keep their value.
+/// `POST /_sim/vms/{vmid}/flags` `{"ignore_acpi"?: bool, "protection"?: bool,
+/// "cloudinit"?: bool}`; missing fields keep their value.
 async fn set_flags(
     State(sim): State<Arc<Sim>>,
     Path(vmid): Path<u32>,
@@ -164,6 +166,16 @@ async fn set_flags(
                 vm.protection = b;
                 vm.generation += 1;
             }
+        }
+        if let Some(b) = f.cloudinit {
+            vm.extra.retain(|_, v| !v.contains("-cloudinit"));
+            if b {
+                vm.extra.insert(
+                    "ide2".into(),
+                    format!("local-lvm:vm-{vmid}-cloudinit,media=cdrom"),
+                );
+            }
+            vm.generation += 1;
         }
         Json(vm.view()).into_response()
     })

@@ -11,7 +11,8 @@
 //! * `POST /_sim/vms/{vmid}/power` with `{"running": true|false}`: on or off at once, no
 //!   task (409 for a template)
 //! * `DELETE /_sim/vms/{vmid}`: the VM is gone at once
-//! * `POST /_sim/vms/{vmid}/flags` with `{"ignore_acpi"?: bool, "protection"?: bool}`:
+//! * `POST /_sim/vms/{vmid}/flags` with `{"ignore_acpi"?: bool, "protection"?: bool,
+//!   "cloudinit"?: bool}` (every seeded VM has a cloud-init drive, `ide2`; clones inherit it):
 //!   a guest that ignores shutdown requests (its shutdown tasks run into their `timeout`),
 //!   and `protection: 1` (destroy refused)
 //!

@@ -557,6 +557,11 @@ impl Sim {
                     extra: BTreeMap::from([
                         ("ostype".into(), "l26".into()),
                         ("ipconfig0".into(), "ip=dhcp".into()),
+                        // a cloud-init drive (flag `cloudinit: false` removes it)
+                        (
+                            "ide2".into(),
+                            format!("local-lvm:vm-{}-cloudinit,media=cdrom", s.vmid),
+                        ),
                     ]),
                     execs: HashMap::new(),
                     foreign: false,

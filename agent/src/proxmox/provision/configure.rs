@@ -32,6 +32,24 @@ impl Run<'_> {
             net0.bridge = Some("vmbr0".into());
         }
         let opts = self.p.clone_options.clone();
+        // Proxmox accepts cloud-init settings on a VM without a cloud-init drive and they
+        // do nothing (a static IP would then time out at wait_network): refuse them here.
+        if let Some(field) = cloudinit_field(&opts) {
+            if cfg.cloudinit_drive().is_none() {
+                let tpl = self
+                    .p
+                    .template
+                    .template_id
+                    .map_or_else(|| "<template>".to_string(), |t| t.to_string());
+                return Err(CommandError::new(
+                    "no_cloudinit_drive",
+                    format!(
+                        "VM {vmid} (a clone of template {tpl}) has no cloud-init drive, so the cloud-init user, SSH keys and IP configuration would do nothing; add a CloudInit drive to the template (qm set {tpl} --ide2 <storage>:cloudinit) or provision without them"
+                    ),
+                )
+                .with_details(serde_json::json!({ "field": field })));
+            }
+        }
         if let Some(tag) = opts.vlan_tag {
             net0.rest.retain(|kv| !kv.starts_with("tag="));
             net0.rest.push(format!("tag={tag}"));
@@ -329,6 +347,19 @@ pub fn merge_tags(existing: Option<&str>, ours: &str) -> String {
     }
     tags.push(ours);
     tags.join(";")
+}
+
+/// The first cloud-init option set (its protocol name), if any.
+fn cloudinit_field(o: &trellis_protocol::CloneOptions) -> Option<&'static str> {
+    if o.ci_user.is_some() {
+        Some("ci_user")
+    } else if !o.ssh_keys.is_empty() {
+        Some("ssh_keys")
+    } else if o.ip_config.is_some() {
+        Some("ip_config")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
