@@ -6,8 +6,11 @@
 //! enforces it for every insert and rename, so two concurrent requests cannot both take a
 //! name; a node created with `force` (`name_forced`) is outside the index. An imported node is linked to the VM the inventory
 //! shows (`vm_id`, `vm_node`, the hypervisor); it gets a `vm_tag` only when the VM carries
-//! a Trellis tag (it was made by Trellis and forgotten), so destroy stays refused for a VM
-//! Trellis did not make.
+//! a Trellis tag *and* that tag's root command is a provision on this hypervisor whose
+//! result (or kept half-built VM) is this very VM id — a VM Trellis made and forgot. A tag
+//! alone proves nothing: a VM cloned by hand from a Trellis VM keeps its tags, and anyone
+//! can type one. Without that proof (also when retention deleted the command) the node is
+//! imported untagged, so destroy stays refused for a VM Trellis did not make.
 
 use sqlx::Row;
 
@@ -87,13 +90,17 @@ impl Db {
             NodeStatus::Stopped
         };
         let tag: Option<String> = vm.try_get("tag")?;
+        let tag = match tag {
+            Some(t) if made_by_trellis(&mut tx, &t, n.agent, n.vm_id).await? => Some(t),
+            _ => None,
+        };
         let ip = super::sql::string_list(&vm, "ip_addresses")?
             .into_iter()
             .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok());
         sqlx::query(
             "INSERT INTO nodes (id, application, name, template_id, memory, cores, vm_id, hypervisor_id, \
              ip_address, status, vm_tag, vm_tag_listed, vm_node, observed_at, name_forced, created_at, updated_at) \
-             SELECT $1, $2, $3, NULL, $4, $5, v.vm_id, v.agent_id, $6, $7, v.tag, $8, v.node, v.seen_at, $12, $9, $9 \
+             SELECT $1, $2, $3, NULL, $4, $5, v.vm_id, v.agent_id, $6, $7, $13, $8, v.node, v.seen_at, $12, $9, $9 \
              FROM agent_vms v WHERE v.agent_id = $10 AND v.vm_id = $11",
         )
         .bind(n.id.to_string())
@@ -108,10 +115,46 @@ impl Db {
         .bind(n.agent.to_string())
         .bind(n.vm_id)
         .bind(i64::from(n.name_forced))
+        .bind(tag)
         .execute(&mut *tx)
         .await
         .map_err(name_taken(&n.name))?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Whether `tag` (`trellis-command=<root id>`) names a provision of `agent` that made VM
+/// `vm_id`: one attempt of that root command succeeded with this `vm_id`, or failed and
+/// kept this VM (`error.details.vm_id`).
+async fn made_by_trellis(
+    conn: &mut sqlx::AnyConnection,
+    tag: &str,
+    agent: AgentId,
+    vm_id: i64,
+) -> DbResult<bool> {
+    let Some(root) = tag
+        .strip_prefix(trellis_protocol::VM_TAG_PREFIX)
+        .and_then(|id| id.parse::<uuid::Uuid>().ok())
+    else {
+        return Ok(false);
+    };
+    let rows = sqlx::query(
+        "SELECT result, error FROM commands WHERE root_id = $1 AND agent_id = $2 AND type = $3",
+    )
+    .bind(root.to_string())
+    .bind(agent.to_string())
+    .bind(trellis_protocol::CommandType::Provision.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in &rows {
+        let result = super::sql::json_col(r, "result").unwrap_or(None);
+        let error = super::sql::json_col(r, "error").unwrap_or(None);
+        let made = result.as_ref().and_then(|r| r["vm_id"].as_i64());
+        let kept = error.as_ref().and_then(|e| e["details"]["vm_id"].as_i64());
+        if made == Some(vm_id) || kept == Some(vm_id) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
