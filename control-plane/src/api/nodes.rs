@@ -71,25 +71,29 @@ pub async fn create(
     admin: Admin,
     Json(b): Json<CreateNodeRequest>,
 ) -> ApiResult<Response> {
-    let id = domain::nodes::create(
-        &s.db,
-        domain::nodes::CreateNode {
-            name: b.name,
-            template_id: b.template_id,
-            memory: b.memory,
-            cores: b.cores,
-            application: b.application,
-            force: b.force,
-        },
-    )
-    .await?;
-    let mut command_id = None;
-    if let Some(p) = b.provision {
-        let (_, c) =
-            domain::nodes::start_provision(&s.db, &s.broker, &admin.name, id, provision_of(p))
-                .await?;
-        command_id = Some(c.id);
-    }
+    let create = domain::nodes::CreateNode {
+        name: b.name,
+        template_id: b.template_id,
+        memory: b.memory,
+        cores: b.cores,
+        application: b.application,
+        force: b.force,
+    };
+    // With a provision: both or neither (a refused provision leaves no node behind).
+    let (id, command_id) = match b.provision {
+        Some(p) => {
+            let (id, c) = domain::nodes::create_with_provision(
+                &s.db,
+                &s.broker,
+                &admin.name,
+                create,
+                provision_of(p),
+            )
+            .await?;
+            (id, Some(c.id))
+        }
+        None => (domain::nodes::create(&s.db, create).await?, None),
+    };
     let node = domain::nodes::get(&s.db, id).await?;
     let note = AuditNote::target(node.id, node.name.clone())
         .with_details(serde_json::json!({ "commandId": command_id }));
@@ -163,10 +167,12 @@ pub async fn update(
 #[utoipa::path(delete, path = "/api/nodes/{id}", tag = "nodes", params(("id" = String, Path)),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody),
         (status = 409, description = "vm_exists, node_busy", body = ErrorBody)))]
-pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
+    // The name, read before it is gone, for the audit log.
+    let name = domain::nodes::get(&s.db, id).await?.name;
     domain::nodes::delete(&s.db, id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(AuditNote::target(id, name).on(StatusCode::NO_CONTENT.into_response()))
 }
 
 /// Provision the node's VM on a hypervisor.
@@ -237,10 +243,13 @@ pub async fn destroy(
 #[utoipa::path(post, path = "/api/nodes/{id}/forget", tag = "nodes", params(("id" = String, Path)),
     responses((status = 200, description = "The forgotten record", body = Node), (status = 404, body = ErrorBody),
         (status = 409, description = "node_busy", body = ErrorBody)))]
-pub async fn forget(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Node>> {
+pub async fn forget(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id: NodeId = parse_id(&id, "node")?;
     let n = domain::nodes::forget(&s.db, id).await?;
-    Ok(Json(Node::from(&n)))
+    let note = AuditNote::target(n.id, n.name.clone()).with_details(serde_json::json!({
+        "vmId": n.vm_id,
+    }));
+    Ok(note.on(Json(Node::from(&n)).into_response()))
 }
 
 /// `202` with the node and its command, noted for the audit log.

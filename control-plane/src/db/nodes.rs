@@ -139,24 +139,25 @@ impl Db {
     }
 
     pub async fn insert_node(&self, n: &NewNode) -> DbResult<()> {
+        let mut conn = self.writer().acquire().await?;
+        insert_node_on(&mut conn, n, now_ms()).await
+    }
+
+    /// Creates a node and starts its provision in one transaction: the node is stored
+    /// already claimed (`provisioning`, pointing at `p.command`) with the command, or not
+    /// at all (`NameTaken` when its name was taken meanwhile). Returns the command's
+    /// `created_at`.
+    pub async fn insert_node_provisioning(
+        &self,
+        n: &NewNode,
+        p: &ProvisionStart<'_>,
+    ) -> DbResult<i64> {
         let now = now_ms();
-        sqlx::query(
-            "INSERT INTO nodes (id, application, name, template_id, memory, cores, status, name_forced, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
-        )
-        .bind(n.id.to_string())
-        .bind(n.application.clone())
-        .bind(&n.name)
-        .bind(n.template_id.to_string())
-        .bind(n.memory)
-        .bind(n.cores)
-        .bind(NodeStatus::PendingProvision.as_str())
-        .bind(i64::from(n.name_forced))
-        .bind(now)
-        .execute(self.writer())
-        .await
-        .map_err(super::node_import::name_taken(&n.name))?;
-        Ok(())
+        let mut tx = self.begin_write().await?;
+        insert_node_on(&mut tx, n, now).await?;
+        claim_for_provision(&mut tx, p, now).await?;
+        tx.commit().await?;
+        Ok(now)
     }
 
     /// Updates a node that is not being provisioned (`Conflict` if it is). A new name
@@ -272,25 +273,7 @@ impl Db {
     pub async fn start_provision(&self, p: &ProvisionStart<'_>) -> DbResult<i64> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let claimed = sqlx::query(
-            "UPDATE nodes SET status = $1, hypervisor_id = $2, last_command_id = $3, error = NULL, \
-             updated_at = $4 WHERE id = $5 AND status <> $1 AND vm_id IS NULL",
-        )
-        .bind(NodeStatus::Provisioning.as_str())
-        .bind(p.agent.to_string())
-        .bind(p.command.id.to_string())
-        .bind(now)
-        .bind(p.node.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            return Err(DbError::Conflict(
-                "the node is already being provisioned".into(),
-            ));
-        }
-        insert_commands_on(&mut tx, &[p.command], now).await?;
-        link_node(&mut tx, p.command.id, p.node).await?;
+        claim_for_provision(&mut tx, p, now).await?;
         tx.commit().await?;
         Ok(now)
     }
@@ -708,5 +691,55 @@ async fn inherit_node(
     .bind(retry.to_string())
     .execute(&mut *conn)
     .await?;
+    Ok(())
+}
+
+/// Inserts a new node (`pending_provision`); `NameTaken` on a live name.
+async fn insert_node_on(conn: &mut sqlx::AnyConnection, n: &NewNode, now: i64) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO nodes (id, application, name, template_id, memory, cores, status, name_forced, \
+         created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+    )
+    .bind(n.id.to_string())
+    .bind(n.application.clone())
+    .bind(&n.name)
+    .bind(n.template_id.to_string())
+    .bind(n.memory)
+    .bind(n.cores)
+    .bind(NodeStatus::PendingProvision.as_str())
+    .bind(i64::from(n.name_forced))
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(super::node_import::name_taken(&n.name))?;
+    Ok(())
+}
+
+/// Claims a node without a VM for a provision (`provisioning`, on `p.agent`, pointing at
+/// the command) and stores the command; `Conflict` if it is already being provisioned.
+async fn claim_for_provision(
+    conn: &mut sqlx::AnyConnection,
+    p: &ProvisionStart<'_>,
+    now: i64,
+) -> DbResult<()> {
+    let claimed = sqlx::query(
+        "UPDATE nodes SET status = $1, hypervisor_id = $2, last_command_id = $3, error = NULL, \
+         updated_at = $4 WHERE id = $5 AND status <> $1 AND vm_id IS NULL",
+    )
+    .bind(NodeStatus::Provisioning.as_str())
+    .bind(p.agent.to_string())
+    .bind(p.command.id.to_string())
+    .bind(now)
+    .bind(p.node.to_string())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if claimed == 0 {
+        return Err(DbError::Conflict(
+            "the node is already being provisioned".into(),
+        ));
+    }
+    insert_commands_on(conn, &[p.command], now).await?;
+    link_node(conn, p.command.id, p.node).await?;
     Ok(())
 }

@@ -248,6 +248,13 @@ mod clone_merge_tests {
 
 /// Creates a node (size defaults from its template).
 pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
+    let n = checked_new_node(db, b).await?;
+    db.insert_node(&n).await?;
+    Ok(n.id)
+}
+
+/// The node `b` asks for, checked (name, template, size) but not stored.
+async fn checked_new_node(db: &Db, b: CreateNode) -> DomainResult<NewNode> {
     validate_name(&b.name)?;
     check_name_free(db, &b.name, b.force).await?;
     let tid = parse_template_id(&b.template_id)?;
@@ -255,9 +262,8 @@ pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
     let memory = b.memory.unwrap_or(t.fields.memory);
     let cores = b.cores.unwrap_or(t.fields.cores);
     validate_size(memory, cores)?;
-    let id = NodeId::new();
-    db.insert_node(&NewNode {
-        id,
+    Ok(NewNode {
+        id: NodeId::new(),
         application: b.application.filter(|a| !a.trim().is_empty()),
         name: b.name,
         template_id: tid,
@@ -265,8 +271,58 @@ pub async fn create(db: &Db, b: CreateNode) -> DomainResult<NodeId> {
         cores,
         name_forced: b.force,
     })
-    .await?;
-    Ok(id)
+}
+
+/// Creates a node and starts provisioning it, all or nothing: the provision is planned
+/// (hypervisor online and able, template mapped, clone options valid) before anything is
+/// stored, and the node is stored with its command in one transaction. A refused
+/// provision (`agent_offline`, `capability_missing`, …) leaves no node behind, so the
+/// same request can be sent again once the cause is fixed.
+pub async fn create_with_provision(
+    db: &Db,
+    broker: &Broker,
+    actor: &str,
+    b: CreateNode,
+    p: Provision,
+) -> DomainResult<(NodeId, CommandRow)> {
+    let n = checked_new_node(db, b).await?;
+    let now = crate::time::now_ms();
+    // The node as it will be stored, so the provision is planned from it.
+    let row = NodeRow {
+        id: n.id,
+        application: n.application.clone(),
+        name: n.name.clone(),
+        template_id: Some(n.template_id),
+        memory: n.memory,
+        cores: n.cores,
+        vm_id: None,
+        hypervisor_id: None,
+        ip_address: None,
+        status: NodeStatus::PendingProvision,
+        last_command_id: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+        vm_tag: None,
+        vm_node: None,
+        observed_at: None,
+    };
+    let new = plan_provision(db, actor, &row, p).await?;
+    let agent_id = new.agent_id;
+    let mut command = CommandRow::queued(&new, 0);
+    // A name taken meanwhile is `DbError::NameTaken`: 409 `duplicate_name`.
+    command.created_at = db
+        .insert_node_provisioning(
+            &n,
+            &ProvisionStart {
+                node: n.id,
+                agent: agent_id,
+                command: &new,
+            },
+        )
+        .await?;
+    broker.wake(agent_id);
+    Ok((n.id, command))
 }
 
 /// A partial edit: absent fields keep their value; `application: ""` clears it.
