@@ -63,7 +63,7 @@ impl Db {
             "SELECT {}, c.type AS c_type, c.status AS c_status, c.stage AS c_stage, \
              c.percent AS c_percent, c.attempt AS c_attempt \
              FROM nodes n LEFT JOIN commands c ON c.id = n.last_command_id {filter} \
-             ORDER BY n.created_at, n.name",
+             ORDER BY n.created_at, n.name, n.id",
             node_cols()
         );
         let mut q = sqlx::query(&sql);
@@ -71,7 +71,8 @@ impl Db {
             q = q.bind(b.to_string());
         }
         let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
+        let mut out = rows
+            .iter()
             .map(|r| {
                 let node = NodeRow::from_row(r)?;
                 let ty: Option<String> = r.try_get("c_type")?;
@@ -94,7 +95,15 @@ impl Db {
                 };
                 Ok((node, progress))
             })
-            .collect()
+            .collect::<DbResult<Vec<_>>>()?;
+        // Nodes made together (a batch shares one timestamp) in their {n} order:
+        // web-1, web-2, …, web-10, not web-1, web-10, web-2 as text order has it.
+        out.sort_by(|(a, _), (b, _)| {
+            a.created_at
+                .cmp(&b.created_at)
+                .then_with(|| natural_cmp(&a.name, &b.name))
+        });
+        Ok(out)
     }
 
     /// Names of nodes (not `destroyed`) that start with `prefix` (ASCII case-insensitively).
@@ -199,5 +208,58 @@ impl Db {
         q.execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(now)
+    }
+}
+
+/// Compares names with runs of digits as numbers (`web-2` < `web-10`), ignoring ASCII
+/// case; equal names keep their order (the sort is stable).
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (&a[..da], &b[..db]);
+                // Without leading zeros, a longer run is a larger number.
+                let strip = |n: &[u8]| -> usize { n.iter().take_while(|c| **c == b'0').count() };
+                let (ta, tb) = (&na[strip(na)..], &nb[strip(nb)..]);
+                let ord = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[da..];
+                b = &b[db..];
+            }
+            (Some(x), Some(y)) => {
+                let ord = x.to_ascii_lowercase().cmp(&y.to_ascii_lowercase());
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod natural_order_tests {
+    use super::natural_cmp;
+
+    #[test]
+    fn numbers_in_names_sort_as_numbers() {
+        let mut names = vec![
+            "web-10", "web-2", "web-1", "Web-3", "web-02x", "db", "web-100",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["db", "web-1", "web-2", "web-02x", "Web-3", "web-10", "web-100"]
+        );
     }
 }

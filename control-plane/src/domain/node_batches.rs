@@ -11,6 +11,13 @@
 //! single-node rule ([`super::nodes::check_name_free`], `duplicate_name`, no force). A
 //! `destroyed` node's name counts as free, as for a single node; the database's
 //! live-name index refuses a name another request took meanwhile (`duplicate_name`).
+//!
+//! Per-node clone options: an explicit VMID and a static IP address are start values —
+//! the node with index `i` (0-based, in name order) gets VMID `vmId + i` and address
+//! `address + i` in the same network (prefix and gateway unchanged), so no two nodes of a
+//! batch ask for the same VMID or address. A batch whose last VMID would pass 999999999,
+//! or whose addresses would leave the subnet, hit its network or broadcast address, or
+//! hit the gateway, is refused as a whole with 400 `invalid_params` naming the field.
 
 use std::collections::HashSet;
 
@@ -143,7 +150,7 @@ pub async fn bulk_provision(
     let names = expand_names(b.count, &pattern, &taken)?;
     let application = b.application.filter(|a| !a.trim().is_empty());
     let mut nodes = Vec::with_capacity(names.len());
-    for name in names {
+    for (index, name) in names.into_iter().enumerate() {
         // The node as it will be stored, so the single-node checks and params apply.
         let now = crate::time::now_ms();
         let row = NodeRow {
@@ -165,7 +172,8 @@ pub async fn bulk_provision(
             vm_node: None,
             observed_at: None,
         };
-        let command = plan_provision(db, actor, &row, b.provision.clone()).await?;
+        let mut command = plan_provision(db, actor, &row, b.provision.clone()).await?;
+        per_node_clone_options(&mut command.params, index as u32)?;
         nodes.push(BatchNode {
             id: row.id,
             name: row.name,
@@ -193,6 +201,104 @@ pub async fn bulk_provision(
             })
             .collect(),
     })
+}
+
+/// The highest VMID Proxmox accepts.
+const MAX_VMID: u32 = 999_999_999;
+
+/// Gives the node with 0-based `index` of a batch its own VMID and static address: the
+/// planned params' explicit `vm_id` plus `index`, and the static `address` plus `index`
+/// in its network (see the module doc). Index 0 keeps the values as they are.
+fn per_node_clone_options(params: &mut serde_json::Value, index: u32) -> DomainResult<()> {
+    let Some(raw) = params.get("clone_options") else {
+        return Ok(());
+    };
+    let mut o: trellis_protocol::CloneOptions = serde_json::from_value(raw.clone())
+        .map_err(|e| DomainError::invalid("invalid_params", format!("cloneOptions: {e}")))?;
+    if let Some(vm_id) = o.vm_id {
+        o.vm_id = Some(nth_vm_id(vm_id, index)?);
+    }
+    if let Some(trellis_protocol::IpConfig::Static { address, gateway }) = &mut o.ip_config {
+        *address = nth_address(address, gateway.as_deref(), index)?;
+    }
+    params["clone_options"] = serde_json::to_value(&o)
+        .map_err(|e| DomainError::invalid("invalid_params", e.to_string()))?;
+    Ok(())
+}
+
+fn nth_vm_id(start: u32, index: u32) -> DomainResult<u32> {
+    start
+        .checked_add(index)
+        .filter(|v| *v <= MAX_VMID)
+        .ok_or_else(|| {
+            DomainError::invalid(
+                "invalid_params",
+                format!(
+                    "cloneOptions.vmId: node {} of the batch would get VMID {} (the start value {start} plus {index}), above the highest VMID {MAX_VMID}; choose a lower start value",
+                    index + 1,
+                    u64::from(start) + u64::from(index)
+                ),
+            )
+        })
+}
+
+/// `address` (`a.b.c.d/prefix`) plus `index`, in the same network: not its network or
+/// broadcast address (for prefixes up to /30) and not the gateway.
+fn nth_address(address: &str, gateway: Option<&str>, index: u32) -> DomainResult<String> {
+    let bad = |msg: String| {
+        DomainError::invalid(
+            "invalid_params",
+            format!("cloneOptions.ipConfig.address: {msg}"),
+        )
+    };
+    let (ip, prefix) = address
+        .split_once('/')
+        .and_then(|(ip, p)| {
+            Some((
+                ip.parse::<std::net::Ipv4Addr>().ok()?,
+                p.parse::<u32>().ok()?,
+            ))
+        })
+        .filter(|(_, p)| *p <= 32)
+        .ok_or_else(|| {
+            bad(format!(
+                "{address:?} is not an IPv4 address with a prefix length"
+            ))
+        })?;
+    if index == 0 {
+        return Ok(address.to_string());
+    }
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    let start = u32::from(ip);
+    let network = start & mask;
+    let broadcast = network | !mask;
+    let node = index + 1;
+    let next = start
+        .checked_add(index)
+        .filter(|n| n & mask == network)
+        .ok_or_else(|| {
+            bad(format!(
+                "node {node} of the batch would get an address outside {}/{prefix}; start lower or use a larger subnet",
+                std::net::Ipv4Addr::from(network)
+            ))
+        })?;
+    let next_ip = std::net::Ipv4Addr::from(next);
+    if prefix <= 30 && (next == network || next == broadcast) {
+        return Err(bad(format!(
+            "node {node} of the batch would get {next_ip}, the broadcast address of {}/{prefix}; start lower or use a larger subnet",
+            std::net::Ipv4Addr::from(network)
+        )));
+    }
+    if gateway.and_then(|g| g.parse::<std::net::Ipv4Addr>().ok()) == Some(next_ip) {
+        return Err(bad(format!(
+            "node {node} of the batch would get {next_ip}, the gateway's address; choose a start address whose range does not include the gateway"
+        )));
+    }
+    Ok(format!("{next_ip}/{prefix}"))
 }
 
 /// What a bulk action does to each node.
@@ -346,6 +452,59 @@ mod tests {
         let long = format!("{}{{n}}", "a".repeat(62));
         assert!(expand_names(9, &long, &none).is_ok());
         assert!(expand_names(10, &long, &none).is_err());
+    }
+
+    #[test]
+    fn explicit_vmid_and_static_address_count_up_per_node() {
+        let mut params = serde_json::json!({ "name": "web-1", "clone_options": {
+            "vm_id": 500, "ip_config": { "mode": "static", "address": "10.0.0.10/24", "gateway": "10.0.0.1" }
+        }});
+        let original = params.clone();
+        per_node_clone_options(&mut params, 0).unwrap();
+        assert_eq!(params, original);
+        per_node_clone_options(&mut params, 3).unwrap();
+        let o = &params["clone_options"];
+        assert_eq!(o["vm_id"], 503);
+        assert_eq!(o["ip_config"]["address"], "10.0.0.13/24");
+        assert_eq!(o["ip_config"]["gateway"], "10.0.0.1");
+        // without clone options nothing changes
+        let mut plain = serde_json::json!({ "name": "x" });
+        per_node_clone_options(&mut plain, 5).unwrap();
+        assert_eq!(plain, serde_json::json!({ "name": "x" }));
+    }
+
+    #[test]
+    fn per_node_values_that_leave_their_range_are_refused() {
+        assert_eq!(nth_vm_id(999_999_998, 1).unwrap(), 999_999_999);
+        assert!(nth_vm_id(999_999_998, 2).is_err());
+        assert!(nth_vm_id(u32::MAX, 1).is_err());
+        // .254 is the last host of a /24; .255 its broadcast
+        assert_eq!(
+            nth_address("10.0.0.250/24", None, 4).unwrap(),
+            "10.0.0.254/24"
+        );
+        let e = nth_address("10.0.0.250/24", None, 5).unwrap_err();
+        assert!(e.to_string().contains("broadcast"), "{e}");
+        let e = nth_address("10.0.0.250/24", None, 6).unwrap_err();
+        assert!(e.to_string().contains("outside 10.0.0.0/24"), "{e}");
+        assert!(
+            e.to_string().starts_with("cloneOptions.ipConfig.address"),
+            "{e}"
+        );
+        // the gateway inside the range
+        let e = nth_address("10.0.0.10/24", Some("10.0.0.12"), 2).unwrap_err();
+        assert!(e.to_string().contains("gateway"), "{e}");
+        assert_eq!(
+            nth_address("10.0.0.10/24", Some("10.0.0.12"), 1).unwrap(),
+            "10.0.0.11/24"
+        );
+        // a /32 holds one address; a /31 two (no network/broadcast, RFC 3021)
+        assert!(nth_address("10.0.0.10/32", None, 1).is_err());
+        assert_eq!(
+            nth_address("10.0.0.10/31", None, 1).unwrap(),
+            "10.0.0.11/31"
+        );
+        assert!(nth_address("255.255.255.255/0", None, 1).is_err());
     }
 
     #[test]
