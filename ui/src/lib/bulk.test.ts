@@ -1,5 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
-import { countOf, describeResults, expandNames, gridRow, nodeProgressText, previewNames, summarize, validateCount } from './bulk';
+import { countOf, describeResults, expandNames, gridRow, nodeProgressText, perNodeValues, previewNames, summarize, takenNames, validateCount, withPerNode } from './bulk';
+import { perNodeOf } from '../pages/provision/BulkNaming';
+import { EMPTY_CLONE } from '../pages/provision/cloneOptions';
 import type { Agent, Template, VmNode } from './types';
 import { derive, initProvisionState, provisionReducer, type Catalog, type ProvisionAction, type ProvisionState } from '../pages/provision/provisionReducer';
 import { submitBatch } from '../pages/provision/bulkSubmit';
@@ -152,5 +154,55 @@ describe('bulk in the wizard', () => {
     let s = at('2', 'web-{n}');
     await submitBatch(s, catalog, (a) => (s = provisionReducer(s, a)), send);
     expect(s).toMatchObject({ submitting: false, submitError: 'name taken', batchId: null });
+  });
+});
+
+describe('the bulk name preview follows the server’s name rule', () => {
+  it('does not count destroyed nodes, and ignores case', () => {
+    const nodes = [
+      node({ name: 'web-1', status: 'destroyed' }),
+      node({ name: 'WEB-2', status: 'running' }),
+      node({ name: 'web-3', status: 'failed' }),
+      node({ name: 'web-4', status: 'missing' }),
+    ];
+    expect(takenNames(nodes)).toEqual(['WEB-2', 'web-3', 'web-4']);
+    // web-1's record is history: its name is free again, as the server counts it.
+    expect(expandNames('web-{n}', 3, takenNames(nodes)).names).toEqual(['web-1', 'web-5', 'web-6']);
+    expect(expandNames('Web-2', 1, takenNames(nodes)).error).toMatch(/already exists/);
+    expect(expandNames('web-1', 1, takenNames(nodes))).toEqual({ names: ['web-1'], error: null });
+  });
+});
+
+describe('per-node VMID and static address of a bulk provision', () => {
+  it('counts up from the start values, gateway unchanged', () => {
+    const per = perNodeValues(3, '500', '10.0.0.10/24', '10.0.0.1');
+    expect(per).toEqual({ vmIds: [500, 501, 502], addresses: ['10.0.0.10/24', '10.0.0.11/24', '10.0.0.12/24'], error: null });
+    expect(withPerNode(['web-1', 'web-2', 'web-3'], per)).toEqual([
+      'web-1 (VMID 500, 10.0.0.10/24)',
+      'web-2 (VMID 501, 10.0.0.11/24)',
+      'web-3 (VMID 502, 10.0.0.12/24)',
+    ]);
+    // across an octet inside a /16
+    expect(perNodeValues(2, '', '10.1.0.255/16', null).addresses).toEqual(['10.1.0.255/16', '10.1.1.0/16']);
+    // nothing set: names alone
+    expect(withPerNode(['a', 'b'], perNodeValues(2, '', null, null))).toEqual(['a', 'b']);
+  });
+
+  it('refuses a range the server refuses', () => {
+    expect(perNodeValues(2, '999999999', null, null).error).toMatch(/highest VMID/);
+    expect(perNodeValues(2, '999999998', null, null).error).toBeNull();
+    expect(perNodeValues(5, '', '10.0.0.250/24', null).error).toBeNull();
+    expect(perNodeValues(6, '', '10.0.0.250/24', null).error).toMatch(/broadcast address of 10.0.0.0\/24/);
+    expect(perNodeValues(7, '', '10.0.0.250/24', null).error).toMatch(/Node 6 would get 10.0.0.255, the broadcast/);
+    expect(perNodeValues(3, '', '10.0.0.10/24', '10.0.0.12').error).toMatch(/gateway/);
+    expect(perNodeValues(2, '', '10.0.0.10/32', null).error).toMatch(/outside 10.0.0.10\/32/);
+    expect(perNodeValues(2, '', '10.0.0.10/31', null).addresses).toEqual(['10.0.0.10/31', '10.0.0.11/31']);
+  });
+
+  it('applies to the Configure step’s options only in bulk and for a static address', () => {
+    const clone = { ...EMPTY_CLONE, vmId: '700', ipMode: 'dhcp' as const, ipAddress: '10.0.0.5/24' };
+    expect(perNodeOf(1, clone)).toBeNull();
+    expect(perNodeOf(2, clone)).toEqual({ vmIds: [700, 701], addresses: null, error: null });
+    expect(perNodeOf(2, { ...clone, ipMode: 'static' })?.addresses).toEqual(['10.0.0.5/24', '10.0.0.6/24']);
   });
 });

@@ -76,6 +76,96 @@ export function expandNames(pattern: string, count: number, taken: Iterable<stri
   return { names, error: null };
 }
 
+/**
+ * The names existing nodes hold, as the server counts them: every node except a
+ * `destroyed` one (its VM is gone; its record is only history). Forgotten nodes have no
+ * record. Compared ignoring case by `expandNames`.
+ */
+export function takenNames(nodes: readonly Pick<VmNode, 'name' | 'status'>[]): string[] {
+  return nodes.filter((n) => n.status !== 'destroyed').map((n) => n.name);
+}
+
+export const MAX_VMID = 999999999;
+
+/** The VMID and static address of each node of a batch, or why the range is refused. */
+export interface PerNode {
+  vmIds: number[] | null;
+  /** `a.b.c.d/prefix` per node. */
+  addresses: string[] | null;
+  error: string | null;
+}
+
+function ipv4(s: string): number | null {
+  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(s.trim());
+  if (!m) return null;
+  const parts = m.slice(1).map(Number);
+  if (parts.some((p) => p > 255)) return null;
+  return ((parts[0] << 24) >>> 0) + (parts[1] << 16) + (parts[2] << 8) + parts[3];
+}
+
+function ipText(n: number): string {
+  return [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join('.');
+}
+
+/**
+ * A bulk provision's explicit VMID and static address are start values, as the server
+ * applies them: node `i` (0-based) gets `vmId + i` and `address + i` in the same network
+ * (gateway unchanged). Refused, as by the server, when a VMID passes 999999999 or an
+ * address leaves the subnet, is its network or broadcast address (prefixes up to /30) or
+ * the gateway. Values that are not valid at all are left to the field checks.
+ */
+export function perNodeValues(count: number, vmId: string, ipAddress: string | null, gateway: string | null): PerNode {
+  const out: PerNode = { vmIds: null, addresses: null, error: null };
+  const start = vmId.trim() ? Number(vmId.trim()) : NaN;
+  if (Number.isInteger(start) && start >= 100) {
+    const last = start + count - 1;
+    if (last > MAX_VMID) {
+      out.error = `VMIDs ${start} – ${last}: above the highest VMID ${MAX_VMID}. Choose a lower first VMID.`;
+      return out;
+    }
+    out.vmIds = Array.from({ length: count }, (_, i) => start + i);
+  }
+  const [addr, prefixText] = (ipAddress ?? '').trim().split('/');
+  const ip = addr ? ipv4(addr) : null;
+  const prefix = Number(prefixText);
+  if (ip === null || !/^\d+$/.test(prefixText ?? '') || prefix > 32) return out;
+  const mask = prefix === 0 ? 0 : (0xffffffff << (32 - prefix)) >>> 0;
+  const network = (ip & mask) >>> 0;
+  const broadcast = (network | (~mask >>> 0)) >>> 0;
+  const gw = gateway ? ipv4(gateway) : null;
+  const addresses: string[] = [];
+  for (let i = 0; i < count; i++) {
+    const a = ip + i;
+    if (i > 0) {
+      const where = `${ipText(network)}/${prefix}`;
+      if (a > 0xffffffff || ((a & mask) >>> 0) !== network) {
+        out.error = `Node ${i + 1} would get an address outside ${where}. Start lower or use a larger subnet.`;
+        return out;
+      }
+      if (prefix <= 30 && (a === network || a === broadcast)) {
+        out.error = `Node ${i + 1} would get ${ipText(a)}, the broadcast address of ${where}. Start lower or use a larger subnet.`;
+        return out;
+      }
+      if (gw !== null && a === gw) {
+        out.error = `Node ${i + 1} would get ${ipText(a)}, the gateway’s address. Choose a range without the gateway.`;
+        return out;
+      }
+    }
+    addresses.push(`${ipText(a)}/${prefix}`);
+  }
+  out.addresses = addresses;
+  return out;
+}
+
+/** "web-1 (VMID 500, 10.0.0.10/24)": a name with its own VMID and address, when set. */
+export function withPerNode(names: string[], per: PerNode | null): string[] {
+  if (!per) return names;
+  return names.map((n, i) => {
+    const extra = [per.vmIds ? `VMID ${per.vmIds[i]}` : null, per.addresses ? per.addresses[i] : null].filter(Boolean);
+    return extra.length ? `${n} (${extra.join(', ')})` : n;
+  });
+}
+
 /** A short preview: the first names, "…", and the last. */
 export function previewNames(names: string[], max = 6): string {
   if (names.length <= max) return names.join(', ');

@@ -143,12 +143,13 @@ export function ProvisionModal({
             nameTaken={d.nameTaken}
             forceName={s.forceName}
             onForceName={(force) => dispatch({ type: 'setForceName', force })}
+            bulk={d.bulk}
           />
         )}
         {step === 'configure' && d.isNew && (
-          <BulkNaming count={s.count} onCount={(count) => dispatch({ type: 'setCount', count })} pattern={s.config.name} error={d.countError} />
+          <BulkNaming count={s.count} onCount={(count) => dispatch({ type: 'setCount', count })} pattern={s.config.name} error={d.countError} clone={s.clone} />
         )}
-        {step === 'review' && d.bulk && <BulkReviewNames count={s.count} pattern={s.config.name} />}
+        {step === 'review' && d.bulk && <BulkReviewNames count={s.count} pattern={s.config.name} clone={s.clone} />}
         {step === 'provisioning' && s.batchId && <ProvisionGrid batchId={s.batchId} />}
         {step === 'review' && agent && template && (
           <StepReview agent={agent} template={template} targetNode={s.targetNode} config={s.config} clone={s.clone} keepOnFailure={s.keepOnFailure} isNew={d.isNew} submitError={s.submitError} />

@@ -19,6 +19,7 @@ export function StepConfigure({
   nameTaken,
   forceName,
   onForceName,
+  bulk,
 }: {
   config: Config;
   onChange: (c: Config) => void;
@@ -36,6 +37,8 @@ export function StepConfigure({
   nameTaken?: boolean;
   forceName?: boolean;
   onForceName?: (force: boolean) => void;
+  /** More than one node: an explicit VMID and static address are the first node's. */
+  bulk?: boolean;
 }) {
   const [dirty, setDirty] = useState<Partial<Record<keyof Config, boolean>>>({});
   const set = (k: keyof Config) => (e: { target: { value: string } }) => {
@@ -106,7 +109,7 @@ export function StepConfigure({
           <Field label="Disk size (GiB)" error={err('diskSizeGib')} hint="Grows the boot disk; never shrinks">
             {(p) => <input {...p} inputMode="numeric" value={clone.diskSizeGib} onChange={setC('diskSizeGib')} data-field="diskSizeGib" data-testid="cfg-disk" />}
           </Field>
-          <Field label="VMID" error={err('vmId')} hint="Empty: the next free one">
+          <Field label="VMID" error={err('vmId')} hint={bulk ? 'The first node’s; each next node gets the next VMID. Empty: the next free ones' : 'Empty: the next free one'}>
             {(p) => <input {...p} inputMode="numeric" value={clone.vmId} onChange={setC('vmId')} data-field="vmId" data-testid="cfg-vmid" />}
           </Field>
           <Field label="Cloud-init user" error={err('ciUser')} hint="Also the user of “Copy SSH command”">
@@ -126,7 +129,7 @@ export function StepConfigure({
           </Field>
           {clone.ipMode === 'static' ? (
             <>
-              <Field label="IPv4 address / prefix" error={err('ipAddress')} hint="e.g. 10.0.0.5/24">
+              <Field label="IPv4 address / prefix" error={err('ipAddress')} hint={bulk ? 'The first node’s, e.g. 10.0.0.5/24; each next node gets the next address' : 'e.g. 10.0.0.5/24'}>
                 {(p) => <input {...p} value={clone.ipAddress} onChange={setC('ipAddress')} data-field="ipAddress" data-testid="cfg-ip" autoComplete="off" />}
               </Field>
               <Field label="Gateway" error={err('gateway')} hint="e.g. 10.0.0.1">
