@@ -1,5 +1,7 @@
 //! HTTPS/WSS with rustls: a listener whose handshakes run in their own tasks, so a slow
-//! client cannot hold up the accept loop.
+//! client cannot hold up the accept loop. At most [`MAX_HANDSHAKES`] run or wait to be
+//! served at once (each handshake bounded by 10 s), so clients that never finish one, or
+//! a server at its connection cap, cannot make it accept sockets without end.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,9 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Most TLS handshakes in progress at once; further connections wait in the backlog.
+pub const MAX_HANDSHAKES: usize = 512;
+
 pub struct TlsListener {
     rx: mpsc::Receiver<(TlsStream<TcpStream>, std::net::SocketAddr)>,
     addr: std::net::SocketAddr,
@@ -35,8 +40,13 @@ impl TlsListener {
             .local_addr()
             .expect("bound listener has an address");
         let (tx, rx) = mpsc::channel(64);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    p = handshakes.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    _ = shutdown.cancelled() => break,
+                };
                 let (tcp, peer) = tokio::select! {
                     r = listener.accept() => match r {
                         Ok(x) => x,
@@ -52,14 +62,18 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    match handshake {
+                        // Handed over while holding the permit: when the server is at its
+                        // connection cap, waiting here stops the accept loop too.
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
+                    drop(permit);
                 });
             }
         });

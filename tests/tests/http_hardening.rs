@@ -427,3 +427,84 @@ async fn url_credentials_redacted_in_responses_but_dispatched_intact() {
         "the agent needs the real URL: {dispatch}"
     );
 }
+
+/// The same server over TLS: requests are served with the security headers, and a
+/// client that stalls inside its header after the handshake is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_serves_with_the_same_limits() {
+    let dir = TempDir::new("tlslimits");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_pem = dir.path().join("cert.pem");
+    let key_pem = dir.path().join("key.pem");
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let (c, k) = (
+        cert_pem.to_string_lossy().to_string(),
+        key_pem.to_string_lossy().to_string(),
+    );
+    let cp = ControlPlane::start_with(
+        db,
+        dir.path(),
+        "127.0.0.1:0",
+        &[
+            ("TRELLIS_TLS_CERT", c.as_str()),
+            ("TRELLIS_TLS_KEY", k.as_str()),
+            ("TRELLIS_HEADER_READ_TIMEOUT_SECS", "1"),
+        ],
+    )
+    .await;
+    let port = cp.addr.rsplit(':').next().unwrap().to_string();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    let resp = http
+        .get(format!("https://localhost:{port}/api/nodes"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+
+    // Slowloris after a completed handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(&cp.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a stalled TLS client was never disconnected"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
