@@ -13,6 +13,7 @@ pub mod domain;
 pub mod http_server;
 pub mod metrics;
 pub mod model;
+pub mod secrets;
 pub mod server;
 pub mod time;
 mod tls;

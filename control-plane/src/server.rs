@@ -67,6 +67,22 @@ async fn admin_token_hash(
     Ok(hash)
 }
 
+/// The key of sensitive command params: `TRELLIS_SECRETS_KEY`, else `<data dir>/secrets.key`
+/// (generated on first start); an in-memory database with no data dir configured gets a
+/// key held in memory (its commands do not outlive the process either).
+fn secrets_key(
+    config: &ServeConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<crate::secrets::Secrets> {
+    let env = std::env::var(crate::secrets::KEY_ENV).ok();
+    let memory = config.database_url.starts_with("sqlite:")
+        && crate::data_dir::sqlite_file(&config.database_url).is_none();
+    if env.is_none() && memory && config.data_dir.is_none() {
+        return Ok(crate::secrets::Secrets::ephemeral());
+    }
+    crate::secrets::Secrets::load(env.as_deref(), data_dir)
+}
+
 /// A running control plane's parts, for [`serve`] and for in-process tests.
 pub struct App {
     pub state: AppState,
@@ -85,6 +101,7 @@ impl App {
             .await
             .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
         let data_dir = crate::data_dir::resolve(config.data_dir.as_deref(), &config.database_url);
+        let db = db.with_secrets(secrets_key(config, &data_dir)?);
         let admin_token_hash =
             admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let fanout = Arc::new(Fanout::default());

@@ -7,6 +7,7 @@ pub mod dispatcher;
 pub mod fanout;
 pub mod inserter;
 pub mod reaper;
+mod secrets;
 pub mod session;
 pub mod writer;
 

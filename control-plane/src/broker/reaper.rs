@@ -114,6 +114,9 @@ async fn redispatch(broker: &Broker) -> crate::db::DbResult<()> {
             continue;
         }
         let d = broker.db.dispatch_row(command_id).await?;
+        let Some(d) = broker.unseal(agent_id, d).await else {
+            continue;
+        };
         tracing::info!(%command_id, %agent_id, "re-sending unaccepted dispatch");
         broker.send(&agent_id, ToSession::Send(d.into_message()));
     }

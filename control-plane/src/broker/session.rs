@@ -688,6 +688,9 @@ impl Session {
         socket: &mut Conn<W, R>,
         d: DispatchRow,
     ) -> Result<(), axum::Error> {
+        let Some(d) = self.broker.unseal(self.agent_id, d).await else {
+            return Ok(());
+        };
         self.owned.insert(d.id, None);
         self.inflight.insert(d.id, Instant::now());
         send(socket, &d.into_message()).await

@@ -18,6 +18,7 @@ mod inventory;
 mod node_batches;
 mod node_import;
 mod nodes;
+mod secrets;
 mod settings;
 pub mod sql;
 mod templates;
@@ -82,6 +83,8 @@ pub struct Db {
     /// for the lock would back off in SQLite's sleeping busy handler.
     writer: AnyPool,
     pub backend: Backend,
+    /// The key sensitive command params are stored under (see [`crate::secrets`]).
+    secrets: crate::secrets::Secrets,
 }
 
 impl Db {
@@ -151,7 +154,20 @@ impl Db {
             pool,
             writer,
             backend,
+            // The server sets its persistent key with `with_secrets`.
+            secrets: crate::secrets::Secrets::ephemeral(),
         })
+    }
+
+    /// This database with `secrets` as the key of sensitive command params.
+    pub fn with_secrets(mut self, secrets: crate::secrets::Secrets) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The key of sensitive command params.
+    pub fn secrets(&self) -> &crate::secrets::Secrets {
+        &self.secrets
     }
 
     /// The pool for statements that write (see `writer`).

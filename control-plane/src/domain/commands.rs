@@ -75,7 +75,7 @@ pub async fn prepare(
             ));
         }
         if let Some(existing) = db.command_by_idempotency_key(key).await? {
-            return same_request(existing, c).map(Err);
+            return same_request(db, existing, c).map(Err);
         }
     }
     let timeout = c.timeout_secs.unwrap_or_else(|| default_timeout(ty));
@@ -90,7 +90,8 @@ pub async fn prepare(
         id,
         agent_id: c.agent_id,
         command_type: ty,
-        params: c.params.clone(),
+        // Sensitive Terraform variables are stored encrypted (see `crate::secrets`).
+        params: db.secrets().seal_params(ty, &c.params),
         idempotency_key: c.idempotency_key.clone(),
         created_by: c.created_by.clone(),
         deadline_at: now_ms() + (timeout as i64) * 1000,
@@ -114,7 +115,7 @@ pub async fn create(db: &Db, broker: &Broker, c: CreateCommand) -> DomainResult<
         Err(DbError::Conflict(msg)) => {
             let key = c.idempotency_key.as_deref().unwrap_or_default();
             return match db.command_by_idempotency_key(key).await? {
-                Some(existing) => same_request(existing, &c),
+                Some(existing) => same_request(db, existing, &c),
                 None => Err(DbError::Conflict(msg).into()),
             };
         }
@@ -125,10 +126,14 @@ pub async fn create(db: &Db, broker: &Broker, c: CreateCommand) -> DomainResult<
 }
 
 /// A reused idempotency key must name the same request; anything else is a client bug.
-fn same_request(existing: CommandRow, c: &CreateCommand) -> DomainResult<CommandRow> {
+/// The stored params are compared decrypted (a value that does not decrypt differs).
+fn same_request(db: &Db, existing: CommandRow, c: &CreateCommand) -> DomainResult<CommandRow> {
     if existing.agent_id == c.agent_id
         && existing.command_type.as_str() == c.command_type
-        && existing.params == c.params
+        && db
+            .secrets()
+            .open_params(existing.command_type, &existing.params)
+            .is_ok_and(|p| p == c.params)
     {
         Ok(existing)
     } else {
@@ -179,10 +184,20 @@ pub async fn retry(
             ),
         ));
     }
+    // The retry is sealed again with a fresh nonce per value.
+    let params = db
+        .secrets()
+        .open_params(old.command_type, &old.params)
+        .map_err(|e| {
+            DomainError::conflict(
+                "secrets_undecryptable",
+                format!("the command's sensitive values cannot be decrypted ({e}); submit the command again with its values"),
+            )
+        })?;
     let req = CreateCommand {
         agent_id: old.agent_id,
         command_type: old.command_type.as_str().to_string(),
-        params: old.params.clone(),
+        params,
         idempotency_key: Some(format!("retry:{}", old.id)),
         timeout_secs: None,
         created_by: actor.to_string(),

@@ -1,0 +1,321 @@
+//! Sensitive command parameters at rest.
+//!
+//! The values of sensitive Terraform variables (see
+//! [`trellis_protocol::TerraformApplyParams::is_sensitive`]) are stored encrypted in
+//! `commands.params`, each replaced by `{"$enc": "v1:<key id>:<base64 nonce|ciphertext>"}`
+//! (ChaCha20-Poly1305 from `ring`, a random 96-bit nonce per value, the variable's name as
+//! associated data, so a value moved to another variable does not open). They are
+//! decrypted only to build the `dispatch` frame for the agent and to make a retry, and
+//! stay encrypted until retention deletes the command.
+//!
+//! The 256-bit key comes from `TRELLIS_SECRETS_KEY` (base64; the same on every replica)
+//! or from `<data dir>/secrets.key` (base64, 0600), generated on first start.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde_json::{Map, Value};
+use sha2::Digest;
+use trellis_protocol::{CommandType, TerraformApplyParams};
+
+/// The key file in the data directory.
+pub const KEY_FILE: &str = "secrets.key";
+/// The environment variable that gives the key (base64 of 32 bytes).
+pub const KEY_ENV: &str = "TRELLIS_SECRETS_KEY";
+/// The field that marks an encrypted value.
+pub const ENC_FIELD: &str = "$enc";
+const VERSION: &str = "v1";
+
+/// Why sensitive values could not be decrypted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("variable {var:?} was encrypted with secrets key {stored}, but this control plane's key is {current} (was TRELLIS_SECRETS_KEY or secrets.key changed?)")]
+    WrongKey {
+        var: String,
+        stored: String,
+        current: String,
+    },
+    #[error("variable {var:?} cannot be decrypted: {reason}")]
+    Corrupt { var: String, reason: &'static str },
+}
+
+/// The control plane's secrets key.
+#[derive(Clone)]
+pub struct Secrets {
+    key: Arc<LessSafeKey>,
+    /// First 8 hex digits of the key's SHA-256: names the key in errors, never reveals it.
+    id: Arc<str>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").field("id", &self.id).finish()
+    }
+}
+
+impl Secrets {
+    fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            bytes.len() == 32,
+            "a secrets key is 32 bytes (base64: 44 characters), not {}",
+            bytes.len()
+        );
+        let key = UnboundKey::new(&CHACHA20_POLY1305, bytes)
+            .map_err(|_| anyhow::anyhow!("invalid secrets key"))?;
+        let id = hex::encode(&sha2::Sha256::digest(bytes)[..4]);
+        Ok(Self {
+            key: Arc::new(LessSafeKey::new(key)),
+            id: id.into(),
+        })
+    }
+
+    /// A key given as base64 of 32 bytes.
+    pub fn from_base64(s: &str) -> anyhow::Result<Self> {
+        let bytes = B64
+            .decode(s.trim())
+            .map_err(|_| anyhow::anyhow!("a secrets key must be base64 (of 32 bytes)"))?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// A new random key held in memory only (an in-memory database's, and tests').
+    pub fn ephemeral() -> Self {
+        Self::from_bytes(&random_key()).expect("32 bytes")
+    }
+
+    /// The key's id (first 8 hex digits of its SHA-256).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key from `env` (the value of `TRELLIS_SECRETS_KEY`) if given, else from
+    /// `<data_dir>/secrets.key`, which is created (0600) on first start.
+    pub fn load(env: Option<&str>, data_dir: &Path) -> anyhow::Result<Self> {
+        if let Some(v) = env.filter(|v| !v.trim().is_empty()) {
+            let s = Self::from_base64(v).map_err(|e| anyhow::anyhow!("{KEY_ENV}: {e}"))?;
+            tracing::info!(key_id = %s.id, "secrets key from {KEY_ENV}");
+            return Ok(s);
+        }
+        let path = data_dir.join(KEY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let s = Self::from_base64(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                tracing::info!(key_id = %s.id, path = %path.display(), "secrets key loaded");
+                Ok(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = random_key();
+                crate::data_dir::write_private(
+                    &path,
+                    format!("{}\n", B64.encode(bytes)).as_bytes(),
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot write the secrets key to {}: {e}", path.display())
+                })?;
+                let s = Self::from_bytes(&bytes)?;
+                tracing::info!(key_id = %s.id, path = %path.display(), "generated the secrets key (back it up: encrypted command parameters cannot be read without it)");
+                Ok(s)
+            }
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot read the secrets key {}: {e}",
+                path.display()
+            )),
+        }
+    }
+
+    fn seal_value(&self, var: &str, v: &Value) -> Value {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .expect("the system random source works");
+        let mut buf = serde_json::to_vec(v).expect("a JSON value serializes");
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(var.as_bytes()),
+                &mut buf,
+            )
+            .expect("ChaCha20-Poly1305 seals any length used here");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buf);
+        let mut m = Map::new();
+        m.insert(
+            ENC_FIELD.into(),
+            Value::String(format!("{VERSION}:{}:{}", self.id, B64.encode(out))),
+        );
+        Value::Object(m)
+    }
+
+    fn open_value(&self, var: &str, s: &str) -> Result<Value, SecretError> {
+        let corrupt = |reason| SecretError::Corrupt {
+            var: var.to_string(),
+            reason,
+        };
+        let mut parts = s.splitn(3, ':');
+        let (Some(VERSION), Some(kid), Some(data)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt("unknown format"));
+        };
+        if kid != &*self.id {
+            return Err(SecretError::WrongKey {
+                var: var.to_string(),
+                stored: kid.to_string(),
+                current: self.id.to_string(),
+            });
+        }
+        let mut raw = B64.decode(data).map_err(|_| corrupt("not base64"))?;
+        if raw.len() < NONCE_LEN {
+            return Err(corrupt("too short"));
+        }
+        let mut ct = raw.split_off(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(var.as_bytes()), &mut ct)
+            .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
+        serde_json::from_slice(plain).map_err(|_| corrupt("not JSON"))
+    }
+
+    /// `params` of a command of type `ty` as stored: every sensitive Terraform variable's
+    /// value encrypted. Other commands' params are returned unchanged.
+    pub fn seal_params(&self, ty: CommandType, params: &Value) -> Value {
+        let mut out = params.clone();
+        let Some(p) = tf_params(ty, params) else {
+            return out;
+        };
+        if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
+            for (k, v) in vars.iter_mut() {
+                if p.is_sensitive(k) {
+                    *v = self.seal_value(k, v);
+                }
+            }
+        }
+        out
+    }
+
+    /// Stored `params` with every encrypted value decrypted (values stored before
+    /// encryption existed pass unchanged).
+    pub fn open_params(&self, ty: CommandType, params: &Value) -> Result<Value, SecretError> {
+        let mut out = params.clone();
+        let Some(p) = tf_params(ty, params) else {
+            return Ok(out);
+        };
+        if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
+            for (k, v) in vars.iter_mut() {
+                if !p.is_sensitive(k) {
+                    continue;
+                }
+                if let Some(s) = sealed(v) {
+                    let opened = self.open_value(k, s)?;
+                    *v = opened;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The ciphertext of a sealed value.
+fn sealed(v: &Value) -> Option<&str> {
+    match v {
+        Value::Object(m) if m.len() == 1 => m.get(ENC_FIELD)?.as_str(),
+        _ => None,
+    }
+}
+
+fn tf_params(ty: CommandType, params: &Value) -> Option<TerraformApplyParams> {
+    if ty != CommandType::TerraformApply {
+        return None;
+    }
+    TerraformApplyParams::deserialize(params).ok()
+}
+
+use serde::Deserialize;
+
+fn random_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut k)
+        .expect("the system random source works");
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params() -> Value {
+        json!({
+            "template_source": {"repo": "file:///r", "version": "main"},
+            "terraform_vars": {"db_password": "hunter2", "extra": {"a": 1}, "region": "eu"},
+            "sensitive_vars": ["extra"],
+        })
+    }
+
+    #[test]
+    fn sealed_values_hide_the_plaintext_and_open_again() {
+        let s = Secrets::ephemeral();
+        let p = params();
+        let sealed = s.seal_params(CommandType::TerraformApply, &p);
+        let text = sealed.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(sealed["terraform_vars"]["region"], json!("eu"));
+        assert!(sealed["terraform_vars"]["extra"][ENC_FIELD].is_string());
+        // A fresh nonce each time.
+        assert_ne!(sealed, s.seal_params(CommandType::TerraformApply, &p));
+        assert_eq!(
+            s.open_params(CommandType::TerraformApply, &sealed).unwrap(),
+            p
+        );
+        // Other commands are untouched.
+        let ping = json!({"db_password": "x"});
+        assert_eq!(s.seal_params(CommandType::Ping, &ping), ping);
+    }
+
+    #[test]
+    fn a_wrong_key_or_a_tampered_value_is_an_error() {
+        let s = Secrets::ephemeral();
+        let sealed = s.seal_params(CommandType::TerraformApply, &params());
+        let other = Secrets::ephemeral();
+        let e = other
+            .open_params(CommandType::TerraformApply, &sealed)
+            .unwrap_err();
+        assert!(matches!(e, SecretError::WrongKey { .. }), "{e}");
+        assert!(e.to_string().contains(s.id()), "{e}");
+        // A value moved to another sensitive variable does not open (name is the AAD).
+        let mut moved = sealed.clone();
+        moved["terraform_vars"]["extra"] = sealed["terraform_vars"]["db_password"].clone();
+        let e = s
+            .open_params(CommandType::TerraformApply, &moved)
+            .unwrap_err();
+        assert!(matches!(e, SecretError::Corrupt { .. }), "{e}");
+        let mut bad = sealed.clone();
+        bad["terraform_vars"]["db_password"] = json!({ENC_FIELD: format!("v1:{}:AAAA", s.id())});
+        assert!(s.open_params(CommandType::TerraformApply, &bad).is_err());
+    }
+
+    #[test]
+    fn keys_load_from_env_or_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("trellis-secrets-{}", uuid::Uuid::new_v4()));
+        let a = Secrets::load(None, &dir).unwrap();
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = Secrets::load(None, &dir).unwrap();
+        assert_eq!(a.id(), b.id(), "the file's key is reused");
+        let env = B64.encode([7u8; 32]);
+        assert_ne!(Secrets::load(Some(&env), &dir).unwrap().id(), a.id());
+        assert!(Secrets::load(Some("short"), &dir).is_err());
+        std::fs::write(dir.join(KEY_FILE), "garbage").unwrap();
+        assert!(Secrets::load(None, &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
