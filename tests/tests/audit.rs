@@ -785,3 +785,63 @@ async fn bulk_outcomes_and_client_disconnect() {
         "the outcome filter knows partial"
     );
 }
+
+/// Deleting or forgetting a node, deleting a template and cancelling a command name their
+/// target in the audit row (read before it is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_name_their_target() {
+    let (_dir, cp, api) = control_plane(Backend::Sqlite, "audit-removals").await;
+    let t = api
+        .post(
+            "/api/templates",
+            json!({"name": "doomed-template", "memory": 1024, "cores": 1}),
+        )
+        .await;
+    let tid = t["id"].as_str().unwrap().to_string();
+    let mut nodes = Vec::new();
+    for name in ["doomed-node", "forgotten-node"] {
+        let v = api
+            .post("/api/nodes", json!({"name": name, "templateId": tid}))
+            .await;
+        nodes.push(v["node"]["id"].as_str().unwrap().to_string());
+    }
+    let (st, v) = api
+        .call(Method::DELETE, &format!("/api/nodes/{}", nodes[0]), None)
+        .await;
+    assert_eq!(st, 204, "{v}");
+    let (st, v) = api
+        .call(
+            Method::POST,
+            &format!("/api/nodes/{}/forget", nodes[1]),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = api
+        .call(Method::DELETE, &format!("/api/templates/{tid}"), None)
+        .await;
+    assert_eq!(st, 204, "{v}");
+    let (aid, _) = api.create_agent("offline-agent").await;
+    let cid = api.command(&aid, "ping", json!({})).await;
+    let (st, v) = api
+        .call(Method::POST, &format!("/api/commands/{cid}/cancel"), None)
+        .await;
+    assert_eq!(st, 202, "{v}");
+
+    for (action, id, name) in [
+        ("node.delete", nodes[0].as_str(), "doomed-node"),
+        ("node.forget", nodes[1].as_str(), "forgotten-node"),
+        ("template.delete", tid.as_str(), "doomed-template"),
+        ("command.cancel", cid.as_str(), "ping"),
+    ] {
+        let rows = audit(&api, &format!("action={action}")).await;
+        assert_eq!(rows.len(), 1, "{action}: {rows:?}");
+        assert_eq!(
+            (rows[0]["targetId"].as_str(), rows[0]["targetName"].as_str()),
+            (Some(id), Some(name)),
+            "{action}: {}",
+            rows[0]
+        );
+    }
+    drop(cp);
+}

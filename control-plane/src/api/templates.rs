@@ -57,8 +57,10 @@ pub async fn update(
 #[utoipa::path(delete, path = "/api/templates/{id}", tag = "templates", params(("id" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
         (status = 409, description = "template_in_use", body = ErrorBody)))]
-pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let id: TemplateId = parse_id(&id, "template")?;
+    // The name, read before it is gone, for the audit log.
+    let name = domain::templates::get(&s.db, id).await?.fields.name;
     domain::templates::delete(&s.db, id).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(super::audit::AuditNote::target(id, name).on(StatusCode::NO_CONTENT.into_response()))
 }
