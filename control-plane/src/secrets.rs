@@ -197,6 +197,23 @@ impl Secrets {
         out
     }
 
+    /// `params` stored before encryption existed with their sensitive values encrypted
+    /// (values already encrypted are kept); `None` when nothing was in clear.
+    pub fn seal_in_clear(&self, ty: CommandType, params: &Value) -> Option<Value> {
+        let p = tf_params(ty, params)?;
+        let mut out = params.clone();
+        let mut changed = false;
+        if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
+            for (k, v) in vars.iter_mut() {
+                if p.is_sensitive(k) && sealed(v).is_none() {
+                    *v = self.seal_value(k, v);
+                    changed = true;
+                }
+            }
+        }
+        changed.then_some(out)
+    }
+
     /// Stored `params` with every encrypted value decrypted (values stored before
     /// encryption existed pass unchanged).
     pub fn open_params(&self, ty: CommandType, params: &Value) -> Result<Value, SecretError> {
@@ -272,6 +289,14 @@ mod tests {
             s.open_params(CommandType::TerraformApply, &sealed).unwrap(),
             p
         );
+        // Values stored in clear before encryption existed are sealed once.
+        let again = s.seal_in_clear(CommandType::TerraformApply, &p).unwrap();
+        assert!(!again.to_string().contains("hunter2"));
+        assert_eq!(
+            s.open_params(CommandType::TerraformApply, &again).unwrap(),
+            p
+        );
+        assert_eq!(s.seal_in_clear(CommandType::TerraformApply, &again), None);
         // Other commands are untouched.
         let ping = json!({"db_password": "x"});
         assert_eq!(s.seal_params(CommandType::Ping, &ping), ping);

@@ -102,6 +102,13 @@ impl App {
             .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
         let data_dir = crate::data_dir::resolve(config.data_dir.as_deref(), &config.database_url);
         let db = db.with_secrets(secrets_key(config, &data_dir)?);
+        let sealed = db.seal_stored_in_clear().await?;
+        if sealed > 0 {
+            tracing::info!(
+                commands = sealed,
+                "encrypted the sensitive values an earlier version stored in clear"
+            );
+        }
         let admin_token_hash =
             admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let fanout = Arc::new(Fanout::default());

@@ -263,6 +263,29 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
     cp.restart_with(&[]).await;
     let (s, r) = retry(&cp.api(), &second).await;
     assert_eq!(s, 202, "{r}");
+
+    // A row an earlier version stored in clear is encrypted at the next start (once).
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&cp.db_url).await.unwrap();
+    sqlx::query("UPDATE commands SET params = $1 WHERE id = $2")
+        .bind(params.to_string())
+        .bind(&third)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM settings WHERE key = 'secrets_sealed_v1'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert!(stored_params(&cp.db_url, &third).await.contains(&password));
+    cp.restart_with(&[]).await;
+    assert_sealed("legacy", &stored_params(&cp.db_url, &third).await, &secrets);
+    assert!(
+        cp.log().contains("encrypted the sensitive values"),
+        "{}",
+        cp.log()
+    );
 }
 on_both_backends!(encrypted_at_rest, sensitive_params_are_encrypted_at_rest);
 

@@ -1,6 +1,7 @@
 //! Commands whose sensitive params cannot be decrypted (see [`crate::secrets`]).
 
-use trellis_protocol::CommandError;
+use sqlx::Row;
+use trellis_protocol::{CommandError, CommandType};
 
 use super::nodes::fail_node_of;
 use super::sql::error_json;
@@ -8,6 +9,11 @@ use super::{Db, DbResult, DispatchRow};
 use crate::model::CommandId;
 use crate::secrets::SecretError;
 use crate::time::now_ms;
+
+/// Set once every command stored before encryption existed has been sealed.
+const SEALED_SETTING: &str = "secrets_sealed_v1";
+/// Commands read per page by [`Db::seal_stored_in_clear`].
+const SEAL_PAGE: i64 = 500;
 
 impl Db {
     /// `d` with its sensitive params decrypted for the agent.
@@ -40,5 +46,64 @@ impl Db {
         }
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    /// Encrypts the sensitive values of `terraform_apply` commands stored in clear by a
+    /// version without encryption, once per database (then recorded in `settings`).
+    /// A row changed meanwhile (another replica) is left to that writer. Returns how many
+    /// commands were rewritten.
+    pub async fn seal_stored_in_clear(&self) -> DbResult<u64> {
+        let done = sqlx::query("SELECT 1 FROM settings WHERE key = $1")
+            .bind(SEALED_SETTING)
+            .fetch_optional(&self.pool)
+            .await?;
+        if done.is_some() {
+            return Ok(0);
+        }
+        let mut sealed = 0;
+        let mut after = String::new();
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, params FROM commands WHERE type = $1 AND id > $2 ORDER BY id LIMIT $3",
+            )
+            .bind(CommandType::TerraformApply.as_str())
+            .bind(&after)
+            .bind(SEAL_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("id")?;
+            let mut tx = self.begin_write().await?;
+            for r in &rows {
+                let text: String = r.try_get("params")?;
+                let Ok(params) = serde_json::from_str(&text) else {
+                    continue;
+                };
+                let Some(new) = self
+                    .secrets
+                    .seal_in_clear(CommandType::TerraformApply, &params)
+                else {
+                    continue;
+                };
+                let id: String = r.try_get("id")?;
+                sealed +=
+                    sqlx::query("UPDATE commands SET params = $1 WHERE id = $2 AND params = $3")
+                        .bind(new.to_string())
+                        .bind(&id)
+                        .bind(&text)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+            }
+            tx.commit().await?;
+        }
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(SEALED_SETTING)
+        .bind(now_ms().to_string())
+        .execute(self.writer())
+        .await?;
+        Ok(sealed)
     }
 }
