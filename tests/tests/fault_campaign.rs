@@ -12,7 +12,8 @@
 //!
 //!
 //! A second test SIGKILLs `trellis` at a random point while two pings stream logs and a
-//! provision runs, restarts it on the same database, and checks the same.
+//! provision runs, restarts it on the same database, and checks the same, on SQLite and
+//! on PostgreSQL.
 //!
 //! `TRELLIS_FAULT_RUNS` (default 15: five of each kind) and `TRELLIS_FAULT_CP_RUNS`
 //! (default 5) set the number of runs (20 in all by default; 200 with
@@ -26,6 +27,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use sqlx::Connection;
 use trellis_tests::harness::*;
+use trellis_tests::on_both_backends;
 use trellis_tests::terraform::{params as tf_params, template_repo, terraform_env};
 
 const FAST_SIM: &[&str] = &[
@@ -202,10 +204,10 @@ struct Stack {
     _dir: TempDir,
 }
 
-/// trellis (SQLite), pve-sim and one tendril with Terraform, the agent online.
-async fn stack(tag: &str) -> Stack {
+/// trellis (on `backend`), pve-sim and one tendril with Terraform, the agent online.
+async fn stack(tag: &str, backend: Backend) -> Stack {
     let dir = TempDir::new(tag);
-    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let db = TestDb::create(backend, &dir).await;
     let cp = ControlPlane::start(db, &dir).await;
     let api = cp.api();
     let sim = trellis_tests::pve_sim::process::SimProcess::start(
@@ -315,7 +317,7 @@ fn print_figures(what: &str, seed: u64, f: &Figures, took: Duration) {
 async fn sigkill_tendril_at_random_points() {
     let started = Instant::now();
     let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_RUNS", 15, "tendril fault campaign");
-    let mut s = stack("fault-tendril").await;
+    let mut s = stack("fault-tendril", Backend::Sqlite).await;
     let repo = template_repo();
     let (api, agent_id, work) = (s.api.clone(), s.agent_id.clone(), s.work.clone());
     let mut f = Figures::default();
@@ -416,11 +418,11 @@ async fn sigkill_tendril_at_random_points() {
 /// SIGKILL of trellis at a random point while two pings stream logs and a provision
 /// runs, then a restart on the same address and database: the agent reconnects, re-sends
 /// what was not acknowledged, and every command ends with nothing lost or stored twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_trellis_under_load() {
+async fn sigkill_trellis_under_load(backend: Backend) {
     let started = Instant::now();
-    let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_CP_RUNS", 5, "trellis fault campaign");
-    let mut s = stack("fault-trellis").await;
+    let what = format!("trellis fault campaign ({backend:?})");
+    let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_CP_RUNS", 5, &what);
+    let mut s = stack("fault-trellis", backend).await;
     let mut f = Figures::default();
     for run in 0..runs {
         s.api.wait_agent_online(&s.agent_id).await;
@@ -469,5 +471,6 @@ async fn sigkill_trellis_under_load() {
         println!("run {run}: trellis killed after {kill_after} ms → {summary:?}");
     }
     drop(s);
-    print_figures("trellis fault campaign", seed, &f, started.elapsed());
+    print_figures(&what, seed, &f, started.elapsed());
 }
+on_both_backends!(trellis_sigkill, sigkill_trellis_under_load);
