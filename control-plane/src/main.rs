@@ -222,7 +222,10 @@ async fn main() -> anyhow::Result<()> {
             let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
             match command {
                 AdminCmd::Create { name } => {
-                    let (a, token) = admins::create(&db, &name).await.map_err(fail)?;
+                    let r = admins::create(&db, &name).await;
+                    let what = CliAction::new("admin.create", "admin", &name, &name);
+                    cli_audit(&db, what, r.as_ref().err()).await;
+                    let (a, token) = r.map_err(fail)?;
                     println!(
                         "admin:    {}\ntoken:    {token}\n(the token is shown only once)",
                         a.name
@@ -247,7 +250,10 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 AdminCmd::Revoke { name } => {
-                    admins::revoke(&db, &name).await.map_err(fail)?;
+                    let r = admins::revoke(&db, &name).await;
+                    let what = CliAction::new("admin.revoke", "admin", &name, &name);
+                    cli_audit(&db, what, r.as_ref().err()).await;
+                    r.map_err(fail)?;
                     println!("admin {name} revoked");
                 }
             }
@@ -261,10 +267,14 @@ async fn main() -> anyhow::Result<()> {
                     name,
                     max_concurrency,
                 } => {
-                    let (a, token) =
-                        agents::create(&db, &name, Some(max_concurrency.clamp(1, 1024)))
-                            .await
-                            .map_err(fail)?;
+                    let r = agents::create(&db, &name, Some(max_concurrency.clamp(1, 1024))).await;
+                    let id = r
+                        .as_ref()
+                        .map(|(a, _)| a.id.to_string())
+                        .unwrap_or_default();
+                    let what = CliAction::new("agent.create", "agent", &id, &name);
+                    cli_audit(&db, what, r.as_ref().err()).await;
+                    let (a, token) = r.map_err(fail)?;
                     println!(
                         "agent id: {}\ntoken:    {token}\n(the token is shown only once)",
                         a.id
@@ -282,15 +292,107 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 AgentCmd::RotateToken { id } => {
-                    let token = agents::rotate(&db, None, id.into()).await.map_err(fail)?;
+                    let name = agent_name(&db, id.into()).await;
+                    let r = agents::rotate(&db, None, id.into()).await;
+                    let what = CliAction::new("agent.rotate_token", "agent", &id, &name);
+                    cli_audit(&db, what, r.as_ref().err()).await;
+                    let token = r.map_err(fail)?;
                     println!("new token: {token}\n(the token is shown only once)");
                 }
                 AgentCmd::Revoke { id } => {
-                    agents::revoke(&db, None, id.into()).await.map_err(fail)?;
+                    let name = agent_name(&db, id.into()).await;
+                    let r = agents::revoke(&db, None, id.into()).await;
+                    let what = CliAction::new("agent.revoke", "agent", &id, &name);
+                    cli_audit(&db, what, r.as_ref().err()).await;
+                    r.map_err(fail)?;
                     println!("agent {id} revoked");
                 }
             }
             Ok(())
         }
+    }
+}
+
+/// What a CLI command did, for its audit row.
+struct CliAction<'a> {
+    action: &'a str,
+    target_type: &'a str,
+    target_id: String,
+    target_name: String,
+}
+
+impl<'a> CliAction<'a> {
+    fn new(action: &'a str, target_type: &'a str, id: &impl ToString, name: &str) -> Self {
+        Self {
+            action,
+            target_type,
+            target_id: id.to_string(),
+            target_name: name.to_string(),
+        }
+    }
+}
+
+/// `cli:<os user>`: who ran the CLI, from `$USER`/`$LOGNAME`, else the name of the
+/// process's uid in `/etc/passwd`, else the uid.
+fn cli_actor() -> String {
+    let env = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+    let user = env.unwrap_or_else(|| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+            let by_passwd = uid.and_then(|uid| {
+                std::fs::read_to_string("/etc/passwd")
+                    .ok()?
+                    .lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.get(2)?.parse::<u32>().ok()? == uid).then(|| f[0].to_string())
+                    })
+            });
+            by_passwd.unwrap_or_else(|| uid.map_or("unknown".into(), |u| format!("uid {u}")))
+        }
+        #[cfg(not(unix))]
+        {
+            "unknown".to_string()
+        }
+    });
+    format!("cli:{}", user.trim())
+}
+
+/// The name of an agent, for the audit row of a CLI command on it ("" if unknown).
+async fn agent_name(db: &Db, id: trellis::model::AgentId) -> String {
+    db.get_agent(id).await.map(|a| a.name).unwrap_or_default()
+}
+
+/// Writes the audit row of a CLI command (outcome from its error, if any). A failure to
+/// write it is reported on stderr, not turned into the command's failure.
+async fn cli_audit(db: &Db, what: CliAction<'_>, err: Option<&trellis::domain::DomainError>) {
+    use trellis::domain::DomainError as E;
+    let code = err.map(|e| match e {
+        E::NotFound(_) => "not_found",
+        E::Invalid { code, .. } | E::Conflict { code, .. } | E::Upstream { code, .. } => code,
+        E::Timeout(_) => "agent_timeout",
+        E::Storage(_) => "internal",
+    });
+    let row = trellis::db::AuditRow {
+        id: uuid::Uuid::new_v4().to_string(),
+        at: trellis::time::now_ms(),
+        actor: cli_actor(),
+        action: what.action.into(),
+        target_type: Some(what.target_type.into()),
+        target_id: Some(what.target_id).filter(|s| !s.is_empty()),
+        target_name: Some(what.target_name).filter(|s| !s.is_empty()),
+        outcome: if err.is_some() { "error" } else { "success" }.into(),
+        // No HTTP request: 0.
+        status: 0,
+        error_code: code.map(str::to_string),
+        remote_addr: None,
+        details: Some(serde_json::json!({ "via": "cli" })),
+    };
+    if let Err(e) = db.insert_audit(&row).await {
+        eprintln!("warning: cannot write the audit log: {e}");
     }
 }

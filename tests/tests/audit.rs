@@ -845,3 +845,62 @@ async fn removals_name_their_target() {
     }
     drop(cp);
 }
+
+/// The `trellis admins` and `trellis agents` CLI write audit rows as `cli:<os user>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_operations_are_audited() {
+    let (_dir, cp, api) = control_plane(Backend::Sqlite, "audit-cli").await;
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin("trellis"))
+            .args(args)
+            .args(["--database-url", &cp.db_url])
+            .env("RUST_LOG", "warn")
+            .env("USER", "carol")
+            .output()
+            .expect("run trellis")
+    };
+    assert!(run(&["admins", "create", "dave"]).status.success());
+    assert!(run(&["admins", "revoke", "dave"]).status.success());
+    assert!(!run(&["admins", "revoke", "nobody"]).status.success());
+    let out = run(&["agents", "create", "cli-agent"]);
+    assert!(out.status.success());
+    let out = String::from_utf8(out.stdout).unwrap();
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("agent id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(run(&["agents", "rotate-token", &id]).status.success());
+    assert!(run(&["agents", "revoke", &id]).status.success());
+
+    let rows = audit(&api, "actor=cli:carol").await;
+    let got: Vec<(String, String, String, String)> = rows
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_string(),
+                r["targetId"].as_str().unwrap_or_default().to_string(),
+                r["targetName"].as_str().unwrap_or_default().to_string(),
+                r["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let row = |a: &str, id: &str, n: &str, o: &str| (a.into(), id.into(), n.into(), o.into());
+    assert_eq!(
+        got,
+        vec![
+            row("admin.create", "dave", "dave", "success"),
+            row("admin.revoke", "dave", "dave", "success"),
+            row("admin.revoke", "nobody", "nobody", "error"),
+            row("agent.create", &id, "cli-agent", "success"),
+            row("agent.rotate_token", &id, "cli-agent", "success"),
+            row("agent.revoke", &id, "cli-agent", "success"),
+        ]
+    );
+    assert_eq!(rows[3]["errorCode"], "not_found", "{}", rows[3]);
+    // the one-time tokens are not in the log
+    assert!(!serde_json::to_string(&rows).unwrap().contains("trl_"));
+    drop(cp);
+}
