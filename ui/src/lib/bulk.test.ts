@@ -1,5 +1,5 @@
 import { describe, expect, it, vi } from 'vitest';
-import { countOf, describeResults, expandNames, gridRow, nodeProgressText, perNodeValues, previewNames, summarize, takenNames, validateCount, withPerNode } from './bulk';
+import { countOf, describeResults, expandNames, gridRow, nodeProgressText, nodesMatching, perNodeValues, previewNames, selectedShown, summarize, takenNames, validateCount, withPerNode } from './bulk';
 import { perNodeOf } from '../pages/provision/BulkNaming';
 import { EMPTY_CLONE } from '../pages/provision/cloneOptions';
 import type { Agent, Template, VmNode } from './types';
@@ -204,5 +204,22 @@ describe('per-node VMID and static address of a bulk provision', () => {
     expect(perNodeOf(1, clone)).toBeNull();
     expect(perNodeOf(2, clone)).toEqual({ vmIds: [700, 701], addresses: null, error: null });
     expect(perNodeOf(2, { ...clone, ipMode: 'static' })?.addresses).toEqual(['10.0.0.5/24', '10.0.0.6/24']);
+  });
+});
+
+describe('bulk actions and the filter', () => {
+  it('act only on the selected nodes the filter shows', () => {
+    const items = [node({ id: 'a', name: 'web-1' }), node({ id: 'b', name: 'web-2' }), node({ id: 'c', name: 'db-1' })];
+    const selected = new Set(['a', 'c']);
+    expect(selectedShown(nodesMatching(items, ''), selected).map((n) => n.id)).toEqual(['a', 'c']);
+    // db-1 stays selected but hidden by the filter: not acted on
+    expect(selectedShown(nodesMatching(items, 'web'), selected).map((n) => n.id)).toEqual(['a']);
+    expect(selectedShown(nodesMatching(items, 'nothing'), selected)).toEqual([]);
+  });
+
+  it('filter by name, status label and VM id', () => {
+    const items = [node({ id: 'a', name: 'web-1', vmId: 4242 }), node({ id: 'b', name: 'api-1', status: 'stopped' })];
+    expect(nodesMatching(items, ' 4242 ').map((n) => n.id)).toEqual(['a']);
+    expect(nodesMatching(items, 'STOPPED').map((n) => n.id)).toEqual(['b']);
   });
 });

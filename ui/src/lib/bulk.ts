@@ -3,7 +3,7 @@
 // (POST /api/nodes/batches, POST /api/nodes/bulk).
 import { request } from './api';
 import type { components } from './api.gen';
-import type { VmNode } from './types';
+import { NODE_STATUS_LABEL, type VmNode } from './types';
 import { stageLabel } from './stages';
 import { validateVmName, type Check } from './validation';
 
@@ -268,4 +268,19 @@ export function nodeProgressText(n: Pick<VmNode, 'progress'>): string | null {
   if (p.commandStatus === 'queued') return 'queued';
   const stage = p.stage ? stageLabel(p.stage) : 'starting';
   return p.percent != null ? `${stage} ${Math.round(p.percent)}%` : stage;
+}
+
+/** The nodes the Nodes page's filter shows (name, application, IP, status, VM id). */
+export function nodesMatching<N extends Pick<VmNode, 'name' | 'application' | 'ipAddress' | 'status' | 'vmId'>>(items: N[], filter: string): N[] {
+  const q = filter.trim().toLowerCase();
+  if (!q) return items;
+  return items.filter((n) => [n.name, n.application ?? '', n.ipAddress ?? '', n.status, NODE_STATUS_LABEL[n.status], String(n.vmId ?? '')].some((v) => v.toLowerCase().includes(q)));
+}
+
+/**
+ * The nodes a bulk action acts on: the selected ones the filter shows. A node selected and
+ * then hidden by the filter is not acted on (nor counted in the action bar).
+ */
+export function selectedShown<N extends Pick<VmNode, 'id'>>(shown: N[], selected: ReadonlySet<string>): N[] {
+  return shown.filter((n) => selected.has(n.id));
 }

@@ -11,7 +11,7 @@ import { Menu, type MenuItem } from '../components/Menu';
 import { ProvisionModal } from './provision/ProvisionModal';
 import { DestroyDialog, ForgetDialog } from './NodeLifecycleDialogs';
 import { BulkActionBar, SelectAll } from './BulkActions';
-import { nodeProgressText } from '../lib/bulk';
+import { nodeProgressText, nodesMatching, selectedShown } from '../lib/bulk';
 import { POWER_ACTIONS, POWER_LABEL, POWER_VERB, actionAvailability, commandActivity, hasLiveVm, nodeBusy, nodeSizeText, sshCommand, type NodeAction } from './nodeActions';
 
 function NodeDialog({ node, onClose }: { node: VmNode | null; onClose: () => void }) {
@@ -174,15 +174,9 @@ export function Nodes({ query }: { query: URLSearchParams }) {
   const agentName = (id: string | null | undefined) => (id ? (agents.data?.find((a) => a.id === id)?.name ?? id.slice(0, 8)) : '–');
   const templateName = (id: string | null | undefined) => templates.data?.find((t) => t.id === id)?.name ?? '–';
 
-  const shown = items.filter((n) => {
-    const q = filter.trim().toLowerCase();
-    if (!q) return true;
-    return [n.name, n.application ?? '', n.ipAddress ?? '', n.status, NODE_STATUS_LABEL[n.status], String(n.vmId ?? '')].some((v) =>
-      v.toLowerCase().includes(q),
-    );
-  });
-
-  const selectedNodes = items.filter((n) => selected.has(n.id));
+  const shown = nodesMatching(items, filter);
+  // Bulk actions act on the selected nodes the filter shows, never on hidden ones.
+  const selectedNodes = selectedShown(shown, selected);
   const toggle = (id: string) =>
     setSelected((prev) => {
       const next = new Set(prev);
