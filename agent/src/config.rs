@@ -60,6 +60,14 @@ pub struct Cli {
     /// Extra CA certificate (PEM) to trust for a `wss://` control plane.
     #[arg(long, env = "TENDRIL_SERVER_CA_FILE")]
     pub server_ca_file: Option<PathBuf>,
+    /// The control plane's dispatch-signing public key(s), base64, comma-separated (from
+    /// the trellis log line "dispatch signing key" or the registration command). Pins
+    /// them, replacing `<work dir>/server-keys`; without it the first key the control
+    /// plane advertises is pinned (trust on first use). Once pinned, unsigned commands and
+    /// commands signed by another key are refused (`signature_invalid`). Give the old and
+    /// the new key during a key rotation.
+    #[arg(long, env = "TENDRIL_SERVER_PUBLIC_KEY", value_delimiter = ',')]
+    pub server_public_key: Vec<String>,
     /// Name reported to the control plane (default: the machine's hostname).
     #[arg(long, env = "TENDRIL_HOSTNAME")]
     pub hostname: Option<String>,
@@ -81,7 +89,17 @@ impl Cli {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "unknown".into())
         });
+        let server_public_keys = self
+            .server_public_key
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| {
+                trellis_protocol::signing::PublicKey::from_base64(k)
+                    .map_err(|e| anyhow::anyhow!("--server-public-key: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(AgentConfig {
+            server_public_keys,
             server_url: self.server,
             insecure_plaintext: self.insecure_plaintext,
             token: self.token,
@@ -107,6 +125,9 @@ pub struct AgentConfig {
     pub hostname: String,
     /// Extra CA certificate (PEM) to trust for `wss://` besides the web PKI roots.
     pub server_ca_file: Option<PathBuf>,
+    /// Control plane signing keys to pin (`--server-public-key`); empty: keep the pinned
+    /// ones, or trust the first advertised key.
+    pub server_public_keys: Vec<trellis_protocol::signing::PublicKey>,
     /// `None` when Proxmox is not configured: the agent then does not advertise
     /// `provision` or `list_templates`.
     pub proxmox: Option<ProxmoxSettings>,

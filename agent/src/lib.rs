@@ -14,6 +14,7 @@ pub mod proxmox;
 pub mod secret;
 pub mod session;
 pub mod terraform;
+pub mod trust;
 
 pub use config::AgentConfig;
 pub use secret::Secret;

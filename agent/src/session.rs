@@ -61,8 +61,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             "commands were interrupted by an agent restart; the control plane will mark them lost"
         );
     }
+    let trust = crate::trust::Trust::open(&config.work_dir, &config.server_public_keys)?;
     let (reports_tx, reports_rx) = mpsc::channel(4096);
     let mut agent = Agent {
+        trust,
         interrupted: replayed.interrupted,
         executors: Arc::new(Executors::from_config(&config)),
         config,
@@ -92,6 +94,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
 
 struct Agent {
     config: Arc<AgentConfig>,
+    /// The control plane keys that must sign `dispatch` and `cancel` frames.
+    trust: crate::trust::Trust,
     /// Every executor with its settings and state, shared by the commands' tasks.
     executors: Arc<Executors>,
     /// Accepted before a restart and never finished; reported in every hello.
@@ -118,6 +122,12 @@ struct Agent {
 
 /// Seconds between inventory reports when the server names none.
 const DEFAULT_INVENTORY_INTERVAL_SECS: u64 = 30;
+
+/// A frame whose signature did not verify with a pinned key.
+enum Refused {
+    Dispatch(Box<Dispatch>, String),
+    Cancel(Uuid, String),
+}
 
 enum Disconnect {
     Shutdown,
@@ -321,6 +331,7 @@ impl Agent {
                     heartbeat_interval_secs,
                     features,
                     inventory_interval_secs,
+                    signing_key,
                     ..
                 } => {
                     // The server names the version it chose from our range.
@@ -335,6 +346,13 @@ impl Agent {
                         .into());
                     }
                     tracing::info!(%agent_id, protocol_version, heartbeat_interval_secs, ?features, "connected to control plane");
+                    // Only a server that says it signs is taken at its word for the key.
+                    let advertised = signing_key.as_ref().filter(|_| {
+                        features
+                            .iter()
+                            .any(|f| f == trellis_protocol::FEATURE_SIGNED_DISPATCH)
+                    });
+                    self.trust.welcome(agent_id, advertised)?;
                     self.heartbeat_interval =
                         Duration::from_secs(heartbeat_interval_secs.clamp(1, 300));
                     // Inventory is a v2 frame: a v1 session never sends it.
@@ -462,6 +480,30 @@ impl Agent {
                             continue;
                         }
                     };
+                    let msg = match self.verified(&text, msg) {
+                        Ok(m) => m,
+                        Err(Refused::Dispatch(d, why)) => {
+                            tracing::error!(command_id = %d.command_id, command_type = %d.command_type, %why, "refused a dispatch: bad signature");
+                            let error = trellis_protocol::CommandError::new(
+                                trellis_protocol::signing::SIGNATURE_INVALID,
+                                format!("the agent refused this command: {why}"),
+                            );
+                            if let Err(d) = self.dispatch(ws, *d, Some(error)).await {
+                                return d;
+                            }
+                            continue;
+                        }
+                        Err(Refused::Cancel(command_id, why)) => {
+                            tracing::error!(%command_id, %why, "ignored a cancel: bad signature");
+                            let mut err = trellis_protocol::ProtocolError::new(
+                                ProtocolErrorCode::SignatureInvalid,
+                                format!("cancel ignored: {why}"),
+                            );
+                            err.command_id = Some(command_id);
+                            let _ = send(ws, &AgentMessage::Error(err)).await;
+                            continue;
+                        }
+                    };
                     if let Err(d) = self.handle(ws, msg).await {
                         return d;
                     }
@@ -561,8 +603,10 @@ impl Agent {
 
     async fn handle(&mut self, ws: &mut Ws, msg: ServerMessage) -> Result<(), Disconnect> {
         match msg {
-            ServerMessage::Dispatch(d) => self.dispatch(ws, d).await?,
-            ServerMessage::Cancel { command_id, reason } => {
+            ServerMessage::Dispatch(d) => self.dispatch(ws, d, None).await?,
+            ServerMessage::Cancel {
+                command_id, reason, ..
+            } => {
                 if let Some(ctx) = self.running.get(&command_id) {
                     tracing::info!(%command_id, ?reason, "cancelling command");
                     ctx.request_cancel(reason);
@@ -660,7 +704,59 @@ impl Agent {
         let _ = self.journal.flush();
     }
 
-    async fn dispatch(&mut self, ws: &mut Ws, d: Dispatch) -> Result<(), Disconnect> {
+    /// Checks the signature of a `dispatch` or `cancel` once a key is pinned; a verified
+    /// dispatch carries the params parsed from exactly the signed bytes.
+    fn verified(&self, text: &str, msg: ServerMessage) -> Result<ServerMessage, Refused> {
+        if !self.trust.required() {
+            return Ok(msg);
+        }
+        // Before any welcome there is no agent id: nothing verifies.
+        let agent_id = self.trust.agent_id().unwrap_or_default();
+        match msg {
+            ServerMessage::Dispatch(mut d) => {
+                match trellis_protocol::signing::verify_dispatch(
+                    text,
+                    &d,
+                    agent_id,
+                    self.trust.keys(),
+                ) {
+                    Ok(params) => {
+                        d.params = params;
+                        Ok(ServerMessage::Dispatch(d))
+                    }
+                    Err(e) => Err(Refused::Dispatch(Box::new(d), e.to_string())),
+                }
+            }
+            ServerMessage::Cancel {
+                command_id,
+                reason,
+                signature,
+            } => match trellis_protocol::signing::verify_cancel(
+                command_id,
+                reason,
+                signature.as_ref(),
+                agent_id,
+                self.trust.keys(),
+            ) {
+                Ok(()) => Ok(ServerMessage::Cancel {
+                    command_id,
+                    reason,
+                    signature,
+                }),
+                Err(e) => Err(Refused::Cancel(command_id, e.to_string())),
+            },
+            other => Ok(other),
+        }
+    }
+
+    /// Runs a dispatched command, or, with `refusal`, ends it `failed` with that error
+    /// without running anything.
+    async fn dispatch(
+        &mut self,
+        ws: &mut Ws,
+        d: Dispatch,
+        refusal: Option<trellis_protocol::CommandError>,
+    ) -> Result<(), Disconnect> {
         let id = d.command_id;
         let accept = AgentMessage::Accept { command_id: id };
         if self.journal.has_seen(&id) {
@@ -685,7 +781,11 @@ impl Agent {
             self.reports_tx.clone(),
         );
         self.running.insert(id, ctx.clone());
-        match Command::parse(&d.command_type, &d.params) {
+        let parsed = match refusal {
+            Some(e) => Err(e),
+            None => Command::parse(&d.command_type, &d.params),
+        };
+        match parsed {
             Ok(command) => {
                 // The server times commands out too; this stops the work even when the
                 // server cannot reach us. The absolute deadline becomes a monotonic one

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod secrets;
 pub mod server;
+pub mod signing;
 pub mod time;
 mod tls;
 

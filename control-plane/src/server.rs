@@ -111,6 +111,21 @@ impl App {
         }
         let admin_token_hash =
             admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
+        let in_memory = config.data_dir.is_none()
+            && config.database_url.starts_with("sqlite")
+            && crate::data_dir::sqlite_file(&config.database_url).is_none();
+        let signing = crate::signing::load(
+            std::env::var(crate::signing::SIGNING_KEY_ENV)
+                .ok()
+                .as_deref(),
+            &data_dir,
+            !in_memory,
+        )?;
+        tracing::info!(
+            key_id = signing.key_id(),
+            public_key = %signing.public_key_base64(),
+            "dispatch signing key (agents pin it: tendril --server-public-key)"
+        );
         let fanout = Arc::new(Fanout::default());
         let metrics = Arc::new(Metrics::default());
         let tasks = TaskTracker::new();
@@ -130,6 +145,7 @@ impl App {
                 retention: (config.retention_days > 0)
                     .then(|| Duration::from_secs(config.retention_days.saturating_mul(86_400))),
             },
+            Arc::new(signing),
             &tasks,
         );
         tasks.spawn(reaper::run(broker.clone()));

@@ -10,9 +10,11 @@
 pub mod commands;
 mod messages;
 pub mod schema;
+pub mod signing;
 
 pub use commands::*;
 pub use messages::*;
+pub use signing::{FrameSignature, ServerSigningKey, FEATURE_SIGNED_DISPATCH};
 
 /// The newest protocol version this build speaks. `hello` carries the range an agent
 /// speaks (`min_protocol_version`..=`protocol_version`); `welcome` names the version the

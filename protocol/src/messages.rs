@@ -82,6 +82,11 @@ pub enum ServerMessage {
         /// Seconds between inventory reports the server asks for (default 30).
         #[serde(default)]
         inventory_interval_secs: Option<u64>,
+        /// The key that signs this server's `dispatch` and `cancel` frames (features list
+        /// `"signed_dispatch"`). An agent pins it (given at registration, or trust on
+        /// first use) and refuses frames not signed by a pinned key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signing_key: Option<crate::ServerSigningKey>,
     },
     /// Run a command. Re-sent after a reconnect until the agent accepts it; the agent
     /// never runs the same `command_id` twice.
@@ -92,6 +97,9 @@ pub enum ServerMessage {
         /// `cancelled` (a user cancelled it) or `timed_out` (its deadline passed; the server
         /// has already ended it as timed out).
         reason: CancelReason,
+        /// Ed25519 signature over the frame's canonical bytes (see `signing`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<crate::FrameSignature>,
     },
     /// Events up to and including `seq` for this command are durable; drop them from the outbox.
     Acks { acks: Vec<EventAck> },
@@ -159,6 +167,11 @@ pub struct Dispatch {
     /// to make retries idempotent (e.g. a VM tagged with it is found, not created again).
     #[serde(default)]
     pub root_command_id: Option<Uuid>,
+    /// Ed25519 signature over the frame's canonical bytes, which include the exact bytes
+    /// of `params` as sent (see `signing`). Absent from servers without
+    /// `"signed_dispatch"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::FrameSignature>,
 }
 
 fn one() -> u32 {
@@ -434,6 +447,10 @@ pub enum ProtocolErrorCode {
     /// command ends `failed` with error `log_limit` and is cancelled on the agent. Later
     /// log events of that command are acked but their data is not kept.
     LogLimit,
+    /// Not fatal, agent → server: a `cancel` was unsigned or its signature did not verify
+    /// with a pinned key; it was ignored (`command_id` names it). A refused `dispatch` is
+    /// reported as the command's `finished` `failed` with error code `signature_invalid`.
+    SignatureInvalid,
     /// Fatal: the server had trouble (storage); reconnect with backoff.
     Internal,
     /// A code this build does not know (sent by a newer peer): treated as not fatal.
@@ -447,7 +464,7 @@ impl ProtocolErrorCode {
     pub fn is_fatal(self) -> bool {
         !matches!(
             self,
-            Self::InvalidEvent | Self::UnknownCommand | Self::Unknown
+            Self::InvalidEvent | Self::UnknownCommand | Self::SignatureInvalid | Self::Unknown
         )
     }
 }

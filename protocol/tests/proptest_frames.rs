@@ -462,6 +462,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 heartbeat_interval_secs,
                 features,
                 inventory_interval_secs,
+                signing_key: None,
             },
         );
     let dispatch = (
@@ -484,6 +485,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     deadline_ms,
                     attempt,
                     root_command_id,
+                    signature: None,
                 })
             },
         );
@@ -494,7 +496,11 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             uuid(),
             proptest::sample::select(vec![CancelReason::Cancelled, CancelReason::TimedOut])
         )
-            .prop_map(|(command_id, reason)| ServerMessage::Cancel { command_id, reason }),
+            .prop_map(|(command_id, reason)| ServerMessage::Cancel {
+                command_id,
+                reason,
+                signature: None
+            }),
         proptest::collection::vec(
             (uuid(), any::<u64>()).prop_map(|(command_id, seq)| EventAck { command_id, seq }),
             0..6

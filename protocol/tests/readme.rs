@@ -542,6 +542,7 @@ fn every_variant_round_trips_and_matches_the_schema() {
             heartbeat_interval_secs: 15,
             features: vec![FEATURE_INVENTORY.into()],
             inventory_interval_secs: Some(30),
+            signing_key: None,
         },
         ServerMessage::Dispatch(Dispatch {
             command_id: id,
@@ -550,10 +551,12 @@ fn every_variant_round_trips_and_matches_the_schema() {
             deadline_ms: None,
             attempt: 1,
             root_command_id: Some(id),
+            signature: None,
         }),
         ServerMessage::Cancel {
             command_id: id,
             reason: CancelReason::TimedOut,
+            signature: None,
         },
         ServerMessage::Acks {
             acks: vec![EventAck {

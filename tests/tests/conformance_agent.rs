@@ -163,6 +163,7 @@ impl Conn {
             heartbeat_interval_secs: heartbeat_secs,
             features: features.iter().map(|f| f.to_string()).collect(),
             inventory_interval_secs: Some(1),
+            signing_key: None,
         })
         .await;
     }
@@ -175,6 +176,7 @@ impl Conn {
             deadline_ms: None,
             attempt: 1,
             root_command_id: None,
+            signature: None,
         }))
         .await;
     }
@@ -490,6 +492,7 @@ async fn cancel_ends_the_command_finished_cancelled() {
     c.send(&ServerMessage::Cancel {
         command_id: id,
         reason: CancelReason::Cancelled,
+        signature: None,
     })
     .await;
     let rest = c.events_until_finished(id).await;
@@ -499,6 +502,7 @@ async fn cancel_ends_the_command_finished_cancelled() {
     c.send(&ServerMessage::Cancel {
         command_id: Uuid::new_v4(),
         reason: CancelReason::Cancelled,
+        signature: None,
     })
     .await;
     run_ping(&mut c, Uuid::new_v4()).await;

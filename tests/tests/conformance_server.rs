@@ -1478,7 +1478,11 @@ async fn inventory_is_taken_and_not_acked() {
     let (_dir, cp, api) = control_plane(Backend::Sqlite, "cf-inventory").await;
     let (id, token) = api.create_agent("hypervisor").await;
     let (mut ws, welcome) = hello(&cp, &token, json!({})).await;
-    assert_eq!(welcome["features"], json!(["inventory"]), "{welcome}");
+    assert_eq!(
+        welcome["features"],
+        json!(["inventory", "signed_dispatch"]),
+        "{welcome}"
+    );
     assert!(
         welcome["inventory_interval_secs"]
             .as_u64()

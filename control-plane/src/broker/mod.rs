@@ -89,6 +89,8 @@ pub struct Broker {
     pub max_log_bytes_per_command: i64,
     /// How long terminal commands are kept (`None`: forever).
     pub retention: Option<Duration>,
+    /// Signs every `dispatch` and `cancel` frame (`welcome` advertises its public key).
+    pub signing: Arc<trellis_protocol::signing::SigningKey>,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
@@ -106,6 +108,7 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         timing: Timing,
+        signing: Arc<trellis_protocol::signing::SigningKey>,
         tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
@@ -122,6 +125,7 @@ impl Broker {
             max_log_bytes_per_command: i64::try_from(timing.max_log_bytes_per_command)
                 .unwrap_or(i64::MAX),
             retention: timing.retention,
+            signing,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,
@@ -242,6 +246,7 @@ impl Broker {
             ToSession::Send(ServerMessage::Cancel {
                 command_id: command_id.0,
                 reason,
+                signature: None,
             }),
         );
     }

@@ -259,12 +259,16 @@ impl Session {
             heartbeat_interval_secs: self.broker.heartbeat_interval_secs(),
             // Version 1 agents know no optional frames.
             features: if self.version >= 2 {
-                vec![trellis_protocol::FEATURE_INVENTORY.to_string()]
+                vec![
+                    trellis_protocol::FEATURE_INVENTORY.to_string(),
+                    trellis_protocol::FEATURE_SIGNED_DISPATCH.to_string(),
+                ]
             } else {
                 Vec::new()
             },
             inventory_interval_secs: (self.version >= 2)
                 .then(|| self.broker.inventory_interval.as_secs().max(1)),
+            signing_key: (self.version >= 2).then(|| self.broker.signing.advertised()),
         };
         if send(socket, &welcome).await.is_err() {
             return "send failed".into();
@@ -275,10 +279,12 @@ impl Session {
             }
         }
         for id in rec.cancel {
-            let msg = ServerMessage::Cancel {
+            let mut msg = ServerMessage::Cancel {
                 command_id: id.0,
                 reason: CancelReason::Cancelled,
+                signature: None,
             };
+            self.broker.signing.sign(self.agent_id.0, &mut msg);
             if send(socket, &msg).await.is_err() {
                 return "send failed".into();
             }
@@ -400,7 +406,9 @@ impl Session {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { return "session channel closed".into() };
                     match cmd {
-                        ToSession::Send(m) => {
+                        ToSession::Send(mut m) => {
+                            // Dispatch and cancel frames are signed for this agent.
+                            self.broker.signing.sign(self.agent_id.0, &mut m);
                             if send(socket, &m).await.is_err() {
                                 return "send failed".into();
                             }
@@ -693,7 +701,9 @@ impl Session {
         };
         self.owned.insert(d.id, None);
         self.inflight.insert(d.id, Instant::now());
-        send(socket, &d.into_message()).await
+        let mut msg = d.into_message();
+        self.broker.signing.sign(self.agent_id.0, &mut msg);
+        send(socket, &msg).await
     }
 }
 

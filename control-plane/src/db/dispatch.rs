@@ -60,6 +60,7 @@ impl DispatchRow {
             deadline_ms: Some(self.deadline_at),
             attempt: self.attempt.clamp(1, i64::from(u32::MAX)) as u32,
             root_command_id: Some(self.root_id.0),
+            signature: None,
         })
     }
 

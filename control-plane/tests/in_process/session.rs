@@ -296,7 +296,9 @@ async fn a_command_past_its_deadline_times_out_and_its_agent_is_told_to_stop() {
     assert_eq!(c["error"]["code"], "timed_out");
     loop {
         match a.recv().await {
-            ServerMessage::Cancel { command_id, reason } => {
+            ServerMessage::Cancel {
+                command_id, reason, ..
+            } => {
                 assert_eq!(command_id.to_string(), id);
                 assert_eq!(reason, trellis_protocol::CancelReason::TimedOut);
                 break;
