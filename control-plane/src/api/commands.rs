@@ -355,7 +355,7 @@ pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
 /// takes over its node). Retrying the same command twice gives the same new attempt.
 #[utoipa::path(post, path = "/api/commands/{id}/retry", tag = "commands", params(("id" = String, Path)),
     responses((status = 202, body = CommandAccepted), (status = 404, body = ErrorBody),
-        (status = 409, description = "not_retryable", body = ErrorBody)))]
+        (status = 409, description = "not_retryable, secrets_undecryptable (its sensitive values were encrypted with another key)", body = ErrorBody)))]
 pub async fn retry(
     State(s): State<AppState>,
     admin: Admin,

@@ -1999,7 +1999,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description not_retryable */
+            /** @description not_retryable, secrets_undecryptable (its sensitive values were encrypted with another key) */
             409: {
                 headers: {
                     [name: string]: unknown;
