@@ -4,7 +4,8 @@
 // Enter / Shift+Enter for next / previous). Stream chips filter; Pause stops following the
 // tail while lines keep arriving ("N new lines"); Wrap breaks long lines (phones).
 import { useCallback, useEffect, useLayoutEffect, useMemo, useRef, useState, type KeyboardEvent } from 'react';
-import { FOLLOWING, LOG_STREAMS, LogView, followAfterScroll, highlightParts, lowerBound, pauseFollow, type Follow, type LogBuffer } from '../lib/logbuffer';
+import { FOLLOWING, LOG_STREAMS, LogView, fetchFullLog, followAfterScroll, highlightParts, logText, lowerBound, pauseFollow, type Follow, type LogBuffer } from '../lib/logbuffer';
+import { api, errorMessage } from '../lib/api';
 import type { LogStream } from '../lib/types';
 import './logviewer.css';
 
@@ -48,10 +49,14 @@ const PROBE = 'M'.repeat(100);
 
 const STREAM_LABEL: Record<LogStream, string> = { stdout: 'stdout', stderr: 'stderr', system: 'system' };
 
-/** Saves the buffered log as a text file (stderr lines prefixed, system lines marked). */
-function downloadLog(buffer: LogBuffer, name: string) {
-  const text = buffer.lines.map((l) => (l.stream === 'stdout' ? l.text : `[${l.stream}] ${l.text}`)).join('\n');
-  const url = URL.createObjectURL(new Blob([text + '\n'], { type: 'text/plain' }));
+/**
+ * Saves the log as a text file (stderr lines prefixed, system lines marked): the whole log
+ * from the server when the command is known (the buffer may have dropped old lines), else
+ * what the buffer holds.
+ */
+async function downloadLog(buffer: LogBuffer, name: string, commandId?: string) {
+  const text = commandId ? await fetchFullLog((after) => api.commandLogs(commandId, after)) : logText(buffer.lines);
+  const url = URL.createObjectURL(new Blob([text], { type: 'text/plain' }));
   const a = document.createElement('a');
   a.href = url;
   a.download = name;
@@ -78,8 +83,11 @@ export function LogViewer({
   live,
   fileName = 'command.log',
   popoutHref,
+  commandId,
 }: {
   buffer: LogBuffer;
+  /** The command whose log this is: Download then reads the whole log from the server. */
+  commandId?: string;
   /** Pixel height of the scrolling area, or `fill` to take the parent's height (log window). */
   height?: number | 'fill';
   live?: boolean;
@@ -93,6 +101,7 @@ export function LogViewer({
   const searchRef = useRef<HTMLInputElement>(null);
   const [streams, setStreams] = useState<Record<LogStream, boolean>>({ stdout: true, stderr: true, system: true });
   const [input, setInput] = useState('');
+  const [downloadErr, setDownloadErr] = useState<string | null>(null);
   const [query, setQuery] = useState('');
   const [wrap, setWrap] = useState(false);
   const [perRow, setPerRow] = useState(0);
@@ -367,7 +376,10 @@ export function LogViewer({
         <button type="button" className="btn btn-sm btn-log" aria-pressed={wrap} onClick={toggleWrap} data-testid="log-wrap">
           Wrap lines
         </button>
-        <button type="button" className="btn btn-sm btn-log" onClick={() => downloadLog(buffer, fileName)} disabled={allLines === 0}>
+        <button type="button" className="btn btn-sm btn-log" onClick={() => {
+            setDownloadErr(null);
+            downloadLog(buffer, fileName, commandId).catch((e: unknown) => setDownloadErr(`Download failed: ${errorMessage(e)}`));
+          }} disabled={allLines === 0}>
           Download
         </button>
         {popoutHref && (
@@ -375,6 +387,7 @@ export function LogViewer({
             Open in new window<span className="sr-only"> (opens a new window)</span>
           </a>
         )}
+        {downloadErr && <span role="alert">{downloadErr}</span>}
       </div>
       <div className="logviewer-bar lv-search" role="search">
         <input

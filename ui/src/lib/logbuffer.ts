@@ -17,6 +17,11 @@ export interface LogLine {
 
 export const LOG_STREAMS: readonly LogStream[] = ['stdout', 'stderr', 'system'];
 
+/** Lines a buffer keeps before it drops the oldest (a 200 000-line log is kept whole). */
+export const MAX_LOG_LINES = 1_000_000;
+/** Characters a buffer keeps (UTF-16: about 256 MB) before it drops the oldest lines. */
+export const MAX_LOG_CHARS = 128 * 1024 * 1024;
+
 export class LogBuffer {
   readonly lines: LogLine[] = [];
   /** Index in `lines` of the open (unterminated) line per stream. */
@@ -29,7 +34,13 @@ export class LogBuffer {
   private listeners = new Set<() => void>();
   private scheduled = false;
 
-  constructor(private readonly maxLines = 200_000) {}
+  /** Characters of the lines kept. */
+  private chars = 0;
+
+  constructor(
+    private readonly maxLines = MAX_LOG_LINES,
+    private readonly maxChars = MAX_LOG_CHARS,
+  ) {}
 
   append(stream: LogStream, data: string, seq: number): void {
     if (!data) return;
@@ -40,9 +51,13 @@ export class LogBuffer {
     let i = 0;
     if (openIdx !== undefined && parts.length > 0) {
       this.lines[openIdx].text += parts[0];
+      this.chars += parts[0].length;
       i = 1;
     }
-    for (; i < parts.length; i++) this.lines.push({ stream, text: parts[i], seq });
+    for (; i < parts.length; i++) {
+      this.lines.push({ stream, text: parts[i], seq });
+      this.chars += parts[i].length;
+    }
     if (endsWithNewline) delete this.open[stream];
     else if (parts.length > 0) this.open[stream] = this.lines.length - 1;
     // A chunk on another stream closes the visual continuity of open lines elsewhere only
@@ -55,6 +70,7 @@ export class LogBuffer {
     this.lines.length = 0;
     this.open = {};
     this.dropped = 0;
+    this.chars = 0;
     this.generation++;
     this.changed();
   }
@@ -71,9 +87,19 @@ export class LogBuffer {
 
   private trim(): void {
     const excess = this.lines.length - this.maxLines;
-    if (excess <= 0) return;
-    // Drop in blocks so trimming is rare.
-    const n = Math.max(excess, Math.floor(this.maxLines / 10));
+    if (excess <= 0 && this.chars <= this.maxChars) return;
+    // Drop in blocks so trimming is rare: a tenth of the cap, or as many lines as the
+    // characters over the cap (plus a tenth) take.
+    let n = Math.max(excess, Math.floor(this.maxLines / 10));
+    if (this.chars > this.maxChars) {
+      let cut = 0;
+      let k = 0;
+      const goal = this.chars - this.maxChars + Math.floor(this.maxChars / 10);
+      while (k < this.lines.length - 1 && cut < goal) cut += this.lines[k++].text.length;
+      n = Math.max(excess, k);
+    }
+    n = Math.min(n, this.lines.length);
+    for (let k = 0; k < n; k++) this.chars -= this.lines[k].text.length;
     this.lines.splice(0, n);
     this.dropped += n;
     for (const k of Object.keys(this.open) as LogStream[]) {
@@ -161,8 +187,10 @@ export class LogView {
   /** Wrapped layout: `offsets[r]` = visual rows before row r, for `perRow` characters a row. */
   private offsets: number[] = [0];
   private perRow = 0;
-  /** Rows whose height may still change (open lines) start at this row. */
+  /** Rows laid out so far (`offsets` is valid up to here); later rows are new. */
   private offsetsValidTo = 0;
+  /** Laid-out rows of lines that were open and may have grown: re-measured, not the rest. */
+  private grown: number[] = [];
   /** Bumped whenever rows or matches change: a cheap "did anything change" for renders. */
   revision = 0;
 
@@ -294,10 +322,14 @@ export class LogView {
       if (this.rows) this.rows.push(abs);
       if (re && re.test(l.text)) this.matches.push(abs);
     }
-    // Wrapped heights are redone from the first row that was open.
-    if (this.openSeen.length > 0) {
-      const first = this.rowOf(Math.min(...this.openSeen));
-      this.offsetsValidTo = Math.min(this.offsetsValidTo, first);
+    // Lines that were open may have grown: only their rows are re-measured (layout()
+    // shifts the rows after one by its change in height), not every later row.
+    for (const abs of this.openSeen) {
+      if (abs < b.dropped) continue;
+      const l = b.lines[abs - b.dropped];
+      if (!l || !this.visible(l)) continue;
+      const r = this.rowOf(abs);
+      if (r < this.offsetsValidTo) this.grown.push(r);
     }
     this.seen = b.end;
     this.openSeen = b.openLines();
@@ -307,7 +339,11 @@ export class LogView {
   private resetLayout(): void {
     this.offsets = [0];
     this.offsetsValidTo = 0;
+    this.grown = [];
   }
+
+  /** Rows measured by the last `layout()` call (for tests: the per-frame cost). */
+  measured = 0;
 
   /**
    * Visual-row offsets for wrapping at `perRow` characters: `offsets[r]` rows come before row
@@ -322,8 +358,18 @@ export class LogView {
     const from = Math.min(this.offsetsValidTo, this.offsets.length - 1, n);
     const off = this.offsets;
     off.length = from + 1;
+    this.measured = 0;
+    // Grown open lines: a changed height shifts the rows after it (rare: only when a line
+    // crosses a row boundary), the others stay as they are.
+    for (const r of this.grown) {
+      if (r >= from) continue;
+      this.measured++;
+      const delta = wrappedRows(this.lineAt(r).text.length, perRow) - (off[r + 1] - off[r]);
+      if (delta !== 0) for (let k = r + 1; k <= from; k++) off[k] += delta;
+    }
+    this.grown = [];
     for (let r = from; r < n; r++) off.push(off[r] + wrappedRows(this.lineAt(r).text.length, perRow));
-    // The last rows may be open lines that still grow: keep them for the next call.
+    this.measured += n - from;
     this.offsetsValidTo = n;
     return off;
   }
@@ -353,4 +399,35 @@ export function pauseFollow(f: Follow, reason: 'user' | 'scroll' | 'search', end
 export function followAfterScroll(f: Follow, atBottom: boolean, end: number): Follow {
   if (!atBottom) return f.paused ? f : pauseFollow(f, 'scroll', end);
   return f.paused && f.reason === 'scroll' ? FOLLOWING : f;
+}
+
+/** A page of `GET /api/commands/{id}/logs`. */
+export interface LogPageLike {
+  items: { data: string; seq: number; stream?: string | null }[];
+  lastSeq: number;
+  done: boolean;
+}
+
+/**
+ * The whole log of a command as text, read from the server page by page (not the viewer's
+ * buffer, which may have dropped the oldest lines): stderr and system lines prefixed.
+ */
+export async function fetchFullLog(page: (after: number) => Promise<LogPageLike>): Promise<string> {
+  const b = new LogBuffer(Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER);
+  let after = 0;
+  for (;;) {
+    const p = await page(after);
+    for (const l of p.items) {
+      const stream = (LOG_STREAMS as readonly string[]).includes(l.stream ?? '') ? (l.stream as LogStream) : 'stdout';
+      b.append(stream, l.data, l.seq);
+    }
+    if (p.done || p.items.length === 0 || p.lastSeq <= after) break;
+    after = p.lastSeq;
+  }
+  return logText(b.lines);
+}
+
+/** Lines as a text file: stderr and system lines prefixed with their stream. */
+export function logText(lines: readonly LogLine[]): string {
+  return lines.map((l) => (l.stream === 'stdout' ? l.text : `[${l.stream}] ${l.text}`)).join('\n') + '\n';
 }

@@ -28,7 +28,7 @@ export function CommandLog({ id }: { id: string }) {
       {!cmd ? (
         <div className="card-pad">{live.error ? <ErrorBox title="Cannot load command">{live.error}</ErrorBox> : <Spinner />}</div>
       ) : (
-        <LogViewer buffer={live.logs} height="fill" live={!isTerminal(cmd.status)} fileName={`${cmd.type}-${cmd.id}.log`} />
+        <LogViewer buffer={live.logs} height="fill" live={!isTerminal(cmd.status)} fileName={`${cmd.type}-${cmd.id}.log`} commandId={cmd.id} />
       )}
     </main>
   );

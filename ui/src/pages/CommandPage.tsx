@@ -194,7 +194,7 @@ export function CommandPage({ id }: { id: string }) {
       )}
       <section className="card card-flush">
         <h2 className="card-pad">Log</h2>
-        <LogViewer buffer={live.logs} height={480} live={!terminal} fileName={`${cmd.type}-${cmd.id}.log`} popoutHref={`#/commands/${encodeURIComponent(cmd.id)}/log`} />
+        <LogViewer buffer={live.logs} height={480} live={!terminal} fileName={`${cmd.type}-${cmd.id}.log`} commandId={cmd.id} popoutHref={`#/commands/${encodeURIComponent(cmd.id)}/log`} />
       </section>
       <details className="card">
         <summary>Parameters</summary>
