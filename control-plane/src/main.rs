@@ -77,6 +77,11 @@ enum Cmd {
         /// PEM private key for HTTPS/WSS.
         #[arg(long, env = "TRELLIS_TLS_KEY")]
         tls_key: Option<PathBuf>,
+        /// The URL users and agents reach trellis at (e.g. behind a TLS-terminating proxy:
+        /// `https://trellis.example.com`). `https://` here makes session cookies `Secure`
+        /// even when trellis itself speaks plain HTTP.
+        #[arg(long, env = "TRELLIS_PUBLIC_URL", value_parser = parse_public_url)]
+        public_url: Option<String>,
         /// Seconds without any frame from an agent before its connection is considered dead
         /// and closed; agents are told to heartbeat every third of it. Lower it behind load
         /// balancers or NATs that drop idle connections sooner.
@@ -166,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
             ui_dir,
             tls_cert,
             tls_key,
+            public_url,
             heartbeat_timeout_secs,
             inventory_interval_secs,
             max_log_bytes_per_command,
@@ -202,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
                     ui_dir,
                     tls_cert,
                     tls_key,
+                    public_url,
                     heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
                     inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
                     max_log_bytes_per_command,
@@ -395,4 +402,17 @@ async fn cli_audit(db: &Db, what: CliAction<'_>, err: Option<&trellis::domain::D
     if let Err(e) = db.insert_audit(&row).await {
         eprintln!("warning: cannot write the audit log: {e}");
     }
+}
+
+/// `--public-url`: an absolute `http://` or `https://` URL (a trailing `/` is dropped).
+fn parse_public_url(raw: &str) -> Result<String, String> {
+    let u = raw.trim().trim_end_matches('/');
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .ok_or_else(|| format!("{raw:?} must start with https:// or http://"))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("{raw:?} is not a URL with a host"));
+    }
+    Ok(u.to_string())
 }

@@ -25,6 +25,9 @@ pub struct ServeConfig {
     pub ui_dir: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// The URL users reach trellis at (`--public-url`); `https://` means session cookies
+    /// are `Secure` also when a proxy terminates TLS.
+    pub public_url: Option<String>,
     /// An agent silent for this long is considered dead and its session closed.
     pub heartbeat_timeout: std::time::Duration,
     /// How often agents report their VM inventory (zero: the default, 30 s).
@@ -156,7 +159,11 @@ impl App {
             metrics,
             admin_token_hash: admin_token_hash.into(),
             auth: Arc::new(crate::api::auth::AuthState::new(
-                config.tls_cert.is_some() && config.tls_key.is_some(),
+                (config.tls_cert.is_some() && config.tls_key.is_some())
+                    || config
+                        .public_url
+                        .as_deref()
+                        .is_some_and(|u| u.starts_with("https://")),
             )),
             ui_dir: config
                 .ui_dir

@@ -904,3 +904,45 @@ async fn cli_operations_are_audited() {
     assert!(!serde_json::to_string(&rows).unwrap().contains("trl_"));
     drop(cp);
 }
+
+/// Behind a TLS-terminating proxy (`--public-url https://…`) the session cookie is
+/// `Secure` although trellis speaks plain HTTP; a URL that is not http(s) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_https_url_makes_cookies_secure() {
+    let dir = TempDir::new("audit-public-url");
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let cp = ControlPlane::start_with(
+        db,
+        &dir,
+        "127.0.0.1:0",
+        &[("TRELLIS_PUBLIC_URL", "https://trellis.example.com/")],
+    )
+    .await;
+    let r = reqwest::Client::new()
+        .post(cp.url("/api/session"))
+        .json(&json!({"token": cp.api().token}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, set) = cookie_of(&r);
+    assert!(set.contains("; Secure"), "{set}");
+    let out = std::process::Command::new(bin("trellis"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &cp.db_url,
+        ])
+        .args(["--public-url", "ftp://trellis.example.com"])
+        .env("TRELLIS_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("https://"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,7 +4,8 @@
 //! browser: no script ever holds the token). `require_admin` resolves the [`Admin`],
 //! attaches it to the request, and writes the request's audit row (see [`super::audit`]).
 //!
-//! Cookies: `HttpOnly; SameSite=Strict; Path=/` (plus `Secure` over TLS), a fixed 12-hour
+//! Cookies: `HttpOnly; SameSite=Strict; Path=/` (plus `Secure` over TLS or with an
+//! `https://` `--public-url`), a fixed 12-hour
 //! life. Against cross-site request forgery, besides `SameSite=Strict`, a request that
 //! authenticates with the cookie and changes something (any method but GET/HEAD) must
 //! carry the header `X-Trellis-Request: 1`, which a cross-site form cannot send and a
@@ -76,7 +77,7 @@ pub fn remote_ip(ext: &axum::http::Extensions) -> Option<IpAddr> {
 
 /// Authentication settings and the failure limiter, shared by all requests.
 pub struct AuthState {
-    /// Add `Secure` to the cookie (the server speaks TLS).
+    /// Add `Secure` to the cookie (the server speaks TLS, or its public URL is https).
     pub secure_cookies: bool,
     pub limiter: FailureLimiter,
 }
