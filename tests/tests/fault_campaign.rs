@@ -474,3 +474,71 @@ async fn sigkill_trellis_under_load(backend: Backend) {
     print_figures(&what, seed, &f, started.elapsed());
 }
 on_both_backends!(trellis_sigkill, sigkill_trellis_under_load);
+
+/// Found by the campaign: tendril killed while the VM's start task runs; the retry finds
+/// the VM (stopped still), asks for another start, and that task fails with "already
+/// running" once the first one ends. The retry must take the running VM, not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provision_killed_during_start_vm_retries_to_its_running_vm() {
+    let mut s = proxmox_stack(
+        Backend::Sqlite,
+        "fault-start",
+        &[
+            "--clone-ms",
+            "200",
+            "--start-ms",
+            "2500",
+            "--agent-boot-ms",
+            "300",
+        ],
+        &[],
+    )
+    .await;
+    let tid = template_id(&s.api).await;
+    let api = s.api.clone();
+    let v = api
+        .post(
+            "/api/nodes",
+            json!({"name": "start-kill", "templateId": tid}),
+        )
+        .await;
+    let node = v["node"]["id"].as_str().unwrap().to_string();
+    let v = api
+        .post(
+            &format!("/api/nodes/{node}/provision"),
+            json!({"agentId": s.agent_id}),
+        )
+        .await;
+    let cid = v["commandId"].as_str().unwrap().to_string();
+    api.wait_until(Duration::from_secs(30), || async {
+        let c = api.get(&format!("/api/commands/{cid}")).await;
+        c["stages"].as_array().is_some_and(|st| {
+            st.iter()
+                .any(|x| x["name"] == "start_vm" && x["state"] == "running")
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.agent.kill();
+    s.agent.restart();
+    let c = api.wait_done(&cid, Duration::from_secs(30)).await;
+    assert_eq!(c["error"]["code"], "agent_lost_command", "{c}");
+    api.wait_agent_online(&s.agent_id).await;
+    let v = api
+        .post(&format!("/api/commands/{cid}/retry"), json!({}))
+        .await;
+    let retry = v["commandId"].as_str().unwrap().to_string();
+    let c = api.wait_done(&retry, Duration::from_secs(60)).await;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let tag = trellis_protocol::proxmox_tag(cid.parse().unwrap());
+    let vms: Vec<u32> = s
+        .sim
+        .created_vms()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|v| has_tag(v.tags.as_deref(), &tag))
+        .map(|v| v.vmid)
+        .collect();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+}

@@ -199,6 +199,28 @@ impl Run<'_> {
         )))
     }
 
+    /// Whether VM `vmid` is running within 30 s (checked every half second).
+    async fn becomes_running(
+        &self,
+        vmid: u32,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, CommandError> {
+        let c = self.client();
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if c.vm_status(&self.node, vmid)
+                .await
+                .is_ok_and(|s| s.is_running())
+            {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= until {
+                return Ok(false);
+            }
+            sleep_or_cancel(std::time::Duration::from_millis(500), cancel).await?;
+        }
+    }
+
     pub(super) async fn start(&mut self) -> Result<String, CommandError> {
         let vmid = self.vm.unwrap_or_default();
         let c = self.client();
@@ -215,7 +237,21 @@ impl Run<'_> {
             attempt += 1;
             match c.power(&self.node, vmid, "start", Repeat::Unsafe).await {
                 Ok(upid) => {
-                    self.wait_task(&upid, "start", &cancel).await?;
+                    if let Err(e) = self.wait_task(&upid, "start", &cancel).await {
+                        // A start task of an earlier attempt (whose agent was killed) may
+                        // still hold the VM: ours then fails with "already running" or a
+                        // lock timeout. Give that task time to end; a running VM is all
+                        // this stage wants.
+                        let raced =
+                            e.message.contains("already running") || e.message.contains("lock");
+                        if !raced || !self.becomes_running(vmid, &cancel).await? {
+                            return Err(e);
+                        }
+                        self.log(format!(
+                            "VM {vmid} was started by an earlier attempt's task"
+                        ))
+                        .await;
+                    }
                     break;
                 }
                 Err(e) if e.message().contains("already running") => break,
