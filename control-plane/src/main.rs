@@ -82,6 +82,11 @@ enum Cmd {
         /// even when trellis itself speaks plain HTTP.
         #[arg(long, env = "TRELLIS_PUBLIC_URL", value_parser = parse_public_url)]
         public_url: Option<String>,
+        /// Seconds between an open event stream's checks that its session or token still
+        /// works (a stream of a signed-out or revoked admin ends at the next check).
+        #[arg(long, env = "TRELLIS_STREAM_RECHECK_SECS", default_value_t = 30,
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        stream_recheck_secs: u64,
         /// Seconds without any frame from an agent before its connection is considered dead
         /// and closed; agents are told to heartbeat every third of it. Lower it behind load
         /// balancers or NATs that drop idle connections sooner.
@@ -172,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             public_url,
+            stream_recheck_secs,
             heartbeat_timeout_secs,
             inventory_interval_secs,
             max_log_bytes_per_command,
@@ -209,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
                     tls_cert,
                     tls_key,
                     public_url,
+                    stream_recheck: std::time::Duration::from_secs(stream_recheck_secs),
                     heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
                     inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
                     max_log_bytes_per_command,

@@ -28,6 +28,8 @@ pub struct ServeConfig {
     /// The URL users reach trellis at (`--public-url`); `https://` means session cookies
     /// are `Secure` also when a proxy terminates TLS.
     pub public_url: Option<String>,
+    /// How often an SSE stream re-checks its session or token (zero: 30 s).
+    pub stream_recheck: std::time::Duration,
     /// An agent silent for this long is considered dead and its session closed.
     pub heartbeat_timeout: std::time::Duration,
     /// How often agents report their VM inventory (zero: the default, 30 s).
@@ -158,13 +160,20 @@ impl App {
             fanout,
             metrics,
             admin_token_hash: admin_token_hash.into(),
-            auth: Arc::new(crate::api::auth::AuthState::new(
-                (config.tls_cert.is_some() && config.tls_key.is_some())
-                    || config
-                        .public_url
-                        .as_deref()
-                        .is_some_and(|u| u.starts_with("https://")),
-            )),
+            auth: Arc::new(crate::api::auth::AuthState {
+                stream_recheck: if config.stream_recheck.is_zero() {
+                    crate::api::auth::STREAM_RECHECK
+                } else {
+                    config.stream_recheck
+                },
+                ..crate::api::auth::AuthState::new(
+                    (config.tls_cert.is_some() && config.tls_key.is_some())
+                        || config
+                            .public_url
+                            .as_deref()
+                            .is_some_and(|u| u.starts_with("https://")),
+                )
+            }),
             ui_dir: config
                 .ui_dir
                 .clone()

@@ -946,3 +946,68 @@ async fn public_https_url_makes_cookies_secure() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Reads an SSE response until it ends; `Err` if it is still open after `within`.
+async fn ends_within(mut r: reqwest::Response, within: Duration) -> Result<Duration, ()> {
+    let t = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout_at((t + within).into(), r.chunk()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => return Ok(t.elapsed()),
+            Err(_) => return Err(()),
+        }
+    }
+}
+
+/// An open event stream ends once its session is signed out or its admin revoked
+/// (re-checked every second here, 30 s by default); a valid one stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_end_with_their_session() {
+    let dir = TempDir::new("audit-sse-recheck");
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let cp = ControlPlane::start_with(
+        db,
+        &dir,
+        "127.0.0.1:0",
+        &[("TRELLIS_STREAM_RECHECK_SECS", "1")],
+    )
+    .await;
+    let api = cp.api();
+    let erin = create_admin(&cp.db_url, "erin");
+    // a command of an agent that never connects: its stream stays open
+    let (aid, _) = api.create_agent("never-online").await;
+    let cid = api.command(&aid, "ping", json!({})).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(cp.url("/api/session"))
+        .json(&json!({"token": api.token}))
+        .send()
+        .await
+        .unwrap();
+    let (cookie, _) = cookie_of(&r);
+    let events = cp.url(&format!("/api/commands/{cid}/events"));
+    let open = |req: reqwest::RequestBuilder| async move {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r
+    };
+    let by_cookie = open(http.get(&events).header("cookie", &cookie)).await;
+    let by_erin = open(http.get(&events).bearer_auth(&erin)).await;
+    let by_admin = open(http.get(&events).bearer_auth(&api.token)).await;
+
+    let (st, _) = with_cookie(&cp, Method::DELETE, "/api/session", &cookie, true, None).await;
+    assert_eq!(st, 204);
+    cli(&cp.db_url, &["admins", "revoke", "erin"]);
+    let (a, b) = tokio::join!(
+        ends_within(by_cookie, Duration::from_secs(5)),
+        ends_within(by_erin, Duration::from_secs(5))
+    );
+    assert!(a.is_ok(), "the signed-out session's stream is still open");
+    assert!(b.is_ok(), "the revoked admin's stream is still open");
+    assert!(
+        ends_within(by_admin, Duration::from_millis(2500))
+            .await
+            .is_err(),
+        "a valid stream ended"
+    );
+}

@@ -75,11 +75,17 @@ pub fn remote_ip(ext: &axum::http::Extensions) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
+/// How often a long-lived stream (SSE) checks that the session or token it opened with
+/// still works.
+pub const STREAM_RECHECK: Duration = Duration::from_secs(30);
+
 /// Authentication settings and the failure limiter, shared by all requests.
 pub struct AuthState {
     /// Add `Secure` to the cookie (the server speaks TLS, or its public URL is https).
     pub secure_cookies: bool,
     pub limiter: FailureLimiter,
+    /// How often an SSE stream re-checks its credential ([`STREAM_RECHECK`]).
+    pub stream_recheck: Duration,
 }
 
 impl AuthState {
@@ -87,6 +93,45 @@ impl AuthState {
         Self {
             secure_cookies,
             limiter: FailureLimiter::default(),
+            stream_recheck: STREAM_RECHECK,
+        }
+    }
+}
+
+/// The credential a long-lived stream was opened with, to check again while it runs: a
+/// signed-out or expired session, a revoked admin or a replaced bootstrap token ends it.
+pub struct StreamAuth(Credential);
+
+impl StreamAuth {
+    pub fn of(headers: &HeaderMap, uri: &axum::http::Uri) -> Self {
+        Self(credential_parts(headers, uri))
+    }
+
+    /// Whether the credential still authenticates (one indexed read). A storage error
+    /// counts as valid: a database hiccup must not cut every stream.
+    pub async fn still_valid(&self, s: &AppState) -> bool {
+        let r = match &self.0 {
+            Credential::Token(t) => admins::authenticate(&s.db, &s.admin_token_hash, t)
+                .await
+                .map(|o| o.is_some()),
+            Credential::Cookie(c) => admins::session(&s.db, c, &s.admin_token_hash)
+                .await
+                .map(|o| o.is_some()),
+            Credential::InQuery | Credential::None => Ok(false),
+        };
+        r.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot re-check a stream's credential");
+            true
+        })
+    }
+
+    /// Returns once the credential no longer works, checking every `every`.
+    pub async fn ended(&self, s: &AppState, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if !self.still_valid(s).await {
+                return;
+            }
         }
     }
 }
@@ -242,19 +287,22 @@ enum Credential {
 }
 
 fn credential(req: &Request) -> Credential {
+    credential_parts(req.headers(), req.uri())
+}
+
+fn credential_parts(headers: &HeaderMap, uri: &axum::http::Uri) -> Credential {
     // A token in the URL ends up in logs, proxies and browser history: refused, even
     // beside a valid header.
-    if req
-        .uri()
+    if uri
         .query()
         .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("access_token=")))
     {
         return Credential::InQuery;
     }
-    if let Some(t) = crate::auth::bearer(req.headers().get(header::AUTHORIZATION)) {
+    if let Some(t) = crate::auth::bearer(headers.get(header::AUTHORIZATION)) {
         return Credential::Token(t.to_string());
     }
-    match session_cookie(req.headers()) {
+    match session_cookie(headers) {
         Some(c) => Credential::Cookie(c),
         None => Credential::None,
     }

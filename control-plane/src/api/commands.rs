@@ -222,9 +222,12 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
 ) -> ApiResult<Response> {
     let id: CommandId = parse_id(&id, "command")?;
     domain::commands::get(&s.db, id).await?;
+    // The stream ends when its session or token stops working (checked periodically).
+    let auth = super::auth::StreamAuth::of(&headers, &uri);
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -234,9 +237,19 @@ pub async fn events(
         .max(0);
     let (tx, rx) = mpsc::channel::<SseEvent>(256);
     let (db, fanout, shutdown) = (s.db.clone(), s.fanout.clone(), s.broker.shutdown.clone());
+    let state = s.clone();
     s.tasks.spawn(async move {
-        if let Err(e) = stream_events(&db, &fanout, &shutdown, id, after, tx).await {
-            tracing::debug!(command_id = %id, error = %e, "event stream ended");
+        let every = state.auth.stream_recheck;
+        tokio::select! {
+            r = stream_events(&db, &fanout, &shutdown, id, after, tx) => {
+                if let Err(e) = r {
+                    tracing::debug!(command_id = %id, error = %e, "event stream ended");
+                }
+            }
+            // Dropping the stream's sender ends the response.
+            _ = auth.ended(&state, every) => {
+                tracing::debug!(command_id = %id, "event stream ended: its session or token no longer works");
+            }
         }
     });
     let stream = futures_util::StreamExt::map(
