@@ -77,7 +77,15 @@ async fn pinning_refusal_and_rotation_against_the_real_control_plane() {
         .log()
         .contains(std::fs::read_to_string(&key_file).unwrap().trim()));
 
-    let (agent_id, token) = api.create_agent("signed").await;
+    // Registration hands out the public key with the one-time token.
+    let created = api.post("/api/agents", json!({"name": "signed"})).await;
+    assert_eq!(
+        created["serverPublicKey"],
+        key_a.public_key_base64(),
+        "{created}"
+    );
+    let agent_id = created["agent"]["id"].as_str().unwrap().to_string();
+    let token = created["token"].as_str().unwrap().to_string();
     let work = dir.join("work");
     let mut agent = Agent::start(&cp.ws_url(), &token, &work);
     api.wait_agent_online(&agent_id).await;

@@ -31,6 +31,7 @@ pub async fn create(
         Json(CreatedAgent {
             agent: Agent::from(&agent),
             token,
+            server_public_key: s.broker.signing.public_key_base64(),
         }),
     )
         .into_response()))

@@ -96,6 +96,10 @@ pub struct CreatedAgent {
     pub agent: Agent,
     /// The agent's token, shown only this once (only its hash is stored).
     pub token: String,
+    /// The control plane's dispatch-signing public key (Ed25519, base64): give it to the
+    /// agent as `--server-public-key` so it pins it instead of trusting its first server.
+    #[serde(rename = "serverPublicKey")]
+    pub server_public_key: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

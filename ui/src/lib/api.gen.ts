@@ -869,6 +869,11 @@ export interface components {
         };
         CreatedAgent: {
             agent: components["schemas"]["Agent"];
+            /**
+             * @description The control plane's dispatch-signing public key (Ed25519, base64): give it to the
+             *     agent as `--server-public-key` so it pins it instead of trusting its first server.
+             */
+            serverPublicKey: string;
             /** @description The agent's token, shown only this once (only its hash is stored). */
             token: string;
         };

@@ -125,10 +125,10 @@ describe('mutations invalidate what they change', () => {
 
   it('agents', async () => {
     const keys = spyInvalidate();
-    vi.spyOn(api, 'createAgent').mockResolvedValue({ agent: agentA, token: 't' });
+    vi.spyOn(api, 'createAgent').mockResolvedValue({ agent: agentA, token: 't', serverPublicKey: 'k' });
     vi.spyOn(api, 'deleteAgent').mockResolvedValue(undefined);
     const m = mutations(qc);
-    await expect(m.createAgent('pve-1')).resolves.toEqual({ agent: agentA, token: 't' });
+    await expect(m.createAgent('pve-1')).resolves.toEqual({ agent: agentA, token: 't', serverPublicKey: 'k' });
     expect(keys()).toEqual([['agents']]);
     await m.deleteAgent('a1');
     expect(keys()).toEqual([['agents'], ['agents'], ['commands']]);

@@ -43,12 +43,14 @@ export function needsInsecurePlaintext(serverUrl: string): boolean {
   return !isLoopbackHost(authority);
 }
 
-export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: string; tokenId?: string }): string {
+export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: string; tokenId?: string; serverPublicKey?: string }): string {
   const pve = opts.pveUrl?.trim() || 'https://<pve>:8006';
   const id = opts.tokenId?.trim() || '…';
   return [
     `TENDRIL_SERVER_URL=${shellQuote(opts.serverUrl)}`,
     `TENDRIL_TOKEN=${shellQuote(opts.token)}`,
+    // Pins the control plane's dispatch-signing key (else trusted on first use).
+    ...(opts.serverPublicKey ? [`TENDRIL_SERVER_PUBLIC_KEY=${shellQuote(opts.serverPublicKey)}`] : []),
     `PROXMOX_URL=${pve.includes('<') ? pve : shellQuote(pve)}`,
     `PROXMOX_TOKEN_ID=${id === '…' ? id : shellQuote(id)}`,
     `PROXMOX_TOKEN_SECRET=…`,
@@ -184,11 +186,11 @@ export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
   );
 }
 
-function TokenReveal({ agent, token }: { agent: Agent; token: string }) {
+function TokenReveal({ agent, token, serverPublicKey }: { agent: Agent; token: string; serverPublicKey?: string }) {
   const [pveUrl, setPveUrl] = useState('');
   const [tokenId, setTokenId] = useState('');
   const serverUrl = agentConnectUrl();
-  const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId });
+  const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId, serverPublicKey });
   const plaintext = needsInsecurePlaintext(serverUrl);
   return (
     <div className="token-reveal" data-testid="token-reveal">
@@ -242,7 +244,7 @@ function RegisterDialog({ onClose }: { onClose: () => void }) {
   const [maxConc, setMaxConc] = useState('');
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
-  const [created, setCreated] = useState<{ agent: Agent; token: string } | null>(null);
+  const [created, setCreated] = useState<{ agent: Agent; token: string; serverPublicKey?: string } | null>(null);
   const nameErr = name.trim() === '' ? 'Name is required.' : name.length > 100 ? 'Name is too long.' : null;
   const concErr = maxConc.trim() === '' ? null : /^\d+$/.test(maxConc.trim()) && Number(maxConc) >= 1 && Number(maxConc) <= 1000 ? null : 'A number from 1 to 1000.';
   const [touched, setTouched] = useState(false);
@@ -287,7 +289,7 @@ function RegisterDialog({ onClose }: { onClose: () => void }) {
       }
     >
       {created ? (
-        <TokenReveal agent={created.agent} token={created.token} />
+        <TokenReveal agent={created.agent} token={created.token} serverPublicKey={created.serverPublicKey} />
       ) : (
         <form id="register-form" onSubmit={submit} noValidate>
           <Field label="Name" error={touched ? nameErr : null} hint="Shown in the UI, e.g. pve-lab-1">

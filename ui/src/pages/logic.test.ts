@@ -83,6 +83,12 @@ describe('agent registration command', () => {
     expect(agentCommand({ serverUrl: 'wss://x/api/agents/connect', token: 't', pveUrl: 'https://pve1:8006', tokenId: 'root@pam!trellis' })).toContain(
       "PROXMOX_URL=https://pve1:8006 PROXMOX_TOKEN_ID='root@pam!trellis'",
     );
+    // The dispatch-signing key from the registration answer is pinned by the command.
+    const key = 'fMiNqAcXQbiIG8CjZhIx9LX9anWMFITkfjIXhwTe5hc=';
+    const pinned = agentCommand({ serverUrl: 'wss://x/api/agents/connect', token: 't', serverPublicKey: key });
+    expect(pinned).toContain(`TENDRIL_SERVER_PUBLIC_KEY=`);
+    expect(pinned).toContain(key);
+    expect(agentCommand({ serverUrl: 'wss://x/api/agents/connect', token: 't' })).not.toContain('TENDRIL_SERVER_PUBLIC_KEY');
   });
   it('asks for --insecure-plaintext exactly where tendril would refuse ws://', () => {
     for (const host of ['localhost', 'localhost:8080', 'LOCALHOST.', '127.0.0.1', '127.1.2.3:80', '[::1]', '[::1]:8080', '[::ffff:7f00:1]', '[::ffff:127.0.0.1]']) {
