@@ -395,7 +395,7 @@ export function Nodes({ query }: { query: URLSearchParams }) {
                               label: 'Copy SSH command',
                               disabled: !n.ipAddress || !live,
                               reason: noVmReason,
-                              onSelect: () => void copyText(sshCommand(n, templates.data ?? [])),
+                              onSelect: () => void copyText(sshCommand(n, templates.data ?? [], cmd)),
                             },
                             {
                               label: 'Copy IP address',

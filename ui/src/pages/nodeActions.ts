@@ -133,12 +133,27 @@ export function commandActivity(cmd: Pick<Command, 'type' | 'params'> | null | u
   return 'Working';
 }
 
+/** The cloud-init user a provision command gave its VM (`params.clone_options.ci_user`). */
+export function provisionCiUser(cmd: { type: string; params?: unknown } | null | undefined): string | null {
+  if (!cmd || cmd.type !== 'provision' || !cmd.params || typeof cmd.params !== 'object') return null;
+  const o = (cmd.params as Record<string, unknown>).clone_options;
+  if (!o || typeof o !== 'object') return null;
+  const u = (o as Record<string, unknown>).ci_user;
+  return typeof u === 'string' && u.trim() ? u.trim() : null;
+}
+
 /**
  * The command "Copy SSH command" copies: `ssh user@ip`, the user being the cloud-init user
- * of the node's template (`cloneDefaults.ciUser`); plain `ssh ip` when none is known.
+ * the node was provisioned with (its last command, when that is its provision: the options
+ * as sent, a per-node user included), else its template's (`cloneDefaults.ciUser`); plain
+ * `ssh ip` when none is known.
  */
-export function sshCommand(node: Pick<VmNode, 'ipAddress' | 'templateId'>, templates: { id: string; cloneDefaults?: { ciUser?: string | null } | null }[]): string {
-  const user = templates.find((t) => t.id === node.templateId)?.cloneDefaults?.ciUser?.trim();
+export function sshCommand(
+  node: Pick<VmNode, 'ipAddress' | 'templateId'>,
+  templates: { id: string; cloneDefaults?: { ciUser?: string | null } | null }[],
+  lastCommand?: { type: string; params?: unknown } | null,
+): string {
+  const user = provisionCiUser(lastCommand) ?? templates.find((t) => t.id === node.templateId)?.cloneDefaults?.ciUser?.trim();
   const ip = node.ipAddress ?? '';
   return user ? `ssh ${user}@${ip}` : `ssh ${ip}`;
 }

@@ -210,6 +210,12 @@ describe('remembered choices and SSH command', () => {
     const templates = [template({ cloneDefaults: { ciUser: 'debian' } }), template({ id: 't2' })];
     expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't1' }, templates)).toBe('ssh debian@10.0.0.5');
     expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't2' }, templates)).toBe('ssh 10.0.0.5');
+    // a user chosen for this node at provision time wins over the template's
+    const provision = { type: 'provision', params: { name: 'web-1', clone_options: { ci_user: 'ops' } } };
+    expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't1' }, templates, provision)).toBe('ssh ops@10.0.0.5');
+    expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't2' }, templates, provision)).toBe('ssh ops@10.0.0.5');
+    // another last command (a power action) says nothing about the user: the template's
+    expect(sshCommand({ ipAddress: '10.0.0.5', templateId: 't1' }, templates, { type: 'vm_power', params: { action: 'start' } })).toBe('ssh debian@10.0.0.5');
   });
 });
 
