@@ -267,13 +267,25 @@ async fn start_provision(s: &Stack, name: &str) -> (String, String) {
         .post("/api/nodes", json!({"name": name, "templateId": s.tid}))
         .await;
     let node = v["node"]["id"].as_str().unwrap().to_string();
-    let v = s
-        .api
-        .post(
-            &format!("/api/nodes/{node}/provision"),
-            json!({"agentId": s.agent_id}),
-        )
-        .await;
+    // Right after a kill the old session may still count as online when we look, then
+    // drop before the new one is in: a provision is refused (409 agent_offline) then.
+    let started = Instant::now();
+    let v = loop {
+        let (st, v) = s
+            .api
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/nodes/{node}/provision"),
+                Some(json!({"agentId": s.agent_id})),
+            )
+            .await;
+        if st == 409 && v["error"]["code"] == "agent_offline" && started.elapsed().as_secs() < 30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert!(st < 300, "provision → {st}: {v}");
+        break v;
+    };
     (node, v["commandId"].as_str().unwrap().to_string())
 }
 
