@@ -87,6 +87,12 @@ enum Cmd {
         #[arg(long, env = "TRELLIS_STREAM_RECHECK_SECS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         stream_recheck_secs: u64,
+        /// Failed authentications (a wrong token at sign-in or as a bearer token) allowed
+        /// per remote address a minute; then every token from it is refused (429) for the
+        /// rest of the minute.
+        #[arg(long, env = "TRELLIS_MAX_AUTH_FAILURES", default_value_t = trellis::api::auth::MAX_FAILURES,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_auth_failures: u32,
         /// Seconds without any frame from an agent before its connection is considered dead
         /// and closed; agents are told to heartbeat every third of it. Lower it behind load
         /// balancers or NATs that drop idle connections sooner.
@@ -178,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
             tls_key,
             public_url,
             stream_recheck_secs,
+            max_auth_failures,
             heartbeat_timeout_secs,
             inventory_interval_secs,
             max_log_bytes_per_command,
@@ -216,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
                     tls_key,
                     public_url,
                     stream_recheck: std::time::Duration::from_secs(stream_recheck_secs),
+                    max_auth_failures,
                     heartbeat_timeout: std::time::Duration::from_secs(heartbeat_timeout_secs),
                     inventory_interval: std::time::Duration::from_secs(inventory_interval_secs),
                     max_log_bytes_per_command,

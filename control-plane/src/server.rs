@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub public_url: Option<String>,
     /// How often an SSE stream re-checks its session or token (zero: 30 s).
     pub stream_recheck: std::time::Duration,
+    /// Failed authentications allowed per remote address a minute (zero: 10).
+    pub max_auth_failures: u32,
     /// An agent silent for this long is considered dead and its session closed.
     pub heartbeat_timeout: std::time::Duration,
     /// How often agents report their VM inventory (zero: the default, 30 s).
@@ -154,7 +156,9 @@ impl App {
             &tasks,
         );
         tasks.spawn(reaper::run(broker.clone()));
+        let audit = crate::api::audit::AuditWriter::start(db.clone(), &tasks);
         let state = AppState {
+            audit,
             db,
             broker,
             fanout,
@@ -166,6 +170,10 @@ impl App {
                 } else {
                     config.stream_recheck
                 },
+                limiter: crate::api::auth::FailureLimiter::new(match config.max_auth_failures {
+                    0 => crate::api::auth::MAX_FAILURES,
+                    n => n,
+                }),
                 ..crate::api::auth::AuthState::new(
                     (config.tls_cert.is_some() && config.tls_key.is_some())
                         || config

@@ -139,9 +139,16 @@ impl StreamAuth {
 /// Counts failed authentications per remote address in fixed one-minute windows, in
 /// memory and bounded ([`MAX_TRACKED`] keys). IPv6 addresses count per /64 (one host
 /// usually has a whole /64), IPv4-mapped IPv6 as the IPv4 address.
-#[derive(Default)]
 pub struct FailureLimiter {
     map: Mutex<HashMap<Option<IpAddr>, (Instant, u32)>>,
+    /// Failures allowed per address and window ([`MAX_FAILURES`] unless configured).
+    limit: u32,
+}
+
+impl Default for FailureLimiter {
+    fn default() -> Self {
+        Self::new(MAX_FAILURES)
+    }
 }
 
 /// What one counted failure means.
@@ -153,6 +160,8 @@ pub struct Failure {
     pub limit_reached: bool,
     /// Past the allowance already (a request that raced the check): answer 429.
     pub over: bool,
+    /// The allowance.
+    pub limit: u32,
 }
 
 /// The limiter's key of an address.
@@ -170,12 +179,24 @@ pub fn limiter_key(ip: Option<IpAddr>) -> Option<IpAddr> {
 }
 
 impl FailureLimiter {
+    /// A limiter allowing `limit` (at least 1) failures per address a minute.
+    pub fn new(limit: u32) -> Self {
+        Self {
+            map: Mutex::default(),
+            limit: limit.max(1),
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// Whether `ip` has used up its failures for the current window.
     pub fn blocked(&self, ip: Option<IpAddr>) -> bool {
         let ip = limiter_key(ip);
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&ip)
-            .is_some_and(|(start, n)| start.elapsed() < FAILURE_WINDOW && *n >= MAX_FAILURES)
+            .is_some_and(|(start, n)| start.elapsed() < FAILURE_WINDOW && *n >= self.limit)
     }
 
     /// Counts a failure of `ip`.
@@ -196,9 +217,10 @@ impl FailureLimiter {
         }
         e.1 += 1;
         Failure {
+            limit: self.limit,
             first: e.1 == 1,
-            limit_reached: e.1 == MAX_FAILURES,
-            over: e.1 > MAX_FAILURES,
+            limit_reached: e.1 == self.limit,
+            over: e.1 > self.limit,
         }
     }
 }
@@ -223,7 +245,7 @@ fn failure_rows(
         let mut a = Audit::new("anonymous", "auth.limited", &too_many(), ip);
         let mut d = details;
         if let Some(o) = d.as_object_mut() {
-            o.insert("failures".into(), MAX_FAILURES.into());
+            o.insert("failures".into(), f.limit.into());
             o.insert("windowSeconds".into(), FAILURE_WINDOW.as_secs().into());
         }
         a.details = Some(d);
@@ -242,9 +264,7 @@ fn too_many() -> Response {
     let body = ErrorBody {
         error: super::types::ErrorDetail {
             code: "too_many_requests".into(),
-            message: format!(
-                "too many failed sign-ins from this address; wait a minute (at most {MAX_FAILURES} a minute)"
-            ),
+            message: "too many failed sign-ins from this address; wait a minute".into(),
         },
     };
     let mut r = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
@@ -550,13 +570,23 @@ mod tests {
                 Failure {
                     first: i == 1,
                     limit_reached: i == MAX_FAILURES,
-                    over: false
+                    over: false,
+                    limit: MAX_FAILURES
                 }
             );
         }
         assert!(l.blocked(ip));
         assert!(l.fail(ip).over);
         assert!(!l.blocked(Some(IpAddr::from([10, 0, 0, 2]))));
+    }
+
+    #[test]
+    fn limiter_limit_is_configurable() {
+        let l = FailureLimiter::new(3);
+        let ip = Some(IpAddr::from([10, 0, 0, 9]));
+        assert!(!l.fail(ip).limit_reached && !l.fail(ip).limit_reached);
+        assert!(l.fail(ip).limit_reached);
+        assert!(l.blocked(ip));
     }
 
     #[test]
