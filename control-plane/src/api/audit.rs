@@ -209,12 +209,54 @@ impl Audit {
     }
 }
 
-/// Stores a row; a failure is logged, never turned into the request's failure (the
-/// action it records has happened).
-pub async fn record(s: &AppState, a: Audit) {
-    if let Err(e) = s.db.insert_audit(&a.0).await {
-        tracing::error!(error = %e, action = %a.action, "cannot write the audit log");
+/// Group commit for audit rows: every request's row goes through one task that stores
+/// whatever has queued up in one transaction (SQLite commits with `synchronous=FULL`, so a
+/// commit per request would cap admin requests at the disk's fsync rate). A request still
+/// waits until its row is committed before it answers.
+#[derive(Clone)]
+pub struct AuditWriter {
+    tx: tokio::sync::mpsc::Sender<(AuditRow, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// Rows stored per transaction at most.
+const AUDIT_BATCH: usize = 512;
+
+impl AuditWriter {
+    /// Starts the writer on `tasks`; it ends once every `AuditWriter` clone is dropped.
+    pub fn start(db: crate::db::Db, tasks: &tokio_util::task::TaskTracker) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4 * AUDIT_BATCH);
+        tasks.spawn(async move {
+            let mut queued = Vec::with_capacity(AUDIT_BATCH);
+            while rx.recv_many(&mut queued, AUDIT_BATCH).await > 0 {
+                let (rows, acks): (Vec<AuditRow>, Vec<tokio::sync::oneshot::Sender<()>>) =
+                    queued.drain(..).unzip();
+                if let Err(e) = db.insert_audit_batch(&rows).await {
+                    // One bad row must not cost the others theirs: store them one by one.
+                    tracing::warn!(error = %e, rows = rows.len(), "audit batch failed; storing its rows one by one");
+                    for a in &rows {
+                        if let Err(e) = db.insert_audit(a).await {
+                            tracing::error!(error = %e, action = %a.action, "cannot write the audit log");
+                        }
+                    }
+                }
+                for ack in acks {
+                    let _ = ack.send(());
+                }
+            }
+        });
+        Self { tx }
     }
+}
+
+/// Stores a row and waits for its commit; a failure is logged, never turned into the
+/// request's failure (the action it records has happened).
+pub async fn record(s: &AppState, a: Audit) {
+    let (done, stored) = tokio::sync::oneshot::channel();
+    if s.audit.tx.send((a.0, done)).await.is_err() {
+        tracing::error!("cannot write the audit log: its writer has stopped");
+        return;
+    }
+    let _ = stored.await;
 }
 
 /// The row of an audited admin request, from its route and response.

@@ -44,6 +44,8 @@ pub struct AppState {
     pub admin_token_hash: Arc<str>,
     /// Session cookie settings and the failed-authentication limiter.
     pub auth: Arc<auth::AuthState>,
+    /// Group commit of audit rows.
+    pub audit: audit::AuditWriter,
     pub ui_dir: Option<PathBuf>,
     /// Where request-spawned tasks (SSE streams) run, so shutdown waits for them.
     pub tasks: tokio_util::task::TaskTracker,

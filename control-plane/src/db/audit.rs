@@ -95,6 +95,48 @@ impl Db {
         Ok(())
     }
 
+    /// Stores `rows` in one transaction (one commit, so one fsync, for a whole batch of
+    /// concurrent admin requests), in multi-row INSERTs of at most 200 rows.
+    pub async fn insert_audit_batch(&self, rows: &[AuditRow]) -> DbResult<()> {
+        let mut tx = self.begin_write().await?;
+        for chunk in rows.chunks(200) {
+            let mut sql = format!("INSERT INTO audit_log ({COLS}) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 12;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push('(');
+                for c in 1..=12 {
+                    if c > 1 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&format!("${}", b + c));
+                }
+                sql.push(')');
+            }
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(a.id.clone())
+                    .bind(a.at)
+                    .bind(a.actor.clone())
+                    .bind(a.action.clone())
+                    .bind(a.target_type.clone())
+                    .bind(a.target_id.clone())
+                    .bind(a.target_name.clone())
+                    .bind(a.outcome.clone())
+                    .bind(a.status)
+                    .bind(a.error_code.clone())
+                    .bind(a.remote_addr.clone())
+                    .bind(a.details.as_ref().map(|d| d.to_string()));
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn list_audit(&self, f: &AuditFilter) -> DbResult<Vec<AuditRow>> {
         let mut sql = format!("SELECT {COLS} FROM audit_log WHERE 1 = 1");
         let mut n = 0;
