@@ -48,6 +48,17 @@ fn pinned(work: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the agent's pin file holds `expected`: right after an agent is replaced, the
+/// control plane may still list the killed one's session as online, so "online" alone does
+/// not say the new agent has started (and written its pins) yet.
+async fn wait_pinned(work: &Path, expected: &[String]) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pinned(work) != expected && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(pinned(work), expected);
+}
+
 async fn ping(api: &Api, agent: &str) -> Value {
     let id = api
         .command(agent, "ping", json!({"progress_events": 2}))
@@ -124,11 +135,12 @@ async fn pinning_refusal_and_rotation_against_the_real_control_plane() {
         &work,
         &[("TENDRIL_SERVER_PUBLIC_KEY", &both)],
     );
+    wait_pinned(
+        &work,
+        &[key_a.public_key_base64(), key_b.public_key_base64()],
+    )
+    .await;
     api.wait_agent_online(&agent_id).await;
-    assert_eq!(
-        pinned(&work),
-        vec![key_a.public_key_base64(), key_b.public_key_base64()]
-    );
     let c = ping(&api, &agent_id).await;
     assert_eq!(c["status"], "succeeded", "new key: {c}");
     // ... both keys are accepted during the transition (back on the old key) ...
@@ -149,6 +161,7 @@ async fn pinning_refusal_and_rotation_against_the_real_control_plane() {
         &work,
         &[("TENDRIL_SERVER_PUBLIC_KEY", &key_b.public_key_base64())],
     );
+    wait_pinned(&work, &[key_b.public_key_base64()]).await;
     api.wait_agent_online(&agent_id).await;
     assert_refused(&ping(&api, &agent_id).await);
     agent.kill();
