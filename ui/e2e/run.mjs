@@ -738,7 +738,7 @@ async function main() {
       await page.getByTestId('register-name').fill(`e2e-extra-${RUN}`);
       await page.getByTestId('register-submit').click();
       const cmd = await page.getByTestId('agent-command').textContent();
-      assert(/^TENDRIL_SERVER_URL=wss?:\/\/.+\/api\/agents\/connect TENDRIL_TOKEN=\S+ PROXMOX_URL=/.test(cmd ?? ''), `unexpected agent command: ${cmd}`);
+      assert(/^TENDRIL_SERVER_URL=wss?:\/\/.+\/api\/agents\/connect TENDRIL_TOKEN=\S+ TENDRIL_SERVER_PUBLIC_KEY=[A-Za-z0-9+/]{43}= PROXMOX_URL=/.test(cmd ?? ''), `unexpected agent command: ${cmd}`);
       await shot(page, '03-register-hypervisor');
       await a11y(page, 'register hypervisor dialog: token');
       await page.keyboard.press('Escape');
