@@ -109,4 +109,57 @@ impl RawAgent {
             }
         }
     }
+
+    /// The next JSON frame, or `Err(close code)` when the server closed.
+    pub async fn next_frame(&mut self, within: Duration) -> Result<Value, Option<u16>> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Err(_) => panic!("nothing from the server within {within:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return Err(None),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Ok(serde_json::from_str(t.as_str()).unwrap())
+                }
+                Ok(Some(Ok(Message::Close(f)))) => return Err(f.map(|f| u16::from(f.code))),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Reads until `cid` is acked up to `seq`; panics on a close or an error frame.
+    pub async fn wait_ack(&mut self, cid: &str, seq: u64) {
+        loop {
+            match self.next_frame(Duration::from_secs(20)).await {
+                Ok(v) if acked(&v, cid).is_some_and(|s| s >= seq) => return,
+                Ok(v) if v["type"] == "error" => panic!("healthy agent got an error: {v}"),
+                Ok(_) => {}
+                Err(code) => panic!("healthy agent was disconnected ({code:?})"),
+            }
+        }
+    }
+
+    /// Still open: a heartbeat is answered.
+    pub async fn assert_open(&mut self) {
+        self.send(json!({"type": "heartbeat", "running": 0})).await;
+        loop {
+            match self.next_frame(Duration::from_secs(10)).await {
+                Ok(v) if v["type"] == "heartbeat_ack" => return,
+                Ok(v) if v["type"] == "error" => panic!("unexpected error: {v}"),
+                Ok(_) => {}
+                Err(code) => panic!("session closed ({code:?})"),
+            }
+        }
+    }
+}
+
+/// The highest seq of `cid` an `acks` frame acknowledges.
+pub fn acked(v: &Value, cid: &str) -> Option<u64> {
+    (v["type"] == "acks").then_some(())?;
+    v["acks"]
+        .as_array()?
+        .iter()
+        .filter(|a| a["command_id"] == cid)
+        .filter_map(|a| a["seq"].as_u64())
+        .max()
 }

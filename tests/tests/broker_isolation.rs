@@ -6,64 +6,12 @@
 //! while the three agents send: the writer's first transaction waits for the lock, and
 //! every frame that arrives meanwhile goes into its next batch together.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use trellis_tests::harness::*;
 use trellis_tests::on_both_backends;
-use trellis_tests::raw_agent::RawAgent;
-
-/// The next JSON frame, or `Err(close code)` when the server closed.
-async fn next(ws: &mut RawAgent, within: Duration) -> Result<Value, Option<u16>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.ws.next()).await {
-            Err(_) => panic!("nothing from the server within {within:?}"),
-            Ok(None) | Ok(Some(Err(_))) => return Err(None),
-            Ok(Some(Ok(Message::Text(t)))) => return Ok(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Some(Ok(Message::Close(f)))) => return Err(f.map(|f| u16::from(f.code))),
-            Ok(Some(Ok(_))) => {}
-        }
-    }
-}
-
-fn acked(v: &Value, cid: &str) -> Option<u64> {
-    (v["type"] == "acks").then_some(())?;
-    v["acks"]
-        .as_array()?
-        .iter()
-        .filter(|a| a["command_id"] == cid)
-        .filter_map(|a| a["seq"].as_u64())
-        .max()
-}
-
-/// Reads until `cid` is acked up to `seq`; panics on a close or an error frame.
-async fn wait_ack(ws: &mut RawAgent, cid: &str, seq: u64) {
-    loop {
-        match next(ws, Duration::from_secs(20)).await {
-            Ok(v) if acked(&v, cid).is_some_and(|s| s >= seq) => return,
-            Ok(v) if v["type"] == "error" => panic!("healthy agent got an error: {v}"),
-            Ok(_) => {}
-            Err(code) => panic!("healthy agent was disconnected ({code:?})"),
-        }
-    }
-}
-
-/// Still open: a heartbeat is answered.
-async fn assert_open(ws: &mut RawAgent) {
-    ws.send(json!({"type": "heartbeat", "running": 0})).await;
-    loop {
-        match next(ws, Duration::from_secs(10)).await {
-            Ok(v) if v["type"] == "heartbeat_ack" => return,
-            Ok(v) if v["type"] == "error" => panic!("unexpected error: {v}"),
-            Ok(_) => {}
-            Err(code) => panic!("session closed ({code:?})"),
-        }
-    }
-}
+use trellis_tests::raw_agent::{acked, RawAgent};
 
 /// A v2 agent with a `ping` command dispatched and accepted: `(session, command id)`.
 async fn agent_running(cp: &ControlPlane, api: &Api, name: &str) -> (RawAgent, String) {
@@ -75,12 +23,12 @@ async fn agent_running(cp: &ControlPlane, api: &Api, name: &str) -> (RawAgent, S
     )
     .await;
     assert_eq!(
-        next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        ws.next_frame(Duration::from_secs(10)).await.unwrap()["type"],
         "welcome"
     );
     let cid = api.command(&id, "ping", json!({})).await;
     loop {
-        let v = next(&mut ws, Duration::from_secs(10)).await.unwrap();
+        let v = ws.next_frame(Duration::from_secs(10)).await.unwrap();
         if v["type"] == "dispatch" && v["command_id"] == cid {
             break;
         }
@@ -189,12 +137,13 @@ async fn nul_strings_never_fail_the_shared_batch(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.release().await;
 
-    wait_ack(&mut h1, &c1, 3).await;
-    wait_ack(&mut h2, &c2, 2).await;
+    h1.wait_ack(&c1, 3).await;
+    h2.wait_ack(&c2, 2).await;
     // The bad agent: `invalid_event` for the stage (not fatal), everything acked.
     let mut got_invalid = false;
     loop {
-        let v = next(&mut bad, Duration::from_secs(20))
+        let v = bad
+            .next_frame(Duration::from_secs(20))
             .await
             .expect("bad agent stays connected");
         if v["type"] == "error" {
@@ -208,7 +157,7 @@ async fn nul_strings_never_fail_the_shared_batch(backend: Backend) {
     }
     assert!(got_invalid);
     for ws in [&mut bad, &mut h1, &mut h2] {
-        assert_open(ws).await;
+        ws.assert_open().await;
     }
     assert_eq!(
         api.get(&format!("/api/commands/{c1}")).await["status"],
@@ -276,11 +225,11 @@ async fn refused_event_closes_only_its_session(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     lock.release().await;
 
-    wait_ack(&mut h1, &c1, 3).await;
-    wait_ack(&mut h2, &c2, 2).await;
+    h1.wait_ack(&c1, 3).await;
+    h2.wait_ack(&c2, 2).await;
     let mut frames = Vec::new();
     let close = loop {
-        match next(&mut bad, Duration::from_secs(20)).await {
+        match bad.next_frame(Duration::from_secs(20)).await {
             Ok(v) => frames.push(v),
             Err(code) => break code,
         }
@@ -298,7 +247,7 @@ async fn refused_event_closes_only_its_session(backend: Backend) {
     assert_eq!(err["seq"], 2, "{err}");
     assert_eq!(close, Some(1008), "{frames:?}");
     for ws in [&mut h1, &mut h2] {
-        assert_open(ws).await;
+        ws.assert_open().await;
     }
     assert_eq!(
         api.get(&format!("/api/commands/{c1}")).await["status"],

@@ -4,63 +4,11 @@
 //! size limit (64 KiB: `event_too_large`), `ping` params limits, and `GET …/logs` and the
 //! SSE backlog paged by bytes with a correct cursor.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use trellis_tests::harness::*;
-use trellis_tests::raw_agent::RawAgent;
-
-/// The next JSON frame, or `Err(close code)` when the server closed.
-async fn next(ws: &mut RawAgent, within: Duration) -> Result<Value, Option<u16>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.ws.next()).await {
-            Err(_) => panic!("nothing from the server within {within:?}"),
-            Ok(None) | Ok(Some(Err(_))) => return Err(None),
-            Ok(Some(Ok(Message::Text(t)))) => return Ok(serde_json::from_str(t.as_str()).unwrap()),
-            Ok(Some(Ok(Message::Close(f)))) => return Err(f.map(|f| u16::from(f.code))),
-            Ok(Some(Ok(_))) => {}
-        }
-    }
-}
-
-fn acked(v: &Value, cid: &str) -> Option<u64> {
-    (v["type"] == "acks").then_some(())?;
-    v["acks"]
-        .as_array()?
-        .iter()
-        .filter(|a| a["command_id"] == cid)
-        .filter_map(|a| a["seq"].as_u64())
-        .max()
-}
-
-/// Reads until `cid` is acked up to `seq`; panics on a close or an error frame.
-async fn wait_ack(ws: &mut RawAgent, cid: &str, seq: u64) {
-    loop {
-        match next(ws, Duration::from_secs(20)).await {
-            Ok(v) if acked(&v, cid).is_some_and(|s| s >= seq) => return,
-            Ok(v) if v["type"] == "error" => panic!("healthy agent got an error: {v}"),
-            Ok(_) => {}
-            Err(code) => panic!("healthy agent was disconnected ({code:?})"),
-        }
-    }
-}
-
-/// Still open: a heartbeat is answered.
-async fn assert_open(ws: &mut RawAgent) {
-    ws.send(json!({"type": "heartbeat", "running": 0})).await;
-    loop {
-        match next(ws, Duration::from_secs(10)).await {
-            Ok(v) if v["type"] == "heartbeat_ack" => return,
-            Ok(v) if v["type"] == "error" => panic!("unexpected error: {v}"),
-            Ok(_) => {}
-            Err(code) => panic!("session closed ({code:?})"),
-        }
-    }
-}
+use trellis_tests::raw_agent::{acked, RawAgent};
 
 /// A v2 agent with a `ping` command dispatched and accepted: `(session, command id)`.
 async fn agent_running(
@@ -76,12 +24,12 @@ async fn agent_running(
     )
     .await;
     assert_eq!(
-        next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        ws.next_frame(Duration::from_secs(10)).await.unwrap()["type"],
         "welcome"
     );
     let cid = api.command(&id, "ping", json!({})).await;
     loop {
-        let v = next(&mut ws, Duration::from_secs(10)).await.unwrap();
+        let v = ws.next_frame(Duration::from_secs(10)).await.unwrap();
         if v["type"] == "dispatch" && v["command_id"] == cid {
             break;
         }
@@ -107,7 +55,7 @@ fn finished(cid: &str, seq: u64) -> Value {
 async fn until_close(ws: &mut RawAgent) -> (Vec<Value>, Option<u16>) {
     let mut frames = Vec::new();
     loop {
-        match next(ws, Duration::from_secs(20)).await {
+        match ws.next_frame(Duration::from_secs(20)).await {
             Ok(v) => frames.push(v),
             Err(code) => return (frames, code),
         }
@@ -140,7 +88,7 @@ async fn log_limit_fails_the_command_and_closes_the_session() {
     let chunk = "x".repeat(3999) + "\n";
     ws.send(events(vec![log(&cid, 1, &chunk), log(&cid, 2, &chunk)]))
         .await;
-    wait_ack(&mut ws, &cid, 2).await;
+    ws.wait_ack(&cid, 2).await;
     ws.send(events(vec![log(&cid, 3, &chunk)])).await;
     let (frames, close) = until_close(&mut ws).await;
     let ack = frames.iter().position(|v| acked(v, &cid) == Some(3));
@@ -173,13 +121,13 @@ async fn log_limit_fails_the_command_and_closes_the_session() {
     )
     .await;
     assert_eq!(
-        next(&mut ws, Duration::from_secs(10)).await.unwrap()["type"],
+        ws.next_frame(Duration::from_secs(10)).await.unwrap()["type"],
         "welcome"
     );
     ws.send(events(vec![log(&cid, 4, &chunk), finished(&cid, 5)]))
         .await;
-    wait_ack(&mut ws, &cid, 5).await;
-    assert_open(&mut ws).await;
+    ws.wait_ack(&cid, 5).await;
+    ws.assert_open().await;
     let logs = api.all_logs(&cid).await;
     let seqs: Vec<i64> = logs.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, vec![1, 2, 3, 4], "{logs:?}");
@@ -193,7 +141,7 @@ async fn log_limit_fails_the_command_and_closes_the_session() {
             finished(&other_cid, 2),
         ]))
         .await;
-    wait_ack(&mut other, &other_cid, 2).await;
+    other.wait_ack(&other_cid, 2).await;
     assert_eq!(
         api.get(&format!("/api/commands/{other_cid}")).await["status"],
         "succeeded"
@@ -276,7 +224,7 @@ async fn logs_and_sse_backlog_are_paged_by_bytes() {
         ws.send(events(evs)).await;
     }
     ws.send(events(vec![finished(&cid, 101)])).await;
-    wait_ack(&mut ws, &cid, 101).await;
+    ws.wait_ack(&cid, 101).await;
 
     let first = api
         .get(&format!("/api/commands/{cid}/logs?after=0&limit=10000"))
