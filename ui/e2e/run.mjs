@@ -392,6 +392,25 @@ async function commandPageSteps(page, { agentId, provisionedCommand, nodeName })
     await shot(page, '33-command-cancelled');
     await a11y(page, 'command page (cancelled)');
   });
+
+  await step('command page: Keep (pin) keeps the command past retention, pressed again it lets it go', async () => {
+    const { items } = await api('GET', '/api/commands?status=cancelled&limit=1');
+    assert(items.length > 0, 'no finished command to pin');
+    const id = items[0].id;
+    await page.goto(`${BASE}/#/commands/${id}`);
+    await page.getByTestId('command-page').waitFor();
+    const pin = page.getByRole('button', { name: 'Keep (pin)', exact: true });
+    assert((await pin.getAttribute('aria-pressed')) === 'false', 'a new command shows as pinned');
+    await pin.click();
+    await waitFor('Keep (pin) to be pressed', async () => (await pin.getAttribute('aria-pressed')) === 'true', 10_000, 100);
+    assert((await api('GET', `/api/commands/${id}`)).pinned === true, 'the server does not have the command pinned');
+    assert(((await page.getByTestId('pin-hint').textContent()) ?? '').startsWith('Pinned'), 'the hint does not say it is pinned');
+    await shot(page, '34-command-pinned');
+    await a11y(page, 'command page (pinned)');
+    await pin.click();
+    await waitFor('Keep (pin) to be released', async () => (await pin.getAttribute('aria-pressed')) === 'false', 10_000, 100);
+    assert((await api('GET', `/api/commands/${id}`)).pinned === false, 'the server still has the command pinned');
+  });
 }
 
 /** Session cookie across tabs, and the Audit page (issue 10: named admins, audit). */

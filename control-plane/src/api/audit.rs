@@ -1,6 +1,7 @@
 //! The audit log. `require_admin` writes one row for every admin request that changes
 //! something (any method but GET/HEAD), named by its route: `(method, matched path)` →
-//! a stable dotted action (`node.power`, `command.cancel`, `agent.rotate_token`), the
+//! a stable dotted action (`node.power`, `command.cancel`, `agent.rotate_token`;
+//! `DELETE` on a named sub-resource undoes its `PUT`: `command.pin`/`command.unpin`), the
 //! target from the path's `{id}`, the outcome from the response status (and the error
 //! code `AppError` leaves on the response). Handlers add what only they know (a created
 //! target's id and name, the command started, per-node results of a bulk request) with
@@ -15,6 +16,7 @@ use axum::response::Response;
 
 use super::types::{AuditEntry, AuditList, AuditQuery, ErrorBody};
 use super::{ApiResult, AppError, AppState, Json, Query};
+use crate::db::sql::is_data_error;
 use crate::db::{AuditFilter, AuditRow};
 use crate::time::now_ms;
 
@@ -124,11 +126,13 @@ pub fn describe_route(method: &Method, route: &str, path: &str) -> Described {
             (m, _) => m.as_str().to_ascii_lowercase(),
         }
     } else {
-        match verbs.join(".").as_str() {
+        match (method, verbs.join(".").as_str()) {
             // Bulk endpoints: one row per request with per-node details.
-            "batches" => "bulk_provision".into(),
-            "bulk" => "bulk_action".into(),
-            v => v.to_string(),
+            (_, "batches") => "bulk_provision".into(),
+            (_, "bulk") => "bulk_action".into(),
+            // A flag set with PUT and cleared with DELETE (`…/pin`): `pin` and `unpin`.
+            (&Method::DELETE, v) => format!("un{v}"),
+            (_, v) => v.to_string(),
         }
     };
     Described {
@@ -230,13 +234,21 @@ impl AuditWriter {
             while rx.recv_many(&mut queued, AUDIT_BATCH).await > 0 {
                 let (rows, acks): (Vec<AuditRow>, Vec<tokio::sync::oneshot::Sender<()>>) =
                     queued.drain(..).unzip();
-                if let Err(e) = db.insert_audit_batch(&rows).await {
-                    // One bad row must not cost the others theirs: store them one by one.
-                    tracing::warn!(error = %e, rows = rows.len(), "audit batch failed; storing its rows one by one");
-                    for a in &rows {
-                        if let Err(e) = db.insert_audit(a).await {
-                            tracing::error!(error = %e, action = %a.action, "cannot write the audit log");
+                match db.insert_audit_batch(&rows).await {
+                    Ok(()) => {}
+                    Err(e) if is_data_error(&e) => {
+                        // One bad row must not cost the others theirs: store them one by one.
+                        tracing::warn!(error = %e, rows = rows.len(), "audit batch failed; storing its rows one by one");
+                        for a in &rows {
+                            if let Err(e) = db.insert_audit(a).await {
+                                tracing::error!(error = %e, action = %a.action, "cannot write the audit log");
+                            }
                         }
+                    }
+                    Err(e) => {
+                        // The database is down or full: row by row would fail the same way,
+                        // an acquire timeout each, while every audited request waits.
+                        tracing::error!(error = %e, rows = rows.len(), "cannot write the audit log");
                     }
                 }
                 for ack in acks {
@@ -250,13 +262,23 @@ impl AuditWriter {
 
 /// Stores a row and waits for its commit; a failure is logged, never turned into the
 /// request's failure (the action it records has happened).
+///
+/// A request refused because the database is unavailable or full is not held for its
+/// row: the row cannot be stored before the database is back either, and waiting would
+/// keep the answer for another acquire timeout. It is queued all the same.
 pub async fn record(s: &AppState, a: Audit) {
+    let wait = !matches!(
+        a.error_code.as_deref(),
+        Some("database_unavailable" | "database_full")
+    );
     let (done, stored) = tokio::sync::oneshot::channel();
     if s.audit.tx.send((a.0, done)).await.is_err() {
         tracing::error!("cannot write the audit log: its writer has stopped");
         return;
     }
-    let _ = stored.await;
+    if wait {
+        let _ = stored.await;
+    }
 }
 
 /// The row of an audited admin request, from its route and response.
@@ -394,6 +416,18 @@ mod tests {
             )
             .0,
             "command.cancel"
+        );
+        assert_eq!(
+            d(Method::PUT, "/api/commands/{id}/pin", "/api/commands/c/pin"),
+            ("command.pin".into(), Some("c".into()))
+        );
+        assert_eq!(
+            d(
+                Method::DELETE,
+                "/api/commands/{id}/pin",
+                "/api/commands/c/pin"
+            ),
+            ("command.unpin".into(), Some("c".into()))
         );
     }
 

@@ -1,6 +1,6 @@
 //! Commands: create (durable before `202`), list, get (the polling endpoint, optionally
 //! long-polling until terminal), logs after a seq, Server-Sent Events resumable with
-//! `Last-Event-ID`, cancel and retry.
+//! `Last-Event-ID`, cancel, retry, and pin/unpin (keep past the retention period).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -362,6 +362,33 @@ pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> ApiRes
     let stages = s.db.get_stages(id).await?;
     let note = super::audit::AuditNote::target(c.id, c.command_type.as_str());
     Ok(note.on((StatusCode::ACCEPTED, Json(Command::new(&c, Some(&stages)))).into_response()))
+}
+
+/// Pin a command: retention (`--retention-days`) keeps it, with its events and stages,
+/// until it is unpinned. Any status; pinning a pinned command answers the same.
+#[utoipa::path(put, path = "/api/commands/{id}/pin", tag = "commands", params(("id" = String, Path)),
+    responses((status = 200, body = Command), (status = 404, body = ErrorBody)))]
+pub async fn pin(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    set_pinned(&s, &id, true).await
+}
+
+/// Unpin a command: the first retention pass after it is past the period deletes it
+/// (unless it is its node's latest command). Unpinning an unpinned command answers the same.
+#[utoipa::path(delete, path = "/api/commands/{id}/pin", tag = "commands", params(("id" = String, Path)),
+    responses((status = 200, body = Command), (status = 404, body = ErrorBody)))]
+pub async fn unpin(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    set_pinned(&s, &id, false).await
+}
+
+/// Both pin routes: the command as `GET` shows it, named in the audit row.
+async fn set_pinned(s: &AppState, id: &str, pinned: bool) -> ApiResult<Response> {
+    let id: CommandId = parse_id(id, "command")?;
+    let c = domain::commands::set_pinned(&s.db, id, pinned).await?;
+    let stages = s.db.get_stages(id).await?;
+    let node = s.db.command_target_node(id).await?;
+    let note = super::audit::AuditNote::target(c.id, c.command_type.as_str());
+    Ok(note
+        .on(Json(Command::new(&c, Some(&stages)).with_target(&c, node.as_ref())).into_response()))
 }
 
 /// Retry a failed, cancelled or timed-out command as a new attempt (a retried provision

@@ -24,7 +24,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use serde::Serialize;
 
@@ -69,6 +69,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/commands/{id}/logs", get(commands::logs))
         .route("/api/commands/{id}/cancel", post(commands::cancel))
         .route("/api/commands/{id}/retry", post(commands::retry))
+        .route(
+            "/api/commands/{id}/pin",
+            put(commands::pin).delete(commands::unpin),
+        )
         .route(
             "/api/templates",
             get(templates::list).post(templates::create),

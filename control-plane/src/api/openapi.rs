@@ -23,7 +23,7 @@ use super::{admins, agents, audit, auth, commands, node_batches, nodes, template
         agents::templates,
         agents::vms,
         commands::list, commands::create, commands::get, commands::logs, commands::events,
-        commands::cancel, commands::retry,
+        commands::cancel, commands::retry, commands::pin, commands::unpin,
         templates::list, templates::create, templates::get, templates::update, templates::delete,
         nodes::list, nodes::create, nodes::get, nodes::update, nodes::delete, nodes::provision,
         nodes::power, nodes::destroy, nodes::forget, nodes::import,

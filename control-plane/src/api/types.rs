@@ -181,6 +181,9 @@ pub struct Command {
     pub finished_at: Option<String>,
     pub deadline_at: String,
     pub cancel_requested: bool,
+    /// Kept past the retention period (`--retention-days`) until unpinned
+    /// (`PUT`/`DELETE /api/commands/{id}/pin`).
+    pub pinned: bool,
     /// The seq of the last stored event.
     pub last_seq: i64,
     /// The planned and reported stages (on single-command reads only).
@@ -274,6 +277,7 @@ impl Command {
             finished_at: opt_rfc3339(c.finished_at),
             deadline_at: rfc3339(c.deadline_at),
             cancel_requested: c.cancel_requested,
+            pinned: c.pinned,
             last_seq: c.last_seq,
             stages: stages.map(|s| s.iter().map(Stage::from).collect()),
             target: None,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use trellis_protocol::CancelReason;
 
 use super::{fanout::Published, Broker, ToSession};
+use crate::db::Pruned;
 use crate::time::now_ms;
 
 const TICK: Duration = Duration::from_millis(500);
@@ -22,6 +23,21 @@ const REDISPATCH_AFTER_MS: i64 = 30_000;
 const RETENTION_EVERY: u32 = 120;
 const RETENTION_BATCH: i64 = 100;
 const RETENTION_MAX_PER_PASS: i64 = 1000;
+
+/// One retention pass as the reaper runs it every minute: terminal commands past
+/// `--retention-days` go with their events and stages, bounded per pass; pinned ones and
+/// each node's latest stay. Nothing when retention is off. Public so tests run the very
+/// pass the reaper does instead of waiting a minute for it.
+pub async fn retention_pass(broker: &Broker) -> crate::db::DbResult<Pruned> {
+    let Some(keep) = broker.retention else {
+        return Ok(Pruned::default());
+    };
+    let before = now_ms() - keep.as_millis() as i64;
+    broker
+        .db
+        .prune_history(before, RETENTION_BATCH, RETENTION_MAX_PER_PASS)
+        .await
+}
 
 pub async fn run(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(TICK);
@@ -49,22 +65,15 @@ pub async fn run(broker: Arc<Broker>) {
             }
         }
         if n.is_multiple_of(RETENTION_EVERY) {
-            if let Some(keep) = broker.retention {
-                let before = now_ms() - keep.as_millis() as i64;
-                match broker
-                    .db
-                    .prune_history(before, RETENTION_BATCH, RETENTION_MAX_PER_PASS)
-                    .await
-                {
-                    Ok(p) if p.commands == 0 => {}
-                    Ok(p) => tracing::info!(
-                        commands = p.commands,
-                        events = p.events,
-                        stages = p.stages,
-                        "deleted commands past the retention period"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "retention pass failed"),
-                }
+            match retention_pass(&broker).await {
+                Ok(p) if p.commands == 0 => {}
+                Ok(p) => tracing::info!(
+                    commands = p.commands,
+                    events = p.events,
+                    stages = p.stages,
+                    "deleted commands past the retention period"
+                ),
+                Err(e) => tracing::warn!(error = %e, "retention pass failed"),
             }
         }
         if n.is_multiple_of(HEARTBEAT_FLUSH_EVERY) {

@@ -37,11 +37,13 @@ pub struct CommandRow {
     pub finished_at: Option<i64>,
     pub deadline_at: i64,
     pub cancel_requested: bool,
+    /// An admin keeps it past the retention period (see `housekeeping`).
+    pub pinned: bool,
 }
 
 const COLS: &str = "id, agent_id, type, params, status, stage, percent, last_seq, result, \
     error, attempt, root_id, retry_of, idempotency_key, created_by, created_at, dispatched_at, \
-    started_at, finished_at, deadline_at, cancel_requested";
+    started_at, finished_at, deadline_at, cancel_requested, pinned";
 
 /// `COLS` of `commands c` joined to the node it acts on (`nodes n`), for the API's
 /// `target`: one LEFT JOIN instead of a lookup per row.
@@ -107,6 +109,7 @@ impl CommandRow {
             finished_at: r.try_get("finished_at")?,
             deadline_at: r.try_get("deadline_at")?,
             cancel_requested: flag(r, "cancel_requested")?,
+            pinned: flag(r, "pinned")?,
         })
     }
 
@@ -138,6 +141,7 @@ impl CommandRow {
             finished_at: None,
             deadline_at: c.deadline_at,
             cancel_requested: false,
+            pinned: false,
         }
     }
 }

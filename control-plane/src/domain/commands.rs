@@ -1,5 +1,5 @@
 //! Commands: create (validated, stored before the caller is answered, the agent woken),
-//! retry, cancel, and waiting for one to end.
+//! retry, cancel, pin (keep past the retention period), and waiting for one to end.
 
 use std::time::Duration;
 
@@ -251,6 +251,17 @@ pub async fn cancel(db: &Db, broker: &Broker, id: CommandId) -> DomainResult<Com
     }
     broker.fanout.publish(&id, Published::Status);
     Ok(c)
+}
+
+/// Pins a command (the retention pass keeps it however old it gets) or unpins it (it goes
+/// at the first pass after it is past the period again). Any status may be pinned: a
+/// running command pinned now is kept once it ends. Setting the state it already has is
+/// not an error, so a repeated click answers the same.
+pub async fn set_pinned(db: &Db, id: CommandId, pinned: bool) -> DomainResult<CommandRow> {
+    db.set_pinned(id, pinned)
+        .await
+        .map_err(DomainError::not_found(format_args!("command {id}")))?;
+    get(db, id).await
 }
 
 /// Waits until the command is terminal or `timeout` passes; returns its latest state.

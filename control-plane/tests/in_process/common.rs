@@ -29,13 +29,20 @@ impl TestApp {
     }
 
     pub async fn with_heartbeat_timeout(heartbeat_timeout: Duration) -> Self {
+        Self::with_config(|c| c.heartbeat_timeout = heartbeat_timeout).await
+    }
+
+    /// Started with the test defaults (in-memory SQLite, the `ADMIN` token, a 45 s
+    /// heartbeat timeout, retention off) changed by `edit`.
+    pub async fn with_config(edit: impl FnOnce(&mut ServeConfig)) -> Self {
         let shutdown = CancellationToken::new();
-        let config = ServeConfig {
+        let mut config = ServeConfig {
             database_url: "sqlite::memory:".into(),
             admin_token: Some(ADMIN.into()),
-            heartbeat_timeout,
+            heartbeat_timeout: Duration::from_secs(45),
             ..Default::default()
         };
+        edit(&mut config);
         let app = App::start(&config, shutdown.clone()).await.expect("start");
         Self { app, shutdown }
     }

@@ -6,6 +6,7 @@ mod api;
 mod common;
 mod lifecycle;
 mod openapi;
+mod pins;
 mod proptest_query;
 mod session;
 mod storage;

@@ -235,6 +235,30 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/commands/{id}/pin": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Pin a command: retention (`--retention-days`) keeps it, with its events and stages,
+         *     until it is unpinned. Any status; pinning a pinned command answers the same.
+         */
+        put: operations["commands_pin"];
+        post?: never;
+        /**
+         * Unpin a command: the first retention pass after it is past the period deletes it
+         *     (unless it is its node's latest command). Unpinning an unpinned command answers the same.
+         */
+        delete: operations["commands_unpin"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/commands/{id}/retry": {
         parameters: {
             query?: never;
@@ -789,6 +813,11 @@ export interface components {
             params: unknown;
             /** Format: double */
             percent?: number | null;
+            /**
+             * @description Kept past the retention period (`--retention-days`) until unpinned
+             *     (`PUT`/`DELETE /api/commands/{id}/pin`).
+             */
+            pinned: boolean;
             result?: unknown;
             retryOf?: null | components["schemas"]["CommandId"];
             rootCommandId: components["schemas"]["CommandId"];
@@ -1956,6 +1985,82 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["LogPage"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    commands_pin: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Command"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    commands_unpin: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Command"];
                 };
             };
             404: {

@@ -159,6 +159,9 @@ export const api = {
     request<LogPage>(`/api/commands/${enc(id)}/logs${qs({ after, limit })}`, { signal }),
   cancelCommand: (id: string) => request<Command>(`/api/commands/${enc(id)}/cancel`, { method: 'POST' }),
   retryCommand: (id: string) => request<CommandAccepted>(`/api/commands/${enc(id)}/retry`, { method: 'POST' }),
+  /** Keep a command past the retention period (`PUT …/pin`), or let it go (`DELETE …/pin`). */
+  pinCommand: (id: string) => request<Command>(`/api/commands/${enc(id)}/pin`, { method: 'PUT' }),
+  unpinCommand: (id: string) => request<Command>(`/api/commands/${enc(id)}/pin`, { method: 'DELETE' }),
 
   listTemplates: (signal?: AbortSignal) => request<TemplateList>('/api/templates', { signal }),
   createTemplate: (t: TemplateInput) => request<Template>('/api/templates', { method: 'POST', body: t }),

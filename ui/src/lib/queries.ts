@@ -200,6 +200,8 @@ export function mutations(qc: QueryClient) {
     createCommand: after(api.createCommand, () => [queryKeys.commandLists]),
     cancelCommand: after(api.cancelCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),
     retryCommand: after(api.retryCommand, (id) => [queryKeys.commandLists, queryKeys.command(id), queryKeys.nodes]),
+    pinCommand: after(api.pinCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),
+    unpinCommand: after(api.unpinCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),
   };
 }
 

@@ -23,6 +23,7 @@ const base: Command = {
   finishedAt: null,
   deadlineAt: '2026-11-25T10:00:00Z',
   cancelRequested: false,
+  pinned: false,
   lastSeq: 0,
 };
 

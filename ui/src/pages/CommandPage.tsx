@@ -10,6 +10,7 @@ import { ConfirmDialog } from '../components/Modal';
 import { ErrorBox, JsonView, Notice, ProgressBar, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
 import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
+import { PinToggle } from '../components/PinToggle';
 import { cancelledSentence, startedAt, targetLabel, vmCleanupSentence } from '../lib/commandText';
 
 const STREAM_LABEL: Record<string, string> = {
@@ -30,6 +31,7 @@ export function CommandPage({ id }: { id: string }) {
   const [confirmCancel, setConfirmCancel] = useState(false);
   const [actionErr, setActionErr] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
+  const [pinBusy, setPinBusy] = useState(false);
 
   if (!cmd) {
     return (
@@ -73,6 +75,20 @@ export function CommandPage({ id }: { id: string }) {
     }
   };
 
+  // Any status may be pinned: a running command pinned now is kept once it ends.
+  const togglePin = async () => {
+    setPinBusy(true);
+    setActionErr(null);
+    try {
+      await (cmd.pinned ? m.unpinCommand(cmd.id) : m.pinCommand(cmd.id));
+      live.refresh();
+    } catch (e) {
+      setActionErr(errorMessage(e));
+    } finally {
+      setPinBusy(false);
+    }
+  };
+
   return (
     <div className="page" data-testid="command-page" data-status={cmd.status}>
       <a href="#/commands" className="back">
@@ -112,6 +128,7 @@ export function CommandPage({ id }: { id: string }) {
               {busy ? 'Retrying…' : 'Retry'}
             </button>
           )}
+          <PinToggle pinned={cmd.pinned} busy={pinBusy} onToggle={togglePin} />
         </div>
       </header>
       {actionErr && <ErrorBox>{actionErr}</ErrorBox>}
