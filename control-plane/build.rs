@@ -19,6 +19,8 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, PathBuf)>) {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // `sqlx::migrate!` embeds ../migrations: a new file there must rebuild the crate.
+    println!("cargo:rerun-if-changed=../migrations");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("embedded_ui.rs");
     if std::env::var_os("CARGO_FEATURE_EMBED_UI").is_none() {
         std::fs::write(&out, "pub static FILES: &[(&str, &[u8])] = &[];\n").expect("write");

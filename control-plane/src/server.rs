@@ -108,16 +108,6 @@ impl App {
             .await
             .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
         let data_dir = crate::data_dir::resolve(config.data_dir.as_deref(), &config.database_url);
-        let db = db.with_secrets(secrets_key(config, &data_dir)?);
-        let sealed = db.seal_stored_in_clear().await?;
-        if sealed > 0 {
-            tracing::info!(
-                commands = sealed,
-                "encrypted the sensitive values an earlier version stored in clear"
-            );
-        }
-        let admin_token_hash =
-            admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let in_memory = config.data_dir.is_none()
             && config.database_url.starts_with("sqlite")
             && crate::data_dir::sqlite_file(&config.database_url).is_none();
@@ -133,6 +123,25 @@ impl App {
             public_key = %signing.public_key_base64(),
             "dispatch signing key (agents pin it: tendril --server-public-key)"
         );
+        let db = db
+            .with_secrets(secrets_key(config, &data_dir)?)
+            .with_signing(Arc::new(signing));
+        let sealed = db.seal_stored_in_clear().await?;
+        if sealed > 0 {
+            tracing::info!(
+                commands = sealed,
+                "encrypted the sensitive values an earlier version stored in clear"
+            );
+        }
+        let signed = db.sign_stored_unsigned().await?;
+        if signed > 0 {
+            tracing::info!(
+                commands = signed,
+                "signed the commands an earlier version stored without a signature"
+            );
+        }
+        let admin_token_hash =
+            admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let fanout = Arc::new(Fanout::default());
         let metrics = Arc::new(Metrics::default());
         let tasks = TaskTracker::new();
@@ -152,7 +161,6 @@ impl App {
                 retention: (config.retention_days > 0)
                     .then(|| Duration::from_secs(config.retention_days.saturating_mul(86_400))),
             },
-            Arc::new(signing),
             &tasks,
         );
         tasks.spawn(reaper::run(broker.clone()));

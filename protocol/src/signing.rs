@@ -43,6 +43,22 @@ pub struct FrameSignature {
     pub sig: String,
 }
 
+impl FrameSignature {
+    /// The stored form, `<key id>:<signature>` (neither contains a colon).
+    pub fn to_stored(&self) -> String {
+        format!("{}:{}", self.key_id, self.sig)
+    }
+
+    /// Parses [`FrameSignature::to_stored`]'s form.
+    pub fn from_stored(text: &str) -> Option<Self> {
+        let (key_id, sig) = text.split_once(':')?;
+        (!key_id.is_empty() && !sig.is_empty()).then(|| Self {
+            key_id: key_id.to_string(),
+            sig: sig.to_string(),
+        })
+    }
+}
+
 /// The control plane's signing key as `welcome` advertises it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ServerSigningKey {
@@ -196,6 +212,35 @@ impl SigningKey {
             key_id: self.key_id.clone(),
             sig: b64().encode(self.pair.sign(bytes).as_ref()),
         }
+    }
+
+    /// The signature of a `dispatch` for `agent_id` (its own `signature` is ignored), over
+    /// the params bytes `ServerMessage::encode` writes. The control plane computes it when
+    /// the command is created and stores it with the row, so a row altered later no longer
+    /// matches what the agent verifies.
+    pub fn sign_dispatch(&self, agent_id: Uuid, d: &Dispatch) -> FrameSignature {
+        let params = serde_json::to_vec(&d.params).expect("JSON values serialize");
+        self.signature(&dispatch_bytes(&self.key_id, agent_id, d, &params))
+    }
+
+    /// Checks `d.signature` against this key as an agent that pinned it would: made by
+    /// this key, for `agent_id`, over exactly these fields and params.
+    pub fn verify_own_dispatch(&self, agent_id: Uuid, d: &Dispatch) -> Result<(), SignatureError> {
+        let s = d.signature.as_ref().ok_or(SignatureError::Unsigned)?;
+        if s.key_id != self.key_id {
+            return Err(SignatureError::UnknownKey(s.key_id.clone()));
+        }
+        let own = PublicKey {
+            bytes: self
+                .pair
+                .public_key()
+                .as_ref()
+                .try_into()
+                .expect("Ed25519 public keys have 32 bytes"),
+            key_id: self.key_id.clone(),
+        };
+        let params = serde_json::to_vec(&d.params).expect("JSON values serialize");
+        own.verify(&dispatch_bytes(&s.key_id, agent_id, d, &params), &s.sig)
     }
 
     /// Signs a `dispatch` or `cancel` frame meant for `agent_id` (other frames are left
@@ -394,6 +439,57 @@ mod tests {
             check(&forged, agent, &trusted),
             Err(SignatureError::Mismatch)
         );
+    }
+
+    #[test]
+    fn a_stored_signature_verifies_at_the_agent_and_against_its_own_key() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let trusted = [PublicKey::from_base64(&key.public_key_base64()).unwrap()];
+        let agent = Uuid::new_v4();
+        let ServerMessage::Dispatch(mut d) = dispatch(json!({"b": [1, 2.5], "a": "x"})) else {
+            panic!()
+        };
+        // Signed apart from the frame (at creation), stored as text, attached at dispatch.
+        let stored = key.sign_dispatch(agent, &d).to_stored();
+        d.signature = FrameSignature::from_stored(&stored);
+        assert_eq!(key.verify_own_dispatch(agent, &d), Ok(()));
+        let frame = ServerMessage::Dispatch(d.clone()).encode();
+        assert!(check(&frame, agent, &trusted).is_ok());
+        // Any stored field changed afterwards no longer matches.
+        let mut altered = d.clone();
+        altered.params = json!({"b": [1, 2.5], "a": "y"});
+        assert_eq!(
+            key.verify_own_dispatch(agent, &altered),
+            Err(SignatureError::Mismatch)
+        );
+        let frame = ServerMessage::Dispatch(altered).encode();
+        assert_eq!(
+            check(&frame, agent, &trusted),
+            Err(SignatureError::Mismatch)
+        );
+        let mut later = d.clone();
+        later.deadline_ms = Some(later.deadline_ms.unwrap() + 1);
+        assert_eq!(
+            key.verify_own_dispatch(agent, &later),
+            Err(SignatureError::Mismatch)
+        );
+        assert_eq!(
+            key.verify_own_dispatch(Uuid::new_v4(), &d),
+            Err(SignatureError::Mismatch)
+        );
+        let (other, _) = SigningKey::generate().unwrap();
+        assert!(matches!(
+            other.verify_own_dispatch(agent, &d),
+            Err(SignatureError::UnknownKey(_))
+        ));
+        // The stored form round-trips and rejects junk.
+        assert_eq!(
+            FrameSignature::from_stored(&stored).unwrap().to_stored(),
+            stored
+        );
+        for junk in ["", ":", "abc", "abc:", ":sig"] {
+            assert_eq!(FrameSignature::from_stored(junk), None, "{junk:?}");
+        }
     }
 
     #[test]

@@ -173,6 +173,133 @@ async fn pinning_refusal_and_rotation_against_the_real_control_plane() {
     assert_eq!(pinned(&work), vec![key_b.public_key_base64()]);
 }
 
+/// Commands are signed when they are stored and sent with that signature: a row altered
+/// in the database afterwards (by someone who can write it but has no signing key) is
+/// refused by the agent, a row without a signature is never sent, neither is copied into
+/// a retry, and a row an earlier version stored unsigned is signed once at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_altered_in_the_database_is_refused_by_the_agent() {
+    use sqlx::Connection;
+    let (dir, mut cp, api) = control_plane(Backend::Sqlite, "tamper").await;
+    let (agent_id, token) = api.create_agent("tamper").await;
+    let work = dir.join("work");
+    let mut agent = Agent::start(&cp.ws_url(), &token, &work);
+    api.wait_agent_online(&agent_id).await;
+    assert_eq!(ping(&api, &agent_id).await["status"], "succeeded");
+    assert_eq!(pinned(&work).len(), 1, "the key is pinned");
+
+    // Commands queued while the agent is away, then altered in the database.
+    agent.kill();
+    api.wait_until(WAIT, || async {
+        api.get(&format!("/api/agents/{agent_id}")).await["status"] == "offline"
+    })
+    .await;
+    let tampered = api
+        .command(&agent_id, "ping", json!({"progress_events": 2}))
+        .await;
+    let unsigned = api
+        .command(&agent_id, "ping", json!({"progress_events": 2}))
+        .await;
+    let honest = api
+        .command(&agent_id, "ping", json!({"progress_events": 2}))
+        .await;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&cp.db_url).await.unwrap();
+    let stored: String = sqlx::query_scalar("SELECT signature FROM commands WHERE id = $1")
+        .bind(&honest)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let key = SigningKey::from_base64(&std::fs::read_to_string(dir.join("signing.key")).unwrap())
+        .unwrap();
+    assert!(
+        stored.starts_with(&format!("{}:", key.key_id())),
+        "signed by the server key at creation: {stored}"
+    );
+    sqlx::query("UPDATE commands SET params = $1 WHERE id = $2")
+        .bind(json!({"progress_events": 5}).to_string())
+        .bind(&tampered)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE commands SET signature = NULL WHERE id = $1")
+        .bind(&unsigned)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let _agent = Agent::start(&cp.ws_url(), &token, &work);
+    api.wait_agent_online(&agent_id).await;
+    // The altered row reached the agent, which refused it: nothing ran.
+    assert_refused(&api.wait_done(&tampered, WAIT).await);
+    // The unsigned row was never sent.
+    let c = api.wait_done(&unsigned, WAIT).await;
+    assert_eq!(c["status"], "failed", "{c}");
+    assert_eq!(c["error"]["code"], "unsigned", "{c}");
+    assert_eq!(c["lastSeq"], 0, "never dispatched: {c}");
+    assert!(
+        c["dispatchedAt"].is_null() || c["startedAt"].is_null(),
+        "{c}"
+    );
+    // The untouched one ran.
+    assert_eq!(api.wait_done(&honest, WAIT).await["status"], "succeeded");
+
+    // Neither altered row is copied into a retry (a retry is signed anew).
+    for id in [&tampered, &unsigned] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/commands/{id}/retry"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "signature_invalid", "{body}");
+    }
+
+    // A row an earlier version stored unsigned is signed once at the next start (the
+    // `settings` marker is what an upgrade from before signatures lacks).
+    let before = api
+        .command(&agent_id, "ping", json!({"fail_with": "for a retry"}))
+        .await;
+    assert_eq!(api.wait_done(&before, WAIT).await["status"], "failed");
+    let mut conn = sqlx::AnyConnection::connect(&cp.db_url).await.unwrap();
+    sqlx::query("UPDATE commands SET signature = NULL WHERE id = $1")
+        .bind(&before)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM settings WHERE key = 'commands_signed_v1'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    cp.restart_with(&[]).await;
+    assert!(
+        cp.log()
+            .contains("signed the commands an earlier version stored"),
+        "{}",
+        cp.log()
+    );
+    api.wait_agent_online(&agent_id).await;
+    // Now signed, so it is copied into a retry, which runs.
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/commands/{before}/retry"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let retry = body["commandId"].as_str().unwrap().to_string();
+    assert_eq!(api.wait_done(&retry, WAIT).await["status"], "failed");
+    assert_eq!(
+        api.get(&format!("/api/commands/{retry}")).await["error"]["message"],
+        "for a retry"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // A scripted control plane.
 

@@ -89,7 +89,8 @@ pub struct Broker {
     pub max_log_bytes_per_command: i64,
     /// How long terminal commands are kept (`None`: forever).
     pub retention: Option<Duration>,
-    /// Signs every `dispatch` and `cancel` frame (`welcome` advertises its public key).
+    /// The database's signing key: it signs `cancel` frames here (commands are signed when
+    /// stored) and `welcome` advertises its public key.
     pub signing: Arc<trellis_protocol::signing::SigningKey>,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
@@ -108,13 +109,13 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         timing: Timing,
-        signing: Arc<trellis_protocol::signing::SigningKey>,
         tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
         let (itx, irx) = mpsc::channel(4096);
         tasks.spawn(inserter::run(db.clone(), irx));
         let (dtx, drx) = mpsc::unbounded_channel();
+        let signing = db.signing().clone();
         let broker = Arc::new(Self {
             db,
             fanout,

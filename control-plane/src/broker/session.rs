@@ -407,8 +407,11 @@ impl Session {
                     let Some(cmd) = cmd else { return "session channel closed".into() };
                     match cmd {
                         ToSession::Send(mut m) => {
-                            // Dispatch and cancel frames are signed for this agent.
-                            self.broker.signing.sign(self.agent_id.0, &mut m);
+                            // Cancel frames are signed for this agent (a dispatch carries
+                            // its stored signature and never passes here).
+                            if matches!(m, ServerMessage::Cancel { .. }) {
+                                self.broker.signing.sign(self.agent_id.0, &mut m);
+                            }
                             if send(socket, &m).await.is_err() {
                                 return "send failed".into();
                             }
@@ -701,9 +704,9 @@ impl Session {
         };
         self.owned.insert(d.id, None);
         self.inflight.insert(d.id, Instant::now());
-        let mut msg = d.into_message();
-        self.broker.signing.sign(self.agent_id.0, &mut msg);
-        send(socket, &msg).await
+        // Sent with the signature stored when the command was created: nothing here signs
+        // what the database hands over.
+        send(socket, &d.into_message()).await
     }
 }
 

@@ -160,6 +160,9 @@ pub struct NewCommand {
     pub attempt: i64,
     pub root_id: CommandId,
     pub retry_of: Option<CommandId>,
+    /// The stored signature of its `dispatch` frame ([`Db::sign_new`] sets it); a command
+    /// stored without one is never sent.
+    pub signature: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -209,12 +212,16 @@ pub(super) async fn insert_commands_on(
     cmds: &[&NewCommand],
     now: i64,
 ) -> DbResult<()> {
-    const COLS: usize = 12;
+    const COLS: usize = 13;
     const ROWS: usize = 200;
+    if let Some(c) = cmds.iter().find(|c| c.signature.is_none()) {
+        // Every path that makes a command signs it (`Db::sign_new`) after its last change.
+        return Err(DbError::Corrupt(format!("command {} was not signed", c.id)));
+    }
     for chunk in cmds.chunks(ROWS) {
         let sql = multi_row_insert(
             "INSERT INTO commands (id, agent_id, type, params, status, attempt, root_id, \
-             retry_of, idempotency_key, created_by, created_at, deadline_at) VALUES ",
+             retry_of, idempotency_key, created_by, created_at, deadline_at, signature) VALUES ",
             COLS,
             chunk.len(),
         );
@@ -232,7 +239,8 @@ pub(super) async fn insert_commands_on(
                 .bind(c.idempotency_key.clone())
                 .bind(c.created_by.clone())
                 .bind(now)
-                .bind(c.deadline_at);
+                .bind(c.deadline_at)
+                .bind(c.signature.clone());
         }
         match q.execute(&mut *conn).await {
             Err(e) if is_unique_violation(&e) => {

@@ -31,7 +31,7 @@ fn claim_query(
          WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
          ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
          FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
-         RETURNING id, type, params, deadline_at, attempt, root_id",
+         RETURNING id, type, params, deadline_at, attempt, root_id, signature",
     )
     .bind(now)
     .bind(epoch)
@@ -48,6 +48,8 @@ pub struct DispatchRow {
     pub deadline_at: i64,
     pub attempt: i64,
     pub root_id: CommandId,
+    /// Stored when the command was created (see `db::signatures`); sent unchanged.
+    pub signature: Option<String>,
 }
 
 impl DispatchRow {
@@ -60,7 +62,10 @@ impl DispatchRow {
             deadline_ms: Some(self.deadline_at),
             attempt: self.attempt.clamp(1, i64::from(u32::MAX)) as u32,
             root_command_id: Some(self.root_id.0),
-            signature: None,
+            signature: self
+                .signature
+                .as_deref()
+                .and_then(trellis_protocol::FrameSignature::from_stored),
         })
     }
 
@@ -72,7 +77,21 @@ impl DispatchRow {
             deadline_at: r.try_get("deadline_at")?,
             attempt: r.try_get("attempt")?,
             root_id: id(r, "root_id")?,
+            signature: r.try_get("signature")?,
         })
+    }
+
+    /// The fields its signature covers, as a dispatch to `agent_id`.
+    pub fn signed(&self, agent_id: AgentId) -> super::Signed<'_> {
+        super::Signed {
+            id: self.id,
+            agent_id,
+            command_type: self.command_type,
+            params: &self.params,
+            deadline_at: self.deadline_at,
+            attempt: self.attempt,
+            root_id: self.root_id,
+        }
     }
 }
 
@@ -139,7 +158,7 @@ impl Db {
         interrupted: &[CommandId],
     ) -> DbResult<Reconciled> {
         let rows = sqlx::query(
-            "SELECT id, type, params, deadline_at, attempt, root_id, status, cancel_requested FROM commands \
+            "SELECT id, type, params, deadline_at, attempt, root_id, signature, status, cancel_requested FROM commands \
              WHERE agent_id = $1 AND status IN ('dispatched', 'running')",
         )
         .bind(agent_id.to_string())
@@ -153,9 +172,13 @@ impl Db {
             Default::default();
         for r in &rows {
             let d = DispatchRow::from_row(r)?;
+            // Only a row that still matches its signature is copied into a new attempt.
             if d.command_type == trellis_protocol::CommandType::Destroy
                 && !flag(r, "cancel_requested")?
                 && d.attempt < MAX_DESTROY_ATTEMPTS
+                && self
+                    .verify_stored(&d.signed(agent_id), d.signature.as_deref())
+                    .is_ok()
             {
                 lost_destroys.insert(d.id, d.clone());
             }
@@ -223,7 +246,8 @@ impl Db {
                 match lost_destroys.get(id) {
                     Some(d) => {
                         let retry =
-                            super::nodes::rerun_lost_destroy(&mut tx, agent_id, d, now).await?;
+                            super::nodes::rerun_lost_destroy(self, &mut tx, agent_id, d, now)
+                                .await?;
                         out.rerun.push(retry);
                     }
                     None => fail_node_of(
@@ -280,7 +304,7 @@ impl Db {
 
     pub async fn dispatch_row(&self, command: CommandId) -> DbResult<DispatchRow> {
         let row = sqlx::query(
-            "SELECT id, type, params, deadline_at, attempt, root_id FROM commands WHERE id = $1",
+            "SELECT id, type, params, deadline_at, attempt, root_id, signature FROM commands WHERE id = $1",
         )
         .bind(command.to_string())
         .fetch_optional(&self.pool)

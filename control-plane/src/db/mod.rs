@@ -20,6 +20,7 @@ mod node_import;
 mod nodes;
 mod secrets;
 mod settings;
+mod signatures;
 pub mod sql;
 mod templates;
 
@@ -36,6 +37,7 @@ pub use inventory::{AgentVmRow, InventoryApplied};
 pub use node_batches::{BatchNode, NodeProgress};
 pub use node_import::NodeImport;
 pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
+pub use signatures::Signed;
 pub use templates::{TemplateFields, TemplateRow};
 
 use std::time::Duration;
@@ -85,6 +87,8 @@ pub struct Db {
     pub backend: Backend,
     /// The key sensitive command params are stored under (see [`crate::secrets`]).
     secrets: crate::secrets::Secrets,
+    /// Signs every command as it is stored (see `commands.signature`).
+    signing: std::sync::Arc<trellis_protocol::signing::SigningKey>,
 }
 
 impl Db {
@@ -156,7 +160,27 @@ impl Db {
             backend,
             // The server sets its persistent key with `with_secrets`.
             secrets: crate::secrets::Secrets::ephemeral(),
+            // The server sets its persistent key with `with_signing`.
+            signing: std::sync::Arc::new(
+                trellis_protocol::signing::SigningKey::generate()
+                    .map_err(anyhow::Error::msg)?
+                    .0,
+            ),
         })
+    }
+
+    /// This database with `signing` as the key commands are signed with when stored.
+    pub fn with_signing(
+        mut self,
+        signing: std::sync::Arc<trellis_protocol::signing::SigningKey>,
+    ) -> Self {
+        self.signing = signing;
+        self
+    }
+
+    /// The key commands are signed with.
+    pub fn signing(&self) -> &std::sync::Arc<trellis_protocol::signing::SigningKey> {
+        &self.signing
     }
 
     /// This database with `secrets` as the key of sensitive command params.

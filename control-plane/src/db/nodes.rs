@@ -427,12 +427,13 @@ async fn idle_node(conn: &mut sqlx::AnyConnection, node: NodeId) -> DbResult<Opt
 /// takes over the node, which stays `destroying`: destroy is idempotent, and a node must
 /// not be left `failed` by a crash. In the caller's transaction; returns the new id.
 pub(super) async fn rerun_lost_destroy(
+    db: &super::Db,
     conn: &mut sqlx::AnyConnection,
     agent: AgentId,
     lost: &super::DispatchRow,
     now: i64,
 ) -> DbResult<CommandId> {
-    let retry = NewCommand {
+    let mut retry = NewCommand {
         id: CommandId::new(),
         agent_id: agent,
         command_type: CommandType::Destroy,
@@ -443,7 +444,9 @@ pub(super) async fn rerun_lost_destroy(
         attempt: lost.attempt + 1,
         root_id: lost.root_id,
         retry_of: Some(lost.id),
+        signature: None,
     };
+    db.sign_new(&mut retry).map_err(DbError::Corrupt)?;
     insert_commands_on(conn, &[&retry], now).await?;
     inherit_node(conn, retry.id, lost.id).await?;
     sqlx::query(

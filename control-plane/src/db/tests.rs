@@ -12,6 +12,7 @@ async fn db() -> Db {
     Db::connect("sqlite::memory:").await.unwrap()
 }
 
+/// A command to store; its signature is a placeholder (these tests store, never send).
 fn command(agent: AgentId, ty: CommandType, key: Option<&str>) -> NewCommand {
     let id = CommandId::new();
     NewCommand {
@@ -25,6 +26,7 @@ fn command(agent: AgentId, ty: CommandType, key: Option<&str>) -> NewCommand {
         attempt: 1,
         root_id: id,
         retry_of: None,
+        signature: Some(format!("test:{id}")),
     }
 }
 

@@ -86,7 +86,7 @@ pub async fn prepare(
         ));
     }
     let id = CommandId::new();
-    Ok(Ok(NewCommand {
+    let mut new = NewCommand {
         id,
         agent_id: c.agent_id,
         command_type: ty,
@@ -98,7 +98,16 @@ pub async fn prepare(
         attempt: retry_of.map_or(1, |r| r.attempt + 1),
         root_id: retry_of.map_or(id, |r| r.root_id),
         retry_of: retry_of.map(|r| r.id),
-    }))
+        signature: None,
+    };
+    // Signed now, over exactly what will be stored: a caller that changes it signs again.
+    db.sign_new(&mut new).map_err(|e| {
+        DomainError::invalid(
+            "invalid_params",
+            format!("the command cannot be signed: {e}"),
+        )
+    })?;
+    Ok(Ok(new))
 }
 
 /// Validates and stores a command (group-committed with concurrent ones), then wakes the
@@ -194,6 +203,27 @@ pub async fn retry(
                 format!("the command's sensitive values cannot be decrypted ({e}); submit the command again with its values"),
             )
         })?;
+    // Only a row that still matches the signature it was stored with is copied: a retry
+    // is signed anew, so copying an altered row would sign what an attacker wrote.
+    let signature = db.command_signature(old.id).await?;
+    db.verify_stored(
+        &crate::db::Signed {
+            id: old.id,
+            agent_id: old.agent_id,
+            command_type: old.command_type,
+            params: &old.params,
+            deadline_at: old.deadline_at,
+            attempt: old.attempt,
+            root_id: old.root_id,
+        },
+        signature.as_deref(),
+    )
+    .map_err(|e| {
+        DomainError::conflict(
+            "signature_invalid",
+            format!("the stored command does not match the signature it was stored with ({e}), so it is not copied into a retry; submit the command again"),
+        )
+    })?;
     let req = CreateCommand {
         agent_id: old.agent_id,
         command_type: old.command_type.as_str().to_string(),

@@ -174,6 +174,13 @@ pub async fn bulk_provision(
         };
         let mut command = plan_provision(db, actor, &row, b.provision.clone()).await?;
         per_node_clone_options(&mut command.params, index as u32)?;
+        // Its params changed after `prepare` signed them.
+        db.sign_new(&mut command).map_err(|e| {
+            DomainError::invalid(
+                "invalid_params",
+                format!("the command cannot be signed: {e}"),
+            )
+        })?;
         nodes.push(BatchNode {
             id: row.id,
             name: row.name,
