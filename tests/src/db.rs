@@ -52,6 +52,15 @@ impl TestDb {
         }
     }
 
+    /// A database someone else owns (a [`crate::pg_instance::PgInstance`]'s, say):
+    /// nothing is dropped with this.
+    pub fn existing(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            pg_name: None,
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

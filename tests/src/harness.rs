@@ -143,6 +143,14 @@ impl ControlPlane {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the process is still running (`false` once it exited on its own, or was
+    /// killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL: no graceful anything.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

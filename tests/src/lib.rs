@@ -3,6 +3,7 @@
 //!
 //! * [`harness`]: the real `trellis` and `tendril` binaries, and an admin API client
 //! * [`tempdir`], [`db`]: scratch directories and databases that remove themselves
+//! * [`pg_instance`]: a private PostgreSQL server, for tests that stop or restart it
 //! * [`sse`]: a command's server-sent event stream
 //! * [`raw_agent`]: the agent protocol spoken by hand
 //! * [`recorder`]: an executor driven directly, its reports recorded
@@ -12,6 +13,7 @@
 pub mod db;
 pub mod git;
 pub mod harness;
+pub mod pg_instance;
 pub mod pve_sim;
 pub mod raw_agent;
 pub mod recorder;

@@ -15,10 +15,16 @@
 //! provision runs, restarts it on the same database, and checks the same, on SQLite and
 //! on PostgreSQL.
 //!
-//! `TRELLIS_FAULT_RUNS` (default 15: five of each kind) and `TRELLIS_FAULT_CP_RUNS`
-//! (default 5) set the number of runs (20 in all by default; 200 with
-//! `TRELLIS_FAULT_RUNS=150 TRELLIS_FAULT_CP_RUNS=50`); `TRELLIS_FAULT_SEED` replays a
-//! campaign. The figures are printed at the end.
+//! A third restarts PostgreSQL (a server of the test's own, [`PgInstance`]) at random
+//! points while pings stream, then stops it for longer than the pool's acquire timeout;
+//! a fourth caps SQLite (`TRELLIS_SQLITE_MAX_PAGE_COUNT`) so that it fills up while a ping
+//! streams, then lets it grow again. Both check the same, and that API calls meanwhile get
+//! a JSON 503/507 that says why within the acquire timeout.
+//!
+//! `TRELLIS_FAULT_RUNS` (default 15: five of each kind), `TRELLIS_FAULT_CP_RUNS`
+//! (default 5) and `TRELLIS_FAULT_PG_RUNS` (default 3) set the number of runs (23 in all by
+//! default; 200 with `TRELLIS_FAULT_RUNS=150 TRELLIS_FAULT_CP_RUNS=50`);
+//! `TRELLIS_FAULT_SEED` replays a campaign. The figures are printed at the end.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -28,6 +34,7 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use trellis_tests::harness::*;
 use trellis_tests::on_both_backends;
+use trellis_tests::pg_instance::PgInstance;
 use trellis_tests::terraform::{params as tf_params, template_repo, terraform_env};
 
 const FAST_SIM: &[&str] = &[
@@ -87,6 +94,11 @@ async fn stored_events(db_url: &str, command_id: &str) -> Vec<(i64, String, Stri
 /// Counts events lost (seq gaps, missing ping lines) and stored twice (a second
 /// `finished`, a ping line seen again) for one command.
 async fn check_events(db_url: &str, c: &Value, kind: Kind, f: &mut Figures) {
+    check_events_of(db_url, c, kind, PING_LINES, f).await;
+}
+
+/// [`check_events`] for a ping of `ping_lines` log lines.
+async fn check_events_of(db_url: &str, c: &Value, kind: Kind, ping_lines: usize, f: &mut Figures) {
     let id = c["id"].as_str().expect("command id");
     let events = stored_events(db_url, id).await;
     f.events_checked += events.len() as u64;
@@ -123,7 +135,7 @@ async fn check_events(db_url: &str, c: &Value, kind: Kind, f: &mut Figures) {
                     .collect::<Vec<usize>>()
             })
             .collect();
-        let mut seen = vec![0u32; PING_LINES + 2];
+        let mut seen = vec![0u32; ping_lines + 2];
         for &n in &lines {
             if let Some(s) = seen.get_mut(n) {
                 *s += 1;
@@ -138,9 +150,9 @@ async fn check_events(db_url: &str, c: &Value, kind: Kind, f: &mut Figures) {
         }
         f.duplicated += dup;
         f.lost += missing;
-        if c["status"] == "succeeded" && top != PING_LINES {
-            eprintln!("command {id}: succeeded with {top} of {PING_LINES} lines");
-            f.lost += (PING_LINES - top) as u64;
+        if c["status"] == "succeeded" && top != ping_lines {
+            eprintln!("command {id}: succeeded with {top} of {ping_lines} lines");
+            f.lost += ping_lines.saturating_sub(top) as u64;
         }
     }
 }
@@ -302,9 +314,12 @@ async fn tagged_vms(s: &Stack, root: &str) -> Vec<u32> {
         .collect()
 }
 
-fn print_figures(what: &str, seed: u64, f: &Figures, took: Duration) {
+/// Prints the figures (`fault`: what `kills` counts, e.g. "kills", "restarts") and
+/// asserts that nothing was lost or stored twice.
+fn print_figures(what: &str, seed: Option<u64>, fault: &str, f: &Figures, took: Duration) {
+    let seed = seed.map_or_else(|| "none (no random choices)".to_string(), |s| s.to_string());
     println!(
-        "{what} figures: seed {seed}, runs {}, kills {}, commands {} ({} terminal), \
+        "{what} figures: seed {seed}, runs {}, {fault} {}, commands {} ({} terminal), \
          events checked {}, lost {}, duplicated {}, second VMs {}, leftover terraform processes {} \
          ({:.1} s)",
         f.runs,
@@ -424,7 +439,13 @@ async fn sigkill_tendril_at_random_points() {
         }
     }
     drop(s);
-    print_figures("tendril fault campaign", seed, &f, started.elapsed());
+    print_figures(
+        "tendril fault campaign",
+        Some(seed),
+        "kills",
+        &f,
+        started.elapsed(),
+    );
 }
 
 /// SIGKILL of trellis at a random point while two pings stream logs and a provision
@@ -483,7 +504,7 @@ async fn sigkill_trellis_under_load(backend: Backend) {
         println!("run {run}: trellis killed after {kill_after} ms → {summary:?}");
     }
     drop(s);
-    print_figures(&what, seed, &f, started.elapsed());
+    print_figures(&what, Some(seed), "kills", &f, started.elapsed());
 }
 on_both_backends!(trellis_sigkill, sigkill_trellis_under_load);
 
@@ -553,4 +574,456 @@ async fn a_provision_killed_during_start_vm_retries_to_its_running_vm() {
         .map(|v| v.vmid)
         .collect();
     assert_eq!(vms.len(), 1, "{vms:?}");
+}
+
+/// The pool's acquire timeout in trellis (`Db::connect`): no API call may wait longer for
+/// the database, give or take the time to answer.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One API call made while PostgreSQL was down.
+#[derive(Debug)]
+struct Probe {
+    what: &'static str,
+    status: u16,
+    body: Value,
+    took: Duration,
+    /// When it was answered, relative to the stop.
+    answered: Duration,
+}
+
+/// Calls `/readyz`, reads a command and submits one, over and over, until `stop` says
+/// so; returns every answer. A ping submitted successfully is returned in `created` (it
+/// must reach a terminal status like the others).
+async fn probe_outage(
+    api: Api,
+    agent_id: String,
+    read: String,
+    down_at: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<Probe>, Vec<String>) {
+    let mut probes = Vec::new();
+    let mut created = Vec::new();
+    while !*stop.borrow() {
+        for what in ["readyz", "get_command", "post_command"] {
+            let t = Instant::now();
+            let (status, body) = match what {
+                "readyz" => {
+                    let r = api
+                        .http
+                        .get(format!("{}/readyz", api.base))
+                        .send()
+                        .await
+                        .expect("readyz answers (no hang, no reset)");
+                    let st = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    (
+                        st,
+                        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                    )
+                }
+                "get_command" => {
+                    api.call(reqwest::Method::GET, &format!("/api/commands/{read}"), None)
+                        .await
+                }
+                _ => {
+                    let (st, v) = api
+                        .call(
+                            reqwest::Method::POST,
+                            "/api/commands",
+                            Some(json!({"agentId": agent_id, "type": "ping",
+                                "params": {"log_lines": 3}})),
+                        )
+                        .await;
+                    if st < 300 {
+                        created.push(v["commandId"].as_str().expect("commandId").to_string());
+                    }
+                    (st, v)
+                }
+            };
+            probes.push(Probe {
+                what,
+                status,
+                body,
+                took: t.elapsed(),
+                answered: down_at.elapsed(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (probes, created)
+}
+
+/// PostgreSQL restarted at a random point (stopped for 1–3 s with `pg_ctl stop -m fast`,
+/// then started again on the same port and data) while two pings stream logs through a
+/// real tendril, on a PostgreSQL server of the test's own ([`PgInstance`]; the shared one
+/// on 5432 is never stopped). Checks: trellis keeps running (no exit, no panic); every
+/// command ends `succeeded`, with seqs `1..=lastSeq` and each ping line once; API calls
+/// during the outage answer within the acquire timeout, with a 5xx JSON error
+/// (`database_unavailable`) or, once the database is back, success; a `/readyz` answered
+/// while the database is down says 503; and the commands of earlier runs are unchanged.
+///
+/// `TRELLIS_FAULT_PG_RUNS` (default 3) sets the number of restarts; `TRELLIS_FAULT_SEED`
+/// replays a campaign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load() {
+    let started = Instant::now();
+    let what = "PostgreSQL restart campaign";
+    let (seed, runs, mut rng) = seed_and_rng("TRELLIS_FAULT_PG_RUNS", 3, what);
+    let pg = PgInstance::start("fault-pg");
+    let dir = TempDir::new("fault-pg-cp");
+    let mut cp = ControlPlane::start(TestDb::existing(&pg.url()), &dir).await;
+    let api = Api {
+        // A hang shows up as a failed test, not a stuck one.
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        ..cp.api()
+    };
+    let (agent_id, token) = api.create_agent("pg-lab").await;
+    let agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+    api.wait_agent_online(&agent_id).await;
+    let mut f = Figures::default();
+    // Terminal commands of earlier runs: (command, as it was read then).
+    let mut done_before: Vec<Value> = Vec::new();
+    let (mut calls, mut refused, mut readyz_down, mut slowest) = (0u32, 0u32, 0u32, Duration::ZERO);
+    for run in 0..runs {
+        api.wait_agent_online(&agent_id).await;
+        let mut cmds = Vec::new();
+        for _ in 0..2 {
+            cmds.push(
+                api.command(
+                    &agent_id,
+                    "ping",
+                    json!({"log_lines": PING_LINES, "duration_ms": 2500}),
+                )
+                .await,
+            );
+        }
+        f.runs += 1;
+        f.commands += 2;
+        let stop_after = rng.random_range(50..2500);
+        let down_for = Duration::from_millis(rng.random_range(1000..3000));
+        tokio::time::sleep(Duration::from_millis(stop_after)).await;
+        pg.stop_fast();
+        let down_at = Instant::now();
+        f.kills += 1;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let prober = tokio::spawn(probe_outage(
+            api.clone(),
+            agent_id.clone(),
+            cmds[0].clone(),
+            down_at,
+            stop_rx,
+        ));
+        tokio::time::sleep(down_for).await;
+        // Before the start: the server may accept connections before `pg_ctl` returns.
+        let up_at = down_at.elapsed();
+        pg.start_again();
+        let _ = stop_tx.send(true);
+        let (probes, created) = prober.await.expect("prober");
+        for p in &probes {
+            calls += 1;
+            slowest = slowest.max(p.took);
+            assert!(
+                p.took < ACQUIRE_TIMEOUT + Duration::from_secs(3),
+                "run {run}: {} took {:?} during the outage: {p:?}",
+                p.what,
+                p.took
+            );
+            if p.status >= 300 {
+                refused += 1;
+                assert!(
+                    p.status >= 500 && p.body["error"]["code"].is_string(),
+                    "run {run}: {} during the outage answered {} without a JSON error: {p:?}",
+                    p.what,
+                    p.status
+                );
+                if p.status == 503 {
+                    assert_eq!(p.body["error"]["code"], "database_unavailable", "{p:?}");
+                }
+            }
+            // Answered before the database was back: it cannot have been ready.
+            if p.what == "readyz" && p.answered < up_at {
+                assert_eq!(p.status, 503, "run {run}: readyz while down: {p:?}");
+            }
+            if p.what == "readyz" && p.status == 503 {
+                readyz_down += 1;
+            }
+        }
+        f.commands += created.len() as u32;
+        cmds.extend(created);
+        assert!(cp.is_running(), "trellis exited:\n{}", cp.log());
+        let mut summary = Vec::new();
+        for cid in &cmds {
+            let c = api.wait_done(cid, Duration::from_secs(60)).await;
+            f.terminal += 1;
+            summary.push(c["status"].as_str().unwrap_or("?").to_string());
+            assert_eq!(c["status"], "succeeded", "the agent kept running it: {c}");
+            let lines = c["params"]["log_lines"]
+                .as_u64()
+                .unwrap_or(PING_LINES as u64);
+            check_events_of(&cp.db_url, &c, Kind::Ping, lines as usize, &mut f).await;
+            done_before.push(c);
+        }
+        // Everything acknowledged before this run is still there, as it was.
+        for before in &done_before {
+            let id = before["id"].as_str().unwrap();
+            let now = api.get(&format!("/api/commands/{id}")).await;
+            assert_eq!(now["status"], before["status"], "{id}");
+            assert_eq!(now["lastSeq"], before["lastSeq"], "{id}");
+        }
+        let answered: Vec<String> = probes
+            .iter()
+            .map(|p| format!("{}:{}", p.what, p.status))
+            .collect();
+        println!(
+            "run {run}: PostgreSQL stopped after {stop_after} ms for {} ms; calls while down {answered:?} → {summary:?}",
+            down_for.as_millis()
+        );
+    }
+
+    // A longer outage than the pool's acquire timeout: calls cannot wait it out, so they
+    // must fail, with a JSON 503, after no longer than the acquire timeout.
+    pg.stop_fast();
+    let down_at = Instant::now();
+    f.kills += 1;
+    let read_path = format!("/api/commands/{}", done_before[0]["id"].as_str().unwrap());
+    let ready_url = format!("{}/readyz", api.base);
+    let (((st, v), post_took), ((st_get, v_get), get_took), (ready, ready_took)) = tokio::join!(
+        timed(api.call(
+            reqwest::Method::POST,
+            "/api/commands",
+            Some(json!({"agentId": agent_id, "type": "ping", "params": {}})),
+        )),
+        timed(api.call(reqwest::Method::GET, &read_path, None)),
+        timed(api.http.get(&ready_url).send()),
+    );
+    let st_ready = ready.expect("readyz answers").status().as_u16();
+    let long_down = down_at.elapsed();
+    pg.start_again();
+    println!(
+        "long outage ({} ms): POST /api/commands → {st} in {} ms {v}; GET → {st_get} in {} ms; \
+         /readyz → {st_ready} in {} ms",
+        long_down.as_millis(),
+        post_took.as_millis(),
+        get_took.as_millis(),
+        ready_took.as_millis()
+    );
+    for (what, st, v, took) in [
+        ("POST /api/commands", st, &v, post_took),
+        ("GET /api/commands/{id}", st_get, &v_get, get_took),
+    ] {
+        assert_eq!(st, 503, "{what} while the database is down: {v}");
+        assert_eq!(v["error"]["code"], "database_unavailable", "{what}: {v}");
+        assert!(
+            took < ACQUIRE_TIMEOUT + Duration::from_secs(3),
+            "{what} took {took:?}"
+        );
+        calls += 1;
+        refused += 1;
+        slowest = slowest.max(took);
+    }
+    assert_eq!(st_ready, 503);
+    assert!(
+        ready_took < Duration::from_secs(4),
+        "readyz took {ready_took:?}"
+    );
+    readyz_down += 1;
+    api.wait_until(Duration::from_secs(20), || async {
+        api.http
+            .get(format!("{}/readyz", api.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    for before in &done_before {
+        let id = before["id"].as_str().unwrap();
+        let now = api.get(&format!("/api/commands/{id}")).await;
+        assert_eq!(now["status"], before["status"], "{id}");
+        assert_eq!(now["lastSeq"], before["lastSeq"], "{id}");
+    }
+    // And the agent works again.
+    api.wait_agent_online(&agent_id).await;
+    let cid = api
+        .command(&agent_id, "ping", json!({"log_lines": PING_LINES}))
+        .await;
+    f.commands += 1;
+    let c = api.wait_done(&cid, Duration::from_secs(30)).await;
+    f.terminal += 1;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    check_events(&cp.db_url, &c, Kind::Ping, &mut f).await;
+
+    assert!(cp.is_running(), "trellis exited:\n{}", cp.log());
+    let log = cp.log();
+    assert!(!log.contains("panicked"), "trellis panicked:\n{log}");
+    drop(agent);
+    drop(cp);
+    drop(pg);
+    println!(
+        "{what}: API calls during outages {calls} ({refused} refused with a JSON 5xx, \
+         /readyz unhealthy {readyz_down} times), slowest {} ms",
+        slowest.as_millis()
+    );
+    let _ = refused;
+    print_figures(what, Some(seed), "restarts", &f, started.elapsed());
+}
+
+/// Log lines of the ping that fills the database, and their size: 1.2 MB in all, far more
+/// than the room left ([`FULL_SLACK_PAGES`]).
+const FULL_LINES: usize = 3000;
+const FULL_LINE_BYTES: u32 = 400;
+/// Pages the capped database may grow by (4 KiB each).
+const FULL_SLACK_PAGES: i64 = 48;
+
+/// SQLite that cannot grow (`TRELLIS_SQLITE_MAX_PAGE_COUNT`, a test knob of trellis, set
+/// just above the database's size) while a ping streams 1.2 MB of logs: the event writer
+/// cannot store the events, so it acks none of them and the agent keeps them; new commands
+/// are refused with 507 `database_full` (a JSON message that says so); trellis keeps
+/// running. Then space returns (trellis restarted without the cap): the agent re-sends,
+/// the ping succeeds with every line once, and the commands stored before are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_full_then_space_returns() {
+    let started = Instant::now();
+    let dir = TempDir::new("fault-full");
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let mut cp = ControlPlane::start(db, &dir).await;
+    let api = cp.api();
+    let (agent_id, token) = api.create_agent("full-lab").await;
+    let agent = Agent::start(&cp.ws_url(), &token, &dir.join("agent"));
+    api.wait_agent_online(&agent_id).await;
+    let mut f = Figures::default();
+    // Acknowledged before the database fills.
+    let first = api
+        .command(&agent_id, "ping", json!({"log_lines": 20}))
+        .await;
+    let first = api.wait_done(&first, Duration::from_secs(30)).await;
+    assert_eq!(first["status"], "succeeded", "{first}");
+
+    let pages = page_count(&cp.db_url).await;
+    let cap = (pages + FULL_SLACK_PAGES).to_string();
+    cp.restart_with(&[("TRELLIS_SQLITE_MAX_PAGE_COUNT", &cap)])
+        .await;
+    f.kills += 1;
+    let api = cp.api();
+    api.wait_agent_online(&agent_id).await;
+    let big = api
+        .command(
+            &agent_id,
+            "ping",
+            json!({"log_lines": FULL_LINES, "log_line_bytes": FULL_LINE_BYTES,
+                "duration_ms": 3000}),
+        )
+        .await;
+    f.commands += 1;
+
+    // Full: the writer cannot store the ping's events, and new commands are refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut small = Vec::new();
+    let refused = loop {
+        let (st, v) = api
+            .call(
+                reqwest::Method::POST,
+                "/api/commands",
+                Some(json!({"agentId": agent_id, "type": "ping", "params": {"log_lines": 2}})),
+            )
+            .await;
+        if st < 300 {
+            // There was room for this one: it must complete like the others.
+            small.push(v["commandId"].as_str().expect("commandId").to_string());
+        } else {
+            break (st, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the database never filled up (cap {cap} pages):\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.0, 507, "POST /api/commands when full: {refused:?}");
+    assert_eq!(refused.1["error"]["code"], "database_full", "{refused:?}");
+    let msg = refused.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("full"), "the message says so: {msg:?}");
+    assert!(
+        !msg.contains("SQL") && !msg.contains("code:"),
+        "no SQL text: {msg:?}"
+    );
+    f.commands += small.len() as u32;
+    // The writer refused the ping's events (nothing acked), more than once: the agent
+    // reconnected and sent them again.
+    let writer_refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("event batch failed") && l.contains("disk is full"))
+            .count()
+    };
+    api.wait_until(Duration::from_secs(30), || async {
+        writer_refusals(&cp.log()) >= 2
+    })
+    .await;
+    // Reads still work; the ping is not done (its events wait on the agent).
+    let during = api.get(&format!("/api/commands/{big}")).await;
+    let seq_full = during["lastSeq"].as_i64().unwrap_or(0);
+    assert!(cp.is_running(), "trellis exited when full:\n{}", cp.log());
+    let log = cp.log();
+    assert!(!log.contains("panicked"), "trellis panicked:\n{log}");
+    let refusals = writer_refusals(&log);
+    let full_for = started.elapsed();
+
+    // Space returns.
+    cp.restart().await;
+    f.kills += 1;
+    let api = cp.api();
+    let c = api.wait_done(&big, Duration::from_secs(60)).await;
+    f.terminal += 1;
+    assert_eq!(c["status"], "succeeded", "{c}");
+    check_events_of(&cp.db_url, &c, Kind::Ping, FULL_LINES, &mut f).await;
+    for cid in &small {
+        let c = api.wait_done(cid, Duration::from_secs(60)).await;
+        f.terminal += 1;
+        assert_eq!(c["status"], "succeeded", "{c}");
+        check_events_of(&cp.db_url, &c, Kind::Ping, 2, &mut f).await;
+    }
+    let now = api
+        .get(&format!("/api/commands/{}", first["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(now["status"], first["status"]);
+    assert_eq!(now["lastSeq"], first["lastSeq"]);
+    check_events_of(&cp.db_url, &now, Kind::Ping, 20, &mut f).await;
+    f.runs = 1;
+    println!(
+        "SQLite full: cap {cap} pages (was {pages}); full at seq {seq_full} of the ping's {} events; \
+         {} small commands fitted first; refused with {} {:?}; the writer refused {refusals} \
+         batches in the first {:.1} s",
+        c["lastSeq"],
+        small.len(),
+        refused.0,
+        msg,
+        full_for.as_secs_f64()
+    );
+    drop(agent);
+    drop(cp);
+    print_figures("SQLite full", None, "restarts", &f, started.elapsed());
+}
+
+/// `fut`'s output and how long it took.
+async fn timed<F: std::future::Future>(fut: F) -> (F::Output, Duration) {
+    let t = Instant::now();
+    let out = fut.await;
+    (out, t.elapsed())
+}
+
+/// The database's size in pages (`PRAGMA page_count`).
+async fn page_count(db_url: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(db_url)
+        .await
+        .expect("database");
+    let (n,): (i64,) = sqlx::query_as("PRAGMA page_count")
+        .fetch_one(&mut conn)
+        .await
+        .expect("page_count");
+    let _ = conn.close().await;
+    n
 }

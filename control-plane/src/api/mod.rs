@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::broker::fanout::Fanout;
 use crate::broker::Broker;
+use crate::db::sql::{storage_trouble, StorageTrouble};
 use crate::db::{Db, DbError};
 use crate::domain::DomainError;
 use crate::metrics::Metrics;
@@ -142,13 +143,36 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the database answers.
+/// How long readiness waits for the database. Shorter than the pool's acquire timeout:
+/// a probe must say "not ready" while the database is down, not wait for it to return.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness: the database answers within 2 s (`READY_TIMEOUT`).
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
-        (status = 500, description = "The database does not answer", body = types::ErrorBody)))]
+        (status = 503, description = "The database does not answer", body = types::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Result<&'static str, AppError> {
-    s.db.ping().await?;
-    Ok("ready")
+    match tokio::time::timeout(READY_TIMEOUT, s.db.ping()).await {
+        Ok(Ok(())) => Ok("ready"),
+        Ok(Err(e)) => match AppError::from(e) {
+            // Whatever the cause, the database does not answer: not ready.
+            AppError::Internal(e) => {
+                tracing::warn!(error = ?e, "readiness: the database failed");
+                Err(AppError::Storage(
+                    StorageTrouble::Unavailable,
+                    "the database is unavailable".into(),
+                ))
+            }
+            other => Err(other),
+        },
+        Err(_) => Err(AppError::Storage(
+            StorageTrouble::Unavailable,
+            format!(
+                "the database did not answer within {} s",
+                READY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 /// Prometheus metrics (text exposition format).
@@ -184,6 +208,11 @@ pub enum AppError {
     Upstream(&'static str, String),
     #[error("{0}")]
     Timeout(String),
+    /// The database is unreachable or cannot grow (503 `database_unavailable`, 507
+    /// `database_full`): the request may work later, and the client should know it is not
+    /// its fault. The cause is logged where the error is made.
+    #[error("{1}")]
+    Storage(StorageTrouble, String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -194,7 +223,21 @@ impl From<DbError> for AppError {
             DbError::NotFound => Self::NotFound("not found".into()),
             DbError::Conflict(m) => Self::Conflict("conflict", m),
             DbError::NameTaken(m) => Self::Conflict("duplicate_name", m),
-            other => Self::Internal(other.into()),
+            other => match storage_trouble(&other) {
+                Some(t) => {
+                    tracing::warn!(error = %other, "database trouble; answering 503/507");
+                    let msg = match t {
+                        StorageTrouble::Full => {
+                            "the database is full: nothing new can be stored until it has space again"
+                        }
+                        StorageTrouble::Unavailable => {
+                            "the database is unavailable; try again shortly"
+                        }
+                    };
+                    Self::Storage(t, msg.into())
+                }
+                None => Self::Internal(other.into()),
+            },
         }
     }
 }
@@ -222,6 +265,12 @@ impl IntoResponse for AppError {
             Self::Conflict(c, _) => (StatusCode::CONFLICT, *c),
             Self::Upstream(c, _) => (StatusCode::BAD_GATEWAY, *c),
             Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "agent_timeout"),
+            Self::Storage(StorageTrouble::Full, _) => {
+                (StatusCode::INSUFFICIENT_STORAGE, "database_full")
+            }
+            Self::Storage(StorageTrouble::Unavailable, _) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
             Self::Internal(e) => {
                 tracing::error!(error = ?e, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")

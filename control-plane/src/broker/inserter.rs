@@ -6,6 +6,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::db::sql::{storage_trouble, StorageTrouble};
 use crate::db::{Db, DbError, DbResult, NewCommand};
 
 /// Most commands in one transaction.
@@ -63,8 +64,14 @@ pub async fn run(db: Db, mut rx: mpsc::Receiver<InsertRequest>) {
                 // command of the batch gets the error at once rather than one retry each.
                 tracing::warn!(error = %e, n = batch.len(), "command batch failed");
                 let msg = e.to_string();
+                let full = storage_trouble(&e) == Some(StorageTrouble::Full);
                 for r in batch.drain(..) {
-                    let _ = r.done.send(Err(DbError::Unavailable(msg.clone())));
+                    let e = if full {
+                        DbError::Full(msg.clone())
+                    } else {
+                        DbError::Unavailable(msg.clone())
+                    };
+                    let _ = r.done.send(Err(e));
                 }
             }
         }

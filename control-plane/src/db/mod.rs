@@ -66,6 +66,9 @@ pub enum DbError {
     /// A failure shared by every request of a batch (the original error is logged).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// Like `Unavailable`, when the database cannot grow (see [`sql::StorageTrouble`]).
+    #[error("database full: {0}")]
+    Full(String),
 }
 
 pub type DbResult<T> = Result<T, DbError>;
@@ -207,9 +210,25 @@ impl Db {
 
     /// Starts a write transaction. On SQLite it takes the write lock up front
     /// (`BEGIN IMMEDIATE`) so that it waits for another writer instead of failing.
+    ///
+    /// When SQLite fails a statement with `SQLITE_FULL` (or an I/O error) it may roll the
+    /// whole transaction back on its own; sqlx's `ROLLBACK` then fails ("no transaction is
+    /// active") and its connection counts a transaction that no longer exists, so every
+    /// later `BEGIN` on it fails with `InvalidSavePointStatement`. With one writer
+    /// connection that stopped every write for good, even once the disk had space again:
+    /// such a connection is closed here and the transaction started on a new one.
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.backend {
-            Backend::Sqlite => self.writer.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Sqlite => match self.writer.begin_with("BEGIN IMMEDIATE").await {
+                Err(sqlx::Error::InvalidSavePointStatement) => {
+                    tracing::warn!(
+                        "the SQLite writer connection lost track of a rolled-back transaction; reconnecting"
+                    );
+                    self.writer.acquire().await?.close().await?;
+                    self.writer.begin_with("BEGIN IMMEDIATE").await
+                }
+                other => other,
+            },
             Backend::Postgres => self.writer.begin().await,
         }
     }
@@ -230,6 +249,19 @@ fn sqlite_synchronous() -> &'static str {
     }
 }
 
+/// `TRELLIS_SQLITE_MAX_PAGE_COUNT` (a test knob, not a setting): caps the database at
+/// that many pages (`PRAGMA max_page_count`), so that a test can make SQLite "full" without
+/// filling a disk; writes that need more then fail with `SQLITE_FULL`. Unset (or not a
+/// number): no cap beyond SQLite's own.
+fn sqlite_max_page_count() -> Option<String> {
+    let pages: u64 = std::env::var("TRELLIS_SQLITE_MAX_PAGE_COUNT")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(format!("PRAGMA max_page_count={pages}"))
+}
+
 async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
     for pragma in [
         "PRAGMA journal_mode=WAL",
@@ -238,6 +270,9 @@ async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Erro
         "PRAGMA foreign_keys=ON",
     ] {
         sqlx::query(pragma).execute(&mut *conn).await?;
+    }
+    if let Some(pragma) = sqlite_max_page_count() {
+        sqlx::query(&pragma).execute(&mut *conn).await?;
     }
     Ok(())
 }

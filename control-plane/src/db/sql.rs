@@ -53,6 +53,59 @@ pub fn is_data_error(e: &DbError) -> bool {
     code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "P0001"
 }
 
+/// Storage trouble that is not about one request's data: the API answers it with 503/507
+/// and a message that says so, rather than a bare 500 (see `AppError`'s `From<DbError>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageTrouble {
+    /// The database cannot grow: SQLite `SQLITE_FULL` (13: the disk, or the
+    /// `max_page_count` limit), PostgreSQL `53100` (disk full).
+    Full,
+    /// The database cannot be reached or is going away: the pool timed out or was
+    /// closed, the connection broke (I/O, TLS, protocol), PostgreSQL classes 08
+    /// (connection exception), 57P01–57P03 (shutting down, cannot connect now) and 53
+    /// (out of resources); SQLite `BUSY`/`LOCKED`/`IOERR`/`CANTOPEN`.
+    Unavailable,
+}
+
+/// What kind of storage trouble an error is, if any (see [`StorageTrouble`]).
+pub fn storage_trouble(e: &DbError) -> Option<StorageTrouble> {
+    match e {
+        DbError::Full(_) => Some(StorageTrouble::Full),
+        DbError::Unavailable(_) => Some(StorageTrouble::Unavailable),
+        DbError::Sqlx(e) => match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Some(StorageTrouble::Unavailable),
+            sqlx::Error::Database(d) => {
+                let code = d.code()?;
+                if code.len() != 5 {
+                    // SQLite: the primary code is the low byte of the extended one.
+                    return match code.parse::<u32>().ok()? & 0xff {
+                        13 => Some(StorageTrouble::Full),
+                        5 | 6 | 10 | 14 => Some(StorageTrouble::Unavailable),
+                        _ => None,
+                    };
+                }
+                if code == "53100" {
+                    Some(StorageTrouble::Full)
+                } else if code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57P")
+                {
+                    Some(StorageTrouble::Unavailable)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A TEXT id column as a typed id.
 pub(super) fn id<T: From<Uuid>>(row: &AnyRow, col: &str) -> DbResult<T> {
     let s: String = row.try_get(col)?;

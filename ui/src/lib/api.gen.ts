@@ -553,7 +553,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Readiness: the database answers. */
+        /** Readiness: the database answers within 2 s (`READY_TIMEOUT`). */
         get: operations["health_readyz"];
         put?: never;
         post?: never;
@@ -3146,7 +3146,7 @@ export interface operations {
                 };
             };
             /** @description The database does not answer */
-            500: {
+            503: {
                 headers: {
                     [name: string]: unknown;
                 };
