@@ -217,6 +217,83 @@ impl Db {
 }
 
 impl Db {
+    /// Test and benchmark support: `events` stored `log` events of `line_bytes` each for
+    /// every command in `commands` (seqs 1..=events), in multi-row statements, one
+    /// transaction per 50 000 commands.
+    #[doc(hidden)]
+    pub async fn seed_history_events(
+        &self,
+        commands: &[CommandId],
+        events: usize,
+        line_bytes: usize,
+        ts: i64,
+    ) -> DbResult<()> {
+        const ROWS: usize = 500;
+        let data =
+            serde_json::json!({"stream": "stdout", "data": "x".repeat(line_bytes)}).to_string();
+        for tx_ids in commands.chunks(50_000) {
+            let all: Vec<(CommandId, i64)> = tx_ids
+                .iter()
+                .flat_map(|c| (1..=events as i64).map(move |seq| (*c, seq)))
+                .collect();
+            let mut tx = self.begin_write().await?;
+            for chunk in all.chunks(ROWS) {
+                let sql = multi_row_insert(
+                    "INSERT INTO command_events (command_id, seq, ts, kind, stream, data) VALUES ",
+                    6,
+                    chunk.len(),
+                );
+                let mut q = sqlx::query(&sql);
+                for (c, seq) in chunk {
+                    q = q
+                        .bind(c.to_string())
+                        .bind(*seq)
+                        .bind(ts)
+                        .bind("log")
+                        .bind("stdout")
+                        .bind(data.clone());
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Test and benchmark support: the database's size in bytes (pages in use and free,
+    /// after a WAL checkpoint on SQLite), and how many of them are free for reuse.
+    #[doc(hidden)]
+    pub async fn storage_size(&self) -> DbResult<(i64, i64)> {
+        match self.backend {
+            Backend::Sqlite => {
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(self.writer())
+                    .await?;
+                let one = |sql: &'static str| async move {
+                    let v: i64 = sqlx::query(sql)
+                        .fetch_one(self.writer())
+                        .await?
+                        .try_get(0)?;
+                    DbResult::Ok(v)
+                };
+                let size = one("PRAGMA page_size").await?;
+                Ok((
+                    one("PRAGMA page_count").await? * size,
+                    one("PRAGMA freelist_count").await? * size,
+                ))
+            }
+            Backend::Postgres => {
+                let v: i64 = sqlx::query("SELECT pg_database_size(current_database())::BIGINT")
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get(0)?;
+                Ok((v, 0))
+            }
+        }
+    }
+}
+
+impl Db {
     /// Test support: makes `command` the node's latest command.
     #[doc(hidden)]
     pub async fn link_node_command(

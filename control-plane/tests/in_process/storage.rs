@@ -238,3 +238,84 @@ async fn deadline_sweep_is_fast_over_a_long_history() {
     db.close().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A week of simulated history in a SQLite file: every day `TRELLIS_HISTORY_COMMANDS / 7`
+/// terminal commands (default 70 000 in all; 1 000 000 is the week the issue names) with
+/// three 100-byte log events each finish, then the retention pass runs at the end of the
+/// day with a 2-day retention. The database stops growing once retention deletes as much
+/// as a day adds: its size at the end of the week is within 10% of its size on the first
+/// day retention deleted a full day (freed pages are reused, not appended). The deadline
+/// sweep is timed on the full history each day. Sizes and timings are printed.
+#[tokio::test]
+async fn a_week_of_history_keeps_the_database_flat_after_retention() {
+    const DAYS: i64 = 7;
+    const RETENTION_DAYS: i64 = 2;
+    let total: usize = std::env::var("TRELLIS_HISTORY_COMMANDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(70_000);
+    let per_day = total / DAYS as usize;
+    let dir = std::env::temp_dir().join(format!("trellis-history-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = Db::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+        .await
+        .unwrap();
+    let agent = db.create_agent("history", "hash", 4).await.unwrap().id;
+    // The simulated week ends now; day d ends at `start + d * DAY`.
+    let start = now() - DAYS * DAY;
+    let mut sizes = Vec::new();
+    let started = Instant::now();
+    for day in 1..=DAYS {
+        let day_end = start + day * DAY;
+        let ids = db
+            .seed_terminal_history(agent, per_day, day_end - DAY / 2)
+            .await
+            .unwrap();
+        db.seed_history_events(&ids, 3, 100, day_end - DAY / 2)
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let pruned = db
+            .prune_history(day_end - RETENTION_DAYS * DAY, 500, i64::MAX)
+            .await
+            .unwrap();
+        let prune_took = t.elapsed();
+        let mut sweep = Duration::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert!(db.expire_deadlines().await.unwrap().is_empty());
+            sweep = sweep.min(t.elapsed());
+        }
+        let (bytes, free) = db.storage_size().await.unwrap();
+        println!(
+            "day {day}: +{per_day} commands, retention deleted {} commands / {} events in {:.2} s; \
+             database {:.1} MiB ({:.1} MiB free for reuse); deadline sweep {:.3} ms",
+            pruned.commands,
+            pruned.events,
+            prune_took.as_secs_f64(),
+            bytes as f64 / 1048576.0,
+            free as f64 / 1048576.0,
+            sweep.as_secs_f64() * 1000.0
+        );
+        // From day 3 on, a whole day ages out each day.
+        if day > RETENTION_DAYS {
+            assert_eq!(pruned.commands as usize, per_day, "day {day}");
+            assert_eq!(pruned.events as usize, 3 * per_day, "day {day}");
+        }
+        assert!(sweep < Duration::from_millis(50), "{sweep:?}");
+        sizes.push(bytes);
+    }
+    println!(
+        "{} commands over {DAYS} days with {RETENTION_DAYS}-day retention in {:.1} s",
+        per_day * DAYS as usize,
+        started.elapsed().as_secs_f64()
+    );
+    let steady = sizes[RETENTION_DAYS as usize] as f64;
+    let last = *sizes.last().unwrap() as f64;
+    assert!(
+        last <= steady * 1.10,
+        "the database kept growing after retention: {sizes:?}"
+    );
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
