@@ -8,6 +8,12 @@
 //! decrypted only to build the `dispatch` frame for the agent and to make a retry, and
 //! stay encrypted until retention deletes the command.
 //!
+//! Credentials in URLs (`https://user:token@host/…`, anywhere in any command's params —
+//! a Terraform `template_source.repo`, a post-provision command) are sealed in place: the
+//! password (or a bare token userinfo) becomes `enc1.<key id>.<base64url nonce|ciphertext>`,
+//! so the stored string stays a URL whose credential the API's redaction shows as `***`,
+//! and the agent receives the original.
+//!
 //! The 256-bit key comes from `TRELLIS_SECRETS_KEY` (base64; the same on every replica)
 //! or from `<data dir>/secrets.key` (base64, 0600), generated on first start.
 
@@ -127,21 +133,133 @@ impl Secrets {
         }
     }
 
-    fn seal_value(&self, var: &str, v: &Value) -> Value {
+    /// `nonce | ciphertext` of `plain` with `aad`.
+    fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
             .fill(&mut nonce)
             .expect("the system random source works");
-        let mut buf = serde_json::to_vec(v).expect("a JSON value serializes");
+        let mut buf = plain.to_vec();
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(var.as_bytes()),
+                Aad::from(aad),
                 &mut buf,
             )
             .expect("ChaCha20-Poly1305 seals any length used here");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
+        out
+    }
+
+    /// A URL credential (password, or a bare-token userinfo) sealed into URL-safe text.
+    fn seal_url_part(&self, part: &str) -> String {
+        let data = B64URL.encode(self.seal_bytes(URL_AAD, part.as_bytes()));
+        format!("{URL_MARK}{}.{data}", self.id)
+    }
+
+    fn open_url_part(&self, sealed: &str) -> Result<String, SecretError> {
+        let corrupt = |reason| SecretError::Corrupt {
+            var: "URL credentials".into(),
+            reason,
+        };
+        let rest = &sealed[URL_MARK.len()..];
+        let (kid, data) = rest.split_once('.').ok_or(corrupt("unknown format"))?;
+        if kid != &*self.id {
+            return Err(SecretError::WrongKey {
+                var: "URL credentials".into(),
+                stored: kid.to_string(),
+                current: self.id.to_string(),
+            });
+        }
+        let mut raw = B64URL.decode(data).map_err(|_| corrupt("not base64"))?;
+        if raw.len() < NONCE_LEN {
+            return Err(corrupt("too short"));
+        }
+        let mut ct = raw.split_off(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(URL_AAD), &mut ct)
+            .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
+        String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not UTF-8"))
+    }
+
+    /// `s` with the credential of every `scheme://userinfo@host` in it sealed (`None`
+    /// when there is none in clear).
+    fn seal_urls_in(&self, s: &str) -> Option<String> {
+        map_userinfo(s, |userinfo| {
+            let (user, secret) = match userinfo.split_once(':') {
+                Some((user, pass)) if !user.is_empty() => (Some(user), pass),
+                _ => (None, userinfo),
+            };
+            if secret.is_empty() || secret.starts_with(URL_MARK) {
+                return Ok(None);
+            }
+            let sealed = self.seal_url_part(secret);
+            Ok(Some(match user {
+                Some(u) => format!("{u}:{sealed}"),
+                None => sealed,
+            }))
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// `s` with every sealed URL credential opened (`None` when there is none).
+    fn open_urls_in(&self, s: &str) -> Result<Option<String>, SecretError> {
+        map_userinfo(s, |userinfo| {
+            if userinfo.starts_with(URL_MARK) {
+                return self.open_url_part(userinfo).map(Some);
+            }
+            match userinfo.split_once(':') {
+                Some((user, pass)) if pass.starts_with(URL_MARK) => {
+                    Ok(Some(format!("{user}:{}", self.open_url_part(pass)?)))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Every string value in `v` through `f` (keys are left alone).
+    fn each_string(
+        v: &mut Value,
+        f: &mut impl FnMut(&str) -> Result<Option<String>, SecretError>,
+    ) -> Result<bool, SecretError> {
+        Ok(match v {
+            Value::String(s) => match f(s)? {
+                Some(new) => {
+                    *s = new;
+                    true
+                }
+                None => false,
+            },
+            Value::Array(items) => {
+                let mut changed = false;
+                for i in items {
+                    changed |= Self::each_string(i, f)?;
+                }
+                changed
+            }
+            Value::Object(map) => {
+                let mut changed = false;
+                for (_, i) in map.iter_mut() {
+                    changed |= Self::each_string(i, f)?;
+                }
+                changed
+            }
+            _ => false,
+        })
+    }
+
+    /// Seals the URL credentials in `v`; true if any was in clear.
+    fn seal_urls(&self, v: &mut Value) -> bool {
+        Self::each_string(v, &mut |s| Ok(self.seal_urls_in(s))).unwrap_or(false)
+    }
+
+    fn seal_value(&self, var: &str, v: &Value) -> Value {
+        let plain = serde_json::to_vec(v).expect("a JSON value serializes");
+        let out = self.seal_bytes(var.as_bytes(), &plain);
         let mut m = Map::new();
         m.insert(
             ENC_FIELD.into(),
@@ -184,6 +302,7 @@ impl Secrets {
     /// value encrypted. Other commands' params are returned unchanged.
     pub fn seal_params(&self, ty: CommandType, params: &Value) -> Value {
         let mut out = params.clone();
+        self.seal_urls(&mut out);
         let Some(p) = tf_params(ty, params) else {
             return out;
         };
@@ -200,9 +319,11 @@ impl Secrets {
     /// `params` stored before encryption existed with their sensitive values encrypted
     /// (values already encrypted are kept); `None` when nothing was in clear.
     pub fn seal_in_clear(&self, ty: CommandType, params: &Value) -> Option<Value> {
-        let p = tf_params(ty, params)?;
         let mut out = params.clone();
-        let mut changed = false;
+        let mut changed = self.seal_urls(&mut out);
+        let Some(p) = tf_params(ty, params) else {
+            return changed.then_some(out);
+        };
         if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
             for (k, v) in vars.iter_mut() {
                 if p.is_sensitive(k) && sealed(v).is_none() {
@@ -218,22 +339,68 @@ impl Secrets {
     /// encryption existed pass unchanged).
     pub fn open_params(&self, ty: CommandType, params: &Value) -> Result<Value, SecretError> {
         let mut out = params.clone();
-        let Some(p) = tf_params(ty, params) else {
-            return Ok(out);
-        };
-        if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
-            for (k, v) in vars.iter_mut() {
-                if !p.is_sensitive(k) {
-                    continue;
-                }
-                if let Some(s) = sealed(v) {
-                    let opened = self.open_value(k, s)?;
-                    *v = opened;
+        if let Some(p) = tf_params(ty, params) {
+            if let Some(vars) = out.get_mut("terraform_vars").and_then(Value::as_object_mut) {
+                for (k, v) in vars.iter_mut() {
+                    if !p.is_sensitive(k) {
+                        continue;
+                    }
+                    if let Some(s) = sealed(v) {
+                        let opened = self.open_value(k, s)?;
+                        *v = opened;
+                    }
                 }
             }
         }
+        // After the variables: a sensitive value was URL-sealed before it was sealed whole.
+        Self::each_string(&mut out, &mut |s| self.open_urls_in(s))?;
         Ok(out)
     }
+}
+
+/// The prefix of a sealed URL credential (then `<key id>.<base64url>`).
+const URL_MARK: &str = "enc1.";
+/// Associated data of sealed URL credentials.
+const URL_AAD: &[u8] = b"trellis-url-credentials";
+const B64URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// `s` with the userinfo of every `scheme://userinfo@host` replaced by what `f` returns
+/// for it (`None`: unchanged); `None` when nothing changed. The authority ends where the
+/// API's redaction says it does (`crate::api::redact::url_credentials`).
+fn map_userinfo(
+    s: &str,
+    mut f: impl FnMut(&str) -> Result<Option<String>, SecretError>,
+) -> Result<Option<String>, SecretError> {
+    if !s.contains("://") || !s.contains('@') {
+        return Ok(None);
+    }
+    let mut out = String::with_capacity(s.len() + 64);
+    let mut rest = s;
+    let mut changed = false;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace()
+            })
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => match f(&authority[..at])? {
+                Some(new) => {
+                    changed = true;
+                    out.push_str(&new);
+                    out.push_str(&authority[at..]);
+                }
+                None => out.push_str(authority),
+            },
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    Ok(changed.then_some(out))
 }
 
 /// The ciphertext of a sealed value.
@@ -272,6 +439,47 @@ mod tests {
             "terraform_vars": {"db_password": "hunter2", "extra": {"a": 1}, "region": "eu"},
             "sensitive_vars": ["extra"],
         })
+    }
+
+    #[test]
+    fn url_credentials_are_sealed_in_place_and_open_again() {
+        let s = Secrets::ephemeral();
+        let p = json!({
+            "template_source": {"repo": "https://deploy:tok-123@git.example/r.git", "version": "main"},
+            "terraform_vars": {"db_password": "x https://ghp_bare@h/y", "region": "https://public/x"},
+            "post": ["git clone https://u:p%40ss@h:8443/a.git https://t0k@h2/b", "no url"],
+        });
+        for ty in [CommandType::TerraformApply, CommandType::Provision] {
+            let sealed = s.seal_params(ty, &p);
+            let text = sealed.to_string();
+            for secret in ["tok-123", "ghp_bare", "p%40ss", "t0k"] {
+                assert!(!text.contains(secret), "{ty}: {secret} in {text}");
+            }
+            // Still URLs whose credential the API's redaction hides; users stay visible.
+            let repo = sealed["template_source"]["repo"].as_str().unwrap();
+            assert!(repo.starts_with("https://deploy:enc1."), "{repo}");
+            assert!(repo.ends_with("@git.example/r.git"), "{repo}");
+            assert_eq!(
+                crate::api::redact::url_credentials(repo),
+                "https://deploy:***@git.example/r.git"
+            );
+            assert_eq!(sealed["terraform_vars"]["region"], "https://public/x");
+            assert_eq!(s.open_params(ty, &sealed).unwrap(), p, "{ty}");
+            // Sealing sealed params changes nothing; a fresh nonce each time.
+            assert_eq!(s.seal_in_clear(ty, &sealed), None);
+            assert_ne!(s.seal_params(ty, &p), sealed);
+            // Another key does not open them.
+            let other = Secrets::ephemeral();
+            assert!(matches!(
+                other.open_params(ty, &sealed),
+                Err(SecretError::WrongKey { .. })
+            ));
+        }
+        // Stored in clear by an earlier version: sealed by seal_in_clear.
+        let old = json!({"repo": "https://a:b@h/r"});
+        let again = s.seal_in_clear(CommandType::Ping, &old).unwrap();
+        assert!(!again.to_string().contains(":b@"), "{again}");
+        assert_eq!(s.open_params(CommandType::Ping, &again).unwrap(), old);
     }
 
     #[test]

@@ -99,7 +99,9 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
     let (_dir, mut cp, api) = control_plane(backend, "secrets").await;
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
     let nested = format!("nested-{}", uuid::Uuid::new_v4().simple());
-    let secrets = [password.as_str(), nested.as_str()];
+    let git_token = format!("glpat-{}", uuid::Uuid::new_v4().simple());
+    let secrets = [password.as_str(), nested.as_str(), git_token.as_str()];
+    let repo = format!("https://deploy:{git_token}@git.example.com/infra.git");
 
     // The key was generated on first start, beside the database, owner-only.
     let key_file = cp.dir.join("secrets.key");
@@ -117,7 +119,7 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
 
     let (agent_id, token) = api.create_agent("tf").await;
     let params = json!({
-        "template_source": {"repo": "https://git.example.com/infra.git", "version": "main"},
+        "template_source": {"repo": repo, "version": "main"},
         "terraform_vars": {"db_password": password, "extra": {"inner": nested}, "region": "eu-west"},
         "sensitive_vars": ["extra"],
     });
@@ -131,6 +133,10 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
     let shown = api.get(&format!("/api/commands/{first}")).await;
     assert_eq!(shown["params"]["terraform_vars"]["db_password"], "***");
     assert_eq!(shown["params"]["terraform_vars"]["extra"], "***");
+    assert_eq!(
+        shown["params"]["template_source"]["repo"],
+        "https://deploy:***@git.example.com/infra.git"
+    );
     let listed = api.get(&format!("/api/commands?agentId={agent_id}")).await;
     for (what, v) in [("single", &shown), ("list", &listed)] {
         let text = v.to_string();
@@ -167,6 +173,7 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
         "{d}"
     );
     assert_eq!(d["params"]["terraform_vars"]["region"], "eu-west");
+    assert_eq!(d["params"]["template_source"]["repo"], repo.as_str(), "{d}");
     fail(&mut ws, &api, &first).await;
 
     // Ended: still encrypted (kept until retention), never in clear.
@@ -273,7 +280,7 @@ async fn sensitive_params_are_encrypted_at_rest(backend: Backend) {
         .execute(&mut conn)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM settings WHERE key = 'secrets_sealed_v1'")
+    sqlx::query("DELETE FROM settings WHERE key = 'secrets_sealed_v2'")
         .execute(&mut conn)
         .await
         .unwrap();

@@ -1,6 +1,6 @@
-//! Credentials in URLs (`https://user:token@host/repo.git`) never leave the API: the
-//! stored value stays as it is (the agent needs it to clone, and a retry copies it from
-//! the database), every response shows `user:***@` (or `***@` for a bare token).
+//! Credentials in URLs (`https://user:token@host/repo.git`) never leave the API: every
+//! response shows `user:***@` (or `***@` for a bare token). At rest the credential is
+//! sealed in place (see `crate::secrets`), which this shows as `***` the same way.
 
 use std::borrow::Cow;
 

@@ -7,8 +7,9 @@ use super::{Db, DbResult, DispatchRow};
 use crate::secrets::SecretError;
 use crate::time::now_ms;
 
-/// Set once every command stored before encryption existed has been sealed.
-const SEALED_SETTING: &str = "secrets_sealed_v1";
+/// Set once every command stored before encryption existed has been sealed (v2: URL
+/// credentials in any command's params too, not only sensitive Terraform variables).
+const SEALED_SETTING: &str = "secrets_sealed_v2";
 /// Commands read per page by [`Db::seal_stored_in_clear`].
 const SEAL_PAGE: i64 = 500;
 
@@ -19,8 +20,9 @@ impl Db {
         Ok(d)
     }
 
-    /// Encrypts the sensitive values of `terraform_apply` commands stored in clear by a
-    /// version without encryption, once per database (then recorded in `settings`).
+    /// Encrypts the sensitive values (Terraform variables, URL credentials) of commands
+    /// stored in clear by an earlier version, once per database (then recorded in
+    /// `settings`).
     /// A row changed meanwhile (another replica) is left to that writer. Returns how many
     /// commands were rewritten.
     pub async fn seal_stored_in_clear(&self) -> DbResult<u64> {
@@ -35,9 +37,8 @@ impl Db {
         let mut after = String::new();
         loop {
             let rows = sqlx::query(
-                "SELECT id, params FROM commands WHERE type = $1 AND id > $2 ORDER BY id LIMIT $3",
+                "SELECT id, type, params FROM commands WHERE id > $1 ORDER BY id LIMIT $2",
             )
-            .bind(CommandType::TerraformApply.as_str())
             .bind(&after)
             .bind(SEAL_PAGE)
             .fetch_all(&self.pool)
@@ -50,10 +51,11 @@ impl Db {
                 let Ok(params) = serde_json::from_str(&text) else {
                     continue;
                 };
-                let Some(new) = self
-                    .secrets
-                    .seal_in_clear(CommandType::TerraformApply, &params)
-                else {
+                let ty: String = r.try_get("type")?;
+                let Some(ty) = CommandType::parse(&ty) else {
+                    continue;
+                };
+                let Some(new) = self.secrets.seal_in_clear(ty, &params) else {
                     continue;
                 };
                 let id: String = r.try_get("id")?;
