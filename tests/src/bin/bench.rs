@@ -165,6 +165,54 @@ async fn ws_echo_floor(samples: usize) -> Vec<Duration> {
     out
 }
 
+/// Durable commits a ping round trip needs: the command's insert, the admin request's audit
+/// row, the dispatch claim, and the agent's `accept` + `finished` events (one batch).
+const ROUND_TRIP_COMMITS: f64 = 4.0;
+
+/// One durable commit on the storage the control plane uses (a single-row INSERT in its
+/// own transaction, SQLite with WAL and `TRELLIS_SQLITE_SYNCHRONOUS` (default FULL) in the
+/// bench's temp dir, or the PostgreSQL server): the floor each commit of a round trip
+/// stands on.
+async fn commit_floor(backend: Backend, samples: usize) -> Vec<Duration> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let dir = TempDir::new("bench-commit");
+    let db = TestDb::create(backend, &dir).await;
+    let url = match backend {
+        Backend::Sqlite => format!("{}?mode=rwc", db.url()),
+        Backend::Postgres => db.url().to_string(),
+    };
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    if backend == Backend::Sqlite {
+        let sync = std::env::var("TRELLIS_SQLITE_SYNCHRONOUS").unwrap_or_else(|_| "FULL".into());
+        for p in [
+            "PRAGMA journal_mode=WAL".to_string(),
+            format!("PRAGMA synchronous={sync}"),
+        ] {
+            sqlx::query(&p).execute(&mut conn).await.unwrap();
+        }
+    }
+    sqlx::query("CREATE TABLE floor (id BIGINT PRIMARY KEY, data TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 20 {
+        let t = Instant::now();
+        sqlx::query("INSERT INTO floor (id, data) VALUES ($1, $2)")
+            .bind(i as i64)
+            .bind("x".repeat(200))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        if i >= 20 {
+            out.push(t.elapsed());
+        }
+    }
+    conn.close().await.unwrap();
+    out
+}
+
 /// A minimal agent speaking the real protocol: accepts every dispatch and answers `ping`
 /// with a result at once.
 async fn sim_agent(ws_url: String, token: String, ready: Arc<AtomicU64>) {
@@ -259,6 +307,16 @@ async fn main() -> anyhow::Result<()> {
         pct(&floor, 0.99)
     );
 
+    let mut commit = commit_floor(backend, 300).await;
+    commit.sort();
+    println!(
+        "durable commit ({backend:?}, one row): p50 {:.3} ms  p99 {:.3} ms",
+        pct(&commit, 0.5),
+        pct(&commit, 0.99)
+    );
+    // A round trip's floor: the echo plus the commits it needs.
+    let floor_p50 = pct(&floor, 0.5) + ROUND_TRIP_COMMITS * pct(&commit, 0.5);
+
     for &n in &args.agents {
         let dir = TempDir::new("bench");
         let db = TestDb::create(backend, &dir).await;
@@ -332,6 +390,10 @@ async fn main() -> anyhow::Result<()> {
             args.clients,
             base_rss,
             (rss.saturating_sub(base_rss)) as f64 / n as f64,
+        );
+        println!(
+            "agents {n:>5}: round trip p50 / (echo + {ROUND_TRIP_COMMITS} commits) = {:.2}x",
+            pct(&lat, 0.5) / floor_p50
         );
     }
 
