@@ -1,5 +1,7 @@
 //! `trellis`: the control plane binary and its admin CLI.
 
+mod cli;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +18,8 @@ struct Cli {
     /// Log lines as text (no colours unless stderr is a terminal) or JSON (for log shippers).
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    #[command(flatten)]
+    client: cli::GlobalArgs,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -141,6 +145,9 @@ enum Cmd {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Client commands: talk to a running control plane over its HTTP API.
+    #[command(flatten)]
+    Client(cli::ClientCmd),
 }
 
 #[derive(Subcommand)]
@@ -174,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Cmd::Client(cmd) => std::process::exit(cli::run(cmd, cli.client).await),
         Cmd::Serve {
             listen,
             db,
