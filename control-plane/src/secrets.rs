@@ -186,14 +186,16 @@ impl Secrets {
     }
 
     /// `s` with the credential of every `scheme://userinfo@host` in it sealed (`None`
-    /// when there is none in clear).
-    fn seal_urls_in(&self, s: &str) -> Option<String> {
+    /// when there is none). `again`: a credential that already looks sealed is sealed
+    /// again (a new command's value is the user's, whatever it looks like); otherwise
+    /// it is taken as sealed (rows stored earlier).
+    fn seal_urls_in(&self, s: &str, again: bool) -> Option<String> {
         map_userinfo(s, |userinfo| {
             let (user, secret) = match userinfo.split_once(':') {
                 Some((user, pass)) if !user.is_empty() => (Some(user), pass),
                 _ => (None, userinfo),
             };
-            if secret.is_empty() || secret.starts_with(URL_MARK) {
+            if secret.is_empty() || (!again && secret.starts_with(URL_MARK)) {
                 return Ok(None);
             }
             let sealed = self.seal_url_part(secret);
@@ -252,9 +254,9 @@ impl Secrets {
         })
     }
 
-    /// Seals the URL credentials in `v`; true if any was in clear.
-    fn seal_urls(&self, v: &mut Value) -> bool {
-        Self::each_string(v, &mut |s| Ok(self.seal_urls_in(s))).unwrap_or(false)
+    /// Seals the URL credentials in `v` (see `seal_urls_in`); true if any was sealed.
+    fn seal_urls(&self, v: &mut Value, again: bool) -> bool {
+        Self::each_string(v, &mut |s| Ok(self.seal_urls_in(s, again))).unwrap_or(false)
     }
 
     fn seal_value(&self, var: &str, v: &Value) -> Value {
@@ -302,7 +304,7 @@ impl Secrets {
     /// value encrypted. Other commands' params are returned unchanged.
     pub fn seal_params(&self, ty: CommandType, params: &Value) -> Value {
         let mut out = params.clone();
-        self.seal_urls(&mut out);
+        self.seal_urls(&mut out, true);
         let Some(p) = tf_params(ty, params) else {
             return out;
         };
@@ -320,7 +322,7 @@ impl Secrets {
     /// (values already encrypted are kept); `None` when nothing was in clear.
     pub fn seal_in_clear(&self, ty: CommandType, params: &Value) -> Option<Value> {
         let mut out = params.clone();
-        let mut changed = self.seal_urls(&mut out);
+        let mut changed = self.seal_urls(&mut out, false);
         let Some(p) = tf_params(ty, params) else {
             return changed.then_some(out);
         };
@@ -475,6 +477,10 @@ mod tests {
                 Err(SecretError::WrongKey { .. })
             ));
         }
+        // A user's credential that looks sealed is still the user's: sealed and given back.
+        let odd = json!({"repo": "https://enc1.deadbeef.AAAA@h/r", "b": "https://u:enc1.x@h/"});
+        let sealed = s.seal_params(CommandType::Ping, &odd);
+        assert_eq!(s.open_params(CommandType::Ping, &sealed).unwrap(), odd);
         // Stored in clear by an earlier version: sealed by seal_in_clear.
         let old = json!({"repo": "https://a:b@h/r"});
         let again = s.seal_in_clear(CommandType::Ping, &old).unwrap();
