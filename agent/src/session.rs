@@ -779,7 +779,8 @@ impl Agent {
             d.root_command_id.unwrap_or(id),
             d.attempt,
             self.reports_tx.clone(),
-        );
+        )
+        .with_terraform_state(d.terraform_state.clone());
         self.running.insert(id, ctx.clone());
         let parsed = match refusal {
             Some(e) => Err(e),

@@ -53,6 +53,9 @@ pub enum SecretError {
 #[derive(Clone)]
 pub struct Secrets {
     key: Arc<LessSafeKey>,
+    /// HMAC-SHA256 key of Terraform state credentials, derived from the secrets key (so
+    /// every replica derives the same credentials and no other key must be kept).
+    state_mac: Arc<ring::hmac::Key>,
     /// First 8 hex digits of the key's SHA-256: names the key in errors, never reveals it.
     id: Arc<str>,
 }
@@ -73,8 +76,16 @@ impl Secrets {
         let key = UnboundKey::new(&CHACHA20_POLY1305, bytes)
             .map_err(|_| anyhow::anyhow!("invalid secrets key"))?;
         let id = hex::encode(&sha2::Sha256::digest(bytes)[..4]);
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes),
+            STATE_MAC_LABEL,
+        );
         Ok(Self {
             key: Arc::new(LessSafeKey::new(key)),
+            state_mac: Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                derived.as_ref(),
+            )),
             id: id.into(),
         })
     }
@@ -150,6 +161,74 @@ impl Secrets {
         let mut out = nonce.to_vec();
         out.extend_from_slice(&buf);
         out
+    }
+
+    /// `plain` (a Terraform state) sealed for storage under `aad` (its workspace name,
+    /// so a state copied to another workspace's row does not open):
+    /// `v1:<key id>:<base64 nonce|ciphertext>`.
+    pub fn seal_blob(&self, aad: &str, plain: &[u8]) -> String {
+        let aad = blob_aad(aad);
+        format!(
+            "{VERSION}:{}:{}",
+            self.id,
+            B64.encode(self.seal_bytes(&aad, plain))
+        )
+    }
+
+    /// Opens what [`Secrets::seal_blob`] sealed with the same `aad`.
+    pub fn open_blob(&self, aad: &str, sealed: &str) -> Result<Vec<u8>, SecretError> {
+        let corrupt = |reason| SecretError::Corrupt {
+            var: format!("terraform state of {aad}"),
+            reason,
+        };
+        let mut parts = sealed.splitn(3, ':');
+        let (Some(VERSION), Some(kid), Some(data)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt("unknown format"));
+        };
+        if kid != &*self.id {
+            return Err(SecretError::WrongKey {
+                var: format!("terraform state of {aad}"),
+                stored: kid.to_string(),
+                current: self.id.to_string(),
+            });
+        }
+        let mut raw = B64.decode(data).map_err(|_| corrupt("not base64"))?;
+        if raw.len() < NONCE_LEN {
+            return Err(corrupt("too short"));
+        }
+        let mut ct = raw.split_off(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(blob_aad(aad)), &mut ct)
+            .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
+        Ok(plain.to_vec())
+    }
+
+    /// The Terraform state credential of `command` for `workspace`: HMAC-SHA256 over both
+    /// (length-prefixed) under a key derived from the secrets key, base64url. Derived, not
+    /// stored: the control plane computes it again to check a request, and it is only
+    /// honoured while its command is live (see `domain::terraform_state`).
+    pub fn state_credential(&self, command: uuid::Uuid, workspace: &str) -> String {
+        B64URL.encode(ring::hmac::sign(
+            &self.state_mac,
+            &credential_input(command, workspace),
+        ))
+    }
+
+    /// Whether `given` is [`Secrets::state_credential`] of `command` and `workspace`
+    /// (compared in constant time).
+    pub fn check_state_credential(
+        &self,
+        command: uuid::Uuid,
+        workspace: &str,
+        given: &str,
+    ) -> bool {
+        let Ok(tag) = B64URL.decode(given.trim()) else {
+            return false;
+        };
+        ring::hmac::verify(&self.state_mac, &credential_input(command, workspace), &tag).is_ok()
     }
 
     /// A URL credential (password, or a bare-token userinfo) sealed into URL-safe text.
@@ -360,6 +439,25 @@ impl Secrets {
     }
 }
 
+/// What the state-credential key is derived with (HMAC of the secrets key over it).
+const STATE_MAC_LABEL: &[u8] = b"trellis terraform state credential key v1";
+
+/// Associated data of a sealed Terraform state: a label and the workspace name.
+fn blob_aad(workspace: &str) -> Vec<u8> {
+    let mut aad = b"trellis-terraform-state-v1\0".to_vec();
+    aad.extend_from_slice(workspace.as_bytes());
+    aad
+}
+
+/// The bytes a state credential authenticates: the command id and the workspace name.
+fn credential_input(command: uuid::Uuid, workspace: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + workspace.len());
+    out.extend_from_slice(command.as_bytes());
+    out.extend_from_slice(&(workspace.len() as u64).to_be_bytes());
+    out.extend_from_slice(workspace.as_bytes());
+    out
+}
+
 /// The prefix of a sealed URL credential (then `<key id>.<base64url>`).
 const URL_MARK: &str = "enc1.";
 /// Associated data of sealed URL credentials.
@@ -536,6 +634,28 @@ mod tests {
         let mut bad = sealed.clone();
         bad["terraform_vars"]["db_password"] = json!({ENC_FIELD: format!("v1:{}:AAAA", s.id())});
         assert!(s.open_params(CommandType::TerraformApply, &bad).is_err());
+    }
+
+    #[test]
+    fn blobs_open_only_with_their_workspace_and_credentials_check_both() {
+        let s = Secrets::ephemeral();
+        let state = br#"{"version":4,"resources":[{"id":"secret-42"}]}"#;
+        let sealed = s.seal_blob("prod", state);
+        assert!(!sealed.contains("secret-42"));
+        assert_eq!(s.open_blob("prod", &sealed).unwrap(), state);
+        assert!(s.open_blob("staging", &sealed).is_err());
+        assert!(matches!(
+            Secrets::ephemeral().open_blob("prod", &sealed),
+            Err(SecretError::WrongKey { .. })
+        ));
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let c = s.state_credential(a, "prod");
+        assert_eq!(c, s.state_credential(a, "prod"), "deterministic");
+        assert!(s.check_state_credential(a, "prod", &c));
+        assert!(!s.check_state_credential(b, "prod", &c));
+        assert!(!s.check_state_credential(a, "prod2", &c));
+        assert!(!s.check_state_credential(a, "prod", "not base64!"));
+        assert!(!Secrets::ephemeral().check_state_credential(a, "prod", &c));
     }
 
     #[test]

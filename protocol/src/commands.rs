@@ -1062,6 +1062,26 @@ impl TerraformApplyParams {
         Ok(())
     }
 
+    /// The Terraform state workspace of this apply (and its agent-side lock key): the
+    /// trimmed `workspace_key` if given, else `<repo>#<path>` with any credentials
+    /// (`user:pass@`) removed from the repo URL and the path without surrounding `/` (`.`
+    /// or none: empty). The version is not part of it: a newer version of a template
+    /// manages the same resources. The control plane and the agent both derive it from
+    /// the params, so a state credential names it implicitly.
+    pub fn state_workspace(&self) -> String {
+        if let Some(k) = self.workspace_key.as_deref().map(str::trim) {
+            if !k.is_empty() {
+                return k.to_string();
+            }
+        }
+        let s = &self.template_source;
+        let path = match s.path.as_deref().map(|p| p.trim().trim_matches('/')) {
+            None | Some(".") => "",
+            Some(p) => p,
+        };
+        format!("{}#{path}", without_userinfo(s.repo.trim()))
+    }
+
     /// Whether a variable's value must be redacted.
     pub fn is_sensitive(&self, name: &str) -> bool {
         let lower = name.to_ascii_lowercase();
@@ -1069,6 +1089,19 @@ impl TerraformApplyParams {
             || ["password", "secret", "token", "private_key", "api_key"]
                 .iter()
                 .any(|p| lower.contains(p))
+    }
+}
+
+/// `url` without the `userinfo@` of its authority (`scheme://user:pass@host/…`).
+fn without_userinfo(url: &str) -> String {
+    let Some(i) = url.find("://") else {
+        return url.to_string();
+    };
+    let (head, tail) = url.split_at(i + 3);
+    let end = tail.find(['/', '?', '#']).unwrap_or(tail.len());
+    match tail[..end].rfind('@') {
+        Some(at) => format!("{head}{}", &tail[at + 1..]),
+        None => url.to_string(),
     }
 }
 
@@ -1085,6 +1118,36 @@ pub struct TerraformApplyResult {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn state_workspace_is_the_key_or_repo_and_path_without_credentials() {
+        let p = |repo: &str, path: Option<&str>, key: Option<&str>| TerraformApplyParams {
+            template_source: TemplateSource {
+                repo: repo.into(),
+                version: "v1".into(),
+                path: path.map(Into::into),
+            },
+            terraform_vars: Default::default(),
+            meta: None,
+            sensitive_vars: vec![],
+            workspace_key: key.map(Into::into),
+        };
+        assert_eq!(
+            p("/srv/r", Some("envs/prod/"), None).state_workspace(),
+            "/srv/r#envs/prod"
+        );
+        assert_eq!(p(" /srv/r ", Some("."), None).state_workspace(), "/srv/r#");
+        assert_eq!(
+            p("https://u:tok@git.example/r.git", None, None).state_workspace(),
+            "https://git.example/r.git#"
+        );
+        assert_eq!(
+            p("https://tok@h/a@b", Some("x"), None).state_workspace(),
+            "https://h/a@b#x"
+        );
+        assert_eq!(p("/r", None, Some(" prod ")).state_workspace(), "prod");
+        assert_eq!(p("/r", None, Some("  ")).state_workspace(), "/r#");
+    }
 
     #[test]
     fn ping_accepts_empty_params_and_null() {

@@ -172,7 +172,19 @@ pub struct Dispatch {
     /// `"signed_dispatch"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::FrameSignature>,
+    /// `terraform_apply` on a server whose `welcome.features` lists `"terraform_state"`:
+    /// the password of the command's Terraform state credential (HTTP Basic, user name =
+    /// `command_id`) for `/api/terraform/state/{workspace}`. Valid only for that command's
+    /// workspace and only while the command is not finished. Not covered by `signature`: it
+    /// is derived at send time (HMAC under the server's key) and grants nothing beyond
+    /// the signed command's own workspace, so a forged one can only fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terraform_state: Option<String>,
 }
+
+/// `welcome.features` entry: the server keeps `terraform_apply` state (Terraform's `http`
+/// backend under `/api/terraform/state/`) and sends `dispatch.terraform_state`.
+pub const FEATURE_TERRAFORM_STATE: &str = "terraform_state";
 
 fn one() -> u32 {
     1

@@ -369,6 +369,7 @@ mod tests {
             attempt: 2,
             root_command_id: Some(Uuid::new_v4()),
             signature: None,
+            terraform_state: None,
         })
     }
 
@@ -533,6 +534,7 @@ mod tests {
             attempt: 1,
             root_command_id: None,
             signature: None,
+            terraform_state: None,
         };
         let b = dispatch_bytes("k", Uuid::nil(), &d, b"{}");
         let mut want = Vec::new();

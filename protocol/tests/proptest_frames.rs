@@ -486,6 +486,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     attempt,
                     root_command_id,
                     signature: None,
+                    terraform_state: None,
                 })
             },
         );

@@ -552,6 +552,7 @@ fn every_variant_round_trips_and_matches_the_schema() {
             attempt: 1,
             root_command_id: Some(id),
             signature: None,
+            terraform_state: None,
         }),
         ServerMessage::Cancel {
             command_id: id,

@@ -177,6 +177,7 @@ impl Conn {
             attempt: 1,
             root_command_id: None,
             signature: None,
+            terraform_state: None,
         }))
         .await;
     }

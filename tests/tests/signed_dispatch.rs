@@ -370,6 +370,7 @@ fn ping_dispatch(id: Uuid, params: Value) -> ServerMessage {
         attempt: 1,
         root_command_id: None,
         signature: None,
+        terraform_state: None,
     })
 }
 

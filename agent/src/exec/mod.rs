@@ -125,6 +125,9 @@ pub struct ExecContext {
     pub cancel: CancellationToken,
     reports: mpsc::Sender<Report>,
     cancel_reason: Arc<std::sync::Mutex<Option<CancelReason>>>,
+    /// `terraform_apply`: the command's Terraform state credential from its dispatch
+    /// (`dispatch.terraform_state`), when the server keeps the state.
+    pub terraform_state: Option<crate::secret::Secret>,
 }
 
 impl ExecContext {
@@ -141,7 +144,14 @@ impl ExecContext {
             cancel: CancellationToken::new(),
             reports,
             cancel_reason: Default::default(),
+            terraform_state: None,
         }
+    }
+
+    /// This context with the command's Terraform state credential.
+    pub fn with_terraform_state(mut self, credential: Option<String>) -> Self {
+        self.terraform_state = credential.map(crate::secret::Secret::new);
+        self
     }
 
     /// Requests cancellation; the first reason wins.

@@ -17,7 +17,18 @@
 //! resources configure a remote backend. Files holding secrets — the variables file, the
 //! state and its backup, `init`'s backend settings — are removed as soon as `outputs`
 //! is done (or the run stopped earlier); a workspace left by a killed agent is scrubbed
-//! by the next apply. A template repository URL with credentials is cloned with no
+//! by the next apply.
+//!
+//! State: when the dispatch carries a state credential (`dispatch.terraform_state`, from
+//! a server that keeps Terraform state), the executor writes
+//! [`BACKEND_OVERRIDE`] next to the template — Terraform's `http` backend pointed at
+//! `/api/terraform/state/<workspace>` of the server the agent dials — so the state
+//! outlives the workspace and applies of one workspace are serialised by the server's
+//! lock, with no backend block in the template. The credential itself is never written
+//! to a file: Terraform reads it from `TF_HTTP_PASSWORD`. A template that configures its
+//! own backend keeps it.
+//!
+//! A template repository URL with credentials is cloned with no
 //! credential helper and its credentials removed from `.git/config` right after the
 //! clone; it is shown without them in every log line.
 
@@ -54,6 +65,113 @@ pub struct TerraformExecutor {
     /// `<work_dir>/terraform`: one workspace per command below it.
     root: PathBuf,
     workspaces: Arc<Workspaces>,
+    /// Where the server keeps Terraform state (`None`: local state in the workspace).
+    state: Option<Arc<StateServer>>,
+}
+
+/// The server's Terraform state endpoint, as this agent reaches it.
+#[derive(Debug)]
+struct StateServer {
+    /// `http(s)://host[:port][/prefix]/api/terraform/state/` (ends with `/`).
+    base: String,
+    /// The extra CA the agent trusts for the server (`--server-ca-file`), handed to
+    /// Terraform as `SSL_CERT_FILE`.
+    ca_file: Option<PathBuf>,
+}
+
+/// The generated file that points Terraform at the server's state (an override file, so
+/// it replaces nothing but the backend and needs no block in the template).
+pub const BACKEND_OVERRIDE: &str = "zz_trellis_backend_override.tf";
+
+/// The state endpoint base of the server at `server_url` (`ws(s)://…/api/agents/connect`
+/// → `http(s)://…/api/terraform/state/`); `None` for a URL that is not ws(s).
+pub fn state_base_url(server_url: &str) -> Option<String> {
+    let mut url = reqwest::Url::parse(server_url.trim()).ok()?;
+    let scheme = match url.scheme() {
+        "ws" => "http",
+        "wss" => "https",
+        _ => return None,
+    };
+    url.set_scheme(scheme).ok()?;
+    let path = url.path().trim_end_matches('/').to_string();
+    let prefix = path.strip_suffix("/api/agents/connect").unwrap_or("");
+    url.set_path(&format!("{prefix}/api/terraform/state/"));
+    url.set_query(None);
+    url.set_fragment(None);
+    Some(url.to_string())
+}
+
+/// `s` percent-encoded as one URL path segment (everything but RFC 3986 unreserved).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// What one apply uses to reach its state on the server.
+struct Backend {
+    address: String,
+    username: String,
+    password: crate::secret::Secret,
+    ca_file: Option<PathBuf>,
+}
+
+impl Backend {
+    /// The override file: addresses and user name only (the password comes from the
+    /// environment).
+    fn override_tf(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        format!(
+            "# Written by tendril: this apply's state is kept by the Trellis control plane.\n\
+             terraform {{\n  backend \"http\" {{\n    address        = {a}\n    \
+             lock_address   = {a}\n    unlock_address = {a}\n    lock_method    = \"LOCK\"\n    \
+             unlock_method  = \"UNLOCK\"\n    username       = {u}\n  }}\n}}\n",
+            a = q(&self.address),
+            u = q(&self.username),
+        )
+    }
+
+    fn env(&self, mut spec: ProcSpec) -> ProcSpec {
+        spec = spec.env("TF_HTTP_PASSWORD", self.password.expose());
+        if let Some(ca) = &self.ca_file {
+            spec = spec.env("SSL_CERT_FILE", ca.display().to_string());
+        }
+        spec
+    }
+}
+
+/// Whether a `.tf` file in `dir` declares a backend of its own (a line starting with
+/// `backend "` or a `cloud` block), in which case Trellis does not impose its own.
+async fn declares_backend(dir: &Path) -> bool {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return false;
+    };
+    while let Ok(Some(e)) = entries.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".tf") || name == BACKEND_OVERRIDE {
+            continue;
+        }
+        let Ok(text) = tokio::fs::read_to_string(e.path()).await else {
+            continue;
+        };
+        let found = text.lines().any(|l| {
+            let l = l.trim_start();
+            l.strip_prefix("backend")
+                .is_some_and(|r| r.trim_start().starts_with('"'))
+                || l.strip_prefix("cloud")
+                    .is_some_and(|r| r.trim_start().starts_with('{'))
+        });
+        if found {
+            return true;
+        }
+    }
+    false
 }
 
 impl TerraformExecutor {
@@ -66,7 +184,15 @@ impl TerraformExecutor {
             settings: Arc::new(settings),
             root,
             workspaces: Default::default(),
+            state: None,
         }
+    }
+
+    /// This executor keeping the state of applies whose dispatch carries a state
+    /// credential on the server at `base` (see [`state_base_url`]).
+    pub fn with_state_backend(mut self, base: Option<String>, ca_file: Option<PathBuf>) -> Self {
+        self.state = base.map(|base| Arc::new(StateServer { base, ca_file }));
+        self
     }
 
     pub fn settings(&self) -> &TerraformSettings {
@@ -110,6 +236,9 @@ async fn apply(
     let mut redactor = Redactor::for_params(&p);
     for credential in git::url_credentials(&p.template_source.repo) {
         redactor.add(&credential);
+    }
+    if let Some(c) = &ctx.terraform_state {
+        redactor.add(c.expose());
     }
     let redactor = Arc::new(redactor);
     let mut sink = LogSink::new(ctx, redactor.clone(), settings.log_cap_bytes);
@@ -176,10 +305,8 @@ impl Request {
             }
             Some(p) => Some(p.to_string()),
         };
-        let key = match p.workspace_key.as_deref().map(str::trim) {
-            Some(k) if !k.is_empty() => k.to_string(),
-            _ => format!("{repo}#{}", path.as_deref().unwrap_or("")),
-        };
+        // The state workspace, which the control plane derives the same way.
+        let key = p.state_workspace();
         Ok(Self {
             repo,
             version,
@@ -221,7 +348,16 @@ async fn run(
     let ws = exec.workspaces.create(root, ctx.command_id).await?;
     sink.system(&format!("workspace {}", ws.dir.display()))
         .await;
-    let result = run_in_workspace(ctx, sink, settings, p, req, &ws).await;
+    let backend = match (&exec.state, &ctx.terraform_state) {
+        (Some(server), Some(password)) => Some(Backend {
+            address: format!("{}{}", server.base, path_segment(&req.key)),
+            username: ctx.command_id.to_string(),
+            password: password.clone(),
+            ca_file: server.ca_file.clone(),
+        }),
+        _ => None,
+    };
+    let result = run_in_workspace(ctx, sink, settings, p, req, &ws, backend).await;
     ws.touch().await;
     result
 }
@@ -233,6 +369,7 @@ async fn run_in_workspace(
     p: &TerraformApplyParams,
     req: &Request,
     ws: &workspace::Workspace,
+    backend: Option<Backend>,
 ) -> Result<TerraformApplyResult, CommandError> {
     // fetch_template
     let shown_repo = sink
@@ -267,7 +404,35 @@ async fn run_in_workspace(
         )
         .retryable());
     }
-    let result = init_apply_outputs(ctx, sink, settings, p, &fetched.dir).await;
+    let backend = match backend {
+        Some(b) if declares_backend(&fetched.dir).await => {
+            sink.system(&format!(
+                "the template configures its own backend: its state is not kept by Trellis (workspace {:?})",
+                req.key
+            ))
+            .await;
+            drop(b);
+            None
+        }
+        Some(b) => {
+            let path = fetched.dir.join(BACKEND_OVERRIDE);
+            if let Err(e) = tokio::fs::write(&path, b.override_tf()).await {
+                return Err(CommandError::new(
+                    "workspace_error",
+                    format!("cannot write {}: {e}", path.display()),
+                )
+                .retryable());
+            }
+            sink.system(&format!(
+                "state kept by Trellis: workspace {:?} at {}",
+                req.key, b.address
+            ))
+            .await;
+            Some(b)
+        }
+        None => None,
+    };
+    let result = init_apply_outputs(ctx, sink, settings, p, &fetched.dir, backend.as_ref()).await;
     // The variables file holds the sensitive values in clear, the state every resource
     // attribute and sensitive output: none of them stays once `outputs` is done (or the
     // run stopped earlier). What the logs need was streamed already.
@@ -302,7 +467,15 @@ async fn init_apply_outputs(
     settings: &TerraformSettings,
     p: &TerraformApplyParams,
     dir: &std::path::Path,
+    backend: Option<&Backend>,
 ) -> Result<Value, CommandError> {
+    let tf_spec = |settings: &TerraformSettings, dir: &std::path::Path| {
+        let spec = tf_spec(settings, dir);
+        match backend {
+            Some(b) => b.env(spec),
+            None => spec,
+        }
+    };
     // init
     begin(ctx, sink, "init", "terraform init".into()).await?;
     let init = async {

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod redact;
 pub mod security_headers;
 pub mod templates;
+pub mod terraform_state;
 pub mod types;
 mod ui;
 
@@ -99,6 +100,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/admins", get(admins::list).post(admins::create))
         .route("/api/admins/{name}", axum::routing::delete(admins::revoke))
         .route("/api/audit", get(audit::list))
+        .route("/api/terraform/workspaces", get(terraform_state::workspaces))
+        .route(
+            "/api/terraform/state/{workspace}/versions",
+            get(terraform_state::versions),
+        )
         .route("/api/session", get(auth::who))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -106,6 +112,11 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/api/agents/connect", get(agents::connect))
+        // Its own authentication (a command's state credential); see `terraform_state`.
+        .route(
+            "/api/terraform/state/{workspace}",
+            axum::routing::any(terraform_state::state),
+        )
         .merge(admin)
         .route(
             "/api/session",

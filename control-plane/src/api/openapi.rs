@@ -8,7 +8,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{admins, agents, audit, auth, commands, node_batches, nodes, templates};
+use super::{
+    admins, agents, audit, auth, commands, node_batches, nodes, templates, terraform_state,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +32,8 @@ use super::{admins, agents, audit, auth, commands, node_batches, nodes, template
         node_batches::create_batch, node_batches::bulk_action,
         admins::list, admins::create, admins::revoke, audit::list,
         auth::sign_in, auth::who, auth::sign_out,
+        terraform_state::workspaces, terraform_state::versions,
+        terraform_state::get_state_doc, terraform_state::post_state_doc,
         super::healthz, super::readyz, super::metrics,
     ),
     modifiers(&Contract),
@@ -42,6 +46,7 @@ use super::{admins, agents, audit, auth, commands, node_batches, nodes, template
         (name = "admins", description = "Named admins and their tokens"),
         (name = "audit", description = "Who did what, when, with what outcome"),
         (name = "session", description = "Browser sign-in: an admin token exchanged for an HttpOnly session cookie"),
+        (name = "terraform", description = "Terraform state kept for terraform_apply (Terraform's http backend; LOCK and UNLOCK are in docs/api.md)"),
         (name = "health", description = "Liveness, readiness and metrics (no auth)"),
     )
 )]
@@ -68,6 +73,17 @@ impl Modify for Contract {
                     "Set by POST /api/session. Requests that change something must also send `X-Trellis-Request: 1`.",
                 ),
             )),
+        );
+        components.add_security_scheme(
+            "terraform_state",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(
+                        "A terraform_apply's command id and its state credential (dispatch.terraform_state).",
+                    ))
+                    .build(),
+            ),
         );
         let error = ResponseBuilder::new()
             .description("An error: `{\"error\": {\"code\", \"message\"}}`")

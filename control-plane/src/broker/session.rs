@@ -262,6 +262,7 @@ impl Session {
                 vec![
                     trellis_protocol::FEATURE_INVENTORY.to_string(),
                     trellis_protocol::FEATURE_SIGNED_DISPATCH.to_string(),
+                    trellis_protocol::FEATURE_TERRAFORM_STATE.to_string(),
                 ]
             } else {
                 Vec::new()

@@ -50,6 +50,9 @@ pub struct DispatchRow {
     pub root_id: CommandId,
     /// Stored when the command was created (see `db::signatures`); sent unchanged.
     pub signature: Option<String>,
+    /// `terraform_apply`: its state credential, derived when the dispatch is unsealed
+    /// (never stored; see `Secrets::state_credential`).
+    pub terraform_state: Option<String>,
 }
 
 impl DispatchRow {
@@ -66,6 +69,7 @@ impl DispatchRow {
                 .signature
                 .as_deref()
                 .and_then(trellis_protocol::FrameSignature::from_stored),
+            terraform_state: self.terraform_state,
         })
     }
 
@@ -78,6 +82,7 @@ impl DispatchRow {
             attempt: r.try_get("attempt")?,
             root_id: id(r, "root_id")?,
             signature: r.try_get("signature")?,
+            terraform_state: None,
         })
     }
 

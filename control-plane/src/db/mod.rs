@@ -23,6 +23,7 @@ mod settings;
 mod signatures;
 pub mod sql;
 mod templates;
+mod terraform_state;
 
 pub use admins::{AdminRow, SessionRow};
 pub use agents::AgentRow;
@@ -39,6 +40,10 @@ pub use node_import::NodeImport;
 pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
 pub use signatures::Signed;
 pub use templates::{TemplateFields, TemplateRow};
+pub use terraform_state::{
+    LockOutcome, NewStateVersion, PutOutcome, StateLockRow, StateVersionRow, StateWorkspaceRow,
+    UnlockOutcome,
+};
 
 use std::time::Duration;
 

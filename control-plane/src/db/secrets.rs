@@ -14,9 +14,18 @@ const SEALED_SETTING: &str = "secrets_sealed_v2";
 const SEAL_PAGE: i64 = 500;
 
 impl Db {
-    /// `d` with its sensitive params decrypted for the agent.
+    /// `d` with its sensitive params decrypted for the agent, and, for a
+    /// `terraform_apply`, the credential of its Terraform state workspace.
     pub fn unseal_dispatch(&self, mut d: DispatchRow) -> Result<DispatchRow, SecretError> {
         d.params = self.secrets.open_params(d.command_type, &d.params)?;
+        if d.command_type == CommandType::TerraformApply {
+            d.terraform_state =
+                <trellis_protocol::TerraformApplyParams as serde::Deserialize>::deserialize(
+                    &d.params,
+                )
+                .ok()
+                .map(|p| self.secrets.state_credential(d.id.0, &p.state_workspace()));
+        }
         Ok(d)
     }
 

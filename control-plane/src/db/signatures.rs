@@ -51,6 +51,7 @@ impl Db {
             attempt: c.attempt.clamp(1, i64::from(u32::MAX)) as u32,
             root_command_id: Some(c.root_id.0),
             signature: None,
+            terraform_state: None,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod node_batches;
 pub mod nodes;
 pub mod templates;
+pub mod terraform_state;
 
 use crate::db::DbError;
 
