@@ -109,6 +109,7 @@ fn state_error(e: StateError) -> Response {
         StateError::Locked(info) => lock_info(StatusCode::LOCKED, info),
         StateError::Conflict(info) => lock_info(StatusCode::CONFLICT, info),
         StateError::Invalid(m) => AppError::Invalid("invalid_state", m).into_response(),
+        StateError::NotFound(m) => AppError::NotFound(m).into_response(),
         StateError::Storage(e) => AppError::from(e).into_response(),
         e @ StateError::Undecryptable(_) => AppError::Internal(e.into()).into_response(),
     }
@@ -255,7 +256,8 @@ pub async fn state(
     responses(
         (status = 200, description = "The latest state (Terraform's JSON, as stored)", body = Object),
         (status = 204, description = "No state stored yet"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, description = "Not a workspace name", body = ErrorBody)))]
 pub async fn get_state_doc() {}
 
 async fn get_state(s: &AppState, workspace: &str) -> Response {
@@ -290,6 +292,7 @@ async fn get_state(s: &AppState, workspace: &str) -> Response {
         (status = 200, description = "Stored"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody),
+        (status = 404, description = "Not a workspace name", body = ErrorBody),
         (status = 423, description = "Locked by another command: its lock info", body = Object)))]
 pub async fn post_state_doc() {}
 
@@ -330,7 +333,8 @@ pub async fn workspaces(
 /// The stored versions of a workspace's Terraform state, newest first.
 #[utoipa::path(get, path = "/api/terraform/state/{workspace}/versions", tag = "terraform",
     params(("workspace" = String, Path, description = "The workspace name (percent-encoded)")),
-    responses((status = 200, body = TerraformStateVersionList)))]
+    responses((status = 200, body = TerraformStateVersionList),
+        (status = 404, description = "No state stored for the workspace", body = ErrorBody)))]
 pub async fn versions(
     State(s): State<AppState>,
     Path(workspace): Path<String>,

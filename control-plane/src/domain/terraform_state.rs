@@ -53,6 +53,9 @@ pub enum StateError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// Not a workspace name, or a workspace with nothing stored (404).
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Storage(#[from] DbError),
     /// A stored state that does not open (another secrets key, tampered).
@@ -124,17 +127,16 @@ pub async fn authenticate(
     })
 }
 
-/// Checks a workspace name from a URL.
+/// Checks a workspace name from a URL: something that cannot be one is not found (like
+/// a malformed id elsewhere in the API).
 pub fn check_workspace(workspace: &str) -> Result<(), StateError> {
-    if workspace.is_empty() || workspace.len() > MAX_WORKSPACE_BYTES {
-        return Err(StateError::Invalid(format!(
-            "a workspace name has 1 to {MAX_WORKSPACE_BYTES} bytes"
+    if workspace.is_empty()
+        || workspace.len() > MAX_WORKSPACE_BYTES
+        || workspace.chars().any(char::is_control)
+    {
+        return Err(StateError::NotFound(format!(
+            "no workspace {workspace:?}: a name has 1 to {MAX_WORKSPACE_BYTES} bytes and no control characters"
         )));
-    }
-    if workspace.chars().any(char::is_control) {
-        return Err(StateError::Invalid(
-            "a workspace name has no control characters".into(),
-        ));
     }
     Ok(())
 }
@@ -252,7 +254,14 @@ pub async fn workspaces(db: &Db) -> Result<Vec<StateWorkspaceRow>, StateError> {
     Ok(db.state_workspaces().await?)
 }
 
-/// The versions of a workspace, newest first.
+/// The versions of a workspace, newest first (404 when it has none).
 pub async fn versions(db: &Db, workspace: &str) -> Result<Vec<StateVersionRow>, StateError> {
-    Ok(db.state_versions(workspace).await?)
+    check_workspace(workspace)?;
+    let rows = db.state_versions(workspace).await?;
+    if rows.is_empty() {
+        return Err(StateError::NotFound(format!(
+            "no Terraform state stored for workspace {workspace:?}"
+        )));
+    }
+    Ok(rows)
 }

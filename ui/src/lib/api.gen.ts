@@ -512,6 +512,61 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/terraform/state/{workspace}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Read a workspace's latest Terraform state (the `http` backend's `GET`). */
+        get: operations["terraform_get_state"];
+        put?: never;
+        /**
+         * Store a new version of a workspace's Terraform state (the `http` backend's `POST`;
+         *     the command's state credential only).
+         */
+        post: operations["terraform_post_state"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/terraform/state/{workspace}/versions": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The stored versions of a workspace's Terraform state, newest first. */
+        get: operations["terraform_versions"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/terraform/workspaces": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Workspaces whose Terraform state trellis keeps, with their version count and last update. */
+        get: operations["terraform_workspaces"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -1181,6 +1236,51 @@ export interface components {
              * @description The Proxmox template's VMID (100–999999999).
              */
             proxmoxTemplateId?: number | null;
+        };
+        /** @description One stored version of a workspace's state (the state itself: `GET` on the workspace). */
+        TerraformStateVersion: {
+            commandId?: null | components["schemas"]["CommandId"];
+            /** @description RFC 3339. */
+            createdAt: string;
+            /** @description Terraform's `lineage`. */
+            lineage?: string | null;
+            /**
+             * Format: int64
+             * @description Terraform's `serial`.
+             */
+            serial?: number | null;
+            /** Format: int64 */
+            sizeBytes: number;
+            /**
+             * Format: int64
+             * @description 1 for the first state stored, one more per write.
+             */
+            version: number;
+        };
+        TerraformStateVersionList: {
+            /** @description Newest first. */
+            items: components["schemas"]["TerraformStateVersion"][];
+        };
+        /** @description A workspace whose state trellis keeps. */
+        TerraformWorkspace: {
+            /**
+             * Format: int64
+             * @description The newest version's number (0: none stored yet).
+             */
+            latestVersion: number;
+            lockedBy?: null | components["schemas"]["CommandId"];
+            /** @description RFC 3339: when the newest version was stored (or the lock taken, with none). */
+            updatedAt: string;
+            /**
+             * Format: int64
+             * @description Stored versions (the newest 100 are kept).
+             */
+            versions: number;
+            /** @description The workspace name: a `terraform_apply`'s `workspace_key`, else `<repo>#<path>`. */
+            workspace: string;
+        };
+        TerraformWorkspaceList: {
+            items: components["schemas"]["TerraformWorkspace"][];
         };
         UpdateAgentRequest: {
             /**
@@ -3056,6 +3156,217 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    terraform_get_state: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The workspace name (percent-encoded) */
+                workspace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The latest state (Terraform's JSON, as stored) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description No state stored yet */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a workspace name */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    terraform_post_state: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The lock id Terraform holds (`LOCK`'s `ID`). */
+                ID: string | null;
+                /** @description The workspace name (percent-encoded) */
+                workspace: string;
+            };
+            cookie?: never;
+        };
+        /** @description The Terraform state (JSON) */
+        requestBody: {
+            content: {
+                "application/json": Record<string, never>;
+            };
+        };
+        responses: {
+            /** @description Stored */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a workspace name */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Locked by another command: its lock info */
+            423: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    terraform_versions: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The workspace name (percent-encoded) */
+                workspace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TerraformStateVersionList"];
+                };
+            };
+            /** @description No state stored for the workspace */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    terraform_workspaces: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TerraformWorkspaceList"];
                 };
             };
             /** @description An error: `{"error": {"code", "message"}}` */
