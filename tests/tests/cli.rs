@@ -191,6 +191,37 @@ async fn commands_list_show_and_follow_exit_codes() {
         assert_eq!(out.matches(line).count(), 1, "{line:?} in\n{out}");
     }
 
+    // On a terminal (a pty from util-linux `script`): the progress bar, redrawn in place,
+    // and the same exit code.
+    let o = run({
+        let mut c = tokio::process::Command::new("script");
+        c.args([
+            "-qec",
+            &format!("{} commands follow {ok}", bin("trellis").display()),
+            "/dev/null",
+        ])
+        .env("XDG_CONFIG_HOME", &cfg)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        c
+    })
+    .await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let tty = text(&o.stdout);
+    // The bar's percent (plain mode prints `progress N%` lines instead).
+    assert!(
+        tty.contains("%") && !tty.contains("progress "),
+        "no progress bar: {tty:?}"
+    );
+    assert!(
+        tty.contains("\u{1b}[2K"),
+        "the bar is not redrawn in place: {tty:?}"
+    );
+    assert!(tty.contains(&format!("command {ok} succeeded")), "{tty:?}");
+
     // --output json: one document with the API's shape.
     let o = run(trellis(
         &cfg,
