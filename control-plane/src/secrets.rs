@@ -289,16 +289,14 @@ impl Secrets {
 
     /// `s` with every sealed URL credential opened (`None` when there is none).
     fn open_urls_in(&self, s: &str) -> Result<Option<String>, SecretError> {
-        map_userinfo(s, |userinfo| {
-            if userinfo.starts_with(URL_MARK) {
-                return self.open_url_part(userinfo).map(Some);
-            }
-            match userinfo.split_once(':') {
-                Some((user, pass)) if pass.starts_with(URL_MARK) => {
-                    Ok(Some(format!("{user}:{}", self.open_url_part(pass)?)))
-                }
-                _ => Ok(None),
-            }
+        // Split exactly as `seal_urls_in` does: a user name may itself start with the mark.
+        map_userinfo(s, |userinfo| match userinfo.split_once(':') {
+            Some((user, pass)) if !user.is_empty() => match pass.starts_with(URL_MARK) {
+                true => Ok(Some(format!("{user}:{}", self.open_url_part(pass)?))),
+                false => Ok(None),
+            },
+            _ if userinfo.starts_with(URL_MARK) => self.open_url_part(userinfo).map(Some),
+            _ => Ok(None),
         })
     }
 
@@ -576,7 +574,8 @@ mod tests {
             ));
         }
         // A user's credential that looks sealed is still the user's: sealed and given back.
-        let odd = json!({"repo": "https://enc1.deadbeef.AAAA@h/r", "b": "https://u:enc1.x@h/"});
+        let odd = json!({"repo": "https://enc1.deadbeef.AAAA@h/r", "b": "https://u:enc1.x@h/",
+            "c": "https://enc1.bot:pw@h/", "d": "https://:bare@[::1]:8443/x"});
         let sealed = s.seal_params(CommandType::Ping, &odd);
         assert_eq!(s.open_params(CommandType::Ping, &sealed).unwrap(), odd);
         // Stored in clear by an earlier version: sealed by seal_in_clear.
@@ -584,6 +583,10 @@ mod tests {
         let again = s.seal_in_clear(CommandType::Ping, &old).unwrap();
         assert!(!again.to_string().contains(":b@"), "{again}");
         assert_eq!(s.open_params(CommandType::Ping, &again).unwrap(), old);
+        let bot = json!({"repo": "https://enc1.bot:pw@h/r"});
+        let again = s.seal_in_clear(CommandType::Ping, &bot).unwrap();
+        assert!(!again.to_string().contains(":pw@"), "{again}");
+        assert_eq!(s.open_params(CommandType::Ping, &again).unwrap(), bot);
     }
 
     #[test]

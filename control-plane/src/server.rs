@@ -133,13 +133,9 @@ impl App {
                 "encrypted the sensitive values an earlier version stored in clear"
             );
         }
-        let signed = db.sign_stored_unsigned().await?;
-        if signed > 0 {
-            tracing::info!(
-                commands = signed,
-                "signed the commands an earlier version stored without a signature"
-            );
-        }
+        // Commands an earlier version stored unsigned are not signed here: nothing signs a
+        // row read back from the database (it may have been written by anyone who can
+        // write the database). Queued ones fail `unsigned` when claimed; submit them again.
         let admin_token_hash =
             admin_token_hash(&db, config.admin_token.as_deref(), &data_dir).await?;
         let fanout = Arc::new(Fanout::default());

@@ -64,12 +64,14 @@ pub async fn run(db: Db, mut rx: mpsc::Receiver<InsertRequest>) {
                 // command of the batch gets the error at once rather than one retry each.
                 tracing::warn!(error = %e, n = batch.len(), "command batch failed");
                 let msg = e.to_string();
-                let full = storage_trouble(&e) == Some(StorageTrouble::Full);
+                let trouble = storage_trouble(&e);
                 for r in batch.drain(..) {
-                    let e = if full {
-                        DbError::Full(msg.clone())
-                    } else {
-                        DbError::Unavailable(msg.clone())
+                    // Only storage trouble is worth retrying; anything else (a bug, a
+                    // corrupt row) is an internal error, not "try again shortly".
+                    let e = match trouble {
+                        Some(StorageTrouble::Full) => DbError::Full(msg.clone()),
+                        Some(StorageTrouble::Unavailable) => DbError::Unavailable(msg.clone()),
+                        None => DbError::Corrupt(msg.clone()),
                     };
                     let _ = r.done.send(Err(e));
                 }

@@ -45,35 +45,54 @@ impl Db {
             if ids.is_empty() {
                 break;
             }
-            let list = (1..=ids.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(",");
+            let selected = ids.len();
+            let placeholders = |n: usize| {
+                (1..=n)
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             let mut tx = self.begin_write().await?;
+            // Checked again inside the transaction, and only those rows go: a pin or a node
+            // may have come since the read (SQLite holds the write lock from BEGIN
+            // IMMEDIATE; PostgreSQL locks the rows), and a kept command keeps its events.
+            let lock = match self.backend {
+                Backend::Postgres => " FOR UPDATE",
+                Backend::Sqlite => "",
+            };
+            let recheck = format!(
+                "SELECT id FROM commands WHERE id IN ({}) AND pinned = 0 AND NOT EXISTS \
+                 (SELECT 1 FROM nodes n WHERE n.last_command_id = commands.id){lock}",
+                placeholders(ids.len())
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&recheck);
+            for c in &ids {
+                q = q.bind(c.to_string());
+            }
+            let ids: Vec<String> = q.fetch_all(&mut *tx).await?;
             let mut counts = [0u64; 3];
-            for (i, sql) in [
-                format!("DELETE FROM command_events WHERE command_id IN ({list})"),
-                format!("DELETE FROM command_stages WHERE command_id IN ({list})"),
-                // Checked again inside the transaction: a pin or a node may have come.
-                format!(
-                    "DELETE FROM commands WHERE id IN ({list}) AND pinned = 0 AND NOT EXISTS \
-                     (SELECT 1 FROM nodes n WHERE n.last_command_id = commands.id)"
-                ),
-            ]
-            .iter()
-            .enumerate()
-            {
-                let mut q = sqlx::query(sql);
-                for c in &ids {
-                    q = q.bind(c.to_string());
+            if !ids.is_empty() {
+                let list = placeholders(ids.len());
+                for (i, sql) in [
+                    format!("DELETE FROM command_events WHERE command_id IN ({list})"),
+                    format!("DELETE FROM command_stages WHERE command_id IN ({list})"),
+                    format!("DELETE FROM commands WHERE id IN ({list})"),
+                ]
+                .iter()
+                .enumerate()
+                {
+                    let mut q = sqlx::query(sql);
+                    for c in &ids {
+                        q = q.bind(c);
+                    }
+                    counts[i] = q.execute(&mut *tx).await?.rows_affected();
                 }
-                counts[i] = q.execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
             out.events += counts[0];
             out.stages += counts[1];
             out.commands += counts[2];
-            if (ids.len() as i64) < take {
+            if (selected as i64) < take {
                 break;
             }
         }

@@ -93,6 +93,8 @@ pub struct Db {
     /// for the lock would back off in SQLite's sleeping busy handler.
     writer: AnyPool,
     pub backend: Backend,
+    /// `sqlite::memory:`: the one connection is the database (never reconnected).
+    memory: bool,
     /// The key sensitive command params are stored under (see [`crate::secrets`]).
     secrets: crate::secrets::Secrets,
     /// Signs every command as it is stored (see `commands.signature`).
@@ -166,6 +168,7 @@ impl Db {
             pool,
             writer,
             backend,
+            memory,
             // The server sets its persistent key with `with_secrets`.
             secrets: crate::secrets::Secrets::ephemeral(),
             // The server sets its persistent key with `with_signing`.
@@ -225,7 +228,9 @@ impl Db {
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
         match self.backend {
             Backend::Sqlite => match self.writer.begin_with("BEGIN IMMEDIATE").await {
-                Err(sqlx::Error::InvalidSavePointStatement) => {
+                // An in-memory database lives in its one connection: closing it would
+                // leave an empty, unmigrated one, so the error stands.
+                Err(sqlx::Error::InvalidSavePointStatement) if !self.memory => {
                     tracing::warn!(
                         "the SQLite writer connection lost track of a rolled-back transaction; reconnecting"
                     );

@@ -3,23 +3,20 @@
 //! — agent, id, root, attempt, deadline, type and the params the agent receives — and is
 //! sent unchanged with every dispatch, so a row altered after it was stored (by anyone who
 //! can write the database but does not hold the signing key) is refused by a pinned agent.
-//! Nothing re-signs a stored row: a retry or a re-run first checks the row it copies.
+//! Nothing signs a row read back from the database: a retry or a re-run first checks the
+//! row it copies against its signature, and a row without one (stored by an earlier
+//! version, or emptied by someone who can write the database) is never sent and never
+//! copied — it fails `unsigned` when claimed, and its retry is refused.
 
 use sqlx::Row;
 use trellis_protocol::signing::FrameSignature;
 use trellis_protocol::{CommandError, CommandType, Dispatch};
 
-use super::commands::command_type;
 use super::nodes::fail_node_of;
-use super::sql::{error_json, id};
+use super::sql::error_json;
 use super::{Db, DbResult, NewCommand};
 use crate::model::{AgentId, CommandId};
 use crate::time::now_ms;
-
-/// Set once every command stored before signatures existed has been signed.
-const SIGNED_SETTING: &str = "commands_signed_v1";
-/// Commands read per page by [`Db::sign_stored_unsigned`].
-const SIGN_PAGE: i64 = 500;
 
 /// The fields of a stored command its signature covers.
 pub struct Signed<'a> {
@@ -127,70 +124,5 @@ impl Db {
         }
         tx.commit().await?;
         Ok(n > 0)
-    }
-
-    /// Signs the commands an earlier version stored without a signature, once per
-    /// database (then recorded in `settings`); a row whose params no longer decrypt is
-    /// left unsigned (it fails when claimed, as it would anyway). Returns how many were
-    /// signed.
-    pub async fn sign_stored_unsigned(&self) -> DbResult<u64> {
-        let done = sqlx::query("SELECT 1 FROM settings WHERE key = $1")
-            .bind(SIGNED_SETTING)
-            .fetch_optional(&self.pool)
-            .await?;
-        if done.is_some() {
-            return Ok(0);
-        }
-        let mut signed = 0;
-        let mut after = String::new();
-        loop {
-            let rows = sqlx::query(
-                "SELECT id, agent_id, type, params, deadline_at, attempt, root_id FROM commands \
-                 WHERE signature IS NULL AND id > $1 ORDER BY id LIMIT $2",
-            )
-            .bind(&after)
-            .bind(SIGN_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.try_get("id")?;
-            let mut tx = self.begin_write().await?;
-            for r in &rows {
-                let text: String = r.try_get("params")?;
-                let Ok(params) = serde_json::from_str::<serde_json::Value>(&text) else {
-                    continue;
-                };
-                let cmd = Signed {
-                    id: id(r, "id")?,
-                    agent_id: id(r, "agent_id")?,
-                    command_type: command_type(r, "type")?,
-                    params: &params,
-                    deadline_at: r.try_get("deadline_at")?,
-                    attempt: r.try_get("attempt")?,
-                    root_id: id(r, "root_id")?,
-                };
-                let Ok(sig) = self.sign_command(&cmd) else {
-                    continue;
-                };
-                signed += sqlx::query(
-                    "UPDATE commands SET signature = $1 WHERE id = $2 AND signature IS NULL AND params = $3",
-                )
-                .bind(sig)
-                .bind(cmd.id.to_string())
-                .bind(&text)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            }
-            tx.commit().await?;
-        }
-        sqlx::query(
-            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(SIGNED_SETTING)
-        .bind(now_ms().to_string())
-        .execute(self.writer())
-        .await?;
-        Ok(signed)
     }
 }
