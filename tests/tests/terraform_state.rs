@@ -6,6 +6,8 @@
 //! * Two applies of one workspace on two agents are serialised by the state lock.
 //! * The state is not stored in clear.
 //! * The state endpoints refuse missing, wrong, expired and other-workspace credentials.
+//!
+//! Each on SQLite and PostgreSQL.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,7 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use trellis_tests::git::GitRepo;
 use trellis_tests::harness::*;
+use trellis_tests::on_both_backends;
 use trellis_tests::raw_agent::RawAgent;
 use trellis_tests::terraform::terraform_env;
 
@@ -99,9 +102,8 @@ fn state_path(workspace: &str) -> String {
     format!("/api/terraform/state/{enc}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_apply_finds_the_state_and_changes_nothing() {
-    let (dir, cp, api) = control_plane(Backend::Sqlite, "tf-state").await;
+async fn a_second_apply_finds_the_state_and_changes_nothing(backend: Backend) {
+    let (dir, cp, api) = control_plane(backend, "tf-state").await;
     let repo = template(&dir);
     let (agent_id, _agent) = start_agent(&api, &cp, &dir, "tf-a").await;
     let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
@@ -170,9 +172,8 @@ async fn a_second_apply_finds_the_state_and_changes_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_applies_of_one_workspace_are_serialised_by_the_lock() {
-    let (dir, cp, api) = control_plane(Backend::Sqlite, "tf-state-lock").await;
+async fn concurrent_applies_of_one_workspace_are_serialised_by_the_lock(backend: Backend) {
+    let (dir, cp, api) = control_plane(backend, "tf-state-lock").await;
     let repo = template(&dir);
     let (a, _agent_a) = start_agent(&api, &cp, &dir, "tf-a").await;
     let (b, _agent_b) = start_agent(&api, &cp, &dir, "tf-b").await;
@@ -256,9 +257,8 @@ async fn dispatch_of(ws: &mut RawAgent, cid: &str) -> Value {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_requests_need_the_commands_own_live_credential() {
-    let (_dir, cp, api) = control_plane(Backend::Sqlite, "tf-state-auth").await;
+async fn state_requests_need_the_commands_own_live_credential(backend: Backend) {
+    let (_dir, cp, api) = control_plane(backend, "tf-state-auth").await;
     let (agent_id, token) = api.create_agent("raw").await;
     let mut ws = raw_agent(&cp, &token).await;
     let p = |key: &str| {
@@ -444,3 +444,16 @@ async fn state_requests_need_the_commands_own_live_credential() {
     let text = check(r, 401, "unauthorized").await;
     assert!(text.contains("expired"), "{text}");
 }
+
+on_both_backends!(
+    second_apply,
+    a_second_apply_finds_the_state_and_changes_nothing
+);
+on_both_backends!(
+    concurrent_applies,
+    concurrent_applies_of_one_workspace_are_serialised_by_the_lock
+);
+on_both_backends!(
+    credentials,
+    state_requests_need_the_commands_own_live_credential
+);

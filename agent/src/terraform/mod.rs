@@ -816,6 +816,59 @@ mod tests {
     }
 
     #[test]
+    fn the_state_backend_points_at_the_server_and_keeps_the_password_out_of_the_file() {
+        assert_eq!(
+            state_base_url("ws://127.0.0.1:8080/api/agents/connect").as_deref(),
+            Some("http://127.0.0.1:8080/api/terraform/state/")
+        );
+        assert_eq!(
+            state_base_url("wss://cp.example/trellis/api/agents/connect?x=1").as_deref(),
+            Some("https://cp.example/trellis/api/terraform/state/")
+        );
+        assert_eq!(state_base_url("https://cp.example/"), None);
+        assert_eq!(path_segment("/srv/r#envs/prod"), "%2Fsrv%2Fr%23envs%2Fprod");
+        assert_eq!(path_segment("prod-1_a.b~"), "prod-1_a.b~");
+        let b = Backend {
+            address: "http://h/api/terraform/state/a%24%7Bx%7D".into(),
+            username: "0b5c6d6e-0000-4000-8000-000000000001".into(),
+            password: crate::secret::Secret::new("pw-123"),
+            ca_file: None,
+        };
+        let tf = b.override_tf();
+        assert!(tf.contains("backend \"http\""), "{tf}");
+        assert!(tf.contains("lock_method    = \"LOCK\""), "{tf}");
+        assert!(tf.contains("username       = \"0b5c6d6e"), "{tf}");
+        assert!(!tf.contains("pw-123"), "{tf}");
+        let spec = b.env(ProcSpec::new("terraform", Path::new("/")));
+        assert!(spec
+            .env
+            .contains(&("TF_HTTP_PASSWORD".to_string(), "pw-123".to_string())));
+    }
+
+    #[tokio::test]
+    async fn a_template_with_its_own_backend_is_recognised() {
+        let dir = std::env::temp_dir().join(format!("tendril-backend-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("main.tf"), "resource \"null_resource\" \"a\" {}\n").unwrap();
+        std::fs::write(
+            dir.join(BACKEND_OVERRIDE),
+            "terraform {\n  backend \"http\" {}\n}\n",
+        )
+        .unwrap();
+        assert!(
+            !declares_backend(&dir).await,
+            "our own override does not count"
+        );
+        std::fs::write(
+            dir.join("backend.tf"),
+            "terraform {\n  backend   \"s3\" {\n  }\n}\n",
+        )
+        .unwrap();
+        assert!(declares_backend(&dir).await);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn apply_progress_follows_plan_and_completions() {
         let mut p = ApplyProgress::new(30.0, 90.0);
         assert_eq!(p.observe("null_resource.a: Creating..."), None);
