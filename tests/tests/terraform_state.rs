@@ -427,6 +427,54 @@ async fn state_requests_need_the_commands_own_live_credential(backend: Backend) 
         .unwrap();
     check(r, 401, "unauthorized").await;
 
+    // A LOCK on a workspace another live command holds waits for it to be released.
+    let third = api.command(&agent_id, "terraform_apply", p("team-a")).await;
+    let third_cred = dispatch_of(&mut ws, &third).await["terraform_state"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let lock_as = |who: String, cred: String, id: &'static str| {
+        let (http, url, lock) = (http.clone(), url("team-a"), lock.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = http
+                .request(lock, url)
+                .basic_auth(who, Some(cred))
+                .body(format!(r#"{{"ID":"{id}","Who":"test"}}"#))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.text().await.unwrap(),
+                started.elapsed(),
+            )
+        })
+    };
+    let (status, _, _) = lock_as(cid.clone(), cred.clone(), "lock-3").await.unwrap();
+    assert_eq!(status, 200);
+    let waiting = lock_as(third.clone(), third_cred.clone(), "lock-c");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "the second LOCK did not wait");
+    let r = http
+        .request(unlock.clone(), url("team-a"))
+        .basic_auth(&cid, Some(&cred))
+        .body(r#"{"ID":"lock-3"}"#)
+        .send()
+        .await
+        .unwrap();
+    check(r, 200, "").await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting LOCK got the lock once released")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    // Now the first command waits for the third's lock, and ends while it waits.
+    let waiting = lock_as(cid.clone(), cred.clone(), "lock-4");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the LOCK did not wait");
+
     // Once the command has finished, its credential has expired.
     ws.send(
         json!({"type": "events", "events": [{"command_id": cid, "seq": 1, "ts": 1,
@@ -435,6 +483,11 @@ async fn state_requests_need_the_commands_own_live_credential(backend: Backend) 
     .await;
     let c = api.wait_done(&cid, Duration::from_secs(10)).await;
     assert_eq!(c["status"], "succeeded", "{c}");
+    let (status, body, _) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a waiter whose command ended stops waiting")
+        .unwrap();
+    assert_eq!(status, 401, "{body}");
     let r = http
         .get(url("team-a"))
         .basic_auth(&cid, Some(&cred))

@@ -226,6 +226,15 @@ pub async fn lock(
                     waited = true;
                 }
                 tokio::time::sleep(LOCK_POLL).await;
+                // A waiter whose own command ended (cancelled, timed out) stops waiting:
+                // its Terraform may be gone without the connection being noticed closed.
+                let me = db.get_command(caller.command).await?;
+                if !Db::state_credential_live(me.status, me.deadline_at) {
+                    return Err(StateError::Unauthorized(format!(
+                        "command {} ended while waiting for the state lock",
+                        caller.command
+                    )));
+                }
             }
         }
     }
