@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, lints, Rust unit, in-process and end-to-end tests
 # (real binaries, SQLite and PostgreSQL, the Proxmox simulator, real Terraform), the API
-# contract (schemathesis against a live trellis; docs/openapi.json drift), the UI's
+# contract (schemathesis against a live trellis; docs/openapi.json drift), the .deb packages
+# and systemd units (scripts/packages.sh), the UI's
 # type-check, lint, unit tests and build, and the headless-browser end-to-end test.
 # PostgreSQL must listen on 127.0.0.1:5432 (override with TRELLIS_TEST_POSTGRES).
 set -euo pipefail
@@ -28,6 +29,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+step "packages: .debs from the debug binaries, their contents and systemd units"
+bash scripts/packages.sh
 
 step "API contract: schemathesis against a live trellis"
 bash scripts/api-contract.sh

@@ -130,6 +130,10 @@ enum Cmd {
               default_value_t = trellis::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         header_read_timeout_secs: u64,
+        /// The tendril binary handed to agents at `/install/tendril` (the install script
+        /// downloads it). Default: a `tendril` file beside this executable.
+        #[arg(long, env = "TRELLIS_AGENT_BINARY")]
+        agent_binary: Option<PathBuf>,
     },
     /// Manage agents directly in the database.
     Agents {
@@ -162,11 +166,20 @@ enum AdminCmd {
 
 #[derive(Subcommand)]
 enum AgentCmd {
-    /// Register an agent and print its id and one-time token.
+    /// Register an agent and print its id, one-time token and the install one-liner.
     Create {
         name: String,
         #[arg(long, default_value_t = 4)]
         max_concurrency: i64,
+        /// The URL hosts reach trellis at, for the install one-liner.
+        #[arg(long, env = "TRELLIS_PUBLIC_URL", value_parser = parse_public_url)]
+        public_url: Option<String>,
+        /// Then wait until the agent is online (checked in the database every second).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (exit status 1).
+        #[arg(long, default_value_t = 1800, requires = "wait")]
+        wait_secs: u64,
     },
     /// List agents.
     List,
@@ -199,6 +212,7 @@ async fn main() -> anyhow::Result<()> {
             retention_days,
             max_connections,
             header_read_timeout_secs,
+            agent_binary,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -242,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
                             header_read_timeout_secs,
                         ),
                     },
+                    agent_binary,
                 },
                 shutdown,
             )
@@ -296,6 +311,9 @@ async fn main() -> anyhow::Result<()> {
                 AgentCmd::Create {
                     name,
                     max_concurrency,
+                    public_url,
+                    wait,
+                    wait_secs,
                 } => {
                     let r = agents::create(&db, &name, Some(max_concurrency.clamp(1, 1024))).await;
                     let id = r
@@ -309,6 +327,10 @@ async fn main() -> anyhow::Result<()> {
                         "agent id: {}\ntoken:    {token}\n(the token is shown only once)",
                         a.id
                     );
+                    print_install_hint(public_url.as_deref());
+                    if wait {
+                        wait_online(&db, a.id, std::time::Duration::from_secs(wait_secs)).await?;
+                    }
                 }
                 AgentCmd::List => {
                     for a in db.list_agents().await? {
@@ -424,6 +446,51 @@ async fn cli_audit(db: &Db, what: CliAction<'_>, err: Option<&trellis::domain::D
     };
     if let Err(e) = db.insert_audit(&row).await {
         eprintln!("warning: cannot write the audit log: {e}");
+    }
+}
+
+/// How to install the agent on a host: the one-liner, which asks for the token on the
+/// terminal (so it stays out of shell history and `ps`), and a form for scripts.
+fn print_install_hint(public_url: Option<&str>) {
+    let base = public_url.unwrap_or("https://<trellis address>");
+    let cmd = trellis::api::install::one_liner(base, None);
+    println!(
+        "\nInstall the agent on the Proxmox host (as root; paste the token when asked):\n  \
+         {cmd}\nor, unattended (read -rs keeps the token out of shell history):\n  \
+         IFS= read -rs TENDRIL_TOKEN && curl -fsSL {base}/install/tendril.sh | \
+         TENDRIL_TOKEN=\"$TENDRIL_TOKEN\" sh -s -- --server {base}"
+    );
+    if public_url.is_none() {
+        println!("(pass --public-url or set TRELLIS_PUBLIC_URL to fill in the address)");
+    }
+}
+
+/// Polls the database until the agent is online, or fails after `within`.
+async fn wait_online(
+    db: &Db,
+    id: trellis::model::AgentId,
+    within: std::time::Duration,
+) -> anyhow::Result<()> {
+    println!("\nwaiting for the agent to connect ...");
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let a = db.get_agent(id).await?;
+        if a.status == trellis::model::AgentStatus::Online {
+            println!(
+                "agent {} is online ({})",
+                a.name,
+                a.hostname.as_deref().unwrap_or("hostname not reported")
+            );
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "agent {} did not come online within {} s",
+                a.name,
+                within.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

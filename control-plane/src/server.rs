@@ -42,6 +42,9 @@ pub struct ServeConfig {
     pub retention_days: u64,
     /// Connection cap and header-read timeout of the HTTP server.
     pub http_limits: crate::http_server::Limits,
+    /// The tendril binary served at `/install/tendril` (`None`: a `tendril` file beside
+    /// the trellis executable).
+    pub agent_binary: Option<PathBuf>,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -191,6 +194,11 @@ impl App {
                 .clone()
                 .filter(|d| d.join("index.html").exists()),
             tasks: tasks.clone(),
+            agent_binary: config
+                .agent_binary
+                .clone()
+                .or_else(crate::api::install::default_agent_binary),
+            public_url: config.public_url.clone(),
         };
         let router = api::router(state.clone());
         Ok(Self {

@@ -750,7 +750,7 @@ async function main() {
       await a11y(page, 'hypervisors');
     });
 
-    await step('register hypervisor shows a one-time token and the agent command', async () => {
+    await step('register hypervisor shows a one-time token, the install one-liner and the agent command', async () => {
       await page.getByTestId('register-hypervisor').click();
       await page.getByTestId('register-name').waitFor();
       await a11y(page, 'register hypervisor dialog');
@@ -758,6 +758,11 @@ async function main() {
       await page.getByTestId('register-submit').click();
       const cmd = await page.getByTestId('agent-command').textContent();
       assert(/^TENDRIL_SERVER_URL=wss?:\/\/.+\/api\/agents\/connect TENDRIL_TOKEN=\S+ TENDRIL_SERVER_PUBLIC_KEY=[A-Za-z0-9+/]{43}= PROXMOX_URL=/.test(cmd ?? ''), `unexpected agent command: ${cmd}`);
+      // The install one-liner carries no token: the script asks for it on the terminal.
+      const install = await page.getByTestId('install-command').textContent();
+      const token = await page.getByTestId('agent-token').textContent();
+      assert(/^curl -fsSL https?:\/\/\S+\/install\/tendril\.sh \| sh -s -- --server https?:\/\/\S+ --server-public-key \S+/.test(install ?? ''), `unexpected install command: ${install}`);
+      assert(!(install ?? '').includes(token ?? '\u0000'), 'the install command carries the token');
       await shot(page, '03-register-hypervisor');
       await a11y(page, 'register hypervisor dialog: token');
       await page.keyboard.press('Escape');

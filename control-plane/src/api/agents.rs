@@ -32,6 +32,7 @@ pub async fn create(
             agent: Agent::from(&agent),
             token,
             server_public_key: s.broker.signing.public_key_base64(),
+            public_url: s.public_url.clone(),
         }),
     )
         .into_response()))

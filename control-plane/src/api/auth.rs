@@ -260,7 +260,7 @@ async fn record_all(s: &AppState, rows: Vec<Audit>) {
     }
 }
 
-fn too_many() -> Response {
+pub(crate) fn too_many() -> Response {
     let body = ErrorBody {
         error: super::types::ErrorDetail {
             code: "too_many_requests".into(),

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod audit;
 pub mod auth;
 pub mod commands;
+pub mod install;
 pub mod node_batches;
 pub mod nodes;
 pub mod openapi;
@@ -51,6 +52,10 @@ pub struct AppState {
     pub ui_dir: Option<PathBuf>,
     /// Where request-spawned tasks (SSE streams) run, so shutdown waits for them.
     pub tasks: tokio_util::task::TaskTracker,
+    /// The tendril binary `GET /install/tendril` hands out (`--agent-binary`).
+    pub agent_binary: Option<PathBuf>,
+    /// `--public-url`, for the install one-liner.
+    pub public_url: Option<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -112,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/api/agents/connect", get(agents::connect))
+        .merge(install::routes())
         // Its own authentication (a command's state credential); see `terraform_state`.
         .route(
             "/api/terraform/state/{workspace}",

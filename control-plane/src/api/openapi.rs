@@ -23,7 +23,7 @@ use super::{
     paths(
         agents::list, agents::create, agents::get, agents::update, agents::revoke, agents::rotate,
         agents::templates,
-        agents::vms,
+        agents::vms, super::install::agent_self,
         commands::list, commands::create, commands::get, commands::logs, commands::events,
         commands::cancel, commands::retry, commands::pin, commands::unpin,
         templates::list, templates::create, templates::get, templates::update, templates::delete,

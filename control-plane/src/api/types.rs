@@ -100,6 +100,20 @@ pub struct CreatedAgent {
     /// agent as `--server-public-key` so it pins it instead of trusting its first server.
     #[serde(rename = "serverPublicKey")]
     pub server_public_key: String,
+    /// The URL trellis is reached at (`--public-url`), for the install one-liner
+    /// (`curl -fsSL <publicUrl>/install/tendril.sh | sh -s -- --server <publicUrl>`); null
+    /// when not configured (a browser then uses the address it reached trellis at).
+    #[serde(rename = "publicUrl")]
+    pub public_url: Option<String>,
+}
+
+/// What `GET /api/agents/self` tells an agent's token holder about its agent.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AgentSelf {
+    pub id: AgentId,
+    pub name: String,
+    /// `online` once trellis has the agent's session.
+    pub status: AgentStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -30,8 +30,11 @@ fn every_operation_documents_its_errors_and_needs_the_admin_token() {
         for (method, op) in ops.as_object().unwrap() {
             let id = op["operationId"].as_str().unwrap_or_default().to_string();
             assert!(ids.insert(id.clone()), "operation id {id:?} is used twice");
-            // Signing in and out needs no credentials (reading who is signed in does).
-            let public = !path.starts_with("/api/") || (path == "/api/session" && method != "get");
+            // Signing in and out needs no credentials (reading who is signed in does);
+            // `/api/agents/self` takes the agent's token, not an admin's.
+            let public = !path.starts_with("/api/")
+                || (path == "/api/session" && method != "get")
+                || path == "/api/agents/self";
             let security = &op["security"];
             // Terraform's state endpoint takes a command's state credential (Basic), and an
             // admin's bearer token only to read.

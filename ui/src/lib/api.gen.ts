@@ -129,6 +129,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/agents/self": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The calling agent (by its token): its name and whether trellis has it online. For the
+         *     install script, which waits for its agent to connect and holds no admin token. No admin
+         *     authentication: the agent token goes in `Authorization: Bearer`.
+         */
+        get: operations["agents_agent_self"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/audit": {
         parameters: {
             query?: never;
@@ -662,6 +683,13 @@ export interface components {
         AgentList: {
             items: components["schemas"]["Agent"][];
         };
+        /** @description What `GET /api/agents/self` tells an agent's token holder about its agent. */
+        AgentSelf: {
+            id: components["schemas"]["AgentId"];
+            name: string;
+            /** @description `online` once trellis has the agent's session. */
+            status: components["schemas"]["AgentStatus"];
+        };
         /**
          * @description Whether an agent has a live session.
          * @enum {string}
@@ -953,6 +981,12 @@ export interface components {
         };
         CreatedAgent: {
             agent: components["schemas"]["Agent"];
+            /**
+             * @description The URL trellis is reached at (`--public-url`), for the install one-liner
+             *     (`curl -fsSL <publicUrl>/install/tendril.sh | sh -s -- --server <publicUrl>`); null
+             *     when not configured (a browser then uses the address it reached trellis at).
+             */
+            publicUrl?: string | null;
             /**
              * @description The control plane's dispatch-signing public key (Ed25519, base64): give it to the
              *     agent as `--server-public-key` so it pins it instead of trusting its first server.
@@ -1757,6 +1791,52 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agents_agent_self: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AgentSelf"];
+                };
+            };
+            /** @description Missing, unknown or revoked agent token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Too many failed authentications from this address */
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

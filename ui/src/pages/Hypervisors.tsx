@@ -59,6 +59,27 @@ export function agentCommand(opts: { serverUrl: string; token: string; pveUrl?: 
   ].join(' ');
 }
 
+/** The agent connect URL of a control plane reached at `baseUrl` (http(s)://host[:port]). */
+export function connectUrlOf(baseUrl: string): string {
+  return `${baseUrl.replace(/\/+$/, '').replace(/^http/i, 'ws')}/api/agents/connect`;
+}
+
+/**
+ * The install one-liner: fetches trellis's install script and runs it. It carries no
+ * secret — the script asks for the agent token (and the Proxmox token secret) on the
+ * terminal, or takes TENDRIL_TOKEN / PROXMOX_TOKEN_SECRET from the environment — so
+ * neither lands in shell history or in `ps`.
+ */
+export function installCommand(opts: { baseUrl: string; serverPublicKey?: string; pveUrl?: string; tokenId?: string }): string {
+  const base = opts.baseUrl.replace(/\/+$/, '');
+  const args = [`--server ${shellQuote(base)}`];
+  if (opts.serverPublicKey) args.push(`--server-public-key ${shellQuote(opts.serverPublicKey)}`);
+  if (needsInsecurePlaintext(connectUrlOf(base))) args.push('--insecure-plaintext');
+  if (opts.pveUrl?.trim()) args.push(`--proxmox-url ${shellQuote(opts.pveUrl.trim())}`);
+  if (opts.tokenId?.trim()) args.push(`--proxmox-token-id ${shellQuote(opts.tokenId.trim())}`);
+  return `curl -fsSL ${shellQuote(`${base}/install/tendril.sh`)} | sh -s -- ${args.join(' ')}`;
+}
+
 function asRecord(v: unknown): Record<string, unknown> | null {
   return v && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : null;
 }
@@ -186,10 +207,23 @@ export function AgentVms({ agent, nodes }: { agent: Agent; nodes: VmNode[] }) {
   );
 }
 
-function TokenReveal({ agent, token, serverPublicKey }: { agent: Agent; token: string; serverPublicKey?: string }) {
+function TokenReveal({
+  agent,
+  token,
+  serverPublicKey,
+  publicUrl,
+}: {
+  agent: Agent;
+  token: string;
+  serverPublicKey?: string;
+  publicUrl?: string | null;
+}) {
   const [pveUrl, setPveUrl] = useState('');
   const [tokenId, setTokenId] = useState('');
-  const serverUrl = agentConnectUrl();
+  // The server's --public-url when it has one, else the address this browser reached it at.
+  const baseUrl = publicUrl || window.location.origin;
+  const serverUrl = publicUrl ? connectUrlOf(publicUrl) : agentConnectUrl();
+  const install = installCommand({ baseUrl, serverPublicKey, pveUrl, tokenId });
   const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId, serverPublicKey });
   const plaintext = needsInsecurePlaintext(serverUrl);
   return (
@@ -206,9 +240,9 @@ function TokenReveal({ agent, token, serverPublicKey }: { agent: Agent; token: s
           <CopyButton text={token} label="Copy token" />
         </span>
       </div>
-      <h3>Run the agent on the Proxmox host</h3>
+      <h3>Install the agent on the Proxmox host</h3>
       <div className="grid2">
-        <Field label="Proxmox API URL (optional)" hint="Fills the command below">
+        <Field label="Proxmox API URL (optional)" hint="Fills the commands below">
           {(p) => <input {...p} placeholder="https://pve1.example.com:8006" value={pveUrl} onChange={(e) => setPveUrl(e.target.value)} />}
         </Field>
         <Field label="Proxmox API token id (optional)" hint="user@realm!tokenid">
@@ -226,14 +260,28 @@ function TokenReveal({ agent, token, serverPublicKey }: { agent: Agent; token: s
           </Notice>
         </div>
       )}
-      <div className="codeblock">
-        <pre data-testid="agent-command">{cmd}</pre>
-        <CopyButton text={cmd} label="Copy command" />
-      </div>
-      <p className="muted small">
-        Replace <code>…</code> with the Proxmox API token id and secret. For a self-signed Proxmox certificate add{' '}
-        <code>PROXMOX_TLS_FINGERPRINT=…</code> or <code>PROXMOX_CA_FILE=…</code>.
+      <p id="install-command-help">
+        Run as root on the host. The script downloads tendril from this Trellis, asks for the token above (and the Proxmox token
+        secret) without echoing it, so neither ends up in shell history, installs and starts the <code>tendril</code> systemd
+        service, and waits until the agent is online. On a Proxmox host it reads the certificate fingerprint itself.
       </p>
+      <div className="codeblock">
+        <pre data-testid="install-command" aria-describedby="install-command-help">
+          {install}
+        </pre>
+        <CopyButton text={install} label="Copy install command" />
+      </div>
+      <details>
+        <summary>Or run tendril by hand</summary>
+        <div className="codeblock">
+          <pre data-testid="agent-command">{cmd}</pre>
+          <CopyButton text={cmd} label="Copy command" />
+        </div>
+        <p className="muted small">
+          Replace <code>…</code> with the Proxmox API token id and secret. For a self-signed Proxmox certificate add{' '}
+          <code>PROXMOX_TLS_FINGERPRINT=…</code> or <code>PROXMOX_CA_FILE=…</code>.
+        </p>
+      </details>
     </div>
   );
 }
@@ -244,7 +292,7 @@ function RegisterDialog({ onClose }: { onClose: () => void }) {
   const [maxConc, setMaxConc] = useState('');
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState(false);
-  const [created, setCreated] = useState<{ agent: Agent; token: string; serverPublicKey?: string } | null>(null);
+  const [created, setCreated] = useState<{ agent: Agent; token: string; serverPublicKey?: string; publicUrl?: string | null } | null>(null);
   const nameErr = name.trim() === '' ? 'Name is required.' : name.length > 100 ? 'Name is too long.' : null;
   const concErr = maxConc.trim() === '' ? null : /^\d+$/.test(maxConc.trim()) && Number(maxConc) >= 1 && Number(maxConc) <= 1000 ? null : 'A number from 1 to 1000.';
   const [touched, setTouched] = useState(false);
@@ -289,7 +337,7 @@ function RegisterDialog({ onClose }: { onClose: () => void }) {
       }
     >
       {created ? (
-        <TokenReveal agent={created.agent} token={created.token} serverPublicKey={created.serverPublicKey} />
+        <TokenReveal agent={created.agent} token={created.token} serverPublicKey={created.serverPublicKey} publicUrl={created.publicUrl} />
       ) : (
         <form id="register-form" onSubmit={submit} noValidate>
           <Field label="Name" error={touched ? nameErr : null} hint="Shown in the UI, e.g. pve-lab-1">

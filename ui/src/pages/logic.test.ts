@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { agentCommand, agentConnectUrl, isLoopbackHost, needsInsecurePlaintext, proxmoxHost, proxmoxNodes } from './Hypervisors';
+import { agentCommand, agentConnectUrl, connectUrlOf, installCommand, isLoopbackHost, needsInsecurePlaintext, proxmoxHost, proxmoxNodes } from './Hypervisors';
 import { configErrors, hypervisorUnavailable, initialStep } from './provision/provisionReducer';
 import { buildSnapshot, validateDeploy } from './Deploy';
 import type { Agent, VmNode } from '../lib/types';
@@ -102,6 +102,22 @@ describe('agent registration command', () => {
     }
     expect(needsInsecurePlaintext(agentConnectUrl({ protocol: 'http:', host: '10.1.1.1:8080' }))).toBe(true);
     expect(needsInsecurePlaintext(agentConnectUrl({ protocol: 'https:', host: '10.1.1.1' }))).toBe(false);
+  });
+  it('builds the install one-liner without any secret in it', () => {
+    expect(installCommand({ baseUrl: 'https://trellis.example.com/' })).toBe(
+      'curl -fsSL https://trellis.example.com/install/tendril.sh | sh -s -- --server https://trellis.example.com',
+    );
+    const key = 'fMiNqAcXQbiIG8CjZhIx9LX9anWMFITkfjIXhwTe5hc=';
+    const full = installCommand({ baseUrl: 'https://t', serverPublicKey: key, pveUrl: 'https://127.0.0.1:8006', tokenId: 'root@pam!trellis' });
+    expect(full).toBe(
+      `curl -fsSL https://t/install/tendril.sh | sh -s -- --server https://t --server-public-key ${key} --proxmox-url https://127.0.0.1:8006 --proxmox-token-id 'root@pam!trellis'`,
+    );
+    expect(full).not.toMatch(/TOKEN=|trl_agent_/);
+    // Plain http to a host that is not loopback: tendril needs the flag; loopback does not.
+    expect(installCommand({ baseUrl: 'http://10.0.0.5:8080' })).toContain('--insecure-plaintext');
+    expect(installCommand({ baseUrl: 'http://127.0.0.1:8080' })).not.toContain('--insecure-plaintext');
+    expect(connectUrlOf('https://t:8443/')).toBe('wss://t:8443/api/agents/connect');
+    expect(connectUrlOf('http://t')).toBe('ws://t/api/agents/connect');
   });
   it('reads proxmox facts', () => {
     expect(proxmoxNodes({ proxmox_nodes: ['pve1', { node: 'pve2' }] })).toEqual(['pve1', 'pve2']);
