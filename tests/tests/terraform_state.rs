@@ -353,6 +353,38 @@ async fn state_requests_need_the_commands_own_live_credential(backend: Backend) 
         .unwrap();
     check(r, 403, "forbidden").await;
 
+    // Malformed requests: JSON errors, never a 5xx.
+    let r = http
+        .delete(url("team-a"))
+        .basic_auth(&cid, Some(&cred))
+        .send()
+        .await
+        .unwrap();
+    check(r, 405, "method_not_allowed").await;
+    let r = http
+        .post(url("team-a"))
+        .basic_auth(&cid, Some(&cred))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    check(r, 400, "invalid_state").await;
+    let r = http
+        .request(lock.clone(), url("team-a"))
+        .basic_auth(&cid, Some(&cred))
+        .body(r#"{"Who":"no id"}"#)
+        .send()
+        .await
+        .unwrap();
+    check(r, 400, "invalid_state").await;
+    let r = http
+        .get(cp.url("/api/terraform/state/team-a/versions"))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    check(r, 404, "not_found").await;
+
     // The protocol itself with the right credential: lock, write under the lock id, a
     // write without it by another lock id is refused, unlock, read back.
     let info = r#"{"ID":"lock-1","Operation":"OperationTypeApply","Who":"test"}"#;
