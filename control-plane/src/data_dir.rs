@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 /// The file a generated bootstrap admin token is written to.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Marker: this installation's credential hashes are keyed (see `crate::auth`).
+pub const CREDENTIALS_KEYED_FILE: &str = "credentials.keyed";
 
 /// The SQLite database file of `url` (`sqlite://FILE`, `sqlite:FILE`, query stripped);
 /// `None` for PostgreSQL and in-memory databases.

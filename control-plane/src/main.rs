@@ -54,6 +54,22 @@ struct DbArgs {
         global = true
     )]
     database_url: String,
+    /// Directory for private files: the keys (`credentials.key`, `secrets.key`,
+    /// `signing.key`) and a generated admin token. Default: the SQLite database's
+    /// directory, or the working directory with PostgreSQL. The `agents` and `admins`
+    /// commands need the same one as `trellis serve` (tokens are hashed with its key).
+    #[arg(long, env = "TRELLIS_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// Connects, with the credential key loaded (tokens made here must verify there).
+    async fn open(&self) -> anyhow::Result<Db> {
+        let dir = trellis::data_dir::resolve(self.data_dir.as_deref(), &self.database_url);
+        let env = std::env::var(trellis::auth::KEY_ENV).ok();
+        trellis::auth::set_key(&trellis::auth::load_key(env.as_deref(), &dir, false)?);
+        Db::connect(&self.database_url).await
+    }
 }
 
 #[derive(Subcommand)]
@@ -68,10 +84,6 @@ enum Cmd {
         /// is generated into `<data dir>/admin-token` (readable by its owner only).
         #[arg(long, env = "TRELLIS_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
-        /// Directory for private files (the generated admin token). Default: the SQLite
-        /// database's directory, or the working directory with PostgreSQL.
-        #[arg(long, env = "TRELLIS_DATA_DIR")]
-        data_dir: Option<PathBuf>,
         /// Directory of the built UI (default: ui/dist if it exists).
         #[arg(long, env = "TRELLIS_UI_DIR")]
         ui_dir: Option<PathBuf>,
@@ -199,7 +211,6 @@ async fn main() -> anyhow::Result<()> {
             listen,
             db,
             admin_token,
-            data_dir,
             ui_dir,
             tls_cert,
             tls_key,
@@ -239,7 +250,7 @@ async fn main() -> anyhow::Result<()> {
                 ServeConfig {
                     database_url: db.database_url,
                     admin_token,
-                    data_dir,
+                    data_dir: db.data_dir,
                     ui_dir,
                     tls_cert,
                     tls_key,
@@ -263,7 +274,7 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Admins { command, db } => {
-            let db = Db::connect(&db.database_url).await?;
+            let db = db.open().await?;
             let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
             match command {
                 AdminCmd::Create { name } => {
@@ -305,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Agents { command, db } => {
-            let db = Db::connect(&db.database_url).await?;
+            let db = db.open().await?;
             let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
             match command {
                 AgentCmd::Create {

@@ -54,7 +54,8 @@ async fn admin_token_hash(
     configured: Option<&str>,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<String> {
-    if let Some(t) = configured {
+    // An empty TRELLIS_ADMIN_TOKEN counts as not set.
+    if let Some(t) = configured.filter(|t| !t.is_empty()) {
         if t.len() < 16 {
             anyhow::bail!("the admin token must be at least 16 characters");
         }
@@ -126,9 +127,31 @@ impl App {
             public_key = %signing.public_key_base64(),
             "dispatch signing key (agents pin it: tendril --server-public-key)"
         );
+        // Credential hashes are keyed (see `crate::auth`); hashes an earlier version stored
+        // unkeyed are converted once per installation, recorded by a marker beside the keys
+        // (not in the database: a planted unkeyed hash must never be converted later).
+        let env_key = std::env::var(crate::auth::KEY_ENV).ok();
+        let credential_key = if in_memory && env_key.is_none() {
+            rand::random()
+        } else {
+            crate::auth::load_key(env_key.as_deref(), &data_dir, true)?
+        };
+        crate::auth::set_key(&credential_key);
         let db = db
             .with_secrets(secrets_key(config, &data_dir)?)
             .with_signing(Arc::new(signing));
+        let marker = data_dir.join(crate::data_dir::CREDENTIALS_KEYED_FILE);
+        if !in_memory && !marker.exists() {
+            let n = db.key_legacy_credentials().await?;
+            crate::data_dir::write_private(&marker, b"credential hashes keyed\n")
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", marker.display()))?;
+            if n > 0 {
+                tracing::info!(
+                    credentials = n,
+                    "keyed the credential hashes an earlier version stored"
+                );
+            }
+        }
         let sealed = db.seal_stored_in_clear().await?;
         if sealed > 0 {
             tracing::info!(

@@ -29,10 +29,12 @@ const FAST: &[&str] = &[
 ];
 
 /// Runs `trellis <args> --database-url <db>`; returns stdout.
-fn cli(db_url: &str, args: &[&str]) -> String {
+fn cli(cp: &ControlPlane, args: &[&str]) -> String {
+    // In the control plane's directory: its data dir, where the credentials key is.
     let out = std::process::Command::new(bin("trellis"))
         .args(args)
-        .args(["--database-url", db_url])
+        .args(["--database-url", &cp.db_url])
+        .current_dir(&cp.dir)
         .env("RUST_LOG", "warn")
         .output()
         .expect("run trellis");
@@ -44,8 +46,8 @@ fn cli(db_url: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn create_admin(db_url: &str, name: &str) -> String {
-    let out = cli(db_url, &["admins", "create", name]);
+fn create_admin(cp: &ControlPlane, name: &str) -> String {
+    let out = cli(cp, &["admins", "create", name]);
     out.lines()
         .find_map(|l| l.strip_prefix("token:"))
         .map(|t| t.trim().to_string())
@@ -61,7 +63,7 @@ async fn audit(api: &Api, query: &str) -> Vec<Value> {
 
 async fn named_admin_actions(backend: Backend) {
     let s = proxmox_stack(backend, "audit-named", FAST, &[]).await;
-    let token = create_admin(&s.cp.db_url, "alice");
+    let token = create_admin(&s.cp, "alice");
     assert!(token.starts_with("trl_admin_"), "{token}");
     let alice = Api {
         token: token.clone(),
@@ -288,15 +290,16 @@ async fn named_admin_actions(backend: Backend) {
         .contains("trl_admin_nope"));
 
     // revoked: the token stops working
-    cli(&s.cp.db_url, &["admins", "revoke", "alice"]);
+    cli(&s.cp, &["admins", "revoke", "alice"]);
     let (st, v) = alice.call(Method::GET, "/api/nodes", None).await;
     assert_eq!(st, 401, "{v}");
     assert_eq!(v["error"]["code"], "unauthorized");
-    let list = cli(&s.cp.db_url, &["admins", "list"]);
+    let list = cli(&s.cp, &["admins", "list"]);
     assert!(list.contains("alice") && list.contains("revoked"), "{list}");
     // names are unique, also after revocation; the bootstrap name is reserved
     let out = std::process::Command::new(bin("trellis"))
         .args(["admins", "create", "admin", "--database-url", &s.cp.db_url])
+        .current_dir(&s.cp.dir)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -539,7 +542,7 @@ async fn session_flow(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_bootstrap_token_ends_its_sessions() {
     let (_dir, mut cp, api) = control_plane(Backend::Sqlite, "audit-bootstrap").await;
-    let alice = create_admin(&cp.db_url, "alice");
+    let alice = create_admin(&cp, "alice");
     let session_url = cp.url("/api/session");
     let sign_in = |token: String| {
         let url = session_url.clone();
@@ -854,6 +857,7 @@ async fn cli_operations_are_audited() {
         std::process::Command::new(bin("trellis"))
             .args(args)
             .args(["--database-url", &cp.db_url])
+            .current_dir(&cp.dir)
             .env("RUST_LOG", "warn")
             .env("USER", "carol")
             .output()
@@ -973,7 +977,7 @@ async fn event_streams_end_with_their_session() {
     )
     .await;
     let api = cp.api();
-    let erin = create_admin(&cp.db_url, "erin");
+    let erin = create_admin(&cp, "erin");
     // a command of an agent that never connects: its stream stays open
     let (aid, _) = api.create_agent("never-online").await;
     let cid = api.command(&aid, "ping", json!({})).await;
@@ -997,7 +1001,7 @@ async fn event_streams_end_with_their_session() {
 
     let (st, _) = with_cookie(&cp, Method::DELETE, "/api/session", &cookie, true, None).await;
     assert_eq!(st, 204);
-    cli(&cp.db_url, &["admins", "revoke", "erin"]);
+    cli(&cp, &["admins", "revoke", "erin"]);
     let (a, b) = tokio::join!(
         ends_within(by_cookie, Duration::from_secs(5)),
         ends_within(by_erin, Duration::from_secs(5))

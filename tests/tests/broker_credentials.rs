@@ -56,10 +56,12 @@ async fn until_closed(ws: &mut RawAgent, since: Instant) -> (Vec<String>, Durati
 }
 
 /// Runs the real `trellis` CLI against the database; returns its stdout.
-fn cli(db_url: &str, args: &[&str]) -> String {
+fn cli(cp: &ControlPlane, args: &[&str]) -> String {
+    // In the control plane's directory: its data dir, where the credentials key is.
     let out = std::process::Command::new(bin("trellis"))
         .args(args)
-        .args(["--database-url", db_url])
+        .args(["--database-url", &cp.db_url])
+        .current_dir(&cp.dir)
         .output()
         .expect("run trellis");
     assert!(
@@ -87,7 +89,7 @@ async fn cli_rotate_and_revoke_close_live_sessions(backend: Backend) {
     tokio::time::sleep(2 * HEARTBEAT_INTERVAL).await;
 
     let since = Instant::now();
-    let out = cli(&cp.db_url, &["agents", "rotate-token", &id]);
+    let out = cli(&cp, &["agents", "rotate-token", &id]);
     let cli_took = since.elapsed();
     let new_token = out
         .lines()
@@ -114,7 +116,7 @@ async fn cli_rotate_and_revoke_close_live_sessions(backend: Backend) {
     api.wait_agent_online(&id).await;
 
     let since = Instant::now();
-    cli(&cp.db_url, &["agents", "revoke", &id]);
+    cli(&cp, &["agents", "revoke", &id]);
     let cli_took = since.elapsed();
     let (codes, took) = until_closed(&mut ws, since).await;
     assert_eq!(codes, vec!["revoked".to_string()]);

@@ -11,6 +11,7 @@ mod admins;
 mod agents;
 mod audit;
 mod commands;
+mod credentials;
 mod dispatch;
 mod events;
 mod housekeeping;
