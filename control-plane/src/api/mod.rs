@@ -105,7 +105,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/admins", get(admins::list).post(admins::create))
         .route("/api/admins/{name}", axum::routing::delete(admins::revoke))
         .route("/api/audit", get(audit::list))
-        .route("/api/terraform/workspaces", get(terraform_state::workspaces))
+        .route(
+            "/api/terraform/workspaces",
+            get(terraform_state::workspaces),
+        )
         .route(
             "/api/terraform/state/{workspace}/versions",
             get(terraform_state::versions),

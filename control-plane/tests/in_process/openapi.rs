@@ -40,8 +40,14 @@ fn every_operation_documents_its_errors_and_needs_the_admin_token() {
             // admin's bearer token only to read.
             if path == "/api/terraform/state/{workspace}" {
                 let schemes = security.to_string();
-                assert!(schemes.contains("terraform_state"), "{method} {path}: {schemes}");
-                assert!(!schemes.contains("session_cookie"), "{method} {path}: {schemes}");
+                assert!(
+                    schemes.contains("terraform_state"),
+                    "{method} {path}: {schemes}"
+                );
+                assert!(
+                    !schemes.contains("session_cookie"),
+                    "{method} {path}: {schemes}"
+                );
             } else if public {
                 assert_eq!(
                     security,
