@@ -782,6 +782,17 @@ impl Agent {
         )
         .with_terraform_state(d.terraform_state.clone());
         self.running.insert(id, ctx.clone());
+        let refusal = refusal.or_else(|| {
+            d.deadline_ms
+                .filter(|&ms| crate::exec::deadline::long_past(ms, &SystemClock))
+                .map(|_| {
+                    trellis_protocol::CommandError::new(
+                        "deadline_passed",
+                        "the command's deadline passed long before it arrived (a replayed \
+                         dispatch, or this host's clock is far ahead): not run",
+                    )
+                })
+        });
         let parsed = match refusal {
             Some(e) => Err(e),
             None => Command::parse(&d.command_type, &d.params),

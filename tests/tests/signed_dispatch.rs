@@ -344,6 +344,13 @@ struct Conn {
     ws: WebSocketStream<TcpStream>,
 }
 
+fn wall_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 fn ping_dispatch(id: Uuid, params: Value) -> ServerMessage {
     ServerMessage::Dispatch(Dispatch {
         command_id: id,
@@ -476,6 +483,20 @@ async fn a_pinned_agent_refuses_tampered_unsigned_misaddressed_and_foreign_frame
     assert_ne!(frame, tampered);
     c.send_text(tampered).await;
     assert_refused_events(&c.run(id).await, "tampered params");
+
+    // Properly signed but long expired: an old frame replayed (a finished row set back to
+    // `queued` is re-sent with its valid signature); the agent runs nothing.
+    let id = Uuid::new_v4();
+    let mut msg = ping_dispatch(id, json!({"progress_events": 2}));
+    if let ServerMessage::Dispatch(d) = &mut msg {
+        d.deadline_ms = Some(wall_now_ms() - 3_600_000);
+    }
+    key.sign(agent_id, &mut msg);
+    c.send_text(msg.encode()).await;
+    let events = c.run(id).await;
+    assert_eq!(events.len(), 1, "nothing ran: {events:?}");
+    let e = outcome(&events).error.as_ref().expect("error");
+    assert_eq!(e.code, "deadline_passed", "{e:?}");
 
     // Unsigned.
     let id = Uuid::new_v4();

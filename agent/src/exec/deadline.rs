@@ -24,6 +24,16 @@ pub trait WallClock: Send + Sync {
     fn now_ms(&self) -> i64;
 }
 
+/// How long past its deadline a dispatch may still arrive (clock skew between the hosts).
+pub const LATE_ARRIVAL_GRACE_MS: i64 = 5 * 60 * 1000;
+
+/// A dispatch whose deadline passed longer ago than any clock skew explains: the control
+/// plane never sends one (its deadline sweep ends such commands), so it is a replay of an
+/// old signed frame (a row set back to `queued`), and it must not run.
+pub fn long_past(deadline_ms: i64, clock: &dyn WallClock) -> bool {
+    clock.now_ms().saturating_sub(deadline_ms) > LATE_ARRIVAL_GRACE_MS
+}
+
 /// The system's real-time clock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
@@ -112,6 +122,23 @@ mod tests {
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[test]
+    fn only_a_deadline_long_past_is_refused() {
+        struct At(i64);
+        impl WallClock for At {
+            fn now_ms(&self) -> i64 {
+                self.0
+            }
+        }
+        let now = At(1_000_000_000);
+        assert!(!long_past(now.0 + 1, &now), "in the future");
+        assert!(!long_past(now.0 - 1000, &now), "just passed: clock skew");
+        assert!(!long_past(now.0 - LATE_ARRIVAL_GRACE_MS, &now));
+        assert!(long_past(now.0 - LATE_ARRIVAL_GRACE_MS - 1, &now));
+        assert!(long_past(i64::MIN, &now), "no overflow");
+        assert!(!long_past(i64::MAX, &now));
     }
 
     #[tokio::test(start_paused = true)]
