@@ -38,6 +38,8 @@ impl Executors {
         let mut caps = vec![CommandType::Ping];
         if terraform_available(&self.terraform.settings().binary) {
             caps.push(CommandType::TerraformApply);
+            caps.push(CommandType::TerraformPlan);
+            caps.push(CommandType::TerraformDestroy);
         }
         if self.proxmox.is_some() {
             caps.push(CommandType::Provision);
@@ -68,6 +70,8 @@ impl Executors {
             Command::ListTemplates(p) => json(proxmox()?.list_templates(ctx, p).await?),
             Command::Provision(p) => json(proxmox()?.provision(ctx, p).await?),
             Command::TerraformApply(p) => json(self.terraform.apply(ctx, p).await?),
+            Command::TerraformPlan(p) => json(self.terraform.plan(ctx, p).await?),
+            Command::TerraformDestroy(p) => json(self.terraform.destroy(ctx, p).await?),
             Command::VmPower(p) => json(proxmox()?.vm_power(ctx, p).await?),
             Command::Destroy(p) => json(proxmox()?.destroy(ctx, p).await?),
         }

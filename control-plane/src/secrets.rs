@@ -510,7 +510,7 @@ fn sealed(v: &Value) -> Option<&str> {
 }
 
 fn tf_params(ty: CommandType, params: &Value) -> Option<TerraformApplyParams> {
-    if ty != CommandType::TerraformApply {
+    if !ty.is_terraform() {
         return None;
     }
     TerraformApplyParams::deserialize(params).ok()

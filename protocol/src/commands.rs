@@ -15,6 +15,11 @@ pub enum CommandType {
     Provision,
     ListTemplates,
     TerraformApply,
+    /// `terraform plan` saved on the agent, applied later by a `terraform_apply` with
+    /// `plan_command_id`.
+    TerraformPlan,
+    /// `terraform destroy` of a configuration's resources.
+    TerraformDestroy,
     /// Start, shut down, stop or reboot a VM Trellis made.
     VmPower,
     /// Stop and delete a VM Trellis made (refused for a VM without the expected tag).
@@ -26,11 +31,13 @@ pub enum CommandType {
 }
 
 impl CommandType {
-    pub const ALL: [CommandType; 6] = [
+    pub const ALL: [CommandType; 8] = [
         Self::Ping,
         Self::Provision,
         Self::ListTemplates,
         Self::TerraformApply,
+        Self::TerraformPlan,
+        Self::TerraformDestroy,
         Self::VmPower,
         Self::Destroy,
     ];
@@ -41,6 +48,8 @@ impl CommandType {
             Self::Provision => "provision",
             Self::ListTemplates => "list_templates",
             Self::TerraformApply => "terraform_apply",
+            Self::TerraformPlan => "terraform_plan",
+            Self::TerraformDestroy => "terraform_destroy",
             Self::VmPower => "vm_power",
             Self::Destroy => "destroy",
             Self::Unknown => "unknown",
@@ -56,10 +65,21 @@ impl CommandType {
         match self {
             Self::Provision => &PROVISION_STAGES,
             Self::TerraformApply => &TERRAFORM_STAGES,
+            Self::TerraformPlan => &TERRAFORM_PLAN_STAGES,
+            Self::TerraformDestroy => &TERRAFORM_DESTROY_STAGES,
             Self::VmPower => &VM_POWER_STAGES,
             Self::Destroy => &DESTROY_STAGES,
             _ => &[],
         }
+    }
+
+    /// The Terraform commands: params [`TerraformApplyParams`], a state workspace, a
+    /// state credential in their dispatch.
+    pub fn is_terraform(self) -> bool {
+        matches!(
+            self,
+            Self::TerraformApply | Self::TerraformPlan | Self::TerraformDestroy
+        )
     }
 }
 
@@ -79,6 +99,11 @@ pub const PROVISION_STAGES: [&str; 6] = [
 ];
 
 pub const TERRAFORM_STAGES: [&str; 4] = ["fetch_template", "init", "apply", "outputs"];
+
+/// `plan`: `terraform plan -out`; `show`: the summary read from the saved plan.
+pub const TERRAFORM_PLAN_STAGES: [&str; 4] = ["fetch_template", "init", "plan", "show"];
+
+pub const TERRAFORM_DESTROY_STAGES: [&str; 3] = ["fetch_template", "init", "destroy"];
 
 /// `request`: the power task is accepted by Proxmox; `wait_state`: the VM reached the new
 /// state (a task that was accepted is not a state that was reached).
@@ -122,6 +147,8 @@ pub enum Command {
     Provision(ProvisionParams),
     ListTemplates(ListTemplatesParams),
     TerraformApply(TerraformApplyParams),
+    TerraformPlan(TerraformApplyParams),
+    TerraformDestroy(TerraformApplyParams),
     VmPower(VmPowerParams),
     Destroy(DestroyParams),
 }
@@ -133,7 +160,7 @@ impl Command {
             CommandError::new(
                 "unsupported_command",
                 format!(
-                    "unknown command type {command_type:?}; expected one of ping, provision, list_templates, terraform_apply, vm_power, destroy"
+                    "unknown command type {command_type:?}; expected one of ping, provision, list_templates, terraform_apply, terraform_plan, terraform_destroy, vm_power, destroy"
                 ),
             )
         })?;
@@ -155,6 +182,8 @@ impl Command {
             CommandType::Provision => Self::Provision(typed(ty, params)?),
             CommandType::ListTemplates => Self::ListTemplates(typed(ty, params)?),
             CommandType::TerraformApply => Self::TerraformApply(typed(ty, params)?),
+            CommandType::TerraformPlan => Self::TerraformPlan(typed(ty, params)?),
+            CommandType::TerraformDestroy => Self::TerraformDestroy(typed(ty, params)?),
             CommandType::VmPower => Self::VmPower(typed(ty, params)?),
             CommandType::Destroy => Self::Destroy(typed(ty, params)?),
             CommandType::Unknown => unreachable!("parse never yields Unknown"),
@@ -169,6 +198,8 @@ impl Command {
             Self::Provision(_) => CommandType::Provision,
             Self::ListTemplates(_) => CommandType::ListTemplates,
             Self::TerraformApply(_) => CommandType::TerraformApply,
+            Self::TerraformPlan(_) => CommandType::TerraformPlan,
+            Self::TerraformDestroy(_) => CommandType::TerraformDestroy,
             Self::VmPower(_) => CommandType::VmPower,
             Self::Destroy(_) => CommandType::Destroy,
         }
@@ -180,6 +211,14 @@ impl Command {
             Self::Provision(p) => p.validate(),
             Self::ListTemplates(_) => Ok(()),
             Self::TerraformApply(p) => p.validate(),
+            Self::TerraformPlan(p) | Self::TerraformDestroy(p) => {
+                if p.plan_command_id.is_some() || p.plan_sha256.is_some() {
+                    return Err(invalid(
+                        "plan_command_id and plan_sha256 belong to terraform_apply only",
+                    ));
+                }
+                p.validate()
+            }
             Self::VmPower(p) => p.validate(),
             Self::Destroy(p) => p.validate(),
         }
@@ -1013,6 +1052,15 @@ pub struct TerraformApplyParams {
     /// repo and path).
     #[serde(default)]
     pub workspace_key: Option<String>,
+    /// `terraform_apply` only: apply exactly the plan this `terraform_plan` command saved
+    /// on the same agent, instead of planning anew. The control plane fills in the plan's
+    /// source, variables and workspace, and `plan_sha256`, when the apply is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_command_id: Option<uuid::Uuid>,
+    /// The SHA-256 (hex) of the saved plan file, copied from the plan command's result:
+    /// the agent applies the file only if it still has this hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1030,6 +1078,19 @@ pub struct TemplateSource {
 
 impl TerraformApplyParams {
     fn validate(&self) -> Result<(), CommandError> {
+        match (&self.plan_command_id, &self.plan_sha256) {
+            (None, None) => {}
+            (Some(_), Some(h))
+                if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+            (Some(_), Some(_)) => {
+                return Err(invalid("plan_sha256 must be 64 hexadecimal digits"))
+            }
+            _ => {
+                return Err(invalid(
+                    "plan_command_id and plan_sha256 are given together (the control plane copies the hash from the plan's result)",
+                ))
+            }
+        }
         let s = &self.template_source;
         if s.repo.trim().is_empty() {
             return Err(invalid("template_source.repo is required"));
@@ -1114,6 +1175,41 @@ pub struct TerraformApplyResult {
     pub resolved_commit: Option<String>,
 }
 
+/// `terraform_plan`'s result: what the saved plan would do, by resource address and
+/// action only — never an attribute value, so nothing sensitive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TerraformPlanResult {
+    /// Resources to create (a replacement counts here and in `destroy`).
+    pub add: u32,
+    /// Resources to update in place.
+    pub change: u32,
+    /// Resources to delete.
+    pub destroy: u32,
+    /// Every resource the plan changes (no-ops left out), in Terraform's order.
+    pub resources: Vec<PlannedResource>,
+    /// SHA-256 (hex) of the plan file kept on the agent for `terraform_apply`'s
+    /// `plan_command_id`.
+    pub plan_sha256: String,
+    /// The commit the version resolved to.
+    #[serde(default)]
+    pub resolved_commit: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PlannedResource {
+    /// The resource address, e.g. `null_resource.example[0]`.
+    pub address: String,
+    /// `create`, `update`, `delete`, `replace` or `read`.
+    pub action: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TerraformDestroyResult {
+    /// The commit the version resolved to.
+    #[serde(default)]
+    pub resolved_commit: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1131,6 +1227,8 @@ mod tests {
             meta: None,
             sensitive_vars: vec![],
             workspace_key: key.map(Into::into),
+            plan_command_id: None,
+            plan_sha256: None,
         };
         assert_eq!(
             p("/srv/r", Some("envs/prod/"), None).state_workspace(),

@@ -9,8 +9,8 @@ use serde_json::{json, Map, Value};
 use crate::{
     AgentMessage, CommandType, DestroyParams, DestroyResult, ListTemplatesParams,
     ListTemplatesResult, PingParams, PingResult, ProvisionParams, ProvisionResult, ServerMessage,
-    TerraformApplyParams, TerraformApplyResult, VmPowerParams, VmPowerResult, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION,
+    TerraformApplyParams, TerraformApplyResult, TerraformDestroyResult, TerraformPlanResult,
+    VmPowerParams, VmPowerResult, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 fn generator() -> SchemaGenerator {
@@ -101,6 +101,16 @@ pub fn commands() -> Schema {
         CommandType::TerraformApply,
         gen.subschema_for::<TerraformApplyParams>(),
         gen.subschema_for::<TerraformApplyResult>(),
+    );
+    add(
+        CommandType::TerraformPlan,
+        gen.subschema_for::<TerraformApplyParams>(),
+        gen.subschema_for::<TerraformPlanResult>(),
+    );
+    add(
+        CommandType::TerraformDestroy,
+        gen.subschema_for::<TerraformApplyParams>(),
+        gen.subschema_for::<TerraformDestroyResult>(),
     );
     add(
         CommandType::VmPower,

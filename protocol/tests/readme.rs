@@ -264,6 +264,8 @@ fn check_result(ty: &str, v: &Value) {
         "provision" => drop(round_trip::<ProvisionResult>(v, &what)),
         "list_templates" => drop(round_trip::<ListTemplatesResult>(v, &what)),
         "terraform_apply" => drop(round_trip::<TerraformApplyResult>(v, &what)),
+        "terraform_plan" => drop(round_trip::<TerraformPlanResult>(v, &what)),
+        "terraform_destroy" => drop(round_trip::<TerraformDestroyResult>(v, &what)),
         "vm_power" => drop(round_trip::<VmPowerResult>(v, &what)),
         "destroy" => drop(round_trip::<DestroyResult>(v, &what)),
         other => panic!("unknown command type {other:?} in a README block"),
@@ -278,7 +280,9 @@ fn check_params(ty: &str, v: &Value) {
         "ping" => drop(round_trip::<PingParams>(v, &what)),
         "provision" => drop(round_trip::<ProvisionParams>(v, &what)),
         "list_templates" => drop(round_trip::<ListTemplatesParams>(v, &what)),
-        "terraform_apply" => drop(round_trip::<TerraformApplyParams>(v, &what)),
+        "terraform_apply" | "terraform_plan" | "terraform_destroy" => {
+            drop(round_trip::<TerraformApplyParams>(v, &what))
+        }
         "vm_power" => drop(round_trip::<VmPowerParams>(v, &what)),
         "destroy" => drop(round_trip::<DestroyParams>(v, &what)),
         other => panic!("unknown command type {other:?} in a README block"),
@@ -337,6 +341,13 @@ fn readme_examples_parse_round_trip_and_match_the_schemas() {
                     .unwrap_or_else(|| panic!("unknown README block kind `{other}`"));
                 let name = CommandType::parse(ty)
                     .unwrap_or_else(|| panic!("unknown command type in `{other}`"));
+                // The Terraform commands share terraform_apply's params type.
+                let name = match (side, name) {
+                    ("params", CommandType::TerraformPlan | CommandType::TerraformDestroy) => {
+                        CommandType::TerraformApply
+                    }
+                    _ => name,
+                };
                 let def = format!(
                     "{}{}",
                     name.as_str()

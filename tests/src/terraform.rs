@@ -141,6 +141,8 @@ pub fn params(repo: &TemplateRepo, version: &str, path: &str, vars: Value) -> Te
         terraform_vars: serde_json::from_value(vars).expect("vars object"),
         meta: Some(json!({"triggered_by": "test"})),
         sensitive_vars: vec![],
+        plan_command_id: None,
+        plan_sha256: None,
         workspace_key: None,
     }
 }

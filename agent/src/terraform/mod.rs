@@ -34,6 +34,7 @@
 
 pub mod git;
 pub mod logs;
+pub mod plan;
 pub mod process;
 pub mod redact;
 pub mod settings;
@@ -45,6 +46,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use trellis_protocol::{
     Command, CommandError, StageState, TerraformApplyParams, TerraformApplyResult,
+    TerraformDestroyResult, TerraformPlanResult,
 };
 
 use crate::exec::ExecContext;
@@ -123,22 +125,24 @@ struct Backend {
 }
 
 impl Backend {
-    /// The override file: addresses and user name only (the password comes from the
-    /// environment).
+    /// The override file: addresses only. The user name (the command id) and the
+    /// password come from the environment, so a saved plan, which records the backend
+    /// settings, is applied with the applying command's own credential.
     fn override_tf(&self) -> String {
         let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
         format!(
             "# Written by tendril: this apply's state is kept by the Trellis control plane.\n\
              terraform {{\n  backend \"http\" {{\n    address        = {a}\n    \
              lock_address   = {a}\n    unlock_address = {a}\n    lock_method    = \"LOCK\"\n    \
-             unlock_method  = \"UNLOCK\"\n    username       = {u}\n  }}\n}}\n",
+             unlock_method  = \"UNLOCK\"\n  }}\n}}\n",
             a = q(&self.address),
-            u = q(&self.username),
         )
     }
 
     fn env(&self, mut spec: ProcSpec) -> ProcSpec {
-        spec = spec.env("TF_HTTP_PASSWORD", self.password.expose());
+        spec = spec
+            .env("TF_HTTP_USERNAME", &self.username)
+            .env("TF_HTTP_PASSWORD", self.password.expose());
         if let Some(ca) = &self.ca_file {
             spec = spec.env("SSL_CERT_FILE", ca.display().to_string());
         }
@@ -199,38 +203,109 @@ impl TerraformExecutor {
         &self.settings
     }
 
+    /// `terraform_apply`: plans and applies, or applies the saved plan of
+    /// `p.plan_command_id`.
     pub async fn apply(
         &self,
         ctx: &ExecContext,
         p: TerraformApplyParams,
     ) -> Result<TerraformApplyResult, CommandError> {
-        apply(self, ctx, p).await
+        match execute(self, ctx, p, Op::Apply).await? {
+            Outcome::Applied(r) => Ok(r),
+            _ => Err(CommandError::new(
+                "internal",
+                "apply ended without its result",
+            )),
+        }
+    }
+
+    /// `terraform_plan`: saves a plan on this agent and summarises it.
+    pub async fn plan(
+        &self,
+        ctx: &ExecContext,
+        p: TerraformApplyParams,
+    ) -> Result<TerraformPlanResult, CommandError> {
+        match execute(self, ctx, p, Op::Plan).await? {
+            Outcome::Planned(r) => Ok(r),
+            _ => Err(CommandError::new(
+                "internal",
+                "plan ended without its result",
+            )),
+        }
+    }
+
+    /// `terraform_destroy`: destroys every resource of the configuration's state.
+    pub async fn destroy(
+        &self,
+        ctx: &ExecContext,
+        p: TerraformApplyParams,
+    ) -> Result<TerraformDestroyResult, CommandError> {
+        match execute(self, ctx, p, Op::Destroy).await? {
+            Outcome::Destroyed(r) => Ok(r),
+            _ => Err(CommandError::new(
+                "internal",
+                "destroy ended without its result",
+            )),
+        }
     }
 }
 
-/// Overall percent at the start of each stage (and 100 at the end).
-const STAGE_START: [(&str, f32); 4] = [
-    ("fetch_template", 0.0),
-    ("init", 10.0),
-    ("apply", 30.0),
-    ("outputs", 90.0),
-];
+/// What a Terraform command does after `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Apply,
+    Plan,
+    Destroy,
+}
 
+impl Op {
+    /// The stages it reports with the overall percent at the start of each (and 100 at
+    /// the end).
+    fn stages(self) -> &'static [(&'static str, f32)] {
+        match self {
+            Op::Apply => &[
+                ("fetch_template", 0.0),
+                ("init", 10.0),
+                ("apply", 30.0),
+                ("outputs", 90.0),
+            ],
+            Op::Plan => &[
+                ("fetch_template", 0.0),
+                ("init", 10.0),
+                ("plan", 30.0),
+                ("show", 90.0),
+            ],
+            Op::Destroy => &[("fetch_template", 0.0), ("init", 10.0), ("destroy", 30.0)],
+        }
+    }
+}
+
+enum Outcome {
+    Applied(TerraformApplyResult),
+    Planned(TerraformPlanResult),
+    Destroyed(TerraformDestroyResult),
+}
+
+/// The percent range of `stage` (the stage names are unique to a command type, or at the
+/// same place in each).
 fn stage_percent(stage: &str) -> (f32, f32) {
-    let i = STAGE_START
-        .iter()
-        .position(|(s, _)| *s == stage)
-        .unwrap_or(0);
-    let start = STAGE_START[i].1;
-    let end = STAGE_START.get(i + 1).map_or(100.0, |s| s.1);
+    let list = [Op::Apply, Op::Plan, Op::Destroy]
+        .into_iter()
+        .map(Op::stages)
+        .find(|l| l.iter().any(|(s, _)| *s == stage))
+        .unwrap_or(Op::Apply.stages());
+    let i = list.iter().position(|(s, _)| *s == stage).unwrap_or(0);
+    let start = list[i].1;
+    let end = list.get(i + 1).map_or(100.0, |s| s.1);
     (start, end)
 }
 
-async fn apply(
+async fn execute(
     exec: &TerraformExecutor,
     ctx: &ExecContext,
     p: TerraformApplyParams,
-) -> Result<TerraformApplyResult, CommandError> {
+    op: Op,
+) -> Result<Outcome, CommandError> {
     let req = Request::validate(&p)?;
     let settings = exec.settings();
     let mut redactor = Redactor::for_params(&p);
@@ -243,7 +318,7 @@ async fn apply(
     let redactor = Arc::new(redactor);
     let mut sink = LogSink::new(ctx, redactor.clone(), settings.log_cap_bytes);
 
-    let result = run(exec, ctx, &mut sink, &p, &req).await;
+    let result = run(exec, ctx, &mut sink, &p, &req, op).await;
     sink.finish().await;
     result.map_err(|mut e| {
         e.message = redactor.redact(&e.message).into_owned();
@@ -322,7 +397,8 @@ async fn run(
     sink: &mut LogSink<'_>,
     p: &TerraformApplyParams,
     req: &Request,
-) -> Result<TerraformApplyResult, CommandError> {
+    op: Op,
+) -> Result<Outcome, CommandError> {
     let settings = exec.settings();
     let root = &exec.root;
     workspace::create_private_dir(root).await.map_err(|e| {
@@ -345,7 +421,23 @@ async fn run(
     }
 
     let _key = exec.workspaces.lock_key(ctx, sink, &req.key).await?;
-    let ws = exec.workspaces.create(root, ctx.command_id).await?;
+    let saved_plan = match (&p.plan_command_id, &p.plan_sha256) {
+        (Some(id), Some(sha)) if op == Op::Apply => Some((*id, sha.as_str())),
+        _ => None,
+    };
+    let ws = match saved_plan {
+        // The plan's own workspace, where its initialised template and plan file are.
+        Some((plan_id, _)) => exec.workspaces.open(root, plan_id).await.ok_or_else(|| {
+            CommandError::new(
+                "plan_missing",
+                format!(
+                    "the plan saved by terraform_plan {plan_id} is not on this agent (its workspace is gone)"
+                ),
+            )
+            .at_stage("fetch_template")
+        })?,
+        None => exec.workspaces.create(root, ctx.command_id).await?,
+    };
     sink.system(&format!("workspace {}", ws.dir.display()))
         .await;
     let backend = match (&exec.state, &ctx.terraform_state) {
@@ -357,11 +449,115 @@ async fn run(
         }),
         _ => None,
     };
-    let result = run_in_workspace(ctx, sink, settings, p, req, &ws, backend).await;
+    let result = match saved_plan {
+        Some((plan_id, sha)) => {
+            run_saved_plan(ctx, sink, settings, &ws, backend, plan_id, sha).await
+        }
+        None => run_in_workspace(ctx, sink, settings, p, req, &ws, backend, op).await,
+    };
     ws.touch().await;
     result
 }
 
+/// `terraform_apply` of a saved plan, in the plan's workspace: the plan file is checked
+/// against the signed hash, applied once and removed whatever the outcome.
+async fn run_saved_plan(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    ws: &workspace::Workspace,
+    backend: Option<Backend>,
+    plan_id: uuid::Uuid,
+    sha: &str,
+) -> Result<Outcome, CommandError> {
+    begin(
+        ctx,
+        sink,
+        "fetch_template",
+        format!("using the plan saved by terraform_plan {plan_id}"),
+    )
+    .await?;
+    let saved = plan::SavedPlan::open(&ws.dir, plan_id, sha).await;
+    let saved = end(ctx, sink, "fetch_template", saved, |s| {
+        format!("plan {} of commit {}", &s.sha256[..12], s.commit)
+    })
+    .await?;
+    if let Err(e) = ws.secrets_in(&saved.dir).await {
+        return Err(CommandError::new(
+            "workspace_error",
+            format!("cannot write to workspace {}: {e}", ws.dir.display()),
+        )
+        .retryable());
+    }
+    // The plan records its backend; Trellis's only if the plan was made with it.
+    let backend = backend.filter(|_| saved.dir.join(BACKEND_OVERRIDE).is_file());
+    let result = async {
+        init(ctx, sink, settings, &saved.dir, backend.as_ref(), None).await?;
+        let now = pull_state(ctx, sink, settings, &saved.dir, backend.as_ref()).await;
+        if now.as_ref().is_ok_and(|now| *now != saved.state) {
+            saved.discard().await;
+            begin(ctx, sink, "apply", "terraform apply".into()).await?;
+            let stale = CommandError::new(
+                "plan_stale",
+                format!(
+                    "the plan saved by terraform_plan {plan_id} is stale: the state changed since it was made; plan again"
+                ),
+            );
+            end(ctx, sink, "apply", Err::<(), _>(stale), |_| String::new()).await?;
+        }
+        now?;
+        let spec = with_backend(tf_spec(settings, &saved.dir), backend.as_ref())
+            .arg("apply")
+            .arg("-input=false")
+            .arg("-no-color")
+            .arg(plan::PLAN_FILE);
+        let applied = apply_stage(ctx, sink, settings, &saved.dir, spec).await;
+        // Applied or refused, the plan is not applied twice.
+        saved.discard().await;
+        applied.map_err(|mut e| {
+            if e.message.contains("Saved plan is stale") {
+                e.code = "plan_stale".into();
+                e.message = format!(
+                    "the plan saved by terraform_plan {plan_id} is stale: the state changed since it was made; plan again\n{}",
+                    e.message
+                );
+            }
+            e
+        })?;
+        outputs_stage(ctx, sink, settings, &saved.dir, backend.as_ref()).await
+    }
+    .await;
+    scrub(ctx, sink, ws, &saved.dir).await;
+    Ok(Outcome::Applied(TerraformApplyResult {
+        outputs: result?,
+        resolved_commit: Some(saved.commit.clone()),
+    }))
+}
+
+/// Removes the files holding secrets from `dir` (see [`workspace::SECRET_FILES`]).
+async fn scrub(ctx: &ExecContext, sink: &mut LogSink<'_>, ws: &workspace::Workspace, dir: &Path) {
+    let (removed, errors) = workspace::remove_secret_files(dir).await;
+    if errors.is_empty() {
+        ws.secrets_removed().await;
+        if !removed.is_empty() {
+            sink.system(&format!(
+                "removed {} from the workspace (they hold secrets)",
+                removed.join(", ")
+            ))
+            .await;
+        }
+    } else {
+        tracing::warn!(command_id = %ctx.command_id, ?errors, "cannot remove secret files from the terraform workspace");
+        sink.system(&format!(
+            "could not remove files holding secrets: {}",
+            errors.join("; ")
+        ))
+        .await;
+    }
+}
+
+// The stages' inputs, each from a different owner (executor, dispatch, request, workspace).
+#[allow(clippy::too_many_arguments)]
 async fn run_in_workspace(
     ctx: &ExecContext,
     sink: &mut LogSink<'_>,
@@ -370,7 +566,8 @@ async fn run_in_workspace(
     req: &Request,
     ws: &workspace::Workspace,
     backend: Option<Backend>,
-) -> Result<TerraformApplyResult, CommandError> {
+    op: Op,
+) -> Result<Outcome, CommandError> {
     // fetch_template
     let shown_repo = sink
         .redactor()
@@ -432,55 +629,169 @@ async fn run_in_workspace(
         }
         None => None,
     };
-    let result = init_apply_outputs(ctx, sink, settings, p, &fetched.dir, backend.as_ref()).await;
-    // The variables file holds the sensitive values in clear, the state every resource
-    // attribute and sensitive output: none of them stays once `outputs` is done (or the
-    // run stopped earlier). What the logs need was streamed already.
-    let (removed, errors) = workspace::remove_secret_files(&fetched.dir).await;
-    if errors.is_empty() {
-        ws.secrets_removed().await;
-        if !removed.is_empty() {
-            sink.system(&format!(
-                "removed {} from the workspace (they hold secrets)",
-                removed.join(", ")
-            ))
-            .await;
+    let dir = &fetched.dir;
+    let backend = backend.as_ref();
+    let commit = Some(fetched.commit.clone());
+    let result = async {
+        init(ctx, sink, settings, dir, backend, Some(&p.terraform_vars)).await?;
+        let spec = with_backend(tf_spec(settings, dir), backend);
+        match op {
+            Op::Apply => {
+                let spec = spec
+                    .arg("apply")
+                    .arg("-auto-approve")
+                    .arg("-input=false")
+                    .arg("-no-color");
+                apply_stage(ctx, sink, settings, dir, spec).await?;
+                let outputs = outputs_stage(ctx, sink, settings, dir, backend).await?;
+                Ok(Outcome::Applied(TerraformApplyResult {
+                    outputs,
+                    resolved_commit: commit,
+                }))
+            }
+            Op::Plan => plan_stages(ctx, sink, settings, ws, dir, backend, commit).await,
+            Op::Destroy => {
+                begin(ctx, sink, "destroy", "terraform destroy".into()).await?;
+                let spec = spec
+                    .arg("destroy")
+                    .arg("-auto-approve")
+                    .arg("-input=false")
+                    .arg("-no-color");
+                let destroyed =
+                    run_terraform(ctx, sink, settings, "destroy", spec, &mut |_| None).await;
+                workspace::restrict_secret_files(dir).await;
+                end(ctx, sink, "destroy", destroyed, |_| "destroyed".into()).await?;
+                ctx.progress(100.0, Some("destroyed".into())).await;
+                Ok(Outcome::Destroyed(TerraformDestroyResult {
+                    resolved_commit: commit,
+                }))
+            }
         }
-    } else {
-        tracing::warn!(command_id = %ctx.command_id, ?errors, "cannot remove secret files from the terraform workspace");
-        sink.system(&format!(
-            "could not remove files holding secrets: {}",
-            errors.join("; ")
-        ))
-        .await;
     }
-    Ok(TerraformApplyResult {
-        outputs: result?,
-        resolved_commit: Some(fetched.commit),
-    })
+    .await;
+    // The variables file holds the sensitive values in clear, the state every resource
+    // attribute and sensitive output: none of them stays once the last stage is done (or
+    // the run stopped earlier). What the logs need was streamed already. A saved plan
+    // stays (it is the plan's purpose) until applied or expired.
+    scrub(ctx, sink, ws, dir).await;
+    result
 }
 
-/// The stages after `fetch_template`, in the checked-out template directory.
-async fn init_apply_outputs(
+/// `plan` and `show` of a `terraform_plan`: the plan file saved and recorded, then
+/// summarised from `terraform show -json`.
+async fn plan_stages(
     ctx: &ExecContext,
     sink: &mut LogSink<'_>,
     settings: &TerraformSettings,
-    p: &TerraformApplyParams,
-    dir: &std::path::Path,
+    ws: &workspace::Workspace,
+    dir: &Path,
     backend: Option<&Backend>,
-) -> Result<Value, CommandError> {
-    let tf_spec = |settings: &TerraformSettings, dir: &std::path::Path| {
-        let spec = tf_spec(settings, dir);
-        match backend {
-            Some(b) => b.env(spec),
-            None => spec,
+    commit: Option<String>,
+) -> Result<Outcome, CommandError> {
+    begin(ctx, sink, "plan", "terraform plan".into()).await?;
+    let spec = with_backend(tf_spec(settings, dir), backend)
+        .arg("plan")
+        .arg("-input=false")
+        .arg("-no-color")
+        .arg("-lock=true")
+        .arg(format!("-out={}", plan::PLAN_FILE));
+    let planned = async {
+        run_terraform(ctx, sink, settings, "plan", spec, &mut |_| None).await?;
+        let state = pull_state(ctx, sink, settings, dir, backend).await?;
+        plan::record(&ws.dir, dir, commit.as_deref().unwrap_or_default(), state)
+            .await
+            .map_err(|e| {
+                CommandError::new(
+                    "workspace_error",
+                    format!("cannot record the plan file in {}: {e}", dir.display()),
+                )
+            })
+    }
+    .await;
+    workspace::restrict_secret_files(dir).await;
+    let sha = end(ctx, sink, "plan", planned, |sha| {
+        format!("saved plan {}", &sha[..12])
+    })
+    .await?;
+
+    begin(ctx, sink, "show", "terraform show -json".into()).await?;
+    let shown = async {
+        // `show` reads the state through the backend too.
+        let mut spec = with_backend(tf_spec(settings, dir), backend)
+            .arg("show")
+            .arg("-json")
+            .arg(plan::PLAN_FILE);
+        spec.capture_stdout = true;
+        let out = run_terraform(ctx, sink, settings, "show", spec, &mut |_| None).await?;
+        if out.stdout_overflow {
+            return Err(CommandError::new(
+                "terraform_failed",
+                format!(
+                    "terraform show -json printed more than {} bytes",
+                    process::MAX_CAPTURE_BYTES
+                ),
+            ));
         }
-    };
-    // init
+        let show: Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            CommandError::new(
+                "terraform_failed",
+                format!("terraform show -json printed invalid JSON: {e}"),
+            )
+        })?;
+        Ok(plan::summary(&show, sha, commit))
+    }
+    .await;
+    let summary = end(ctx, sink, "show", shown, |s| {
+        format!(
+            "{} to add, {} to change, {} to destroy",
+            s.add, s.change, s.destroy
+        )
+    })
+    .await?;
+    ctx.progress(100.0, Some("planned".into())).await;
+    Ok(Outcome::Planned(summary))
+}
+
+/// The lineage and serial of the current state (`terraform state pull`, not logged: it
+/// prints the whole state).
+async fn pull_state(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    dir: &Path,
+    backend: Option<&Backend>,
+) -> Result<Option<plan::StateMeta>, CommandError> {
+    let mut spec = with_backend(tf_spec(settings, dir), backend)
+        .arg("state")
+        .arg("pull");
+    spec.capture_stdout = true;
+    let out = run_terraform(ctx, sink, settings, "state pull", spec, &mut |_| None).await?;
+    Ok(plan::StateMeta::of_pulled(&out.stdout))
+}
+
+fn with_backend(spec: ProcSpec, backend: Option<&Backend>) -> ProcSpec {
+    match backend {
+        Some(b) => b.env(spec),
+        None => spec,
+    }
+}
+
+/// The `init` stage; writes the variables file first when given `vars` (not for a
+/// saved plan, which holds its variables).
+async fn init(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    dir: &Path,
+    backend: Option<&Backend>,
+    vars: Option<&std::collections::BTreeMap<String, Value>>,
+) -> Result<(), CommandError> {
     begin(ctx, sink, "init", "terraform init".into()).await?;
     let init = async {
-        write_tfvars(dir, &p.terraform_vars).await?;
-        let mut spec = tf_spec(settings, dir)
+        if let Some(vars) = vars {
+            write_tfvars(dir, vars).await?;
+        }
+        let mut spec = with_backend(tf_spec(settings, dir), backend)
             .arg("init")
             .arg("-input=false")
             .arg("-no-color");
@@ -500,16 +811,20 @@ async fn init_apply_outputs(
     }
     .await;
     end(ctx, sink, "init", init, |_| "initialized".into()).await?;
+    Ok(())
+}
 
-    // apply
+/// The `apply` stage running `spec` (`terraform apply …`).
+async fn apply_stage(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    dir: &Path,
+    spec: ProcSpec,
+) -> Result<(), CommandError> {
     begin(ctx, sink, "apply", "terraform apply".into()).await?;
     let (start, stop) = stage_percent("apply");
     let mut progress = ApplyProgress::new(start, stop);
-    let spec = tf_spec(settings, dir)
-        .arg("apply")
-        .arg("-auto-approve")
-        .arg("-input=false")
-        .arg("-no-color");
     let applied = run_terraform(ctx, sink, settings, "apply", spec, &mut |l| {
         progress.observe(l)
     })
@@ -518,11 +833,22 @@ async fn init_apply_outputs(
     // is removed after `outputs`.
     workspace::restrict_secret_files(dir).await;
     end(ctx, sink, "apply", applied, |_| progress.summary()).await?;
+    Ok(())
+}
 
-    // outputs
+/// The `outputs` stage: `terraform output -json`, sensitive outputs redacted.
+async fn outputs_stage(
+    ctx: &ExecContext,
+    sink: &mut LogSink<'_>,
+    settings: &TerraformSettings,
+    dir: &Path,
+    backend: Option<&Backend>,
+) -> Result<Value, CommandError> {
     begin(ctx, sink, "outputs", "terraform output -json".into()).await?;
     let outputs = async {
-        let mut spec = tf_spec(settings, dir).arg("output").arg("-json");
+        let mut spec = with_backend(tf_spec(settings, dir), backend)
+            .arg("output")
+            .arg("-json");
         spec.capture_stdout = true;
         let out = run_terraform(ctx, sink, settings, "outputs", spec, &mut |_| None).await?;
         if out.stdout_overflow {
@@ -775,6 +1101,8 @@ mod tests {
             terraform_vars: Default::default(),
             meta: None,
             sensitive_vars: vec![],
+            plan_command_id: None,
+            plan_sha256: None,
             workspace_key: None,
         }
     }
@@ -837,12 +1165,16 @@ mod tests {
         let tf = b.override_tf();
         assert!(tf.contains("backend \"http\""), "{tf}");
         assert!(tf.contains("lock_method    = \"LOCK\""), "{tf}");
-        assert!(tf.contains("username       = \"0b5c6d6e"), "{tf}");
+        assert!(!tf.contains("0b5c6d6e"), "{tf}");
         assert!(!tf.contains("pw-123"), "{tf}");
         let spec = b.env(ProcSpec::new("terraform", Path::new("/")));
         assert!(spec
             .env
             .contains(&("TF_HTTP_PASSWORD".to_string(), "pw-123".to_string())));
+        assert!(spec.env.contains(&(
+            "TF_HTTP_USERNAME".to_string(),
+            "0b5c6d6e-0000-4000-8000-000000000001".to_string()
+        )));
     }
 
     #[tokio::test]

@@ -108,6 +108,23 @@ impl Workspaces {
         Ok(ws)
     }
 
+    /// The existing workspace of `command_id` under `root` (a `terraform_plan`'s, for the
+    /// apply of its saved plan), marked in use; `None` if it is gone.
+    pub async fn open(&self, root: &Path, command_id: Uuid) -> Option<Workspace> {
+        let dir = root.join(command_id.to_string());
+        if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+            return None;
+        }
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir.clone());
+        Some(Workspace {
+            dir,
+            in_use: self.in_use.clone(),
+        })
+    }
+
     /// Removes command workspaces under `root` not used for longer than `retention`
     /// (directories named by a command id only; never one in use). Returns how many went.
     pub async fn remove_expired(&self, root: &Path, retention: Duration) -> usize {

@@ -40,7 +40,7 @@ pub struct Agent {
     pub connected_at: Option<String>,
     pub version: Option<String>,
     pub hostname: Option<String>,
-    /// Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`).
+    /// Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power`, `destroy`).
     pub capabilities: Vec<String>,
     /// What the agent reported about its host (e.g. `proxmox_nodes`).
     pub facts: Value,
@@ -173,7 +173,7 @@ impl From<&StageRow> for Stage {
 pub struct Command {
     pub id: CommandId,
     pub agent_id: AgentId,
-    /// `ping`, `provision`, `list_templates` or `terraform_apply`.
+    /// `ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power` or `destroy`.
     #[serde(rename = "type")]
     pub command_type: String,
     /// The command's parameters; sensitive Terraform variables read `***`.
@@ -221,7 +221,7 @@ pub struct CommandTarget {
     pub vm_id: Option<i64>,
     /// The Proxmox node (host) of that VM.
     pub proxmox_node: Option<String>,
-    /// `terraform_apply`: the workspace key, else `repo[/path]@version`.
+    /// `terraform_apply`, `terraform_plan`, `terraform_destroy`: the workspace key, else `repo[/path]@version`.
     pub workspace: Option<String>,
 }
 
@@ -250,7 +250,9 @@ impl CommandTarget {
                 t.proxmox_node =
                     text(from.and_then(|r| r.get("node"))).or_else(|| text(p.get("target_node")));
             }
-            CommandType::TerraformApply => {
+            CommandType::TerraformApply
+            | CommandType::TerraformPlan
+            | CommandType::TerraformDestroy => {
                 t.workspace = text(p.get("workspace_key")).or_else(|| {
                     let src = p.get("template_source")?;
                     let repo = crate::api::redact::url_credentials(src.get("repo")?.as_str()?);
@@ -313,12 +315,12 @@ fn redacted(mut v: Value) -> Value {
 
 /// Sensitive Terraform variables are stored (the agent needs them) but never shown.
 fn redact_params(c: &CommandRow) -> Value {
-    use trellis_protocol::CommandType;
-    if c.command_type != CommandType::TerraformApply {
+    use trellis_protocol::Command as C;
+    if !c.command_type.is_terraform() {
         return c.params.clone();
     }
-    let Ok(trellis_protocol::Command::TerraformApply(p)) =
-        trellis_protocol::Command::parse(c.command_type.as_str(), &c.params)
+    let (Ok(C::TerraformApply(p)) | Ok(C::TerraformPlan(p)) | Ok(C::TerraformDestroy(p))) =
+        C::parse(c.command_type.as_str(), &c.params)
     else {
         return c.params.clone();
     };
@@ -345,7 +347,7 @@ pub struct CommandList {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCommandRequest {
     pub agent_id: String,
-    /// `ping`, `provision`, `list_templates` or `terraform_apply`.
+    /// `ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power` or `destroy`.
     #[serde(rename = "type")]
     pub command_type: String,
     /// The command's parameters (see `protocol/README.md`).

@@ -18,7 +18,7 @@ impl Db {
     /// `terraform_apply`, the credential of its Terraform state workspace.
     pub fn unseal_dispatch(&self, mut d: DispatchRow) -> Result<DispatchRow, SecretError> {
         d.params = self.secrets.open_params(d.command_type, &d.params)?;
-        if d.command_type == CommandType::TerraformApply {
+        if d.command_type.is_terraform() {
             d.terraform_state =
                 <trellis_protocol::TerraformApplyParams as serde::Deserialize>::deserialize(
                     &d.params,

@@ -22,7 +22,8 @@ pub fn default_timeout(t: CommandType) -> u64 {
         CommandType::Ping => 300,
         CommandType::ListTemplates => 60,
         CommandType::Provision => 3600,
-        CommandType::TerraformApply => 7200,
+        CommandType::TerraformApply | CommandType::TerraformDestroy => 7200,
+        CommandType::TerraformPlan => 3600,
         CommandType::VmPower => 900,
         CommandType::Destroy => 1800,
         CommandType::Unknown => 300,
@@ -112,7 +113,8 @@ pub async fn prepare(
 
 /// Validates and stores a command (group-committed with concurrent ones), then wakes the
 /// agent's session. The command is committed before this returns.
-pub async fn create(db: &Db, broker: &Broker, c: CreateCommand) -> DomainResult<CommandRow> {
+pub async fn create(db: &Db, broker: &Broker, mut c: CreateCommand) -> DomainResult<CommandRow> {
+    fill_from_plan(db, &mut c).await?;
     let new = match prepare(db, &c, None).await? {
         Ok(new) => new,
         Err(existing) => return Ok(existing),
@@ -132,6 +134,110 @@ pub async fn create(db: &Db, broker: &Broker, c: CreateCommand) -> DomainResult<
     };
     broker.wake(c.agent_id);
     Ok(row)
+}
+
+/// A `terraform_apply` of a saved plan (`{"plan_command_id": …}`) gets the plan's
+/// source, variables and workspace, and the plan file's hash from its result, so that
+/// what the agent checks is part of the signed command and the apply acts on the plan's
+/// state workspace. The plan must be a succeeded `terraform_plan` of the same agent (the
+/// file is kept there). Only `meta` may be given alongside.
+async fn fill_from_plan(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
+    if c.command_type != CommandType::TerraformApply.as_str() {
+        return Ok(());
+    }
+    let Some(given) = c.params.as_object() else {
+        return Ok(());
+    };
+    let Some(plan_ref) = given.get("plan_command_id") else {
+        return Ok(());
+    };
+    if let Some(k) = given
+        .keys()
+        .find(|k| !matches!(k.as_str(), "plan_command_id" | "plan_sha256" | "meta"))
+    {
+        return Err(DomainError::invalid(
+            "invalid_params",
+            format!("{k:?} cannot be given with plan_command_id: the apply uses the plan's"),
+        ));
+    }
+    let plan_id: CommandId = plan_ref
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            DomainError::invalid("invalid_params", "plan_command_id must be a command id")
+        })?;
+    let plan = db
+        .get_command(plan_id)
+        .await
+        .map_err(DomainError::not_found(format_args!("command {plan_id}")))?;
+    if plan.command_type != CommandType::TerraformPlan {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            format!(
+                "command {plan_id} is a {}, not a terraform_plan",
+                plan.command_type
+            ),
+        ));
+    }
+    if plan.status != CommandStatus::Succeeded {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            format!("terraform_plan {plan_id} is {}, not succeeded", plan.status),
+        ));
+    }
+    if plan.agent_id != c.agent_id {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            format!(
+                "terraform_plan {plan_id} ran on agent {}: its plan file is kept there",
+                plan.agent_id
+            ),
+        ));
+    }
+    let hash = plan
+        .result
+        .as_ref()
+        .and_then(|r| r.get("plan_sha256"))
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| {
+            DomainError::conflict(
+                "plan_invalid",
+                format!("terraform_plan {plan_id} has no plan_sha256 in its result"),
+            )
+        })?
+        .to_string();
+    if given
+        .get("plan_sha256")
+        .is_some_and(|h| h.as_str() != Some(hash.as_str()))
+    {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            format!("plan_sha256 is not the hash terraform_plan {plan_id} recorded"),
+        ));
+    }
+    let meta = given.get("meta").cloned();
+    let mut params = db
+        .secrets()
+        .open_params(plan.command_type, &plan.params)
+        .map_err(|e| {
+            DomainError::conflict(
+                "plan_invalid",
+                format!("the params of terraform_plan {plan_id} cannot be decrypted: {e}"),
+            )
+        })?;
+    let Some(obj) = params.as_object_mut() else {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            format!("terraform_plan {plan_id} has no params object"),
+        ));
+    };
+    obj.insert("plan_command_id".into(), plan_id.to_string().into());
+    obj.insert("plan_sha256".into(), hash.into());
+    if let Some(meta) = meta {
+        obj.insert("meta".into(), meta);
+    }
+    c.params = params;
+    Ok(())
 }
 
 /// A reused idempotency key must name the same request; anything else is a client bug.

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_protocol::{CommandType, TerraformApplyParams};
+use trellis_protocol::TerraformApplyParams;
 
 use crate::db::{
     Db, DbError, LockOutcome, NewStateVersion, PutOutcome, StateVersionRow, StateWorkspaceRow,
@@ -92,7 +92,7 @@ pub async fn authenticate(
         Err(DbError::NotFound) => return Err(invalid()),
         Err(e) => return Err(e.into()),
     };
-    if c.command_type != CommandType::TerraformApply {
+    if !c.command_type.is_terraform() {
         return Err(invalid());
     }
     let params = db

@@ -659,7 +659,7 @@ export interface components {
             items: components["schemas"]["AdminInfo"][];
         };
         Agent: {
-            /** @description Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`). */
+            /** @description Command types the agent can run (`ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power`, `destroy`). */
             capabilities: string[];
             connectedAt?: string | null;
             createdAt: string;
@@ -910,7 +910,7 @@ export interface components {
             startedAt?: string | null;
             status: components["schemas"]["CommandStatus"];
             target?: null | components["schemas"]["CommandTarget"];
-            /** @description `ping`, `provision`, `list_templates` or `terraform_apply`. */
+            /** @description `ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power` or `destroy`. */
             type: string;
         };
         CommandAccepted: {
@@ -949,7 +949,7 @@ export interface components {
              * @description The Proxmox VMID acted on (power, destroy) or built (provision, once known).
              */
             vmId?: number | null;
-            /** @description `terraform_apply`: the workspace key, else `repo[/path]@version`. */
+            /** @description `terraform_apply`, `terraform_plan`, `terraform_destroy`: the workspace key, else `repo[/path]@version`. */
             workspace?: string | null;
         };
         CreateAdminRequest: {
@@ -976,7 +976,7 @@ export interface components {
              * @description 1–604800 (default per type).
              */
             timeoutSecs?: number | null;
-            /** @description `ping`, `provision`, `list_templates` or `terraform_apply`. */
+            /** @description `ping`, `provision`, `list_templates`, `terraform_apply`, `terraform_plan`, `terraform_destroy`, `vm_power` or `destroy`. */
             type: string;
         };
         CreatedAgent: {

@@ -1,0 +1,220 @@
+//! `terraform_plan`, `terraform_apply` of a saved plan and `terraform_destroy`: real
+//! `trellis` and `tendril` binaries, the real Terraform 1.0.3 with the null provider,
+//! the state kept by trellis (Terraform's `http` backend).
+//!
+//! * A plan shows 1 to add with the resource's address (and no variable value); applying
+//!   that plan creates it; the next plan shows no changes; a destroy removes it, and the
+//!   plan after shows 1 to add again.
+//! * A plan made stale by an apply in between is refused (`plan_stale`), and a plan is
+//!   applied at most once (`plan_missing`); a plan is applied only on its own agent.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use trellis_tests::git::GitRepo;
+use trellis_tests::harness::*;
+use trellis_tests::terraform::terraform_env;
+
+const MAIN_TF: &str = r#"
+variable "run" {
+  type    = string
+  default = "same"
+}
+variable "db_password" {
+  type      = string
+  sensitive = true
+}
+resource "null_resource" "thing" {
+  triggers = { run = var.run, pw = var.db_password }
+}
+output "thing_id" {
+  value = null_resource.thing.id
+}
+"#;
+
+const SECRET: &str = "pw-s3cr3t-value";
+
+fn template(dir: &std::path::Path) -> GitRepo {
+    let repo = GitRepo::init(&dir.join("template"));
+    repo.write("main.tf", MAIN_TF);
+    repo.commit_all("template");
+    repo.tag("v1.0.0");
+    repo
+}
+
+async fn start_agent(
+    api: &Api,
+    cp: &ControlPlane,
+    dir: &std::path::Path,
+    name: &str,
+) -> (String, Agent) {
+    let (agent_id, token) = api.create_agent(name).await;
+    let env = terraform_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let agent = Agent::start_with(&cp.ws_url(), &token, &dir.join(name), &env);
+    api.wait_agent_online(&agent_id).await;
+    (agent_id, agent)
+}
+
+fn params(repo: &GitRepo, run: &str) -> Value {
+    json!({"template_source": {"repo": repo.path.to_str().unwrap(), "version": "v1.0.0"},
+           "terraform_vars": {"run": run, "db_password": SECRET},
+           "workspace_key": "plans/web"})
+}
+
+const WITHIN: Duration = Duration::from_secs(40);
+
+async fn run(api: &Api, agent: &str, ty: &str, params: Value) -> Value {
+    let id = api.command(agent, ty, params).await;
+    api.wait_done(&id, WITHIN).await
+}
+
+/// `(add, change, destroy, [address action])` of a succeeded plan.
+fn summary(c: &Value) -> (i64, i64, i64, Vec<String>) {
+    assert_eq!(c["status"], "succeeded", "{c}");
+    let r = &c["result"];
+    let resources = r["resources"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{c}"))
+        .iter()
+        .map(|x| {
+            format!(
+                "{} {}",
+                x["address"].as_str().unwrap(),
+                x["action"].as_str().unwrap()
+            )
+        })
+        .collect();
+    (
+        r["add"].as_i64().unwrap(),
+        r["change"].as_i64().unwrap(),
+        r["destroy"].as_i64().unwrap(),
+        resources,
+    )
+}
+
+async fn plan_apply_then_destroy(backend: Backend) {
+    let (dir, cp, api) = control_plane(backend, "tf-plan").await;
+    let repo = template(&dir);
+    let (agent, _a) = start_agent(&api, &cp, &dir, "tf-a").await;
+    let started = std::time::Instant::now();
+
+    let plan = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    assert_eq!(
+        summary(&plan),
+        (1, 0, 0, vec!["null_resource.thing create".to_string()])
+    );
+    let sha = plan["result"]["plan_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{plan}");
+    assert!(!plan.to_string().contains(SECRET), "{plan}");
+    let stages: Vec<_> = plan["stages"]
+        .as_array()
+        .map(|s| s.iter().map(|s| s["name"].clone()).collect())
+        .unwrap_or_default();
+    if !stages.is_empty() {
+        assert_eq!(stages, ["fetch_template", "init", "plan", "show"], "{plan}");
+    }
+
+    // The apply carries the plan's hash (signed with it) and applies that plan.
+    let apply_id = api
+        .command(
+            &agent,
+            "terraform_apply",
+            json!({"plan_command_id": plan["id"]}),
+        )
+        .await;
+    let apply = api.wait_done(&apply_id, WITHIN).await;
+    assert_eq!(apply["status"], "succeeded", "{apply}");
+    assert_eq!(apply["params"]["plan_sha256"], sha, "{apply}");
+    assert!(
+        apply["result"]["outputs"]["thing_id"]["value"].is_string(),
+        "{apply}"
+    );
+    let logs: String = api
+        .all_logs(&apply_id)
+        .await
+        .iter()
+        .filter_map(|l| l["data"].as_str().map(str::to_string))
+        .collect();
+    assert!(logs.contains("1 added"), "{logs}");
+    assert!(!logs.contains(SECRET), "{logs}");
+
+    let again = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    assert_eq!(summary(&again), (0, 0, 0, vec![]));
+
+    let destroy = run(&api, &agent, "terraform_destroy", params(&repo, "one")).await;
+    assert_eq!(destroy["status"], "succeeded", "{destroy}");
+
+    let after = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    assert_eq!(
+        summary(&after),
+        (1, 0, 0, vec!["null_resource.thing create".to_string()])
+    );
+    eprintln!(
+        "plan, apply, plan, destroy, plan in {:?}",
+        started.elapsed()
+    );
+}
+
+async fn a_stale_plan_is_refused(backend: Backend) {
+    let (dir, cp, api) = control_plane(backend, "tf-plan-stale").await;
+    let repo = template(&dir);
+    let (agent, _a) = start_agent(&api, &cp, &dir, "tf-a").await;
+    let (other, _b) = start_agent(&api, &cp, &dir, "tf-b").await;
+    let started = std::time::Instant::now();
+
+    let plan = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    assert_eq!(summary(&plan).0, 1);
+
+    // Only on the agent that keeps the file.
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/commands",
+            Some(json!({"agentId": other, "type": "terraform_apply",
+                        "params": {"plan_command_id": plan["id"]}})),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "plan_invalid", "{body}");
+
+    // The state changes after the plan was made.
+    let plain = run(&api, &agent, "terraform_apply", params(&repo, "two")).await;
+    assert_eq!(plain["status"], "succeeded", "{plain}");
+
+    let stale = run(
+        &api,
+        &agent,
+        "terraform_apply",
+        json!({"plan_command_id": plan["id"]}),
+    )
+    .await;
+    assert_eq!(stale["status"], "failed", "{stale}");
+    assert_eq!(stale["error"]["code"], "plan_stale", "{stale}");
+
+    // A plan is applied at most once, stale or not.
+    let twice = run(
+        &api,
+        &agent,
+        "terraform_apply",
+        json!({"plan_command_id": plan["id"]}),
+    )
+    .await;
+    assert_eq!(twice["status"], "failed", "{twice}");
+    assert_eq!(twice["error"]["code"], "plan_missing", "{twice}");
+
+    // The state is the plain apply's: planning it again changes nothing.
+    let check = run(&api, &agent, "terraform_plan", params(&repo, "two")).await;
+    assert_eq!(summary(&check), (0, 0, 0, vec![]));
+    eprintln!("stale plan test in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_apply_destroy() {
+    plan_apply_then_destroy(trellis_tests::db::Backend::Sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_plan() {
+    a_stale_plan_is_refused(trellis_tests::db::Backend::Sqlite).await
+}
