@@ -7,12 +7,15 @@
 //!   plan after shows 1 to add again.
 //! * A plan made stale by an apply in between is refused (`plan_stale`), and a plan is
 //!   applied at most once (`plan_missing`); a plan is applied only on its own agent.
+//!
+//! Each on SQLite and PostgreSQL.
 
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use trellis_tests::git::GitRepo;
 use trellis_tests::harness::*;
+use trellis_tests::on_both_backends;
 use trellis_tests::terraform::terraform_env;
 
 const MAIN_TF: &str = r#"
@@ -206,15 +209,25 @@ async fn a_stale_plan_is_refused(backend: Backend) {
     // The state is the plain apply's: planning it again changes nothing.
     let check = run(&api, &agent, "terraform_plan", params(&repo, "two")).await;
     assert_eq!(summary(&check), (0, 0, 0, vec![]));
+
+    // The same over an existing state (Terraform's own check applies there too).
+    let plan2 = run(&api, &agent, "terraform_plan", params(&repo, "three")).await;
+    assert_eq!(
+        summary(&plan2),
+        (1, 0, 1, vec!["null_resource.thing replace".to_string()])
+    );
+    let plain = run(&api, &agent, "terraform_apply", params(&repo, "four")).await;
+    assert_eq!(plain["status"], "succeeded", "{plain}");
+    let stale = run(
+        &api,
+        &agent,
+        "terraform_apply",
+        json!({"plan_command_id": plan2["id"]}),
+    )
+    .await;
+    assert_eq!(stale["error"]["code"], "plan_stale", "{stale}");
     eprintln!("stale plan test in {:?}", started.elapsed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plan_apply_destroy() {
-    plan_apply_then_destroy(trellis_tests::db::Backend::Sqlite).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_plan() {
-    a_stale_plan_is_refused(trellis_tests::db::Backend::Sqlite).await
-}
+on_both_backends!(plan_apply_destroy, plan_apply_then_destroy);
+on_both_backends!(stale_plan, a_stale_plan_is_refused);

@@ -174,6 +174,27 @@ impl SavedPlan {
     }
 }
 
+/// Removes the saved plan in `workspace` if it is past [`PLAN_TTL`] (run with the
+/// workspace retention pass, at the start of each Terraform command, for workspaces not
+/// in use), so a plan never applied does not keep its secrets for the whole retention.
+pub fn remove_if_expired(workspace: &Path) {
+    let marker_path = workspace.join(MARKER);
+    let Ok(text) = std::fs::read(&marker_path) else {
+        return;
+    };
+    let marker: Option<Marker> = serde_json::from_slice(&text).ok();
+    if let Some(m) = &marker {
+        if now_secs().saturating_sub(m.saved_at) <= PLAN_TTL.as_secs() {
+            return;
+        }
+        if !m.dir.split('/').any(|c| c == "..") && !m.dir.starts_with('/') {
+            let _ = std::fs::remove_file(workspace.join(&m.dir).join(PLAN_FILE));
+        }
+    }
+    let _ = std::fs::remove_file(&marker_path);
+    tracing::info!(workspace = %workspace.display(), "removed a saved terraform plan older than 24 h");
+}
+
 /// The summary of `terraform show -json <plan>`: addresses and actions only.
 pub fn summary(show: &Value, plan_sha256: String, commit: Option<String>) -> TerraformPlanResult {
     let (mut add, mut change, mut destroy) = (0, 0, 0);
@@ -232,6 +253,31 @@ pub fn summary(show: &Value, plan_sha256: String, commit: Option<String>) -> Ter
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_plan_past_its_ttl_is_removed_and_a_fresh_one_kept() {
+        let ws = std::env::temp_dir().join(format!("tendril-plan-{}", uuid::Uuid::new_v4()));
+        let dir = ws.join("t");
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |saved_at: u64| {
+            std::fs::write(dir.join(PLAN_FILE), b"plan").unwrap();
+            let m = Marker {
+                dir: "t".into(),
+                commit: "c".into(),
+                saved_at,
+                state: None,
+            };
+            std::fs::write(ws.join(MARKER), serde_json::to_vec(&m).unwrap()).unwrap();
+        };
+        write(now_secs() - 60);
+        remove_if_expired(&ws);
+        assert!(dir.join(PLAN_FILE).exists());
+        write(now_secs() - PLAN_TTL.as_secs() - 60);
+        remove_if_expired(&ws);
+        assert!(!dir.join(PLAN_FILE).exists());
+        assert!(!ws.join(MARKER).exists());
+        std::fs::remove_dir_all(&ws).unwrap();
+    }
 
     #[test]
     fn the_summary_has_addresses_and_actions_only() {

@@ -289,6 +289,7 @@ async fn remove_expired(root: &Path, retention: Duration, in_use: InUse) -> usiz
             }
             if age <= retention {
                 scrub_leftover_secrets(&path);
+                super::plan::remove_if_expired(&path);
                 continue;
             }
             match std::fs::remove_dir_all(&path) {
