@@ -15,9 +15,12 @@ need_root() {
     if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
 }
 
+# The version this was written against: later ones may refuse `--profile dev` (3.x warns
+# that it will become an error).
+CARGO_DEB_VERSION=3.8.0
 if ! cargo deb --version >/dev/null 2>&1; then
-    echo "installing cargo-deb (about 2 minutes on 2 cores) ..."
-    cargo install cargo-deb --locked --quiet
+    echo "installing cargo-deb $CARGO_DEB_VERSION (about 2 minutes on 2 cores) ..."
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
 fi
 if ! command -v systemd-analyze >/dev/null 2>&1; then
     echo "installing systemd (for systemd-analyze) ..."

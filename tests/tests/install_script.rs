@@ -58,7 +58,11 @@ async fn install_script_brings_the_agent_online_without_the_token_in_argv() {
     let prefix = dir.join("root");
     let started = StartedAgent(prefix.join("run/tendril.pid"));
 
-    // The one-liner, with the token in the environment as the printed form puts it.
+    // The one-liner, with the token in the environment as the printed form puts it, and
+    // Proxmox settings as flags with the token secret from the environment too (nothing
+    // listens on the Proxmox port: the agent connects to trellis regardless).
+    let pve_secret = format!("pve-secret-{}", uuid::Uuid::new_v4().simple());
+    let fingerprint = ["AB"; 32].join(":");
     let out_path = dir.join("script.out");
     let err_path = dir.join("script.err");
     let t0 = Instant::now();
@@ -66,10 +70,12 @@ async fn install_script_brings_the_agent_online_without_the_token_in_argv() {
         .arg("-c")
         .arg(format!(
             "curl -fsSL {server}/install/tendril.sh | sh -s -- --server {server} \
-             --prefix {} --no-systemd --wait-secs 60",
+             --prefix {} --no-systemd --wait-secs 60 --proxmox-url https://127.0.0.1:9 \
+             --proxmox-token-id 'root@pam!trellis' --proxmox-fingerprint {fingerprint}",
             prefix.display()
         ))
         .env("TENDRIL_TOKEN", &token)
+        .env("PROXMOX_TOKEN_SECRET", &pve_secret)
         .env("TENDRIL_HOSTNAME", "install-test-host")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).expect("out file"))
@@ -94,6 +100,10 @@ async fn install_script_brings_the_agent_online_without_the_token_in_argv() {
         assert!(
             !listing.contains(&token),
             "the agent token is on a command line:\n{listing}"
+        );
+        assert!(
+            !listing.contains(&pve_secret),
+            "the Proxmox token secret is on a command line:\n{listing}"
         );
         samples += 1;
         saw_script |= listing.contains(&prefix_arg);
@@ -139,6 +149,14 @@ async fn install_script_brings_the_agent_online_without_the_token_in_argv() {
     assert_eq!(mode & 0o777, 0o600, "env file mode {mode:o}");
     let env = std::fs::read_to_string(&env_file).expect("read env file");
     assert!(env.contains(&format!("TENDRIL_TOKEN='{token}'")), "{env}");
+    for line in [
+        format!("PROXMOX_TOKEN_SECRET='{pve_secret}'"),
+        "PROXMOX_URL='https://127.0.0.1:9'".to_string(),
+        "PROXMOX_TOKEN_ID='root@pam!trellis'".to_string(),
+        format!("PROXMOX_TLS_FINGERPRINT='{fingerprint}'"),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in:\n{env}");
+    }
     assert!(
         env.contains(&format!("TENDRIL_SERVER_URL='{}'", cp.ws_url())),
         "{env}"
