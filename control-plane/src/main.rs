@@ -316,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Agents { command, db } => {
+            let db_args_key = server_public_key(&db);
             let db = db.open().await?;
             let fail = |e: trellis::domain::DomainError| anyhow::anyhow!("{e}");
             match command {
@@ -338,7 +339,7 @@ async fn main() -> anyhow::Result<()> {
                         "agent id: {}\ntoken:    {token}\n(the token is shown only once)",
                         a.id
                     );
-                    print_install_hint(public_url.as_deref());
+                    print_install_hint(public_url.as_deref(), db_args_key.as_deref());
                     if wait {
                         wait_online(&db, a.id, std::time::Duration::from_secs(wait_secs)).await?;
                     }
@@ -460,16 +461,32 @@ async fn cli_audit(db: &Db, what: CliAction<'_>, err: Option<&trellis::domain::D
     }
 }
 
+/// The control plane's dispatch-signing public key, if this host has it
+/// (`TRELLIS_SIGNING_KEY`, or `<data dir>/signing.key`; never created here): the install
+/// line pins it, so the agent trusts only that key from its first connection.
+fn server_public_key(db: &DbArgs) -> Option<String> {
+    let text = match std::env::var(trellis::signing::SIGNING_KEY_ENV) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => {
+            let dir = trellis::data_dir::resolve(db.data_dir.as_deref(), &db.database_url);
+            std::fs::read_to_string(dir.join(trellis::signing::SIGNING_KEY_FILE)).ok()?
+        }
+    };
+    trellis_protocol::signing::SigningKey::from_base64(&text)
+        .ok()
+        .map(|k| k.public_key_base64())
+}
+
 /// How to install the agent on a host: the one-liner, which asks for the token on the
 /// terminal (so it stays out of shell history and `ps`), and a form for scripts.
-fn print_install_hint(public_url: Option<&str>) {
+fn print_install_hint(public_url: Option<&str>, server_key: Option<&str>) {
     let base = public_url.unwrap_or("https://<trellis address>");
-    let cmd = trellis::api::install::one_liner(base, None);
+    let cmd = trellis::api::install::one_liner(base, server_key);
+    let unattended = cmd.replacen("| sh -s", "| TENDRIL_TOKEN=\"$TENDRIL_TOKEN\" sh -s", 1);
     println!(
         "\nInstall the agent on the Proxmox host (as root; paste the token when asked):\n  \
          {cmd}\nor, unattended (read -rs keeps the token out of shell history):\n  \
-         IFS= read -rs TENDRIL_TOKEN && curl -fsSL {base}/install/tendril.sh | \
-         TENDRIL_TOKEN=\"$TENDRIL_TOKEN\" sh -s -- --server {base}"
+         IFS= read -rs TENDRIL_TOKEN && {unattended}"
     );
     if public_url.is_none() {
         println!("(pass --public-url or set TRELLIS_PUBLIC_URL to fill in the address)");

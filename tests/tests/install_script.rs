@@ -307,10 +307,24 @@ async fn agents_create_wait_prints_the_one_liner_and_waits_for_the_agent() {
             break t.trim().to_string();
         }
     };
-    let one_liner = format!("curl -fsSL {public}/install/tendril.sh | sh -s -- --server {public}");
+    // It pins the control plane's signing key, read from its data dir.
+    let key = trellis_protocol::signing::SigningKey::from_base64(
+        &std::fs::read_to_string(dir.join("signing.key")).unwrap(),
+    )
+    .unwrap()
+    .public_key_base64();
+    let one_liner = format!(
+        "curl -fsSL {public}/install/tendril.sh | sh -s -- --server {public} --server-public-key {key}"
+    );
     while !next(&mut printed).contains("waiting for the agent") {}
     let text = printed.join("\n");
     assert!(text.contains(&one_liner), "{text}");
+    assert!(
+        text.contains(&format!(
+            "sh -s -- --server {public} --server-public-key {key}"
+        )),
+        "the unattended form pins it too: {text}"
+    );
     assert!(
         !text
             .lines()
