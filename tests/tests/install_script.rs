@@ -321,7 +321,7 @@ async fn agents_create_wait_prints_the_one_liner_and_waits_for_the_agent() {
     assert!(text.contains(&one_liner), "{text}");
     assert!(
         text.contains(&format!(
-            "sh -s -- --server {public} --server-public-key {key}"
+            "TENDRIL_TOKEN=\"$TENDRIL_TOKEN\" sh -s -- --server {public} --server-public-key {key}"
         )),
         "the unattended form pins it too: {text}"
     );
