@@ -1480,7 +1480,7 @@ async fn inventory_is_taken_and_not_acked() {
     let (mut ws, welcome) = hello(&cp, &token, json!({})).await;
     assert_eq!(
         welcome["features"],
-        json!(["inventory", "signed_dispatch"]),
+        json!(["inventory", "signed_dispatch", "terraform_state"]),
         "{welcome}"
     );
     assert!(
