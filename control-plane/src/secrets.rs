@@ -177,33 +177,8 @@ impl Secrets {
 
     /// Opens what [`Secrets::seal_blob`] sealed with the same `aad`.
     pub fn open_blob(&self, aad: &str, sealed: &str) -> Result<Vec<u8>, SecretError> {
-        let corrupt = |reason| SecretError::Corrupt {
-            var: format!("terraform state of {aad}"),
-            reason,
-        };
-        let mut parts = sealed.splitn(3, ':');
-        let (Some(VERSION), Some(kid), Some(data)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(corrupt("unknown format"));
-        };
-        if kid != &*self.id {
-            return Err(SecretError::WrongKey {
-                var: format!("terraform state of {aad}"),
-                stored: kid.to_string(),
-                current: self.id.to_string(),
-            });
-        }
-        let mut raw = B64.decode(data).map_err(|_| corrupt("not base64"))?;
-        if raw.len() < NONCE_LEN {
-            return Err(corrupt("too short"));
-        }
-        let mut ct = raw.split_off(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(blob_aad(aad)), &mut ct)
-            .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
-        Ok(plain.to_vec())
+        let what = format!("terraform state of {aad}");
+        self.open_stored(&what, &blob_aad(aad), sealed, ':', &B64)
     }
 
     /// The Terraform state credential of `command` for `workspace`: HMAC-SHA256 over both
@@ -238,30 +213,12 @@ impl Secrets {
     }
 
     fn open_url_part(&self, sealed: &str) -> Result<String, SecretError> {
-        let corrupt = |reason| SecretError::Corrupt {
-            var: "URL credentials".into(),
-            reason,
-        };
-        let rest = &sealed[URL_MARK.len()..];
-        let (kid, data) = rest.split_once('.').ok_or(corrupt("unknown format"))?;
-        if kid != &*self.id {
-            return Err(SecretError::WrongKey {
-                var: "URL credentials".into(),
-                stored: kid.to_string(),
-                current: self.id.to_string(),
-            });
-        }
-        let mut raw = B64URL.decode(data).map_err(|_| corrupt("not base64"))?;
-        if raw.len() < NONCE_LEN {
-            return Err(corrupt("too short"));
-        }
-        let mut ct = raw.split_off(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
-        let plain = self
-            .key
-            .open_in_place(nonce, Aad::from(URL_AAD), &mut ct)
-            .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
-        String::from_utf8(plain.to_vec()).map_err(|_| corrupt("not UTF-8"))
+        const WHAT: &str = "URL credentials";
+        let plain = self.open_stored(WHAT, URL_AAD, &sealed[URL_MARK.len()..], '.', &B64URL)?;
+        String::from_utf8(plain).map_err(|_| SecretError::Corrupt {
+            var: WHAT.into(),
+            reason: "not UTF-8",
+        })
     }
 
     /// `s` with the credential of every `scheme://userinfo@host` in it sealed (`None`
@@ -348,23 +305,47 @@ impl Secrets {
     }
 
     fn open_value(&self, var: &str, s: &str) -> Result<Value, SecretError> {
-        let corrupt = |reason| SecretError::Corrupt {
+        let plain = self.open_stored(var, var.as_bytes(), s, ':', &B64)?;
+        serde_json::from_slice(&plain).map_err(|_| SecretError::Corrupt {
             var: var.to_string(),
+            reason: "not JSON",
+        })
+    }
+
+    /// Opens `<version>:<key id>:<base64 nonce|ciphertext>` (`sep` between the parts, the
+    /// version omitted when `sep` is `.`: the URL form after its mark) sealed with `aad`;
+    /// `what` names it in errors. The inverse of [`Secrets::seal_bytes`] and the text
+    /// forms around it.
+    fn open_stored(
+        &self,
+        what: &str,
+        aad: &[u8],
+        sealed: &str,
+        sep: char,
+        b64: &base64::engine::GeneralPurpose,
+    ) -> Result<Vec<u8>, SecretError> {
+        let corrupt = |reason| SecretError::Corrupt {
+            var: what.to_string(),
             reason,
         };
-        let mut parts = s.splitn(3, ':');
-        let (Some(VERSION), Some(kid), Some(data)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(corrupt("unknown format"));
+        let (kid, data) = if sep == ':' {
+            let mut parts = sealed.splitn(3, ':');
+            let (Some(VERSION), Some(kid), Some(data)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(corrupt("unknown format"));
+            };
+            (kid, data)
+        } else {
+            sealed.split_once(sep).ok_or(corrupt("unknown format"))?
         };
         if kid != &*self.id {
             return Err(SecretError::WrongKey {
-                var: var.to_string(),
+                var: what.to_string(),
                 stored: kid.to_string(),
                 current: self.id.to_string(),
             });
         }
-        let mut raw = B64.decode(data).map_err(|_| corrupt("not base64"))?;
+        let mut raw = b64.decode(data).map_err(|_| corrupt("not base64"))?;
         if raw.len() < NONCE_LEN {
             return Err(corrupt("too short"));
         }
@@ -372,9 +353,9 @@ impl Secrets {
         let nonce = Nonce::try_assume_unique_for_key(&raw).map_err(|_| corrupt("bad nonce"))?;
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(var.as_bytes()), &mut ct)
+            .open_in_place(nonce, Aad::from(aad), &mut ct)
             .map_err(|_| corrupt("authentication failed (tampered, or another key)"))?;
-        serde_json::from_slice(plain).map_err(|_| corrupt("not JSON"))
+        Ok(plain.to_vec())
     }
 
     /// `params` of a command of type `ty` as stored: every sensitive Terraform variable's
