@@ -115,6 +115,17 @@ enum Cmd {
         #[arg(long, env = "TRELLIS_HEARTBEAT_TIMEOUT_SECS", default_value_t = trellis_protocol::HEARTBEAT_TIMEOUT_SECS,
               value_parser = clap::value_parser!(u64).range(3..=3600))]
         heartbeat_timeout_secs: u64,
+        /// This replica's name among several on one PostgreSQL (shown in
+        /// `GET /api/cluster/replicas` and on agents). Default: the host name and a
+        /// random suffix.
+        #[arg(long, env = "TRELLIS_REPLICA_NAME")]
+        replica_name: Option<String>,
+        /// On SIGTERM, seconds over which this replica's agents are moved to the other
+        /// replicas a few at a time (`/readyz` fails and new agent sessions are refused
+        /// meanwhile). Without another live replica, sessions close at once.
+        #[arg(long, env = "TRELLIS_DRAIN_SECS", default_value_t = 10,
+              value_parser = clap::value_parser!(u64).range(0..=600))]
+        drain_secs: u64,
         /// Seconds between the VM inventory reports agents send (drift shows within one).
         #[arg(long, env = "TRELLIS_INVENTORY_INTERVAL_SECS", default_value_t = 30,
               value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -224,6 +235,8 @@ async fn main() -> anyhow::Result<()> {
             max_connections,
             header_read_timeout_secs,
             agent_binary,
+            replica_name,
+            drain_secs,
         } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
@@ -268,6 +281,8 @@ async fn main() -> anyhow::Result<()> {
                         ),
                     },
                     agent_binary,
+                    replica_name,
+                    drain: std::time::Duration::from_secs(drain_secs),
                 },
                 shutdown,
             )

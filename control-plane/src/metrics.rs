@@ -60,6 +60,7 @@ struct AgentLabels {
 pub struct Metrics {
     registry: Registry,
     agents_online: Gauge,
+    leader: Gauge,
     dispatch_latency: Histogram,
     batch_latency: Histogram,
     events_stored: Counter,
@@ -82,6 +83,12 @@ impl Default for Metrics {
             "agents_online",
             "Agents connected to this replica",
             agents_online.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "housekeeping_leader",
+            "1 while this replica runs the cluster-wide housekeeping",
+            leader.clone(),
         );
         let dispatch_latency = fast();
         registry.register(
@@ -142,6 +149,7 @@ impl Default for Metrics {
         Self {
             registry,
             agents_online,
+            leader,
             dispatch_latency,
             batch_latency,
             events_stored,
@@ -163,6 +171,10 @@ fn secs(ms: i64) -> f64 {
 impl Metrics {
     pub fn set_online(&self, n: usize) {
         self.agents_online.set(n as i64);
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
     }
 
     pub fn observe_dispatch(&self, took: Duration) {

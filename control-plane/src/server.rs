@@ -10,8 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, AppState};
 use crate::broker::fanout::Fanout;
-use crate::broker::{reaper, Broker};
-use crate::db::Db;
+use crate::broker::{cluster, cluster::Replica, reaper, Broker};
+use crate::db::{Backend, Db};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Default)]
@@ -45,6 +45,12 @@ pub struct ServeConfig {
     /// The tendril binary served at `/install/tendril` (`None`: a `tendril` file beside
     /// the trellis executable).
     pub agent_binary: Option<PathBuf>,
+    /// This replica's name among several (`--replica-name`; default: host name and a
+    /// random suffix).
+    pub replica_name: Option<String>,
+    /// On stop, how long agents are moved to the other replicas, a few at a time
+    /// (`--drain-secs`; only when another replica is alive).
+    pub drain: Duration,
 }
 
 /// Resolves the admin token hash: the configured token, else the stored hash, else a new
@@ -107,7 +113,22 @@ impl App {
     /// Connects the database, seeds it, and starts the broker and the reaper.
     pub async fn start(config: &ServeConfig, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let db = Db::connect(&config.database_url).await?;
-        db.mark_all_offline().await?;
+        let replica = Arc::new(Replica::new(
+            config.replica_name.clone(),
+            db.backend == Backend::Sqlite,
+        ));
+        crate::db::notify::set_origin(&replica.id);
+        db.register_replica(&replica.row()).await?;
+        match db.backend {
+            // The one replica: no session of this process exists yet.
+            Backend::Sqlite => db.mark_all_offline().await?,
+            // Other replicas hold sessions: only those of dead replicas go offline.
+            Backend::Postgres => {
+                db.sweep_dead_replicas(crate::time::now_ms() - cluster::LEASE.as_millis() as i64)
+                    .await?;
+            }
+        }
+        tracing::info!(replica = %replica.name, id = %replica.id, "replica registered");
         crate::domain::templates::seed(&db)
             .await
             .map_err(|e| anyhow::anyhow!("cannot seed templates: {e}"))?;
@@ -183,6 +204,7 @@ impl App {
                 retention: (config.retention_days > 0)
                     .then(|| Duration::from_secs(config.retention_days.saturating_mul(86_400))),
             },
+            replica,
             &tasks,
         );
         tasks.spawn(reaper::run(broker.clone()));
@@ -253,6 +275,10 @@ impl App {
         }
         broker.stop_writer().await;
         let db = state.db.clone();
+        // A clean stop: the others need not wait for this replica's lease to run out.
+        if let Err(e) = db.remove_replica(&broker.replica.id).await {
+            tracing::warn!(error = %e, "cannot remove this replica's row");
+        }
         drop(broker);
         drop(state);
         let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
@@ -274,7 +300,24 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = App::start(&config, shutdown.child_token()).await?;
+    // `shutdown` asks to stop; the replica drains first (not ready, agents moved away a
+    // few at a time), then `stop` ends the HTTP server and every task.
+    let stop = CancellationToken::new();
+    let app = App::start(&config, stop.child_token()).await?;
+    {
+        let broker = app.state.broker.clone();
+        let stop = stop.clone();
+        let drain = config.drain;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = stop.cancelled() => return,
+            }
+            cluster::drain(&broker, drain).await;
+            stop.cancel();
+        });
+    }
+    let shutdown = stop;
     let router = app.router.clone();
     let addr = listener.local_addr()?;
     let limits = config.http_limits;

@@ -117,6 +117,15 @@ pub async fn connect(
     let Some(token) = crate::auth::bearer(headers.get("authorization")) else {
         return AppError::Unauthorized("missing agent token".into()).into_response();
     };
+    // A draining replica takes no new sessions: the agent retries, and the load balancer
+    // (which sees `/readyz` fail) sends it to another replica.
+    if s.broker.replica.is_draining() {
+        return AppError::Unavailable(
+            "draining",
+            "this replica is stopping; connect to another".into(),
+        )
+        .into_response();
+    }
     let agent = match s.db.agent_by_token_hash(&crate::auth::hash(token)).await {
         Ok(Some((agent, stored))) if crate::auth::verify(token, &stored) => agent,
         Ok(_) => {

@@ -7,6 +7,7 @@ pub mod admins;
 pub mod agents;
 pub mod audit;
 pub mod auth;
+pub mod cluster;
 pub mod commands;
 pub mod install;
 pub mod node_batches;
@@ -61,6 +62,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/api/agents", get(agents::list).post(agents::create))
+        .route("/api/cluster/replicas", get(cluster::replicas))
         .route(
             "/api/agents/{id}",
             get(agents::get)
@@ -170,8 +172,15 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Readiness: the database answers within 2 s (`READY_TIMEOUT`).
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses((status = 200, description = "Ready", body = String, content_type = "text/plain"),
-        (status = 503, description = "The database does not answer", body = types::ErrorBody)))]
+        (status = 503, description = "The database does not answer, or this replica is draining", body = types::ErrorBody)))]
 pub async fn readyz(State(s): State<AppState>) -> Result<&'static str, AppError> {
+    // A draining replica tells the load balancer to send agents and users elsewhere.
+    if s.broker.replica.is_draining() {
+        return Err(AppError::Unavailable(
+            "draining",
+            "this replica is stopping; its agents are moving to the other replicas".into(),
+        ));
+    }
     match tokio::time::timeout(READY_TIMEOUT, s.db.ping()).await {
         Ok(Ok(())) => Ok("ready"),
         Ok(Err(e)) => match AppError::from(e) {
@@ -228,6 +237,9 @@ pub enum AppError {
     Upstream(&'static str, String),
     #[error("{0}")]
     Timeout(String),
+    /// 503 with its own code (`draining`): this replica cannot serve it now, another can.
+    #[error("{1}")]
+    Unavailable(&'static str, String),
     /// The database is unreachable or cannot grow (503 `database_unavailable`, 507
     /// `database_full`): the request may work later, and the client should know it is not
     /// its fault. The cause is logged where the error is made.
@@ -285,6 +297,7 @@ impl IntoResponse for AppError {
             Self::Conflict(c, _) => (StatusCode::CONFLICT, *c),
             Self::Upstream(c, _) => (StatusCode::BAD_GATEWAY, *c),
             Self::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "agent_timeout"),
+            Self::Unavailable(c, _) => (StatusCode::SERVICE_UNAVAILABLE, *c),
             Self::Storage(StorageTrouble::Full, _) => {
                 (StatusCode::INSUFFICIENT_STORAGE, "database_full")
             }

@@ -23,7 +23,7 @@ use super::{
     paths(
         agents::list, agents::create, agents::get, agents::update, agents::revoke, agents::rotate,
         agents::templates,
-        agents::vms, super::install::agent_self,
+        agents::vms, super::install::agent_self, super::cluster::replicas,
         commands::list, commands::create, commands::get, commands::logs, commands::events,
         commands::cancel, commands::retry, commands::pin, commands::unpin,
         templates::list, templates::create, templates::get, templates::update, templates::delete,
@@ -47,6 +47,7 @@ use super::{
         (name = "audit", description = "Who did what, when, with what outcome"),
         (name = "session", description = "Browser sign-in: an admin token exchanged for an HttpOnly session cookie"),
         (name = "terraform", description = "Terraform state kept for terraform_apply (Terraform's http backend; LOCK and UNLOCK are in docs/api.md)"),
+        (name = "cluster", description = "The replicas of the control plane on one PostgreSQL"),
         (name = "health", description = "Liveness, readiness and metrics (no auth)"),
     )
 )]

@@ -46,6 +46,10 @@ pub struct Agent {
     pub facts: Value,
     pub max_concurrency: i64,
     pub created_at: String,
+    /// The replica holding the agent's session (the last one, while it lives): its name.
+    pub replica: Option<String>,
+    /// That replica's id (`GET /api/cluster/replicas`).
+    pub replica_id: Option<String>,
 }
 
 impl From<&AgentRow> for Agent {
@@ -62,8 +66,37 @@ impl From<&AgentRow> for Agent {
             facts: a.facts.clone(),
             max_concurrency: a.max_concurrency,
             created_at: rfc3339(a.created_at),
+            replica: a.replica.as_ref().map(|(_, name)| name.clone()),
+            replica_id: a.replica.as_ref().map(|(id, _)| id.clone()),
         }
     }
+}
+
+/// One running replica of the control plane (several share one PostgreSQL).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Replica {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    pub version: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// When it last renewed its lease (every 2 s; dead after 10 s without).
+    pub heartbeat_at: String,
+    /// Stopping: not ready, takes no new agent sessions.
+    pub draining: bool,
+    /// Runs the cluster-wide housekeeping (deadlines, retention, stale agents).
+    pub leader: bool,
+    /// Agents whose session it holds.
+    pub agents_online: i64,
+    /// Whether this is the replica that answered.
+    pub this: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaList {
+    pub items: Vec<Replica>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -129,6 +129,15 @@ impl Fanout {
         }
     }
 
+    /// Publishes to every open channel (after notes from other replicas may have been
+    /// lost: every subscriber re-reads).
+    pub fn publish_all(&self, msg: Published) {
+        let map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in map.values() {
+            let _ = tx.send(msg.clone());
+        }
+    }
+
     /// Drops channels nobody listens to any more.
     pub fn sweep(&self) {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());

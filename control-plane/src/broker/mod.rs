@@ -3,6 +3,7 @@
 //! listens to which command); command state lives in the database, written through `db`.
 //! The broker depends on `db` and `model`, never on `domain` or `api`.
 
+pub mod cluster;
 pub mod dispatcher;
 pub mod fanout;
 pub mod inserter;
@@ -92,6 +93,8 @@ pub struct Broker {
     /// The database's signing key: it signs `cancel` frames here (commands are signed when
     /// stored) and `welcome` advertises its public key.
     pub signing: Arc<trellis_protocol::signing::SigningKey>,
+    /// This replica (its id is the origin of the notes it sends).
+    pub replica: Arc<cluster::Replica>,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
     writer: mpsc::Sender<writer::WriteOp>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
@@ -109,6 +112,7 @@ impl Broker {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
         timing: Timing,
+        replica: Arc<cluster::Replica>,
         tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(8192);
@@ -127,12 +131,15 @@ impl Broker {
                 .unwrap_or(i64::MAX),
             retention: timing.retention,
             signing,
+            replica,
             sessions: Mutex::new(HashMap::new()),
             writer: tx,
             inserter: itx,
             dispatcher: dtx,
         });
         tasks.spawn(dispatcher::run(broker.clone(), drx));
+        tasks.spawn(cluster::listen(broker.clone()));
+        tasks.spawn(cluster::lease(broker.clone()));
         let writer = tasks.spawn(writer::run(broker.clone(), rx));
         (broker, writer)
     }
@@ -291,10 +298,20 @@ impl Broker {
     /// primary-key read for all sessions of this process; the reaper calls it once per
     /// heartbeat interval.
     pub async fn check_credentials(&self) -> DbResult<usize> {
+        let ids: Vec<AgentId> = {
+            let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            map.keys().copied().collect()
+        };
+        self.check_credentials_of(&ids).await
+    }
+
+    /// [`Broker::check_credentials`] for these agents' sessions only.
+    async fn check_credentials_of(&self, agents: &[AgentId]) -> DbResult<usize> {
         let live: HashMap<AgentId, i64> = {
             let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            map.iter()
-                .map(|(id, h)| (*id, h.credential_version))
+            agents
+                .iter()
+                .filter_map(|id| map.get(id).map(|h| (*id, h.credential_version)))
                 .collect()
         };
         if live.is_empty() {
@@ -315,6 +332,44 @@ impl Broker {
             }
         }
         Ok(closed)
+    }
+
+    /// `(agent, epoch)` of every session of this replica.
+    pub fn local_sessions(&self) -> Vec<(AgentId, i64)> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(id, h)| (*id, h.epoch)).collect()
+    }
+
+    /// Sends to the agent's session only if it is still the one with `epoch`.
+    fn send_if_epoch(&self, agent_id: AgentId, epoch: i64, msg: ToSession) -> bool {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&agent_id)
+            .filter(|h| h.epoch == epoch)
+            .is_some_and(|h| h.tx.send(msg).is_ok())
+    }
+
+    /// The agent connected again with `epoch` (on another replica): a session of it here
+    /// with an older epoch is closed as superseded.
+    pub fn supersede_older(&self, agent_id: AgentId, epoch: i64) {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(&agent_id).filter(|h| h.epoch < epoch) {
+            let _ = h.tx.send(ToSession::Superseded(
+                "replaced by a newer connection of the same agent on another replica".into(),
+            ));
+        }
+    }
+
+    /// The agent's row changed elsewhere (rotate, revoke, limit): a session of it here
+    /// re-reads it: closed when its credentials moved on, else it follows the new limit.
+    pub async fn refresh_agent(&self, agent_id: AgentId) {
+        if let Err(e) = self.check_credentials_of(&[agent_id]).await {
+            tracing::warn!(%agent_id, error = %e, "credential check failed");
+        }
+        match self.db.get_agent(agent_id).await {
+            Ok(a) => self.set_max_concurrency(agent_id, a.max_concurrency),
+            Err(crate::db::DbError::NotFound) => {}
+            Err(e) => tracing::warn!(%agent_id, error = %e, "cannot re-read the agent"),
+        }
     }
 
     /// Closes every session (shutdown): close 1001, and the agents reconnect later.

@@ -1,4 +1,5 @@
-//! Periodic housekeeping: deadlines → `timed_out` + cancel on the agent, re-sending
+//! Periodic housekeeping (the cluster-wide parts only on the housekeeping leader, see
+//! `cluster`): deadlines → `timed_out` + cancel on the agent, re-sending
 //! dispatches an agent has not accepted, flushing heartbeats, dropping idle fan-out
 //! channels, repairing nodes left `provisioning` by a command that ended or was never
 //! stored, closing sessions whose credentials changed (once per heartbeat interval), and
@@ -56,15 +57,20 @@ pub async fn run(broker: Arc<Broker>) {
             _ = tick.tick() => {}
         }
         n = n.wrapping_add(1);
-        if let Err(e) = expire(&broker).await {
-            tracing::warn!(error = %e, "deadline sweep failed");
+        // Cluster-wide work runs on one replica, the housekeeping leader (see `cluster`);
+        // what concerns this replica's own sessions runs on each.
+        let leader = broker.replica.is_leader();
+        if leader {
+            if let Err(e) = expire(&broker).await {
+                tracing::warn!(error = %e, "deadline sweep failed");
+            }
         }
         if n.is_multiple_of(credential_every) {
             if let Err(e) = broker.check_credentials().await {
                 tracing::warn!(error = %e, "credential check failed");
             }
         }
-        if n.is_multiple_of(RETENTION_EVERY) {
+        if leader && n.is_multiple_of(RETENTION_EVERY) {
             match retention_pass(&broker).await {
                 Ok(p) if p.commands == 0 => {}
                 Ok(p) => tracing::info!(
@@ -81,19 +87,23 @@ pub async fn run(broker: Arc<Broker>) {
                 tracing::warn!(error = %e, "heartbeat flush failed");
             }
             broker.fanout.sweep();
-            let stale = now_ms() - 2 * broker.heartbeat_timeout.as_millis() as i64;
-            match broker.db.expire_stale_agents(stale).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(agents = n, "marked agents with stale heartbeats offline"),
-                Err(e) => tracing::warn!(error = %e, "stale agent sweep failed"),
-            }
             if let Err(e) = redispatch(&broker).await {
                 tracing::warn!(error = %e, "re-dispatch sweep failed");
             }
-            match broker.db.repair_stuck_nodes().await {
-                Ok(nodes) if nodes.is_empty() => {}
-                Ok(nodes) => tracing::warn!(?nodes, "repaired nodes left provisioning"),
-                Err(e) => tracing::warn!(error = %e, "node repair sweep failed"),
+            if leader {
+                let stale = now_ms() - 2 * broker.heartbeat_timeout.as_millis() as i64;
+                match broker.db.expire_stale_agents(stale).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(agents = n, "marked agents with stale heartbeats offline")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "stale agent sweep failed"),
+                }
+                match broker.db.repair_stuck_nodes().await {
+                    Ok(nodes) if nodes.is_empty() => {}
+                    Ok(nodes) => tracing::warn!(?nodes, "repaired nodes left provisioning"),
+                    Err(e) => tracing::warn!(error = %e, "node repair sweep failed"),
+                }
             }
         }
     }

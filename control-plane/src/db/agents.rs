@@ -5,6 +5,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 use trellis_protocol::{CommandError, CommandType};
 
+use super::notify::{notify, Note};
 use super::sql::{error_json, id, is_unique_violation, json_col, string_list, TERMINAL_SQL};
 use super::{Db, DbError, DbResult};
 use crate::model::{AgentId, AgentStatus};
@@ -27,10 +28,13 @@ pub struct AgentRow {
     pub created_at: i64,
     /// Moves on with every token rotation and revocation (see `credential_versions`).
     pub credential_version: i64,
+    /// The replica holding its current session: `(id, name)` (while that replica lives).
+    pub replica: Option<(String, String)>,
 }
 
 const COLS: &str = "id, name, status, last_heartbeat, connected_at, version, hostname, \
-    capabilities, facts, max_concurrency, session_epoch, revoked_at, created_at, credential_version";
+    capabilities, facts, max_concurrency, session_epoch, revoked_at, created_at, credential_version, \
+    session_replica, (SELECT r.name FROM replicas r WHERE r.id = agents.session_replica) AS replica_name";
 
 impl AgentRow {
     fn from_row(r: &AnyRow) -> DbResult<Self> {
@@ -51,6 +55,13 @@ impl AgentRow {
             revoked_at: r.try_get("revoked_at")?,
             created_at: r.try_get("created_at")?,
             credential_version: r.try_get("credential_version")?,
+            replica: match (
+                r.try_get::<Option<String>, _>("session_replica")?,
+                r.try_get::<Option<String>, _>("replica_name")?,
+            ) {
+                (Some(id), Some(name)) => Some((id, name)),
+                _ => None,
+            },
         })
     }
 
@@ -138,33 +149,41 @@ impl Db {
     }
 
     pub async fn set_max_concurrency(&self, agent: AgentId, max: i64) -> DbResult<()> {
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE agents SET max_concurrency = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(max)
         .bind(agent.to_string())
-        .execute(self.writer())
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if n == 0 {
             return Err(DbError::NotFound);
         }
+        // The replica holding its session follows at once.
+        notify(&mut tx, &[Note::Agent(agent)]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     pub async fn rotate_token(&self, agent: AgentId, hash: &str) -> DbResult<()> {
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE agents SET token_hash = $1, credential_version = credential_version + 1 \
                 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(hash)
         .bind(agent.to_string())
-        .execute(self.writer())
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if n == 0 {
             return Err(DbError::NotFound);
         }
+        // The replica holding its session closes it at once (the old token is dead).
+        notify(&mut tx, &[Note::Agent(agent)]).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -210,6 +229,12 @@ impl Db {
             )
             .await?;
         }
+        // The replica holding its session closes it; stream watchers re-read.
+        let mut notes = vec![Note::Agent(agent)];
+        for r in &cancelled {
+            notes.push(Note::Changed(id(r, "id")?));
+        }
+        notify(&mut tx, &notes).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -227,10 +252,11 @@ impl Db {
             .filter(|c| **c != CommandType::Unknown)
             .map(|c| c.as_str())
             .collect();
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "UPDATE agents SET session_epoch = session_epoch + 1, status = $7, connected_at = $1, \
-             last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5 \
-             WHERE id = $6 AND revoked_at IS NULL RETURNING session_epoch",
+             last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5, \
+             session_replica = $8 WHERE id = $6 AND revoked_at IS NULL RETURNING session_epoch",
         )
         .bind(now)
         .bind(&hello.agent_version)
@@ -239,10 +265,15 @@ impl Db {
         .bind(hello.facts.to_string())
         .bind(agent.to_string())
         .bind(AgentStatus::Online.as_str())
-        .fetch_optional(self.writer())
+        .bind(super::notify::origin())
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(DbError::NotFound)?;
-        Ok(row.try_get(0)?)
+        let epoch: i64 = row.try_get(0)?;
+        // A session of this agent on another replica is older: that replica closes it.
+        notify(&mut tx, &[Note::Session(agent, epoch)]).await?;
+        tx.commit().await?;
+        Ok(epoch)
     }
 
     /// Marks the agent offline, unless a newer session (epoch) has taken over.

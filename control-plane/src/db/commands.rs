@@ -4,9 +4,10 @@
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use trellis_protocol::{CommandError, CommandType};
+use trellis_protocol::{CancelReason, CommandError, CommandType};
 
 use super::nodes::fail_node_of;
+use super::notify::Note;
 use super::sql::{
     command_status, error_json, flag, id, is_unique_violation, json_col, multi_row_insert, opt_id,
 };
@@ -271,7 +272,12 @@ pub(super) async fn insert_commands_on(
         }
         q.execute(&mut *conn).await?;
     }
-    Ok(())
+    // The replica holding each agent's session claims them once this commits.
+    let mut agents: Vec<AgentId> = cmds.iter().map(|c| c.agent_id).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    let notes: Vec<Note> = agents.into_iter().map(Note::Wake).collect();
+    super::notify::notify(conn, &notes).await
 }
 
 /// The deadline sweep. `status IN (…)` repeats the predicate of the partial index
@@ -429,16 +435,19 @@ impl Db {
         let now = now_ms();
         let err = error_json(&CommandError::new("cancelled", "cancelled by request"));
         let mut tx = self.begin_write().await?;
-        let n = sqlx::query(
-            "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 WHERE id = $3 AND status = 'queued'",
+        let ended = sqlx::query(
+            "UPDATE commands SET status = 'cancelled', finished_at = $1, error = $2 WHERE id = $3 AND status = 'queued' \
+             RETURNING agent_id",
         )
         .bind(now)
         .bind(&err)
         .bind(command.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let outcome = if n > 0 {
+        .fetch_optional(&mut *tx)
+        .await?;
+        let outcome = if let Some(r) = ended {
+            // A slot is not freed (it was queued), but its stream watchers must hear.
+            let agent: AgentId = id(&r, "agent_id")?;
+            super::notify::notify(&mut tx, &[Note::Changed(command), Note::Wake(agent)]).await?;
             fail_node_of(
                 &mut tx,
                 command,
@@ -448,14 +457,24 @@ impl Db {
             .await?;
             CancelOutcome::Cancelled
         } else {
-            let n = sqlx::query(
-                "UPDATE commands SET cancel_requested = 1 WHERE id = $1 AND status IN ('dispatched', 'running')",
+            let requested = sqlx::query(
+                "UPDATE commands SET cancel_requested = 1 WHERE id = $1 AND status IN ('dispatched', 'running') \
+                 RETURNING agent_id",
             )
             .bind(command.to_string())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if n > 0 {
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = requested {
+                // The replica holding the agent's session tells it.
+                let agent: AgentId = id(&r, "agent_id")?;
+                super::notify::notify(
+                    &mut tx,
+                    &[
+                        Note::Cancel(agent, command, CancelReason::Cancelled),
+                        Note::Changed(command),
+                    ],
+                )
+                .await?;
                 CancelOutcome::Requested
             } else {
                 CancelOutcome::AlreadyFinished
@@ -496,6 +515,17 @@ impl Db {
             .await?;
             out.push((command, id(r, "agent_id")?, dispatched.is_some()));
         }
+        // Whichever replica holds each agent's session cancels it there.
+        let mut notes = Vec::with_capacity(out.len() * 2);
+        for &(command, agent, dispatched) in &out {
+            notes.push(Note::Changed(command));
+            notes.push(if dispatched {
+                Note::Cancel(agent, command, CancelReason::TimedOut)
+            } else {
+                Note::Wake(agent)
+            });
+        }
+        super::notify::notify(&mut tx, &notes).await?;
         tx.commit().await?;
         Ok(out)
     }

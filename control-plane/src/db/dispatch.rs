@@ -136,6 +136,12 @@ impl Db {
                 .collect::<DbResult<Vec<_>>>()?;
             out.push((agent_id, rows));
         }
+        // Stream watchers on other replicas see `dispatched` now, not at the next event.
+        let notes: Vec<super::notify::Note> = out
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().map(|r| super::notify::Note::Changed(r.id)))
+            .collect();
+        super::notify::notify(&mut tx, &notes).await?;
         tx.commit().await?;
         Ok(out)
     }

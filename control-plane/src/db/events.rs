@@ -387,6 +387,19 @@ impl Db {
             }
             done.acks.insert(command, prefix);
         }
+        // Stream subscribers on other replicas re-read these commands once this commits.
+        let mut notes: Vec<super::notify::Note> = updates
+            .keys()
+            .map(|id| super::notify::Note::Changed(CommandId(*id)))
+            .collect();
+        notes.extend(
+            batch
+                .accepts
+                .iter()
+                .filter(|(_, c)| !updates.contains_key(&c.0))
+                .map(|(_, c)| super::notify::Note::Changed(*c)),
+        );
+        super::notify::notify(&mut tx, &notes).await?;
         tx.commit().await?;
         Ok(done)
     }

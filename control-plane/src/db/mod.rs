@@ -19,6 +19,8 @@ mod inventory;
 mod node_batches;
 mod node_import;
 mod nodes;
+pub mod notify;
+mod replicas;
 mod secrets;
 mod settings;
 mod signatures;
@@ -39,6 +41,7 @@ pub use inventory::{AgentVmRow, InventoryApplied};
 pub use node_batches::{BatchNode, NodeProgress};
 pub use node_import::NodeImport;
 pub use nodes::{NewNode, NodeCommandStart, NodeRow, NodeUpdate, ProvisionStart};
+pub use replicas::ReplicaRow;
 pub use signatures::Signed;
 pub use templates::{TemplateFields, TemplateRow};
 pub use terraform_state::{
@@ -100,6 +103,9 @@ pub struct Db {
     secrets: crate::secrets::Secrets,
     /// Signs every command as it is stored (see `commands.signature`).
     signing: std::sync::Arc<trellis_protocol::signing::SigningKey>,
+    /// The PostgreSQL URL, for the notification listener and the leader lock's own
+    /// connections (`None` on SQLite).
+    pg_url: Option<std::sync::Arc<str>>,
 }
 
 impl Db {
@@ -157,7 +163,7 @@ impl Db {
             }
             Backend::Postgres => {
                 let pool = opts()
-                    .max_connections(16)
+                    .max_connections(pg_pool_size())
                     .connect(&url)
                     .await
                     .map_err(open)?;
@@ -170,6 +176,7 @@ impl Db {
             writer,
             backend,
             memory,
+            pg_url: (backend == Backend::Postgres).then(|| url.as_str().into()),
             // The server sets its persistent key with `with_secrets`.
             secrets: crate::secrets::Secrets::ephemeral(),
             // The server sets its persistent key with `with_signing`.
@@ -179,6 +186,11 @@ impl Db {
                     .0,
             ),
         })
+    }
+
+    /// The PostgreSQL URL (`None` on SQLite).
+    pub fn pg_url(&self) -> Option<&str> {
+        self.pg_url.as_deref()
     }
 
     /// This database with `signing` as the key commands are signed with when stored.
@@ -248,6 +260,17 @@ impl Db {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Connections per replica to PostgreSQL: `TRELLIS_DB_MAX_CONNECTIONS` (default 16). Each
+/// replica also holds one for notifications and one for the housekeeping lock, so the
+/// server's `max_connections` must cover `replicas × (this + 2)` plus the CLI and admins.
+fn pg_pool_size() -> u32 {
+    std::env::var("TRELLIS_DB_MAX_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n >= 2)
+        .unwrap_or(16)
 }
 
 /// `TRELLIS_SQLITE_SYNCHRONOUS`: `FULL` (default) fsyncs every commit, so what was

@@ -176,6 +176,8 @@ impl Db {
     /// starting together seed once.
     pub async fn seed_templates(&self, defaults: &[TemplateFields]) -> DbResult<bool> {
         let mut tx = self.begin_write().await?;
+        // Under READ COMMITTED two replicas would both count zero: one seeds at a time.
+        Db::seed_lock(&mut tx).await?;
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM templates")
             .fetch_one(&mut *tx)
             .await?

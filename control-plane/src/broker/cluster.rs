@@ -1,0 +1,353 @@
+//! Several replicas on one PostgreSQL, with the database as the only coordinator.
+//!
+//! * **Wake-ups** (`listen`): every replica `LISTEN`s on one channel; changes send notes in
+//!   their own transaction (`db::notify`). A note about an agent is acted on by the replica
+//!   holding its session (claim, cancel, re-read credentials, close an older session); a
+//!   note about a command wakes that command's stream subscribers here. A lost connection
+//!   is re-established and followed by a catch-up pass, and a backup pass every
+//!   [`BACKUP_POLL`] bounds what a lost note can cost.
+//! * **Leases** (`lease`): each replica renews its `replicas` row every [`RENEW`]; one
+//!   replica, the holder of a PostgreSQL advisory lock on its own connection, is the
+//!   housekeeping leader (deadlines, retention, stale agents, node repair, dead replicas).
+//!   When it dies its connection goes, the lock with it, and another replica takes over
+//!   within one renew interval. SQLite has one replica: always leader.
+//! * **Draining** (`drain`): on SIGTERM `/readyz` fails and new agent sessions are refused,
+//!   so the load balancer sends agents elsewhere; live sessions are closed a few at a time
+//!   over the drain period (when another replica is alive to take them), not all at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::Connection;
+use tokio::time::Instant;
+
+use super::{Broker, ToSession};
+use crate::db::notify::{self, Note};
+use crate::db::{Backend, ReplicaRow};
+use crate::time::now_ms;
+
+/// How often a replica renews its lease (and the leader sweeps).
+pub const RENEW: Duration = Duration::from_secs(2);
+/// A replica whose lease was not renewed for this long is dead.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// The backup for lost notes: queued commands and requested cancels of this replica's
+/// agents are looked for this often.
+pub const BACKUP_POLL: Duration = Duration::from_secs(5);
+/// The advisory lock the housekeeping leader holds.
+const LEADER_LOCK: i64 = 0x7472_656c_6c69_7300;
+
+/// This replica, as the others see it.
+pub struct Replica {
+    pub id: String,
+    pub name: String,
+    draining: AtomicBool,
+    leader: AtomicBool,
+}
+
+impl Replica {
+    /// `single`: the only replica there can be (SQLite), leader from the start.
+    pub fn new(name: Option<String>, single: bool) -> Self {
+        let id = uuid::Uuid::new_v4().to_string();
+        let name = name.unwrap_or_else(|| format!("{}-{}", hostname(), &id[..8]));
+        Self {
+            id,
+            name,
+            draining: AtomicBool::new(false),
+            leader: AtomicBool::new(single),
+        }
+    }
+
+    /// Whether this replica runs cluster-wide housekeeping now.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed)
+    }
+
+    /// Whether this replica is draining (stopping): not ready, no new sessions.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn row(&self) -> ReplicaRow {
+        ReplicaRow {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            hostname: hostname(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: now_ms(),
+            heartbeat_at: now_ms(),
+            draining: false,
+            leader: false,
+            agents_online: 0,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "trellis".into())
+}
+
+/// Listens for notes from other replicas and acts on those about this replica's sessions
+/// and subscribers. PostgreSQL only; stops with the broker.
+pub async fn listen(broker: Arc<Broker>) {
+    let Some(url) = broker.db.pg_url().map(str::to_string) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(100);
+    'connect: loop {
+        let mut listener = tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            l = connect_listener(&url) => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for notifications; retrying");
+                    tokio::select! {
+                        _ = broker.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'connect;
+                }
+            },
+        };
+        backoff = Duration::from_millis(100);
+        // Anything sent while we were not listening is unknown: catch up.
+        catch_up(&broker).await;
+        loop {
+            let n = tokio::select! {
+                _ = broker.shutdown.cancelled() => return,
+                n = listener.try_recv() => n,
+            };
+            match n {
+                Ok(Some(n)) => handle(&broker, n.payload()),
+                // The connection was lost; notes sent meanwhile are gone.
+                Ok(None) => {
+                    tracing::warn!("notification connection lost; reconnecting");
+                    continue 'connect;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "notification connection failed; reconnecting");
+                    continue 'connect;
+                }
+            }
+        }
+    }
+}
+
+async fn connect_listener(url: &str) -> Result<PgListener, sqlx::Error> {
+    let mut l = PgListener::connect(url).await?;
+    l.listen(notify::CHANNEL).await?;
+    Ok(l)
+}
+
+/// Acts on one payload of notes (those this replica sent itself were acted on already).
+pub fn handle(broker: &Arc<Broker>, payload: &str) {
+    let (origin, notes) = notify::parse(payload);
+    if origin == broker.replica.id {
+        return;
+    }
+    for n in notes {
+        match n {
+            Note::Wake(a) => broker.wake(a),
+            Note::Changed(c) => {
+                if broker.fanout.has_subscribers(&c) {
+                    broker.fanout.publish(&c, super::fanout::Published::Status);
+                }
+            }
+            Note::Cancel(a, c, r) => broker.cancel(a, c, r),
+            Note::Agent(a) => {
+                if broker.is_connected(&a) {
+                    let b = broker.clone();
+                    tokio::spawn(async move { b.refresh_agent(a).await });
+                }
+            }
+            Note::Session(a, epoch) => broker.supersede_older(a, epoch),
+        }
+    }
+}
+
+/// After notes may have been lost: claim for every agent here, re-send requested
+/// cancels, close sessions whose credentials moved, wake every stream subscriber.
+async fn catch_up(broker: &Arc<Broker>) {
+    backup_pass(broker).await;
+    if let Err(e) = broker.check_credentials().await {
+        tracing::warn!(error = %e, "credential check failed");
+    }
+    broker.fanout.publish_all(super::fanout::Published::Status);
+}
+
+/// The backup for lost notes: agents of this replica with queued commands are woken and
+/// requested cancels of their running commands are sent again (agents ignore repeats).
+async fn backup_pass(broker: &Arc<Broker>) {
+    let agents: Vec<_> = broker
+        .local_sessions()
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    if agents.is_empty() {
+        return;
+    }
+    match broker.db.agents_with_queued(&agents).await {
+        Ok(due) => due.into_iter().for_each(|a| broker.wake(a)),
+        Err(e) => tracing::warn!(error = %e, "backup queued check failed"),
+    }
+    match broker.db.pending_cancels(&agents).await {
+        Ok(c) => {
+            for (a, c) in c {
+                broker.cancel(a, c, trellis_protocol::CancelReason::Cancelled);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "backup cancel check failed"),
+    }
+}
+
+/// Renews this replica's lease, holds or seeks the leader lock, and (as leader) sweeps
+/// dead replicas; on PostgreSQL also runs the backup pass. Stops with the broker; a clean
+/// stop removes the row.
+pub async fn lease(broker: Arc<Broker>) {
+    let pg = broker.db.backend == Backend::Postgres;
+    let mut lock: Option<sqlx::PgConnection> = None;
+    let mut tick = tokio::time::interval(RENEW);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_backup = Instant::now();
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let leader = if pg {
+            hold_leader_lock(&broker, &mut lock).await
+        } else {
+            true
+        };
+        if broker.replica.leader.swap(leader, Ordering::Relaxed) != leader {
+            if leader {
+                tracing::info!(replica = %broker.replica.name, "this replica is now the housekeeping leader");
+            } else {
+                tracing::warn!(replica = %broker.replica.name, "this replica is no longer the housekeeping leader");
+            }
+            broker.metrics.set_leader(leader);
+        }
+        match broker
+            .db
+            .renew_replica(&broker.replica.id, broker.replica.is_draining(), leader)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Swept as dead while alive (a stall longer than the lease): come back,
+                // and show this replica's sessions online again.
+                tracing::warn!("this replica's lease had expired; registering again");
+                let r = broker.db.register_replica(&broker.replica.row()).await;
+                let s = broker
+                    .db
+                    .reassert_sessions(&broker.replica.id, &broker.local_sessions())
+                    .await;
+                if let Err(e) = r.and(s) {
+                    tracing::warn!(error = %e, "cannot register this replica again");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew this replica's lease"),
+        }
+        if leader && pg {
+            let cutoff = now_ms() - LEASE.as_millis() as i64;
+            match broker.db.sweep_dead_replicas(cutoff).await {
+                Ok((0, 0)) => {}
+                Ok((replicas, agents)) => tracing::info!(
+                    replicas,
+                    agents,
+                    "swept replicas whose lease expired; their agents are offline"
+                ),
+                Err(e) => tracing::warn!(error = %e, "dead replica sweep failed"),
+            }
+        }
+        if pg && last_backup.elapsed() >= BACKUP_POLL {
+            last_backup = Instant::now();
+            backup_pass(&broker).await;
+        }
+    }
+    broker.replica.leader.store(false, Ordering::Relaxed);
+    if let Some(c) = lock.take() {
+        let _ = c.close().await;
+    }
+}
+
+/// Keeps (or tries to take) the leader lock on its own connection: `true` while held. A
+/// connection that fails loses the lock (PostgreSQL releases it with the session).
+async fn hold_leader_lock(broker: &Broker, lock: &mut Option<sqlx::PgConnection>) -> bool {
+    const CHECK: Duration = Duration::from_secs(2);
+    if let Some(c) = lock.as_mut() {
+        match tokio::time::timeout(CHECK, sqlx::query("SELECT 1").execute(&mut *c)).await {
+            Ok(Ok(_)) => return true,
+            _ => {
+                tracing::warn!("the leader lock's connection failed");
+                *lock = None;
+            }
+        }
+    }
+    let Some(url) = broker.db.pg_url() else {
+        return false;
+    };
+    let mut c = match tokio::time::timeout(CHECK, sqlx::PgConnection::connect(url)).await {
+        Ok(Ok(c)) => c,
+        _ => return false,
+    };
+    let got: Result<(bool,), _> = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+        .bind(LEADER_LOCK)
+        .fetch_one(&mut c)
+        .await;
+    match got {
+        Ok((true,)) => {
+            *lock = Some(c);
+            true
+        }
+        _ => {
+            let _ = c.close().await;
+            false
+        }
+    }
+}
+
+/// Drains this replica before it stops: not ready, no new sessions; when another replica is
+/// alive, sessions are closed a few at a time over `period` (agents reconnect through the
+/// load balancer to the others), else all at once. Returns when no session is left or the
+/// period (plus a second) is over.
+pub async fn drain(broker: &Arc<Broker>, period: Duration) {
+    broker.replica.draining.store(true, Ordering::Relaxed);
+    let _ = broker
+        .db
+        .renew_replica(&broker.replica.id, true, broker.replica.is_leader())
+        .await;
+    let others = broker
+        .db
+        .other_live_replicas(&broker.replica.id, now_ms() - LEASE.as_millis() as i64)
+        .await
+        .unwrap_or(0);
+    if others == 0 || period.is_zero() || broker.online_count() == 0 {
+        return;
+    }
+    let sessions = broker.local_sessions();
+    tracing::info!(
+        sessions = sessions.len(),
+        seconds = period.as_secs_f64(),
+        "draining: moving agents to the other replicas"
+    );
+    const STEP: Duration = Duration::from_millis(100);
+    let steps = (period.as_millis() / STEP.as_millis()).max(1) as usize;
+    let per_step = sessions.len().div_ceil(steps);
+    for chunk in sessions.chunks(per_step.max(1)) {
+        for (agent, epoch) in chunk {
+            broker.send_if_epoch(*agent, *epoch, ToSession::ShuttingDown);
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    let until = Instant::now() + Duration::from_secs(1);
+    while broker.online_count() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

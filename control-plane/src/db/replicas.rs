@@ -1,0 +1,252 @@
+//! Replicas: one row per running `trellis serve`, renewed every couple of seconds (its
+//! lease). The housekeeping leader sweeps replicas whose lease ran out: the agents whose
+//! sessions they held go offline and their rows go. Which replica holds an agent's session
+//! is `agents.session_replica` (with `session_epoch`).
+
+use sqlx::Row;
+
+use super::notify::{notify, Note};
+use super::{Backend, Db, DbResult};
+use crate::model::{AgentId, AgentStatus};
+use crate::time::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    pub version: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub draining: bool,
+    pub leader: bool,
+    pub agents_online: i64,
+}
+
+/// The key of the transaction-scoped advisory lock that serialises template seeding.
+const SEED_LOCK: i64 = 0x7472_656c_6c69_7301;
+
+impl Db {
+    /// Adds this replica's row (its lease starts now). On SQLite, the one replica, rows an
+    /// earlier run left are removed first.
+    pub async fn register_replica(&self, r: &ReplicaRow) -> DbResult<()> {
+        let mut tx = self.begin_write().await?;
+        if self.backend == Backend::Sqlite {
+            sqlx::query("DELETE FROM replicas")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO replicas (id, name, hostname, version, started_at, heartbeat_at, draining, leader) \
+             VALUES ($1, $2, $3, $4, $5, $5, 0, 0)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(&r.hostname)
+        .bind(&r.version)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Renews this replica's lease; the leader also marks itself (and only itself) leader.
+    /// `false` when the row is gone: the leader swept this replica as dead (it stalled for
+    /// longer than the lease), and the caller registers again and re-asserts its sessions.
+    pub async fn renew_replica(&self, id: &str, draining: bool, leader: bool) -> DbResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query("UPDATE replicas SET heartbeat_at = $1, draining = $2 WHERE id = $3")
+            .bind(now_ms())
+            .bind(i64::from(draining))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if leader && n > 0 {
+            sqlx::query(
+                "UPDATE replicas SET leader = CASE WHEN id = $1 THEN 1 ELSE 0 END \
+                 WHERE leader = 1 OR id = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        } else if !leader {
+            sqlx::query("UPDATE replicas SET leader = 0 WHERE id = $1 AND leader = 1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Marks these sessions online again (after this replica was swept as dead while it
+    /// still held them): only where the epoch is still theirs.
+    pub async fn reassert_sessions(
+        &self,
+        replica: &str,
+        sessions: &[(AgentId, i64)],
+    ) -> DbResult<()> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for (agent, epoch) in sessions {
+            sqlx::query(
+                "UPDATE agents SET status = $1, session_replica = $2 WHERE id = $3 AND session_epoch = $4",
+            )
+            .bind(AgentStatus::Online.as_str())
+            .bind(replica)
+            .bind(agent.to_string())
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes this replica's row (clean stop: its sessions are closed already).
+    pub async fn remove_replica(&self, id: &str) -> DbResult<()> {
+        sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(id)
+            .execute(self.writer())
+            .await?;
+        Ok(())
+    }
+
+    /// Replicas whose lease ended before `cutoff` are dead: the agents shown online on
+    /// them (or on no live replica at all) go offline, and their rows are deleted, in one
+    /// transaction. Returns `(replicas, agents)` swept.
+    pub async fn sweep_dead_replicas(&self, cutoff: i64) -> DbResult<(u64, u64)> {
+        let mut tx = self.begin_write().await?;
+        let agents = sqlx::query(
+            "UPDATE agents SET status = $1 WHERE status = $2 AND (session_replica IS NULL \
+             OR session_replica NOT IN (SELECT id FROM replicas WHERE heartbeat_at >= $3))",
+        )
+        .bind(AgentStatus::Offline.as_str())
+        .bind(AgentStatus::Online.as_str())
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let replicas = sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok((replicas, agents))
+    }
+
+    /// Every replica with a row, by name, with the number of agents online on each.
+    pub async fn list_replicas(&self) -> DbResult<Vec<ReplicaRow>> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.name, r.hostname, r.version, r.started_at, r.heartbeat_at, r.draining, r.leader, \
+             (SELECT COUNT(*) FROM agents a WHERE a.session_replica = r.id AND a.status = $1) AS agents_online \
+             FROM replicas r ORDER BY r.name, r.id",
+        )
+        .bind(AgentStatus::Online.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReplicaRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    hostname: r.try_get("hostname")?,
+                    version: r.try_get("version")?,
+                    started_at: r.try_get("started_at")?,
+                    heartbeat_at: r.try_get("heartbeat_at")?,
+                    draining: r.try_get::<i64, _>("draining")? != 0,
+                    leader: r.try_get::<i64, _>("leader")? != 0,
+                    agents_online: r.try_get("agents_online")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Other replicas that are alive (lease renewed since `cutoff`) and not draining:
+    /// where this replica's agents can go.
+    pub async fn other_live_replicas(&self, me: &str, cutoff: i64) -> DbResult<i64> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) FROM replicas WHERE id <> $1 AND heartbeat_at >= $2 AND draining = 0",
+        )
+        .bind(me)
+        .bind(cutoff)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(r.try_get(0)?)
+    }
+
+    /// Agents with queued commands among `agents` (the backup for lost wake-ups): one read
+    /// per 500.
+    pub async fn agents_with_queued(&self, agents: &[AgentId]) -> DbResult<Vec<AgentId>> {
+        let mut out = Vec::new();
+        for chunk in agents.chunks(500) {
+            let list = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT DISTINCT agent_id FROM commands WHERE status = 'queued' AND agent_id IN ({list})"
+            );
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q.bind(a.to_string());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push(super::sql::id(&r, "agent_id")?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Running commands of `agents` whose cancel was requested (the backup for a lost
+    /// cancel note): `(agent, command)`.
+    pub async fn pending_cancels(
+        &self,
+        agents: &[AgentId],
+    ) -> DbResult<Vec<(AgentId, crate::model::CommandId)>> {
+        let mut out = Vec::new();
+        for chunk in agents.chunks(500) {
+            let list = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "SELECT agent_id, id FROM commands WHERE status IN ('dispatched', 'running') \
+                 AND cancel_requested = 1 AND agent_id IN ({list})"
+            );
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q.bind(a.to_string());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push((super::sql::id(&r, "agent_id")?, super::sql::id(&r, "id")?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Serialises seeding among replicas starting together (PostgreSQL: a
+    /// transaction-scoped advisory lock, taken first in the seeding transaction).
+    pub(super) async fn seed_lock(conn: &mut sqlx::AnyConnection) -> DbResult<()> {
+        if conn.backend_name() == "PostgreSQL" {
+            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+                .bind(SEED_LOCK)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A test hook: a note in its own transaction (what `notify` sends with a change).
+    pub async fn send_notes(&self, notes: &[Note]) -> DbResult<()> {
+        let mut tx = self.begin_write().await?;
+        notify(&mut tx, notes).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
