@@ -5,6 +5,8 @@
 //! * A plan shows 1 to add with the resource's address (and no variable value); applying
 //!   that plan creates it; the next plan shows no changes; a destroy removes it, and the
 //!   plan after shows 1 to add again.
+//! * A destroy and a plan given as `{source_command_id}` run with that command's params,
+//!   the sensitive value too (a variable validation refuses the `***` responses show).
 //! * A plan made stale by an apply in between is refused (`plan_stale`), and a plan is
 //!   applied at most once (`plan_missing`); a plan is applied only on its own agent.
 //!
@@ -26,6 +28,10 @@ variable "run" {
 variable "db_password" {
   type      = string
   sensitive = true
+  validation {
+    condition     = var.db_password != "***"
+    error_message = "The password is the redacted placeholder, not the value."
+  }
 }
 resource "null_resource" "thing" {
   triggers = { run = var.run, pw = var.db_password }
@@ -145,10 +151,33 @@ async fn plan_apply_then_destroy(backend: Backend) {
     let again = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
     assert_eq!(summary(&again), (0, 0, 0, vec![]));
 
-    let destroy = run(&api, &agent, "terraform_destroy", params(&repo, "one")).await;
+    // Destroyed from the apply of the plan: its params (the secret too, opened from
+    // storage), without plan_command_id, and the meta given.
+    let destroy = run(
+        &api,
+        &agent,
+        "terraform_destroy",
+        json!({"source_command_id": apply_id, "meta": {"reason": "tear down"}}),
+    )
+    .await;
     assert_eq!(destroy["status"], "succeeded", "{destroy}");
+    let p = &destroy["params"];
+    assert_eq!(p["workspace_key"], "plans/web", "{destroy}");
+    assert_eq!(p["terraform_vars"]["db_password"], "***", "{destroy}");
+    assert_eq!(p["meta"]["reason"], "tear down", "{destroy}");
+    assert!(
+        p.get("plan_command_id").is_none() && p.get("plan_sha256").is_none(),
+        "{destroy}"
+    );
+    assert_eq!(destroy["target"]["workspace"], "plans/web", "{destroy}");
 
-    let after = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    let after = run(
+        &api,
+        &agent,
+        "terraform_plan",
+        json!({"source_command_id": destroy["id"]}),
+    )
+    .await;
     assert_eq!(
         summary(&after),
         (1, 0, 0, vec!["null_resource.thing create".to_string()])
@@ -180,6 +209,52 @@ async fn a_stale_plan_is_refused(backend: Backend) {
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "plan_invalid", "{body}");
+
+    // `source_command_id` alone (with meta), of a Terraform command.
+    for (body, status, code) in [
+        (
+            json!({"source_command_id": plan["id"], "workspace_key": "x"}),
+            400,
+            "invalid_params",
+        ),
+        (
+            json!({"source_command_id": "not-an-id"}),
+            400,
+            "invalid_params",
+        ),
+        (
+            json!({"source_command_id": uuid::Uuid::new_v4().to_string()}),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (s, b) = api
+            .call(
+                reqwest::Method::POST,
+                "/api/commands",
+                Some(json!({"agentId": other, "type": "terraform_destroy", "params": body})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body} → {b}"
+        );
+    }
+    let ping = api.command(&agent, "ping", json!({})).await;
+    let (s, b) = api
+        .call(
+            reqwest::Method::POST,
+            "/api/commands",
+            Some(json!({"agentId": agent, "type": "terraform_plan",
+                        "params": {"source_command_id": ping}})),
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("source_invalid")),
+        "{b}"
+    );
 
     // The state changes after the plan was made.
     let plain = run(&api, &agent, "terraform_apply", params(&repo, "two")).await;

@@ -254,8 +254,12 @@ pub struct CommandTarget {
     pub vm_id: Option<i64>,
     /// The Proxmox node (host) of that VM.
     pub proxmox_node: Option<String>,
-    /// `terraform_apply`, `terraform_plan`, `terraform_destroy`: the workspace key, else `repo[/path]@version`.
+    /// `terraform_apply`, `terraform_plan`, `terraform_destroy`: the Terraform state
+    /// workspace (`workspace_key`, else `<repo>#<path>` without the URL's credentials), the
+    /// name `/api/terraform/workspaces` lists.
     pub workspace: Option<String>,
+    /// The same commands: the template version (tag, branch or commit) asked for.
+    pub version: Option<String>,
 }
 
 impl CommandTarget {
@@ -286,15 +290,12 @@ impl CommandTarget {
             CommandType::TerraformApply
             | CommandType::TerraformPlan
             | CommandType::TerraformDestroy => {
-                t.workspace = text(p.get("workspace_key")).or_else(|| {
-                    let src = p.get("template_source")?;
-                    let repo = crate::api::redact::url_credentials(src.get("repo")?.as_str()?);
-                    let version = src.get("version").and_then(Value::as_str).unwrap_or("");
-                    Some(match src.get("path").and_then(Value::as_str) {
-                        Some(path) if !path.is_empty() => format!("{repo}/{path}@{version}"),
-                        _ => format!("{repo}@{version}"),
-                    })
-                });
+                // The state workspace itself (the name `/api/terraform/state/{workspace}`
+                // and `/api/terraform/workspaces` use), and the template version apart.
+                t.workspace = crate::domain::terraform_state::workspace_of(p);
+                t.version = p
+                    .get("template_source")
+                    .and_then(|s| text(s.get("version")));
             }
             _ => {}
         }

@@ -115,6 +115,7 @@ pub async fn prepare(
 /// agent's session. The command is committed before this returns.
 pub async fn create(db: &Db, broker: &Broker, mut c: CreateCommand) -> DomainResult<CommandRow> {
     fill_from_plan(db, &mut c).await?;
+    fill_from_source(db, &mut c).await?;
     let new = match prepare(db, &c, None).await? {
         Ok(new) => new,
         Err(existing) => return Ok(existing),
@@ -233,6 +234,79 @@ async fn fill_from_plan(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
     };
     obj.insert("plan_command_id".into(), plan_id.to_string().into());
     obj.insert("plan_sha256".into(), hash.into());
+    if let Some(meta) = meta {
+        obj.insert("meta".into(), meta);
+    }
+    c.params = params;
+    Ok(())
+}
+
+/// A `terraform_plan` or `terraform_destroy` of `{"source_command_id": …}` gets the
+/// template source, variables (sensitive ones too, opened from storage) and workspace of
+/// that earlier Terraform command, so a workspace can be planned again or destroyed from
+/// its last apply without the caller knowing (or re-typing) the secret values that every
+/// response shows as `***`. The source may have run on any agent (the state is kept by
+/// the control plane). Only `meta` may be given alongside.
+async fn fill_from_source(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
+    if c.command_type != CommandType::TerraformPlan.as_str()
+        && c.command_type != CommandType::TerraformDestroy.as_str()
+    {
+        return Ok(());
+    }
+    let Some(given) = c.params.as_object() else {
+        return Ok(());
+    };
+    let Some(source_ref) = given.get("source_command_id") else {
+        return Ok(());
+    };
+    if let Some(k) = given
+        .keys()
+        .find(|k| !matches!(k.as_str(), "source_command_id" | "meta"))
+    {
+        return Err(DomainError::invalid(
+            "invalid_params",
+            format!("{k:?} cannot be given with source_command_id: the source command's are used"),
+        ));
+    }
+    let source_id: CommandId = source_ref
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            DomainError::invalid("invalid_params", "source_command_id must be a command id")
+        })?;
+    let source = db
+        .get_command(source_id)
+        .await
+        .map_err(DomainError::not_found(format_args!("command {source_id}")))?;
+    if !source.command_type.is_terraform() {
+        return Err(DomainError::conflict(
+            "source_invalid",
+            format!(
+                "command {source_id} is a {}, not a Terraform command",
+                source.command_type
+            ),
+        ));
+    }
+    let meta = given.get("meta").cloned();
+    let mut params = db
+        .secrets()
+        .open_params(source.command_type, &source.params)
+        .map_err(|e| {
+            DomainError::conflict(
+                "secrets_undecryptable",
+                format!("the params of command {source_id} cannot be decrypted: {e}"),
+            )
+        })?;
+    let Some(obj) = params.as_object_mut() else {
+        return Err(DomainError::conflict(
+            "source_invalid",
+            format!("command {source_id} has no params object"),
+        ));
+    };
+    // An apply of a saved plan names the plan; the new command plans or destroys afresh.
+    obj.remove("plan_command_id");
+    obj.remove("plan_sha256");
+    obj.remove("meta");
     if let Some(meta) = meta {
         obj.insert("meta".into(), meta);
     }

@@ -141,9 +141,14 @@ async fn commands_name_their_target_node_vm_and_workspace() {
         ),
         (Some("web-1"), Some(301), Some("pve"))
     );
+    // The state workspace's own name (as /api/terraform/workspaces lists it), the
+    // version apart.
     assert_eq!(
-        item(&list, &tf)["target"]["workspace"],
-        "https://git.example/infra.git/envs/prod@v3"
+        (
+            item(&list, &tf)["target"]["workspace"].as_str(),
+            item(&list, &tf)["target"]["version"].as_str()
+        ),
+        (Some("https://git.example/infra.git#envs/prod"), Some("v3"))
     );
     assert!(
         item(&list, &ping).get("target").is_none(),

@@ -944,12 +944,18 @@ export interface components {
             nodeName?: string | null;
             /** @description The Proxmox node (host) of that VM. */
             proxmoxNode?: string | null;
+            /** @description The same commands: the template version (tag, branch or commit) asked for. */
+            version?: string | null;
             /**
              * Format: int64
              * @description The Proxmox VMID acted on (power, destroy) or built (provision, once known).
              */
             vmId?: number | null;
-            /** @description `terraform_apply`, `terraform_plan`, `terraform_destroy`: the workspace key, else `repo[/path]@version`. */
+            /**
+             * @description `terraform_apply`, `terraform_plan`, `terraform_destroy`: the Terraform state
+             *     workspace (`workspace_key`, else `<repo>#<path>` without the URL's credentials), the
+             *     name `/api/terraform/workspaces` lists.
+             */
             workspace?: string | null;
         };
         CreateAdminRequest: {
