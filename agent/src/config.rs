@@ -32,9 +32,19 @@ pub struct Cli {
     #[arg(long, env = "TENDRIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Control plane agent endpoint, `wss://…/api/agents/connect` (`ws://` only to a
-    /// loopback host, unless --insecure-plaintext).
-    #[arg(long = "server", env = "TENDRIL_SERVER_URL")]
-    pub server: String,
+    /// loopback host, unless --insecure-plaintext). Several control plane replicas (or load
+    /// balancers): comma-separated, or the flag repeated; tendril holds one session at a
+    /// time and moves to the next URL after a failed connect or a lost session (with the
+    /// usual jittered backoff). One URL of a load balancer in front of the replicas is
+    /// enough.
+    #[arg(
+        long = "server",
+        env = "TENDRIL_SERVER_URL",
+        value_name = "URL[,URL…]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub server: Vec<String>,
     /// Allow `ws://` (no TLS) to a host that is not loopback. The token and every
     /// dispatched command (Terraform secrets included) then travel in clear, and anyone on
     /// the path can make this agent run commands: use only on a network you trust.
@@ -80,10 +90,26 @@ pub struct Cli {
 impl Cli {
     /// Checks the values and fills in the defaults that need a look at the machine.
     pub fn into_config(self) -> anyhow::Result<AgentConfig> {
-        if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
-            anyhow::bail!("--server must be a ws:// or wss:// URL ending in /api/agents/connect");
+        let server_urls: Vec<String> = self
+            .server
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        if server_urls.is_empty() {
+            anyhow::bail!(
+                "--server needs at least one ws:// or wss:// URL ending in /api/agents/connect"
+            );
         }
-        check_transport(&self.server, self.insecure_plaintext)?;
+        for url in &server_urls {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                anyhow::bail!(
+                    "--server must be a ws:// or wss:// URL ending in /api/agents/connect (got {url})"
+                );
+            }
+            check_transport(url, self.insecure_plaintext)?;
+        }
         let hostname = self.hostname.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
@@ -100,7 +126,7 @@ impl Cli {
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(AgentConfig {
             server_public_keys,
-            server_url: self.server,
+            server_urls,
             insecure_plaintext: self.insecure_plaintext,
             token: self.token,
             work_dir: self.work_dir,
@@ -115,8 +141,8 @@ impl Cli {
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// `ws://` or `wss://…/api/agents/connect`.
-    pub server_url: String,
+    /// `ws://` or `wss://…/api/agents/connect`: one or more (never empty), tried in turn.
+    pub server_urls: Vec<String>,
     /// `ws://` to a host that is not loopback was allowed (`--insecure-plaintext`).
     pub insecure_plaintext: bool,
     pub token: Secret,
@@ -309,6 +335,29 @@ mod tests {
             .unwrap()
             .into_config();
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn several_servers_comma_separated_or_repeated_each_checked() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["tendril", "--token", "t"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap().into_config()
+        };
+        let a = "ws://127.0.0.1:1/api/agents/connect";
+        let b = "wss://cp2.example/api/agents/connect";
+        let comma = parse(&["--server", &format!("{a}, {b},")]).unwrap();
+        assert_eq!(comma.server_urls, vec![a.to_string(), b.to_string()]);
+        let repeated = parse(&["--server", a, "--server", b]).unwrap();
+        assert_eq!(repeated.server_urls, comma.server_urls);
+        // Every URL goes through the same checks.
+        let e = parse(&["--server", &format!("{a},ws://10.0.0.5/api/agents/connect")])
+            .expect_err("plain ws:// to another host")
+            .to_string();
+        assert!(e.contains("--insecure-plaintext"), "{e}");
+        assert!(parse(&["--server", &format!("{a},http://x/")]).is_err());
+        assert!(parse(&["--server", " , "]).is_err());
+        assert!(Cli::try_parse_from(["tendril", "--token", "t"]).is_err());
     }
 
     #[test]

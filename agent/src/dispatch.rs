@@ -26,10 +26,7 @@ impl Executors {
             ping: PingExecutor::new(config.hostname.clone()),
             proxmox: config.proxmox.clone().map(ProxmoxExecutor::new),
             terraform: TerraformExecutor::new(config.terraform.clone(), &config.work_dir)
-                .with_state_backend(
-                    crate::terraform::state_base_url(&config.server_url),
-                    config.server_ca_file.clone(),
-                ),
+                .with_state_backend(config.server_ca_file.clone()),
         }
     }
 

@@ -20,13 +20,15 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    if config.insecure_plaintext && config.server_url.starts_with("ws://") {
-        tracing::warn!(
-            server = %config.server_url,
-            "--insecure-plaintext: the token and every command travel unencrypted"
-        );
+    for url in &config.server_urls {
+        if config.insecure_plaintext && url.starts_with("ws://") {
+            tracing::warn!(
+                server = %url,
+                "--insecure-plaintext: the token and every command travel unencrypted"
+            );
+        }
     }
-    tracing::info!(server = %config.server_url, work_dir = %config.work_dir.display(),
+    tracing::info!(server = %config.server_urls.join(","), work_dir = %config.work_dir.display(),
         proxmox = config.proxmox.is_some(), "tendril starting");
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -6,6 +6,14 @@
 //! One task owns the socket, the journal and the outbox; executors only hold a channel to
 //! it. While disconnected, executors keep running and their events are journaled.
 //!
+//! With several server URLs (control plane replicas, or load balancers), the agent holds
+//! one session at a time and moves to the next URL after a failed connect or a lost
+//! session, round robin; the backoff between attempts is the same as with one URL. A
+//! session that lasted resets the backoff; one that ended within [`SESSION_LASTED`] (a
+//! server that welcomes and drops us at once) keeps it growing, so nothing ever loops
+//! tightly. The URL of the current session is shared with the commands
+//! ([`ConnectedServer`]): Terraform's state backend calls that server.
+//!
 //! When the server's `welcome` lists the `inventory` feature and Proxmox is configured, a
 //! task per connection reports the cluster's VMs (`inventory` frame) on connect, every
 //! `inventory_interval_secs` (default 30) and right after a provision, vm_power or destroy
@@ -33,7 +41,7 @@ use uuid::Uuid;
 use crate::config::AgentConfig;
 use crate::dispatch::Executors;
 use crate::exec::deadline::{Deadline, SystemClock, WallClock};
-use crate::exec::{ExecContext, Report};
+use crate::exec::{ConnectedServer, ExecContext, Report};
 use crate::journal::{Journal, Pending};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -50,6 +58,13 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 const MIN_REFUSED_DELAY: Duration = Duration::from_secs(1);
 /// How long a stopping agent waits for its executors to wind down.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// A session that lasted at least this long resets the backoff when it ends; a shorter one
+/// (welcomed, then dropped) lets it keep growing.
+const SESSION_LASTED: Duration = Duration::from_secs(5);
+/// The backoff step a welcome brings the failure count down to: the server answered, so a
+/// long streak of failed connects is over, but a session that ends at once still grows it
+/// from here.
+const WELCOMED_FAILURES: u32 = 2;
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -79,6 +94,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         concurrency: Arc::new(tokio::sync::Semaphore::new(0)),
         inventory_interval: None,
         inventory_kick: Default::default(),
+        connected: ConnectedServer::default(),
+        next_server: 0,
     };
     agent.unacked_bytes = agent
         .pending
@@ -118,6 +135,10 @@ struct Agent {
     inventory_interval: Option<Duration>,
     /// Notified when a command that touched a VM ends: the next inventory goes out at once.
     inventory_kick: Arc<tokio::sync::Notify>,
+    /// The URL of the current (or last) session, shared with every command.
+    connected: ConnectedServer,
+    /// Index into `config.server_urls` of the URL the next attempt dials.
+    next_server: usize,
 }
 
 /// Seconds between inventory reports when the server names none.
@@ -171,8 +192,16 @@ impl Agent {
     async fn run(&mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut failures: u32 = 0;
         loop {
-            let why = match self.connect_once(&shutdown).await {
+            let urls = &self.config.server_urls;
+            let server = urls[self.next_server % urls.len()].clone();
+            // Whatever happens to this attempt, the next one dials the next URL.
+            self.next_server = (self.next_server + 1) % urls.len();
+            // How long the session lasted, when there was one.
+            let mut lasted = None;
+            let why = match self.connect_once(&server, &shutdown).await {
                 Ok(mut ws) => {
+                    failures = failures.min(WELCOMED_FAILURES);
+                    let started = Instant::now();
                     let why = self.serve(&mut ws, &shutdown).await;
                     if matches!(why, Disconnect::Shutdown) {
                         self.stop_executors(Some(&mut ws)).await;
@@ -180,6 +209,7 @@ impl Agent {
                         return Ok(());
                     }
                     let _ = ws.close(None).await;
+                    lasted = Some(started.elapsed());
                     why
                 }
                 Err(e) => match e.downcast::<HelloRefused>() {
@@ -188,7 +218,7 @@ impl Agent {
                             Disconnect::Lost(format!("hello refused: {code:?}: {message}"))
                         }),
                     Err(e) => {
-                        tracing::warn!(error = %e, attempt = failures.saturating_add(1), "cannot connect to control plane");
+                        tracing::warn!(%server, error = %e, attempt = failures.saturating_add(1), "cannot connect to control plane");
                         Disconnect::Unreachable
                     }
                 },
@@ -200,8 +230,8 @@ impl Agent {
                     backoff(failures)
                 }
                 Disconnect::Lost(reason) => {
-                    tracing::warn!(%reason, "disconnected from control plane");
-                    failures = 1;
+                    tracing::warn!(%server, %reason, "disconnected from control plane");
+                    failures = after_lost(failures, lasted);
                     backoff(failures)
                 }
                 Disconnect::TokenRotated(reason) => {
@@ -222,7 +252,12 @@ impl Agent {
                     max_backoff()
                 }
             };
-            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+            let urls = &self.config.server_urls;
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                server = %urls[self.next_server % urls.len()],
+                "reconnecting"
+            );
             let wake = tokio::time::sleep(delay);
             tokio::pin!(wake);
             // Keep journaling executor events while disconnected.
@@ -270,8 +305,13 @@ impl Agent {
         let _ = self.journal.sync();
     }
 
-    async fn connect_once(&mut self, shutdown: &CancellationToken) -> anyhow::Result<Ws> {
-        let mut request = self.config.server_url.as_str().into_client_request()?;
+    /// Dials `server`, says hello and waits for the welcome.
+    async fn connect_once(
+        &mut self,
+        server: &str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Ws> {
+        let mut request = server.into_client_request()?;
         request.headers_mut().insert(
             "authorization",
             format!("Bearer {}", self.config.token.expose()).parse()?,
@@ -345,7 +385,8 @@ impl Agent {
                         )
                         .into());
                     }
-                    tracing::info!(%agent_id, protocol_version, heartbeat_interval_secs, ?features, "connected to control plane");
+                    tracing::info!(%server, %agent_id, protocol_version, heartbeat_interval_secs, ?features, "connected to control plane");
+                    self.connected.set(server);
                     // Only a server that says it signs is taken at its word for the key.
                     let advertised = signing_key.as_ref().filter(|_| {
                         features
@@ -780,7 +821,8 @@ impl Agent {
             d.attempt,
             self.reports_tx.clone(),
         )
-        .with_terraform_state(d.terraform_state.clone());
+        .with_terraform_state(d.terraform_state.clone())
+        .with_server(self.connected.clone());
         self.running.insert(id, ctx.clone());
         let refusal = refusal.or_else(|| {
             d.deadline_ms
@@ -913,6 +955,16 @@ fn max_backoff() -> Duration {
     Duration::from_millis(rand::random_range(cap / 2..=cap))
 }
 
+/// The failure count after a lost session: reset when the session lasted
+/// ([`SESSION_LASTED`]), grown when it ended at once (or there was none), so a server that
+/// welcomes and drops the agent over and over is not dialled in a tight loop.
+fn after_lost(failures: u32, lasted: Option<Duration>) -> u32 {
+    match lasted {
+        Some(d) if d >= SESSION_LASTED => 1,
+        _ => failures.saturating_add(1),
+    }
+}
+
 /// Exponential backoff with full jitter, capped.
 fn backoff(failures: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10));
@@ -932,5 +984,22 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..20).map(|_| backoff(8)).collect();
         assert!(samples.len() > 1, "jitter should spread reconnects");
+    }
+
+    #[test]
+    fn a_session_that_lasted_resets_the_backoff_a_short_one_grows_it() {
+        assert_eq!(after_lost(9, Some(SESSION_LASTED)), 1);
+        assert_eq!(after_lost(9, Some(Duration::from_secs(3600))), 1);
+        // Welcomed (the count came down to WELCOMED_FAILURES) and dropped at once, again
+        // and again: the delay never falls back to the first step.
+        let mut failures = 0;
+        let steps: Vec<u32> = (0..6)
+            .map(|_| {
+                failures = after_lost(failures.min(WELCOMED_FAILURES), Some(Duration::ZERO));
+                failures
+            })
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 3, 3, 3]);
+        assert_eq!(after_lost(4, None), 5);
     }
 }

@@ -37,6 +37,8 @@ struct Conn {
 struct FakeServer {
     url: String,
     conns: mpsc::UnboundedReceiver<Conn>,
+    /// The accept loop (it owns the listener).
+    accept: tokio::task::JoinHandle<()>,
 }
 
 impl FakeServer {
@@ -44,7 +46,7 @@ impl FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/api/agents/connect", listener.local_addr().unwrap());
         let (tx, conns) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let accept = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -74,7 +76,14 @@ impl FakeServer {
                 });
             }
         });
-        Self { url, conns }
+        Self { url, conns, accept }
+    }
+
+    /// Stops listening: new connections are refused (the port is closed); sessions
+    /// already handed to the test are not touched.
+    async fn stop(&mut self) {
+        self.accept.abort();
+        let _ = (&mut self.accept).await;
     }
 
     async fn next_conn(&mut self, within: Duration) -> Conn {
@@ -655,4 +664,93 @@ async fn percent_values_are_within_0_and_100() {
     for e in &events {
         e.validate().unwrap();
     }
+}
+
+/// A `ws://` URL on a loopback port nothing listens on (connections are refused).
+fn dead_url() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    format!("ws://{addr}/api/agents/connect")
+}
+
+/// Waits until the agent's log has a line containing every one of `needles`.
+async fn log_line(agent: &Agent, needles: &[&str]) -> String {
+    let started = Instant::now();
+    loop {
+        let log = agent.log();
+        if let Some(l) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return l.to_string();
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no log line with {needles:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn several_servers_the_first_dead_the_second_used_and_reconnected_to() {
+    let dir = TempDir::new("conf-servers-dead");
+    let dead = dead_url();
+    let mut live = FakeServer::start().await;
+    // Comma-separated in TENDRIL_SERVER_URL; the dead one first.
+    let agent = Agent::start(&format!("{dead},{}", live.url), TOKEN, &dir.join("agent"));
+    let (mut c, _) = live.session().await;
+    let id = Uuid::new_v4();
+    let events = run_ping(&mut c, id).await;
+    c.ack(id, events.len() as u64).await;
+    log_line(&agent, &["cannot connect to control plane", &dead]).await;
+    log_line(&agent, &["connected to control plane", &live.url]).await;
+    // The live server closes the session: the agent tries the next URL (dead), then this
+    // one again, with backoff, and works on.
+    drop(c);
+    let closed = Instant::now();
+    let (mut c, hello) = live.session().await;
+    assert!(hello.active_commands.is_empty(), "{hello:?}");
+    assert!(
+        closed.elapsed() >= Duration::from_millis(100),
+        "reconnected without a backoff"
+    );
+    let dead_tries = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("cannot connect to control plane") && l.contains(&dead))
+        .count();
+    assert!(dead_tries >= 2, "the dead URL was tried again in turn");
+    run_ping(&mut c, Uuid::new_v4()).await;
+}
+
+#[tokio::test]
+async fn several_servers_are_tried_in_turn_and_a_stopped_one_is_skipped() {
+    let dir = TempDir::new("conf-servers-turn");
+    let mut a = FakeServer::start().await;
+    let mut b = FakeServer::start().await;
+    let agent = Agent::start(&format!("{},{}", a.url, b.url), TOKEN, &dir.join("agent"));
+    let (mut ca, _) = a.session().await;
+    let id = Uuid::new_v4();
+    let events = run_ping(&mut ca, id).await;
+    // Lost before the acks: the events go to whichever server comes next.
+    drop(ca);
+    let (mut cb, hello) = b.session().await;
+    assert!(hello.active_commands.contains(&id), "{hello:?}");
+    assert_eq!(cb.events_within(Duration::from_secs(2)).await, events);
+    cb.ack(id, events.len() as u64).await;
+    log_line(&agent, &["connected to control plane", &b.url]).await;
+    // The next turn is A again, then B.
+    drop(cb);
+    let (ca, _) = a.session().await;
+    drop(ca);
+    let (cb, _) = b.session().await;
+    // A goes away: when B drops the agent, A's turn fails and B takes it back.
+    a.stop().await;
+    drop(cb);
+    // Four short sessions and a refused connect in a row: the backoff has grown (up to
+    // 4 s, then up to 8 s).
+    let mut cb = b.next_conn(Duration::from_secs(30)).await;
+    cb.hello().await;
+    cb.welcome(PROTOCOL_VERSION, 5, &[]).await;
+    log_line(&agent, &["cannot connect to control plane", &a.url]).await;
+    run_ping(&mut cb, Uuid::new_v4()).await;
 }

@@ -112,6 +112,31 @@ pub struct Report {
     pub body: EventBody,
 }
 
+/// The control plane URL (`ws(s)://…/api/agents/connect`) of the agent's current session,
+/// or of its last one while it is disconnected; `None` before the first welcome. The
+/// session sets it at each welcome; a command reads it when it calls the server back
+/// (Terraform's state backend), so with several server URLs it reaches the replica the
+/// agent is connected to then, not the one it was first configured with. Clones share it.
+#[derive(Clone, Default, Debug)]
+pub struct ConnectedServer(Arc<std::sync::RwLock<Option<Arc<str>>>>);
+
+impl ConnectedServer {
+    /// A cell already holding `url` (tests, and executors run without a session).
+    pub fn new(url: &str) -> Self {
+        let c = Self::default();
+        c.set(url);
+        c
+    }
+
+    pub fn set(&self, url: &str) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::from(url));
+    }
+
+    pub fn get(&self) -> Option<Arc<str>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// What one running command gives its executor: who it is, how to stop, where to report.
 #[derive(Clone)]
 pub struct ExecContext {
@@ -128,6 +153,8 @@ pub struct ExecContext {
     /// `terraform_apply`: the command's Terraform state credential from its dispatch
     /// (`dispatch.terraform_state`), when the server keeps the state.
     pub terraform_state: Option<crate::secret::Secret>,
+    /// The control plane the agent is connected to (see [`ConnectedServer`]).
+    pub server: ConnectedServer,
 }
 
 impl ExecContext {
@@ -145,12 +172,19 @@ impl ExecContext {
             reports,
             cancel_reason: Default::default(),
             terraform_state: None,
+            server: ConnectedServer::default(),
         }
     }
 
     /// This context with the command's Terraform state credential.
     pub fn with_terraform_state(mut self, credential: Option<String>) -> Self {
         self.terraform_state = credential.map(crate::secret::Secret::new);
+        self
+    }
+
+    /// This context reading the connected control plane from `server`.
+    pub fn with_server(mut self, server: ConnectedServer) -> Self {
+        self.server = server;
         self
     }
 

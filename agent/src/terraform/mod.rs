@@ -71,11 +71,12 @@ pub struct TerraformExecutor {
     state: Option<Arc<StateServer>>,
 }
 
-/// The server's Terraform state endpoint, as this agent reaches it.
+/// The server's Terraform state endpoint, as this agent reaches it: at the control plane
+/// the agent is connected to when the command builds its backend (see
+/// [`crate::exec::ConnectedServer`]), so with several server URLs a command dispatched
+/// after a fail-over uses the replica that is up.
 #[derive(Debug)]
 struct StateServer {
-    /// `http(s)://host[:port][/prefix]/api/terraform/state/` (ends with `/`).
-    base: String,
     /// The extra CA the agent trusts for the server (`--server-ca-file`), handed to
     /// Terraform as `SSL_CERT_FILE`.
     ca_file: Option<PathBuf>,
@@ -193,10 +194,25 @@ impl TerraformExecutor {
     }
 
     /// This executor keeping the state of applies whose dispatch carries a state
-    /// credential on the server at `base` (see [`state_base_url`]).
-    pub fn with_state_backend(mut self, base: Option<String>, ca_file: Option<PathBuf>) -> Self {
-        self.state = base.map(|base| Arc::new(StateServer { base, ca_file }));
+    /// credential on the server the agent is connected to (see [`state_base_url`]).
+    pub fn with_state_backend(mut self, ca_file: Option<PathBuf>) -> Self {
+        self.state = Some(Arc::new(StateServer { ca_file }));
         self
+    }
+
+    /// The `http` backend of a command whose dispatch carried a state credential, at the
+    /// state endpoint of the control plane the agent is connected to now; `None` keeps the
+    /// state local to the workspace.
+    fn backend(&self, ctx: &ExecContext, workspace_key: &str) -> Option<Backend> {
+        let server = self.state.as_ref()?;
+        let password = ctx.terraform_state.as_ref()?;
+        let base = state_base_url(&ctx.server.get()?)?;
+        Some(Backend {
+            address: format!("{base}{}", path_segment(workspace_key)),
+            username: ctx.command_id.to_string(),
+            password: password.clone(),
+            ca_file: server.ca_file.clone(),
+        })
     }
 
     pub fn settings(&self) -> &TerraformSettings {
@@ -440,15 +456,7 @@ async fn run(
     };
     sink.system(&format!("workspace {}", ws.dir.display()))
         .await;
-    let backend = match (&exec.state, &ctx.terraform_state) {
-        (Some(server), Some(password)) => Some(Backend {
-            address: format!("{}{}", server.base, path_segment(&req.key)),
-            username: ctx.command_id.to_string(),
-            password: password.clone(),
-            ca_file: server.ca_file.clone(),
-        }),
-        _ => None,
-    };
+    let backend = exec.backend(ctx, &req.key);
     let result = match saved_plan {
         Some((plan_id, sha)) => {
             run_saved_plan(ctx, sink, settings, &ws, backend, plan_id, sha).await
@@ -1175,6 +1183,39 @@ mod tests {
             "TF_HTTP_USERNAME".to_string(),
             "0b5c6d6e-0000-4000-8000-000000000001".to_string()
         )));
+    }
+
+    #[test]
+    fn the_state_backend_follows_the_server_the_agent_is_connected_to() {
+        let dir = std::env::temp_dir().join(format!("tendril-state-{}", uuid::Uuid::new_v4()));
+        let exec =
+            TerraformExecutor::new(TerraformSettings::default(), &dir).with_state_backend(None);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let id = uuid::Uuid::new_v4();
+        let connected = crate::exec::ConnectedServer::default();
+        let ctx = ExecContext::new(id, id, 1, tx)
+            .with_terraform_state(Some("pw".into()))
+            .with_server(connected.clone());
+        // Not connected yet: no server to keep the state.
+        assert!(exec.backend(&ctx, "prod").is_none());
+        connected.set("ws://127.0.0.1:7001/api/agents/connect");
+        let first = exec.backend(&ctx, "prod").expect("backend");
+        assert_eq!(
+            first.address,
+            "http://127.0.0.1:7001/api/terraform/state/prod"
+        );
+        assert_eq!(first.username, id.to_string());
+        // After a fail-over to another URL, a backend built now uses that one.
+        connected.set("wss://cp2.example/x/api/agents/connect");
+        assert_eq!(
+            exec.backend(&ctx, "prod").expect("backend").address,
+            "https://cp2.example/x/api/terraform/state/prod"
+        );
+        // No credential in the dispatch: local state.
+        let plain =
+            ExecContext::new(id, id, 1, tokio::sync::mpsc::channel(1).0).with_server(connected);
+        assert!(exec.backend(&plain, "prod").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
