@@ -324,6 +324,15 @@ pub struct Api {
 }
 
 impl Api {
+    /// An admin API client of the server at `base` (`http://host:port`).
+    pub fn new(base: &str, token: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub async fn call(
         &self,
         method: reqwest::Method,

@@ -9,7 +9,9 @@
 //! * [`recorder`]: an executor driven directly, its reports recorded
 //! * [`git`], [`terraform`]: template repositories and Terraform
 //! * [`pve_sim`]: the Proxmox VE API simulator
+//! * [`cluster`]: several replicas on one PostgreSQL behind HAProxy
 
+pub mod cluster;
 pub mod db;
 pub mod git;
 pub mod harness;

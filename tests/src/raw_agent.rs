@@ -163,3 +163,188 @@ pub fn acked(v: &Value, cid: &str) -> Option<u64> {
         .filter_map(|a| a["seq"].as_u64())
         .max()
 }
+
+/// What a [`PingAgent`] saw, shared with the test or benchmark that runs it.
+#[derive(Default)]
+pub struct PingAgentLog {
+    /// Sessions opened (welcome received).
+    pub sessions: std::sync::atomic::AtomicU64,
+    /// Whether a session is open now.
+    pub online: std::sync::atomic::AtomicBool,
+    /// When each command's dispatch arrived (the first time).
+    pub dispatched: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+    /// When each command's cancel arrived (the first time).
+    pub cancelled: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
+    /// Close codes and reasons the server sent, with when.
+    pub closes: std::sync::Mutex<Vec<(std::time::Instant, Option<u16>, String)>>,
+}
+
+/// A minimal agent with the durability rules of the real one, for many-agent tests and
+/// the benchmark: it answers `ping` (after `params.duration_ms`, if given) and cancels,
+/// keeps every result until the server acks it, and on a lost session reconnects — to the
+/// next of its URLs, after a short jittered pause — naming its unfinished commands in
+/// hello and sending their results again. Stops when `stop` is cancelled.
+pub struct PingAgent;
+
+impl PingAgent {
+    pub fn spawn(
+        urls: Vec<String>,
+        token: String,
+        log: std::sync::Arc<PingAgentLog>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run_ping_agent(urls, token, log, stop))
+    }
+}
+
+async fn run_ping_agent(
+    urls: Vec<String>,
+    token: String,
+    log: std::sync::Arc<PingAgentLog>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+    use trellis_protocol::{
+        AgentMessage, CommandType, Event, EventBody, FinalStatus, Hello, Outcome, ServerMessage,
+    };
+    // Results not acked yet, by command (seq 1 each: a ping's only event).
+    let mut unacked: BTreeMap<uuid::Uuid, Event> = BTreeMap::new();
+    // Accepted, result not made yet (waiting out `duration_ms`).
+    let mut running: HashSet<uuid::Uuid> = HashSet::new();
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<(uuid::Uuid, FinalStatus)>();
+    let finished = |id: uuid::Uuid, status: FinalStatus| {
+        Event {
+        command_id: id,
+        seq: 1,
+        ts: 0,
+        body: EventBody::Finished(Outcome {
+            status,
+            result: (status == FinalStatus::Succeeded).then(|| {
+                json!({"pong": true, "hostname": "sim", "agent_version": "sim", "events_sent": 0})
+            }),
+            error: (status != FinalStatus::Succeeded).then(|| trellis_protocol::CommandError::new("cancelled", "cancelled")),
+        }),
+    }
+    };
+    let mut attempt = 0usize;
+    while !stop.is_cancelled() {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        let ws = tokio::select! {
+            _ = stop.cancelled() => return,
+            ws = connect(url, &token) => ws,
+        };
+        let Ok(ws) = ws else {
+            let pause = 50 + rand::random::<u64>() % 250;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            continue;
+        };
+        let (mut tx, mut rx) = ws.split();
+        let hello = AgentMessage::Hello(Hello {
+            protocol_version: trellis_protocol::PROTOCOL_VERSION,
+            min_protocol_version: None,
+            agent_version: "sim".into(),
+            hostname: "sim".into(),
+            capabilities: vec![CommandType::Ping],
+            max_concurrency: 64,
+            active_commands: unacked.keys().chain(running.iter()).copied().collect(),
+            interrupted_commands: vec![],
+            facts: json!({}),
+        });
+        if tx.send(Message::text(hello.encode())).await.is_err() {
+            continue;
+        }
+        let mut beat = tokio::time::interval(Duration::from_secs(10));
+        let mut welcomed = false;
+        let close: (Option<u16>, String) = loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    log.online.store(false, Ordering::Relaxed);
+                    return;
+                }
+                d = due_rx.recv() => {
+                    let Some((id, status)) = d else { return };
+                    running.remove(&id);
+                    let e = finished(id, status);
+                    unacked.insert(id, e.clone());
+                    if tx.send(Message::text(AgentMessage::Events { events: vec![e] }.encode())).await.is_err() {
+                        break (None, "send failed".into());
+                    }
+                }
+                _ = beat.tick() => {
+                    if tx.send(Message::text(AgentMessage::Heartbeat { running: running.len() as u32 }.encode())).await.is_err() {
+                        break (None, "send failed".into());
+                    }
+                }
+                m = rx.next() => {
+                    let t = match m {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(c))) => {
+                            break (c.as_ref().map(|c| u16::from(c.code)), c.map(|c| c.reason.to_string()).unwrap_or_default());
+                        }
+                        Some(Ok(_)) => continue,
+                        _ => break (None, "connection lost".into()),
+                    };
+                    match ServerMessage::decode(&t) {
+                        Ok(ServerMessage::Welcome { .. }) if !welcomed => {
+                            welcomed = true;
+                            log.sessions.fetch_add(1, Ordering::Relaxed);
+                            log.online.store(true, Ordering::Relaxed);
+                            // Results the last session did not see acked, again.
+                            if !unacked.is_empty() {
+                                let events: Vec<Event> = unacked.values().cloned().collect();
+                                if tx.send(Message::text(AgentMessage::Events { events }.encode())).await.is_err() {
+                                    break (None, "send failed".into());
+                                }
+                            }
+                        }
+                        Ok(ServerMessage::Dispatch(d)) => {
+                            log.dispatched.lock().unwrap().entry(d.command_id).or_insert_with(Instant::now);
+                            if unacked.contains_key(&d.command_id) || running.contains(&d.command_id) {
+                                continue;
+                            }
+                            let accept = AgentMessage::Accept { command_id: d.command_id };
+                            if tx.send(Message::text(accept.encode())).await.is_err() {
+                                break (None, "send failed".into());
+                            }
+                            let ms = d.params.get("duration_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+                            running.insert(d.command_id);
+                            if ms == 0 {
+                                let _ = due_tx.send((d.command_id, FinalStatus::Succeeded));
+                            } else {
+                                let due = due_tx.clone();
+                                let id = d.command_id;
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    let _ = due.send((id, FinalStatus::Succeeded));
+                                });
+                            }
+                        }
+                        Ok(ServerMessage::Cancel { command_id, .. }) => {
+                            log.cancelled.lock().unwrap().entry(command_id).or_insert_with(Instant::now);
+                            if running.contains(&command_id) {
+                                let _ = due_tx.send((command_id, FinalStatus::Cancelled));
+                            }
+                        }
+                        Ok(ServerMessage::Acks { acks }) => {
+                            for a in acks {
+                                unacked.remove(&a.command_id);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        };
+        log.online.store(false, Ordering::Relaxed);
+        log.closes
+            .lock()
+            .unwrap()
+            .push((Instant::now(), close.0, close.1));
+        let pause = 50 + rand::random::<u64>() % 250;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}

@@ -337,14 +337,16 @@ pub async fn drain(broker: &Arc<Broker>, period: Duration) {
         seconds = period.as_secs_f64(),
         "draining: moving agents to the other replicas"
     );
+    // Evenly over the period: at most one group every 100 ms.
     const STEP: Duration = Duration::from_millis(100);
-    let steps = (period.as_millis() / STEP.as_millis()).max(1) as usize;
-    let per_step = sessions.len().div_ceil(steps);
-    for chunk in sessions.chunks(per_step.max(1)) {
+    let groups = ((period.as_millis() / STEP.as_millis()).max(1) as usize).min(sessions.len());
+    let per_group = sessions.len().div_ceil(groups);
+    let pause = period / groups as u32;
+    for chunk in sessions.chunks(per_group.max(1)) {
         for (agent, epoch) in chunk {
             broker.send_if_epoch(*agent, *epoch, ToSession::ShuttingDown);
         }
-        tokio::time::sleep(STEP).await;
+        tokio::time::sleep(pause).await;
     }
     let until = Instant::now() + Duration::from_secs(1);
     while broker.online_count() > 0 && Instant::now() < until {

@@ -19,7 +19,9 @@ const MAX_DESTROY_ATTEMPTS: i64 = 3;
 ///
 /// One statement (not read-then-write), so it is atomic on its own. The outer
 /// `status = 'queued'` makes a concurrent claim (another replica) skip rows already taken
-/// under PostgreSQL's READ COMMITTED re-check.
+/// under PostgreSQL's READ COMMITTED re-check. Only the agent's current session (its
+/// epoch) claims: an older session on another replica, about to be superseded, gets
+/// nothing.
 fn claim_query(
     agent_id: AgentId,
     epoch: i64,
@@ -28,7 +30,9 @@ fn claim_query(
 ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
     sqlx::query(
         "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
-         WHERE status = 'queued' AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
+         WHERE status = 'queued' \
+         AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND session_epoch = $2) \
+         AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
          ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
          FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
          RETURNING id, type, params, deadline_at, attempt, root_id, signature",

@@ -1,0 +1,439 @@
+//! Several replicas on one PostgreSQL behind a real HAProxy (issue 13): cross-replica
+//! dispatch and streams through `LISTEN/NOTIFY`, cancel and revoke reaching another
+//! replica's agent, a replica killed under a running `terraform_apply`, starting together
+//! (one seeding, one leader, leadership moving), and draining on SIGTERM.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use trellis_tests::cluster::{require_haproxy, Cluster};
+use trellis_tests::git::GitRepo;
+use trellis_tests::harness::{assert_lines_once, Agent, Api, TempDir};
+use trellis_tests::raw_agent::{PingAgent, PingAgentLog};
+use trellis_tests::sse::SseStream;
+use trellis_tests::terraform::terraform_env;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Simulated agents connected through HAProxy until every replica holds at least one;
+/// returns `(agent id, token, log, replica index)` for each.
+async fn agents_on_every_replica(
+    c: &Cluster,
+    n: usize,
+    stop: &CancellationToken,
+) -> Vec<(String, String, Arc<PingAgentLog>, usize)> {
+    let api = c.lb_api();
+    let mut out = Vec::new();
+    // At least `n`, and more while some replica has none (HAProxy's choice also counts the
+    // API calls in between).
+    for i in 0..n + 30 {
+        if i >= n
+            && (0..c.len()).all(|r| {
+                out.iter()
+                    .any(|a: &(String, String, Arc<PingAgentLog>, usize)| a.3 == r)
+            })
+        {
+            break;
+        }
+        let (id, token) = api.create_agent(&format!("sim-{i}")).await;
+        let log = Arc::new(PingAgentLog::default());
+        PingAgent::spawn(
+            vec![c.lb_ws_url()],
+            token.clone(),
+            log.clone(),
+            stop.clone(),
+        );
+        api.wait_agent_online(&id).await;
+        let r = c
+            .which_replica(&id)
+            .await
+            .expect("agent online on a replica");
+        out.push((id, token, log, r));
+    }
+    let mut seen: Vec<usize> = out.iter().map(|a| a.3).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen.len(),
+        c.len(),
+        "HAProxy spreads agents over every replica: {:?}",
+        out.iter().map(|a| a.3).collect::<Vec<_>>()
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_created_on_one_replica_reaches_an_agent_on_another_within_100_ms() {
+    if !require_haproxy() {
+        return;
+    }
+    let dir = TempDir::new("cluster-dispatch");
+    let c = Cluster::start(3, &dir, true, &[]).await;
+    let stop = CancellationToken::new();
+    let agents = agents_on_every_replica(&c, 6, &stop).await;
+
+    // 300 commands, each created on a replica other than its agent's.
+    let apis: Vec<Api> = (0..c.len()).map(|i| c.api(i)).collect();
+    let mut sent: Vec<(String, Instant, usize)> = Vec::new();
+    for k in 0..300 {
+        let (id, _, _, holder) = &agents[k % agents.len()];
+        let creator = (holder + 1 + k % (c.len() - 1)) % c.len();
+        assert_ne!(creator, *holder);
+        let t = Instant::now();
+        let cid = apis[creator].command(id, "ping", json!({})).await;
+        sent.push((cid, t, k % agents.len()));
+    }
+    // Every one dispatched (and finished); latency from the create request to the agent.
+    let mut lat = Vec::new();
+    for (cid, t, a) in &sent {
+        let c0 = apis[0].wait_done(cid, Duration::from_secs(30)).await;
+        assert_eq!(c0["status"], "succeeded", "{c0}");
+        let at = *agents[*a]
+            .2
+            .dispatched
+            .lock()
+            .unwrap()
+            .get(&cid.parse::<uuid::Uuid>().unwrap())
+            .expect("dispatch reached the agent");
+        lat.push(at.duration_since(*t));
+    }
+    lat.sort();
+    let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    println!(
+        "cross-replica dispatch over 300 commands: p50 {p50:?} p99 {p99:?} max {:?}",
+        lat.last().unwrap()
+    );
+    assert!(
+        p99 < Duration::from_millis(100),
+        "cross-replica dispatch p99 {p99:?} (the backup poll is 5 s: notifications are not working?)"
+    );
+
+    // A stream opened on a third replica (neither the creator nor the holder) is live.
+    for (k, (id, _, _, holder)) in agents.iter().enumerate().take(3) {
+        let creator = (holder + 1) % c.len();
+        let third = (holder + 2) % c.len();
+        let cid = apis[creator]
+            .command(id, "ping", json!({"duration_ms": 800}))
+            .await;
+        let mut s = SseStream::subscribe(&apis[third], &cid).await;
+        let t = Instant::now();
+        let mut finished = None;
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("stream stalled")
+        {
+            if ev.event == "finished" {
+                finished = Some(t.elapsed());
+                break;
+            }
+        }
+        let took = finished.expect("finished event on the third replica");
+        println!(
+            "agent {k}: SSE on a third replica saw finished after {took:?} (agent took 800 ms)"
+        );
+        // Well under the 5 s backup poll: the event store's notification woke the stream.
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+    }
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_revoke_on_one_replica_reach_an_agent_on_another_within_a_second() {
+    if !require_haproxy() {
+        return;
+    }
+    let dir = TempDir::new("cluster-cancel");
+    let c = Cluster::start(3, &dir, true, &[]).await;
+    let stop = CancellationToken::new();
+    let agents = agents_on_every_replica(&c, 3, &stop).await;
+    for (id, _, log, holder) in &agents {
+        let other = (holder + 1) % c.len();
+        let api = c.api(other);
+        let cid = api
+            .command(id, "ping", json!({"duration_ms": 60_000}))
+            .await;
+        let uuid: uuid::Uuid = cid.parse().unwrap();
+        api.wait_until(Duration::from_secs(10), || async {
+            api.get(&format!("/api/commands/{cid}")).await["status"] == "running"
+        })
+        .await;
+        let t = Instant::now();
+        let (status, _) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/commands/{cid}/cancel"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 202);
+        let reached = loop {
+            if let Some(at) = log.cancelled.lock().unwrap().get(&uuid) {
+                break at.duration_since(t);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "cancel never reached the agent"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        println!(
+            "cancel from replica {other} reached the agent on replica {holder} in {reached:?}"
+        );
+        assert!(reached < Duration::from_secs(1), "{reached:?}");
+        let done = api.wait_done(&cid, Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "cancelled", "{done}");
+    }
+
+    // Revoke on another replica: the agent's socket is closed within a second.
+    let (id, _, log, holder) = &agents[0];
+    let other = (holder + 2) % c.len();
+    let closes_before = log.closes.lock().unwrap().len();
+    let t = Instant::now();
+    let (status, _) = c
+        .api(other)
+        .call(reqwest::Method::DELETE, &format!("/api/agents/{id}"), None)
+        .await;
+    assert!(status == 204 || status == 200, "{status}");
+    let (at, code, reason) = loop {
+        if let Some(x) = log.closes.lock().unwrap().get(closes_before).cloned() {
+            break x;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the revoked agent's session stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let took = at.duration_since(t);
+    println!("revoke on replica {other} closed the session on replica {holder} in {took:?} ({code:?} {reason})");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(reason.contains("revoked"), "{reason}");
+    stop.cancel();
+}
+
+const SLOW_TF: &str = r#"
+resource "null_resource" "slow" {
+  provisioner "local-exec" {
+    command = "for i in $(seq 1 40); do echo \"line $i of 40\"; sleep 0.25; done"
+  }
+}
+output "done" {
+  value = "yes"
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_replica_under_a_running_terraform_apply_loses_nothing() {
+    if !require_haproxy() {
+        return;
+    }
+    let dir = TempDir::new("cluster-kill");
+    let mut c = Cluster::start(3, &dir, true, &[]).await;
+    let repo = GitRepo::init(&dir.join("template"));
+    repo.write("main.tf", SLOW_TF);
+    repo.commit_all("template");
+    repo.tag("v1");
+    let api = c.lb_api();
+    let (agent_id, token) = api.create_agent("tf-host").await;
+    let env = terraform_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let _agent = Agent::start_with(&c.lb_ws_url(), &token, &dir.join("agent"), &env);
+    api.wait_agent_online(&agent_id).await;
+    let holder = c
+        .which_replica(&agent_id)
+        .await
+        .expect("agent on a replica");
+    let other = (holder + 1) % c.len();
+    let cid = c
+        .api(other)
+        .command(
+            &agent_id,
+            "terraform_apply",
+            json!({"template_source": {"repo": repo.path.to_str().unwrap(), "version": "v1"}}),
+        )
+        .await;
+    // Some lines stored, then the replica holding the agent dies.
+    let a = c.api(other);
+    a.wait_until(Duration::from_secs(60), || async {
+        a.all_logs(&cid)
+            .await
+            .iter()
+            .any(|l| l["data"].as_str().unwrap_or("").contains("line 5 of 40"))
+    })
+    .await;
+    c.kill(holder);
+    let t = Instant::now();
+    // The agent comes back through HAProxy, on another replica.
+    a.wait_until(Duration::from_secs(30), || async {
+        let v = a.get(&format!("/api/agents/{agent_id}")).await;
+        v["status"] == "online" && v["replica"] != json!(format!("replica-{holder}"))
+    })
+    .await;
+    println!(
+        "agent back online on another replica {:?} after the kill",
+        t.elapsed()
+    );
+    let done = a.wait_done(&cid, Duration::from_secs(120)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["outputs"]["done"]["value"], "yes", "{done}");
+    // Every line exactly once, and the event seqs contiguous.
+    let logs = a.all_logs(&cid).await;
+    let text: String = logs
+        .iter()
+        .filter_map(|l| l["data"].as_str())
+        .collect::<Vec<_>>()
+        .join("");
+    for i in 1..=40 {
+        let needle = format!("line {i} of 40\n");
+        assert_eq!(text.matches(&needle).count(), 1, "{needle:?} in:\n{text}");
+    }
+    let seqs: Vec<i64> = logs.iter().filter_map(|l| l["seq"].as_i64()).collect();
+    let mut sorted = seqs.clone();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "no event stored twice");
+    let _ = assert_lines_once;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_together_seed_once_elect_one_leader_and_fail_over() {
+    let dir = TempDir::new("cluster-leader");
+    let mut c = Cluster::start(3, &dir, false, &[]).await;
+    // One set of system templates, whoever seeded them.
+    let templates = c.api(1).get("/api/templates").await;
+    let names: Vec<&str> = templates["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert!(!names.is_empty());
+    assert_eq!(
+        names.len(),
+        unique.len(),
+        "seeded more than once: {names:?}"
+    );
+
+    let leaders = |v: &[serde_json::Value]| -> Vec<String> {
+        v.iter()
+            .filter(|r| r["leader"] == true)
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let t = Instant::now();
+    let leader = loop {
+        let v = c.replicas_report().await;
+        let l = leaders(&v);
+        if v.len() == 3 && l.len() == 1 {
+            break l[0].clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no single leader: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // It stays one leader.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(leaders(&c.replicas_report().await), vec![leader.clone()]);
+
+    let i: usize = leader.strip_prefix("replica-").unwrap().parse().unwrap();
+    c.kill(i);
+    let t = Instant::now();
+    let next = loop {
+        let v = c.replicas_report().await;
+        let l: Vec<String> = leaders(&v).into_iter().filter(|n| *n != leader).collect();
+        if l.len() == 1 {
+            break l[0].clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no new leader: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "leadership moved from {leader} to {next} in {:?}",
+        t.elapsed()
+    );
+    // The dead replica's lease runs out and the new leader removes its row.
+    let t = Instant::now();
+    loop {
+        let v = c.replicas_report().await;
+        if v.iter().all(|r| r["name"] != json!(leader)) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "dead replica never swept: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_replica_its_agents_move_and_readyz_fails_meanwhile() {
+    if !require_haproxy() {
+        return;
+    }
+    let dir = TempDir::new("cluster-drain");
+    let mut c = Cluster::start(2, &dir, true, &[("TRELLIS_DRAIN_SECS", "2")]).await;
+    let stop = CancellationToken::new();
+    let agents = agents_on_every_replica(&c, 6, &stop).await;
+    let victim = agents[0].3;
+    let moving: Vec<&String> = agents
+        .iter()
+        .filter(|a| a.3 == victim)
+        .map(|a| &a.0)
+        .collect();
+    let ready = c.replica(victim).url("/readyz");
+    let probe = tokio::spawn(async move {
+        // Sees 503 `draining` while the replica drains.
+        let http = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = http.get(&ready).send().await {
+                if r.status() == 503 {
+                    return r.text().await.unwrap_or_default();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        String::new()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let took = c.terminate(victim);
+    let body = probe.await.unwrap();
+    assert!(body.contains("draining"), "readyz while draining: {body:?}");
+    println!("replica {victim} drained and stopped in {took:?}");
+    assert!(
+        took >= Duration::from_secs(1),
+        "closed everything at once: {took:?}"
+    );
+    let other = 1 - victim;
+    let api = c.api(other);
+    let mut at: HashMap<&String, usize> = HashMap::new();
+    for id in &moving {
+        api.wait_until(Duration::from_secs(15), || async {
+            let v = api.get(&format!("/api/agents/{id}")).await;
+            v["status"] == "online" && v["replica"] == json!(format!("replica-{other}"))
+        })
+        .await;
+        at.insert(id, other);
+    }
+    // And they work there.
+    for id in &moving {
+        let cid = api.command(id, "ping", json!({})).await;
+        assert_eq!(
+            api.wait_done(&cid, Duration::from_secs(10)).await["status"],
+            "succeeded"
+        );
+    }
+    stop.cancel();
+}
