@@ -167,6 +167,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/cluster/replicas": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The running replicas: which holds how many agent sessions, which is the housekeeping
+         *     leader, which are draining. SQLite has one.
+         */
+        get: operations["cluster_replicas"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/commands": {
         parameters: {
             query?: never;
@@ -672,6 +692,10 @@ export interface components {
             /** Format: int64 */
             maxConcurrency: number;
             name: string;
+            /** @description The replica holding the agent's session (the last one, while it lives): its name. */
+            replica?: string | null;
+            /** @description That replica's id (`GET /api/cluster/replicas`). */
+            replicaId?: string | null;
             status: components["schemas"]["AgentStatus"];
             version?: string | null;
         };
@@ -1189,6 +1213,31 @@ export interface components {
             node: string;
             /** Format: int32 */
             vmid: number;
+        };
+        /** @description One running replica of the control plane (several share one PostgreSQL). */
+        Replica: {
+            /**
+             * Format: int64
+             * @description Agents whose session it holds.
+             */
+            agentsOnline: number;
+            /** @description Stopping: not ready, takes no new agent sessions. */
+            draining: boolean;
+            /** @description When it last renewed its lease (every 2 s; dead after 10 s without). */
+            heartbeatAt: string;
+            hostname: string;
+            id: string;
+            /** @description Runs the cluster-wide housekeeping (deadlines, retention, stale agents). */
+            leader: boolean;
+            name: string;
+            /** @description RFC 3339. */
+            startedAt: string;
+            /** @description Whether this is the replica that answered. */
+            this: boolean;
+            version: string;
+        };
+        ReplicaList: {
+            items: components["schemas"]["Replica"][];
         };
         /** @description Who is signed in. */
         SessionInfo: {
@@ -1900,6 +1949,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    cluster_replicas: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ReplicaList"];
                 };
             };
             /** @description An error: `{"error": {"code", "message"}}` */
@@ -3542,7 +3619,7 @@ export interface operations {
                     "text/plain": string;
                 };
             };
-            /** @description The database does not answer */
+            /** @description The database does not answer, or this replica is draining */
             503: {
                 headers: {
                     [name: string]: unknown;
