@@ -7,7 +7,8 @@
 //! * The state is not stored in clear.
 //! * The state endpoints refuse missing, wrong, expired and other-workspace credentials.
 //!
-//! Each on SQLite and PostgreSQL.
+//! Each on SQLite and PostgreSQL. And, on SQLite: an agent given several server URLs keeps
+//! the state on the server it is connected to.
 
 use std::time::{Duration, Instant};
 
@@ -542,3 +543,45 @@ on_both_backends!(
     credentials,
     state_requests_need_the_commands_own_live_credential
 );
+
+/// With several server URLs, the state goes to the server of the agent's current session:
+/// the first URL is dead (a closed port), so the agent runs on the second, and Terraform's
+/// backend must point there too, not at the first URL configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_server_urls_the_state_goes_to_the_connected_one() {
+    let (dir, cp, api) = control_plane(Backend::Sqlite, "tf-state-urls").await;
+    let repo = template(&dir);
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/api/agents/connect", l.local_addr().unwrap())
+    };
+    let (agent_id, token) = api.create_agent("tf-urls").await;
+    let env = terraform_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let agent = Agent::start_with(
+        &format!("{dead},{}", cp.ws_url()),
+        &token,
+        &dir.join("tf-urls"),
+        &env,
+    );
+    api.wait_agent_online(&agent_id).await;
+    let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
+    let ws = "urls";
+    let cid = api
+        .command(
+            &agent_id,
+            "terraform_apply",
+            params(&repo, ws, "same", &marker),
+        )
+        .await;
+    let done = api.wait_done(&cid, Duration::from_secs(50)).await;
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", agent.log());
+    let state = api.get(&state_path(ws)).await;
+    assert!(state.to_string().contains(&marker), "{state}");
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connected to control plane") && l.contains(&cp.ws_url())),
+        "{log}"
+    );
+}
