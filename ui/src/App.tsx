@@ -87,7 +87,7 @@ export function App() {
   else if (p === '/nodes') page = <Nodes query={route.query} />;
   else if (p === '/commands') page = <Commands query={route.query} />;
   else if ((params = match('/commands/:id', p))) page = <CommandPage id={params.id} />;
-  else if (p === '/deploy') page = <Deploy />;
+  else if (p === '/deploy') page = <Deploy query={route.query} />;
   else if (p === '/audit') page = <Audit query={route.query} />;
   else
     page = (

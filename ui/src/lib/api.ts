@@ -30,6 +30,8 @@ import type {
   Template,
   TemplateInput,
   TemplateList,
+  TerraformStateVersionList,
+  TerraformWorkspaceList,
   UpdateNodeRequest,
   VmNode,
 } from './types';
@@ -183,4 +185,10 @@ export const api = {
     request<NodeWithCommand>(`/api/nodes/${enc(id)}/destroy`, { method: 'POST', body: { confirmName } satisfies DestroyRequest }),
   forgetNode: (id: string) => request<VmNode>(`/api/nodes/${enc(id)}/forget`, { method: 'POST' }),
   importNode: (body: ImportNodeRequest) => request<VmNode>('/api/nodes/import', { method: 'POST', body }),
+
+  /** Workspaces whose Terraform state trellis keeps. */
+  terraformWorkspaces: (signal?: AbortSignal) => request<TerraformWorkspaceList>('/api/terraform/workspaces', { signal }),
+  /** The stored state versions of a workspace, newest first (404 when none). */
+  terraformVersions: (workspace: string, signal?: AbortSignal) =>
+    request<TerraformStateVersionList>(`/api/terraform/state/${enc(workspace)}/versions`, { signal }),
 };

@@ -39,6 +39,11 @@ export const queryKeys = {
   agentVms: (agentId: string) => ['agentVms', agentId] as const,
   /** Prefix of every hypervisor's VM inventory. */
   allAgentVms: ['agentVms'] as const,
+  /** Terraform workspaces with stored state, and one workspace's state versions. */
+  terraformWorkspaces: ['terraformWorkspaces'] as const,
+  terraformVersions: (workspace: string) => ['terraformVersions', workspace] as const,
+  /** Prefix of every workspace's versions. */
+  allTerraformVersions: ['terraformVersions'] as const,
 };
 
 /** The app's query client. Lists poll, so failed requests are not retried in between. */
@@ -115,6 +120,21 @@ export const commandsQuery = (filters: CommandFilters, auto = true) => {
     placeholderData: keepPreviousData,
   });
 };
+
+export const terraformWorkspacesQuery = () =>
+  queryOptions({
+    queryKey: queryKeys.terraformWorkspaces,
+    queryFn: ({ signal }) => api.terraformWorkspaces(signal).then((r) => r.items),
+    refetchInterval: POLL_MS,
+  });
+
+export const terraformVersionsQuery = (workspace: string, enabled = true) =>
+  queryOptions({
+    queryKey: queryKeys.terraformVersions(workspace),
+    queryFn: ({ signal }) => api.terraformVersions(workspace, signal).then((r) => r.items),
+    refetchInterval: POLL_MS,
+    enabled,
+  });
 
 export const useAgents = () => useQuery(agentsQuery());
 export const useTemplates = () => useQuery(templatesQuery());
@@ -197,7 +217,11 @@ export function mutations(qc: QueryClient) {
 
     importNode: after(api.importNode, () => [queryKeys.nodes, queryKeys.allAgentVms]),
 
-    createCommand: after(api.createCommand, () => [queryKeys.commandLists]),
+    createCommand: after(api.createCommand, (body) =>
+      body.type.startsWith('terraform_')
+        ? [queryKeys.commandLists, queryKeys.terraformWorkspaces, queryKeys.allTerraformVersions]
+        : [queryKeys.commandLists],
+    ),
     cancelCommand: after(api.cancelCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),
     retryCommand: after(api.retryCommand, (id) => [queryKeys.commandLists, queryKeys.command(id), queryKeys.nodes]),
     pinCommand: after(api.pinCommand, (id) => [queryKeys.commandLists, queryKeys.command(id)]),

@@ -13,6 +13,8 @@ export const PROVISION_STAGES = [
 ] as const;
 
 export const TERRAFORM_STAGES = ['fetch_template', 'init', 'apply', 'outputs'] as const;
+export const TERRAFORM_PLAN_STAGES = ['fetch_template', 'init', 'plan', 'show'] as const;
+export const TERRAFORM_DESTROY_STAGES = ['fetch_template', 'init', 'destroy'] as const;
 
 /** `vm_power` and `destroy` (protocol/src/commands.rs). */
 export const VM_POWER_STAGES = ['request', 'wait_state'] as const;
@@ -29,6 +31,9 @@ const LABELS: Record<string, string> = {
   init: 'terraform init',
   apply: 'terraform apply',
   outputs: 'Read outputs',
+  plan: 'terraform plan',
+  show: 'Summarise the plan',
+  destroy: 'terraform destroy',
   request: 'Send the power request',
   wait_state: 'Wait for the new state',
   check_tag: 'Check the VM tag',
@@ -44,6 +49,8 @@ export function stageLabel(name: string): string {
 export function expectedStages(type: string): readonly string[] {
   if (type === 'provision') return PROVISION_STAGES;
   if (type === 'terraform_apply') return TERRAFORM_STAGES;
+  if (type === 'terraform_plan') return TERRAFORM_PLAN_STAGES;
+  if (type === 'terraform_destroy') return TERRAFORM_DESTROY_STAGES;
   if (type === 'vm_power') return VM_POWER_STAGES;
   if (type === 'destroy') return DESTROY_STAGES;
   return [];

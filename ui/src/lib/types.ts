@@ -47,6 +47,11 @@ export type PowerAction = Schemas['PowerAction'];
 export type PowerRequest = Schemas['PowerRequest'];
 export type DestroyRequest = Schemas['DestroyRequest'];
 
+export type TerraformWorkspace = Schemas['TerraformWorkspace'];
+export type TerraformWorkspaceList = Schemas['TerraformWorkspaceList'];
+export type TerraformStateVersion = Schemas['TerraformStateVersion'];
+export type TerraformStateVersionList = Schemas['TerraformStateVersionList'];
+
 export type ErrorBody = Schemas['ErrorBody'];
 export type ErrorDetail = Schemas['ErrorDetail'];
 
@@ -96,9 +101,26 @@ export const AGENT_STATUSES = ['online', 'offline'] as const satisfies readonly 
 // ---- Not described by the OpenAPI document ----
 
 /** Command types (`Command.type` is a plain string in the API). */
-export type CommandType = 'ping' | 'provision' | 'list_templates' | 'terraform_apply' | 'vm_power' | 'destroy';
+export type CommandType =
+  | 'ping'
+  | 'provision'
+  | 'list_templates'
+  | 'terraform_apply'
+  | 'terraform_plan'
+  | 'terraform_destroy'
+  | 'vm_power'
+  | 'destroy';
 
-export const COMMAND_TYPES: CommandType[] = ['provision', 'vm_power', 'destroy', 'terraform_apply', 'list_templates', 'ping'];
+export const COMMAND_TYPES: CommandType[] = [
+  'provision',
+  'vm_power',
+  'destroy',
+  'terraform_plan',
+  'terraform_apply',
+  'terraform_destroy',
+  'list_templates',
+  'ping',
+];
 
 /** `Stage.state` (a plain string in the API). */
 export type StageState = 'pending' | 'running' | 'completed' | 'failed' | 'skipped';

@@ -12,6 +12,8 @@ import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
 import { PinToggle } from '../components/PinToggle';
 import { cancelledSentence, startedAt, targetLabel, vmCleanupSentence } from '../lib/commandText';
+import { planSummary } from '../lib/terraform';
+import { PlanReview } from '../components/PlanReview';
 
 const STREAM_LABEL: Record<string, string> = {
   connecting: 'connecting…',
@@ -202,6 +204,15 @@ export function CommandPage({ id }: { id: string }) {
             {cmdErr.details != null && <JsonView value={cmdErr.details} />}
           </div>
         )
+      )}
+      {cmd.type === 'terraform_plan' && planSummary(cmd.result) && (
+        <section className="card" data-testid="command-plan">
+          <h2>Plan</h2>
+          <PlanReview summary={planSummary(cmd.result)!} />
+          <p>
+            <a href={`#/deploy?plan=${encodeURIComponent(cmd.id)}`}>Review it on the Deploy page</a> to apply or discard it.
+          </p>
+        </section>
       )}
       {cmd.result != null && (
         <section className="card">

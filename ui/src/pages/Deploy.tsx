@@ -1,3 +1,8 @@
+// The Deploy page: Plan → review → Apply or Discard. The form submits a `terraform_plan`; the
+// page then follows the plan live and shows its changes by action (DeployRun.tsx), and Apply
+// applies exactly that saved plan. Below the form, the workspaces whose state Trellis keeps,
+// with their versions, last apply and a Destroy (TerraformWorkspaces.tsx). The one-step
+// `terraform_apply` (plan and apply at once) stays in the API for automation.
 import { useState, type FormEvent } from 'react';
 import { errorMessage } from '../lib/api';
 import { useAgents, useMutations } from '../lib/queries';
@@ -5,6 +10,8 @@ import { navigate } from '../lib/router';
 import { parseNameList, parseTerraformVars, validateGitRef, validateRepoPath, validateRequired } from '../lib/validation';
 import { ErrorBox, Field, Notice, Spinner } from '../components/ui';
 import { stripUrlCredentials } from '../lib/redact';
+import { DestroyRun, PlanRun } from './DeployRun';
+import { TerraformWorkspaces } from './TerraformWorkspaces';
 
 const LAST_KEY = 'trellis.deploy.last';
 
@@ -13,14 +20,15 @@ interface DeployForm {
   repo: string;
   version: string;
   path: string;
+  workspace: string;
   vars: string;
   sensitive: string;
   reason: string;
   timeout: string;
 }
 
-/** Builds the terraform_apply config snapshot from the form (vars must already be valid). */
-export function buildSnapshot(f: DeployForm, vars: Record<string, unknown>) {
+/** Builds the config snapshot (`terraform_plan` params) from the form (vars must already be valid). */
+export function buildSnapshot(f: Omit<DeployForm, 'workspace'> & { workspace?: string }, vars: Record<string, unknown>) {
   return {
     template_source: {
       repo: f.repo.trim(),
@@ -29,6 +37,7 @@ export function buildSnapshot(f: DeployForm, vars: Record<string, unknown>) {
     },
     terraform_vars: vars,
     sensitive_vars: parseNameList(f.sensitive),
+    ...(f.workspace?.trim() ? { workspace_key: f.workspace.trim() } : {}),
     meta: { triggered_by: 'trellis-ui', reason: f.reason.trim() || null },
   };
 }
@@ -46,7 +55,7 @@ export function validateDeploy(f: DeployForm): Partial<Record<keyof DeployForm, 
   };
 }
 
-type LastDeploy = Partial<Pick<DeployForm, 'agentId' | 'repo' | 'version' | 'path'>>;
+type LastDeploy = Partial<Pick<DeployForm, 'agentId' | 'repo' | 'version' | 'path' | 'workspace'>>;
 
 /** The last deploy's choices, for the next form; a repository URL's credentials are never kept. */
 export function loadLastDeploy(storage: Pick<Storage, 'getItem' | 'setItem'> | undefined = globalThis.localStorage): LastDeploy {
@@ -75,29 +84,42 @@ function newKey(): string {
   return typeof crypto !== 'undefined' && 'randomUUID' in crypto ? crypto.randomUUID() : `ui-${Date.now()}-${Math.random().toString(36).slice(2)}`;
 }
 
-export function Deploy() {
+/** The page: the form, or the run the URL names (`?plan=ID[&apply=ID]`, `?destroy=ID`). */
+export function Deploy({ query }: { query?: URLSearchParams }) {
+  const plan = query?.get('plan') ?? null;
+  const destroy = query?.get('destroy') ?? null;
+  // The form stays mounted-in-state while a run is shown, so Discard comes back to what was typed.
+  const [form, setForm] = useState<DeployForm>(initialForm);
+  if (destroy) return <DestroyRun id={destroy} />;
+  if (plan) return <PlanRun key={plan} planId={plan} applyId={query?.get('apply') ?? null} />;
+  return <PlanForm f={form} setF={setForm} />;
+}
+
+function initialForm(): DeployForm {
+  const last = loadLastDeploy();
+  return {
+    agentId: last.agentId ?? '',
+    repo: last.repo ?? '',
+    version: last.version ?? 'main',
+    path: last.path ?? '',
+    workspace: last.workspace ?? '',
+    vars: '{\n  \n}',
+    sensitive: '',
+    reason: '',
+    timeout: '',
+  };
+}
+
+function PlanForm({ f, setF }: { f: DeployForm; setF: (f: DeployForm) => void }) {
   const agents = useAgents();
   const m = useMutations();
-  const [f, setF] = useState<DeployForm>(() => {
-    const last = loadLastDeploy();
-    return {
-      agentId: last.agentId ?? '',
-      repo: last.repo ?? '',
-      version: last.version ?? 'main',
-      path: last.path ?? '',
-      vars: '{\n  \n}',
-      sensitive: '',
-      reason: '',
-      timeout: '',
-    };
-  });
   const [touched, setTouched] = useState(false);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
   // One idempotency key per form submission attempt sequence, so a double click does not run twice.
   const [idemKey, setIdemKey] = useState(newKey);
 
-  const capable = (agents.data ?? []).filter((a) => a.capabilities.includes('terraform_apply'));
+  const capable = (agents.data ?? []).filter((a) => a.capabilities.includes('terraform_plan'));
   const selected = capable.find((a) => a.id === f.agentId);
   const agentId = f.agentId || (capable.length === 1 ? capable[0].id : '');
   const form = { ...f, agentId };
@@ -120,13 +142,14 @@ export function Deploy() {
     try {
       const r = await m.createCommand({
         agentId,
-        type: 'terraform_apply',
+        type: 'terraform_plan',
         params: buildSnapshot(form, vars.value),
         idempotencyKey: idemKey,
         ...(form.timeout.trim() ? { timeoutSecs: Number(form.timeout) } : {}),
       });
-      saveLastDeploy({ agentId, repo: form.repo, version: form.version, path: form.path });
-      navigate(`/commands/${r.commandId}`);
+      saveLastDeploy({ agentId, repo: form.repo, version: form.version, path: form.path, workspace: form.workspace });
+      setIdemKey(newKey());
+      navigate(`/deploy?plan=${encodeURIComponent(r.commandId)}`);
     } catch (err) {
       setError(errorMessage(err));
     } finally {
@@ -139,7 +162,7 @@ export function Deploy() {
       <header className="page-head">
         <div>
           <h1>Deploy</h1>
-          <p className="muted">Apply a Terraform configuration on an agent. The config snapshot is stored with the command.</p>
+          <p className="muted">Plan a Terraform configuration on an agent, review the changes, then apply exactly that plan or discard it.</p>
         </div>
       </header>
       {agents.error && <ErrorBox>{errorMessage(agents.error)}</ErrorBox>}
@@ -147,7 +170,7 @@ export function Deploy() {
         <Spinner />
       ) : (
         <form className="card form" onSubmit={submit} noValidate data-testid="deploy-form">
-          {capable.length === 0 && <Notice tone="warn">No agent has the terraform_apply capability.</Notice>}
+          {capable.length === 0 && <Notice tone="warn">No agent has the terraform_plan capability.</Notice>}
           <Field label="Agent" error={show('agentId')}>
             {(p) => (
               <select {...p} value={agentId} onChange={set('agentId')} data-testid="deploy-agent">
@@ -177,6 +200,9 @@ export function Deploy() {
               </Field>
             </div>
           </fieldset>
+          <Field label="Workspace (optional)" hint="Name of the Terraform state workspace; default: the repository and path">
+            {(p) => <input {...p} value={f.workspace} onChange={set('workspace')} className="mono" placeholder="e.g. web-prod" data-testid="deploy-workspace" />}
+          </Field>
           <Field label="Variables (JSON object)" error={show('vars')} hint="Written to terraform.tfvars.json">
             {(p) => <textarea {...p} rows={8} value={f.vars} onChange={set('vars')} className="mono" spellCheck={false} data-testid="deploy-vars" />}
           </Field>
@@ -191,14 +217,16 @@ export function Deploy() {
               {(p) => <input {...p} inputMode="numeric" value={f.timeout} onChange={set('timeout')} placeholder="server default" />}
             </Field>
           </div>
-          {error && <ErrorBox title="The server refused the deploy">{error}</ErrorBox>}
+          {error && <ErrorBox title="The server refused the plan">{error}</ErrorBox>}
           <div className="btn-row">
             <button type="submit" className="btn btn-primary" disabled={busy} data-testid="deploy-submit">
-              {busy ? 'Submitting…' : 'Deploy'}
+              {busy ? 'Submitting…' : 'Plan'}
             </button>
+            <span className="muted small">Nothing changes until you review the plan and apply it.</span>
           </div>
         </form>
       )}
+      <TerraformWorkspaces />
     </div>
   );
 }

@@ -132,6 +132,7 @@ describe('deploy snapshot', () => {
     repo: ' /srv/tf/app ',
     version: 'v1.0.0',
     path: './envs/prod',
+    workspace: '',
     vars: '{"region":"eu"}',
     sensitive: 'db_password, api_key',
     reason: 'release',
@@ -145,6 +146,8 @@ describe('deploy snapshot', () => {
       meta: { triggered_by: 'trellis-ui', reason: 'release' },
     });
     expect(buildSnapshot({ ...f, path: '' }, {}).template_source).toEqual({ repo: '/srv/tf/app', version: 'v1.0.0' });
+    expect(buildSnapshot({ ...f, workspace: ' web-prod ' }, {}).workspace_key).toBe('web-prod');
+    expect(buildSnapshot(f, {})).not.toHaveProperty('workspace_key');
   });
   it('validates the form', () => {
     expect(Object.values(validateDeploy(f)).every((v) => !v)).toBe(true);

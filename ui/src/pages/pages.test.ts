@@ -13,7 +13,7 @@ import { Templates } from './Templates';
 import { Commands } from './Commands';
 import { Deploy } from './Deploy';
 
-const agent = { id: 'a1', name: 'pve-cache', status: 'online', capabilities: ['provision', 'terraform_apply'], facts: {}, lastHeartbeat: null, hostname: 'h', version: null } as unknown as Agent;
+const agent = { id: 'a1', name: 'pve-cache', status: 'online', capabilities: ['provision', 'terraform_apply', 'terraform_plan', 'terraform_destroy'], facts: {}, lastHeartbeat: null, hostname: 'h', version: null } as unknown as Agent;
 const template = { id: 't1', name: 'tpl-cache', memory: 1024, cores: 1, proxmoxTemplateId: 9000, proxmoxNode: null, networkBridge: null, postProvisionCommands: [], system: false } as unknown as Template;
 const node = { id: 'n1', name: 'node-cache', templateId: 't1', memory: 1024, cores: 1, vmId: 101, hypervisorId: 'a1', ipAddress: '10.0.0.5', status: 'running', lastCommandId: 'c1', error: null, application: null } as unknown as VmNode;
 const command = { id: 'c1234567-0000', agentId: 'a1', type: 'provision', status: 'succeeded', stage: null, percent: 100, attempt: 1, createdAt: '2026-01-01T00:00:00Z', startedAt: null, finishedAt: null, error: null, stages: [] } as unknown as Command;
@@ -29,6 +29,12 @@ function filledClient(): QueryClient {
   qc.setQueryData(queryKeys.nodes, [node]);
   qc.setQueryData(queryKeys.commands({ limit: 100 }), [command]);
   qc.setQueryData(queryKeys.command('c1'), { ...command, id: 'c1' });
+  qc.setQueryData(queryKeys.terraformWorkspaces, [
+    { workspace: '/srv/tf#web', versions: 3, latestVersion: 3, updatedAt: '2026-01-01T00:00:00Z', lockedBy: null },
+  ]);
+  qc.setQueryData(queryKeys.commands({ type: 'terraform_apply', limit: 200 }), [
+    { ...command, id: 'tfapply1-0000', type: 'terraform_apply', target: { workspace: '/srv/tf#web', version: 'v2' } },
+  ]);
   qc.setQueryData(queryKeys.agentVms('a1'), [
     { vmId: 101, node: 'pve1', name: 'node-cache', status: 'running', tag: 'trellis-command=c1', ipAddresses: ['10.0.0.5'], seenAt: '2026-01-01T00:00:00Z', nodeId: 'n1' },
     { vmId: 102, node: 'pve1', name: 'left-over', status: 'stopped', tag: 'trellis-command=c0', ipAddresses: [], seenAt: '2026-01-01T00:00:00Z', nodeId: null },
@@ -58,7 +64,10 @@ describe('pages read the shared cache', () => {
     const cmds = render(qc, createElement(Commands, { query: new URLSearchParams() }));
     expect(cmds).toContain('data-command-id="c1234567-0000"');
     expect(cmds).toContain('pve-cache');
-    expect(render(qc, createElement(Deploy))).toMatch(/<option value="a1"[^>]*>pve-cache/);
+    const deploy = render(qc, createElement(Deploy));
+    expect(deploy).toMatch(/<option value="a1"[^>]*>pve-cache/);
+    // The workspaces from ['terraformWorkspaces'], each with its last apply from the command list.
+    expect(deploy).toMatch(/data-workspace="\/srv\/tf#web"[\s\S]*version (<!-- -->)?3[\s\S]*tfapply1[\s\S]*v2/);
   });
 
   it('with an empty cache the pages wait for data (spinner), not an empty list', () => {
