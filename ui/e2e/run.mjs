@@ -665,6 +665,220 @@ async function cloneOptionsAndImportSteps(page, { agentId, agentName, tplName })
   });
 }
 
+/** Waits until the Deploy page's plan (or apply card) reaches a terminal status; answers it. */
+async function planStatus(page, testId, timeoutMs = DEPLOY_TIMEOUT) {
+  const terminal = ['succeeded', 'failed', 'cancelled', 'timed_out'];
+  return waitFor(
+    `${testId} to finish`,
+    async () => {
+      const st = await page.getByTestId(testId).getAttribute('data-status');
+      return terminal.includes(st) ? st : null;
+    },
+    timeoutMs,
+    200,
+  );
+}
+
+/** The resources of the plan review, as "action address". */
+async function reviewedResources(page) {
+  return page.locator('[data-testid="plan-review"] [data-testid="plan-resource"]').evaluateAll((els) => els.map((e) => `${e.dataset.action} ${e.dataset.address}`));
+}
+
+/**
+ * The Deploy page: Plan → review (the adds) → Discard, then Plan → Apply (streamed live) →
+ * Plan again shows "No changes" → the workspace's versions and last apply → Destroy with the
+ * typed name removes the resources (the plan after shows the adds again).
+ */
+async function deploySteps(page) {
+  const agents = (await api('GET', '/api/agents')).items;
+  const tf = agents.find((a) => a.status === 'online' && a.capabilities.includes('terraform_plan') && a.capabilities.includes('terraform_destroy'));
+  assert(tf, 'no online agent has the terraform_plan and terraform_destroy capabilities');
+  // The template's workspace: its repo and path (no workspace key), as the state endpoint names it.
+  const workspace = `${TF_REPO}#${TF_PATH.replace(/^\/+|\/+$/g, '')}`;
+  const RESOURCE = 'create null_resource.announce';
+  let planId;
+
+  const fillForm = async () => {
+    await page.getByTestId('deploy-agent').selectOption(tf.id);
+    await page.getByTestId('deploy-repo').fill(TF_REPO);
+    await page.getByTestId('deploy-version').fill(TF_VERSION);
+    await page.getByTestId('deploy-path').fill(TF_PATH);
+    await page.getByTestId('deploy-vars').fill(TF_VARS);
+    await page.getByTestId('deploy-reason').fill(`e2e ${RUN}`);
+  };
+
+  await step('deploy: a plan is reviewed before anything changes; Apply waits for it; Discard applies nothing', async () => {
+    await page.goto(`${BASE}/#/deploy`);
+    await page.getByTestId('deploy-form').waitFor();
+    await page.getByTestId('workspaces').waitFor();
+    await a11y(page, 'deploy');
+    await fillForm();
+    await page.getByTestId('deploy-vars').fill('{"broken": ');
+    await page.getByText(/Variables are not valid JSON/).waitFor();
+    await a11y(page, 'deploy with invalid variables');
+    await page.getByTestId('deploy-vars').fill(TF_VARS);
+    await shot(page, '16-deploy-form');
+    await page.getByTestId('deploy-submit').click();
+    await page.getByTestId('plan-page').waitFor({ timeout: 30_000 });
+    planId = new URLSearchParams(page.url().split('?')[1]).get('plan');
+    assert(planId, `the page did not move to the plan: ${page.url()}`);
+    const planCmd = await api('GET', `/api/commands/${planId}`);
+    assert(planCmd.type === 'terraform_plan', `the form submitted a ${planCmd.type}, not a terraform_plan`);
+    assert(planCmd.target?.workspace === workspace, `the plan's target workspace is ${planCmd.target?.workspace}, not the state workspace ${workspace}`);
+    // Apply is disabled until the plan has succeeded (checked while it is still running, if it is).
+    const early = await page.getByTestId('plan-page').getAttribute('data-status');
+    if (early !== 'succeeded') {
+      assert(await page.getByTestId('plan-apply').isDisabled(), `Apply is enabled while the plan is ${early}`);
+      await page.getByTestId('apply-why').waitFor();
+      await a11y(page, 'deploy: plan running');
+    }
+    const st = await planStatus(page, 'plan-page');
+    assert(st === 'succeeded', `the plan ended ${st}: ${(await page.getByTestId('plan-page').innerText()).slice(0, 800)}`);
+    await page.getByTestId('plan-review').waitFor();
+    const line = await page.getByTestId('plan-line').innerText();
+    assert(line.includes('Plan: 1 to add, 0 to change, 0 to destroy.'), `the review says "${line}"`);
+    const res = await reviewedResources(page);
+    assert(res.length === 1 && res[0] === RESOURCE, `the review lists ${JSON.stringify(res)}, not [${RESOURCE}]`);
+    assert((await page.getByTestId('plan-group-create').getByRole('heading').innerText()).startsWith('Create'), 'the adds are not under "Create"');
+    assert(await page.getByTestId('plan-apply').isEnabled(), 'Apply is disabled after the plan succeeded');
+    await shot(page, '17-deploy-plan-review');
+    await a11y(page, 'deploy: plan review');
+    // Discard: back to the form (as typed); the plan stays unapplied.
+    await page.getByTestId('plan-discard').click();
+    await page.getByTestId('deploy-form').waitFor();
+    assert((await page.getByTestId('deploy-repo').inputValue()) === TF_REPO, 'Discard lost the form');
+    const applies = (await api('GET', `/api/commands?agentId=${tf.id}&type=terraform_apply`)).items;
+    assert(!applies.some((c) => c.params?.plan_command_id === planId), 'the discarded plan was applied');
+  });
+
+  await step('deploy: Apply runs exactly the reviewed plan, its output streamed live', async () => {
+    await page.getByTestId('deploy-submit').click();
+    await page.getByTestId('plan-page').waitFor({ timeout: 30_000 });
+    planId = new URLSearchParams(page.url().split('?')[1]).get('plan');
+    const st = await planStatus(page, 'plan-page');
+    assert(st === 'succeeded', `the plan ended ${st}`);
+    await page.getByTestId('plan-apply').click();
+    await page.getByTestId('apply-card').waitFor();
+    const applyId = new URLSearchParams(page.url().split('?')[1]).get('apply');
+    assert(applyId, `no apply in the URL: ${page.url()}`);
+    const applyLog = page.getByRole('region', { name: 'Apply log' });
+    const counter = applyLog.getByTestId('log-line-count');
+    let sawLinesWhileRunning = false;
+    let status;
+    const t0 = Date.now();
+    for (;;) {
+      status = await page.getByTestId('apply-card').getAttribute('data-status');
+      const lines = parseInt((await counter.textContent().catch(() => '0')) ?? '0', 10);
+      if (!['succeeded', 'failed', 'cancelled', 'timed_out', 'loading'].includes(status) && lines > 0) {
+        if (!sawLinesWhileRunning) {
+          await shot(page, '18-deploy-applying');
+          await a11y(page, 'deploy: apply running');
+          // The cancel confirmation, left with Cancel (skipped if the apply just finished).
+          const opened = await page
+            .getByTestId('apply-cancel')
+            .click({ timeout: 2000 })
+            .then(
+              () => true,
+              (e) => (log(`  cancel confirmation not opened: ${e.message.split('\n')[0]}`), false),
+            );
+          if (opened) {
+            const dialog = page.getByRole('dialog');
+            await dialog.getByRole('button', { name: 'Cancel apply' }).waitFor();
+            await a11y(page, 'cancel apply confirm');
+            await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
+            await dialog.waitFor({ state: 'detached' });
+          }
+        }
+        sawLinesWhileRunning = true;
+      }
+      if (['succeeded', 'failed', 'cancelled', 'timed_out'].includes(status)) break;
+      if (Date.now() - t0 > DEPLOY_TIMEOUT) throw new StepError(`the apply did not finish within ${DEPLOY_TIMEOUT / 1000} s`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert(status === 'succeeded', `the apply ended ${status}: ${(await page.getByTestId('apply-card').innerText()).slice(0, 800)}`);
+    await page.getByTestId('apply-succeeded').waitFor();
+    const lines = parseInt((await counter.textContent()) ?? '0', 10);
+    assert(lines > 0, 'the apply finished without any log lines in the viewer');
+    assert(sawLinesWhileRunning, 'log lines only appeared after the apply had finished (not streamed live)');
+    await waitFor('the "deploy step 6" line in the apply log', async () => (await applyLog.innerText()).includes('deploy step 6'), 10_000);
+    const applied = await api('GET', `/api/commands/${applyId}`);
+    assert(applied.params.plan_command_id === planId, `the apply's plan_command_id is ${applied.params.plan_command_id}, not ${planId}`);
+    await shot(page, '18b-deploy-applied');
+    await a11y(page, 'deploy: applied');
+  });
+
+  await step('deploy: a second plan shows "No changes", and Apply stays disabled', async () => {
+    await page.getByTestId('plan-again').first().click();
+    await waitFor('a new plan', async () => {
+      const id = new URLSearchParams(page.url().split('?')[1] ?? '').get('plan');
+      return id && id !== planId && !page.url().includes('apply=') ? id : null;
+    });
+    await page.getByTestId('plan-page').waitFor();
+    const st = await planStatus(page, 'plan-page');
+    assert(st === 'succeeded', `the second plan ended ${st}`);
+    const line = await page.getByTestId('plan-line').innerText();
+    assert(/^No changes\./.test(line), `the second plan says "${line}", not "No changes"`);
+    assert((await reviewedResources(page)).length === 0, 'the second plan lists changes');
+    assert(await page.getByTestId('plan-apply').isDisabled(), 'Apply is enabled for a plan without changes');
+    assert((await page.getByTestId('apply-why').innerText()).includes('no changes'), 'no reason given for the disabled Apply');
+    await shot(page, '18c-deploy-no-changes');
+    await a11y(page, 'deploy: plan with no changes');
+    await page.getByTestId('plan-discard').click();
+    await page.getByTestId('deploy-form').waitFor();
+  });
+
+  await step('deploy: the workspace shows its state versions and last apply; Destroy (typed name) removes the resources', async () => {
+    const row = page.locator(`[data-testid="workspace-row"][data-workspace="${workspace}"]`);
+    await row.waitFor();
+    await waitFor('the last apply in the workspace row', async () => (await row.getByTestId('workspace-last-apply').innerText()).includes('succeeded'));
+    await row.getByTestId('workspace-versions-toggle').click();
+    const versions = page.getByTestId('state-versions');
+    await versions.waitFor();
+    assert((await versions.locator('tbody tr').count()) >= 1, 'no state version listed');
+    await shot(page, '18d-deploy-workspace-versions');
+    await a11y(page, 'deploy: workspace state versions');
+    const before = (await api('GET', `/api/terraform/state/${encodeURIComponent(workspace)}/versions`)).items.length;
+
+    await row.getByTestId('workspace-destroy').click();
+    const dialog = page.getByTestId('workspace-destroy-dialog');
+    await dialog.waitFor();
+    assert(await dialog.getByTestId('workspace-destroy-submit').isDisabled(), 'Destroy is enabled before the name is typed');
+    await dialog.getByTestId('workspace-destroy-confirm').fill('wrong name');
+    await dialog.getByText('The name does not match.').waitFor();
+    assert(await dialog.getByTestId('workspace-destroy-submit').isDisabled(), 'Destroy is enabled with a wrong name');
+    await a11y(page, 'deploy: destroy workspace dialog (wrong name)');
+    await dialog.getByTestId('workspace-destroy-confirm').fill(workspace);
+    await shot(page, '18e-deploy-destroy-dialog');
+    await a11y(page, 'deploy: destroy workspace dialog');
+    await dialog.getByTestId('workspace-destroy-submit').click();
+    await page.getByTestId('destroy-page').waitFor();
+    const st = await planStatus(page, 'destroy-page');
+    assert(st === 'succeeded', `the destroy ended ${st}: ${(await page.getByTestId('destroy-page').innerText()).slice(0, 800)}`);
+    await page.getByTestId('destroy-succeeded').waitFor();
+    await shot(page, '18f-deploy-destroyed');
+    await a11y(page, 'deploy: destroyed');
+    const destroyId = new URLSearchParams(page.url().split('?')[1]).get('destroy');
+    const destroyCmd = await api('GET', `/api/commands/${destroyId}`);
+    assert(destroyCmd.type === 'terraform_destroy' && destroyCmd.target?.workspace === workspace, `unexpected destroy: ${JSON.stringify(destroyCmd).slice(0, 400)}`);
+    const logs = (await api('GET', `/api/commands/${destroyId}/logs`)).items.map((l) => l.data).join('');
+    assert(/Destroy complete! Resources: 1 destroyed/.test(logs), `the destroy log does not say 1 destroyed: ${logs.slice(-400)}`);
+    const after = (await api('GET', `/api/terraform/state/${encodeURIComponent(workspace)}/versions`)).items.length;
+    assert(after > before, `the destroy stored no new state version (${before} → ${after})`);
+
+    // Planning the workspace again: the resource is to be created again.
+    await page.goto(`${BASE}/#/deploy`);
+    await row.waitFor();
+    await row.getByTestId('workspace-plan').click();
+    await page.getByTestId('plan-page').waitFor();
+    const again = await planStatus(page, 'plan-page');
+    assert(again === 'succeeded', `the plan after the destroy ended ${again}`);
+    const res = await reviewedResources(page);
+    assert(res.length === 1 && res[0] === RESOURCE, `after the destroy the plan lists ${JSON.stringify(res)}, not [${RESOURCE}]`);
+    await page.getByTestId('plan-discard').click();
+    await page.getByTestId('deploy-form').waitFor();
+  });
+}
+
 async function main() {
   if (!TOKEN) throw new StepError('TRELLIS_ADMIN_TOKEN is not set');
   await mkdir(SHOTS, { recursive: true });
@@ -1221,65 +1435,9 @@ async function main() {
         await a11y(page, 'hypervisors with the VM inventory');
       });
 
-    if (SKIP.has('deploy')) skipped('deploy streams terraform output live', 'E2E_SKIP has deploy');
+    if (SKIP.has('deploy')) skipped('deploy: plan, review, apply, no changes, destroy', 'E2E_SKIP has deploy');
     else if (!TF_REPO || !TF_VERSION) throw new StepError('TF_TEMPLATE_REPO and TF_TEMPLATE_VERSION must be set for the deploy step (or E2E_SKIP=deploy)');
-    else
-      await step('deploy streams terraform output live', async () => {
-        const agents = (await api('GET', '/api/agents')).items;
-        const tf = agents.find((a) => a.status === 'online' && a.capabilities.includes('terraform_apply'));
-        assert(tf, 'no online agent has the terraform_apply capability');
-        await page.goto(`${BASE}/#/deploy`);
-        await page.getByTestId('deploy-form').waitFor();
-        await a11y(page, 'deploy');
-        await page.getByTestId('deploy-agent').selectOption(tf.id);
-        await page.getByTestId('deploy-repo').fill(TF_REPO);
-        await page.getByTestId('deploy-version').fill(TF_VERSION);
-        await page.getByTestId('deploy-path').fill(TF_PATH);
-        await page.getByTestId('deploy-vars').fill('{"broken": ');
-        await page.getByText(/Variables are not valid JSON/).waitFor();
-        await a11y(page, 'deploy with invalid variables');
-        await page.getByTestId('deploy-vars').fill(TF_VARS);
-        await page.getByTestId('deploy-reason').fill(`e2e ${RUN}`);
-        await shot(page, '16-deploy-form');
-        await page.getByTestId('deploy-submit').click();
-        await page.getByTestId('command-page').waitFor({ timeout: 30_000 });
-        const counter = page.getByTestId('log-line-count');
-        let sawLinesWhileRunning = false;
-        let status;
-        const t0 = Date.now();
-        for (;;) {
-          status = await page.getByTestId('command-page').getAttribute('data-status');
-          const lines = parseInt((await counter.textContent()) ?? '0', 10);
-          if (!['succeeded', 'failed', 'cancelled', 'timed_out'].includes(status) && lines > 0) {
-            if (!sawLinesWhileRunning) {
-              await shot(page, '17-deploy-running');
-              await a11y(page, 'command page (running)');
-              // The cancel confirmation, left with Cancel (skipped if the deploy just finished).
-              const opened = await page
-                .getByTestId('cancel-command')
-                .click({ timeout: 2000 })
-                .then(() => true, () => false);
-              if (opened) {
-                const dialog = page.getByRole('dialog');
-                await dialog.getByRole('button', { name: 'Cancel command' }).waitFor();
-                await a11y(page, 'cancel command confirm');
-                await dialog.getByRole('button', { name: 'Cancel', exact: true }).click();
-                await dialog.waitFor({ state: 'detached' });
-              }
-            }
-            sawLinesWhileRunning = true;
-          }
-          if (['succeeded', 'failed', 'cancelled', 'timed_out'].includes(status)) break;
-          if (Date.now() - t0 > DEPLOY_TIMEOUT) throw new StepError(`deploy did not finish within ${DEPLOY_TIMEOUT / 1000} s`);
-          await new Promise((r) => setTimeout(r, 200));
-        }
-        await shot(page, '18-deploy-finished');
-        await a11y(page, 'command page (finished)');
-        const lines = parseInt((await counter.textContent()) ?? '0', 10);
-        assert(status === 'succeeded', `deploy ended ${status}: ${(await page.getByTestId('command-page').innerText()).slice(0, 800)}`);
-        assert(lines > 0, 'deploy finished without any log lines in the viewer');
-        assert(sawLinesWhileRunning, 'log lines only appeared after the deploy had finished (not streamed live)');
-      });
+    else await deploySteps(page);
 
     if (SKIP.has('logviewer')) skipped('log viewer', 'E2E_SKIP has logviewer');
     else await logViewerSteps(page, context, provisioner.id);
