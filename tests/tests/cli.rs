@@ -1,6 +1,6 @@
 //! The client CLI (`trellis login|logout|commands|nodes|deploy`) as a user runs it: the
 //! built `trellis` binary against a live control plane and a real `tendril` running
-//! `ping`s. Each test has its own control plane and its own config directory
+//! `ping`s, and Terraform 1.0.3 with the null provider for `deploy plan|apply|destroy`. Each test has its own control plane and its own config directory
 //! (`XDG_CONFIG_HOME`), so they run in parallel without sharing credentials.
 
 use std::os::unix::fs::PermissionsExt;
@@ -413,11 +413,23 @@ async fn nodes_list_api_errors_and_a_refused_token() {
         explain(&o)
     );
 
-    // deploy plan is not there yet, and says so.
+    // deploy usage errors: no configuration; a saved plan with a configuration beside it.
     let o = run(trellis(&cfg, &["deploy", "plan", "--agent", "x"], &env)).await;
     assert_eq!(code(&o), 2, "{}", explain(&o));
     assert!(
-        text(&o.stderr).contains("not available yet"),
+        text(&o.stderr).contains("--repo and --version are required"),
+        "{}",
+        explain(&o)
+    );
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "apply", "--plan", &node_id, "--repo", "/r"],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 2, "{}", explain(&o));
+    assert!(
+        text(&o.stderr).contains("cannot be given with it"),
         "{}",
         explain(&o)
     );
@@ -432,4 +444,247 @@ async fn nodes_list_api_errors_and_a_refused_token() {
     let err = text(&o.stderr);
     assert!(err.contains("401 unauthorized"), "{err}");
     assert!(err.contains("run `trellis login`"), "{err}");
+}
+
+const MAIN_TF: &str = r#"
+variable "run" {
+  type    = string
+  default = "same"
+}
+variable "db_password" {
+  type      = string
+  sensitive = true
+  validation {
+    condition     = var.db_password != "***"
+    error_message = "The password is the redacted placeholder, not the value."
+  }
+}
+resource "null_resource" "thing" {
+  triggers = { run = var.run, pw = var.db_password }
+}
+output "thing_id" {
+  value = null_resource.thing.id
+}
+"#;
+
+/// `trellis ARGS` on a terminal: a pty from util-linux `script`, `input` typed into it.
+async fn on_a_terminal(cfg: &Path, args: &str, env: &[(&str, &str)], input: &str) -> Output {
+    let mut c = tokio::process::Command::new("script");
+    c.args([
+        "-qec",
+        &format!("{} {args}", bin("trellis").display()),
+        "/dev/null",
+    ])
+    .env_remove("TRELLIS_URL")
+    .env_remove("TRELLIS_TOKEN")
+    .env("XDG_CONFIG_HOME", cfg)
+    .env("HOME", cfg)
+    .env("NO_COLOR", "1")
+    .envs(env.iter().copied())
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut child = c.spawn().expect("start script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Typed once the prompt is up (script forwards what arrives on its stdin to the pty).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    stdin.flush().await.unwrap();
+    let o = tokio::time::timeout(CLI_LIMIT, async {
+        let o = child.wait_with_output().await;
+        drop(stdin);
+        o
+    });
+    o.await.expect("trellis on a pty in time").expect("script")
+}
+
+/// The id after `command ` on the first line (what `--follow` prints first).
+fn first_command_id(o: &Output) -> String {
+    let out = text(&o.stdout);
+    out.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("command "))
+        .map(|s| s.split_whitespace().next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no command id: {}", explain(o)))
+}
+
+/// `deploy plan` → `deploy apply --plan` → `deploy plan --from` (no changes) → `deploy
+/// destroy` (refused without --yes off a terminal, and with a wrong typed name; done with the
+/// right one on a pty) → the next plan adds the resource again; the exit codes follow the
+/// outcome (a plan applied twice fails: exit 1), `--output json` prints the API's shapes, and
+/// the secret variable never shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_plan_apply_destroy_with_real_terraform() {
+    const SECRET: &str = "cli-pw-s3cr3t";
+    let (dir, cp, api) = control_plane(Backend::Sqlite, "cli-deploy").await;
+    let cfg = dir.join("cfg");
+    let env = env_for(&cp);
+    let env = pairs(&env);
+    let repo = trellis_tests::git::GitRepo::init(&dir.join("template"));
+    repo.write("main.tf", MAIN_TF);
+    repo.commit_all("template");
+    repo.tag("v1");
+    let repo_path = repo.path.to_str().unwrap().to_string();
+    let (agent, token) = api.create_agent("cli-tf").await;
+    let tf_env = trellis_tests::terraform::terraform_env();
+    let tf_env: Vec<(&str, &str)> = tf_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let _agent = Agent::start_with(&cp.ws_url(), &token, &dir.join("agent"), &tf_env);
+    api.wait_agent_online(&agent).await;
+    let pw = format!("db_password={SECRET}");
+    let config = [
+        "--agent",
+        &agent,
+        "--repo",
+        &repo_path,
+        "--version",
+        "v1",
+        "--var",
+        "run=one",
+        "--var",
+        &pw,
+    ];
+
+    // Plan, followed: the changes by action and how to apply them.
+    let args = [&["deploy", "plan"][..], &config, &["--follow"]].concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let plan = first_command_id(&o);
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("Plan: 1 to add, 0 to change, 0 to destroy.")
+            && out.contains("Create (1):\n  + null_resource.thing")
+            && out.contains(&format!("Apply it: trellis deploy apply --plan {plan}")),
+        "{}",
+        explain(&o)
+    );
+    assert!(!out.contains(SECRET) && !text(&o.stderr).contains(SECRET));
+    // `commands show` prints the same summary.
+    let o = run(trellis(&cfg, &["commands", "show", &plan], &env)).await;
+    assert!(
+        text(&o.stdout).contains("Create (1):\n  + null_resource.thing"),
+        "{}",
+        explain(&o)
+    );
+
+    // Apply of that saved plan (the agent taken from the plan), JSON: the finished command.
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "apply", "--plan", &plan, "--follow", "-o", "json"],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let applied: Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert_eq!(applied["status"], "succeeded", "{applied}");
+    assert_eq!(applied["type"], "terraform_apply");
+    assert_eq!(applied["params"]["plan_command_id"], plan.as_str());
+    assert!(
+        applied["result"]["outputs"]["thing_id"]["value"].is_string(),
+        "{applied}"
+    );
+    assert!(text(&o.stderr).contains("1 added"), "{}", explain(&o));
+    let apply_id = applied["id"].as_str().unwrap().to_string();
+
+    // A plan is applied once: the second apply fails, and so does the CLI (exit 1).
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "apply", "--plan", &plan, "--follow"],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 1, "{}", explain(&o));
+    assert!(
+        text(&o.stdout).contains("failed: plan_missing"),
+        "{}",
+        explain(&o)
+    );
+
+    // Planned again from the apply (its secret stays on the server): no changes.
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "plan", "--from", &apply_id, "--follow"],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("No changes.") && !out.contains("Apply it"),
+        "{}",
+        explain(&o)
+    );
+
+    // Destroy: never without a confirmation.
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "destroy", "--from", &apply_id],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 2, "{}", explain(&o));
+    assert!(text(&o.stderr).contains("needs --yes"), "{}", explain(&o));
+    let workspace = format!("{repo_path}#");
+    let destroy_args = format!("deploy destroy --from {apply_id} --follow");
+    let o = on_a_terminal(&cfg, &destroy_args, &env, "not-the-workspace\n").await;
+    assert_eq!(code(&o), 2, "{}", explain(&o));
+    assert!(
+        text(&o.stdout).contains(&format!("workspace {workspace:?}"))
+            && text(&o.stdout).contains("does not match"),
+        "{}",
+        explain(&o)
+    );
+    let destroys = api
+        .get(&format!(
+            "/api/commands?agentId={agent}&type=terraform_destroy"
+        ))
+        .await;
+    assert_eq!(
+        destroys["items"].as_array().map(Vec::len),
+        Some(0),
+        "{destroys}"
+    );
+    // Typed on a terminal: destroyed (the template refuses a `***` password, so the real
+    // one came from the server).
+    let o = on_a_terminal(&cfg, &destroy_args, &env, &format!("{workspace}\n")).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let out = text(&o.stdout);
+    assert!(out.contains("Resources: 1 destroyed"), "{}", explain(&o));
+    assert!(!out.contains(SECRET), "{out}");
+
+    // The next plan (JSON, not followed: the 202 answer) adds the resource again.
+    let args = [&["deploy", "plan"][..], &config, &["-o", "json"]].concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let accepted: Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    let next = accepted["commandId"]
+        .as_str()
+        .expect("commandId")
+        .to_string();
+    assert!(accepted["status"].is_string(), "{accepted}");
+    let done = api.wait_done(&next, CLI_LIMIT).await;
+    assert_eq!(
+        (
+            done["result"]["add"].as_i64(),
+            done["result"]["destroy"].as_i64()
+        ),
+        (Some(1), Some(0)),
+        "{done}"
+    );
+
+    // Plan and apply in one step, then destroy from the flags with --yes.
+    let args = [&["deploy", "apply"][..], &config, &["--follow"]].concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let args = [&["deploy", "destroy"][..], &config, &["--yes", "--follow"]].concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    assert!(
+        text(&o.stdout).contains("Resources: 1 destroyed"),
+        "{}",
+        explain(&o)
+    );
 }

@@ -208,4 +208,9 @@ fn print_command(c: &Value) {
             output::table(&["STAGE", "STATE", "STARTED", "FINISHED", "MESSAGE"], &rows)
         );
     }
+    // A plan's changes, by action (as `deploy plan --follow` prints them).
+    if c["type"] == "terraform_plan" && c["result"].is_object() {
+        println!();
+        println!("{}", super::deploy::plan_summary(&c["result"]));
+    }
 }
