@@ -437,3 +437,50 @@ async fn sigterm_drains_a_replica_its_agents_move_and_readyz_fails_meanwhile() {
     }
     stop.cancel();
 }
+
+/// tendril given every replica's own URL (no load balancer, `--server r0,r1`): it holds its
+/// session on the first; when that replica is SIGKILLed it moves to the next URL and the
+/// ping it was streaming finishes there, every line stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tendril_given_every_replica_url_moves_on_when_its_replica_dies() {
+    let dir = TempDir::new("cluster-urls");
+    let mut c = Cluster::start(2, &dir, false, &[]).await;
+    let (agent_id, token) = c.api(0).create_agent("multi-url").await;
+    let urls = format!("{},{}", c.ws_url(0), c.ws_url(1));
+    let agent = Agent::start(&urls, &token, &dir.join("agent"));
+    let api = c.api(1);
+    api.wait_agent_online(&agent_id).await;
+    assert_eq!(
+        c.which_replica(&agent_id).await,
+        Some(0),
+        "the first URL first"
+    );
+    let cid = api
+        .command(
+            &agent_id,
+            "ping",
+            json!({"duration_ms": 4000, "log_lines": 40}),
+        )
+        .await;
+    api.wait_last_seq(&cid, 8).await;
+    c.kill(0);
+    let t = Instant::now();
+    api.wait_until(Duration::from_secs(20), || async {
+        let v = api.get(&format!("/api/agents/{agent_id}")).await;
+        v["status"] == "online" && v["replica"] == json!("replica-1")
+    })
+    .await;
+    println!(
+        "tendril back online on replica-1 {:?} after the kill",
+        t.elapsed()
+    );
+    let done = api.wait_done(&cid, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_lines_once(&api.all_logs(&cid).await, 40);
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connected to control plane") && l.contains(&c.ws_url(1))),
+        "{log}"
+    );
+}
