@@ -27,7 +27,8 @@ Usage: install-tendril.sh --server URL [options]
   --proxmox-url URL          Proxmox VE API, e.g. https://127.0.0.1:8006
   --proxmox-token-id ID      Proxmox API token id, user@realm!name
   --proxmox-fingerprint FP   SHA-256 fingerprint of the Proxmox certificate (default on a
-                             Proxmox host: read from /etc/pve/local/pve-ssl.pem)
+                             Proxmox host: read from /etc/pve/local/pveproxy-ssl.pem, else
+                             pve-ssl.pem)
   --wait-secs N              How long to wait for the agent to come online (default 120)
 
 Environment: TENDRIL_TOKEN (the agent token), PROXMOX_TOKEN_SECRET (with --proxmox-token-id).
@@ -109,9 +110,15 @@ if [ -n "$pve_token_id" ] && [ -z "$pve_secret" ]; then
     pve_secret=$(ask_secret PROXMOX_TOKEN_SECRET "Proxmox API token secret for $pve_token_id")
 fi
 
-# On a Proxmox host the API's self-signed certificate is pinned by its fingerprint.
-if [ -n "$pve_url" ] && [ -z "$pve_fp" ] && [ -r /etc/pve/local/pve-ssl.pem ] && command -v openssl >/dev/null 2>&1; then
-    pve_fp=$(openssl x509 -noout -fingerprint -sha256 -in /etc/pve/local/pve-ssl.pem | sed 's/^[^=]*=//')
+# On a Proxmox host the API's certificate is pinned by its fingerprint: the one port 8006
+# serves, pveproxy-ssl.pem when a custom (e.g. ACME) certificate is installed, else pve-ssl.pem.
+if [ -n "$pve_url" ] && [ -z "$pve_fp" ] && command -v openssl >/dev/null 2>&1; then
+    for pem in /etc/pve/local/pveproxy-ssl.pem /etc/pve/local/pve-ssl.pem; do
+        if [ -r "$pem" ]; then
+            pve_fp=$(openssl x509 -noout -fingerprint -sha256 -in "$pem" | sed 's/^[^=]*=//')
+            break
+        fi
+    done
 fi
 
 # Values go into the environment file single-quoted (systemd and sh read it alike).

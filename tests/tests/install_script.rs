@@ -2,7 +2,9 @@
 //! one-liner runs it (`curl … | sh -s -- --server …`) against a real trellis whose agent
 //! binary is the debug tendril: the agent comes online and the script prints its name, the
 //! environment file is 0600 and holds the token, and the token — given in the environment
-//! — never shows in any process's argv while the script runs.
+//! — never shows in any process's argv while the script runs. An agent registered but never
+//! connected is installed later with the line `GET /api/agents/install` gives, and the
+//! token from its registration (no rotation).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -248,6 +250,25 @@ async fn install_routes_answer_without_admin_auth() {
     let me: serde_json::Value = r.json().await.expect("json");
     assert_eq!(me["name"], "pve-self", "{me}");
     assert_eq!(me["status"], "offline", "{me}");
+    // The install info is for admins (an agent token is refused); without --public-url it
+    // has no install line, the browser fills in the address it used.
+    let r = http
+        .get(cp.url("/api/agents/install"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    let info = api.get("/api/agents/install").await;
+    assert!(
+        info["publicUrl"].is_null() && info["installCommand"].is_null(),
+        "{info}"
+    );
+    assert_eq!(
+        info["serverPublicKey"].as_str().map(str::len),
+        Some(44),
+        "{info}"
+    );
     for bad in [None, Some("not-a-token-0123456789")] {
         let mut req = http.get(cp.url("/api/agents/self"));
         if let Some(t) = bad {
@@ -363,4 +384,98 @@ async fn agents_create_wait_prints_the_one_liner_and_waits_for_the_agent() {
         "agents create --wait returned {:?} after the agent started",
         t0.elapsed()
     );
+}
+
+/// A hypervisor registered earlier that never connected: the admin API gives its install
+/// line (the public URL and the pinned signing key, never a token), and that line, run with
+/// the token from the registration, brings it online — no token rotation needed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_never_connected_agent_installs_with_the_line_from_the_api() {
+    let dir = TempDir::new("install-later");
+    let db = TestDb::create(Backend::Sqlite, &dir).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let public = format!("http://127.0.0.1:{port}");
+    let tendril = bin("tendril");
+    let cp = ControlPlane::start_with(
+        db,
+        &dir,
+        &format!("127.0.0.1:{port}"),
+        &[
+            (
+                "TRELLIS_AGENT_BINARY",
+                tendril.to_str().expect("utf-8 path"),
+            ),
+            ("TRELLIS_PUBLIC_URL", &public),
+        ],
+    )
+    .await;
+    let api = cp.api();
+    let created = api
+        .post("/api/agents", serde_json::json!({"name": "pve-later"}))
+        .await;
+    let agent_id = created["agent"]["id"].as_str().expect("id").to_string();
+    let token = created["token"].as_str().expect("token").to_string();
+    let key = created["serverPublicKey"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let a = api.get(&format!("/api/agents/{agent_id}")).await;
+    assert!(
+        a["lastHeartbeat"].is_null() && a["status"] == "offline",
+        "{a}"
+    );
+
+    let info = api.get("/api/agents/install").await;
+    assert_eq!(info["publicUrl"], public.as_str(), "{info}");
+    assert_eq!(info["serverPublicKey"], key.as_str(), "{info}");
+    let line = info["installCommand"].as_str().expect("installCommand");
+    assert_eq!(
+        line,
+        format!(
+            "curl -fsSL {public}/install/tendril.sh | sh -s -- --server {public} \
+             --server-public-key {key}"
+        )
+    );
+    assert!(!line.contains(&token), "{line}");
+
+    let prefix = dir.join("root");
+    let started = StartedAgent(prefix.join("run/tendril.pid"));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{line} --prefix {} --no-systemd --wait-secs 60",
+            prefix.display()
+        ))
+        .env("TENDRIL_TOKEN", &token)
+        .env("TENDRIL_HOSTNAME", "later-host")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the install line");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("tendril is online as agent pve-later"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = api.get(&format!("/api/agents/{agent_id}")).await;
+    assert_eq!(
+        (a["status"].as_str(), a["hostname"].as_str()),
+        (Some("online"), Some("later-host")),
+        "{a}"
+    );
+    // The pinned key is the control plane's.
+    let env = std::fs::read_to_string(prefix.join("etc/tendril/tendril.env")).expect("env file");
+    assert!(
+        env.contains(&format!("TENDRIL_SERVER_PUBLIC_KEY='{key}'")),
+        "{env}"
+    );
+    if let Some(pid) = started.pid() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    drop(started);
 }

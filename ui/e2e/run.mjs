@@ -964,7 +964,7 @@ async function main() {
       await a11y(page, 'hypervisors');
     });
 
-    await step('register hypervisor shows a one-time token, the install one-liner and the agent command', async () => {
+    await step('register hypervisor shows a one-time token, the install one-liner, the Proxmox token and fingerprint help; a never-connected agent keeps its install line', async () => {
       await page.getByTestId('register-hypervisor').click();
       await page.getByTestId('register-name').waitFor();
       await a11y(page, 'register hypervisor dialog');
@@ -979,9 +979,30 @@ async function main() {
       assert(!(install ?? '').includes(token ?? '\u0000'), 'the install command carries the token');
       await shot(page, '03-register-hypervisor');
       await a11y(page, 'register hypervisor dialog: token');
+      // The Proxmox side: the minimal role for a privilege-separated token, and the fingerprint.
+      const dialogHelp = page.getByTestId('register-dialog').getByTestId('proxmox-setup-help');
+      await dialogHelp.locator('summary').click();
+      const pveum = await dialogHelp.getByTestId('pveum-commands').textContent();
+      assert(/pveum role add TrellisAgent --privs "[^"]*VM\.Clone[^"]*"/.test(pveum ?? '') && pveum.includes('--privsep 1') && pveum.includes("pveum acl modify / --tokens 'trellis@pve!tendril'"), `unexpected pveum commands: ${pveum}`);
+      assert((await dialogHelp.getByTestId('fingerprint-commands').textContent())?.includes('pvenode cert info'), 'no fingerprint command');
+      await shot(page, '03b-register-proxmox-help');
+      await a11y(page, 'register hypervisor dialog: Proxmox token and fingerprint help');
       await page.keyboard.press('Escape');
       const row = page.locator(`tr[data-agent-name="e2e-extra-${RUN}"]`);
       await row.locator('[data-status="offline"]').waitFor();
+      // Never connected: its install line stays on the page (no token in it, no rotation needed).
+      await row.getByTestId('never-connected').waitFor();
+      const agentId = await row.getAttribute('data-agent-id');
+      const pending = page.locator(`[data-testid="pending-install"][data-agent-id="${agentId}"]`);
+      await pending.waitFor();
+      const line = await pending.getByTestId('pending-install-command').textContent();
+      assert(line === install, `the pending install line differs from the one at registration:\n  ${line}\n  ${install}`);
+      assert(!(line ?? '').includes(token ?? '\u0000'), 'the pending install line carries the token');
+      const unattended = await pending.getByTestId('pending-install-unattended').textContent();
+      assert(unattended === `IFS= read -rs TENDRIL_TOKEN && ${install.replace('| sh -s', '| TENDRIL_TOKEN="$TENDRIL_TOKEN" sh -s')}`, `unexpected unattended line: ${unattended}`);
+      await pending.getByTestId('proxmox-setup-help').locator('summary').click();
+      await shot(page, '03c-hypervisor-never-connected');
+      await a11y(page, 'hypervisors: a never-connected agent with its install line');
       // Rotate token: the confirmation, left with Cancel.
       await row.getByRole('button', { name: 'Rotate token' }).click();
       const dialog = page.getByRole('dialog');

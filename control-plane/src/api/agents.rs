@@ -10,7 +10,7 @@ use trellis_protocol::{CommandType, ListTemplatesResult, MAX_FRAME_BYTES};
 
 use super::types::{
     Agent, AgentList, AgentTemplates, AgentVm, AgentVmList, CreateAgentRequest, CreatedAgent,
-    ErrorBody, NewToken, ProxmoxTemplate, UpdateAgentRequest,
+    ErrorBody, InstallInfo, NewToken, ProxmoxTemplate, UpdateAgentRequest,
 };
 use super::{parse_id, ApiResult, AppError, AppState, Json};
 use crate::domain::{self, commands::CreateCommand, DomainError};
@@ -36,6 +36,23 @@ pub async fn create(
         }),
     )
         .into_response()))
+}
+
+/// What installing an agent needs besides its token: the public URL, the signing key
+/// to pin, and the install one-liner — so an agent that never connected can be installed
+/// with the token given at registration, without rotating it.
+#[utoipa::path(get, path = "/api/agents/install", tag = "agents",
+    responses((status = 200, body = InstallInfo)))]
+pub async fn install_info(State(s): State<AppState>) -> Json<InstallInfo> {
+    let key = s.broker.signing.public_key_base64();
+    Json(InstallInfo {
+        install_command: s
+            .public_url
+            .as_deref()
+            .map(|u| super::install::one_liner(u, Some(&key))),
+        public_url: s.public_url.clone(),
+        server_public_key: key,
+    })
 }
 
 /// List live (not revoked) agents.

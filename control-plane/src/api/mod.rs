@@ -62,6 +62,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/api/agents", get(agents::list).post(agents::create))
+        .route("/api/agents/install", get(agents::install_info))
         .route("/api/cluster/replicas", get(cluster::replicas))
         .route(
             "/api/agents/{id}",

@@ -21,7 +21,7 @@ use super::{
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
-        agents::list, agents::create, agents::get, agents::update, agents::revoke, agents::rotate,
+        agents::list, agents::create, agents::install_info, agents::get, agents::update, agents::revoke, agents::rotate,
         agents::templates,
         agents::vms, super::install::agent_self, super::cluster::replicas,
         commands::list, commands::create, commands::get, commands::logs, commands::events,

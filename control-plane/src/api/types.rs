@@ -140,6 +140,22 @@ pub struct CreatedAgent {
     pub public_url: Option<String>,
 }
 
+/// How to install an agent on a host (`GET /api/agents/install`): what the install line
+/// needs besides the agent's token, which is never part of it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstallInfo {
+    /// The URL trellis is reached at (`--public-url`); null when not configured (a browser
+    /// then uses the address it reached trellis at).
+    pub public_url: Option<String>,
+    /// The control plane's dispatch-signing public key (Ed25519, base64), pinned by the
+    /// install line's `--server-public-key`.
+    pub server_public_key: String,
+    /// The install one-liner for `publicUrl` (no token: the script asks for it, or reads
+    /// `TENDRIL_TOKEN`); null without a public URL.
+    pub install_command: Option<String>,
+}
+
 /// What `GET /api/agents/self` tells an agent's token holder about its agent.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AgentSelf {

@@ -129,6 +129,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/agents/install": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * What installing an agent needs besides its token: the public URL, the signing key
+         *     to pin, and the install one-liner — so an agent that never connected can be installed
+         *     with the token given at registration, without rotating it.
+         */
+        get: operations["agents_install_info"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/agents/self": {
         parameters: {
             query?: never;
@@ -1070,6 +1091,27 @@ export interface components {
             /** Format: int64 */
             vmId: number;
         };
+        /**
+         * @description How to install an agent on a host (`GET /api/agents/install`): what the install line
+         *     needs besides the agent's token, which is never part of it.
+         */
+        InstallInfo: {
+            /**
+             * @description The install one-liner for `publicUrl` (no token: the script asks for it, or reads
+             *     `TENDRIL_TOKEN`); null without a public URL.
+             */
+            installCommand?: string | null;
+            /**
+             * @description The URL trellis is reached at (`--public-url`); null when not configured (a browser
+             *     then uses the address it reached trellis at).
+             */
+            publicUrl?: string | null;
+            /**
+             * @description The control plane's dispatch-signing public key (Ed25519, base64), pinned by the
+             *     install line's `--server-public-key`.
+             */
+            serverPublicKey: string;
+        };
         /** @description Cloud-init IP configuration of the first interface. */
         IpConfig: {
             /** @enum {string} */
@@ -1851,6 +1893,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description An error: `{"error": {"code", "message"}}` */
+            default: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agents_install_info: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["InstallInfo"];
                 };
             };
             /** @description An error: `{"error": {"code", "message"}}` */

@@ -20,6 +20,7 @@ import type {
   CreatedAgent,
   DestroyRequest,
   ImportNodeRequest,
+  InstallInfo,
   ErrorBody,
   LogPage,
   NewToken,
@@ -144,6 +145,8 @@ export const api = {
       method: 'POST',
       body: (maxConcurrency ? { name, maxConcurrency } : { name }) satisfies CreateAgentRequest,
     }),
+  /** What an agent's install line needs besides its token (public URL, signing key). */
+  installInfo: (signal?: AbortSignal) => request<InstallInfo>('/api/agents/install', { signal }),
   rotateAgentToken: (id: string) => request<NewToken>(`/api/agents/${enc(id)}/rotate-token`, { method: 'POST' }),
   deleteAgent: (id: string) => request<void>(`/api/agents/${enc(id)}`, { method: 'DELETE' }),
   agentTemplates: (id: string, signal?: AbortSignal) =>

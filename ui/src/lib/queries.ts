@@ -28,6 +28,7 @@ export interface CommandFilters {
 
 export const queryKeys = {
   agents: ['agents'] as const,
+  installInfo: ['installInfo'] as const,
   templates: ['templates'] as const,
   nodes: ['nodes'] as const,
   node: (id: string) => ['node', id] as const,
@@ -136,7 +137,16 @@ export const terraformVersionsQuery = (workspace: string, enabled = true) =>
     enabled,
   });
 
+/** The public URL and signing key for install lines: fixed while trellis runs, read once. */
+export const installInfoQuery = () =>
+  queryOptions({
+    queryKey: queryKeys.installInfo,
+    queryFn: ({ signal }) => api.installInfo(signal),
+    staleTime: Infinity,
+  });
+
 export const useAgents = () => useQuery(agentsQuery());
+export const useInstallInfo = () => useQuery(installInfoQuery());
 export const useTemplates = () => useQuery(templatesQuery());
 export const useNodes = () => useQuery(nodesQuery());
 export const useCommands = (filters: CommandFilters, auto = true) => useQuery(commandsQuery(filters, auto));

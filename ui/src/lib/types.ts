@@ -13,6 +13,7 @@ export type AgentList = Schemas['AgentList'];
 export type AgentTemplates = Schemas['AgentTemplates'];
 export type CreateAgentRequest = Schemas['CreateAgentRequest'];
 export type CreatedAgent = Schemas['CreatedAgent'];
+export type InstallInfo = Schemas['InstallInfo'];
 export type NewToken = Schemas['NewToken'];
 export type SessionInfo = Schemas['SessionInfo'];
 export type AuditEntry = Schemas['AuditEntry'];

@@ -1,6 +1,6 @@
 import { Fragment, useState, type FormEvent } from 'react';
 import { errorMessage } from '../lib/api';
-import { useAgentVms, useAgents, useMutations, useNodes } from '../lib/queries';
+import { useAgentVms, useAgents, useInstallInfo, useMutations, useNodes } from '../lib/queries';
 import type { Agent, AgentVm, VmNode } from '../lib/types';
 import { ConfirmDialog, Modal } from '../components/Modal';
 import { CopyButton, Empty, ErrorBox, Field, JsonView, Notice, RelTime, Spinner, StatusPill } from '../components/ui';
@@ -78,6 +78,165 @@ export function installCommand(opts: { baseUrl: string; serverPublicKey?: string
   if (opts.pveUrl?.trim()) args.push(`--proxmox-url ${shellQuote(opts.pveUrl.trim())}`);
   if (opts.tokenId?.trim()) args.push(`--proxmox-token-id ${shellQuote(opts.tokenId.trim())}`);
   return `curl -fsSL ${shellQuote(`${base}/install/tendril.sh`)} | sh -s -- ${args.join(' ')}`;
+}
+
+/**
+ * The install one-liner for scripts: the token is read without echo into TENDRIL_TOKEN
+ * (`read -rs`), so shell history holds `$TENDRIL_TOKEN`, not the token.
+ */
+export function unattendedInstallCommand(install: string): string {
+  return `IFS= read -rs TENDRIL_TOKEN && ${install.replace('| sh -s', '| TENDRIL_TOKEN="$TENDRIL_TOKEN" sh -s')}`;
+}
+
+/** An agent that has never connected: no heartbeat, no version, no host reported yet. */
+export function neverConnected(a: Pick<Agent, 'lastHeartbeat' | 'connectedAt' | 'version' | 'hostname'>): boolean {
+  return !a.lastHeartbeat && !a.connectedAt && !a.version && !a.hostname;
+}
+
+/** The Proxmox API calls tendril makes, and the privilege each needs (proxmox-api.md). */
+export const PROXMOX_PRIVILEGES: readonly { priv: string; why: string }[] = [
+  { priv: 'VM.Audit', why: 'list templates and VMs (/cluster/resources), read a VM’s status and config' },
+  { priv: 'VM.Clone', why: 'clone the template' },
+  { priv: 'VM.Allocate', why: 'create the clone’s VMID (also in a pool), and delete a VM on destroy' },
+  { priv: 'VM.Config.CPU', why: 'set the cores' },
+  { priv: 'VM.Config.Memory', why: 'set the memory' },
+  { priv: 'VM.Config.Network', why: 'set net0 (bridge, VLAN)' },
+  { priv: 'VM.Config.Options', why: 'description, tags, guest agent flag, start at boot' },
+  { priv: 'VM.Config.Cloudinit', why: 'cloud-init user, SSH keys and IP configuration' },
+  { priv: 'VM.Config.Disk', why: 'grow the disk (clone option)' },
+  { priv: 'VM.PowerMgmt', why: 'start, shut down, stop, reboot' },
+  { priv: 'VM.GuestAgent.Audit', why: 'read the VM’s IP from the QEMU guest agent' },
+  { priv: 'VM.GuestAgent.Unrestricted', why: 'post-provision commands (guest agent exec); leave it out if no template runs any' },
+  { priv: 'Datastore.AllocateSpace', why: 'disk space for full clones and grown disks' },
+  { priv: 'SDN.Use', why: 'attach the NIC to its bridge (checked on /sdn/zones/localnetwork/<bridge>)' },
+  { priv: 'Sys.Audit', why: 'list the nodes, read task status and logs' },
+];
+
+/** The `pveum` commands for a user, a role with only those privileges and a privilege-separated token. */
+export function pveumCommands(user = 'trellis@pve', tokenName = 'tendril'): string {
+  const privs = PROXMOX_PRIVILEGES.map((p) => p.priv).join(',');
+  return [
+    '# A role with only what tendril calls (Proxmox VE 9; on 8.x use VM.Monitor instead of the two VM.GuestAgent.* privileges)',
+    `pveum role add TrellisAgent --privs "${privs}"`,
+    '# A user for the agent, and a privilege-separated API token (its secret is printed once)',
+    `pveum user add ${user} --comment "Trellis agent (tendril)"`,
+    `pveum user token add ${user} ${tokenName} --privsep 1 --comment "tendril"`,
+    '# The role on / for the user and for the token: a privilege-separated token gets only what both have',
+    `pveum acl modify / --users ${user} --roles TrellisAgent`,
+    `pveum acl modify / --tokens '${user}!${tokenName}' --roles TrellisAgent`,
+  ].join('\n');
+}
+
+/** How to read the SHA-256 fingerprint of the certificate the Proxmox API serves. */
+export const FINGERPRINT_COMMANDS = [
+  '# On the Proxmox host: every certificate with its fingerprint (pveproxy-ssl.pem, a custom one, is what port 8006 serves when present)',
+  'pvenode cert info --output-format json',
+  '# or just the fingerprint of the default certificate',
+  'openssl x509 -in /etc/pve/local/pve-ssl.pem -noout -fingerprint -sha256',
+  '# From any machine: the certificate the API actually serves',
+  'openssl s_client -connect pve1.example.com:8006 </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256',
+].join('\n');
+
+/** The Proxmox side of an install: the API token with its minimal role, and the fingerprint. */
+function ProxmoxSetupHelp() {
+  const pveum = pveumCommands();
+  return (
+    <details className="setup-help" data-testid="proxmox-setup-help">
+      <summary>Proxmox API token and certificate fingerprint</summary>
+      <h4>The API token</h4>
+      <p className="small">
+        tendril talks to the Proxmox API with an API token (<code>PROXMOX_TOKEN_ID</code> = <code>user@realm!tokenid</code>, and its secret). Give it a
+        role with only the privileges tendril uses, on a user of its own, and a privilege-separated token. Run as root on a Proxmox node:
+      </p>
+      <div className="codeblock">
+        <pre data-testid="pveum-commands">{pveum}</pre>
+        <CopyButton text={pveum} label="Copy pveum commands" />
+      </div>
+      <p className="small">
+        The token id is then <code>trellis@pve!tendril</code>; <code>pveum user token add</code> prints its secret once. A clone into a pool needs nothing more:
+        Proxmox checks <code>VM.Allocate</code> on <code>/pool/&lt;pool&gt;</code>, which the ACL on <code>/</code> covers.
+      </p>
+      <table className="table table-compact" data-testid="proxmox-privileges">
+        <caption className="sr-only">Why each privilege is needed</caption>
+        <thead>
+          <tr>
+            <th scope="col">Privilege</th>
+            <th scope="col">Used to</th>
+          </tr>
+        </thead>
+        <tbody>
+          {PROXMOX_PRIVILEGES.map((p) => (
+            <tr key={p.priv}>
+              <td className="mono small">{p.priv}</td>
+              <td className="small">{p.why}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <h4>The certificate fingerprint</h4>
+      <p className="small">
+        Proxmox serves a self-signed certificate, which tendril pins by its SHA-256 fingerprint (<code>PROXMOX_TLS_FINGERPRINT=AA:BB:…</code>, or{' '}
+        <code>--proxmox-fingerprint</code>). Run on the Proxmox host itself, the install script reads it; otherwise:
+      </p>
+      <div className="codeblock">
+        <pre data-testid="fingerprint-commands">{FINGERPRINT_COMMANDS}</pre>
+        <CopyButton text={FINGERPRINT_COMMANDS} label="Copy fingerprint commands" />
+      </div>
+      <p className="small">
+        Each node of a cluster has its own certificate: pin the one of the node in <code>PROXMOX_URL</code>, or trust the cluster CA with{' '}
+        <code>PROXMOX_CA_FILE=/etc/pve/pve-root-ca.pem</code>.
+      </p>
+    </details>
+  );
+}
+
+/**
+ * The install line of an agent that has never connected, without its token: the script asks
+ * for the token given at registration (or reads TENDRIL_TOKEN), so nothing needs rotating.
+ */
+function PendingInstall({ agent, onRotate }: { agent: Agent; onRotate: () => void }) {
+  const info = useInstallInfo();
+  const baseUrl = info.data?.publicUrl || window.location.origin;
+  const install = installCommand({ baseUrl, serverPublicKey: info.data?.serverPublicKey });
+  const unattended = unattendedInstallCommand(install);
+  const helpId = `pending-install-help-${agent.id}`;
+  return (
+    <section className="pending-install" aria-label={`Install ${agent.name}`} data-testid="pending-install" data-agent-id={agent.id}>
+      <p id={helpId}>
+        <strong>{agent.name} has never connected.</strong> Install it on the Proxmox host, as root; the script asks for the token shown when it was
+        registered (it is not shown again, and not part of this line).
+      </p>
+      {info.isPending ? (
+        <Spinner label="Loading the install line" />
+      ) : (
+        <>
+          <div className="codeblock">
+            <pre data-testid="pending-install-command" aria-describedby={helpId}>
+              {install}
+            </pre>
+            <CopyButton text={install} label="Copy install command" />
+          </div>
+          <p className="small muted">
+            Unattended (the token is typed without echo into <code>TENDRIL_TOKEN</code>, so shell history holds <code>$TENDRIL_TOKEN</code>, not the
+            token):
+          </p>
+          <div className="codeblock">
+            <pre data-testid="pending-install-unattended">{unattended}</pre>
+            <CopyButton text={unattended} label="Copy unattended command" />
+          </div>
+        </>
+      )}
+      {info.error && <ErrorBox title="Cannot load the install settings">{errorMessage(info.error)}</ErrorBox>}
+      <p className="small">
+        Token lost?{' '}
+        <button type="button" className="linkbtn" onClick={onRotate}>
+          Rotate it
+        </button>{' '}
+        to get a new one (the old one stops working).
+      </p>
+      <ProxmoxSetupHelp />
+    </section>
+  );
 }
 
 function asRecord(v: unknown): Record<string, unknown> | null {
@@ -220,11 +379,15 @@ function TokenReveal({
 }) {
   const [pveUrl, setPveUrl] = useState('');
   const [tokenId, setTokenId] = useState('');
+  // A rotated token comes without them: the server's install settings then.
+  const info = useInstallInfo();
+  const pubUrl = publicUrl ?? info.data?.publicUrl;
+  const key = serverPublicKey ?? info.data?.serverPublicKey;
   // The server's --public-url when it has one, else the address this browser reached it at.
-  const baseUrl = publicUrl || window.location.origin;
-  const serverUrl = publicUrl ? connectUrlOf(publicUrl) : agentConnectUrl();
-  const install = installCommand({ baseUrl, serverPublicKey, pveUrl, tokenId });
-  const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId, serverPublicKey });
+  const baseUrl = pubUrl || window.location.origin;
+  const serverUrl = pubUrl ? connectUrlOf(pubUrl) : agentConnectUrl();
+  const install = installCommand({ baseUrl, serverPublicKey: key, pveUrl, tokenId });
+  const cmd = agentCommand({ serverUrl, token, pveUrl, tokenId, serverPublicKey: key });
   const plaintext = needsInsecurePlaintext(serverUrl);
   return (
     <div className="token-reveal" data-testid="token-reveal">
@@ -245,8 +408,8 @@ function TokenReveal({
         <Field label="Proxmox API URL (optional)" hint="Fills the commands below">
           {(p) => <input {...p} placeholder="https://pve1.example.com:8006" value={pveUrl} onChange={(e) => setPveUrl(e.target.value)} />}
         </Field>
-        <Field label="Proxmox API token id (optional)" hint="user@realm!tokenid">
-          {(p) => <input {...p} placeholder="root@pam!trellis" value={tokenId} onChange={(e) => setTokenId(e.target.value)} />}
+        <Field label="Proxmox API token id (optional)" hint="user@realm!tokenid; see below for the role it needs">
+          {(p) => <input {...p} placeholder="trellis@pve!tendril" value={tokenId} onChange={(e) => setTokenId(e.target.value)} />}
         </Field>
       </div>
       {plaintext && (
@@ -271,6 +434,7 @@ function TokenReveal({
         </pre>
         <CopyButton text={install} label="Copy install command" />
       </div>
+      <ProxmoxSetupHelp />
       <details>
         <summary>Or run tendril by hand</summary>
         <div className="codeblock">
@@ -438,6 +602,11 @@ export function Hypervisors() {
                     </td>
                     <td data-label="Status">
                       <StatusPill status={a.status} />
+                      {neverConnected(a) && (
+                        <span className="tag tag-warn" data-testid="never-connected">
+                          never connected
+                        </span>
+                      )}
                     </td>
                     <td data-label="Heartbeat" className="nowrap">
                       <RelTime ts={a.lastHeartbeat} />
@@ -468,6 +637,19 @@ export function Hypervisors() {
                       </div>
                     </td>
                   </tr>
+                  {neverConnected(a) && (
+                    <tr className="detail-row">
+                      <td colSpan={8}>
+                        <PendingInstall
+                          agent={a}
+                          onRotate={() => {
+                            setActionErr(null);
+                            setConfirm({ kind: 'rotate', agent: a });
+                          }}
+                        />
+                      </td>
+                    </tr>
+                  )}
                   {expanded === a.id && (
                     <tr className="detail-row">
                       <td colSpan={8}>

@@ -1,5 +1,18 @@
 import { describe, expect, it } from 'vitest';
-import { agentCommand, agentConnectUrl, connectUrlOf, installCommand, isLoopbackHost, needsInsecurePlaintext, proxmoxHost, proxmoxNodes } from './Hypervisors';
+import {
+  PROXMOX_PRIVILEGES,
+  agentCommand,
+  agentConnectUrl,
+  connectUrlOf,
+  installCommand,
+  isLoopbackHost,
+  needsInsecurePlaintext,
+  neverConnected,
+  proxmoxHost,
+  proxmoxNodes,
+  pveumCommands,
+  unattendedInstallCommand,
+} from './Hypervisors';
 import { configErrors, hypervisorUnavailable, initialStep } from './provision/provisionReducer';
 import { buildSnapshot, validateDeploy } from './Deploy';
 import type { Agent, VmNode } from '../lib/types';
@@ -118,6 +131,29 @@ describe('agent registration command', () => {
     expect(installCommand({ baseUrl: 'http://127.0.0.1:8080' })).not.toContain('--insecure-plaintext');
     expect(connectUrlOf('https://t:8443/')).toBe('wss://t:8443/api/agents/connect');
     expect(connectUrlOf('http://t')).toBe('ws://t/api/agents/connect');
+  });
+  it('gives an unattended form that keeps the token in a variable, never in the line', () => {
+    const line = installCommand({ baseUrl: 'https://t', serverPublicKey: 'K' });
+    expect(unattendedInstallCommand(line)).toBe(
+      'IFS= read -rs TENDRIL_TOKEN && curl -fsSL https://t/install/tendril.sh | TENDRIL_TOKEN="$TENDRIL_TOKEN" sh -s -- --server https://t --server-public-key K',
+    );
+  });
+  it('tells a never-connected agent from one that connected once', () => {
+    const fresh = { lastHeartbeat: null, connectedAt: null, version: null, hostname: null };
+    expect(neverConnected(fresh)).toBe(true);
+    expect(neverConnected({ ...fresh, lastHeartbeat: '2026-01-01T00:00:00Z' })).toBe(false);
+    expect(neverConnected({ ...fresh, hostname: 'pve1' })).toBe(false);
+  });
+  it('documents a minimal Proxmox role for a privilege-separated token', () => {
+    const cmds = pveumCommands('trellis@pve', 'tendril');
+    expect(cmds).toContain('pveum user token add trellis@pve tendril --privsep 1');
+    expect(cmds).toContain("pveum acl modify / --tokens 'trellis@pve!tendril' --roles TrellisAgent");
+    expect(cmds).toContain('pveum acl modify / --users trellis@pve --roles TrellisAgent');
+    const privs = /--privs "([^"]+)"/.exec(cmds)![1].split(',');
+    expect(privs).toEqual(PROXMOX_PRIVILEGES.map((p) => p.priv));
+    // What the agent calls, and nothing that administers Proxmox itself.
+    for (const p of ['VM.Clone', 'VM.Allocate', 'VM.PowerMgmt', 'VM.Audit', 'VM.Config.Network', 'VM.Config.Cloudinit', 'SDN.Use', 'Sys.Audit']) expect(privs).toContain(p);
+    for (const p of ['Sys.Modify', 'Permissions.Modify', 'User.Modify', 'Realm.Allocate', 'Datastore.Allocate']) expect(privs).not.toContain(p);
   });
   it('reads proxmox facts', () => {
     expect(proxmoxNodes({ proxmox_nodes: ['pve1', { node: 'pve2' }] })).toEqual(['pve1', 'pve2']);

@@ -70,6 +70,20 @@ describe('pages read the shared cache', () => {
     expect(deploy).toMatch(/data-workspace="\/srv\/tf#web"[\s\S]*version (<!-- -->)?3[\s\S]*tfapply1[\s\S]*v2/);
   });
 
+  it('a hypervisor that never connected shows its install line, without a token', () => {
+    const qc = createQueryClient();
+    const fresh = { ...agent, id: 'a2', name: 'pve-new', status: 'offline', lastHeartbeat: null, connectedAt: null, version: null, hostname: null } as unknown as Agent;
+    qc.setQueryData(queryKeys.agents, [agent, fresh]);
+    qc.setQueryData(queryKeys.installInfo, { publicUrl: 'https://trellis.example.com', serverPublicKey: 'KEY=', installCommand: null });
+    const html = render(qc, createElement(Hypervisors));
+    // Only for the agent that never connected.
+    expect(html.match(/data-testid="pending-install"/g)).toHaveLength(1);
+    expect(html).toContain('data-testid="pending-install" data-agent-id="a2"');
+    expect(html).toContain('curl -fsSL https://trellis.example.com/install/tendril.sh | sh -s -- --server https://trellis.example.com --server-public-key KEY=');
+    expect(html).toContain('IFS= read -rs TENDRIL_TOKEN &amp;&amp; curl');
+    expect(html).toContain('pveum user token add trellis@pve tendril --privsep 1');
+  });
+
   it('with an empty cache the pages wait for data (spinner), not an empty list', () => {
     vi.spyOn(api, 'listAgents').mockReturnValue(new Promise(() => undefined));
     const html = render(createQueryClient(), createElement(Hypervisors));
