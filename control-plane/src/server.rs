@@ -124,7 +124,7 @@ impl App {
             Backend::Sqlite => db.mark_all_offline().await?,
             // Other replicas hold sessions: only those of dead replicas go offline.
             Backend::Postgres => {
-                db.sweep_dead_replicas(crate::time::now_ms() - cluster::LEASE.as_millis() as i64)
+                db.sweep_dead_replicas(cluster::LEASE.as_millis() as i64)
                     .await?;
             }
         }
@@ -275,10 +275,7 @@ impl App {
         }
         broker.stop_writer().await;
         let db = state.db.clone();
-        // A clean stop: the others need not wait for this replica's lease to run out.
-        if let Err(e) = db.remove_replica(&broker.replica.id).await {
-            tracing::warn!(error = %e, "cannot remove this replica's row");
-        }
+        let replica = broker.replica.clone();
         drop(broker);
         drop(state);
         let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
@@ -288,6 +285,11 @@ impl App {
             .is_err()
         {
             tracing::warn!("background tasks did not stop within 5 s");
+        }
+        // A clean stop: the others need not wait for this replica's lease to run out
+        // (after every task, so that the lease task cannot register it again).
+        if let Err(e) = db.remove_replica(&replica.id).await {
+            tracing::warn!(error = %e, "cannot remove this replica's row");
         }
         // Close connections now (SQLite checkpoints its WAL) instead of at runtime teardown.
         db.close().await;

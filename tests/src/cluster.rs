@@ -135,7 +135,7 @@ impl Cluster {
             "global\n    maxconn 8000\n\
              defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n\
              frontend trellis\n    bind 127.0.0.1:{port}\n    default_backend replicas\n\
-             backend replicas\n    balance leastconn\n    option httpchk GET /readyz\n    http-check expect status 200\n\
+             backend replicas\n    balance leastconn\n    option redispatch\n    retries 3\n    option httpchk GET /readyz\n    http-check expect status 200\n\
              \x20   default-server check inter 300ms fall 2 rise 2\n{servers}",
             port = self.lb_port
         );
@@ -253,6 +253,30 @@ impl Cluster {
             .expect("a live replica");
         let v = self.api(i).get("/api/cluster/replicas").await;
         v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `trellis_housekeeping_leader` of every live replica, from its `/metrics`.
+    pub async fn leader_gauges(&self) -> Vec<(usize, i64)> {
+        let http = reqwest::Client::new();
+        let mut out = Vec::new();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let Some(r) = r else { continue };
+            let text = http
+                .get(r.url("/metrics"))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .unwrap_or_default();
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix("trellis_housekeeping_leader "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(-1);
+            out.push((i, v));
+        }
+        out
     }
 
     /// The index of the replica holding the agent's session (from its `replica` name),

@@ -35,6 +35,8 @@ pub const LEASE: Duration = Duration::from_secs(10);
 /// The backup for lost notes: queued commands and requested cancels of this replica's
 /// agents are looked for this often.
 pub const BACKUP_POLL: Duration = Duration::from_secs(5);
+/// How often the listening connection is probed (and how long it has to answer).
+const LISTENER_PROBE: Duration = Duration::from_secs(5);
 /// The advisory lock the housekeeping leader holds.
 const LEADER_LOCK: i64 = 0x7472_656c_6c69_7300;
 
@@ -115,32 +117,56 @@ pub async fn listen(broker: Arc<Broker>) {
                 }
             },
         };
-        backoff = Duration::from_millis(100);
+        let connected = Instant::now();
         // Anything sent while we were not listening is unknown: catch up.
         catch_up(&broker).await;
-        loop {
-            let n = tokio::select! {
+        // An idle connection can die silently (a NAT's idle timeout, a lost host): it is
+        // probed every few seconds, and one that does not answer is replaced.
+        let mut probe = tokio::time::interval(LISTENER_PROBE);
+        probe.tick().await;
+        let why = loop {
+            tokio::select! {
+                biased;
                 _ = broker.shutdown.cancelled() => return,
-                n = listener.try_recv() => n,
-            };
-            match n {
-                Ok(Some(n)) => handle(&broker, n.payload()),
-                // The connection was lost; notes sent meanwhile are gone.
-                Ok(None) => {
-                    tracing::warn!("notification connection lost; reconnecting");
-                    continue 'connect;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "notification connection failed; reconnecting");
-                    continue 'connect;
+                n = listener.try_recv() => match n {
+                    Ok(Some(n)) => handle(&broker, n.payload()),
+                    // The connection was lost; notes sent meanwhile are gone.
+                    Ok(None) => break "connection lost".to_string(),
+                    Err(e) => break e.to_string(),
+                },
+                _ = probe.tick() => {
+                    let alive = tokio::time::timeout(
+                        LISTENER_PROBE,
+                        sqlx::query("SELECT 1").execute(&mut listener),
+                    )
+                    .await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        break "the connection did not answer a probe".to_string();
+                    }
                 }
             }
+        };
+        tracing::warn!(error = %why, "notification connection failed; reconnecting");
+        // A connection that keeps dropping at once must not loop through catch-ups.
+        if connected.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(100);
         }
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
 async fn connect_listener(url: &str) -> Result<PgListener, sqlx::Error> {
     let mut l = PgListener::connect(url).await?;
+    sqlx::query("SET application_name = 'trellis listener'")
+        .execute(&mut l)
+        .await?;
+    for set in KEEPALIVES {
+        sqlx::query(set).execute(&mut l).await?;
+    }
     l.listen(notify::CHANNEL).await?;
     Ok(l)
 }
@@ -159,14 +185,49 @@ pub fn handle(broker: &Arc<Broker>, payload: &str) {
                     broker.fanout.publish(&c, super::fanout::Published::Status);
                 }
             }
-            Note::Cancel(a, c, r) => broker.cancel(a, c, r),
+            // Notes are hints (anyone who may connect to the database may NOTIFY): what
+            // they would make this replica sign and send is read back first.
+            Note::Cancel(a, c, r) => {
+                if broker.is_connected(&a) {
+                    let b = broker.clone();
+                    tokio::spawn(async move {
+                        match b.db.get_command(c).await {
+                            Ok(row)
+                                if row.agent_id == a
+                                    && (row.cancel_requested
+                                        || row.status == crate::model::CommandStatus::TimedOut) =>
+                            {
+                                b.cancel(a, c, r)
+                            }
+                            Ok(_) | Err(crate::db::DbError::NotFound) => {}
+                            Err(e) => {
+                                tracing::warn!(command_id = %c, error = %e, "cannot read a cancelled command")
+                            }
+                        }
+                    });
+                }
+            }
             Note::Agent(a) => {
                 if broker.is_connected(&a) {
                     let b = broker.clone();
                     tokio::spawn(async move { b.refresh_agent(a).await });
                 }
             }
-            Note::Session(a, epoch) => broker.supersede_older(a, epoch),
+            Note::Session(a, _) => {
+                if broker.is_connected(&a) {
+                    let b = broker.clone();
+                    tokio::spawn(async move {
+                        match b.db.get_agent(a).await {
+                            Ok(row) => b.supersede_older(a, row.session_epoch),
+                            // Revoked: its credential check closes the session.
+                            Err(crate::db::DbError::NotFound) => b.refresh_agent(a).await,
+                            Err(e) => {
+                                tracing::warn!(agent_id = %a, error = %e, "cannot read a reconnected agent")
+                            }
+                        }
+                    });
+                }
+            }
         }
     }
 }
@@ -207,24 +268,27 @@ async fn backup_pass(broker: &Arc<Broker>) {
 }
 
 /// Renews this replica's lease, holds or seeks the leader lock, and (as leader) sweeps
-/// dead replicas; on PostgreSQL also runs the backup pass. Stops with the broker; a clean
-/// stop removes the row.
+/// dead replicas; on PostgreSQL also runs the backup pass. Stops with the broker (the
+/// server removes the row after every task has stopped).
 pub async fn lease(broker: Arc<Broker>) {
     let pg = broker.db.backend == Backend::Postgres;
-    let mut lock: Option<sqlx::PgConnection> = None;
+    let mut lock = LeaderLock::default();
     let mut tick = tokio::time::interval(RENEW);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_backup = Instant::now();
+    // SQLite has one replica: its row is informational, renewed every 30 s rather than
+    // costing the single writer a synced write every 2 s.
+    let renew_every: u32 = if pg { 1 } else { 15 };
+    let mut n: u32 = 0;
+    broker.metrics.set_leader(broker.replica.is_leader());
     loop {
         tokio::select! {
+            biased;
             _ = broker.shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let leader = if pg {
-            hold_leader_lock(&broker, &mut lock).await
-        } else {
-            true
-        };
+        n = n.wrapping_add(1);
+        let leader = if pg { lock.hold(&broker).await } else { true };
         if broker.replica.leader.swap(leader, Ordering::Relaxed) != leader {
             if leader {
                 tracing::info!(replica = %broker.replica.name, "this replica is now the housekeeping leader");
@@ -233,30 +297,15 @@ pub async fn lease(broker: Arc<Broker>) {
             }
             broker.metrics.set_leader(leader);
         }
-        match broker
-            .db
-            .renew_replica(&broker.replica.id, broker.replica.is_draining(), leader)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                // Swept as dead while alive (a stall longer than the lease): come back,
-                // and show this replica's sessions online again.
-                tracing::warn!("this replica's lease had expired; registering again");
-                let r = broker.db.register_replica(&broker.replica.row()).await;
-                let s = broker
-                    .db
-                    .reassert_sessions(&broker.replica.id, &broker.local_sessions())
-                    .await;
-                if let Err(e) = r.and(s) {
-                    tracing::warn!(error = %e, "cannot register this replica again");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot renew this replica's lease"),
+        if n % renew_every == 1 % renew_every {
+            renew(&broker, leader).await;
         }
-        if leader && pg {
-            let cutoff = now_ms() - LEASE.as_millis() as i64;
-            match broker.db.sweep_dead_replicas(cutoff).await {
+        if leader && pg && !broker.shutdown.is_cancelled() {
+            match broker
+                .db
+                .sweep_dead_replicas(LEASE.as_millis() as i64)
+                .await
+            {
                 Ok((0, 0)) => {}
                 Ok((replicas, agents)) => tracing::info!(
                     replicas,
@@ -272,43 +321,116 @@ pub async fn lease(broker: Arc<Broker>) {
         }
     }
     broker.replica.leader.store(false, Ordering::Relaxed);
-    if let Some(c) = lock.take() {
-        let _ = c.close().await;
+    broker.metrics.set_leader(false);
+    lock.release().await;
+}
+
+async fn renew(broker: &Arc<Broker>, leader: bool) {
+    match broker
+        .db
+        .renew_replica(&broker.replica.id, broker.replica.is_draining(), leader)
+        .await
+    {
+        Ok(true) => {}
+        // A stopping replica does not come back.
+        Ok(false) if broker.shutdown.is_cancelled() => {}
+        Ok(false) => {
+            // Swept as dead while alive (a stall longer than the lease): come back, and
+            // show this replica's sessions online again.
+            tracing::warn!("this replica's lease had expired; registering again");
+            let r = broker.db.register_replica(&broker.replica.row()).await;
+            let s = broker
+                .db
+                .reassert_sessions(&broker.replica.id, &broker.local_sessions())
+                .await;
+            if let Err(e) = r.and(s) {
+                tracing::warn!(error = %e, "cannot register this replica again");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot renew this replica's lease"),
     }
 }
 
-/// Keeps (or tries to take) the leader lock on its own connection: `true` while held. A
-/// connection that fails loses the lock (PostgreSQL releases it with the session).
-async fn hold_leader_lock(broker: &Broker, lock: &mut Option<sqlx::PgConnection>) -> bool {
-    const CHECK: Duration = Duration::from_secs(2);
-    if let Some(c) = lock.as_mut() {
-        match tokio::time::timeout(CHECK, sqlx::query("SELECT 1").execute(&mut *c)).await {
-            Ok(Ok(_)) => return true,
-            _ => {
-                tracing::warn!("the leader lock's connection failed");
-                *lock = None;
+/// Server-side TCP keepalives on this replica's own connections (the lock's and the
+/// listener's): if this host vanishes without closing them, PostgreSQL notices within
+/// about 10 s and ends the session — releasing the leader lock — instead of after the
+/// kernel's two hours.
+const KEEPALIVES: [&str; 3] = [
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 2",
+    "SET tcp_keepalives_count = 3",
+];
+
+/// The leader lock's own connection, kept open whether or not it holds the lock.
+#[derive(Default)]
+struct LeaderLock {
+    conn: Option<sqlx::PgConnection>,
+    held: bool,
+    /// The last failure was logged (logged once per outage, not every 2 s).
+    failing: bool,
+}
+
+impl LeaderLock {
+    /// `true` while this replica holds the lock: checked (or tried for) on its connection,
+    /// with a timeout; a failed connection loses the lock (PostgreSQL releases it with
+    /// the session) and is opened again on the next tick.
+    async fn hold(&mut self, broker: &Broker) -> bool {
+        const CHECK: Duration = Duration::from_secs(2);
+        match tokio::time::timeout(CHECK, self.try_hold(broker)).await {
+            Ok(Ok(held)) => {
+                if self.failing {
+                    tracing::info!("the leader lock's connection works again");
+                    self.failing = false;
+                }
+                self.held = held;
             }
+            Ok(Err(e)) => self.failed(&e.to_string()),
+            Err(_) => self.failed("timed out"),
         }
+        self.held
     }
-    let Some(url) = broker.db.pg_url() else {
-        return false;
-    };
-    let mut c = match tokio::time::timeout(CHECK, sqlx::PgConnection::connect(url)).await {
-        Ok(Ok(c)) => c,
-        _ => return false,
-    };
-    let got: Result<(bool,), _> = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-        .bind(LEADER_LOCK)
-        .fetch_one(&mut c)
-        .await;
-    match got {
-        Ok((true,)) => {
-            *lock = Some(c);
-            true
+
+    async fn try_hold(&mut self, broker: &Broker) -> Result<bool, sqlx::Error> {
+        if self.conn.is_none() {
+            let url = broker.db.pg_url().unwrap_or_default();
+            let mut c = sqlx::PgConnection::connect(url).await?;
+            sqlx::query("SET application_name = 'trellis leader lock'")
+                .execute(&mut c)
+                .await?;
+            for set in KEEPALIVES {
+                sqlx::query(set).execute(&mut c).await?;
+            }
+            self.conn = Some(c);
+            self.held = false;
         }
-        _ => {
+        let c = self.conn.as_mut().expect("connected above");
+        if self.held {
+            sqlx::query("SELECT 1").execute(&mut *c).await?;
+            return Ok(true);
+        }
+        let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut *c)
+            .await?;
+        Ok(got)
+    }
+
+    fn failed(&mut self, why: &str) {
+        if !self.failing {
+            tracing::warn!(
+                error = why,
+                "the leader lock's connection failed; this replica cannot lead until it works"
+            );
+            self.failing = true;
+        }
+        // Dropped without a goodbye: whatever it held, PostgreSQL releases with it.
+        self.conn = None;
+        self.held = false;
+    }
+
+    async fn release(&mut self) {
+        if let Some(c) = self.conn.take() {
             let _ = c.close().await;
-            false
         }
     }
 }
@@ -325,7 +447,7 @@ pub async fn drain(broker: &Arc<Broker>, period: Duration) {
         .await;
     let others = broker
         .db
-        .other_live_replicas(&broker.replica.id, now_ms() - LEASE.as_millis() as i64)
+        .other_live_replicas(&broker.replica.id, LEASE.as_millis() as i64)
         .await
         .unwrap_or(0);
     if others == 0 || period.is_zero() || broker.online_count() == 0 {

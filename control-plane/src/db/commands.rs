@@ -519,11 +519,11 @@ impl Db {
         let mut notes = Vec::with_capacity(out.len() * 2);
         for &(command, agent, dispatched) in &out {
             notes.push(Note::Changed(command));
-            notes.push(if dispatched {
-                Note::Cancel(agent, command, CancelReason::TimedOut)
-            } else {
-                Note::Wake(agent)
-            });
+            if dispatched {
+                notes.push(Note::Cancel(agent, command, CancelReason::TimedOut));
+            }
+            // A slot is free (or a queued command ended): claim again.
+            notes.push(Note::Wake(agent));
         }
         super::notify::notify(&mut tx, &notes).await?;
         tx.commit().await?;

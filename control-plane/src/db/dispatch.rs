@@ -15,6 +15,21 @@ use crate::time::now_ms;
 /// A destroy the agent keeps losing (it crashes on it) stops being re-run here.
 const MAX_DESTROY_ATTEMPTS: i64 = 3;
 
+/// The claim statement, with a lock clause on the session check (see `claim_query`).
+macro_rules! claim_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 ",
+            "WHERE status = 'queued' ",
+            "AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND session_epoch = $2 ", $lock, ") ",
+            "AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' ",
+            "ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END ",
+            "FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) ",
+            "RETURNING id, type, params, deadline_at, attempt, root_id, signature"
+        )
+    };
+}
+
 /// Claims queued commands for an agent up to its free concurrency, returning them.
 ///
 /// One statement (not read-then-write), so it is atomic on its own. The outer
@@ -27,20 +42,20 @@ fn claim_query(
     epoch: i64,
     max_concurrency: i64,
     now: i64,
+    backend: super::Backend,
 ) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments<'static>> {
-    sqlx::query(
-        "UPDATE commands SET status = 'dispatched', dispatched_at = $1, session_epoch = $2 \
-         WHERE status = 'queued' \
-         AND EXISTS (SELECT 1 FROM agents WHERE id = $3 AND session_epoch = $2) \
-         AND id IN (SELECT id FROM commands WHERE agent_id = $3 AND status = 'queued' \
-         ORDER BY created_at LIMIT (SELECT CASE WHEN COUNT(*) >= $4 THEN 0 ELSE $4 - COUNT(*) END \
-         FROM commands WHERE agent_id = $3 AND status IN ('dispatched', 'running'))) \
-         RETURNING id, type, params, deadline_at, attempt, root_id, signature",
-    )
-    .bind(now)
-    .bind(epoch)
-    .bind(agent_id.to_string())
-    .bind(max_concurrency)
+    // On PostgreSQL the session check locks the agent's row (shared) until commit, so a
+    // new session's `agent_connected` (which bumps the epoch) waits for this claim or
+    // makes it claim nothing, never both; SQLite's single writer orders them already.
+    let sql = match backend {
+        super::Backend::Postgres => claim_sql!("FOR SHARE"),
+        super::Backend::Sqlite => claim_sql!(""),
+    };
+    sqlx::query(sql)
+        .bind(now)
+        .bind(epoch)
+        .bind(agent_id.to_string())
+        .bind(max_concurrency)
 }
 
 /// What the dispatcher sends for one claimed command.
@@ -116,7 +131,7 @@ impl Db {
         epoch: i64,
         max_concurrency: i64,
     ) -> DbResult<Vec<DispatchRow>> {
-        let rows = claim_query(agent_id, epoch, max_concurrency, now_ms())
+        let rows = claim_query(agent_id, epoch, max_concurrency, now_ms(), self.backend)
             .fetch_all(self.writer())
             .await?;
         rows.iter().map(DispatchRow::from_row).collect()
@@ -131,7 +146,7 @@ impl Db {
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(targets.len());
         for &(agent_id, epoch, max_concurrency) in targets {
-            let rows = claim_query(agent_id, epoch, max_concurrency, now)
+            let rows = claim_query(agent_id, epoch, max_concurrency, now, self.backend)
                 .fetch_all(&mut *tx)
                 .await?;
             let rows = rows

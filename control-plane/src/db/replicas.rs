@@ -2,6 +2,9 @@
 //! lease). The housekeeping leader sweeps replicas whose lease ran out: the agents whose
 //! sessions they held go offline and their rows go. Which replica holds an agent's session
 //! is `agents.session_replica` (with `session_epoch`).
+//!
+//! Leases are written and judged on the database's clock (PostgreSQL's `clock_timestamp()`),
+//! never a replica's own: hosts whose clocks disagree would otherwise sweep each other.
 
 use sqlx::Row;
 
@@ -27,6 +30,19 @@ pub struct ReplicaRow {
 const SEED_LOCK: i64 = 0x7472_656c_6c69_7301;
 
 impl Db {
+    /// "Now" in milliseconds as SQL: the database server's clock on PostgreSQL (one clock
+    /// for every replica), this process's on SQLite (one replica), bound as `$n` (always
+    /// bound: PostgreSQL's expression names `$n` too, times zero, so that every bound
+    /// parameter has a type).
+    fn lease_now(&self, n: usize) -> String {
+        match self.backend {
+            Backend::Postgres => format!(
+                "((EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + 0 * ${n}::BIGINT)"
+            ),
+            Backend::Sqlite => format!("${n}"),
+        }
+    }
+
     /// Adds this replica's row (its lease starts now). On SQLite, the one replica, rows an
     /// earlier run left are removed first.
     pub async fn register_replica(&self, r: &ReplicaRow) -> DbResult<()> {
@@ -36,10 +52,11 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
+        let now = self.lease_now(5);
+        sqlx::query(&format!(
             "INSERT INTO replicas (id, name, hostname, version, started_at, heartbeat_at, draining, leader) \
-             VALUES ($1, $2, $3, $4, $5, $5, 0, 0)",
-        )
+             VALUES ($1, $2, $3, $4, {now}, {now}, 0, 0)"
+        ))
         .bind(&r.id)
         .bind(&r.name)
         .bind(&r.hostname)
@@ -56,13 +73,16 @@ impl Db {
     /// longer than the lease), and the caller registers again and re-asserts its sessions.
     pub async fn renew_replica(&self, id: &str, draining: bool, leader: bool) -> DbResult<bool> {
         let mut tx = self.begin_write().await?;
-        let n = sqlx::query("UPDATE replicas SET heartbeat_at = $1, draining = $2 WHERE id = $3")
-            .bind(now_ms())
-            .bind(i64::from(draining))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = sqlx::query(&format!(
+            "UPDATE replicas SET heartbeat_at = {}, draining = $2 WHERE id = $3",
+            self.lease_now(1)
+        ))
+        .bind(now_ms())
+        .bind(i64::from(draining))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if leader && n > 0 {
             sqlx::query(
                 "UPDATE replicas SET leader = CASE WHEN id = $1 THEN 1 ELSE 0 END \
@@ -94,12 +114,14 @@ impl Db {
         let mut tx = self.begin_write().await?;
         for (agent, epoch) in sessions {
             sqlx::query(
-                "UPDATE agents SET status = $1, session_replica = $2 WHERE id = $3 AND session_epoch = $4",
+                "UPDATE agents SET status = $1, session_replica = $2, last_heartbeat = $5 \
+                 WHERE id = $3 AND session_epoch = $4",
             )
             .bind(AgentStatus::Online.as_str())
             .bind(replica)
             .bind(agent.to_string())
             .bind(epoch)
+            .bind(now_ms())
             .execute(&mut *tx)
             .await?;
         }
@@ -116,28 +138,49 @@ impl Db {
         Ok(())
     }
 
-    /// Replicas whose lease ended before `cutoff` are dead: the agents shown online on
-    /// them (or on no live replica at all) go offline, and their rows are deleted, in one
-    /// transaction. Returns `(replicas, agents)` swept.
-    pub async fn sweep_dead_replicas(&self, cutoff: i64) -> DbResult<(u64, u64)> {
+    /// Replicas whose lease is older than `lease_ms` (on the database's clock) are dead:
+    /// their rows are deleted first, then the agents shown online on them go offline, in
+    /// one transaction. Deleting first matters under READ COMMITTED: a replica renewing at
+    /// that moment either renews before (and is not swept) or finds its row gone (and
+    /// registers again, re-asserting its sessions); its agents are never marked offline
+    /// while it keeps a row. Agents with no recorded replica (an earlier version's) are
+    /// left to the stale-heartbeat sweep. Returns `(replicas, agents)` swept.
+    pub async fn sweep_dead_replicas(&self, lease_ms: i64) -> DbResult<(u64, u64)> {
         let mut tx = self.begin_write().await?;
-        let agents = sqlx::query(
-            "UPDATE agents SET status = $1 WHERE status = $2 AND (session_replica IS NULL \
-             OR session_replica NOT IN (SELECT id FROM replicas WHERE heartbeat_at >= $3))",
-        )
-        .bind(AgentStatus::Offline.as_str())
-        .bind(AgentStatus::Online.as_str())
-        .bind(cutoff)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let replicas = sqlx::query("DELETE FROM replicas WHERE heartbeat_at < $1")
-            .bind(cutoff)
+        let dead = sqlx::query(&format!(
+            "DELETE FROM replicas WHERE heartbeat_at < {} - $2 RETURNING id",
+            self.lease_now(1)
+        ))
+        .bind(now_ms())
+        .bind(lease_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut agents = 0;
+        for r in &dead {
+            let id: String = r.try_get("id")?;
+            agents += sqlx::query(
+                "UPDATE agents SET status = $1 WHERE status = $2 AND session_replica = $3",
+            )
+            .bind(AgentStatus::Offline.as_str())
+            .bind(AgentStatus::Online.as_str())
+            .bind(&id)
             .execute(&mut *tx)
             .await?
             .rows_affected();
+        }
+        // Agents online on a replica that has no row at all (swept earlier while one of
+        // its sessions was being recorded, say).
+        agents += sqlx::query(
+            "UPDATE agents SET status = $1 WHERE status = $2 AND session_replica IS NOT NULL \
+             AND session_replica NOT IN (SELECT id FROM replicas)",
+        )
+        .bind(AgentStatus::Offline.as_str())
+        .bind(AgentStatus::Online.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok((replicas, agents))
+        Ok((dead.len() as u64, agents))
     }
 
     /// Every replica with a row, by name, with the number of agents online on each.
@@ -167,14 +210,16 @@ impl Db {
             .collect()
     }
 
-    /// Other replicas that are alive (lease renewed since `cutoff`) and not draining:
+    /// Other replicas that are alive (lease renewed within `lease_ms`) and not draining:
     /// where this replica's agents can go.
-    pub async fn other_live_replicas(&self, me: &str, cutoff: i64) -> DbResult<i64> {
-        let r = sqlx::query(
-            "SELECT COUNT(*) FROM replicas WHERE id <> $1 AND heartbeat_at >= $2 AND draining = 0",
-        )
+    pub async fn other_live_replicas(&self, me: &str, lease_ms: i64) -> DbResult<i64> {
+        let r = sqlx::query(&format!(
+            "SELECT COUNT(*) FROM replicas WHERE id <> $1 AND heartbeat_at >= {} - $2 AND draining = 0",
+            self.lease_now(3)
+        ))
         .bind(me)
-        .bind(cutoff)
+        .bind(lease_ms)
+        .bind(now_ms())
         .fetch_one(&self.pool)
         .await?;
         Ok(r.try_get(0)?)

@@ -8,6 +8,7 @@ mod lifecycle;
 mod openapi;
 mod pins;
 mod proptest_query;
+mod replicas;
 mod session;
 mod storage;
 mod targets;

@@ -10,6 +10,12 @@
 //! task timings) through a real `tendril` whose concurrency the admin set to
 //! `--bulk-concurrency` (4), one provision, then a bulk of 20 (`POST /api/nodes/batches`)
 //! until every node runs; prints both times and their ratio (the goal: ≤ 6 at 20 × 4-way).
+//!
+//! `--replicas 1,2,3` (`--cluster-agents 10000`) and `--storm 5000` measure several
+//! replicas on one PostgreSQL instead: see `cluster`.
+
+#[path = "bench/cluster.rs"]
+mod cluster;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +56,18 @@ struct Args {
     /// The agent's concurrency limit for `--bulk`.
     #[arg(long, default_value_t = 4)]
     bulk_concurrency: i64,
+    /// Measure replicas on one PostgreSQL instead (and nothing else): these counts, e.g.
+    /// `1,2,3`, with `--cluster-agents` simulated agents spread over them.
+    #[arg(long, value_delimiter = ',')]
+    replicas: Vec<usize>,
+    #[arg(long, default_value_t = 10_000)]
+    cluster_agents: usize,
+    /// A reconnect storm instead (and nothing else): this many agents on 2 replicas, one
+    /// killed with `--storm-commands` commands running on its agents.
+    #[arg(long, default_value_t = 0)]
+    storm: usize,
+    #[arg(long, default_value_t = 500)]
+    storm_commands: usize,
 }
 
 /// One provision, then a bulk of `n`, on pve-sim through a real tendril limited to
@@ -278,6 +296,12 @@ async fn main() -> anyhow::Result<()> {
         "postgres" => Backend::Postgres,
         _ => Backend::Sqlite,
     };
+    if !args.replicas.is_empty() {
+        return cluster::replicas(&args.replicas, args.cluster_agents, &args).await;
+    }
+    if args.storm > 0 {
+        return cluster::storm(args.storm, args.storm_commands).await;
+    }
     if args.bulk > 0 {
         let (one, many) = bulk_provision(backend, args.bulk, args.bulk_concurrency).await?;
         println!(
