@@ -210,11 +210,23 @@ impl Command {
             Self::Ping(p) => p.validate(),
             Self::Provision(p) => p.validate(),
             Self::ListTemplates(_) => Ok(()),
-            Self::TerraformApply(p) => p.validate(),
+            Self::TerraformApply(p) => {
+                if p.destroy && p.plan_command_id.is_none() {
+                    return Err(invalid(
+                        "terraform_apply takes destroy only with the plan_command_id of a destroy plan (the control plane copies it from the plan): make the plan with terraform_plan {destroy: true}",
+                    ));
+                }
+                p.validate()
+            }
             Self::TerraformPlan(p) | Self::TerraformDestroy(p) => {
                 if p.plan_command_id.is_some() || p.plan_sha256.is_some() {
                     return Err(invalid(
                         "plan_command_id and plan_sha256 belong to terraform_apply only",
+                    ));
+                }
+                if p.destroy && matches!(self, Self::TerraformDestroy(_)) {
+                    return Err(invalid(
+                        "destroy belongs to terraform_plan (a destroy plan, to approve and apply): terraform_destroy destroys without it",
                     ));
                 }
                 p.validate()
@@ -1061,6 +1073,13 @@ pub struct TerraformApplyParams {
     /// the agent applies the file only if it still has this hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_sha256: Option<String>,
+    /// `terraform_plan`: plan the destruction of every resource in the workspace's state
+    /// (`terraform plan -destroy`); a `terraform_apply` of that plan destroys exactly
+    /// those resources. The control plane copies it into such an apply (where it only
+    /// says what the plan is). Not allowed on `terraform_destroy`, nor on a
+    /// `terraform_apply` without `plan_command_id`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub destroy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1193,6 +1212,22 @@ pub struct TerraformPlanResult {
     /// The commit the version resolved to.
     #[serde(default)]
     pub resolved_commit: Option<String>,
+    /// `destroy` for a destroy plan (params `destroy: true`): every resource listed is
+    /// deleted when it is applied. Absent from agents that predate destroy plans, which
+    /// made a normal plan whatever the params said.
+    #[serde(default)]
+    pub mode: PlanMode,
+}
+
+/// Terraform's planning mode of a saved plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanMode {
+    /// `terraform plan`: make the infrastructure match the configuration.
+    #[default]
+    Normal,
+    /// `terraform plan -destroy`: delete every resource in the state.
+    Destroy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -1229,6 +1264,7 @@ mod tests {
             workspace_key: key.map(Into::into),
             plan_command_id: None,
             plan_sha256: None,
+            destroy: false,
         };
         assert_eq!(
             p("/srv/r", Some("envs/prod/"), None).state_workspace(),
@@ -1417,5 +1453,46 @@ mod tests {
         assert!(Command::parse("terraform_apply", &bad).is_err());
         let bad = json!({"template_source": {"repo": "r", "version": "--upload-pack=x"}});
         assert!(Command::parse("terraform_apply", &bad).is_err());
+    }
+
+    #[test]
+    fn destroy_plans_are_terraform_plans_and_their_applies() {
+        let src = json!({"repo": "/tmp/repo", "version": "v1"});
+        let plan = json!({"template_source": src, "destroy": true});
+        let Command::TerraformPlan(p) = Command::parse("terraform_plan", &plan).unwrap() else {
+            panic!()
+        };
+        assert!(p.destroy);
+        // Only a destroy plan says so: a normal plan's params serialise as before.
+        let normal = json!({"template_source": src});
+        let Command::TerraformPlan(n) = Command::parse("terraform_plan", &normal).unwrap() else {
+            panic!()
+        };
+        assert!(!n.destroy);
+        assert!(serde_json::to_value(&n).unwrap().get("destroy").is_none());
+        assert_eq!(serde_json::to_value(&p).unwrap()["destroy"], json!(true));
+        let e = Command::parse(
+            "terraform_plan",
+            &json!({"template_source": src, "destroy": "yes"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "invalid_params", "{e}");
+        // terraform_destroy destroys anyway; an apply says destroy only for a destroy plan.
+        let e = Command::parse("terraform_destroy", &plan).unwrap_err();
+        assert!(e.message.contains("belongs to terraform_plan"), "{e}");
+        let e = Command::parse("terraform_apply", &plan).unwrap_err();
+        assert!(e.message.contains("plan_command_id"), "{e}");
+        let apply = json!({"template_source": src, "destroy": true,
+            "plan_command_id": uuid::Uuid::nil(), "plan_sha256": "a".repeat(64)});
+        assert!(Command::parse("terraform_apply", &apply).is_ok());
+        // A plan result from an agent that predates destroy plans is a normal plan.
+        let r: TerraformPlanResult = serde_json::from_value(json!({"add": 0, "change": 0,
+            "destroy": 0, "resources": [], "plan_sha256": "ab"}))
+        .unwrap();
+        assert_eq!(r.mode, PlanMode::Normal);
+        assert_eq!(
+            serde_json::to_value(PlanMode::Destroy).unwrap(),
+            json!("destroy")
+        );
     }
 }

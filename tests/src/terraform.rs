@@ -144,6 +144,7 @@ pub fn params(repo: &TemplateRepo, version: &str, path: &str, vars: Value) -> Te
         plan_command_id: None,
         plan_sha256: None,
         workspace_key: None,
+        destroy: false,
     }
 }
 

@@ -9,6 +9,9 @@
 //!   the sensitive value too (a variable validation refuses the `***` responses show).
 //! * A plan made stale by an apply in between is refused (`plan_stale`), and a plan is
 //!   applied at most once (`plan_missing`); a plan is applied only on its own agent.
+//! * A destroy plan (`destroy: true`, from the last apply) lists the resource to delete
+//!   and destroys nothing by itself; applying it destroys exactly that (the next plan adds
+//!   it again); a destroy plan made stale by an apply is refused and destroys nothing.
 //!
 //! Each on SQLite and PostgreSQL.
 
@@ -102,6 +105,13 @@ fn summary(c: &Value) -> (i64, i64, i64, Vec<String>) {
     )
 }
 
+/// How many state versions the test workspace has.
+async fn versions(api: &Api) -> usize {
+    api.get("/api/terraform/state/plans%2Fweb/versions").await["items"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 async fn plan_apply_then_destroy(backend: Backend) {
     let (dir, cp, api) = control_plane(backend, "tf-plan").await;
     let repo = template(&dir);
@@ -184,6 +194,137 @@ async fn plan_apply_then_destroy(backend: Backend) {
     );
     eprintln!(
         "plan, apply, plan, destroy, plan in {:?}",
+        started.elapsed()
+    );
+}
+
+async fn a_destroy_plan_is_reviewed_then_applied(backend: Backend) {
+    let (dir, cp, api) = control_plane(backend, "tf-destroy-plan").await;
+    let repo = template(&dir);
+    let (agent, _a) = start_agent(&api, &cp, &dir, "tf-a").await;
+    let started = std::time::Instant::now();
+
+    let applied = run(&api, &agent, "terraform_apply", params(&repo, "one")).await;
+    assert_eq!(applied["status"], "succeeded", "{applied}");
+    let before = versions(&api).await;
+
+    // The preview: from the last apply (its secret opened on the server), with destroy.
+    let plan = run(
+        &api,
+        &agent,
+        "terraform_plan",
+        json!({"source_command_id": applied["id"], "destroy": true}),
+    )
+    .await;
+    assert_eq!(
+        summary(&plan),
+        (0, 0, 1, vec!["null_resource.thing delete".to_string()])
+    );
+    assert_eq!(plan["result"]["mode"], "destroy", "{plan}");
+    assert_eq!(plan["params"]["destroy"], true, "{plan}");
+    assert_eq!(plan["params"]["terraform_vars"]["db_password"], "***");
+    assert!(!plan.to_string().contains(SECRET), "{plan}");
+    let plan_log: String = api
+        .all_logs(plan["id"].as_str().unwrap())
+        .await
+        .iter()
+        .filter_map(|l| l["data"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        plan_log.contains("null_resource.thing will be destroyed"),
+        "{plan_log}"
+    );
+    // A preview destroys nothing: the state is as it was, and a normal plan has no changes.
+    assert_eq!(versions(&api).await, before);
+    let normal = run(&api, &agent, "terraform_plan", params(&repo, "one")).await;
+    assert_eq!(summary(&normal), (0, 0, 0, vec![]));
+
+    // Approved: the apply of that plan destroys exactly the resource it listed.
+    let apply_id = api
+        .command(
+            &agent,
+            "terraform_apply",
+            json!({"plan_command_id": plan["id"]}),
+        )
+        .await;
+    let apply = api.wait_done(&apply_id, WITHIN).await;
+    assert_eq!(apply["status"], "succeeded", "{apply}");
+    assert_eq!(apply["params"]["destroy"], true, "{apply}");
+    assert_eq!(
+        apply["params"]["plan_sha256"], plan["result"]["plan_sha256"],
+        "{apply}"
+    );
+    let logs: String = api
+        .all_logs(&apply_id)
+        .await
+        .iter()
+        .filter_map(|l| l["data"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        logs.contains("null_resource.thing: Destruction complete")
+            && logs.contains("0 added, 0 changed, 1 destroyed"),
+        "{logs}"
+    );
+    assert!(!logs.contains(SECRET), "{logs}");
+    assert!(versions(&api).await > before, "no new state version");
+
+    // Gone: planning from that apply (a normal plan: its `destroy` is not copied) adds it.
+    let after = run(
+        &api,
+        &agent,
+        "terraform_plan",
+        json!({"source_command_id": apply_id}),
+    )
+    .await;
+    assert_eq!(
+        summary(&after),
+        (1, 0, 0, vec!["null_resource.thing create".to_string()])
+    );
+    assert!(after["params"].get("destroy").is_none(), "{after}");
+    assert_eq!(after["result"]["mode"], "normal", "{after}");
+
+    // Nothing left to destroy: an empty destroy plan.
+    let empty = run(
+        &api,
+        &agent,
+        "terraform_plan",
+        json!({"source_command_id": apply_id, "destroy": true}),
+    )
+    .await;
+    assert_eq!(summary(&empty), (0, 0, 0, vec![]));
+    assert_eq!(empty["result"]["mode"], "destroy", "{empty}");
+
+    // `destroy` is for terraform_plan, as a bool.
+    for (ty, body) in [
+        (
+            "terraform_destroy",
+            json!({"source_command_id": apply_id, "destroy": true}),
+        ),
+        (
+            "terraform_plan",
+            json!({"source_command_id": apply_id, "destroy": "yes"}),
+        ),
+        ("terraform_apply", {
+            let mut p = params(&repo, "one");
+            p["destroy"] = true.into();
+            p
+        }),
+    ] {
+        let (s, b) = api
+            .call(
+                reqwest::Method::POST,
+                "/api/commands",
+                Some(json!({"agentId": agent, "type": ty, "params": body})),
+            )
+            .await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (400, Some("invalid_params")),
+            "{ty} {body} → {b}"
+        );
+    }
+    eprintln!(
+        "apply, destroy plan, plan, apply of the destroy plan, plan, plan in {:?}",
         started.elapsed()
     );
 }
@@ -301,8 +442,40 @@ async fn a_stale_plan_is_refused(backend: Backend) {
     )
     .await;
     assert_eq!(stale["error"]["code"], "plan_stale", "{stale}");
+
+    // A destroy plan is refused the same way once the state moved, and destroys nothing.
+    let destroy_plan = run(
+        &api,
+        &agent,
+        "terraform_plan",
+        json!({"source_command_id": plain["id"], "destroy": true}),
+    )
+    .await;
+    assert_eq!(
+        summary(&destroy_plan),
+        (0, 0, 1, vec!["null_resource.thing delete".to_string()])
+    );
+    let moved = run(&api, &agent, "terraform_apply", params(&repo, "five")).await;
+    assert_eq!(moved["status"], "succeeded", "{moved}");
+    let stale = run(
+        &api,
+        &agent,
+        "terraform_apply",
+        json!({"plan_command_id": destroy_plan["id"]}),
+    )
+    .await;
+    assert_eq!(stale["status"], "failed", "{stale}");
+    assert_eq!(stale["error"]["code"], "plan_stale", "{stale}");
+    assert_eq!(stale["params"]["destroy"], true, "{stale}");
+    let check = run(&api, &agent, "terraform_plan", params(&repo, "five")).await;
+    assert_eq!(
+        summary(&check),
+        (0, 0, 0, vec![]),
+        "the stale destroy plan destroyed something"
+    );
     eprintln!("stale plan test in {:?}", started.elapsed());
 }
 
 on_both_backends!(plan_apply_destroy, plan_apply_then_destroy);
 on_both_backends!(stale_plan, a_stale_plan_is_refused);
+on_both_backends!(destroy_plan, a_destroy_plan_is_reviewed_then_applied);

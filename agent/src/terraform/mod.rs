@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use trellis_protocol::{
-    Command, CommandError, StageState, TerraformApplyParams, TerraformApplyResult,
+    Command, CommandError, PlanMode, StageState, TerraformApplyParams, TerraformApplyResult,
     TerraformDestroyResult, TerraformPlanResult,
 };
 
@@ -275,6 +275,15 @@ enum Op {
 }
 
 impl Op {
+    /// The command type whose params it runs.
+    fn command_type(self) -> &'static str {
+        match self {
+            Op::Apply => "terraform_apply",
+            Op::Plan => "terraform_plan",
+            Op::Destroy => "terraform_destroy",
+        }
+    }
+
     /// The stages it reports with the overall percent at the start of each (and 100 at
     /// the end).
     fn stages(self) -> &'static [(&'static str, f32)] {
@@ -322,7 +331,7 @@ async fn execute(
     p: TerraformApplyParams,
     op: Op,
 ) -> Result<Outcome, CommandError> {
-    let req = Request::validate(&p)?;
+    let req = Request::validate(&p, op)?;
     let settings = exec.settings();
     let mut redactor = Redactor::for_params(&p);
     for credential in git::url_credentials(&p.template_source.repo) {
@@ -351,11 +360,11 @@ struct Request {
 }
 
 impl Request {
-    fn validate(p: &TerraformApplyParams) -> Result<Self, CommandError> {
+    fn validate(p: &TerraformApplyParams, op: Op) -> Result<Self, CommandError> {
         // The protocol's checks first (the same the control plane ran).
         let json = serde_json::to_value(p)
             .map_err(|e| CommandError::new("invalid_params", format!("invalid params: {e}")))?;
-        Command::parse("terraform_apply", &json)?;
+        Command::parse(op.command_type(), &json)?;
         let invalid = |m: String| Err(CommandError::new("invalid_params", m));
         let s = &p.template_source;
         let repo = s.repo.trim().to_string();
@@ -459,7 +468,7 @@ async fn run(
     let backend = exec.backend(ctx, &req.key);
     let result = match saved_plan {
         Some((plan_id, sha)) => {
-            run_saved_plan(ctx, sink, settings, &ws, backend, plan_id, sha).await
+            run_saved_plan(ctx, sink, settings, &ws, backend, plan_id, sha, p.destroy).await
         }
         None => run_in_workspace(ctx, sink, settings, p, req, &ws, backend, op).await,
     };
@@ -468,7 +477,11 @@ async fn run(
 }
 
 /// `terraform_apply` of a saved plan, in the plan's workspace: the plan file is checked
-/// against the signed hash, applied once and removed whatever the outcome.
+/// against the signed hash (and a destroy plan against the signed `destroy`, so an apply
+/// approved as one thing never runs the other), applied once and removed whatever the
+/// outcome. Terraform itself reads from the file whether it destroys.
+// The stages' inputs, each from a different owner (executor, dispatch, request, workspace).
+#[allow(clippy::too_many_arguments)]
 async fn run_saved_plan(
     ctx: &ExecContext,
     sink: &mut LogSink<'_>,
@@ -477,6 +490,7 @@ async fn run_saved_plan(
     backend: Option<Backend>,
     plan_id: uuid::Uuid,
     sha: &str,
+    destroy: bool,
 ) -> Result<Outcome, CommandError> {
     begin(
         ctx,
@@ -485,9 +499,30 @@ async fn run_saved_plan(
         format!("using the plan saved by terraform_plan {plan_id}"),
     )
     .await?;
-    let saved = plan::SavedPlan::open(&ws.dir, plan_id, sha).await;
+    let saved = plan::SavedPlan::open(&ws.dir, plan_id, sha)
+        .await
+        .and_then(|s| {
+            if (s.mode == PlanMode::Destroy) == destroy {
+                return Ok(s);
+            }
+            let (made, asked) = if destroy {
+                ("a normal plan", "a destroy")
+            } else {
+                ("a destroy plan", "a normal apply")
+            };
+            Err(CommandError::new(
+                "plan_invalid",
+                format!(
+                    "terraform_plan {plan_id} saved {made}, but this apply was approved as {asked}: it is not applied"
+                ),
+            ))
+        });
     let saved = end(ctx, sink, "fetch_template", saved, |s| {
-        format!("plan {} of commit {}", &s.sha256[..12], s.commit)
+        let what = match s.mode {
+            PlanMode::Destroy => "destroy plan",
+            PlanMode::Normal => "plan",
+        };
+        format!("{what} {} of commit {}", &s.sha256[..12], s.commit)
     })
     .await?;
     if let Err(e) = ws.secrets_in(&saved.dir).await {
@@ -657,7 +692,14 @@ async fn run_in_workspace(
                     resolved_commit: commit,
                 }))
             }
-            Op::Plan => plan_stages(ctx, sink, settings, ws, dir, backend, commit).await,
+            Op::Plan => {
+                let mode = if p.destroy {
+                    PlanMode::Destroy
+                } else {
+                    PlanMode::Normal
+                };
+                plan_stages(ctx, sink, settings, ws, dir, backend, commit, mode).await
+            }
             Op::Destroy => {
                 begin(ctx, sink, "destroy", "terraform destroy".into()).await?;
                 let spec = spec
@@ -686,7 +728,10 @@ async fn run_in_workspace(
 }
 
 /// `plan` and `show` of a `terraform_plan`: the plan file saved and recorded, then
-/// summarised from `terraform show -json`.
+/// summarised from `terraform show -json`. A destroy plan (`-destroy`) is recorded as
+/// one, and its apply deletes what it lists.
+// The stages' inputs, each from a different owner (executor, dispatch, request, workspace).
+#[allow(clippy::too_many_arguments)]
 async fn plan_stages(
     ctx: &ExecContext,
     sink: &mut LogSink<'_>,
@@ -695,30 +740,47 @@ async fn plan_stages(
     dir: &Path,
     backend: Option<&Backend>,
     commit: Option<String>,
+    mode: PlanMode,
 ) -> Result<Outcome, CommandError> {
-    begin(ctx, sink, "plan", "terraform plan".into()).await?;
-    let spec = with_backend(tf_spec(settings, dir), backend)
+    let destroy = mode == PlanMode::Destroy;
+    let label = if destroy {
+        "terraform plan -destroy"
+    } else {
+        "terraform plan"
+    };
+    begin(ctx, sink, "plan", label.into()).await?;
+    let mut spec = with_backend(tf_spec(settings, dir), backend)
         .arg("plan")
         .arg("-input=false")
         .arg("-no-color")
-        .arg("-lock=true")
-        .arg(format!("-out={}", plan::PLAN_FILE));
+        .arg("-lock=true");
+    if destroy {
+        spec = spec.arg("-destroy");
+    }
+    let spec = spec.arg(format!("-out={}", plan::PLAN_FILE));
     let planned = async {
         run_terraform(ctx, sink, settings, "plan", spec, &mut |_| None).await?;
         let state = pull_state(ctx, sink, settings, dir, backend).await?;
-        plan::record(&ws.dir, dir, commit.as_deref().unwrap_or_default(), state)
-            .await
-            .map_err(|e| {
-                CommandError::new(
-                    "workspace_error",
-                    format!("cannot record the plan file in {}: {e}", dir.display()),
-                )
-            })
+        plan::record(
+            &ws.dir,
+            dir,
+            commit.as_deref().unwrap_or_default(),
+            state,
+            mode,
+        )
+        .await
+        .map_err(|e| {
+            CommandError::new(
+                "workspace_error",
+                format!("cannot record the plan file in {}: {e}", dir.display()),
+            )
+        })
     }
     .await;
     workspace::restrict_secret_files(dir).await;
     let sha = end(ctx, sink, "plan", planned, |sha| {
-        format!("saved plan {}", &sha[..12])
+        let what = if destroy { "destroy plan" } else { "plan" };
+        format!("saved {what} {}", &sha[..12])
     })
     .await?;
 
@@ -746,7 +808,7 @@ async fn plan_stages(
                 format!("terraform show -json printed invalid JSON: {e}"),
             )
         })?;
-        Ok(plan::summary(&show, sha, commit))
+        Ok(plan::summary(&show, sha, commit, mode))
     }
     .await;
     let summary = end(ctx, sink, "show", shown, |s| {
@@ -1112,6 +1174,7 @@ mod tests {
             plan_command_id: None,
             plan_sha256: None,
             workspace_key: None,
+            destroy: false,
         }
     }
 
@@ -1129,26 +1192,31 @@ mod tests {
             ("-oProxyCommand=x", "v1", None),
             ("ext::sh -c touch% /tmp/x", "v1", None),
         ] {
-            let e = Request::validate(&params(repo, version, path))
+            let e = Request::validate(&params(repo, version, path), Op::Apply)
                 .err()
                 .unwrap_or_else(|| panic!("{repo:?} {version:?} {path:?} accepted"));
             assert_eq!(e.code, "invalid_params", "{e}");
         }
         let mut p = params("/r", "v1", None);
         p.terraform_vars.insert("1bad".into(), json!(1));
-        assert!(Request::validate(&p).is_err());
+        assert!(Request::validate(&p, Op::Apply).is_err());
     }
 
     #[test]
     fn default_workspace_key_is_repo_and_path() {
-        let r = Request::validate(&params("/srv/r", "release/1.2", Some("envs/prod/"))).unwrap();
+        let r = Request::validate(
+            &params("/srv/r", "release/1.2", Some("envs/prod/")),
+            Op::Plan,
+        )
+        .unwrap();
         assert_eq!(r.key, "/srv/r#envs/prod");
         assert_eq!(r.path.as_deref(), Some("envs/prod"));
-        let r = Request::validate(&params("https://h/x.git", "0123abcd", Some("."))).unwrap();
+        let r = Request::validate(&params("https://h/x.git", "0123abcd", Some(".")), Op::Apply)
+            .unwrap();
         assert_eq!(r.key, "https://h/x.git#");
         let mut p = params("/srv/r", "v1", None);
         p.workspace_key = Some("prod".into());
-        assert_eq!(Request::validate(&p).unwrap().key, "prod");
+        assert_eq!(Request::validate(&p, Op::Destroy).unwrap().key, "prod");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use trellis_protocol::{CommandError, PlannedResource, TerraformPlanResult};
+use trellis_protocol::{CommandError, PlanMode, PlannedResource, TerraformPlanResult};
 
 /// The plan file's name in the template directory.
 pub const PLAN_FILE: &str = "trellis.tfplan";
@@ -35,6 +35,9 @@ struct Marker {
     /// The state the plan was made against (see [`StateMeta`]).
     #[serde(default)]
     state: Option<StateMeta>,
+    /// Whether it is a destroy plan (`terraform plan -destroy`; absent: a normal plan).
+    #[serde(default)]
+    mode: PlanMode,
 }
 
 /// Which state version a plan was made against: Terraform refuses a saved plan whose
@@ -67,6 +70,8 @@ pub struct SavedPlan {
     pub sha256: String,
     /// The state the plan was made against.
     pub state: Option<StateMeta>,
+    /// A normal or a destroy plan, as it was made.
+    pub mode: PlanMode,
     marker: PathBuf,
 }
 
@@ -97,6 +102,7 @@ pub async fn record(
     dir: &Path,
     commit: &str,
     state: Option<StateMeta>,
+    mode: PlanMode,
 ) -> std::io::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let file = dir.join(PLAN_FILE);
@@ -108,6 +114,7 @@ pub async fn record(
         commit: commit.to_string(),
         saved_at: now_secs(),
         state,
+        mode,
     };
     let body = serde_json::to_vec(&marker).map_err(std::io::Error::other)?;
     tokio::fs::write(workspace.join(MARKER), body).await?;
@@ -144,6 +151,7 @@ impl SavedPlan {
             commit: marker.commit,
             sha256: String::new(),
             state: marker.state,
+            mode: marker.mode,
             marker: marker_path,
         };
         if now_secs().saturating_sub(marker.saved_at) > PLAN_TTL.as_secs() {
@@ -195,8 +203,14 @@ pub fn remove_if_expired(workspace: &Path) {
     tracing::info!(workspace = %workspace.display(), "removed a saved terraform plan older than 24 h");
 }
 
-/// The summary of `terraform show -json <plan>`: addresses and actions only.
-pub fn summary(show: &Value, plan_sha256: String, commit: Option<String>) -> TerraformPlanResult {
+/// The summary of `terraform show -json <plan>`: addresses and actions only, and whether
+/// it is a destroy plan.
+pub fn summary(
+    show: &Value,
+    plan_sha256: String,
+    commit: Option<String>,
+    mode: PlanMode,
+) -> TerraformPlanResult {
     let (mut add, mut change, mut destroy) = (0, 0, 0);
     let mut resources = Vec::new();
     let changes = show
@@ -246,6 +260,7 @@ pub fn summary(show: &Value, plan_sha256: String, commit: Option<String>) -> Ter
         resources,
         plan_sha256,
         resolved_commit: commit,
+        mode,
     }
 }
 
@@ -266,6 +281,7 @@ mod tests {
                 commit: "c".into(),
                 saved_at,
                 state: None,
+                mode: PlanMode::Normal,
             };
             std::fs::write(ws.join(MARKER), serde_json::to_vec(&m).unwrap()).unwrap();
         };
@@ -291,7 +307,7 @@ mod tests {
                 {"address": "null_resource.e", "change": {"actions": ["delete"]}}
             ]
         });
-        let s = summary(&show, "ab".into(), None);
+        let s = summary(&show, "ab".into(), None, PlanMode::Normal);
         assert_eq!((s.add, s.change, s.destroy), (2, 1, 2));
         let actions: Vec<_> = s
             .resources
@@ -308,5 +324,28 @@ mod tests {
             ]
         );
         assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
+        assert_eq!(s.mode, PlanMode::Normal);
+        let d = summary(&show, "ab".into(), None, PlanMode::Destroy);
+        assert_eq!(serde_json::to_value(&d).unwrap()["mode"], json!("destroy"));
+    }
+
+    #[tokio::test]
+    async fn a_destroy_plan_is_recorded_as_one() {
+        let ws = std::env::temp_dir().join(format!("tendril-plan-{}", uuid::Uuid::new_v4()));
+        let dir = ws.join("t");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(PLAN_FILE), b"plan").unwrap();
+        let sha = record(&ws, &dir, "c", None, PlanMode::Destroy)
+            .await
+            .unwrap();
+        let id = uuid::Uuid::new_v4();
+        let saved = SavedPlan::open(&ws, id, &sha).await.unwrap();
+        assert_eq!(saved.mode, PlanMode::Destroy);
+        // A record written before destroy plans existed reads as a normal plan.
+        let old = json!({"dir": "t", "commit": "c", "saved_at": now_secs()});
+        std::fs::write(ws.join(MARKER), old.to_string()).unwrap();
+        let saved = SavedPlan::open(&ws, id, &sha).await.unwrap();
+        assert_eq!(saved.mode, PlanMode::Normal);
+        std::fs::remove_dir_all(&ws).unwrap();
     }
 }

@@ -232,6 +232,28 @@ async fn fill_from_plan(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
             format!("terraform_plan {plan_id} has no params object"),
         ));
     };
+    // A destroy plan is applied as one (its `destroy` copied with the rest), and only if
+    // the agent made one: an agent that predates destroy plans ignores `destroy` and
+    // saves a normal plan, which must not be approved as a destroy (nor the reverse).
+    let asked = obj.get("destroy") == Some(&serde_json::Value::Bool(true));
+    let made = plan
+        .result
+        .as_ref()
+        .and_then(|r| r.get("mode"))
+        .and_then(serde_json::Value::as_str)
+        == Some("destroy");
+    if asked != made {
+        return Err(DomainError::conflict(
+            "plan_invalid",
+            if asked {
+                format!(
+                    "terraform_plan {plan_id} was asked for a destroy plan, but its agent made a normal plan (a tendril without destroy plans): it is not applied"
+                )
+            } else {
+                format!("terraform_plan {plan_id} made a destroy plan it was not asked for: it is not applied")
+            },
+        ));
+    }
     obj.insert("plan_command_id".into(), plan_id.to_string().into());
     obj.insert("plan_sha256".into(), hash.into());
     if let Some(meta) = meta {
@@ -246,7 +268,8 @@ async fn fill_from_plan(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
 /// that earlier Terraform command, so a workspace can be planned again or destroyed from
 /// its last apply without the caller knowing (or re-typing) the secret values that every
 /// response shows as `***`. The source may have run on any agent (the state is kept by
-/// the control plane). Only `meta` may be given alongside.
+/// the control plane). Only `meta` (and, for a plan, `destroy`: a destroy plan) may be
+/// given alongside; the source's own `destroy` is not copied.
 async fn fill_from_source(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
     if c.command_type != CommandType::TerraformPlan.as_str()
         && c.command_type != CommandType::TerraformDestroy.as_str()
@@ -261,7 +284,7 @@ async fn fill_from_source(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
     };
     if let Some(k) = given
         .keys()
-        .find(|k| !matches!(k.as_str(), "source_command_id" | "meta"))
+        .find(|k| !matches!(k.as_str(), "source_command_id" | "meta" | "destroy"))
     {
         return Err(DomainError::invalid(
             "invalid_params",
@@ -288,6 +311,18 @@ async fn fill_from_source(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
         ));
     }
     let meta = given.get("meta").cloned();
+    // Checked here (not only by the protocol's parse) because the source's params replace
+    // what was given: a `destroy` that is not a bool would otherwise be dropped unseen.
+    let destroy = match given.get("destroy") {
+        None => None,
+        Some(serde_json::Value::Bool(b)) => Some(*b),
+        Some(_) => {
+            return Err(DomainError::invalid(
+                "invalid_params",
+                "destroy must be true or false",
+            ))
+        }
+    };
     let mut params = db
         .secrets()
         .open_params(source.command_type, &source.params)
@@ -303,12 +338,18 @@ async fn fill_from_source(db: &Db, c: &mut CreateCommand) -> DomainResult<()> {
             format!("command {source_id} has no params object"),
         ));
     };
-    // An apply of a saved plan names the plan; the new command plans or destroys afresh.
+    // An apply of a saved plan names the plan; the new command plans or destroys afresh,
+    // a destroy plan only when asked now (not because the source was one).
     obj.remove("plan_command_id");
     obj.remove("plan_sha256");
     obj.remove("meta");
+    obj.remove("destroy");
     if let Some(meta) = meta {
         obj.insert("meta".into(), meta);
+    }
+    if destroy == Some(true) {
+        // Refused for a terraform_destroy by the protocol's checks in `prepare`.
+        obj.insert("destroy".into(), true.into());
     }
     c.params = params;
     Ok(())

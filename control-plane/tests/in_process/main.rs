@@ -4,6 +4,7 @@
 
 mod api;
 mod common;
+mod destroy_plans;
 mod lifecycle;
 mod openapi;
 mod pins;
