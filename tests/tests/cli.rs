@@ -510,10 +510,12 @@ fn first_command_id(o: &Output) -> String {
 }
 
 /// `deploy plan` → `deploy apply --plan` → `deploy plan --from` (no changes) → `deploy
-/// destroy` (refused without --yes off a terminal, and with a wrong typed name; done with the
-/// right one on a pty) → the next plan adds the resource again; the exit codes follow the
-/// outcome (a plan applied twice fails: exit 1), `--output json` prints the API's shapes, and
-/// the secret variable never shows.
+/// destroy` (refused without --yes off a terminal, before any plan; with a wrong typed name
+/// the destroy plan is shown and left unapplied; with the right one on a pty that plan is
+/// applied) → the next plan adds the resource again → `deploy plan --destroy` and `deploy
+/// apply --plan` of it → `deploy destroy --yes -o json` from flags. Exit codes follow the
+/// outcome (a plan applied twice fails: exit 1), `--output json` prints the API's shapes,
+/// the secret variable never shows, and no one-step `terraform_destroy` is ever made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_plan_apply_destroy_with_real_terraform() {
     const SECRET: &str = "cli-pw-s3cr3t";
@@ -618,7 +620,8 @@ async fn deploy_plan_apply_destroy_with_real_terraform() {
         explain(&o)
     );
 
-    // Destroy: never without a confirmation.
+    // Destroy: never without a confirmation, and without a terminal nothing is planned.
+    let plans_before = count_of(&api, &agent, "terraform_plan").await;
     let o = run(trellis(
         &cfg,
         &["deploy", "destroy", "--from", &apply_id],
@@ -627,33 +630,54 @@ async fn deploy_plan_apply_destroy_with_real_terraform() {
     .await;
     assert_eq!(code(&o), 2, "{}", explain(&o));
     assert!(text(&o.stderr).contains("needs --yes"), "{}", explain(&o));
+    assert_eq!(count_of(&api, &agent, "terraform_plan").await, plans_before);
+    // A wrong name: the destroy plan is made and shown, then left unapplied.
     let workspace = format!("{repo_path}#");
-    let destroy_args = format!("deploy destroy --from {apply_id} --follow");
+    let destroy_args = format!("deploy destroy --from {apply_id}");
     let o = on_a_terminal(&cfg, &destroy_args, &env, "not-the-workspace\n").await;
     assert_eq!(code(&o), 2, "{}", explain(&o));
+    let out = text(&o.stdout);
     assert!(
-        text(&o.stdout).contains(&format!("workspace {workspace:?}"))
-            && text(&o.stdout).contains("does not match"),
+        out.contains("Destroy plan: applying it destroys every resource listed.")
+            && out.contains("Plan: 0 to add, 0 to change, 1 to destroy.")
+            && out.contains("Destroy (1):")
+            && out.contains("  - null_resource.thing")
+            && out.contains(&format!("workspace {workspace:?}"))
+            && out.contains("does not match")
+            && out.contains("left unapplied"),
         "{}",
         explain(&o)
     );
-    let destroys = api
-        .get(&format!(
-            "/api/commands?agentId={agent}&type=terraform_destroy"
-        ))
-        .await;
-    assert_eq!(
-        destroys["items"].as_array().map(Vec::len),
-        Some(0),
-        "{destroys}"
+    let unapplied = newest(&api, &agent, "terraform_plan").await;
+    assert_eq!(unapplied["params"]["destroy"], true, "{unapplied}");
+    assert_eq!(unapplied["result"]["mode"], "destroy", "{unapplied}");
+    assert!(
+        !applies_of(&api, &agent, unapplied["id"].as_str().unwrap()).await,
+        "the refused destroy plan was applied"
     );
-    // Typed on a terminal: destroyed (the template refuses a `***` password, so the real
-    // one came from the server).
+    // Typed on a terminal: that plan's apply destroys the resource (the template refuses a
+    // `***` password, so the real one came from the server).
     let o = on_a_terminal(&cfg, &destroy_args, &env, &format!("{workspace}\n")).await;
     assert_eq!(code(&o), 0, "{}", explain(&o));
     let out = text(&o.stdout);
-    assert!(out.contains("Resources: 1 destroyed"), "{}", explain(&o));
+    assert!(
+        out.contains("  - null_resource.thing") && out.contains("0 added, 0 changed, 1 destroyed"),
+        "{}",
+        explain(&o)
+    );
     assert!(!out.contains(SECRET), "{out}");
+    let destroy_plan = newest(&api, &agent, "terraform_plan").await;
+    assert_ne!(destroy_plan["id"], unapplied["id"]);
+    let destroy_apply = newest(&api, &agent, "terraform_apply").await;
+    assert_eq!(
+        (
+            destroy_apply["status"].as_str(),
+            &destroy_apply["params"]["plan_command_id"],
+            &destroy_apply["params"]["destroy"]
+        ),
+        (Some("succeeded"), &destroy_plan["id"], &json!(true)),
+        "{destroy_apply}"
+    );
 
     // The next plan (JSON, not followed: the 202 answer) adds the resource again.
     let args = [&["deploy", "plan"][..], &config, &["-o", "json"]].concat();
@@ -675,16 +699,116 @@ async fn deploy_plan_apply_destroy_with_real_terraform() {
         "{done}"
     );
 
-    // Plan and apply in one step, then destroy from the flags with --yes.
+    // Plan and apply in one step; a destroy plan of it, shown, then applied by id.
     let args = [&["deploy", "apply"][..], &config, &["--follow"]].concat();
     let o = run(trellis(&cfg, &args, &env)).await;
     assert_eq!(code(&o), 0, "{}", explain(&o));
-    let args = [&["deploy", "destroy"][..], &config, &["--yes", "--follow"]].concat();
-    let o = run(trellis(&cfg, &args, &env)).await;
+    let one_step = first_command_id(&o);
+    let o = run(trellis(
+        &cfg,
+        &[
+            "deploy",
+            "plan",
+            "--destroy",
+            "--from",
+            &one_step,
+            "--follow",
+        ],
+        &env,
+    ))
+    .await;
     assert_eq!(code(&o), 0, "{}", explain(&o));
+    let preview = first_command_id(&o);
+    let out = text(&o.stdout);
     assert!(
-        text(&o.stdout).contains("Resources: 1 destroyed"),
+        out.contains("Destroy plan: applying it destroys every resource listed.\nPlan: 0 to add, 0 to change, 1 to destroy.")
+            && out.contains("Destroy (1):\n  - null_resource.thing")
+            && out.contains(&format!("Destroy them: trellis deploy apply --plan {preview}")),
         "{}",
         explain(&o)
     );
+    let o = run(trellis(
+        &cfg,
+        &["deploy", "apply", "--plan", &preview, "--follow"],
+        &env,
+    ))
+    .await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    assert!(
+        text(&o.stdout).contains("0 added, 0 changed, 1 destroyed"),
+        "{}",
+        explain(&o)
+    );
+
+    // Apply again, then destroy from the flags with --yes (and the old --follow), as JSON:
+    // one document with the plan and its apply.
+    let args = [&["deploy", "apply"][..], &config, &["--follow"]].concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let args = [
+        &["deploy", "destroy"][..],
+        &config,
+        &["--yes", "--follow", "-o", "json"],
+    ]
+    .concat();
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let both: Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert_eq!(both["plan"]["type"], "terraform_plan", "{both}");
+    assert_eq!(both["plan"]["result"]["mode"], "destroy", "{both}");
+    assert_eq!(both["plan"]["result"]["destroy"], 1, "{both}");
+    assert_eq!(both["apply"]["status"], "succeeded", "{both}");
+    assert_eq!(
+        both["apply"]["params"]["plan_command_id"],
+        both["plan"]["id"]
+    );
+    assert!(
+        text(&o.stderr).contains("Destroy (1):") && text(&o.stderr).contains("1 destroyed"),
+        "{}",
+        explain(&o)
+    );
+    // Nothing left: a destroy now has nothing to apply (exit 0, apply null).
+    let o = run(trellis(&cfg, &args, &env)).await;
+    assert_eq!(code(&o), 0, "{}", explain(&o));
+    let none: Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
+    assert!(none["apply"].is_null(), "{none}");
+    assert!(
+        text(&o.stderr).contains("No objects need to be destroyed"),
+        "{}",
+        explain(&o)
+    );
+    // The one-step terraform_destroy stays for the API: the CLI never made one.
+    assert_eq!(count_of(&api, &agent, "terraform_destroy").await, 0);
+}
+
+/// How many commands of type `ty` the agent has.
+async fn count_of(api: &Api, agent: &str, ty: &str) -> usize {
+    api.get(&format!(
+        "/api/commands?agentId={agent}&type={ty}&limit=200"
+    ))
+    .await["items"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// The agent's newest command of type `ty`, read in full.
+async fn newest(api: &Api, agent: &str, ty: &str) -> Value {
+    let list = api
+        .get(&format!("/api/commands?agentId={agent}&type={ty}&limit=1"))
+        .await;
+    let id = list["items"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {ty}: {list}"))
+        .to_string();
+    api.get(&format!("/api/commands/{id}")).await
+}
+
+/// Whether any `terraform_apply` of the agent applies plan `plan`.
+async fn applies_of(api: &Api, agent: &str, plan: &str) -> bool {
+    api.get(&format!(
+        "/api/commands?agentId={agent}&type=terraform_apply&limit=200"
+    ))
+    .await["items"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|c| c["params"]["plan_command_id"] == plan))
 }

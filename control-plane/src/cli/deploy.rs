@@ -1,11 +1,14 @@
 //! `trellis deploy plan|apply|destroy`: Terraform commands on an agent.
 //!
 //! * `plan` submits a `terraform_plan` (the plan file stays on the agent) and, followed,
-//!   prints the resource changes grouped by action;
+//!   prints the resource changes grouped by action; `--destroy` makes it a destroy plan,
+//!   which lists what would be destroyed;
 //! * `apply` submits a `terraform_apply`: `--plan ID` applies exactly that saved plan (the
-//!   control plane fills in its configuration and hash), else plan and apply in one step;
-//! * `destroy` submits a `terraform_destroy`, confirmed with `--yes` or, on a terminal, by
-//!   typing the workspace name.
+//!   control plane fills in its configuration and hash; a destroy plan destroys what it
+//!   listed), else plan and apply in one step;
+//! * `destroy` makes a destroy plan and prints it, asks for the workspace name on a
+//!   terminal (or takes `--yes`), then applies exactly that plan and follows it to the
+//!   end. The one-step `terraform_destroy` stays in the API for automation.
 //!
 //! The configuration comes from `--repo`/`--version`/`--path` and the variables from
 //! `--var-file` (a JSON object) and `--var k=v` (strings, later ones win) — or, for `plan`
@@ -20,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::client::{segment, Client};
 use super::commands::follow_new;
+use super::follow::watch;
 use super::{connect, output, CliError, Exit, Output};
 
 #[derive(clap::Subcommand)]
@@ -29,8 +33,9 @@ pub enum DeployCmd {
     Plan(Box<PlanArgs>),
     /// Apply a saved plan (`--plan ID`), or plan and apply a configuration in one step.
     Apply(Box<ApplyArgs>),
-    /// Destroy every resource in a configuration's Terraform state (asks for the workspace
-    /// name on a terminal; `--yes` otherwise).
+    /// Destroy every resource in a configuration's Terraform state: a destroy plan is made
+    /// and shown, then applied once the workspace name is typed on a terminal (or with
+    /// `--yes`); followed to the end.
     Destroy(Box<DestroyArgs>),
 }
 
@@ -88,6 +93,10 @@ pub struct PlanArgs {
     /// (instead of `--repo`, `--version`, … ; its sensitive values stay on the server).
     #[arg(long, value_name = "COMMAND_ID")]
     from: Option<String>,
+    /// A destroy plan: what destroying every resource in the workspace's state would
+    /// delete; `deploy apply --plan ID` then destroys exactly that.
+    #[arg(long)]
+    destroy: bool,
     #[command(flatten)]
     submit: SubmitArgs,
 }
@@ -118,12 +127,21 @@ pub struct DestroyArgs {
     /// (e.g. the workspace's last apply; its sensitive values stay on the server).
     #[arg(long, value_name = "COMMAND_ID")]
     from: Option<String>,
-    /// Do not ask: destroy without typing the workspace name (needed when stdin is not a
-    /// terminal).
+    /// Do not ask: apply the destroy plan without typing the workspace name (needed when
+    /// stdin is not a terminal).
     #[arg(long, short = 'y')]
     yes: bool,
-    #[command(flatten)]
-    submit: SubmitArgs,
+    /// Seconds before each of the two commands (the plan, its apply) times out (the
+    /// server's default when unset).
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+    /// Submitting twice with the same key makes one plan and one apply of it (the apply
+    /// gets the key with `-apply` appended).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Accepted for scripts written for the one-step destroy: a destroy is always followed.
+    #[arg(long, hide = true)]
+    follow: bool,
 }
 
 pub async fn run(cmd: DeployCmd, out: Output) -> Result<Exit, CliError> {
@@ -136,7 +154,10 @@ pub async fn run(cmd: DeployCmd, out: Output) -> Result<Exit, CliError> {
 
 async fn plan(a: PlanArgs, out: Output) -> Result<Exit, CliError> {
     let client = connect()?;
-    let (agent, params, _) = configured(&client, a.agent, &a.config, a.from.as_deref()).await?;
+    let (agent, mut params, _) = configured(&client, a.agent, &a.config, a.from.as_deref()).await?;
+    if a.destroy {
+        params["destroy"] = true.into();
+    }
     let r = submit(&client, &agent, "terraform_plan", params, &a.submit).await?;
     let id = command_id(&r)?;
     if !a.submit.follow {
@@ -147,7 +168,11 @@ async fn plan(a: PlanArgs, out: Output) -> Result<Exit, CliError> {
         let c = client.get(&format!("/api/commands/{id}")).await?;
         println!("\n{}", plan_summary(&c["result"]));
         if has_changes(&c["result"]) {
-            println!("\nApply it: trellis deploy apply --plan {id}");
+            if is_destroy_plan(&c["result"]) {
+                println!("\nDestroy them: trellis deploy apply --plan {id}");
+            } else {
+                println!("\nApply it: trellis deploy apply --plan {id}");
+            }
         }
     }
     Ok(exit)
@@ -186,19 +211,76 @@ async fn apply(a: ApplyArgs, out: Output) -> Result<Exit, CliError> {
     Ok(accepted(&r, &id, out))
 }
 
+/// The destroy plan, shown; the typed confirmation; the apply of that plan, followed. With
+/// `--output json` one document at the end: `{"plan": Command, "apply": Command|null}`
+/// (`apply` null when nothing was applied), the plan and the prompt on stderr.
 async fn destroy(a: DestroyArgs, out: Output) -> Result<Exit, CliError> {
     let client = connect()?;
-    let (agent, params, workspace) =
+    let (agent, mut params, workspace) =
         configured(&client, a.agent, &a.config, a.from.as_deref()).await?;
+    // Checked before anything is submitted: without a terminal there is nobody to ask.
+    if !a.yes && !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(
+            "deploy destroy needs --yes when stdin is not a terminal (nothing was planned or destroyed)"
+                .into(),
+        ));
+    }
+    params["destroy"] = true.into();
+    let submit_args = |suffix: &str| SubmitArgs {
+        timeout_secs: a.timeout_secs,
+        idempotency_key: a.idempotency_key.as_ref().map(|k| format!("{k}{suffix}")),
+        follow: true,
+    };
+    let r = submit(&client, &agent, "terraform_plan", params, &submit_args("")).await?;
+    let plan_id = command_id(&r)?;
+    if out == Output::Table {
+        println!("destroy plan {plan_id}");
+    }
+    let plan = watch(&client, &plan_id, out).await?;
+    let done = |apply: Option<&Value>| {
+        if out == Output::Json {
+            output::json(&json!({ "plan": plan, "apply": apply }));
+        }
+    };
+    if plan["status"] != "succeeded" {
+        done(None);
+        return Ok(Exit::of_status(plan["status"].as_str().unwrap_or_default()));
+    }
+    let summary = plan_summary(&plan["result"]);
+    let show = |s: &str| match out {
+        Output::Table => println!("{s}"),
+        Output::Json => eprintln!("{s}"),
+    };
+    show(&format!("\n{summary}\n"));
+    if !has_changes(&plan["result"]) {
+        done(None);
+        return Ok(Exit::Ok);
+    }
+    // The workspace the control plane says the plan acts on.
+    let workspace = plan["target"]["workspace"]
+        .as_str()
+        .map_or(workspace, str::to_string);
     if !a.yes {
-        confirm_destroy(&workspace)?;
+        confirm_destroy(&workspace, &plan_id)?;
     }
-    let r = submit(&client, &agent, "terraform_destroy", params, &a.submit).await?;
-    let id = command_id(&r)?;
-    if a.submit.follow {
-        return follow_new(&client, &id, out).await;
+    let agent = agent_of(&plan)?;
+    let r = submit(
+        &client,
+        &agent,
+        "terraform_apply",
+        json!({ "plan_command_id": plan_id }),
+        &submit_args("-apply"),
+    )
+    .await?;
+    let apply_id = command_id(&r)?;
+    if out == Output::Table {
+        println!("apply of the destroy plan: command {apply_id}");
     }
-    Ok(accepted(&r, &id, out))
+    let apply = watch(&client, &apply_id, out).await?;
+    done(Some(&apply));
+    Ok(Exit::of_status(
+        apply["status"].as_str().unwrap_or_default(),
+    ))
 }
 
 /// The agent, params and state workspace of a plan or destroy: from the flags, or from
@@ -332,16 +414,10 @@ fn accepted(r: &Value, id: &str, out: Output) -> Exit {
     Exit::Ok
 }
 
-/// Asks for the workspace name on a terminal; refuses without one.
-fn confirm_destroy(workspace: &str) -> Result<(), CliError> {
-    if !std::io::stdin().is_terminal() {
-        return Err(CliError::Usage(
-            "deploy destroy needs --yes when stdin is not a terminal (nothing was destroyed)"
-                .into(),
-        ));
-    }
+/// Asks for the workspace name on the terminal before the destroy plan is applied.
+fn confirm_destroy(workspace: &str, plan_id: &str) -> Result<(), CliError> {
     eprint!(
-        "Destroy every resource in the Terraform state of workspace {workspace:?}? \
+        "Destroy the resources listed above, in the Terraform state of workspace {workspace:?}? \
          Type the workspace name to confirm: "
     );
     let mut line = String::new();
@@ -349,9 +425,10 @@ fn confirm_destroy(workspace: &str) -> Result<(), CliError> {
         .read_line(&mut line)
         .map_err(|e| CliError::Usage(format!("cannot read the confirmation: {e}")))?;
     if line.trim() != workspace {
-        return Err(CliError::Usage(
-            "the name does not match the workspace: nothing was destroyed".into(),
-        ));
+        return Err(CliError::Usage(format!(
+            "the name does not match the workspace: nothing was destroyed (destroy plan {plan_id} \
+             is left unapplied; the agent deletes it after 24 hours)"
+        )));
     }
     Ok(())
 }
@@ -369,6 +446,11 @@ fn count(r: &Value, k: &str) -> u64 {
     r[k].as_u64().unwrap_or(0)
 }
 
+/// Whether a plan's result is a destroy plan (`mode: destroy`).
+pub fn is_destroy_plan(result: &Value) -> bool {
+    result["mode"] == "destroy"
+}
+
 /// Whether a plan's result changes anything (data-source reads alone do not).
 pub fn has_changes(result: &Value) -> bool {
     count(result, "add") + count(result, "change") + count(result, "destroy") > 0
@@ -378,12 +460,21 @@ pub fn has_changes(result: &Value) -> bool {
 }
 
 /// A `terraform_plan` result for people: Terraform's "Plan:" line (or "No changes."), then
-/// the resource addresses grouped by action.
+/// the resource addresses grouped by action; a destroy plan says it is one first.
 pub fn plan_summary(result: &Value) -> String {
+    let destroy = is_destroy_plan(result);
     if !has_changes(result) {
-        return "No changes. The infrastructure matches the configuration.".into();
+        return if destroy {
+            "Destroy plan: no changes. No objects need to be destroyed.".into()
+        } else {
+            "No changes. The infrastructure matches the configuration.".into()
+        };
     }
-    let mut out = format!(
+    let mut out = String::new();
+    if destroy {
+        out.push_str("Destroy plan: applying it destroys every resource listed.\n");
+    }
+    out += &format!(
         "Plan: {} to add, {} to change, {} to destroy.",
         count(result, "add"),
         count(result, "change"),
@@ -475,6 +566,18 @@ mod tests {
         let reads = json!({"add": 0, "change": 0, "destroy": 0,
                            "resources": [{"address": "data.x.y", "action": "read"}]});
         assert!(!has_changes(&reads));
+        let destroy = json!({"add": 0, "change": 0, "destroy": 2, "mode": "destroy", "resources": [
+            {"address": "null_resource.b", "action": "delete"},
+            {"address": "null_resource.a", "action": "delete"}]});
+        assert_eq!(
+            plan_summary(&destroy),
+            "Destroy plan: applying it destroys every resource listed.\n\
+             Plan: 0 to add, 0 to change, 2 to destroy.\n\n\
+             Destroy (2):\n  - null_resource.a\n  - null_resource.b"
+        );
+        let nothing =
+            json!({"add": 0, "change": 0, "destroy": 0, "mode": "destroy", "resources": []});
+        assert!(plan_summary(&nothing).starts_with("Destroy plan: no changes."));
     }
 
     #[test]

@@ -19,6 +19,17 @@ const MAX_RECONNECTS: u32 = 10;
 
 /// Follows command `id` to its end and returns the exit code of its final status.
 pub async fn follow(client: &Client, id: &str, out: Output) -> Result<Exit, CliError> {
+    let c = watch(client, id, out).await?;
+    if out == Output::Json {
+        output::json(&c);
+    }
+    Ok(Exit::of_status(c["status"].as_str().unwrap_or_default()))
+}
+
+/// Follows command `id` to its end, as [`follow`] shows it but without printing the
+/// finished command as JSON, and returns it (for a caller that goes on, e.g. `deploy
+/// destroy` from its plan to the apply).
+pub async fn watch(client: &Client, id: &str, out: Output) -> Result<Value, CliError> {
     let id = segment(id)?;
     let mut view = View::new(out);
     let mut last_seq = 0i64;
@@ -77,7 +88,7 @@ pub async fn follow(client: &Client, id: &str, out: Output) -> Result<Exit, CliE
     }
     let c = client.get(&format!("/api/commands/{id}")).await?;
     view.done(&c);
-    Ok(Exit::of_status(c["status"].as_str().unwrap_or_default()))
+    Ok(c)
 }
 
 fn backoff(failures: u32) -> Duration {
@@ -271,11 +282,10 @@ impl View {
         }
     }
 
-    /// The summary of the finished command (or its JSON).
+    /// The summary line of the finished command (none for JSON: the caller prints it).
     fn done(&self, c: &Value) {
         self.clear();
         if let View::Json = self {
-            output::json(c);
             return;
         }
         let status = output::cell(&c["status"]);
