@@ -96,10 +96,19 @@ pub struct Broker {
     /// This replica (its id is the origin of the notes it sends).
     pub replica: Arc<cluster::Replica>,
     sessions: Mutex<HashMap<AgentId, SessionHandle>>,
-    writer: mpsc::Sender<writer::WriteOp>,
+    /// Event writers, each for a fixed share of the agents (see [`Broker::shard`]).
+    writers: Vec<mpsc::Sender<writer::WriteOp>>,
     inserter: mpsc::Sender<inserter::InsertRequest>,
-    dispatcher: mpsc::UnboundedSender<AgentId>,
+    /// Dispatchers, sharded like the writers.
+    dispatchers: Vec<mpsc::UnboundedSender<AgentId>>,
 }
+
+/// Writers and dispatchers on PostgreSQL. Each runs one transaction at a time, and on
+/// PostgreSQL a transaction of many statements is bound by network round trips, not by
+/// the database: a few in parallel (for disjoint agents, so one agent's frames keep their
+/// order and no two claim for one agent) use the server's concurrency. SQLite has one
+/// writer connection: one of each.
+const PG_SHARDS: usize = 4;
 
 impl Broker {
     /// Creates the broker and starts its tasks on `tasks`: the inserter (stops when the
@@ -115,10 +124,16 @@ impl Broker {
         replica: Arc<cluster::Replica>,
         tasks: &TaskTracker,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(8192);
+        let shards = match db.backend {
+            crate::db::Backend::Postgres => PG_SHARDS,
+            crate::db::Backend::Sqlite => 1,
+        };
+        let (writers, writer_rxs): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::channel(8192)).unzip();
         let (itx, irx) = mpsc::channel(4096);
         tasks.spawn(inserter::run(db.clone(), irx));
-        let (dtx, drx) = mpsc::unbounded_channel();
+        let (dispatchers, dispatcher_rxs): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
         let signing = db.signing().clone();
         let broker = Arc::new(Self {
             db,
@@ -133,14 +148,24 @@ impl Broker {
             signing,
             replica,
             sessions: Mutex::new(HashMap::new()),
-            writer: tx,
+            writers,
             inserter: itx,
-            dispatcher: dtx,
+            dispatchers,
         });
-        tasks.spawn(dispatcher::run(broker.clone(), drx));
+        for drx in dispatcher_rxs {
+            tasks.spawn(dispatcher::run(broker.clone(), drx));
+        }
         tasks.spawn(cluster::listen(broker.clone()));
         tasks.spawn(cluster::lease(broker.clone()));
-        let writer = tasks.spawn(writer::run(broker.clone(), rx));
+        let handles: Vec<_> = writer_rxs
+            .into_iter()
+            .map(|rx| tasks.spawn(writer::run(broker.clone(), rx)))
+            .collect();
+        let writer = tasks.spawn(async move {
+            for h in handles {
+                let _ = h.await;
+            }
+        });
         (broker, writer)
     }
 
@@ -150,13 +175,21 @@ impl Broker {
             .max(1)
     }
 
-    pub fn writer(&self) -> mpsc::Sender<writer::WriteOp> {
-        self.writer.clone()
+    /// Which writer and dispatcher serve the agent (always the same ones).
+    fn shard(&self, agent_id: &AgentId) -> usize {
+        (agent_id.0.as_u128() % self.writers.len() as u128) as usize
     }
 
-    /// Stops the writer once it has written everything sent before this call.
+    /// The event writer of this agent's session.
+    pub fn writer_for(&self, agent_id: AgentId) -> mpsc::Sender<writer::WriteOp> {
+        self.writers[self.shard(&agent_id)].clone()
+    }
+
+    /// Stops the writers once they have written everything sent before this call.
     pub async fn stop_writer(&self) {
-        let _ = self.writer.send(writer::WriteOp::Stop).await;
+        for w in &self.writers {
+            let _ = w.send(writer::WriteOp::Stop).await;
+        }
     }
 
     /// Stores a new command (batched with concurrent ones) and returns its `created_at`.
@@ -235,7 +268,7 @@ impl Broker {
     /// Has the dispatcher claim queued commands for the agent (if connected here).
     pub fn wake(&self, agent_id: AgentId) {
         if self.is_connected(&agent_id) {
-            let _ = self.dispatcher.send(agent_id);
+            let _ = self.dispatchers[self.shard(&agent_id)].send(agent_id);
         }
     }
 

@@ -302,7 +302,7 @@ impl Session {
         // Dead-connection detection: any frame counts; checked on the periodic tick (a
         // per-recv timeout would be reset by every other select branch).
         let mut last_rx = Instant::now();
-        let writer = self.broker.writer();
+        let writer = self.broker.writer_for(self.agent_id);
         let (inventories, latest) = tokio::sync::watch::channel(None);
         // Ends when `inventories` is dropped with this function's return.
         tokio::spawn(store_inventories(
@@ -468,7 +468,11 @@ impl Session {
                         close(socket, CLOSE_POLICY, "no heartbeat").await;
                         return format!("no traffic for {} s", idle_limit.as_secs());
                     }
-                    if last_queued_check.elapsed() < QUEUED_CHECK {
+                    // On PostgreSQL the replica's backup pass covers every session at once
+                    // (`cluster`); SQLite has no notes to lose, but keeps this per session.
+                    if last_queued_check.elapsed() < QUEUED_CHECK
+                        || self.broker.db.backend == crate::db::Backend::Postgres
+                    {
                         continue;
                     }
                     last_queued_check = Instant::now();

@@ -1,4 +1,5 @@
-//! The event writer: one task per replica that batches events from every agent session
+//! The event writer: one task per replica (a few on PostgreSQL, each for a fixed share of
+//! the agents: `Broker::shard`) that batches events from the agent sessions
 //! into one transaction (`Db::store_event_batch`: a re-sent seq is stored once; command
 //! status, stage, percent and the node a provision moves are updated with it), and only
 //! after the commit acks to the agents and publishes to subscribers. Acking after commit

@@ -83,7 +83,8 @@ async fn replicas_starting_together_migrate_and_seed_once_on_postgres() {
 }
 
 #[tokio::test]
-async fn the_sweep_takes_only_a_dead_replicas_agents_offline_and_the_replica_learns_it_on_renewal() {
+async fn the_sweep_takes_only_a_dead_replicas_agents_offline_and_the_replica_learns_it_on_renewal()
+{
     let (url, admin, name) = pg_database().await;
     let db = Db::connect(&url).await.unwrap();
     db.register_replica(&replica("alive")).await.unwrap();
@@ -131,5 +132,32 @@ async fn the_sweep_takes_only_a_dead_replicas_agents_offline_and_the_replica_lea
     assert!(db.renew_replica("alive", false, true).await.unwrap());
     assert!(db.list_replicas().await.unwrap()[0].leader);
     db.close().await;
+    drop_database(admin, &name).await;
+}
+
+/// The heartbeat flush (one statement per 500 agents) on both databases.
+#[tokio::test]
+async fn heartbeats_of_many_agents_are_stored_in_a_few_statements_on_both_databases() {
+    let (url, admin, name) = pg_database().await;
+    for url in [url.as_str(), "sqlite::memory:"] {
+        let db = Db::connect(url).await.unwrap();
+        let mut beats = Vec::new();
+        for i in 0..1203 {
+            let a = db
+                .create_agent(&format!("a{i}"), &format!("hash-{i}"), 1)
+                .await
+                .unwrap();
+            beats.push((a.id, 1_000_000 + i as i64));
+        }
+        db.record_heartbeats(&beats).await.unwrap();
+        for (id, ts) in [beats[0], beats[600], beats[1202]] {
+            assert_eq!(
+                db.get_agent(id).await.unwrap().last_heartbeat,
+                Some(ts),
+                "{url}"
+            );
+        }
+        db.close().await;
+    }
     drop_database(admin, &name).await;
 }
