@@ -686,13 +686,14 @@ async function reviewedResources(page) {
 
 /**
  * The Deploy page: Plan → review (the adds) → Discard, then Plan → Apply (streamed live) →
- * Plan again shows "No changes" → the workspace's versions and last apply → Destroy with the
- * typed name removes the resources (the plan after shows the adds again).
+ * Plan again shows "No changes" → the workspace's versions and last apply → Destroy makes a
+ * destroy plan whose review lists the resource under Destroy → the typed name enables Approve
+ * destroy → its apply removes the resources (the plan after shows the adds again).
  */
 async function deploySteps(page) {
   const agents = (await api('GET', '/api/agents')).items;
-  const tf = agents.find((a) => a.status === 'online' && a.capabilities.includes('terraform_plan') && a.capabilities.includes('terraform_destroy'));
-  assert(tf, 'no online agent has the terraform_plan and terraform_destroy capabilities');
+  const tf = agents.find((a) => a.status === 'online' && a.capabilities.includes('terraform_plan') && a.capabilities.includes('terraform_apply'));
+  assert(tf, 'no online agent has the terraform_plan and terraform_apply capabilities');
   // The template's workspace: its repo and path (no workspace key), as the state endpoint names it.
   const workspace = `${TF_REPO}#${TF_PATH.replace(/^\/+|\/+$/g, '')}`;
   const RESOURCE = 'create null_resource.announce';
@@ -827,7 +828,7 @@ async function deploySteps(page) {
     await page.getByTestId('deploy-form').waitFor();
   });
 
-  await step('deploy: the workspace shows its state versions and last apply; Destroy (typed name) removes the resources', async () => {
+  await step('deploy: the workspace shows its state versions and last apply; Destroy → destroy plan review → typed name → Approve removes the resources', async () => {
     const row = page.locator(`[data-testid="workspace-row"][data-workspace="${workspace}"]`);
     await row.waitFor();
     await waitFor('the last apply in the workspace row', async () => (await row.getByTestId('workspace-last-apply').innerText()).includes('succeeded'));
@@ -839,31 +840,60 @@ async function deploySteps(page) {
     await a11y(page, 'deploy: workspace state versions');
     const before = (await api('GET', `/api/terraform/state/${encodeURIComponent(workspace)}/versions`)).items.length;
 
+    // Destroy plans first: nothing is destroyed until the reviewed plan is approved.
     await row.getByTestId('workspace-destroy').click();
-    const dialog = page.getByTestId('workspace-destroy-dialog');
-    await dialog.waitFor();
-    assert(await dialog.getByTestId('workspace-destroy-submit').isDisabled(), 'Destroy is enabled before the name is typed');
-    await dialog.getByTestId('workspace-destroy-confirm').fill('wrong name');
-    await dialog.getByText('The name does not match.').waitFor();
-    assert(await dialog.getByTestId('workspace-destroy-submit').isDisabled(), 'Destroy is enabled with a wrong name');
-    await a11y(page, 'deploy: destroy workspace dialog (wrong name)');
-    await dialog.getByTestId('workspace-destroy-confirm').fill(workspace);
-    await shot(page, '18e-deploy-destroy-dialog');
-    await a11y(page, 'deploy: destroy workspace dialog');
-    await dialog.getByTestId('workspace-destroy-submit').click();
-    await page.getByTestId('destroy-page').waitFor();
-    const st = await planStatus(page, 'destroy-page');
-    assert(st === 'succeeded', `the destroy ended ${st}: ${(await page.getByTestId('destroy-page').innerText()).slice(0, 800)}`);
-    await page.getByTestId('destroy-succeeded').waitFor();
+    await page.getByTestId('plan-page').waitFor({ timeout: 30_000 });
+    const destroyPlanId = new URLSearchParams(page.url().split('?')[1]).get('plan');
+    assert(destroyPlanId, `Destroy did not open a plan: ${page.url()}`);
+    assert((await page.getByTestId('plan-card').getAttribute('data-mode')) === 'destroy', 'the plan page does not say it is a destroy plan');
+    const planned = await api('GET', `/api/commands/${destroyPlanId}`);
+    assert(planned.type === 'terraform_plan' && planned.params?.destroy === true, `Destroy started a ${planned.type} ${JSON.stringify(planned.params).slice(0, 200)}, not a destroy plan`);
+    assert(planned.target?.workspace === workspace, `the destroy plan's workspace is ${planned.target?.workspace}, not ${workspace}`);
+    const st = await planStatus(page, 'plan-page');
+    assert(st === 'succeeded', `the destroy plan ended ${st}: ${(await page.getByTestId('plan-page').innerText()).slice(0, 800)}`);
+    await page.getByTestId('plan-review').waitFor();
+    await page.getByTestId('plan-mode').waitFor();
+    const line = await page.getByTestId('plan-line').innerText();
+    assert(line.includes('Plan: 0 to add, 0 to change, 1 to destroy.'), `the destroy review says "${line}"`);
+    const listed = await reviewedResources(page);
+    const GONE = RESOURCE.replace(/^create /, 'delete ');
+    assert(listed.length === 1 && listed[0] === GONE, `the destroy review lists ${JSON.stringify(listed)}, not [${GONE}]`);
+    assert((await page.getByTestId('plan-group-delete').getByRole('heading').innerText()).startsWith('Destroy'), 'the resource is not under "Destroy"');
+    // The plan destroyed nothing: no new state version, no apply.
+    assert((await api('GET', `/api/terraform/state/${encodeURIComponent(workspace)}/versions`)).items.length === before, 'the destroy plan wrote a state version');
+    const approve = page.getByTestId('plan-apply');
+    assert((await approve.innerText()).includes('Approve destroy'), `the button says "${await approve.innerText()}"`);
+    assert(await approve.isDisabled(), 'Approve destroy is enabled before the workspace name is typed');
+    await page.getByTestId('apply-why').waitFor();
+    await a11y(page, 'deploy: destroy plan review');
+    await page.getByTestId('destroy-confirm').fill('wrong name');
+    await page.getByText('The name does not match.').waitFor();
+    assert(await approve.isDisabled(), 'Approve destroy is enabled with a wrong name');
+    await a11y(page, 'deploy: destroy plan review (wrong name)');
+    await page.getByTestId('destroy-confirm').fill(workspace);
+    await waitFor('Approve destroy to be enabled', async () => approve.isEnabled(), 5_000);
+    await shot(page, '18e-deploy-destroy-review');
+    await a11y(page, 'deploy: destroy plan review (name typed)');
+    await approve.click();
+    await page.getByTestId('apply-card').waitFor();
+    const destroyId = new URLSearchParams(page.url().split('?')[1]).get('apply');
+    assert(destroyId, `no apply in the URL: ${page.url()}`);
+    const dst = await planStatus(page, 'apply-card');
+    assert(dst === 'succeeded', `the destroy ended ${dst}: ${(await page.getByTestId('apply-card').innerText()).slice(0, 800)}`);
+    await page.getByTestId('apply-succeeded').getByText('Destroyed.').waitFor();
     await shot(page, '18f-deploy-destroyed');
     await a11y(page, 'deploy: destroyed');
-    const destroyId = new URLSearchParams(page.url().split('?')[1]).get('destroy');
     const destroyCmd = await api('GET', `/api/commands/${destroyId}`);
-    assert(destroyCmd.type === 'terraform_destroy' && destroyCmd.target?.workspace === workspace, `unexpected destroy: ${JSON.stringify(destroyCmd).slice(0, 400)}`);
+    assert(
+      destroyCmd.type === 'terraform_apply' && destroyCmd.params?.plan_command_id === destroyPlanId && destroyCmd.params?.destroy === true && destroyCmd.target?.workspace === workspace,
+      `unexpected destroy: ${JSON.stringify(destroyCmd).slice(0, 400)}`,
+    );
     const logs = (await api('GET', `/api/commands/${destroyId}/logs`)).items.map((l) => l.data).join('');
-    assert(/Destroy complete! Resources: 1 destroyed/.test(logs), `the destroy log does not say 1 destroyed: ${logs.slice(-400)}`);
+    assert(/Resources: 0 added, 0 changed, 1 destroyed/.test(logs), `the destroy log does not say 1 destroyed: ${logs.slice(-400)}`);
     const after = (await api('GET', `/api/terraform/state/${encodeURIComponent(workspace)}/versions`)).items.length;
     assert(after > before, `the destroy stored no new state version (${before} → ${after})`);
+    const oneStep = (await api('GET', `/api/commands?agentId=${tf.id}&type=terraform_destroy`)).items;
+    assert(oneStep.length === 0, 'the UI started a one-step terraform_destroy');
 
     // Planning the workspace again: the resource is to be created again.
     await page.goto(`${BASE}/#/deploy`);

@@ -1,13 +1,19 @@
 // The review of a Terraform plan: Terraform's "Plan: …" line and the resource changes grouped
-// by action, with Terraform's symbols. Addresses and actions only: the plan result carries no
-// attribute or variable value (protocol/README.md, `terraform_plan`).
+// by action, with Terraform's symbols; a destroy plan says first that applying it destroys what
+// it lists. Addresses and actions only: the plan result carries no attribute or variable value
+// (protocol/README.md, `terraform_plan`).
 import { groupByAction, hasChanges, planLine, type PlanSummary } from '../lib/terraform';
 
 export function PlanReview({ summary }: { summary: PlanSummary }) {
   const groups = groupByAction(summary.resources);
   const changes = hasChanges(summary);
   return (
-    <div className="plan-review" data-testid="plan-review" data-changes={changes ? 'yes' : 'no'}>
+    <div className="plan-review" data-testid="plan-review" data-changes={changes ? 'yes' : 'no'} data-mode={summary.mode}>
+      {summary.mode === 'destroy' && (
+        <p className="plan-mode-destroy" data-testid="plan-mode">
+          <strong>Destroy plan.</strong> {changes ? 'Approving it destroys every resource listed below and removes it from the workspace’s state.' : 'The workspace’s state has no resources to destroy.'}
+        </p>
+      )}
       <p className={changes ? 'plan-line' : 'plan-line plan-line-none'} data-testid="plan-line">
         <strong>{planLine(summary)}</strong>
       </p>

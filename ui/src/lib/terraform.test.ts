@@ -1,16 +1,20 @@
 import { describe, expect, it } from 'vitest';
 import {
   applyGate,
+  destroyAgent,
+  destroyGate,
   groupByAction,
   hasChanges,
+  isDestroyPlan,
   latestByWorkspace,
+  planAgain,
   planErrorHint,
   planLine,
   planSummary,
   workspaceConfirmed,
 } from './terraform';
 import { expectedStages, stageLabel } from './stages';
-import type { Command } from './types';
+import type { Agent, Command } from './types';
 
 // The result shape of protocol/README.md, `terraform_plan`.
 const RESULT = {
@@ -92,6 +96,81 @@ describe('apply gate', () => {
     expect(applyGate(cmd({ result: { add: 0, change: 0, destroy: 0, resources: [] } }))).toMatchObject({ ok: false, reason: expect.stringMatching(/no changes/) });
     expect(applyGate(cmd({ type: 'terraform_apply', result: RESULT })).ok).toBe(false);
     expect(applyGate(null).ok).toBe(false);
+  });
+});
+
+// A destroy plan's result: every resource of the state under delete, mode destroy.
+const DESTROY_RESULT = {
+  add: 0,
+  change: 0,
+  destroy: 2,
+  resources: [
+    { address: 'null_resource.web["b"]', action: 'delete' },
+    { address: 'null_resource.web["a"]', action: 'delete' },
+  ],
+  plan_sha256: 'ab'.repeat(32),
+  mode: 'destroy',
+};
+
+describe('destroy plans', () => {
+  const destroyPlan = (over: Partial<Command> = {}) => cmd({ params: { destroy: true }, result: DESTROY_RESULT, target: { workspace: '/srv/r#web' }, ...over });
+
+  it('are told apart by their params, and their result by its mode', () => {
+    expect(isDestroyPlan(destroyPlan())).toBe(true);
+    expect(isDestroyPlan(destroyPlan({ status: 'running', result: null }))).toBe(true);
+    expect(isDestroyPlan(cmd({ result: RESULT }))).toBe(false);
+    expect(isDestroyPlan(cmd({ params: { destroy: 'yes' } }))).toBe(false);
+    // The apply of a destroy plan carries destroy too, but it is not a plan.
+    expect(isDestroyPlan(cmd({ type: 'terraform_apply', params: { destroy: true } }))).toBe(false);
+    expect(isDestroyPlan(null)).toBe(false);
+    expect(planSummary(DESTROY_RESULT)!.mode).toBe('destroy');
+    expect(planSummary(RESULT)!.mode).toBe('normal');
+  });
+  it('list every resource under Destroy, with Terraform’s line', () => {
+    const s = planSummary(DESTROY_RESULT)!;
+    expect(planLine(s)).toBe('Plan: 0 to add, 0 to change, 2 to destroy.');
+    expect(groupByAction(s.resources).map((g) => [g.title, g.symbol, g.resources.map((r) => r.address)])).toEqual([
+      ['Destroy', '-', ['null_resource.web["a"]', 'null_resource.web["b"]']],
+    ]);
+    const empty = planSummary({ ...DESTROY_RESULT, destroy: 0, resources: [] })!;
+    expect(planLine(empty)).toBe('No changes. No objects need to be destroyed.');
+  });
+  it('are approved only once succeeded, with something to destroy, and the workspace name typed', () => {
+    expect(applyGate(destroyPlan())).toEqual({ ok: true });
+    expect(destroyGate(destroyPlan(), '')).toMatchObject({ ok: false, reason: expect.stringMatching(/Type the workspace name/) });
+    expect(destroyGate(destroyPlan(), '/srv/r')).toMatchObject({ ok: false });
+    expect(destroyGate(destroyPlan(), ' /srv/r#web ')).toEqual({ ok: true });
+    // The plan's own gates come first, whatever is typed.
+    expect(destroyGate(destroyPlan({ status: 'running', result: null }), '/srv/r#web')).toMatchObject({ ok: false, reason: expect.stringMatching(/Approve is possible once the destroy plan has succeeded/) });
+    expect(destroyGate(destroyPlan(), '/srv/r#web', true)).toMatchObject({ ok: false, reason: expect.stringMatching(/at most once/) });
+    expect(destroyGate(destroyPlan({ result: { ...DESTROY_RESULT, destroy: 0, resources: [] } }), '/srv/r#web')).toMatchObject({ ok: false, reason: expect.stringMatching(/Nothing to destroy/) });
+    expect(destroyGate(destroyPlan({ target: null }), '/srv/r#web')).toMatchObject({ ok: false, reason: expect.stringMatching(/names no workspace/) });
+  });
+  it('are not approved as a destroy when the agent made a normal plan, nor the reverse', () => {
+    // An agent that predates destroy plans ignores `destroy`: its result has no mode.
+    const old = destroyPlan({ result: { ...RESULT } });
+    expect(applyGate(old)).toMatchObject({ ok: false, reason: expect.stringMatching(/made a normal plan/) });
+    expect(destroyGate(old, '/srv/r#web').ok).toBe(false);
+    expect(applyGate(cmd({ result: DESTROY_RESULT }))).toMatchObject({ ok: false, reason: expect.stringMatching(/not asked for/) });
+  });
+  it('run on the source’s agent if it can plan, else an online one that can', () => {
+    const a = (id: string, status: string, caps: string[]) => ({ id, status, capabilities: caps }) as unknown as Agent;
+    const agents = [a('off', 'offline', ['terraform_plan']), a('noplan', 'online', ['ping']), a('on', 'online', ['terraform_plan']), a('src', 'offline', ['terraform_plan'])];
+    expect(destroyAgent('src', agents)).toBe('src');
+    expect(destroyAgent('noplan', agents)).toBe('on');
+    expect(destroyAgent(null, agents)).toBe('on');
+    expect(destroyAgent('x', [agents[0]])).toBe('off');
+    expect(destroyAgent('x', [agents[1]])).toBeNull();
+  });
+  it('are started from an earlier command with destroy; planning again does not copy it', async () => {
+    const sent: unknown[] = [];
+    const m = { createCommand: async (b: unknown) => (sent.push(b), { commandId: 'new', status: 'queued' }) } as unknown as Parameters<typeof planAgain>[0];
+    expect(await planAgain(m, { id: 'apply1', agentId: 'a1' }, 'a2', true)).toBe('new');
+    expect(await planAgain(m, { id: 'apply1', agentId: 'a1' })).toBe('new');
+    expect(sent).toEqual([
+      { agentId: 'a2', type: 'terraform_plan', params: { source_command_id: 'apply1', destroy: true, meta: { triggered_by: 'trellis-ui', reason: 'destroy from the Deploy page' } } },
+      { agentId: 'a1', type: 'terraform_plan', params: { source_command_id: 'apply1', meta: { triggered_by: 'trellis-ui', reason: 'plan again' } } },
+    ]);
   });
 });
 

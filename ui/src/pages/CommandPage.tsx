@@ -12,7 +12,7 @@ import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
 import { PinToggle } from '../components/PinToggle';
 import { cancelledSentence, startedAt, targetLabel, vmCleanupSentence } from '../lib/commandText';
-import { planSummary } from '../lib/terraform';
+import { isDestroyPlan, planSummary } from '../lib/terraform';
 import { PlanReview } from '../components/PlanReview';
 
 const STREAM_LABEL: Record<string, string> = {
@@ -207,10 +207,10 @@ export function CommandPage({ id }: { id: string }) {
       )}
       {cmd.type === 'terraform_plan' && planSummary(cmd.result) && (
         <section className="card" data-testid="command-plan">
-          <h2>Plan</h2>
+          <h2>{isDestroyPlan(cmd) ? 'Destroy plan' : 'Plan'}</h2>
           <PlanReview summary={planSummary(cmd.result)!} />
           <p>
-            <a href={`#/deploy?plan=${encodeURIComponent(cmd.id)}`}>Review it on the Deploy page</a> to apply or discard it.
+            <a href={`#/deploy?plan=${encodeURIComponent(cmd.id)}`}>Review it on the Deploy page</a> to {isDestroyPlan(cmd) ? 'approve the destroy' : 'apply it'} or discard it.
           </p>
         </section>
       )}

@@ -1,16 +1,17 @@
 // The Deploy page: Plan → review → Apply or Discard. The form submits a `terraform_plan`; the
 // page then follows the plan live and shows its changes by action (DeployRun.tsx), and Apply
 // applies exactly that saved plan. Below the form, the workspaces whose state Trellis keeps,
-// with their versions, last apply and a Destroy (TerraformWorkspaces.tsx). The one-step
-// `terraform_apply` (plan and apply at once) stays in the API for automation.
+// with their versions, last apply and a Destroy, which makes a destroy plan reviewed and
+// approved on the same page (TerraformWorkspaces.tsx). The one-step `terraform_apply` (plan
+// and apply at once) and `terraform_destroy` stay in the API for automation.
 import { useState, type FormEvent } from 'react';
 import { errorMessage } from '../lib/api';
 import { useAgents, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { parseNameList, parseTerraformVars, validateGitRef, validateRepoPath, validateRequired } from '../lib/validation';
-import { ErrorBox, Field, Notice, Spinner } from '../components/ui';
+import { ErrorBox, Field, Notice, Spinner, shortId } from '../components/ui';
 import { stripUrlCredentials } from '../lib/redact';
-import { DestroyRun, PlanRun } from './DeployRun';
+import { PlanRun } from './DeployRun';
 import { TerraformWorkspaces } from './TerraformWorkspaces';
 
 const LAST_KEY = 'trellis.deploy.last';
@@ -84,15 +85,33 @@ function newKey(): string {
   return typeof crypto !== 'undefined' && 'randomUUID' in crypto ? crypto.randomUUID() : `ui-${Date.now()}-${Math.random().toString(36).slice(2)}`;
 }
 
-/** The page: the form, or the run the URL names (`?plan=ID[&apply=ID]`, `?destroy=ID`). */
+/** The page: the form, or the run the URL names (`?plan=ID[&apply=ID]`, a destroy plan too). */
 export function Deploy({ query }: { query?: URLSearchParams }) {
   const plan = query?.get('plan') ?? null;
   const destroy = query?.get('destroy') ?? null;
   // The form stays mounted-in-state while a run is shown, so Discard comes back to what was typed.
   const [form, setForm] = useState<DeployForm>(initialForm);
-  if (destroy) return <DestroyRun id={destroy} />;
+  if (destroy) return <OneStepDestroy id={destroy} />;
   if (plan) return <PlanRun key={plan} planId={plan} applyId={query?.get('apply') ?? null} />;
   return <PlanForm f={form} setF={setForm} />;
+}
+
+/** A link of the earlier one-step destroy (`?destroy=ID`): such commands are shown on their command page. */
+function OneStepDestroy({ id }: { id: string }) {
+  return (
+    <div className="page">
+      <a href="#/deploy" className="back">
+        ← Deploy
+      </a>
+      <Notice>
+        Destroys are now a destroy plan you review and approve on this page. Command{' '}
+        <a href={`#/commands/${encodeURIComponent(id)}`} className="mono">
+          {shortId(id)}
+        </a>{' '}
+        is shown on its command page.
+      </Notice>
+    </div>
+  );
 }
 
 function initialForm(): DeployForm {

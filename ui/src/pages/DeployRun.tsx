@@ -1,17 +1,19 @@
 // The Deploy page after the form: a plan followed live, its review, then Apply (exactly that
-// saved plan) or Discard; the apply followed live below it; and a workspace destroy followed
-// live. Each run reuses the command page's parts: the live stream (useLiveCommand), the stage
-// list, the progress bar and the log viewer.
+// saved plan) or Discard; the apply followed live below it. A destroy plan (a workspace's
+// Destroy) is the same page: its review lists what would be destroyed, and "Approve destroy"
+// — enabled only once the workspace name is typed — applies exactly that plan. Each run reuses
+// the command page's parts: the live stream (useLiveCommand), the stage list, the progress bar
+// and the log viewer.
 import { useState, type ReactNode } from 'react';
 import { errorMessage } from '../lib/api';
 import { useLiveCommand, type LiveCommand } from '../lib/hooks';
 import { useAgent, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
 import { commandPercent, failedStage, stageLabel } from '../lib/stages';
-import { UI_META, applyGate, planAgain, planErrorHint, planSummary } from '../lib/terraform';
+import { UI_META, applyGate, destroyGate, isDestroyPlan, planAgain, planErrorHint, planSummary, workspaceConfirmed } from '../lib/terraform';
 import { commandError, isTerminal, type Command } from '../lib/types';
 import { cancelledSentence } from '../lib/commandText';
-import { ErrorBox, JsonView, Notice, ProgressBar, Spinner, StatusPill, shortId } from '../components/ui';
+import { ErrorBox, Field, JsonView, Notice, ProgressBar, Spinner, StatusPill, shortId } from '../components/ui';
 import { StageList } from '../components/StageList';
 import { LogViewer } from '../components/LogViewer';
 import { ConfirmDialog } from '../components/Modal';
@@ -98,7 +100,7 @@ function RunLog({ live, title }: { live: LiveCommand; title: string }) {
   );
 }
 
-/** Plan → review → Apply or Discard, and the apply once started. */
+/** Plan → review → Apply or Discard (a destroy plan: Approve destroy, with the typed name), and the apply once started. */
 export function PlanRun({ planId, applyId }: { planId: string; applyId: string | null }) {
   const plan = useLiveCommand(planId);
   const apply = useLiveCommand(applyId);
@@ -107,6 +109,7 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
   const [error, setError] = useState<string | null>(null);
   const [confirmCancel, setConfirmCancel] = useState(false);
   const [cancelErr, setCancelErr] = useState<string | null>(null);
+  const [typed, setTyped] = useState('');
   const cmd = plan.command;
 
   const act = (what: 'apply' | 'discard' | 'replan', fn: () => Promise<void>) => async () => {
@@ -145,9 +148,14 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
   }
 
   const summary = cmd.status === 'succeeded' ? planSummary(cmd.result) : null;
-  const gate = applyGate(cmd, !!applyId);
+  const destroying = isDestroyPlan(cmd);
+  const workspace = cmd.target?.workspace ?? null;
+  // Apply is gated by the plan; Approve destroy also by the typed workspace name.
+  const planGate = applyGate(cmd, !!applyId);
+  const gate = destroying ? destroyGate(cmd, typed, !!applyId) : planGate;
   const applyCmd = apply.command;
   const planEnded = isTerminal(cmd.status);
+  const applyLabel = destroying ? 'Destroy' : 'Apply';
 
   const doApply = act('apply', async () => {
     // One apply per plan: a second click (or a reload and a click) answers with the same command.
@@ -169,13 +177,16 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
     }
     navigate('/deploy');
   });
+  // Once a destroy is done, planning again shows what the configuration would create; until
+  // then (a failed, stale or unapplied destroy plan) it makes a fresh destroy plan.
+  const replanDestroy = destroying && applyCmd?.status !== 'succeeded';
   const doReplan = act('replan', async () => {
-    const id = await planAgain(m, cmd);
+    const id = await planAgain(m, cmd, undefined, replanDestroy);
     navigate(`/deploy?plan=${encodeURIComponent(id)}`);
   });
   const replanButton = (
     <button type="button" className="btn" onClick={doReplan} disabled={busy !== null} data-testid="plan-again">
-      {busy === 'replan' ? 'Planning…' : 'Plan again'}
+      {busy === 'replan' ? 'Planning…' : replanDestroy ? 'Plan the destroy again' : 'Plan again'}
     </button>
   );
 
@@ -187,28 +198,38 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
       <header className="page-head">
         <div>
           <h1>
-            {applyId ? 'Apply' : 'Review plan'} <StatusPill status={cmd.status} />
+            {applyId ? applyLabel : destroying ? 'Review destroy' : 'Review plan'} <StatusPill status={cmd.status} />
           </h1>
           <RunMeta cmd={cmd} />
         </div>
       </header>
       {error && <ErrorBox>{error}</ErrorBox>}
 
-      <section className="card" aria-labelledby="plan-heading" data-testid="plan-card">
-        <h2 id="plan-heading">Plan</h2>
+      <section className="card" aria-labelledby="plan-heading" data-testid="plan-card" data-mode={destroying ? 'destroy' : 'normal'}>
+        <h2 id="plan-heading">{destroying ? 'Destroy plan' : 'Plan'}</h2>
+        {destroying && !summary && !isTerminal(cmd.status) && (
+          <p className="muted small">Terraform is planning the destruction of every resource in the workspace’s state. Nothing is destroyed until you approve the plan.</p>
+        )}
         {summary ? <PlanReview summary={summary} /> : <RunProgress live={plan} label="Plan" />}
         <RunOutcome cmd={cmd} action={replanButton} />
+        {!applyId && destroying && summary && planGate.ok && workspace && (
+          <div className="destroy-approve">
+            <Field label="Type the workspace name to approve the destroy" hint={workspace} error={typed.trim() && !workspaceConfirmed(typed, workspace) ? 'The name does not match.' : null}>
+              {(p) => <input {...p} value={typed} onChange={(e) => setTyped(e.target.value)} autoComplete="off" spellCheck={false} className="mono" data-testid="destroy-confirm" />}
+            </Field>
+          </div>
+        )}
         {!applyId && (
           <div className="btn-row plan-actions">
             <button
               type="button"
-              className="btn btn-primary"
+              className={destroying ? 'btn btn-danger' : 'btn btn-primary'}
               onClick={doApply}
               disabled={!gate.ok || busy !== null}
               aria-describedby={gate.ok ? undefined : 'apply-why'}
               data-testid="plan-apply"
             >
-              {busy === 'apply' ? 'Starting…' : 'Apply this plan'}
+              {busy === 'apply' ? 'Starting…' : destroying ? 'Approve destroy' : 'Apply this plan'}
             </button>
             <button type="button" className="btn" onClick={doDiscard} disabled={busy !== null} data-testid="plan-discard">
               {busy === 'discard' ? 'Discarding…' : planEnded ? 'Discard' : 'Stop and discard'}
@@ -221,28 +242,40 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
             )}
           </div>
         )}
-        {!applyId && summary && gate.ok && (
-          <p className="muted small">Apply runs exactly this saved plan on the agent that made it. It is refused if the workspace's state changed since; Discard leaves it unapplied (the agent deletes it after 24 hours).</p>
+        {!applyId && summary && planGate.ok && (
+          <p className="muted small">
+            {destroying
+              ? "Approve destroy applies exactly this destroy plan on the agent that made it: the resources listed are destroyed and removed from the workspace's state. It is refused if the state changed since; Discard destroys nothing (the agent deletes the plan after 24 hours)."
+              : "Apply runs exactly this saved plan on the agent that made it. It is refused if the workspace's state changed since; Discard leaves it unapplied (the agent deletes it after 24 hours)."}
+          </p>
         )}
       </section>
 
       {applyId && (
         <section className="card" aria-labelledby="apply-heading" data-testid="apply-card" data-status={applyCmd?.status ?? 'loading'}>
           <h2 id="apply-heading">
-            Apply {applyCmd && <StatusPill status={applyCmd.status} />}
+            {applyLabel} {applyCmd && <StatusPill status={applyCmd.status} />}
           </h2>
-          <RunProgress live={apply} label="Apply" />
+          <RunProgress live={apply} label={applyLabel} />
           {applyCmd && !isTerminal(applyCmd.status) && (
             <div className="btn-row">
               <button type="button" className="btn btn-danger-ghost" onClick={() => setConfirmCancel(true)} disabled={applyCmd.cancelRequested} data-testid="apply-cancel">
-                {applyCmd.cancelRequested ? 'Cancelling…' : 'Cancel apply'}
+                {applyCmd.cancelRequested ? 'Cancelling…' : `Cancel ${applyLabel.toLowerCase()}`}
               </button>
             </div>
           )}
           {applyCmd && <RunOutcome cmd={applyCmd} action={replanButton} />}
           {applyCmd?.status === 'succeeded' && (
             <div className="success-box" role="status" data-testid="apply-succeeded">
-              <strong>Applied.</strong> The plan's changes are made and the workspace's new state is stored by Trellis.
+              {destroying ? (
+                <>
+                  <strong>Destroyed.</strong> The resources the plan listed are destroyed and removed from the workspace's state, stored by Trellis.
+                </>
+              ) : (
+                <>
+                  <strong>Applied.</strong> The plan's changes are made and the workspace's new state is stored by Trellis.
+                </>
+              )}
               <div className="btn-row">
                 {replanButton}
                 <a className="btn" href="#/deploy">
@@ -251,7 +284,7 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
               </div>
             </div>
           )}
-          {applyCmd?.status === 'succeeded' && applyCmd.result != null && (
+          {applyCmd?.status === 'succeeded' && applyCmd.result != null && !destroying && (
             <details>
               <summary>Outputs</summary>
               <JsonView value={(applyCmd.result as { outputs?: unknown }).outputs ?? applyCmd.result} />
@@ -259,12 +292,12 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
           )}
         </section>
       )}
-      {applyId && <RunLog live={apply} title="Apply log" />}
+      {applyId && <RunLog live={apply} title={`${applyLabel} log`} />}
       <RunLog live={plan} title="Plan log" />
       {confirmCancel && applyCmd && (
         <ConfirmDialog
-          title="Cancel this apply?"
-          confirmLabel="Cancel apply"
+          title={`Cancel this ${applyLabel.toLowerCase()}?`}
+          confirmLabel={`Cancel ${applyLabel.toLowerCase()}`}
           danger
           error={cancelErr}
           onCancel={() => setConfirmCancel(false)}
@@ -281,37 +314,6 @@ export function PlanRun({ planId, applyId }: { planId: string; applyId: string |
           <p>Terraform gets SIGINT and stops after the resource it is working on (it is killed after a grace period). What was applied so far stays, and is recorded in the workspace's state.</p>
         </ConfirmDialog>
       )}
-    </div>
-  );
-}
-
-/** A workspace destroy followed live. */
-export function DestroyRun({ id }: { id: string }) {
-  const live = useLiveCommand(id);
-  const cmd = live.command;
-  return (
-    <div className="page" data-testid="destroy-page" data-status={cmd?.status ?? 'loading'}>
-      <a href="#/deploy" className="back">
-        ← Deploy
-      </a>
-      <header className="page-head">
-        <div>
-          <h1>Destroy {cmd && <StatusPill status={cmd.status} />}</h1>
-          {cmd && <RunMeta cmd={cmd} />}
-        </div>
-      </header>
-      <section className="card" aria-labelledby="destroy-heading">
-        <h2 id="destroy-heading">terraform destroy</h2>
-        <RunProgress live={live} label="Destroy" />
-        {cmd && <RunOutcome cmd={cmd} />}
-        {cmd?.status === 'succeeded' && (
-          <div className="success-box" role="status" data-testid="destroy-succeeded">
-            <strong>Destroyed.</strong> Every resource in the workspace's state was destroyed and removed from it.
-          </div>
-        )}
-        {cmd && cmd.type !== 'terraform_destroy' && <Notice tone="warn">This command is a {cmd.type}, not a destroy.</Notice>}
-      </section>
-      <RunLog live={live} title="Destroy log" />
     </div>
   );
 }

@@ -1,17 +1,18 @@
 // The Terraform workspaces whose state Trellis keeps (GET /api/terraform/workspaces), each with
 // its last apply, its state versions (GET /api/terraform/state/{ws}/versions) on demand, and
-// Plan (a new plan from its last apply's configuration) and Destroy (a terraform_destroy with
-// that configuration, confirmed by typing the workspace name).
-import { Fragment, useState, type FormEvent } from 'react';
-import { useQuery } from '@tanstack/react-query';
-import { errorMessage } from '../lib/api';
+// Plan (a new plan from its last apply's configuration) and Destroy: a destroy plan with that
+// configuration (terraform_plan {source_command_id, destroy: true}), reviewed on the plan page,
+// where "Approve destroy" applies it once the workspace name is typed. Nothing is destroyed by
+// the button itself.
+import { Fragment, useState } from 'react';
+import { useQuery, useQueryClient } from '@tanstack/react-query';
+import { api, errorMessage } from '../lib/api';
 import { terraformVersionsQuery, terraformWorkspacesQuery, useAgents, useCommands, useMutations } from '../lib/queries';
 import { navigate } from '../lib/router';
-import { UI_META, latestByWorkspace, planAgain, workspaceConfirmed } from '../lib/terraform';
+import { destroyAgent, latestByWorkspace, planAgain } from '../lib/terraform';
 import type { Command, TerraformWorkspace } from '../lib/types';
 import { formatBytes } from '../lib/time';
-import { Modal } from '../components/Modal';
-import { Empty, ErrorBox, Field, Notice, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
+import { Empty, ErrorBox, RelTime, Spinner, StatusPill, shortId } from '../components/ui';
 
 function CommandLink({ id }: { id: string | null | undefined }) {
   if (!id) return <>–</>;
@@ -58,129 +59,13 @@ function VersionsTable({ workspace, id }: { workspace: string; id: string }) {
   );
 }
 
-/**
- * Destroy: every resource in the workspace's state, with the configuration (and the variables,
- * sensitive ones too, which stay on the server) of `source`, on a chosen agent.
- */
-function DestroyWorkspaceDialog({ workspace, source, onClose }: { workspace: TerraformWorkspace; source: Command | null; onClose: () => void }) {
-  const agents = useAgents();
-  const m = useMutations();
-  // Without a known last apply, the command that wrote the newest state version.
-  const versions = useQuery(terraformVersionsQuery(workspace.workspace, !source));
-  const sourceId = source?.id ?? versions.data?.find((v) => v.commandId)?.commandId ?? null;
-  const capable = (agents.data ?? []).filter((a) => a.capabilities.includes('terraform_destroy'));
-  const [agentId, setAgentId] = useState('');
-  const chosen = agentId || (source && capable.some((a) => a.id === source.agentId) ? source.agentId : capable.length === 1 ? capable[0].id : '');
-  const [typed, setTyped] = useState('');
-  const [busy, setBusy] = useState(false);
-  const [error, setError] = useState<string | null>(null);
-  const ok = workspaceConfirmed(typed, workspace.workspace) && !!chosen && !!sourceId;
-
-  const submit = async (e: FormEvent) => {
-    e.preventDefault();
-    if (!ok || busy || !sourceId) return;
-    setBusy(true);
-    setError(null);
-    try {
-      const r = await m.createCommand({
-        agentId: chosen,
-        type: 'terraform_destroy',
-        params: { source_command_id: sourceId, meta: { ...UI_META, reason: 'destroy from the Deploy page' } },
-      });
-      onClose();
-      navigate(`/deploy?destroy=${encodeURIComponent(r.commandId)}`);
-    } catch (err) {
-      setError(errorMessage(err));
-    } finally {
-      setBusy(false);
-    }
-  };
-
-  return (
-    <Modal
-      title="Destroy this workspace's resources?"
-      onClose={onClose}
-      testId="workspace-destroy-dialog"
-      wide
-      footer={
-        <>
-          <button type="button" className="btn" onClick={onClose}>
-            Cancel
-          </button>
-          <button type="submit" form="workspace-destroy-form" className="btn btn-danger" disabled={!ok || busy} data-testid="workspace-destroy-submit">
-            {busy ? 'Starting…' : 'Destroy resources'}
-          </button>
-        </>
-      }
-    >
-      <form id="workspace-destroy-form" onSubmit={submit} noValidate>
-        <p>
-          <code>terraform destroy</code> runs for workspace <strong className="mono">{workspace.workspace}</strong>: <strong>every resource in its state</strong> (state version{' '}
-          {workspace.latestVersion}) is destroyed and removed from it. This cannot be undone.
-        </p>
-        {sourceId ? (
-          <p className="muted">
-            It uses the configuration and variables of command <CommandLink id={sourceId} />
-            {source?.target?.version && (
-              <>
-                {' '}
-                (version <span className="mono">{source.target.version}</span>)
-              </>
-            )}
-            ; sensitive values are taken from Trellis's encrypted store, never from this page.
-          </p>
-        ) : versions.isPending ? (
-          <Spinner label="Finding the workspace's last command" />
-        ) : (
-          <Notice tone="warn">No command of this workspace is known any more: destroy it with the API or the CLI, giving its configuration.</Notice>
-        )}
-        {workspace.lockedBy && (
-          <Notice tone="warn">
-            Command <CommandLink id={workspace.lockedBy} /> holds the workspace's lock: the destroy waits until it is released.
-          </Notice>
-        )}
-        <Field label="Agent that runs terraform destroy" error={capable.length === 0 ? 'No agent can run terraform_destroy.' : null}>
-          {(p) => (
-            <select {...p} value={chosen} onChange={(e) => setAgentId(e.target.value)} data-testid="workspace-destroy-agent">
-              <option value="">Choose…</option>
-              {capable.map((a) => (
-                <option key={a.id} value={a.id}>
-                  {a.name} — {a.status}
-                </option>
-              ))}
-            </select>
-          )}
-        </Field>
-        <Field
-          label="Type the workspace name to confirm"
-          hint={workspace.workspace}
-          error={typed.trim() && !workspaceConfirmed(typed, workspace.workspace) ? 'The name does not match.' : null}
-        >
-          {(p) => (
-            <input
-              {...p}
-              value={typed}
-              onChange={(e) => setTyped(e.target.value)}
-              autoComplete="off"
-              spellCheck={false}
-              className="mono"
-              data-autofocus
-              data-testid="workspace-destroy-confirm"
-            />
-          )}
-        </Field>
-        {error && <ErrorBox title="Could not start the destroy">{error}</ErrorBox>}
-      </form>
-    </Modal>
-  );
-}
-
 export function TerraformWorkspaces() {
   const ws = useQuery(terraformWorkspacesQuery());
   const applies = useCommands({ type: 'terraform_apply', limit: 200 });
+  const agents = useAgents();
+  const qc = useQueryClient();
   const m = useMutations();
   const [open, setOpen] = useState<Set<string>>(new Set());
-  const [destroying, setDestroying] = useState<TerraformWorkspace | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [busy, setBusy] = useState<string | null>(null);
   const last = latestByWorkspace(applies.data ?? []);
@@ -197,6 +82,30 @@ export function TerraformWorkspaces() {
     setError(null);
     try {
       const id = await planAgain(m, source);
+      navigate(`/deploy?plan=${encodeURIComponent(id)}`);
+    } catch (e) {
+      setError(errorMessage(e));
+    } finally {
+      setBusy(null);
+    }
+  };
+  // Destroy: a destroy plan with the configuration (and the variables, sensitive ones too, which
+  // stay on the server) of the workspace's last apply — without one, of the command that wrote
+  // its newest state version — on that command's agent if it can plan.
+  const planDestroy = async (w: TerraformWorkspace) => {
+    setBusy(`destroy:${w.workspace}`);
+    setError(null);
+    try {
+      let source: Command | null = last.get(w.workspace) ?? null;
+      if (!source) {
+        const versions = await qc.fetchQuery(terraformVersionsQuery(w.workspace));
+        const id = versions.find((v) => v.commandId)?.commandId;
+        source = id ? await api.getCommand(id) : null;
+      }
+      if (!source) throw new Error(`No command of workspace ${w.workspace} is known any more: destroy it with the API or the CLI, giving its configuration.`);
+      const agentId = destroyAgent(source.agentId, agents.data ?? []);
+      if (!agentId) throw new Error('No agent can run terraform_plan: a destroy is planned before it is approved.');
+      const id = await planAgain(m, source, agentId, true);
       navigate(`/deploy?plan=${encodeURIComponent(id)}`);
     } catch (e) {
       setError(errorMessage(e));
@@ -252,6 +161,7 @@ export function TerraformWorkspaces() {
                         {a ? (
                           <>
                             <StatusPill status={a.status} /> <CommandLink id={a.id} />
+                            {(a.params as { destroy?: unknown } | null)?.destroy === true && <span className="muted small"> (destroy)</span>}
                             <div className="muted small">
                               <RelTime ts={a.finishedAt ?? a.createdAt} />
                               {a.target?.version ? ` · ${a.target.version}` : ''}
@@ -277,8 +187,15 @@ export function TerraformWorkspaces() {
                           >
                             {busy && busy === a?.id ? 'Planning…' : 'Plan'}
                           </button>
-                          <button type="button" className="btn btn-sm btn-danger-ghost" onClick={() => setDestroying(w)} data-testid="workspace-destroy">
-                            Destroy
+                          <button
+                            type="button"
+                            className="btn btn-sm btn-danger-ghost"
+                            disabled={busy !== null}
+                            title="Plan the destruction of every resource in this workspace, to review and approve"
+                            onClick={() => void planDestroy(w)}
+                            data-testid="workspace-destroy"
+                          >
+                            {busy === `destroy:${w.workspace}` ? 'Planning…' : 'Destroy'}
                           </button>
                         </div>
                       </td>
@@ -297,7 +214,6 @@ export function TerraformWorkspaces() {
           </table>
         </div>
       )}
-      {destroying && <DestroyWorkspaceDialog workspace={destroying} source={last.get(destroying.workspace) ?? null} onClose={() => setDestroying(null)} />}
     </section>
   );
 }

@@ -31,9 +31,12 @@ function filledClient(): QueryClient {
   qc.setQueryData(queryKeys.command('c1'), { ...command, id: 'c1' });
   qc.setQueryData(queryKeys.terraformWorkspaces, [
     { workspace: '/srv/tf#web', versions: 3, latestVersion: 3, updatedAt: '2026-01-01T00:00:00Z', lockedBy: null },
+    { workspace: '/srv/tf#db', versions: 2, latestVersion: 2, updatedAt: '2026-01-01T00:00:00Z', lockedBy: null },
   ]);
   qc.setQueryData(queryKeys.commands({ type: 'terraform_apply', limit: 200 }), [
     { ...command, id: 'tfapply1-0000', type: 'terraform_apply', target: { workspace: '/srv/tf#web', version: 'v2' } },
+    // The apply of a destroy plan.
+    { ...command, id: 'tfapply2-0000', type: 'terraform_apply', params: { destroy: true, plan_command_id: 'p' }, target: { workspace: '/srv/tf#db', version: 'v1' } },
   ]);
   qc.setQueryData(queryKeys.agentVms('a1'), [
     { vmId: 101, node: 'pve1', name: 'node-cache', status: 'running', tag: 'trellis-command=c1', ipAddresses: ['10.0.0.5'], seenAt: '2026-01-01T00:00:00Z', nodeId: 'n1' },
@@ -68,6 +71,9 @@ describe('pages read the shared cache', () => {
     expect(deploy).toMatch(/<option value="a1"[^>]*>pve-cache/);
     // The workspaces from ['terraformWorkspaces'], each with its last apply from the command list.
     expect(deploy).toMatch(/data-workspace="\/srv\/tf#web"[\s\S]*version (<!-- -->)?3[\s\S]*tfapply1[\s\S]*v2/);
+    // A destroy plan's apply is marked as one; the web workspace's plain apply is not.
+    expect(deploy).toMatch(/data-workspace="\/srv\/tf#db"[\s\S]*tfapply2[\s\S]*\(destroy\)/);
+    expect(deploy.split('data-workspace="/srv/tf#db"')[0]).not.toContain('(destroy)');
   });
 
   it('a hypervisor that never connected shows its install line, without a token', () => {
