@@ -562,3 +562,32 @@ async fn tendril_given_every_replica_url_moves_on_when_its_replica_dies() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_on_another_replica_replaces_the_first_cleanly() {
+    let dir = TempDir::new("cluster-supersede");
+    let c = Cluster::start(2, &dir, false, &[]).await;
+    let api = c.api(0);
+    let (id, token) = api.create_agent("twice").await;
+    let mut first = trellis_tests::raw_agent::RawAgent::hello(&c.ws_url(0), &token).await;
+    api.wait_agent_online(&id).await;
+    assert_eq!(c.which_replica(&id).await, Some(0));
+    // The same agent connects to replica 1: replica 0 is told and closes its socket.
+    let t = Instant::now();
+    let _second = trellis_tests::raw_agent::RawAgent::hello(&c.ws_url(1), &token).await;
+    let (frames, code) = tokio::time::timeout(Duration::from_secs(5), first.read_until_close())
+        .await
+        .expect("the first session was not closed");
+    let took = t.elapsed();
+    println!("the first session (replica 0) closed {took:?} after the second connected to replica 1: {code:?} {frames:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(
+        frames.iter().any(|f| f.contains("superseded")),
+        "closed as superseded: {frames:?} {code:?}"
+    );
+    // The agent stays online, on replica 1, and commands reach it there.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = api.get(&format!("/api/agents/{id}")).await;
+    assert_eq!(v["status"], "online", "{v}");
+    assert_eq!(v["replica"], "replica-1", "{v}");
+}
