@@ -14,8 +14,25 @@ use trellis_tests::on_both_backends;
 use trellis_tests::raw_agent::{acked, RawAgent};
 
 /// A v2 agent with a `ping` command dispatched and accepted: `(session, command id)`.
+/// An agent whose id puts it on the same event writer as every other agent made here. On
+/// PostgreSQL the writers are sharded by agent id (`Broker::shard`: the id modulo the
+/// number of writers, a divisor of 16), and these tests need the agents' frames to be able
+/// to share one batch; ids ≡ 0 (mod 16) share a writer whatever the count. (SQLite has
+/// one writer.)
+async fn agent_on_shared_writer(api: &Api, name: &str) -> (String, String) {
+    for _ in 0..2000 {
+        let (id, token) = api.create_agent(name).await;
+        if id.parse::<uuid::Uuid>().unwrap().as_u128() % 16 == 0 {
+            return (id, token);
+        }
+        api.call(reqwest::Method::DELETE, &format!("/api/agents/{id}"), None)
+            .await;
+    }
+    panic!("no agent id on the shared writer in 2000 tries");
+}
+
 async fn agent_running(cp: &ControlPlane, api: &Api, name: &str) -> (RawAgent, String) {
-    let (id, token) = api.create_agent(name).await;
+    let (id, token) = agent_on_shared_writer(api, name).await;
     let mut ws = RawAgent::connect(&cp.ws_url(), &token).await;
     ws.send(
         json!({"type": "hello", "protocol_version": 2, "min_protocol_version": 1,
