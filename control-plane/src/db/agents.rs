@@ -80,11 +80,10 @@ pub(super) const STALE_AGENTS_SQL: &str =
 
 /// The credential versions of `n` agents (by primary key), revoked ones included.
 pub(super) fn credential_versions_sql(n: usize) -> String {
-    let list = (1..=n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    format!("SELECT id, credential_version, revoked_at FROM agents WHERE id IN ({list})")
+    format!(
+        "SELECT id, credential_version, revoked_at FROM agents WHERE id IN ({})",
+        super::sql::placeholders(n)
+    )
 }
 
 impl Db {

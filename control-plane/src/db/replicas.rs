@@ -8,7 +8,6 @@
 
 use sqlx::Row;
 
-use super::notify::{notify, Note};
 use super::{Backend, Db, DbResult};
 use crate::model::{AgentId, AgentStatus};
 use crate::time::now_ms;
@@ -225,27 +224,15 @@ impl Db {
         Ok(r.try_get(0)?)
     }
 
-    /// Agents with queued commands among `agents` (the backup for lost wake-ups): one read
-    /// per 500.
+    /// Agents with queued commands among `agents` (the backup for lost wake-ups).
     pub async fn agents_with_queued(&self, agents: &[AgentId]) -> DbResult<Vec<AgentId>> {
-        let mut out = Vec::new();
-        for chunk in agents.chunks(500) {
-            let list = (1..=chunk.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "SELECT DISTINCT agent_id FROM commands WHERE status = 'queued' AND agent_id IN ({list})"
-            );
-            let mut q = sqlx::query(&sql);
-            for a in chunk {
-                q = q.bind(a.to_string());
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                out.push(super::sql::id(&r, "agent_id")?);
-            }
-        }
-        Ok(out)
+        let rows = self
+            .rows_of_agents(
+                "SELECT DISTINCT agent_id FROM commands WHERE status = 'queued' AND agent_id IN",
+                agents,
+            )
+            .await?;
+        rows.iter().map(|r| super::sql::id(r, "agent_id")).collect()
     }
 
     /// Running commands of `agents` whose cancel was requested (the backup for a lost
@@ -254,23 +241,32 @@ impl Db {
         &self,
         agents: &[AgentId],
     ) -> DbResult<Vec<(AgentId, crate::model::CommandId)>> {
+        let rows = self
+            .rows_of_agents(
+                "SELECT agent_id, id FROM commands WHERE status IN ('dispatched', 'running') \
+                 AND cancel_requested = 1 AND agent_id IN",
+                agents,
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((super::sql::id(r, "agent_id")?, super::sql::id(r, "id")?)))
+            .collect()
+    }
+
+    /// `head (…)` with the ids of `agents` in the list: one read per 500.
+    async fn rows_of_agents(
+        &self,
+        head: &str,
+        agents: &[AgentId],
+    ) -> DbResult<Vec<sqlx::any::AnyRow>> {
         let mut out = Vec::new();
         for chunk in agents.chunks(500) {
-            let list = (1..=chunk.len())
-                .map(|i| format!("${i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "SELECT agent_id, id FROM commands WHERE status IN ('dispatched', 'running') \
-                 AND cancel_requested = 1 AND agent_id IN ({list})"
-            );
+            let sql = format!("{head} ({})", super::sql::placeholders(chunk.len()));
             let mut q = sqlx::query(&sql);
             for a in chunk {
                 q = q.bind(a.to_string());
             }
-            for r in q.fetch_all(&self.pool).await? {
-                out.push((super::sql::id(&r, "agent_id")?, super::sql::id(&r, "id")?));
-            }
+            out.extend(q.fetch_all(&self.pool).await?);
         }
         Ok(out)
     }
@@ -284,14 +280,6 @@ impl Db {
                 .execute(&mut *conn)
                 .await?;
         }
-        Ok(())
-    }
-
-    /// A test hook: a note in its own transaction (what `notify` sends with a change).
-    pub async fn send_notes(&self, notes: &[Note]) -> DbResult<()> {
-        let mut tx = self.begin_write().await?;
-        notify(&mut tx, notes).await?;
-        tx.commit().await?;
         Ok(())
     }
 }

@@ -158,6 +158,14 @@ pub(super) fn no_nul(s: &str) -> String {
     }
 }
 
+/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values.
+pub(super) fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
 pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
     use std::fmt::Write;

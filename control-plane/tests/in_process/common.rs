@@ -187,3 +187,39 @@ impl FakeAgent {
             .expect("session still open")
     }
 }
+
+/// A scratch PostgreSQL database (on `TRELLIS_TEST_POSTGRES`, default the local server),
+/// dropped by [`PgDatabase::drop`].
+pub struct PgDatabase {
+    pub url: String,
+    admin: sqlx::PgConnection,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let base = std::env::var("TRELLIS_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("trellis_ip_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        Self {
+            url: format!("{base}/{name}"),
+            admin,
+            name,
+        }
+    }
+
+    pub async fn drop(mut self) {
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .execute(&mut self.admin)
+            .await
+            .unwrap();
+    }
+}

@@ -5,27 +5,7 @@
 use sqlx::Connection;
 use trellis::db::{Db, ReplicaRow};
 
-/// A fresh PostgreSQL database for this test: `(url, admin connection, name)`.
-async fn pg_database() -> (String, sqlx::PgConnection, String) {
-    let base = std::env::var("TRELLIS_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let name = format!("trellis_ip_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    (format!("{base}/{name}"), admin, name)
-}
-
-async fn drop_database(mut admin: sqlx::PgConnection, name: &str) {
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-}
+use crate::common::PgDatabase;
 
 fn replica(id: &str) -> ReplicaRow {
     ReplicaRow {
@@ -43,7 +23,8 @@ fn replica(id: &str) -> ReplicaRow {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_together_migrate_and_seed_once_on_postgres() {
-    let (url, admin, name) = pg_database().await;
+    let pg = PgDatabase::create().await;
+    let url = pg.url.clone();
     // Six replicas connect (and migrate) at once, then all seed at once, five rounds:
     // without the seeding lock, READ COMMITTED lets several count zero templates.
     let dbs: Vec<Db> = futures_util::future::join_all((0..6).map(|_| Db::connect(&url)))
@@ -79,13 +60,14 @@ async fn replicas_starting_together_migrate_and_seed_once_on_postgres() {
     for d in &dbs {
         d.close().await;
     }
-    drop_database(admin, &name).await;
+    pg.drop().await;
 }
 
 #[tokio::test]
 async fn the_sweep_takes_only_a_dead_replicas_agents_offline_and_the_replica_learns_it_on_renewal()
 {
-    let (url, admin, name) = pg_database().await;
+    let pg = PgDatabase::create().await;
+    let url = pg.url.clone();
     let db = Db::connect(&url).await.unwrap();
     db.register_replica(&replica("alive")).await.unwrap();
     db.register_replica(&replica("stalled")).await.unwrap();
@@ -132,13 +114,14 @@ async fn the_sweep_takes_only_a_dead_replicas_agents_offline_and_the_replica_lea
     assert!(db.renew_replica("alive", false, true).await.unwrap());
     assert!(db.list_replicas().await.unwrap()[0].leader);
     db.close().await;
-    drop_database(admin, &name).await;
+    pg.drop().await;
 }
 
 /// The heartbeat flush (one statement per 500 agents) on both databases.
 #[tokio::test]
 async fn heartbeats_of_many_agents_are_stored_in_a_few_statements_on_both_databases() {
-    let (url, admin, name) = pg_database().await;
+    let pg = PgDatabase::create().await;
+    let url = pg.url.clone();
     for url in [url.as_str(), "sqlite::memory:"] {
         let db = Db::connect(url).await.unwrap();
         let mut beats = Vec::new();
@@ -159,5 +142,5 @@ async fn heartbeats_of_many_agents_are_stored_in_a_few_statements_on_both_databa
         }
         db.close().await;
     }
-    drop_database(admin, &name).await;
+    pg.drop().await;
 }

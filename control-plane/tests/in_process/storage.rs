@@ -181,24 +181,11 @@ async fn periodic_queries_use_an_index_on_sqlite() {
 
 #[tokio::test]
 async fn periodic_queries_use_an_index_on_postgres() {
-    use sqlx::Connection;
-    let base = std::env::var("TRELLIS_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let name = format!("trellis_ip_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("PostgreSQL on 127.0.0.1:5432");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let db = Db::connect(&format!("{base}/{name}")).await.unwrap();
+    let pg = crate::common::PgDatabase::create().await;
+    let db = Db::connect(&pg.url).await.unwrap();
     assert_indexed(&db, "postgres").await;
     db.close().await;
-    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    pg.drop().await;
 }
 
 /// The deadline sweep over a long history (`TRELLIS_SWEEP_ROWS` terminal commands,

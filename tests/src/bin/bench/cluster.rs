@@ -18,7 +18,7 @@ use trellis_tests::cluster::Cluster;
 use trellis_tests::harness::{Api, TempDir};
 use trellis_tests::raw_agent::{PingAgent, PingAgentLog};
 
-use super::{pct, rss_kib};
+use super::{pct, round_trip, rss_kib};
 
 struct Fleet {
     ids: Vec<String>,
@@ -80,14 +80,6 @@ async fn fleet(c: &Cluster, n: usize) -> anyhow::Result<Fleet> {
         home,
         stop,
     })
-}
-
-async fn round_trip(create: &Api, agent: &str) -> Duration {
-    let t = Instant::now();
-    let id = create.command(agent, "ping", json!({})).await;
-    let c = create.get(&format!("/api/commands/{id}?wait=10")).await;
-    assert_eq!(c["status"], "succeeded", "{c}");
-    t.elapsed()
 }
 
 pub async fn replicas(counts: &[usize], agents: usize, args: &super::Args) -> anyhow::Result<()> {
