@@ -142,9 +142,9 @@ pub async fn get(
     Query(q): Query<CommandGetQuery>,
 ) -> ApiResult<Json<Command>> {
     let id: CommandId = parse_id(&id, "command")?;
-    let c = match q.wait {
+    let (c, node) = match q.wait {
         Some(w) if w > 0.0 && w.is_finite() => {
-            domain::commands::wait_terminal(
+            domain::commands::wait_terminal_with_target(
                 &s.db,
                 &s.broker,
                 id,
@@ -152,10 +152,9 @@ pub async fn get(
             )
             .await?
         }
-        _ => domain::commands::get(&s.db, id).await?,
+        _ => domain::commands::get_with_target(&s.db, id).await?,
     };
     let stages = s.db.get_stages(id).await?;
-    let node = s.db.command_target_node(id).await?;
     Ok(Json(
         Command::new(&c, Some(&stages)).with_target(&c, node.as_ref()),
     ))

@@ -300,6 +300,11 @@ pub async fn lease(broker: Arc<Broker>) {
         if n % renew_every == 1 % renew_every {
             renew(&broker, leader).await;
         }
+        if pg {
+            // Notes only when someone else may listen (see `db::notify`).
+            let peers = broker.db.replicas_besides(&broker.replica.id).await;
+            crate::db::notify::set_peers(peers.map_or(true, |n| n > 0));
+        }
         if leader && pg && !broker.shutdown.is_cancelled() {
             match broker
                 .db

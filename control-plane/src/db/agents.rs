@@ -115,15 +115,15 @@ impl Db {
         self.get_agent(agent).await
     }
 
+    /// An agent that was not revoked (grouped with concurrent reads on PostgreSQL).
     pub async fn get_agent(&self, agent: AgentId) -> DbResult<AgentRow> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLS} FROM agents WHERE id = $1 AND revoked_at IS NULL"
-        ))
-        .bind(agent.to_string())
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(DbError::NotFound)?;
-        AgentRow::from_row(&row)
+        let row = match &self.reads {
+            Some(r) => r.agents.get(agent).await?,
+            None => agents_by_id(self.pool.clone(), vec![agent])
+                .await?
+                .remove(&agent),
+        };
+        row.ok_or(DbError::NotFound)
     }
 
     pub async fn list_agents(&self) -> DbResult<Vec<AgentRow>> {
@@ -252,6 +252,16 @@ impl Db {
             .map(|c| c.as_str())
             .collect();
         let mut tx = self.begin_write().await?;
+        if self.backend == super::Backend::Postgres {
+            // The claims key-share-lock the agent's row with its epoch (`db::dispatch`): a
+            // claim in flight finishes with the old epoch before this one moves it, or sees
+            // the new one. `FOR UPDATE` is what waits for a key-share lock; the update
+            // below alone (no key changes) would not, and heartbeats must not either.
+            sqlx::query("SELECT 1 FROM agents WHERE id = $1 FOR UPDATE")
+                .bind(agent.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
         let row = sqlx::query(
             "UPDATE agents SET session_epoch = session_epoch + 1, status = $7, connected_at = $1, \
              last_heartbeat = $1, version = $2, hostname = $3, capabilities = $4, facts = $5, \
@@ -362,4 +372,27 @@ impl Db {
         }
         Ok(())
     }
+}
+
+/// Agents that were not revoked, by id (one statement; see `db::reads`).
+pub(super) async fn agents_by_id(
+    pool: sqlx::AnyPool,
+    ids: Vec<AgentId>,
+) -> DbResult<std::collections::HashMap<AgentId, AgentRow>> {
+    let sql = format!(
+        "SELECT {COLS} FROM agents WHERE id IN ({}) AND revoked_at IS NULL",
+        super::sql::placeholders(ids.len())
+    );
+    let mut q = sqlx::query(&sql);
+    for id in &ids {
+        q = q.bind(id.to_string());
+    }
+    q.fetch_all(&pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let a = AgentRow::from_row(r)?;
+            Ok((a.id, a))
+        })
+        .collect()
 }

@@ -2,6 +2,8 @@
 //! paging, cancel, and the deadline sweep. Every server-decided end of a provision command
 //! moves its node in the same transaction (`nodes::fail_node_of`).
 
+use std::collections::HashMap;
+
 use sqlx::any::AnyRow;
 use sqlx::Row;
 use trellis_protocol::{CancelReason, CommandError, CommandType};
@@ -322,6 +324,22 @@ impl Db {
         node_ref(&row)
     }
 
+    /// A command with the node it acts on: `get_command` and `command_target_node` in one
+    /// statement (what `GET /api/commands/{id}` shows); grouped with concurrent ones on
+    /// PostgreSQL (`db::reads`).
+    pub async fn get_command_with_target(
+        &self,
+        command: CommandId,
+    ) -> DbResult<(CommandRow, Option<NodeRef>)> {
+        let row = match &self.reads {
+            Some(r) => r.commands.get(command).await?,
+            None => commands_with_target(self.pool.clone(), vec![command])
+                .await?
+                .remove(&command),
+        };
+        row.ok_or(DbError::NotFound)
+    }
+
     pub async fn get_command(&self, command: CommandId) -> DbResult<CommandRow> {
         let row = sqlx::query(&format!("SELECT {COLS} FROM commands WHERE id = $1"))
             .bind(command.to_string())
@@ -352,25 +370,15 @@ impl Db {
         .transpose()
     }
 
+    /// A command's stages in order (grouped with concurrent reads on PostgreSQL).
     pub async fn get_stages(&self, command: CommandId) -> DbResult<Vec<StageRow>> {
-        let rows = sqlx::query(
-            "SELECT name, state, started_at, finished_at, message FROM command_stages \
-             WHERE command_id = $1 ORDER BY idx, started_at",
-        )
-        .bind(command.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StageRow {
-                    name: r.try_get("name")?,
-                    state: r.try_get("state")?,
-                    started_at: r.try_get("started_at")?,
-                    finished_at: r.try_get("finished_at")?,
-                    message: r.try_get("message")?,
-                })
-            })
-            .collect()
+        let stages = match &self.reads {
+            Some(r) => r.stages.get(command).await?,
+            None => stages_of(self.pool.clone(), vec![command])
+                .await?
+                .remove(&command),
+        };
+        Ok(stages.unwrap_or_default())
     }
 
     /// Newest first, keyset-paged on `(created_at, id)` so rows created in the same
@@ -551,4 +559,58 @@ impl Db {
             .map(|r| Ok((id(r, "agent_id")?, r.try_get("n")?)))
             .collect()
     }
+}
+
+/// Commands with the node each acts on, by id (one statement; see `db::reads`).
+pub(super) async fn commands_with_target(
+    pool: sqlx::AnyPool,
+    ids: Vec<CommandId>,
+) -> DbResult<HashMap<CommandId, (CommandRow, Option<NodeRef>)>> {
+    let sql = format!(
+        "SELECT {} FROM {JOINED_FROM} WHERE c.id IN ({})",
+        joined_cols(),
+        super::sql::placeholders(ids.len())
+    );
+    let mut q = sqlx::query(&sql);
+    for id in &ids {
+        q = q.bind(id.to_string());
+    }
+    q.fetch_all(&pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = CommandRow::from_row(r)?;
+            Ok((c.id, (c, node_ref(r)?)))
+        })
+        .collect()
+}
+
+/// The stages of commands, each command's in order (one statement; see `db::reads`).
+/// A command without stages has no entry.
+pub(super) async fn stages_of(
+    pool: sqlx::AnyPool,
+    ids: Vec<CommandId>,
+) -> DbResult<HashMap<CommandId, Vec<StageRow>>> {
+    let sql = format!(
+        "SELECT command_id, name, state, started_at, finished_at, message FROM command_stages \
+         WHERE command_id IN ({}) ORDER BY command_id, idx, started_at",
+        super::sql::placeholders(ids.len())
+    );
+    let mut q = sqlx::query(&sql);
+    for id in &ids {
+        q = q.bind(id.to_string());
+    }
+    let mut out: HashMap<CommandId, Vec<StageRow>> = HashMap::new();
+    for r in q.fetch_all(&pool).await? {
+        out.entry(id(&r, "command_id")?)
+            .or_default()
+            .push(StageRow {
+                name: r.try_get("name")?,
+                state: r.try_get("state")?,
+                started_at: r.try_get("started_at")?,
+                finished_at: r.try_get("finished_at")?,
+                message: r.try_get("message")?,
+            });
+    }
+    Ok(out)
 }

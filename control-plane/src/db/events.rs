@@ -9,44 +9,81 @@ use trellis_protocol::{CancelReason, CommandType, Event, EventBody};
 use uuid::Uuid;
 
 use super::nodes::node_outcome;
-use super::sql::{error_json, multi_row_insert, no_nul, NO_PERCENT};
+use super::sql::{error_json, multi_row_insert, no_nul, values_rows, NO_PERCENT};
 use super::{Db, DbResult};
 use crate::model::{AgentId, CommandId, CommandStatus};
 use crate::time::now_ms;
 
-// Progress of one command from a batch, in one statement. The durable prefix moves on
-// with the run of seqs that starts at the batch's lowest one when that run touches it
-// (the common, in-order case: no extra read); a command that still has stored seqs
-// beyond it afterwards is walked once more (`extend_prefix`). Constant text: no SQL is
-// built per command on the hot path.
+// Progress of the batch's commands, one statement for all of them (`WITH v(…) AS
+// (VALUES …) UPDATE commands … FROM v`, on both backends): each statement is a round trip
+// that waits for the database, so their number per batch stays constant as the batch
+// grows. The durable prefix moves on with the run of seqs that starts at the batch's
+// lowest one when that run touches it (the common, in-order case: no extra read); a
+// command that still has stored seqs beyond it afterwards is walked once more
+// (`extend_prefix`).
 
-/// An agent's `finished` for a command still live: the final state with the progress.
-/// `$1` status, `$2` result, `$3` error, `$4` now, `$5` stage, `$6` percent, `$7` max seq,
-/// `$8` id, `$9` agent, `$10` finished seq, `$11`/`$12` the batch's first run, `$13` new log bytes.
-const FINISH_SQL: &str = "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
-    started_at = COALESCE(started_at, $4), \
-    stage = CASE WHEN last_seq <= $7 THEN COALESCE($5, stage) ELSE stage END, \
-    percent = CASE WHEN $1 = 'succeeded' THEN 100.0 WHEN $6 < 0 OR last_seq > $7 THEN percent ELSE $6 END, \
-    last_seq = CASE WHEN last_seq < $7 THEN $7 ELSE last_seq END, \
-    finished_seq = COALESCE(finished_seq, $10), \
-    durable_seq = CASE WHEN durable_seq + 1 >= $11 AND durable_seq < $12 THEN $12 ELSE durable_seq END, \
-    log_bytes = log_bytes + $13 \
-    WHERE id = $8 AND agent_id = $9 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
-    RETURNING type, created_at, root_id, durable_seq, last_seq";
+/// Commands per set-based statement (at most 12 parameters a row).
+const ROWS_PER_UPDATE: usize = 200;
+
+/// Agents' `finished` for commands still live: the final state with the progress.
+/// `$1` now; per row id, agent, status, result, error, stage, percent, max seq, finished
+/// seq, the batch's first run (start, end), new log bytes.
+fn finish_sql(rows: usize) -> String {
+    format!(
+        "WITH v(v_id, v_agent, v_status, v_result, v_error, v_stage, v_percent, v_max_seq, \
+         v_fin_seq, v_run_start, v_run_end, v_log) AS (VALUES {}) \
+         UPDATE commands SET status = v.v_status, result = v.v_result, error = v.v_error, \
+         finished_at = $1, started_at = COALESCE(started_at, $1), \
+         stage = CASE WHEN last_seq <= v.v_max_seq THEN COALESCE(v.v_stage, stage) ELSE stage END, \
+         percent = CASE WHEN v.v_status = 'succeeded' THEN 100.0 \
+           WHEN v.v_percent < 0 OR last_seq > v.v_max_seq THEN percent ELSE v.v_percent END, \
+         last_seq = CASE WHEN last_seq < v.v_max_seq THEN v.v_max_seq ELSE last_seq END, \
+         finished_seq = COALESCE(finished_seq, v.v_fin_seq), \
+         durable_seq = CASE WHEN durable_seq + 1 >= v.v_run_start AND durable_seq < v.v_run_end \
+           THEN v.v_run_end ELSE durable_seq END, \
+         log_bytes = log_bytes + v.v_log \
+         FROM v WHERE commands.id = v.v_id AND commands.agent_id = v.v_agent \
+         AND commands.status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') \
+         RETURNING id, type, created_at, root_id, durable_seq, last_seq",
+        values_rows(1, 12, rows)
+    )
+}
 
 /// Progress of any command (a `finished` of one that already ended here still marks its
-/// last seq). `$1` now, `$2` stage, `$3` percent, `$4` max seq, `$5` id, `$6` agent,
-/// `$7` finished seq or 0, `$8`/`$9` the batch's first run, `$10` new log bytes.
-const PROGRESS_SQL: &str = "UPDATE commands SET \
-    status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
-    started_at = COALESCE(started_at, $1), \
-    stage = CASE WHEN last_seq <= $4 THEN COALESCE($2, stage) ELSE stage END, \
-    percent = CASE WHEN $3 < 0 OR last_seq > $4 THEN percent ELSE $3 END, \
-    last_seq = CASE WHEN last_seq < $4 THEN $4 ELSE last_seq END, \
-    finished_seq = CASE WHEN $7 > 0 THEN COALESCE(finished_seq, $7) ELSE finished_seq END, \
-    durable_seq = CASE WHEN durable_seq + 1 >= $8 AND durable_seq < $9 THEN $9 ELSE durable_seq END, \
-    log_bytes = log_bytes + $10 \
-    WHERE id = $5 AND agent_id = $6 RETURNING durable_seq, last_seq, log_bytes, status";
+/// last seq). `$1` now; per row id, agent, stage, percent, max seq, finished seq or 0,
+/// the batch's first run (start, end), new log bytes.
+fn progress_sql(rows: usize) -> String {
+    format!(
+        "WITH v(v_id, v_agent, v_stage, v_percent, v_max_seq, v_fin_seq, v_run_start, v_run_end, \
+         v_log) AS (VALUES {}) \
+         UPDATE commands SET \
+         status = CASE WHEN status IN ('queued', 'dispatched') THEN 'running' ELSE status END, \
+         started_at = COALESCE(started_at, $1), \
+         stage = CASE WHEN last_seq <= v.v_max_seq THEN COALESCE(v.v_stage, stage) ELSE stage END, \
+         percent = CASE WHEN v.v_percent < 0 OR last_seq > v.v_max_seq THEN percent ELSE v.v_percent END, \
+         last_seq = CASE WHEN last_seq < v.v_max_seq THEN v.v_max_seq ELSE last_seq END, \
+         finished_seq = CASE WHEN v.v_fin_seq > 0 THEN COALESCE(finished_seq, v.v_fin_seq) \
+           ELSE finished_seq END, \
+         durable_seq = CASE WHEN durable_seq + 1 >= v.v_run_start AND durable_seq < v.v_run_end \
+           THEN v.v_run_end ELSE durable_seq END, \
+         log_bytes = log_bytes + v.v_log \
+         FROM v WHERE commands.id = v.v_id AND commands.agent_id = v.v_agent \
+         RETURNING id, durable_seq, last_seq, log_bytes, status",
+        values_rows(1, 9, rows)
+    )
+}
+
+/// Accepted commands start running. `$1` now; per row id, agent.
+fn accept_sql(rows: usize) -> String {
+    format!(
+        "WITH v(v_id, v_agent) AS (VALUES {}) \
+         UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
+         FROM v WHERE commands.id = v.v_id AND commands.agent_id = v.v_agent \
+         AND commands.status IN ('queued', 'dispatched') \
+         RETURNING id, cancel_requested",
+        values_rows(1, 2, rows)
+    )
+}
 
 /// A command whose log passed the per-command limit ends `failed` (`log_limit`).
 /// `$1` now, `$2` error, `$3` id.
@@ -114,6 +151,15 @@ pub struct BatchDone {
     pub log_limited: Vec<(AgentId, CommandId)>,
 }
 
+/// A command of the batch with its outcome: id, summary, first run, outcome, finished seq.
+type Finishing<'a> = (
+    Uuid,
+    &'a CmdUpdate,
+    (i64, i64),
+    &'a trellis_protocol::Outcome,
+    i64,
+);
+
 /// Per-command summary of one batch.
 struct CmdUpdate {
     agent_id: AgentId,
@@ -150,15 +196,7 @@ impl Db {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let mut done = BatchDone::default();
-        for &(agent_id, command_id) in &batch.accepts {
-            let (is_new, cancel) = accept(&mut tx, agent_id, command_id, now).await?;
-            if is_new {
-                done.started.push(command_id);
-            }
-            if let Some(reason) = cancel {
-                done.cancels.push((agent_id, command_id, reason));
-            }
-        }
+        accept(&mut tx, &batch.accepts, now, &mut done).await?;
         let mut updates: HashMap<Uuid, CmdUpdate> = HashMap::new();
         let mut durable: Vec<(CommandId, i64, i64)> = Vec::new();
         let mut all: Vec<&Event> = Vec::with_capacity(batch.events.len());
@@ -300,79 +338,105 @@ impl Db {
             }
         }
 
+        // Commands with an outcome end now (unless they already ended here: cancelled,
+        // timed out); the others, and those, only move on.
+        let mut finishing: Vec<Finishing> = Vec::new();
+        let mut moving: Vec<(Uuid, &CmdUpdate, (i64, i64), i64)> = Vec::new();
         for (id, u) in updates.iter_mut() {
-            let (run_start, run_end) = u.first_run();
-            if let Some((o, fin_seq)) = outcomes.get(id) {
-                // Progress and the final state in one statement; `RETURNING type` tells
-                // whether a node follows this command.
-                let row = sqlx::query(FINISH_SQL)
+            let run = u.first_run();
+            match outcomes.get(id) {
+                Some(&(o, fin_seq)) => finishing.push((*id, u, run, o, fin_seq)),
+                None => moving.push((*id, u, run, 0)),
+            }
+        }
+        // One order for the row locks of every writer's statements.
+        finishing.sort_unstable_by_key(|f| f.0);
+        for chunk in finishing.chunks(ROWS_PER_UPDATE) {
+            let sql = finish_sql(chunk.len());
+            let mut q = sqlx::query(&sql).bind(now);
+            for &(id, u, (run_start, run_end), o, fin_seq) in chunk {
+                q = q
+                    .bind(id.to_string())
+                    .bind(u.agent_id.to_string())
                     .bind(o.status.as_str())
                     .bind(o.result.as_ref().map(|r| r.to_string()))
                     .bind(o.error.as_ref().map(error_json))
-                    .bind(now)
                     .bind(u.stage.clone())
                     .bind(u.percent.unwrap_or(NO_PERCENT))
                     .bind(u.max_seq)
-                    .bind(id.to_string())
-                    .bind(u.agent_id.to_string())
-                    .bind(*fin_seq)
+                    .bind(fin_seq)
                     .bind(run_start)
                     .bind(run_end)
-                    .bind(u.new_log_bytes)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some(row) = row {
-                    durable.push((
-                        CommandId(*id),
-                        row.try_get("durable_seq")?,
-                        row.try_get("last_seq")?,
-                    ));
-                    let ty: String = row.try_get("type")?;
-                    let command_type = CommandType::parse(&ty).unwrap_or(CommandType::Unknown);
-                    let root: CommandId = super::sql::id(&row, "root_id")?;
-                    node_outcome(&mut tx, command_type, CommandId(*id), root, u.agent_id, o)
-                        .await?;
-                    let created_at: i64 = row.try_get("created_at")?;
-                    done.finished.push(Finished {
-                        command_id: CommandId(*id),
-                        agent_id: u.agent_id,
-                        command_type,
-                        status: CommandStatus::from_final(o.status),
-                        millis: (now - created_at).max(0),
-                    });
-                    continue;
-                }
-                // Already ended (cancelled, timed out): still record how far it got.
+                    .bind(u.new_log_bytes);
             }
-            // The finished event of a command that already ended here (cancelled, timed
-            // out) still marks the end of its events.
-            let fin_seq = outcomes.get(id).map(|(_, s)| *s);
-            let row = sqlx::query(PROGRESS_SQL)
-                .bind(now)
-                .bind(u.stage.clone())
-                .bind(u.percent.unwrap_or(NO_PERCENT))
-                .bind(u.max_seq)
-                .bind(id.to_string())
-                .bind(u.agent_id.to_string())
-                .bind(fin_seq.unwrap_or(0))
-                .bind(run_start)
-                .bind(run_end)
-                .bind(u.new_log_bytes)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = row {
+            let mut ended: HashSet<Uuid> = HashSet::with_capacity(chunk.len());
+            for row in q.fetch_all(&mut *tx).await? {
+                let command: CommandId = super::sql::id(&row, "id")?;
+                let Some(&(_, u, _, o, _)) = chunk.iter().find(|f| f.0 == command.0) else {
+                    continue;
+                };
+                ended.insert(command.0);
                 durable.push((
-                    CommandId(*id),
+                    command,
+                    row.try_get("durable_seq")?,
+                    row.try_get("last_seq")?,
+                ));
+                let ty: String = row.try_get("type")?;
+                let command_type = CommandType::parse(&ty).unwrap_or(CommandType::Unknown);
+                let root: CommandId = super::sql::id(&row, "root_id")?;
+                // Whether a node follows this command.
+                node_outcome(&mut tx, command_type, command, root, u.agent_id, o).await?;
+                let created_at: i64 = row.try_get("created_at")?;
+                done.finished.push(Finished {
+                    command_id: command,
+                    agent_id: u.agent_id,
+                    command_type,
+                    status: CommandStatus::from_final(o.status),
+                    millis: (now - created_at).max(0),
+                });
+            }
+            // Already ended (cancelled, timed out): the finished event still marks the
+            // end of its events, and how far it got is still recorded.
+            moving.extend(
+                chunk
+                    .iter()
+                    .filter(|f| !ended.contains(&f.0))
+                    .map(|&(id, u, run, _, fin_seq)| (id, u, run, fin_seq)),
+            );
+        }
+        moving.sort_unstable_by_key(|m| m.0);
+        for chunk in moving.chunks(ROWS_PER_UPDATE) {
+            let sql = progress_sql(chunk.len());
+            let mut q = sqlx::query(&sql).bind(now);
+            for &(id, u, (run_start, run_end), fin_seq) in chunk {
+                q = q
+                    .bind(id.to_string())
+                    .bind(u.agent_id.to_string())
+                    .bind(u.stage.clone())
+                    .bind(u.percent.unwrap_or(NO_PERCENT))
+                    .bind(u.max_seq)
+                    .bind(fin_seq)
+                    .bind(run_start)
+                    .bind(run_end)
+                    .bind(u.new_log_bytes);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                let command: CommandId = super::sql::id(&row, "id")?;
+                durable.push((
+                    command,
                     row.try_get("durable_seq")?,
                     row.try_get("last_seq")?,
                 ));
                 let log_bytes: i64 = row.try_get("log_bytes")?;
                 let live = !super::sql::command_status(&row, "status")?.is_terminal();
                 if batch.log_limit > 0 && log_bytes > batch.log_limit && live {
+                    let Some(&(_, u, _, _)) = chunk.iter().find(|m| m.0 == command.0) else {
+                        continue;
+                    };
                     log_limit(
                         &mut tx,
                         &mut done,
-                        CommandId(*id),
+                        command,
                         u.agent_id,
                         batch.log_limit,
                         now,
@@ -551,43 +615,79 @@ async fn extend_prefix(
     Ok(prefix)
 }
 
-/// Marks an accepted command running. Returns whether it started now, and the cancel the
-/// agent must be told: a cancel (or a deadline) that came between the claim and the agent
+/// Marks accepted commands running (one statement per [`ROWS_PER_UPDATE`]), in arrival
+/// order into `done.started`. A command whose cancel the agent must be told goes into
+/// `done.cancels`: a cancel (or a deadline) that came between the claim and the agent
 /// receiving the dispatch reached an agent that did not know the command yet and was
 /// dropped there, so it is repeated now that the agent knows it.
 async fn accept(
     conn: &mut sqlx::AnyConnection,
-    agent_id: AgentId,
-    command_id: CommandId,
+    accepts: &[(AgentId, CommandId)],
     now: i64,
-) -> DbResult<(bool, Option<CancelReason>)> {
-    let row = sqlx::query(
-        "UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
-         WHERE id = $2 AND agent_id = $3 AND status IN ('queued', 'dispatched') \
-         RETURNING cancel_requested",
-    )
-    .bind(now)
-    .bind(command_id.to_string())
-    .bind(agent_id.to_string())
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(r) = row {
-        let cancel = r.try_get::<i64, _>("cancel_requested")? != 0;
-        return Ok((true, cancel.then_some(CancelReason::Cancelled)));
+    done: &mut BatchDone,
+) -> DbResult<()> {
+    let mut seen: HashSet<CommandId> = HashSet::with_capacity(accepts.len());
+    let accepts: Vec<(AgentId, CommandId)> = accepts
+        .iter()
+        .copied()
+        .filter(|(_, c)| seen.insert(*c))
+        .collect();
+    for chunk in accepts.chunks(ROWS_PER_UPDATE) {
+        let sql = accept_sql(chunk.len());
+        let mut q = sqlx::query(&sql).bind(now);
+        for (agent, command) in chunk {
+            q = q.bind(command.to_string()).bind(agent.to_string());
+        }
+        // Started now: whether a cancel is pending.
+        let mut started: HashMap<CommandId, bool> = HashMap::with_capacity(chunk.len());
+        for r in q.fetch_all(&mut *conn).await? {
+            started.insert(
+                super::sql::id(&r, "id")?,
+                r.try_get::<i64, _>("cancel_requested")? != 0,
+            );
+        }
+        // Not started now: already running (a repeated accept) or already ended here.
+        let mut ended: HashMap<CommandId, CancelReason> = HashMap::new();
+        let rest: Vec<&(AgentId, CommandId)> = chunk
+            .iter()
+            .filter(|(_, c)| !started.contains_key(c))
+            .collect();
+        if !rest.is_empty() {
+            let sql = format!(
+                "WITH v(v_id, v_agent) AS (VALUES {}) SELECT id, status FROM commands \
+                 JOIN v ON commands.id = v.v_id AND commands.agent_id = v.v_agent",
+                values_rows(0, 2, rest.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for (agent, command) in &rest {
+                q = q.bind(command.to_string()).bind(agent.to_string());
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let reason = match super::sql::command_status(&r, "status")? {
+                    CommandStatus::Cancelled => CancelReason::Cancelled,
+                    CommandStatus::TimedOut => CancelReason::TimedOut,
+                    _ => continue,
+                };
+                ended.insert(super::sql::id(&r, "id")?, reason);
+            }
+        }
+        for &(agent, command) in chunk {
+            match started.get(&command) {
+                Some(&cancel) => {
+                    done.started.push(command);
+                    if cancel {
+                        done.cancels.push((agent, command, CancelReason::Cancelled));
+                    }
+                }
+                None => {
+                    if let Some(&reason) = ended.get(&command) {
+                        done.cancels.push((agent, command, reason));
+                    }
+                }
+            }
+        }
     }
-    // Not started now: already running (a repeated accept) or already ended here.
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM commands WHERE id = $1 AND agent_id = $2")
-            .bind(command_id.to_string())
-            .bind(agent_id.to_string())
-            .fetch_optional(&mut *conn)
-            .await?;
-    let cancel = match status.as_deref().and_then(CommandStatus::parse) {
-        Some(CommandStatus::Cancelled) => Some(CancelReason::Cancelled),
-        Some(CommandStatus::TimedOut) => Some(CancelReason::TimedOut),
-        _ => None,
-    };
-    Ok((false, cancel))
+    Ok(())
 }
 
 /// The database form of an event: `(kind, stream, data)`.

@@ -20,6 +20,7 @@ mod node_batches;
 mod node_import;
 mod nodes;
 pub mod notify;
+mod reads;
 mod replicas;
 mod secrets;
 mod settings;
@@ -106,6 +107,28 @@ pub struct Db {
     /// The PostgreSQL URL, for the notification listener and the leader lock's own
     /// connections (`None` on SQLite).
     pg_url: Option<std::sync::Arc<str>>,
+    /// Grouped hot reads (PostgreSQL only; see [`reads`]).
+    reads: Option<std::sync::Arc<Reads>>,
+}
+
+/// The readers of [`reads`], one per kind of row.
+struct Reads {
+    commands: reads::Reader<crate::model::CommandId, (CommandRow, Option<NodeRef>)>,
+    stages: reads::Reader<crate::model::CommandId, Vec<StageRow>>,
+    agents: reads::Reader<crate::model::AgentId, AgentRow>,
+}
+
+impl Reads {
+    fn spawn(pool: &AnyPool) -> Self {
+        let (p1, p2, p3) = (pool.clone(), pool.clone(), pool.clone());
+        Self {
+            commands: reads::Reader::spawn(move |ids| {
+                commands::commands_with_target(p1.clone(), ids)
+            }),
+            stages: reads::Reader::spawn(move |ids| commands::stages_of(p2.clone(), ids)),
+            agents: reads::Reader::spawn(move |ids| agents::agents_by_id(p3.clone(), ids)),
+        }
+    }
 }
 
 impl Db {
@@ -164,6 +187,22 @@ impl Db {
             Backend::Postgres => {
                 let pool = opts()
                     .max_connections(pg_pool_size())
+                    // sqlx pings a connection before every use by default: a round trip
+                    // to the server per statement or transaction, as slow as the statement
+                    // itself on a busy host. Only a connection that sat idle for a while
+                    // (its server may have restarted, a firewall may have dropped it) is
+                    // checked; a busy one that broke fails its statement, which is retried
+                    // like any storage failure.
+                    .test_before_acquire(false)
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for < PG_IDLE_CHECK {
+                                return Ok(true);
+                            }
+                            use sqlx::Connection;
+                            Ok(conn.ping().await.is_ok())
+                        })
+                    })
                     .connect(&url)
                     .await
                     .map_err(open)?;
@@ -171,12 +210,15 @@ impl Db {
                 (pool.clone(), pool)
             }
         };
+        let reads =
+            (backend == Backend::Postgres).then(|| std::sync::Arc::new(Reads::spawn(&pool)));
         Ok(Self {
             pool,
             writer,
             backend,
             memory,
             pg_url: (backend == Backend::Postgres).then(|| url.as_str().into()),
+            reads,
             // The server sets its persistent key with `with_secrets`.
             secrets: crate::secrets::Secrets::ephemeral(),
             // The server sets its persistent key with `with_signing`.
@@ -261,6 +303,9 @@ impl Db {
         Ok(())
     }
 }
+
+/// A pooled PostgreSQL connection idle this long is pinged before it is used again.
+const PG_IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Connections per replica to PostgreSQL: `TRELLIS_DB_MAX_CONNECTIONS` (default 16). Each
 /// replica also holds one for notifications and one for the housekeeping lock, so the

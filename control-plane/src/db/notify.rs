@@ -9,6 +9,7 @@
 //! id (`-` for other processes such as the CLI), so a replica skips what it sent itself:
 //! it acted on those in process already.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use trellis_protocol::CancelReason;
@@ -32,6 +33,22 @@ pub fn set_origin(replica: &str) {
 /// This process's replica id (`-` when it is not a server).
 pub fn origin() -> &'static str {
     ORIGIN.get().map(String::as_str).unwrap_or("-")
+}
+
+/// Whether another replica may be listening. A server alone in the `replicas` table
+/// sends no notes (they would reach only itself, which skips them: a statement per
+/// transaction for nothing); its lease loop looks every 2 s (`set_peers`). Until it
+/// has looked, and in processes that are not servers (the CLI), notes are sent. A replica
+/// that starts meanwhile catches up as its listener connects and by its backup pass.
+static PEERS: AtomicBool = AtomicBool::new(true);
+
+/// Records whether other replicas are registered (the server's lease loop).
+pub fn set_peers(present: bool) {
+    PEERS.store(present, Ordering::Relaxed);
+}
+
+fn peers_listen() -> bool {
+    origin() == "-" || PEERS.load(Ordering::Relaxed)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +145,7 @@ pub fn parse(payload: &str) -> (&str, Vec<Note>) {
 /// Sends `notes` on `conn`, inside the caller's transaction (delivered at its commit).
 /// Nothing on SQLite.
 pub(super) async fn notify(conn: &mut sqlx::AnyConnection, notes: &[Note]) -> DbResult<()> {
-    if notes.is_empty() || conn.backend_name() != "PostgreSQL" {
+    if notes.is_empty() || conn.backend_name() != "PostgreSQL" || !peers_listen() {
         return Ok(());
     }
     for p in payloads(origin(), notes) {

@@ -211,6 +211,16 @@ impl Db {
 
     /// Other replicas that are alive (lease renewed within `lease_ms`) and not draining:
     /// where this replica's agents can go.
+    /// How many other replicas are registered, live or not yet swept (who may listen
+    /// for notes).
+    pub async fn replicas_besides(&self, me: &str) -> DbResult<i64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM replicas WHERE id <> $1")
+            .bind(me)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
     pub async fn other_live_replicas(&self, me: &str, lease_ms: i64) -> DbResult<i64> {
         let r = sqlx::query(&format!(
             "SELECT COUNT(*) FROM replicas WHERE id <> $1 AND heartbeat_at >= {} - $2 AND draining = 0",

@@ -168,20 +168,33 @@ pub(super) fn placeholders(n: usize) -> String {
 
 /// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
 pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
-    use std::fmt::Write;
     let mut sql = String::with_capacity(head.len() + rows * cols * 5);
     sql.push_str(head);
+    push_rows(&mut sql, 0, cols, rows);
+    sql
+}
+
+/// `(${after+1},…),(…)`: `rows` rows of `cols` placeholders numbered from `after + 1`,
+/// row by row — the `VALUES` of a set-based statement (`WITH v(…) AS (VALUES …) UPDATE …
+/// FROM v`, which both backends run) whose first `after` parameters are shared.
+pub(super) fn values_rows(after: usize, cols: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(rows * cols * 5);
+    push_rows(&mut sql, after, cols, rows);
+    sql
+}
+
+fn push_rows(sql: &mut String, after: usize, cols: usize, rows: usize) {
+    use std::fmt::Write;
     for r in 0..rows {
         sql.push_str(if r == 0 { "(" } else { ",(" });
         for c in 0..cols {
             if c > 0 {
                 sql.push(',');
             }
-            let _ = write!(sql, "${}", r * cols + c + 1);
+            let _ = write!(sql, "${}", after + r * cols + c + 1);
         }
         sql.push(')');
     }
-    sql
 }
 
 pub(super) fn error_json(e: &trellis_protocol::CommandError) -> String {
@@ -198,6 +211,12 @@ mod tests {
             multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 3),
             "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4),($5,$6)"
         );
+    }
+
+    #[test]
+    fn values_rows_number_after_the_shared_parameters() {
+        assert_eq!(values_rows(1, 2, 2), "($2,$3),($4,$5)");
+        assert_eq!(values_rows(0, 1, 1), "($1)");
     }
 
     #[test]

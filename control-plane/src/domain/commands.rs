@@ -9,7 +9,7 @@ use trellis_protocol::{CancelReason, Command, CommandType};
 use super::{DomainError, DomainResult};
 use crate::broker::fanout::Published;
 use crate::broker::Broker;
-use crate::db::{CancelOutcome, CommandRow, Db, DbError, NewCommand};
+use crate::db::{CancelOutcome, CommandRow, Db, DbError, NewCommand, NodeRef};
 use crate::model::{AgentId, CommandId, CommandStatus};
 use crate::time::now_ms;
 
@@ -377,6 +377,16 @@ fn same_request(db: &Db, existing: CommandRow, c: &CreateCommand) -> DomainResul
     }
 }
 
+/// A command with the node it acts on.
+pub async fn get_with_target(
+    db: &Db,
+    id: CommandId,
+) -> DomainResult<(CommandRow, Option<NodeRef>)> {
+    db.get_command_with_target(id)
+        .await
+        .map_err(DomainError::not_found(format_args!("command {id}")))
+}
+
 pub async fn get(db: &Db, id: CommandId) -> DomainResult<CommandRow> {
     db.get_command(id)
         .await
@@ -522,11 +532,21 @@ pub async fn wait_terminal(
     id: CommandId,
     timeout: Duration,
 ) -> DomainResult<CommandRow> {
+    Ok(wait_terminal_with_target(db, broker, id, timeout).await?.0)
+}
+
+/// [`wait_terminal`] with the node the command acts on (read in the same statement).
+pub async fn wait_terminal_with_target(
+    db: &Db,
+    broker: &Broker,
+    id: CommandId,
+    timeout: Duration,
+) -> DomainResult<(CommandRow, Option<NodeRef>)> {
     let mut sub = broker.fanout.subscribe(id);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let c = get(db, id).await?;
-        if c.is_terminal() {
+        let c = get_with_target(db, id).await?;
+        if c.0.is_terminal() {
             return Ok(c);
         }
         // Re-read on a status change, on lag, and at least once a second (a missed
@@ -546,7 +566,7 @@ pub async fn wait_terminal(
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return get(db, id).await;
+            return get_with_target(db, id).await;
         }
     }
 }
