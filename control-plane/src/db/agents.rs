@@ -381,10 +381,10 @@ pub(super) async fn agents_by_id(
 ) -> DbResult<std::collections::HashMap<AgentId, AgentRow>> {
     let sql = format!(
         "SELECT {COLS} FROM agents WHERE id IN ({}) AND revoked_at IS NULL",
-        super::sql::placeholders(ids.len())
+        super::sql::placeholders(super::sql::padded(ids.len()))
     );
     let mut q = sqlx::query(&sql);
-    for id in &ids {
+    for id in super::sql::padded_rows(&ids) {
         q = q.bind(id.to_string());
     }
     q.fetch_all(&pool)

@@ -96,42 +96,17 @@ impl Db {
     }
 
     /// Stores `rows` in one transaction (one commit, so one fsync, for a whole batch of
-    /// concurrent admin requests), in multi-row INSERTs of at most 200 rows.
+    /// concurrent admin requests), in multi-row INSERTs of at most 200 rows. On PostgreSQL
+    /// a batch that fits one statement runs it alone (atomic on its own; `BEGIN` and
+    /// `COMMIT` would be two more round trips).
     pub async fn insert_audit_batch(&self, rows: &[AuditRow]) -> DbResult<()> {
+        if self.backend == super::Backend::Postgres && rows.len() <= AUDIT_ROWS {
+            let mut conn = self.writer().acquire().await?;
+            return insert_audit_rows(&mut conn, rows).await;
+        }
         let mut tx = self.begin_write().await?;
-        for chunk in rows.chunks(200) {
-            let mut sql = format!("INSERT INTO audit_log ({COLS}) VALUES ");
-            for i in 0..chunk.len() {
-                let b = i * 12;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push('(');
-                for c in 1..=12 {
-                    if c > 1 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&format!("${}", b + c));
-                }
-                sql.push(')');
-            }
-            let mut q = sqlx::query(&sql);
-            for a in chunk {
-                q = q
-                    .bind(a.id.clone())
-                    .bind(a.at)
-                    .bind(a.actor.clone())
-                    .bind(a.action.clone())
-                    .bind(a.target_type.clone())
-                    .bind(a.target_id.clone())
-                    .bind(a.target_name.clone())
-                    .bind(a.outcome.clone())
-                    .bind(a.status)
-                    .bind(a.error_code.clone())
-                    .bind(a.remote_addr.clone())
-                    .bind(a.details.as_ref().map(|d| d.to_string()));
-            }
-            q.execute(&mut *tx).await?;
+        for chunk in rows.chunks(AUDIT_ROWS) {
+            insert_audit_rows(&mut tx, chunk).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -198,4 +173,34 @@ impl Db {
         let rows = q.bind(f.limit).fetch_all(&self.pool).await?;
         rows.iter().map(AuditRow::from_row).collect()
     }
+}
+
+/// Audit rows per INSERT.
+const AUDIT_ROWS: usize = 200;
+
+/// One multi-row INSERT of `rows` (at most [`AUDIT_ROWS`]).
+async fn insert_audit_rows(conn: &mut sqlx::AnyConnection, rows: &[AuditRow]) -> DbResult<()> {
+    let sql = super::sql::multi_row_insert(
+        &format!("INSERT INTO audit_log ({COLS}) VALUES "),
+        12,
+        rows.len(),
+    );
+    let mut q = sqlx::query(&sql);
+    for a in rows {
+        q = q
+            .bind(a.id.clone())
+            .bind(a.at)
+            .bind(a.actor.clone())
+            .bind(a.action.clone())
+            .bind(a.target_type.clone())
+            .bind(a.target_id.clone())
+            .bind(a.target_name.clone())
+            .bind(a.outcome.clone())
+            .bind(a.status)
+            .bind(a.error_code.clone())
+            .bind(a.remote_addr.clone())
+            .bind(a.details.as_ref().map(|d| d.to_string()));
+    }
+    q.execute(&mut *conn).await?;
+    Ok(())
 }

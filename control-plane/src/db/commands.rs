@@ -208,6 +208,9 @@ pub struct CommandFilter {
     pub limit: i64,
 }
 
+/// Commands per INSERT statement.
+const INSERT_ROWS: usize = 200;
+
 /// Inserts commands and their planned stages on `conn` (inside the caller's
 /// transaction), all with `created_at = now`.
 pub(super) async fn insert_commands_on(
@@ -216,7 +219,7 @@ pub(super) async fn insert_commands_on(
     now: i64,
 ) -> DbResult<()> {
     const COLS: usize = 13;
-    const ROWS: usize = 200;
+    const ROWS: usize = INSERT_ROWS;
     if let Some(c) = cmds.iter().find(|c| c.signature.is_none()) {
         // Every path that makes a command signs it (`Db::sign_new`) after its last change.
         return Err(DbError::Corrupt(format!("command {} was not signed", c.id)));
@@ -295,6 +298,17 @@ impl Db {
     /// with `Conflict`; the caller retries such a batch one command at a time.
     pub async fn insert_commands(&self, cmds: &[&NewCommand]) -> DbResult<i64> {
         let now = now_ms();
+        // On PostgreSQL, commands without planned stages that fit one INSERT and send no
+        // notes are one statement: atomic alone, without `BEGIN` and `COMMIT` round trips.
+        if self.backend == super::Backend::Postgres
+            && cmds.len() <= INSERT_ROWS
+            && cmds.iter().all(|c| c.command_type.stages().is_empty())
+            && !super::notify::sends_notes(self.backend)
+        {
+            let mut conn = self.writer().acquire().await?;
+            insert_commands_on(&mut conn, cmds, now).await?;
+            return Ok(now);
+        }
         let mut tx = self.begin_write().await?;
         insert_commands_on(&mut tx, cmds, now).await?;
         tx.commit().await?;
@@ -569,10 +583,10 @@ pub(super) async fn commands_with_target(
     let sql = format!(
         "SELECT {} FROM {JOINED_FROM} WHERE c.id IN ({})",
         joined_cols(),
-        super::sql::placeholders(ids.len())
+        super::sql::placeholders(super::sql::padded(ids.len()))
     );
     let mut q = sqlx::query(&sql);
-    for id in &ids {
+    for id in super::sql::padded_rows(&ids) {
         q = q.bind(id.to_string());
     }
     q.fetch_all(&pool)
@@ -594,10 +608,10 @@ pub(super) async fn stages_of(
     let sql = format!(
         "SELECT command_id, name, state, started_at, finished_at, message FROM command_stages \
          WHERE command_id IN ({}) ORDER BY command_id, idx, started_at",
-        super::sql::placeholders(ids.len())
+        super::sql::placeholders(super::sql::padded(ids.len()))
     );
     let mut q = sqlx::query(&sql);
-    for id in &ids {
+    for id in super::sql::padded_rows(&ids) {
         q = q.bind(id.to_string());
     }
     let mut out: HashMap<CommandId, Vec<StageRow>> = HashMap::new();

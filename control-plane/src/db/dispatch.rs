@@ -95,10 +95,11 @@ async fn claim_set(
          RETURNING commands.id, commands.agent_id, commands.type, commands.params, \
            commands.deadline_at, commands.attempt, commands.root_id, commands.signature, \
            commands.created_at",
-        super::sql::values_rows(1, 3, targets.len())
+        super::sql::values_rows(1, 3, super::sql::padded(targets.len()))
     );
     let mut q = sqlx::query(&sql).bind(now);
-    for &(agent, epoch, max) in targets {
+    // Repeated agents change nothing: a command is updated and returned once.
+    for &(agent, epoch, max) in super::sql::padded_rows(targets) {
         q = q.bind(agent.to_string()).bind(epoch).bind(max);
     }
     let rows = q.fetch_all(&mut *conn).await?;
@@ -208,6 +209,15 @@ impl Db {
         targets: &[(AgentId, i64, i64)],
     ) -> DbResult<Vec<(AgentId, Vec<DispatchRow>)>> {
         let now = now_ms();
+        // One claim statement and no notes to send: it runs alone (atomic on its own;
+        // `BEGIN` and `COMMIT` would be two more round trips per claim).
+        if self.backend == super::Backend::Postgres
+            && targets.len() <= CLAIM_AGENTS_PER_STATEMENT
+            && !super::notify::sends_notes(self.backend)
+        {
+            let mut conn = self.writer().acquire().await?;
+            return claim_set(&mut conn, targets, now).await;
+        }
         let mut tx = self.begin_write().await?;
         let mut out = Vec::with_capacity(targets.len());
         match self.backend {

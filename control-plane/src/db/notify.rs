@@ -47,6 +47,12 @@ pub fn set_peers(present: bool) {
     PEERS.store(present, Ordering::Relaxed);
 }
 
+/// Whether [`notify`] sends anything on `backend` now: a write whose only other statement
+/// would be its notes may then run alone, without a transaction.
+pub(super) fn sends_notes(backend: super::Backend) -> bool {
+    backend == super::Backend::Postgres && peers_listen()
+}
+
 fn peers_listen() -> bool {
     origin() == "-" || PEERS.load(Ordering::Relaxed)
 }

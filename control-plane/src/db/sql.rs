@@ -166,6 +166,25 @@ pub(super) fn placeholders(n: usize) -> String {
         .join(", ")
 }
 
+/// `n` rounded up to a power of two: the row count a set-based statement is sent with
+/// (its list repeated to that length). A statement's text depends on its row count, and
+/// PostgreSQL parses and plans every new text again (and sqlx caches 100 per connection):
+/// a handful of sizes instead of every count from 1 to a few hundred keeps them prepared,
+/// and lets PostgreSQL switch to its generic plan.
+pub(super) fn padded(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// `items` followed by repeats of its first element up to [`padded`] length. Only for
+/// keys of a `SELECT … IN (…)` or rows of an `UPDATE … FROM (VALUES …)` joined on a key,
+/// where a repeat changes nothing (a target row is updated once and returned once).
+pub(super) fn padded_rows<T>(items: &[T]) -> impl Iterator<Item = &T> {
+    let extra = padded(items.len()) - items.len();
+    items
+        .iter()
+        .chain(items.first().into_iter().cycle().take(extra))
+}
+
 /// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
 pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(head.len() + rows * cols * 5);
@@ -211,6 +230,18 @@ mod tests {
             multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 3),
             "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4),($5,$6)"
         );
+    }
+
+    #[test]
+    fn padded_lists_repeat_the_first_item_up_to_a_power_of_two() {
+        assert_eq!(padded(0), 1);
+        assert_eq!(padded(1), 1);
+        assert_eq!(padded(3), 4);
+        assert_eq!(padded(64), 64);
+        assert_eq!(padded(65), 128);
+        let v: Vec<i32> = padded_rows(&[7, 8, 9]).copied().collect();
+        assert_eq!(v, [7, 8, 9, 7]);
+        assert_eq!(padded_rows::<i32>(&[]).count(), 0);
     }
 
     #[test]
