@@ -71,7 +71,10 @@ const CLAIM_AGENTS_PER_STATEMENT: usize = 500;
 
 /// The claim of [`claim_query`] for several agents in one statement (PostgreSQL: a
 /// `LATERAL` pick of each agent's oldest queued commands up to its free slots). The
-/// agents' rows are key-share-locked in id order, as one claim at a time would.
+/// agents' rows are key-share-locked in id order, as one claim at a time would. Every
+/// agent is reached through a `LATERAL` probe of its primary key
+/// (a join let PostgreSQL, with a young table's statistics, hash all agents: ~0.3 ms at
+/// 1 000). The outer `status = 'queued'` re-checks a row another replica took meanwhile.
 async fn claim_set(
     conn: &mut sqlx::AnyConnection,
     targets: &[(AgentId, i64, i64)],
@@ -79,9 +82,10 @@ async fn claim_set(
 ) -> DbResult<Vec<(AgentId, Vec<DispatchRow>)>> {
     let sql = format!(
         "WITH t(t_agent, t_epoch, t_max) AS (VALUES {}), \
-         live AS (SELECT t.t_agent, t.t_epoch, t.t_max FROM t \
-           JOIN agents a ON a.id = t.t_agent AND a.session_epoch = t.t_epoch \
-           ORDER BY a.id FOR KEY SHARE OF a), \
+         live AS (SELECT t.t_agent, t.t_epoch, t.t_max \
+           FROM (SELECT * FROM t ORDER BY t_agent) t CROSS JOIN LATERAL ( \
+             SELECT 1 FROM agents a WHERE a.id = t.t_agent AND a.session_epoch = t.t_epoch \
+             FOR KEY SHARE) l), \
          pick AS (SELECT q.id AS p_id, live.t_epoch AS p_epoch FROM live CROSS JOIN LATERAL ( \
            SELECT c.id FROM commands c WHERE c.agent_id = live.t_agent AND c.status = 'queued' \
            ORDER BY c.created_at \
