@@ -213,6 +213,7 @@ pub fn handle(broker: &Arc<Broker>, payload: &str) {
                     tokio::spawn(async move { b.refresh_agent(a).await });
                 }
             }
+            Note::Replica(_) => notify::peers_seen(),
             Note::Session(a, _) => {
                 if broker.is_connected(&a) {
                     let b = broker.clone();
@@ -302,8 +303,10 @@ pub async fn lease(broker: Arc<Broker>) {
         }
         if pg {
             // Notes only when someone else may listen (see `db::notify`).
-            let peers = broker.db.replicas_besides(&broker.replica.id).await;
-            crate::db::notify::set_peers(peers.map_or(true, |n| n > 0));
+            match broker.db.replicas_besides(&broker.replica.id).await {
+                Ok(0) => crate::db::notify::no_peers_seen(),
+                Ok(_) | Err(_) => crate::db::notify::peers_seen(),
+            }
         }
         if leader && pg && !broker.shutdown.is_cancelled() {
             match broker

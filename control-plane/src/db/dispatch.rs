@@ -88,7 +88,7 @@ async fn claim_set(
              FOR KEY SHARE) l), \
          pick AS (SELECT q.id AS p_id, live.t_epoch AS p_epoch FROM live CROSS JOIN LATERAL ( \
            SELECT c.id FROM commands c WHERE c.agent_id = live.t_agent AND c.status = 'queued' \
-           ORDER BY c.created_at \
+           ORDER BY c.created_at, c.id \
            LIMIT (SELECT CASE WHEN n >= live.t_max THEN 0 ELSE live.t_max - n END FROM (SELECT \
              (SELECT COUNT(*) FROM commands b WHERE b.agent_id = live.t_agent AND b.status = 'dispatched') + \
              (SELECT COUNT(*) FROM commands b WHERE b.agent_id = live.t_agent AND b.status = 'running') \

@@ -85,7 +85,7 @@ fn accept_sql(rows: usize) -> String {
          UPDATE commands SET status = 'running', started_at = COALESCE(started_at, $1) \
          FROM v WHERE commands.id = v.v_id AND commands.agent_id = v.v_agent \
          AND CASE commands.status WHEN 'queued' THEN 1 WHEN 'dispatched' THEN 1 ELSE 0 END = 1 \
-         RETURNING id, cancel_requested",
+         RETURNING id, agent_id, cancel_requested",
         values_rows(1, 2, rows)
     )
 }
@@ -631,11 +631,13 @@ async fn accept(
     now: i64,
     done: &mut BatchDone,
 ) -> DbResult<()> {
-    let mut seen: HashSet<CommandId> = HashSet::with_capacity(accepts.len());
+    // A repeated accept is one row; the same command id from another agent (which the
+    // `agent_id` test makes a no-op) stays its own row, not in place of the right one.
+    let mut seen: HashSet<(AgentId, CommandId)> = HashSet::with_capacity(accepts.len());
     let accepts: Vec<(AgentId, CommandId)> = accepts
         .iter()
         .copied()
-        .filter(|(_, c)| seen.insert(*c))
+        .filter(|a| seen.insert(*a))
         .collect();
     for chunk in accepts.chunks(ROWS_PER_UPDATE) {
         let sql = accept_sql(padded(chunk.len()));
@@ -644,22 +646,20 @@ async fn accept(
             q = q.bind(command.to_string()).bind(agent.to_string());
         }
         // Started now: whether a cancel is pending.
-        let mut started: HashMap<CommandId, bool> = HashMap::with_capacity(chunk.len());
+        let mut started: HashMap<(AgentId, CommandId), bool> = HashMap::with_capacity(chunk.len());
         for r in q.fetch_all(&mut *conn).await? {
             started.insert(
-                super::sql::id(&r, "id")?,
+                (super::sql::id(&r, "agent_id")?, super::sql::id(&r, "id")?),
                 r.try_get::<i64, _>("cancel_requested")? != 0,
             );
         }
         // Not started now: already running (a repeated accept) or already ended here.
-        let mut ended: HashMap<CommandId, CancelReason> = HashMap::new();
-        let rest: Vec<&(AgentId, CommandId)> = chunk
-            .iter()
-            .filter(|(_, c)| !started.contains_key(c))
-            .collect();
+        let mut ended: HashMap<(AgentId, CommandId), CancelReason> = HashMap::new();
+        let rest: Vec<&(AgentId, CommandId)> =
+            chunk.iter().filter(|a| !started.contains_key(a)).collect();
         if !rest.is_empty() {
             let sql = format!(
-                "WITH v(v_id, v_agent) AS (VALUES {}) SELECT id, status FROM commands \
+                "WITH v(v_id, v_agent) AS (VALUES {}) SELECT id, agent_id, status FROM commands \
                  JOIN v ON commands.id = v.v_id AND commands.agent_id = v.v_agent",
                 values_rows(0, 2, rest.len())
             );
@@ -673,11 +673,14 @@ async fn accept(
                     CommandStatus::TimedOut => CancelReason::TimedOut,
                     _ => continue,
                 };
-                ended.insert(super::sql::id(&r, "id")?, reason);
+                ended.insert(
+                    (super::sql::id(&r, "agent_id")?, super::sql::id(&r, "id")?),
+                    reason,
+                );
             }
         }
         for &(agent, command) in chunk {
-            match started.get(&command) {
+            match started.get(&(agent, command)) {
                 Some(&cancel) => {
                     done.started.push(command);
                     if cancel {
@@ -685,7 +688,7 @@ async fn accept(
                     }
                 }
                 None => {
-                    if let Some(&reason) = ended.get(&command) {
+                    if let Some(&reason) = ended.get(&(agent, command)) {
                         done.cancels.push((agent, command, reason));
                     }
                 }

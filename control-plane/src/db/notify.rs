@@ -9,7 +9,7 @@
 //! id (`-` for other processes such as the CLI), so a replica skips what it sent itself:
 //! it acted on those in process already.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use trellis_protocol::CancelReason;
@@ -37,14 +37,30 @@ pub fn origin() -> &'static str {
 
 /// Whether another replica may be listening. A server alone in the `replicas` table
 /// sends no notes (they would reach only itself, which skips them: a statement per
-/// transaction for nothing); its lease loop looks every 2 s (`set_peers`). Until it
-/// has looked, and in processes that are not servers (the CLI), notes are sent. A replica
-/// that starts meanwhile catches up as its listener connects and by its backup pass.
+/// transaction for nothing). Its lease loop looks every 2 s (`peers_seen` /
+/// `no_peers_seen`), and notes stop only after no other replica was seen for
+/// [`PEERS_GRACE_MS`] (a replica swept while stalled has that long to register again). A
+/// replica announces itself with [`Note::Replica`] when it registers, which every listener
+/// hears at once, so one that starts later is not missed. Until the loop has looked, and
+/// in processes that are not servers (the CLI), notes are sent.
 static PEERS: AtomicBool = AtomicBool::new(true);
+/// When another replica was last seen (ms since the Unix epoch; 0: never).
+static PEERS_SEEN_AT: AtomicU64 = AtomicU64::new(0);
+/// How long notes go on after the last sight of another replica (two leases).
+const PEERS_GRACE_MS: u64 = 20_000;
 
-/// Records whether other replicas are registered (the server's lease loop).
-pub fn set_peers(present: bool) {
-    PEERS.store(present, Ordering::Relaxed);
+/// Another replica exists (or just announced itself): notes are sent.
+pub fn peers_seen() {
+    PEERS_SEEN_AT.store(crate::time::now_ms().max(0) as u64, Ordering::Relaxed);
+    PEERS.store(true, Ordering::Relaxed);
+}
+
+/// No other replica is registered: notes stop once none was seen for [`PEERS_GRACE_MS`].
+pub fn no_peers_seen() {
+    let now = crate::time::now_ms().max(0) as u64;
+    if now.saturating_sub(PEERS_SEEN_AT.load(Ordering::Relaxed)) >= PEERS_GRACE_MS {
+        PEERS.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Whether [`notify`] sends anything on `backend` now: a write whose only other statement
@@ -70,6 +86,8 @@ pub enum Note {
     Agent(AgentId),
     /// The agent connected with this session epoch: an older session elsewhere closes.
     Session(AgentId, i64),
+    /// A replica registered (its id): the others send notes from now on.
+    Replica(String),
 }
 
 impl Note {
@@ -89,6 +107,7 @@ impl Note {
             ),
             Note::Agent(a) => write!(out, "a {a}"),
             Note::Session(a, e) => write!(out, "s {a} {e}"),
+            Note::Replica(r) => write!(out, "r {r}"),
         };
     }
 
@@ -112,6 +131,7 @@ impl Note {
             }
             "a" => Note::Agent(next()?.parse().ok()?),
             "s" => Note::Session(next()?.parse().ok()?, next()?.parse().ok()?),
+            "r" => Note::Replica(next()?),
             _ => return None,
         })
     }
@@ -151,7 +171,9 @@ pub fn parse(payload: &str) -> (&str, Vec<Note>) {
 /// Sends `notes` on `conn`, inside the caller's transaction (delivered at its commit).
 /// Nothing on SQLite.
 pub(super) async fn notify(conn: &mut sqlx::AnyConnection, notes: &[Note]) -> DbResult<()> {
-    if notes.is_empty() || conn.backend_name() != "PostgreSQL" || !peers_listen() {
+    // A replica's announcement goes out even when it believes itself alone.
+    let announces = notes.iter().any(|n| matches!(n, Note::Replica(_)));
+    if notes.is_empty() || conn.backend_name() != "PostgreSQL" || !(peers_listen() || announces) {
         return Ok(());
     }
     for p in payloads(origin(), notes) {
@@ -180,6 +202,7 @@ mod tests {
             Note::Cancel(a, c, CancelReason::TimedOut),
             Note::Agent(a),
             Note::Session(a, 42),
+            Note::Replica("r-1".into()),
         ];
         let p = payloads("r1", &notes);
         assert_eq!(p.len(), 1);

@@ -99,17 +99,41 @@ where
                         }
                     }
                 }
-                Err(e) => {
-                    // Every read of the group gets the error, classified as the API
-                    // answers it (503/507 for storage trouble).
+                // Storage trouble is everyone's: each read of the group gets it, classified
+                // as the API answers it (503/507).
+                Err(e) if storage_trouble(&e).is_some() => {
                     let msg = e.to_string();
-                    let trouble = storage_trouble(&e);
+                    let full = storage_trouble(&e) == Some(StorageTrouble::Full);
                     for w in group.into_values().flatten() {
-                        let _ = w.send(Err(match trouble {
-                            Some(StorageTrouble::Full) => DbError::Full(msg.clone()),
-                            Some(StorageTrouble::Unavailable) => DbError::Unavailable(msg.clone()),
-                            None => DbError::Corrupt(msg.clone()),
+                        let _ = w.send(Err(if full {
+                            DbError::Full(msg.clone())
+                        } else {
+                            DbError::Unavailable(msg.clone())
                         }));
+                    }
+                }
+                // Anything else may be about one row (one that does not decode): each key
+                // is read again alone, so only its own readers get its error.
+                Err(_) => {
+                    for (k, waiters) in group {
+                        match fetch(vec![k.clone()]).await {
+                            Ok(mut rows) => {
+                                let row = rows.remove(&k);
+                                for w in waiters {
+                                    let _ = w.send(Ok(row.clone()));
+                                }
+                            }
+                            Err(e) => {
+                                let mut waiters = waiters.into_iter();
+                                let first = waiters.next();
+                                for w in waiters {
+                                    let _ = w.send(Err(DbError::Corrupt(e.to_string())));
+                                }
+                                if let Some(w) = first {
+                                    let _ = w.send(Err(e));
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -173,6 +197,44 @@ mod tests {
         }
         // The first groups, then one for all 100 (50 distinct keys).
         assert_eq!(calls.load(Ordering::SeqCst), CONCURRENCY + 1);
+    }
+
+    /// A group refused for something other than storage trouble is read key by key: only
+    /// the key that fails alone gets the error.
+    #[tokio::test]
+    async fn a_bad_row_fails_only_its_own_read() {
+        let gate = Arc::new(Semaphore::new(0));
+        let g = gate.clone();
+        let reader: Arc<Reader<u32, String>> = Arc::new(Reader::spawn(move |keys: Vec<u32>| {
+            let g = g.clone();
+            async move {
+                // The first group (key 1) holds every slot's turn until the others queue.
+                if keys == [1] {
+                    let _ = g.acquire().await;
+                }
+                if keys.contains(&13) {
+                    return Err(DbError::Corrupt("row 13 does not decode".into()));
+                }
+                Ok(keys.into_iter().map(|k| (k, format!("row {k}"))).collect())
+            }
+        }));
+        let mut busy = Vec::new();
+        for _ in 0..CONCURRENCY {
+            let r = reader.clone();
+            busy.push(tokio::spawn(async move { r.get(1).await }));
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let (r1, r2) = (reader.clone(), reader.clone());
+        let bad = tokio::spawn(async move { r1.get(13).await });
+        let good = tokio::spawn(async move { r2.get(14).await });
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        gate.add_permits(CONCURRENCY);
+        assert_eq!(good.await.unwrap().unwrap(), Some("row 14".to_string()));
+        let err = bad.await.unwrap().unwrap_err();
+        assert!(matches!(err, DbError::Corrupt(_)), "{err:?}");
+        for b in busy {
+            assert_eq!(b.await.unwrap().unwrap(), Some("row 1".to_string()));
+        }
     }
 
     #[tokio::test]

@@ -63,6 +63,8 @@ impl Db {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
+        // The others send notes from now on (see `notify::peers_seen`).
+        super::notify::notify(&mut tx, &[super::notify::Note::Replica(r.id.clone())]).await?;
         tx.commit().await?;
         Ok(())
     }
