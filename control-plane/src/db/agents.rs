@@ -379,15 +379,8 @@ pub(super) async fn agents_by_id(
     pool: sqlx::AnyPool,
     ids: Vec<AgentId>,
 ) -> DbResult<std::collections::HashMap<AgentId, AgentRow>> {
-    let sql = format!(
-        "SELECT {COLS} FROM agents WHERE id IN ({}) AND revoked_at IS NULL",
-        super::sql::placeholders(super::sql::padded(ids.len()))
-    );
-    let mut q = sqlx::query(&sql);
-    for id in super::sql::padded_rows(&ids) {
-        q = q.bind(id.to_string());
-    }
-    q.fetch_all(&pool)
+    let sql = format!("SELECT {COLS} FROM agents WHERE id IN ({{keys}}) AND revoked_at IS NULL");
+    super::sql::fetch_by_keys(&pool, &sql, &ids)
         .await?
         .iter()
         .map(|r| {

@@ -75,24 +75,8 @@ fn like_prefix(prefix: &str) -> String {
 
 impl Db {
     pub async fn insert_audit(&self, a: &AuditRow) -> DbResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO audit_log ({COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-        ))
-        .bind(a.id.clone())
-        .bind(a.at)
-        .bind(a.actor.clone())
-        .bind(a.action.clone())
-        .bind(a.target_type.clone())
-        .bind(a.target_id.clone())
-        .bind(a.target_name.clone())
-        .bind(a.outcome.clone())
-        .bind(a.status)
-        .bind(a.error_code.clone())
-        .bind(a.remote_addr.clone())
-        .bind(a.details.as_ref().map(|d| d.to_string()))
-        .execute(self.writer())
-        .await?;
-        Ok(())
+        let mut conn = self.writer().acquire().await?;
+        insert_audit_rows(&mut conn, std::slice::from_ref(a)).await
     }
 
     /// Stores `rows` in one transaction (one commit, so one fsync, for a whole batch of

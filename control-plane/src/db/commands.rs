@@ -581,15 +581,10 @@ pub(super) async fn commands_with_target(
     ids: Vec<CommandId>,
 ) -> DbResult<HashMap<CommandId, (CommandRow, Option<NodeRef>)>> {
     let sql = format!(
-        "SELECT {} FROM {JOINED_FROM} WHERE c.id IN ({})",
-        joined_cols(),
-        super::sql::placeholders(super::sql::padded(ids.len()))
+        "SELECT {} FROM {JOINED_FROM} WHERE c.id IN ({{keys}})",
+        joined_cols()
     );
-    let mut q = sqlx::query(&sql);
-    for id in super::sql::padded_rows(&ids) {
-        q = q.bind(id.to_string());
-    }
-    q.fetch_all(&pool)
+    super::sql::fetch_by_keys(&pool, &sql, &ids)
         .await?
         .iter()
         .map(|r| {
@@ -605,17 +600,15 @@ pub(super) async fn stages_of(
     pool: sqlx::AnyPool,
     ids: Vec<CommandId>,
 ) -> DbResult<HashMap<CommandId, Vec<StageRow>>> {
-    let sql = format!(
+    let rows = super::sql::fetch_by_keys(
+        &pool,
         "SELECT command_id, name, state, started_at, finished_at, message FROM command_stages \
-         WHERE command_id IN ({}) ORDER BY command_id, idx, started_at",
-        super::sql::placeholders(super::sql::padded(ids.len()))
-    );
-    let mut q = sqlx::query(&sql);
-    for id in super::sql::padded_rows(&ids) {
-        q = q.bind(id.to_string());
-    }
+         WHERE command_id IN ({keys}) ORDER BY command_id, idx, started_at",
+        &ids,
+    )
+    .await?;
     let mut out: HashMap<CommandId, Vec<StageRow>> = HashMap::new();
-    for r in q.fetch_all(&pool).await? {
+    for r in rows {
         out.entry(id(&r, "command_id")?)
             .or_default()
             .push(StageRow {

@@ -185,6 +185,21 @@ pub(super) fn padded_rows<T>(items: &[T]) -> impl Iterator<Item = &T> {
         .chain(items.first().into_iter().cycle().take(extra))
 }
 
+/// The rows of `sql`, whose `{keys}` stands for an `IN` list of `keys` (padded: see
+/// [`padded`]), each bound as text.
+pub(super) async fn fetch_by_keys<T: ToString>(
+    pool: &sqlx::AnyPool,
+    sql: &str,
+    keys: &[T],
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let sql = sql.replace("{keys}", &placeholders(padded(keys.len())));
+    let mut q = sqlx::query(&sql);
+    for k in padded_rows(keys) {
+        q = q.bind(k.to_string());
+    }
+    q.fetch_all(pool).await
+}
+
 /// `INSERT … VALUES ($1,…,$cols),(…)` for `rows` rows.
 pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(head.len() + rows * cols * 5);
